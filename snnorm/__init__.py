@@ -1,0 +1,11 @@
+"""snnorm: normalization layers for spiking neural networks.
+
+Drop-in replacements for spikingjelly's ``activation_based`` normalization layers
+(multi-step BatchNorm, tdBN, TEBN, BNTT, NeuNorm, GroupNorm, weight-standardized
+conv/linear) and the MPBN LIF neuron, with a reference ``torch`` backend and fused
+Triton kernels behind ``snnorm.functional.set_backend(net, "triton")``.
+"""
+
+from . import backends, base, surrogate  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,217 @@
+"""The reference backend: plain PyTorch, one readable loop per op.
+
+This file is the executable specification of every op. Other backends (Triton) must
+fill the same slots with the same signatures and agree with these numerically.
+
+Shapes: ``x_seq`` is ``[T, N, C, *spatial]`` (spatial may be empty), ``v`` is the
+membrane ``[N, C, *spatial]``; per-channel tensors are ``[C]``. A threshold is a float
+or a ``[C]`` tensor (learnable / folded thresholds). Ops never validate user input:
+modules do that before calling them.
+
+LIF charge (spikingjelly ``lif_charge``), with v_r = v_reset or 0 for soft reset::
+
+    decay_input:      h = v + (x − (v − v_r)) / τ
+    not decay_input:  h = v − (v − v_r) / τ + x
+
+Fire ``s = Θ(u − θ)`` with the surrogate's backward; reset
+``v = s·v_reset + (1 − s)·u`` (hard) or ``v = u − s·θ`` (soft, v_reset None), where s is
+detached in the reset when ``detach_reset``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+def channel_view(value, like: torch.Tensor):
+    """A float stays a float; a [C] tensor becomes [1, C, 1, ...] to broadcast with ``like``."""
+    if isinstance(value, torch.Tensor):
+        return value.view(1, -1, *([1] * (like.dim() - 2)))
+    return value
+
+
+def lif_charge(x, v, tau: float, decay_input: bool, v_reset: float | None):
+    v_r = 0.0 if v_reset is None else v_reset
+    if decay_input:
+        return v + (x - (v - v_r)) / tau
+    return v - (v - v_r) / tau + x
+
+
+def lif_reset(u, spike, threshold, v_reset: float | None, detach_reset: bool):
+    if detach_reset:
+        spike = spike.detach()
+    if v_reset is None:
+        return u - spike * threshold
+    return spike * v_reset + (1.0 - spike) * u
+
+
+def lif(
+    x_seq: torch.Tensor,
+    v: torch.Tensor,
+    threshold,
+    *,
+    tau: float,
+    decay_input: bool,
+    v_reset: float | None,
+    surrogate: Callable,
+    detach_reset: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain LIF over T steps. Returns (spike_seq [T, N, C, *], v after the last step)."""
+    th = channel_view(threshold, x_seq[0])
+    spikes = []
+    for x in x_seq:
+        h = lif_charge(x, v, tau, decay_input, v_reset)
+        s = surrogate(h - th)
+        v = lif_reset(h, s, th, v_reset, detach_reset)
+        spikes.append(s)
+    return torch.stack(spikes), v
+
+
+def mpbn_lif(
+    x_seq: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    threshold,
+    *,
+    training: bool,
+    momentum: float | None,
+    batches_tracked: int,
+    eps: float,
+    tau: float,
+    decay_input: bool,
+    v_reset: float | None,
+    surrogate: Callable,
+    detach_reset: bool,
+    carry: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LIF with batch-normalised membrane (MPBN, Guo et al., ICCV 2023, arXiv 2308.08359).
+
+    Per step t::
+
+        h = charge(v, x[t]);  ĥ = γ (h − μ) / √(σ² + ε) + β;  s = Θ(ĥ − θ)
+        v = reset(ĥ, s)   if carry == "normalized"   (spikingjelly)
+        v = reset(h, s)   if carry == "raw"          (the MPBN paper's code)
+
+    In training (or without running statistics) μ, σ² are the batch statistics of h over
+    every dim but C at that step, and the running statistics (if given) are updated in
+    place at every step with factor ``momentum`` (or 1/(batches_tracked + t + 1) when
+    momentum is None, torch's cumulative average), unbiased variance. In eval μ, σ² are
+    the running statistics. The caller counts ``num_batches_tracked`` (+T).
+    """
+    th = channel_view(threshold, x_seq[0])
+    use_batch_stats = training or running_mean is None
+    spikes = []
+    for t, x in enumerate(x_seq):
+        h = lif_charge(x, v, tau, decay_input, v_reset)
+        factor = momentum if momentum is not None else 1.0 / (batches_tracked + t + 1)
+        h_hat = F.batch_norm(h, running_mean, running_var, weight, bias, use_batch_stats, factor, eps)
+        s = surrogate(h_hat - th)
+        v = lif_reset(h_hat if carry == "normalized" else h, s, th, v_reset, detach_reset)
+        spikes.append(s)
+    return torch.stack(spikes), v
+
+
+def folded_threshold(threshold, mu, sigma2, gamma, beta, eps: float) -> torch.Tensor:
+    """θ' = μ + (θ − β)·√(σ² + ε)/γ: the raw-membrane threshold equivalent to ĥ ≥ θ."""
+    return (threshold - beta) * torch.sqrt(sigma2 + eps) / gamma + mu
+
+
+def mpbn_lif_folded(
+    x_seq: torch.Tensor,
+    v: torch.Tensor,
+    mu: torch.Tensor,
+    sigma2: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    threshold,
+    *,
+    eps: float,
+    tau: float,
+    decay_input: bool,
+    v_reset: float | None,
+    surrogate: Callable,
+    detach_reset: bool,
+    carry: str,
+    adapt: str,
+    adapt_momentum: float,
+    adapt_decay: float,
+    adapt_min_momentum: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """MPBN-LIF after threshold re-parameterisation (the BN folded into the threshold).
+
+    Per step t::
+
+        h = charge(v, x[t])
+        (test-time threshold modulation, Zhao et al., arXiv 2505.05375)
+        adapt == "batch":   μ, σ² = mean_b(h), var_b(h)            (unbiased, per channel)
+        adapt == "running": μ ← (1 − m)μ + m·mean_b(h), σ² likewise; m ← max(m·decay, m_min)
+        θ' = μ + (θ − β)·√(σ² + ε)/γ
+        s = Θ(sign(γ)·(h − θ'))                  (⇔ ĥ ≥ θ; the comparison flips for γ < 0)
+        v = reset(γ(h − μ)/√(σ² + ε) + β, s)     if carry == "normalized"
+        v = reset(h, s)                          if carry == "raw"
+
+    With adapt == "none" this equals :func:`mpbn_lif` in eval mode with running stats
+    μ, σ²: the fold changes no spike and no state. Statistics with a batch of one
+    sample and no spatial extent are skipped (variance undefined). Returns
+    (spike_seq, v, μ, σ², m) with the updated statistics (new tensors, detached).
+    """
+    th = channel_view(threshold, x_seq[0])
+    sign = channel_view(torch.sign(gamma), x_seq[0])
+    reduce_dims = [0, *range(2, x_seq.dim() - 1)]
+    spikes = []
+    for x in x_seq:
+        h = lif_charge(x, v, tau, decay_input, v_reset)
+        if adapt != "none" and h.numel() // h.shape[1] > 1:
+            batch_mu = h.detach().mean(dim=reduce_dims)
+            batch_var = h.detach().var(dim=reduce_dims, unbiased=True)
+            if adapt == "running":
+                mu = mu * (1 - adapt_momentum) + batch_mu * adapt_momentum
+                sigma2 = sigma2 * (1 - adapt_momentum) + batch_var * adapt_momentum
+                adapt_momentum = max(adapt_momentum * adapt_decay, adapt_min_momentum)
+            else:
+                mu, sigma2 = batch_mu, batch_var
+        mu_c = channel_view(mu, h)
+        std_c = channel_view(torch.sqrt(sigma2 + eps), h)
+        theta = channel_view(folded_threshold(threshold, mu, sigma2, gamma, beta, eps), h)
+        s = surrogate(sign * (h - theta))
+        if carry == "normalized":
+            u = (h - mu_c) / std_c * channel_view(gamma, h) + channel_view(beta, h)
+        else:
+            u = h
+        v = lif_reset(u, s, th, v_reset, detach_reset)
+        spikes.append(s)
+    return torch.stack(spikes), v, mu, sigma2, adapt_momentum
+
+
+def tebn(
+    x_seq: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    scale: torch.Tensor,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """Temporal effective BN (Duan et al., NeurIPS 2022): y[t] = p[t]·(γ x̂[t] + β).
+
+    x̂ uses statistics shared over T·N·spatial (batch statistics in training or without
+    running stats, running statistics in eval); running stats are updated in place with
+    factor ``momentum`` (resolved by the caller). ``scale`` is p, shape [T].
+    """
+    T, N = x_seq.shape[:2]
+    use_batch_stats = training or running_mean is None
+    y = F.batch_norm(x_seq.flatten(0, 1), running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
+    y = y.view(x_seq.shape)
+    return y * scale.view(-1, *([1] * (y.dim() - 1)))
+
+
+def load_ops():
+    return {"lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn}
