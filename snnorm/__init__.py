@@ -6,6 +6,6 @@ conv/linear) and the MPBN LIF neuron, with a reference ``torch`` backend and fus
 Triton kernels behind ``snnorm.functional.set_backend(net, "triton")``.
 """
 
-from . import backends, base, surrogate  # noqa: F401
+from . import backends, base, functional, memopt, neuron, surrogate  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,0 +1,444 @@
+"""Spiking neurons: IF, LIF and the MPBN LIF neuron (spikingjelly ``activation_based.neuron`` API).
+
+Every neuron keeps its membrane ``v`` as a memory (``reset_net`` restores it) and runs
+its math through the op table of its backend (``snnorm.backends``); the ``torch``
+backend is the reference, ``triton`` the fused kernels.
+
+LIF (spikingjelly numerics), with v_r = v_reset, or 0 for soft reset::
+
+    decay_input:      H[t] = V[t-1] + (X[t] − (V[t-1] − v_r)) / τ
+    not decay_input:  H[t] = V[t-1] − (V[t-1] − v_r) / τ + X[t]
+    S[t] = Θ(H[t] − V_th)                                  (Θ(0) = 1)
+    V[t] = S[t]·v_reset + (1 − S[t])·H[t]   (hard)   or   H[t] − S[t]·V_th   (soft)
+
+MPBN (Guo et al., "Membrane Potential Batch Normalization for Spiking Neural Networks",
+ICCV 2023, arXiv 2308.08359) normalises H[t] with a per-channel BN before firing; see
+:class:`MPBNLIFNode`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn as nn
+
+from . import surrogate as surrogate_mod
+from .base import MemoryModule
+from .memopt import in_gc_1st_forward, in_recomputation, should_update_running_stats
+
+__all__ = ["BaseNode", "IFNode", "LIFNode", "MPBNBaseNode", "MPBNLIFNode"]
+
+CARRY_MODES = ("normalized", "raw")
+
+
+def _as_float(name: str, value, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _check_bool(name: str, value, owner: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+class BaseNode(MemoryModule):
+    """Base class of spiking neurons with membrane ``v`` (registered memory).
+
+    Subclasses implement :meth:`_run`, which maps ``x_seq [T, N, ...]`` and the membrane
+    ``v [N, ...]`` to ``(spike_seq, v)`` through the backend's ops. Single-step mode
+    runs a sequence of one step. The membrane starts at ``v_reset`` (0 for soft reset)
+    and must keep its shape until :meth:`reset`: a batch-size change mid-sequence is
+    an error, not a silent re-initialisation.
+    """
+
+    def __init__(
+        self,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: surrogate_mod.SurrogateFunctionBase | None = None,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        backend: str = "torch",
+        store_v_seq: bool = False,
+    ):
+        super().__init__()
+        owner = type(self).__name__
+        self.v_threshold = _as_float("v_threshold", v_threshold, owner)
+        self.v_reset = None if v_reset is None else _as_float("v_reset", v_reset, owner)
+        self.detach_reset = _check_bool("detach_reset", detach_reset, owner)
+        self.store_v_seq = _check_bool("store_v_seq", store_v_seq, owner)
+        if surrogate_function is None:
+            surrogate_function = surrogate_mod.Sigmoid()
+        if not callable(surrogate_function):
+            raise TypeError(f"{owner}: surrogate_function must be callable, got {surrogate_function!r}")
+        self.surrogate_function = surrogate_function
+        self.register_memory("v", 0.0 if self.v_reset is None else self.v_reset)
+        self.v_seq = None
+        self.step_mode = step_mode
+        self.backend = backend
+
+    # -- input checks and state --------------------------------------------------
+    def _check_input(self, x: torch.Tensor, multi_step: bool) -> None:
+        owner = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{owner}: expected a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{owner}: expected a floating-point input, got dtype {x.dtype}")
+        if multi_step and x.dim() < 2:
+            raise ValueError(
+                f"{owner} (step_mode='m'): expected input [T, N, ...], got shape {tuple(x.shape)}"
+            )
+
+    def _initial_membrane(self, x_step: torch.Tensor) -> torch.Tensor:
+        v = self.v
+        if isinstance(v, torch.Tensor):
+            if v.shape != x_step.shape:
+                raise ValueError(
+                    f"{type(self).__name__}: membrane state has shape {tuple(v.shape)} but this "
+                    f"step's input has shape {tuple(x_step.shape)}; the batch (or feature) shape "
+                    "changed in the middle of a sequence. Call snnorm.functional.reset_net(net) "
+                    "between sequences."
+                )
+            return v.to(device=x_step.device, dtype=x_step.dtype)
+        return torch.full_like(x_step, float(v))
+
+    def reset(self) -> None:
+        super().reset()
+        self.v_seq = None
+
+    # -- forward -------------------------------------------------------------------
+    def _run(self, x_seq: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        self._check_input(x_seq, multi_step=True)
+        v = self._initial_membrane(x_seq[0])
+        if self.store_v_seq:  # one op call per step so every V[t] is kept
+            spikes, v_seq = [], []
+            for t in range(x_seq.shape[0]):
+                s, v = self._run(x_seq[t : t + 1], v)
+                spikes.append(s)
+                v_seq.append(v)
+            self.v_seq = torch.stack(v_seq)
+            spike_seq = torch.cat(spikes)
+        else:
+            spike_seq, v = self._run(x_seq, v)
+        self.v = v
+        return spike_seq
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, multi_step=False)
+        spike_seq, v = self._run(x.unsqueeze(0), self._initial_membrane(x))
+        self.v = v
+        if self.store_v_seq:
+            self.v_seq = v.unsqueeze(0) if self.v_seq is None else torch.cat([self.v_seq, v.unsqueeze(0)])
+        return spike_seq[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
+            f"step_mode={self.step_mode}, backend={self.backend}"
+        )
+
+
+class LIFNode(BaseNode):
+    """Leaky integrate-and-fire neuron (charge, fire, reset as in the module docstring).
+
+    ``tau`` > 1 (an int is accepted); ``decay_input`` True by default as spikingjelly.
+    """
+
+    supported_backends = ("torch", "triton")
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        decay_input: bool = True,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: surrogate_mod.SurrogateFunctionBase | None = None,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        backend: str = "torch",
+        store_v_seq: bool = False,
+    ):
+        tau = _as_float("tau", tau, type(self).__name__)
+        if not tau > 1.0:
+            raise ValueError(f"{type(self).__name__}: tau must be > 1, got {tau}")
+        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)
+        self.tau = tau
+        self.decay_input = _check_bool("decay_input", decay_input, type(self).__name__)
+
+    def _run(self, x_seq, v):
+        return self.ops.lif(
+            x_seq, v, self.v_threshold, tau=self.tau, decay_input=self.decay_input, v_reset=self.v_reset,
+            surrogate=self.surrogate_function, detach_reset=self.detach_reset,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tau={self.tau}, decay_input={self.decay_input}"
+
+
+class IFNode(BaseNode):
+    """Integrate-and-fire neuron: H[t] = V[t-1] + X[t], then fire and reset as LIF.
+
+    Runs on the LIF op with τ = ∞ (no decay input), which is exactly V + X.
+    """
+
+    supported_backends = ("torch", "triton")
+
+    def _run(self, x_seq, v):
+        return self.ops.lif(
+            x_seq, v, self.v_threshold, tau=math.inf, decay_input=False, v_reset=self.v_reset,
+            surrogate=self.surrogate_function, detach_reset=self.detach_reset,
+        )
+
+
+class MPBNBaseNode(BaseNode):
+    """Base of neurons with membrane-potential batch normalisation (MPBN).
+
+    Per step (training uses that step's batch statistics and updates the running
+    statistics every step; eval uses the running statistics)::
+
+        H[t] = charge(V[t-1], X[t]);   Ĥ[t] = BN(H[t]);   S[t] = Θ(Ĥ[t] − V_th)
+        V[t] = reset(Ĥ[t], S[t])   carry="normalized" (spikingjelly, default)
+        V[t] = reset(H[t], S[t])   carry="raw"        (the MPBN paper's code: pre-BN state)
+
+    ``learnable_vth`` fires on V_th = exp(a) per channel (a starts at 0) and, unlike
+    spikingjelly 2.0.0, a soft reset subtracts that same threshold.
+
+    :meth:`re_parameterize_v_threshold` folds the BN into a per-channel threshold
+    (Zhao et al., "Threshold Modulation for Online Test-Time Adaptation of Spiking
+    Neural Networks", arXiv 2505.05375)::
+
+        Ṽ_th = μ + (V_th − β)·√(σ² + ε)/γ,    S[t] = Θ(sign(γ)·(H[t] − Ṽ_th))
+
+    The fold never changes what an eval network computes (same spikes, same state).
+    After folding, a module in training mode adapts μ, σ² at test time from each step's
+    batch (``running_stats=False``) or with an exponential average whose momentum decays
+    by ``bn_decay_momentum`` per step down to ``bn_min_momentum`` (``running_stats=True``).
+    Inputs per step: ``[N, C]``, ``[N, C, L]`` or ``[N, C, H, W]``; multi-step adds T first.
+    """
+
+    supported_backends = ("torch", "triton")
+
+    def __init__(
+        self,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: surrogate_mod.SurrogateFunctionBase | None = None,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        mpbn: bool = True,
+        out_features: int | None = None,
+        out_channels: int | None = None,
+        learnable_vth: bool = False,
+        bn_momentum: float = 0.1,
+        bn_decay_momentum: float = 0.94,
+        bn_min_momentum: float = 0.005,
+        backend: str = "torch",
+        carry: str = "normalized",
+    ):
+        owner = type(self).__name__
+        if (out_features is None) == (out_channels is None):
+            raise ValueError(
+                f"{owner}: give exactly one of out_features or out_channels, got "
+                f"out_features={out_features!r}, out_channels={out_channels!r}"
+            )
+        features = out_channels if out_channels is not None else out_features
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"{owner}: the number of channels must be a positive int, got {features!r}")
+        if carry not in CARRY_MODES:
+            raise ValueError(f"{owner}: carry must be one of {CARRY_MODES}, got {carry!r}")
+        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)
+        self.out_features = out_features
+        self.out_channels = out_channels
+        self.num_channels = features
+        self.carry = carry
+        self.mpbn = _check_bool("mpbn", mpbn, owner)
+        if mpbn:
+            self.vbn = nn.BatchNorm2d(features) if out_channels is not None else nn.BatchNorm1d(features)
+        else:
+            self.vbn = nn.Identity()
+        self.learnable_vth = _check_bool("learnable_vth", learnable_vth, owner)
+        if learnable_vth:
+            self.a = nn.Parameter(torch.zeros(features))
+        self.bn_momentum = _as_float("bn_momentum", bn_momentum, owner)
+        self.bn_decay_momentum = _as_float("bn_decay_momentum", bn_decay_momentum, owner)
+        self.bn_min_momentum = _as_float("bn_min_momentum", bn_min_momentum, owner)
+        self.fold_bn = False
+        self.running_stats = False
+        self.eps = None
+
+    # -- checks ---------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor, multi_step: bool) -> None:
+        super()._check_input(x, multi_step)
+        step_ndim = x.dim() - (1 if multi_step else 0)
+        layout = "[T, N, C, ...]" if multi_step else "[N, C, ...]"
+        if step_ndim not in (2, 3, 4):
+            raise ValueError(
+                f"{type(self).__name__} (step_mode={self.step_mode!r}): expected {layout} with per-step "
+                f"shape [N, C], [N, C, L] or [N, C, H, W], got shape {tuple(x.shape)}"
+            )
+        channels = x.shape[2 if multi_step else 1]
+        if channels != self.num_channels:
+            raise ValueError(
+                f"{type(self).__name__}: expected {self.num_channels} channels in dim "
+                f"{2 if multi_step else 1}, got {channels} (input shape {tuple(x.shape)})"
+            )
+
+    # -- the threshold ------------------------------------------------------------------
+    def threshold(self):
+        """V_th in the normalised domain: exp(a) (learnable), the folded [C] buffer, or a float."""
+        if self.learnable_vth:
+            return torch.exp(self.a)
+        if self.fold_bn:
+            return self.folded_v_threshold
+        return self.v_threshold
+
+    # -- forward ----------------------------------------------------------------------
+    def _run(self, x_seq, v):
+        if self.fold_bn:
+            return self._run_folded(x_seq, v)
+        common = dict(
+            tau=self.tau, decay_input=self.decay_input, v_reset=self.v_reset,
+            surrogate=self.surrogate_function, detach_reset=self.detach_reset,
+        )
+        if not self.mpbn:
+            return self.ops.lif(x_seq, v, self.threshold(), **common)
+        bn = self.vbn
+        update = should_update_running_stats(self) and bn.track_running_stats
+        # Training without updating (checkpoint recompute): batch stats, running stats untouched.
+        running_mean = bn.running_mean if (update or not self.training) else None
+        running_var = bn.running_var if (update or not self.training) else None
+        batches_tracked = int(bn.num_batches_tracked) if (update and bn.momentum is None) else 0
+        spike_seq, v = self.ops.mpbn_lif(
+            x_seq, v, bn.weight, bn.bias, running_mean, running_var, self.threshold(),
+            training=self.training, momentum=bn.momentum, batches_tracked=batches_tracked,
+            eps=bn.eps, carry=self.carry, **common,
+        )
+        if update:
+            bn.num_batches_tracked.add_(x_seq.shape[0])
+        return spike_seq, v
+
+    def _run_folded(self, x_seq, v):
+        adapt = "none"
+        # test-time statistics adapt once per forward, not again in a checkpoint recompute
+        if self.training and not (in_gc_1st_forward() or in_recomputation()):
+            adapt = "running" if self.running_stats else "batch"
+        spike_seq, v, mu, sigma2, momentum = self.ops.mpbn_lif_folded(
+            x_seq, v, self.mu, self.sigma2, self.gamma, self.beta, self.threshold(),
+            eps=self.eps, tau=self.tau, decay_input=self.decay_input, v_reset=self.v_reset,
+            surrogate=self.surrogate_function, detach_reset=self.detach_reset, carry=self.carry,
+            adapt=adapt, adapt_momentum=self.bn_momentum, adapt_decay=self.bn_decay_momentum,
+            adapt_min_momentum=self.bn_min_momentum,
+        )
+        if adapt != "none":
+            self.mu, self.sigma2, self.bn_momentum = mu, sigma2, momentum
+        return spike_seq, v
+
+    # -- folding ----------------------------------------------------------------------
+    @torch.no_grad()
+    def re_parameterize_v_threshold(self, normalize_residual: bool | None = None, running_stats: bool = False) -> None:
+        """Fold the membrane BN into a per-channel threshold (exact in eval).
+
+        ``normalize_residual`` keeps the carried membrane in the normalised domain;
+        it must be True for carry="normalized" and False for carry="raw" (the only
+        exact choices; None picks it). ``running_stats`` selects the test-time
+        statistics update used in training mode after the fold (see the class doc).
+
+        Raises ValueError where an exact fold is impossible (mpbn=False, no running
+        statistics, a channel with γ = 0, a normalize_residual that would change the
+        network) and RuntimeError when the neuron is already folded.
+        """
+        owner = type(self).__name__
+        if self.fold_bn:
+            raise RuntimeError(f"{owner}: the threshold is already re-parameterized; folding twice is an error")
+        if not self.mpbn:
+            raise ValueError(f"{owner}: mpbn=False, there is no membrane BN to fold")
+        exact = self.carry == "normalized"
+        if normalize_residual is None:
+            normalize_residual = exact
+        if normalize_residual != exact:
+            raise ValueError(
+                f"{owner}: normalize_residual={normalize_residual} with carry={self.carry!r} would change "
+                f"what the network computes: the carried membrane lives in the "
+                f"{'normalised' if exact else 'raw (pre-BN)'} domain, so use normalize_residual={exact}"
+            )
+        bn = self.vbn
+        if not bn.track_running_stats:
+            raise ValueError(f"{owner}: the membrane BN has no running statistics (track_running_stats=False) to fold")
+        C = self.num_channels
+        gamma = bn.weight.detach().clone() if bn.affine else torch.ones(C, device=bn.running_mean.device)
+        beta = bn.bias.detach().clone() if bn.affine else torch.zeros(C, device=bn.running_mean.device)
+        zero = (gamma == 0).nonzero().flatten().tolist()
+        if zero:
+            raise ValueError(
+                f"{owner}: gamma is 0 in channels {zero}; their BN output is constant and no threshold "
+                "on the raw membrane reproduces it"
+            )
+        threshold = self.threshold()
+        folded_vth = (threshold.detach().clone() if isinstance(threshold, torch.Tensor)
+                      else torch.full((C,), threshold, device=gamma.device, dtype=gamma.dtype))
+        self.register_buffer("mu", bn.running_mean.detach().clone())
+        self.register_buffer("sigma2", bn.running_var.detach().clone())
+        self.gamma = nn.Parameter(gamma)
+        self.beta = nn.Parameter(beta)
+        self.register_buffer("folded_v_threshold", folded_vth)
+        self.eps = bn.eps
+        if self.learnable_vth:
+            del self.a
+            self.learnable_vth = False
+        self.vbn = nn.Identity()
+        self.fold_bn = True
+        self.running_stats = bool(running_stats)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", carry={self.carry}, mpbn={self.mpbn}, learnable_vth={self.learnable_vth}, fold_bn={self.fold_bn}"
+
+
+class MPBNLIFNode(MPBNBaseNode):
+    """LIF neuron with membrane-potential BN (MPBN, arXiv 2308.08359).
+
+    Constructor arguments and defaults as spikingjelly 2.0.0 (``decay_input=False``,
+    ``v_reset=0.0``), plus ``backend`` and ``carry`` ("normalized" as spikingjelly, or
+    "raw" for the MPBN paper's pre-BN state). See :class:`MPBNBaseNode` for the math.
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        decay_input: bool = False,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        surrogate_function: surrogate_mod.SurrogateFunctionBase | None = None,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        store_v_seq: bool = False,
+        mpbn: bool = True,
+        out_features: int | None = None,
+        out_channels: int | None = None,
+        learnable_vth: bool = False,
+        bn_momentum: float = 0.1,
+        bn_decay_momentum: float = 0.94,
+        bn_min_momentum: float = 0.005,
+        backend: str = "torch",
+        carry: str = "normalized",
+    ):
+        tau = _as_float("tau", tau, type(self).__name__)
+        if not tau > 1.0:
+            raise ValueError(f"{type(self).__name__}: tau must be > 1, got {tau}")
+        super().__init__(
+            v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, mpbn,
+            out_features, out_channels, learnable_vth, bn_momentum, bn_decay_momentum, bn_min_momentum,
+            backend, carry,
+        )
+        self.tau = tau
+        self.decay_input = _check_bool("decay_input", decay_input, type(self).__name__)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tau={self.tau}, decay_input={self.decay_input}"
