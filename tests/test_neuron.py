@@ -1,0 +1,356 @@
+"""Neurons against spikingjelly 2.0.0 (the oracle), threshold folding, and bad input."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from snnorm import functional, neuron, surrogate
+
+sj = pytest.importorskip("spikingjelly.activation_based", reason="spikingjelly 2.0.0 is the numerical oracle")
+from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
+from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402
+
+SURROGATES = {"sigmoid": (surrogate.Sigmoid, sj_surrogate.Sigmoid), "atan": (surrogate.ATan, sj_surrogate.ATan)}
+RTOL = 1e-6  # fp32 agreement with the oracle, relative to the largest magnitude
+
+
+def assert_close(ours, theirs, what):
+    scale = max(theirs.abs().max().item(), 1e-12)
+    err = (ours - theirs).abs().max().item() / scale
+    assert err <= RTOL * 10, f"{what}: relative error {err:.3g}"
+    return err
+
+
+def run_pair(ours, theirs, x, step_mode, steps_grad=True):
+    """Feed x to both, return outputs and input grads."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    if step_mode == "m":
+        sa, sb = ours(xa), theirs(xb)
+    else:
+        sa = torch.stack([ours(xt) for xt in xa])
+        sb = torch.stack([theirs(xt) for xt in xb])
+    g = torch.randn_like(sa)
+    (sa * g).sum().backward()
+    (sb * g).sum().backward()
+    return sa, sb, xa.grad, xb.grad
+
+
+# ---------------------------------------------------------------- LIF / IF vs spikingjelly
+@pytest.mark.parametrize(
+    "step_mode,decay_input,v_reset,detach_reset,surr",
+    [
+        ("m", True, 0.0, False, "sigmoid"),
+        ("s", False, 0.0, True, "atan"),
+        ("m", False, None, False, "atan"),
+        ("m", True, -0.3, False, "sigmoid"),
+        ("s", True, None, True, "sigmoid"),
+    ],
+)
+def test_lif_matches_spikingjelly(step_mode, decay_input, v_reset, detach_reset, surr):
+    torch.manual_seed(0)
+    ours_s, theirs_s = SURROGATES[surr]
+    kw = dict(tau=2.5, decay_input=decay_input, v_reset=v_reset, detach_reset=detach_reset, step_mode=step_mode)
+    a = neuron.LIFNode(surrogate_function=ours_s(), **kw)
+    b = sj_neuron.LIFNode(surrogate_function=theirs_s(), **kw)
+    x = torch.randn(6, 4, 3, 5) * 1.5
+    sa, sb, ga, gb = run_pair(a, b, x, step_mode)
+    assert torch.equal(sa, sb)
+    assert_close(a.v, b.v, "membrane")
+    assert_close(ga, gb, "grad x")
+
+
+def test_if_matches_spikingjelly():
+    torch.manual_seed(1)
+    a = neuron.IFNode(step_mode="m", v_reset=None)
+    b = sj_neuron.IFNode(step_mode="m", v_reset=None)
+    sa, sb, ga, gb = run_pair(a, b, torch.randn(5, 3, 7), "m")
+    assert torch.equal(sa, sb)
+    assert_close(a.v, b.v, "membrane")
+    assert_close(ga, gb, "grad x")
+
+
+# ---------------------------------------------------------------- MPBN-LIF vs spikingjelly
+def mpbn_pair(shape_kind, **kw):
+    features = {"conv": dict(out_channels=3), "linear": dict(out_features=3), "seq": dict(out_features=3)}[shape_kind]
+    surr = kw.pop("surr", "sigmoid")
+    ours_s, theirs_s = SURROGATES[surr]
+    a = neuron.MPBNLIFNode(surrogate_function=ours_s(), **features, **kw)
+    b = sj_neuron.MPBNLIFNode(surrogate_function=theirs_s(), **features, **kw)
+    with torch.no_grad():  # non-trivial BN parameters and statistics, copied through state_dict
+        a.vbn.weight.uniform_(0.5, 1.5)
+        a.vbn.bias.uniform_(-0.3, 0.3)
+        a.vbn.running_mean.uniform_(-0.5, 0.5)
+        a.vbn.running_var.uniform_(0.5, 2.0)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+STEP_SHAPES = {"conv": (8, 3, 4, 5), "linear": (16, 3), "seq": (8, 3, 7)}
+
+
+@pytest.mark.parametrize(
+    "shape_kind,step_mode,training,v_reset,decay_input,detach_reset,surr",
+    [
+        ("conv", "m", True, 0.0, False, False, "sigmoid"),
+        ("conv", "s", True, None, True, False, "atan"),
+        ("linear", "m", True, 0.0, False, True, "atan"),
+        ("seq", "m", True, -0.2, True, False, "sigmoid"),
+        ("conv", "m", False, 0.0, False, False, "sigmoid"),
+        ("linear", "s", False, None, False, True, "sigmoid"),
+        ("seq", "m", False, 0.0, True, False, "atan"),
+    ],
+)
+def test_mpbn_lif_matches_spikingjelly(shape_kind, step_mode, training, v_reset, decay_input, detach_reset, surr):
+    torch.manual_seed(2)
+    a, b = mpbn_pair(shape_kind, step_mode=step_mode, v_reset=v_reset, decay_input=decay_input,
+                     detach_reset=detach_reset, surr=surr, tau=2.0)
+    a.train(training)
+    b.train(training)
+    x = torch.randn(5, *STEP_SHAPES[shape_kind]) * 2
+    sa, sb, ga, gb = run_pair(a, b, x, step_mode)
+    assert torch.equal(sa, sb)
+    assert_close(a.v, b.v, "membrane")
+    assert_close(ga, gb, "grad x")
+    for name in ("weight", "bias"):
+        assert_close(getattr(a.vbn, name).grad, getattr(b.vbn, name).grad, f"grad {name}")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(a.vbn, name).double(), getattr(b.vbn, name).double(), rtol=1e-6, atol=0), name
+
+
+def test_mpbn_learnable_vth_hard_reset_matches_spikingjelly():
+    torch.manual_seed(3)
+    a, b = mpbn_pair("conv", step_mode="m", learnable_vth=True)
+    with torch.no_grad():
+        a.a.uniform_(-0.5, 0.5)
+    b.load_state_dict(a.state_dict())
+    sa, sb, ga, gb = run_pair(a, b, torch.randn(4, *STEP_SHAPES["conv"]) * 2, "m")
+    assert torch.equal(sa, sb)
+    assert_close(ga, gb, "grad x")
+    assert_close(a.a.grad, b.a.grad, "grad a")
+
+
+def test_mpbn_learnable_vth_soft_reset_subtracts_the_learned_threshold():
+    """spikingjelly fires on exp(a) but subtracts v_threshold in a soft reset; snnorm subtracts exp(a)."""
+    torch.manual_seed(4)
+    a, b = mpbn_pair("linear", step_mode="m", learnable_vth=True, v_reset=None)
+    with torch.no_grad():
+        a.a.fill_(0.7)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x = torch.randn(1, *STEP_SHAPES["linear"]) * 3
+    sa, sb = a(x), b(x)
+    assert torch.equal(sa, sb)
+    h_hat = a.vbn(x[0] - 0.0)  # v starts at 0: h = x, no decay input term (v_reset None → v_r = 0)
+    expected = h_hat - sa[0] * torch.exp(a.a)
+    assert torch.allclose(a.v, expected, atol=1e-6)
+    assert not torch.allclose(b.v, expected, atol=1e-3), "spikingjelly defect no longer present?"
+
+
+def test_mpbn_raw_carry_keeps_the_pre_bn_membrane():
+    torch.manual_seed(5)
+    node = neuron.MPBNLIFNode(out_features=4, step_mode="s", carry="raw")
+    node.eval()
+    x0, x1 = torch.randn(2, 6, 4)
+    s0 = node(x0)
+    assert torch.allclose(node.v, (1 - s0) * x0)  # hard reset to 0 of the raw h = x0
+    s1 = node(x1)
+    expected_h1 = (1 - s0) * x0 * 0.5 + x1
+    assert torch.allclose(node.v, (1 - s1) * expected_h1, atol=1e-6)
+
+
+# ---------------------------------------------------------------- folding
+FOLD_CASES = list(itertools.product(["normalized", "raw"], [0.0, None, 0.4], [False, True], [False, True]))
+
+
+def trained_mpbn(carry, v_reset, learnable, negative_gamma, seed=6, **kw):
+    torch.manual_seed(seed)
+    node = neuron.MPBNLIFNode(out_channels=5, step_mode="m", carry=carry, v_reset=v_reset,
+                              learnable_vth=learnable, **kw)
+    with torch.no_grad():
+        node.vbn.weight.uniform_(0.4, 1.6)
+        if negative_gamma:
+            node.vbn.weight[::2].neg_()
+        node.vbn.bias.uniform_(-0.4, 0.4)
+        if learnable:
+            node.a.uniform_(-0.4, 0.4)
+    node.train()
+    for _ in range(3):  # meaningful running statistics
+        node(torch.randn(4, 6, 5, 3, 3) * 2 + 0.5)
+        functional.reset_net(node)
+    return node.eval()
+
+
+@pytest.mark.parametrize("carry,v_reset,learnable,negative_gamma", FOLD_CASES)
+def test_fold_changes_nothing_in_eval(carry, v_reset, learnable, negative_gamma):
+    node = trained_mpbn(carry, v_reset, learnable, negative_gamma)
+    folded = copy.deepcopy(node)
+    folded.re_parameterize_v_threshold()
+    x = torch.randn(6, 6, 5, 3, 3) * 2 + 0.5
+    with torch.no_grad():
+        s_ref, s_fold = node(x), folded(x)
+    assert torch.equal(s_ref, s_fold), f"{(s_ref != s_fold).sum().item()} spikes changed"
+    assert torch.allclose(node.v, folded.v, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_twice_and_impossible_folds_raise():
+    node = trained_mpbn("normalized", 0.0, False, False)
+    with pytest.raises(ValueError, match="normalize_residual=False"):
+        node.re_parameterize_v_threshold(normalize_residual=False)
+    assert not node.fold_bn, "a rejected fold must change nothing"
+    node.re_parameterize_v_threshold(normalize_residual=True)
+    with pytest.raises(RuntimeError, match="already"):
+        node.re_parameterize_v_threshold()
+    raw = trained_mpbn("raw", 0.0, False, False)
+    with pytest.raises(ValueError, match="normalize_residual=True"):
+        raw.re_parameterize_v_threshold(normalize_residual=True)
+    zero = trained_mpbn("normalized", 0.0, False, False)
+    with torch.no_grad():
+        zero.vbn.weight[2] = 0.0
+    with pytest.raises(ValueError, match=r"channels \[2\]"):
+        zero.re_parameterize_v_threshold()
+    with pytest.raises(ValueError, match="mpbn=False"):
+        neuron.MPBNLIFNode(out_features=3, mpbn=False).re_parameterize_v_threshold()
+
+
+def test_folded_state_dict_saves_and_loads():
+    node = trained_mpbn("normalized", None, True, True)
+    node.re_parameterize_v_threshold()
+    state = node.state_dict()
+    assert {"mu", "sigma2", "gamma", "beta", "folded_v_threshold"} <= set(state)
+    fresh = neuron.MPBNLIFNode(out_channels=5, step_mode="m", v_reset=None, learnable_vth=True)
+    fresh.re_parameterize_v_threshold()
+    fresh.load_state_dict(state)
+    fresh.eval()
+    x = torch.randn(3, 6, 5, 3, 3)
+    assert torch.equal(node(x), fresh(x))
+    assert torch.equal(node.v, fresh.v)
+
+
+# spikingjelly's fold changes the network in these configurations; snnorm's does not.
+@pytest.mark.parametrize(
+    "case,kw,fold_kw",
+    [
+        ("soft reset", dict(v_reset=None), dict(normalize_residual=True)),
+        ("normalize_residual=False, T>1", dict(), dict(normalize_residual=False)),
+        ("gamma < 0", dict(), dict(normalize_residual=True)),
+        ("learnable_vth with soft reset", dict(v_reset=None, learnable_vth=True), dict(normalize_residual=True)),
+    ],
+)
+def test_spikingjelly_fold_defects_are_not_copied(case, kw, fold_kw):
+    torch.manual_seed(7)
+    ours = neuron.MPBNLIFNode(out_channels=4, step_mode="m", **kw)
+    with torch.no_grad():
+        ours.vbn.weight.uniform_(0.5, 1.5)
+        if case == "gamma < 0":
+            ours.vbn.weight.neg_()
+        ours.vbn.bias.uniform_(-0.3, 0.3)
+        ours.vbn.running_mean.uniform_(-0.5, 0.5)
+        ours.vbn.running_var.uniform_(0.5, 2.0)
+        if kw.get("learnable_vth"):
+            ours.a.uniform_(-0.5, 0.5)
+    theirs = sj_neuron.MPBNLIFNode(out_channels=4, step_mode="m", **kw)
+    theirs.load_state_dict(ours.state_dict())
+    ours.eval(), theirs.eval()
+    x = torch.randn(6, 8, 4, 3, 3) * 2
+    with torch.no_grad():
+        reference = theirs(x)
+        theirs.reset()
+        theirs.re_parameterize_v_threshold(**fold_kw)
+        try:
+            theirs_folded = theirs(x)
+        except RuntimeError:  # folded learnable_vth + soft reset: [C] threshold broadcast on W
+            theirs_folded = None
+        ours_ref = ours(x)
+        ours.reset()
+        ours.re_parameterize_v_threshold()
+        ours_folded = ours(x)
+    if case != "learnable_vth with soft reset":  # there snnorm's soft reset differs by design
+        assert torch.equal(reference, ours_ref)
+    assert theirs_folded is None or not torch.equal(reference, theirs_folded), f"spikingjelly's fold defect ({case}) no longer present?"
+    assert torch.equal(ours_ref, ours_folded)
+
+
+def test_threshold_modulation_matches_spikingjelly_and_decays_momentum():
+    """Test-time adaptation after folding (arXiv 2505.05375), hard reset, gamma > 0."""
+    torch.manual_seed(8)
+    ours, theirs = mpbn_pair("conv", step_mode="m")
+    ours.re_parameterize_v_threshold(running_stats=True)
+    theirs.re_parameterize_v_threshold(normalize_residual=True, running_stats=True)
+    ours.train(), theirs.train()
+    x = torch.randn(5, *STEP_SHAPES["conv"]) * 2 + 1
+    with torch.no_grad():
+        sa, sb = ours(x), theirs(x)
+    assert torch.equal(sa, sb)
+    assert_close(ours.mu, theirs.mu, "mu")
+    assert_close(ours.sigma2, theirs.sigma2, "sigma2")
+    assert ours.bn_momentum == pytest.approx(0.1 * 0.94**5)
+    for _ in range(120):
+        functional.reset_net(ours)
+        with torch.no_grad():
+            ours(x)
+    assert ours.bn_momentum == pytest.approx(0.005)
+
+
+# ---------------------------------------------------------------- bad input and state
+def test_bad_input_raises_and_changes_nothing():
+    node = neuron.MPBNLIFNode(out_channels=3, step_mode="m")
+    node(torch.randn(2, 4, 3, 5, 5))
+    before = {k: v.clone() for k, v in node.state_dict().items()}
+    v_before = node.v.clone()
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        node(torch.randn(2, 4, 5, 5, 5))
+    with pytest.raises(ValueError, match="per-step shape"):
+        node(torch.randn(2, 4, 3, 5, 5, 5))
+    with pytest.raises(TypeError, match="floating-point"):
+        node(torch.ones(2, 4, 3, 5, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="changed in the middle of a sequence"):
+        node(torch.randn(2, 7, 3, 5, 5))
+    for k, v in node.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(node.v, v_before)
+    functional.reset_net(node)
+    node(torch.randn(2, 7, 3, 5, 5))  # after a reset a new batch size is fine
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError, match="tau must be > 1"):
+        neuron.LIFNode(tau=1.0)
+    with pytest.raises(TypeError, match="tau must be a real number"):
+        neuron.MPBNLIFNode(tau="2", out_features=3)
+    assert neuron.LIFNode(tau=3).tau == 3.0  # an int tau is fine
+    with pytest.raises(ValueError, match="step_mode must be one of"):
+        neuron.LIFNode(step_mode="x")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        neuron.LIFNode(backend="cuda")
+    with pytest.raises(ValueError, match="exactly one of out_features or out_channels"):
+        neuron.MPBNLIFNode()
+    with pytest.raises(ValueError, match="carry must be one of"):
+        neuron.MPBNLIFNode(out_features=2, carry="pre")
+
+
+def test_default_surrogates_are_not_shared():
+    a, b = neuron.LIFNode(), neuron.LIFNode()
+    assert a.surrogate_function is not b.surrogate_function
+    a.surrogate_function.alpha = 10.0
+    assert b.surrogate_function.alpha == 4.0
+
+
+def test_state_dict_round_trip_and_spikingjelly_load():
+    theirs = sj_neuron.MPBNLIFNode(out_features=6, learnable_vth=True)
+    ours = neuron.MPBNLIFNode(out_features=6, learnable_vth=True)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+
+
+def test_store_v_seq_and_reset():
+    node = neuron.MPBNLIFNode(out_features=3, step_mode="m", store_v_seq=True)
+    plain = neuron.MPBNLIFNode(out_features=3, step_mode="m")
+    x = torch.randn(4, 5, 3)
+    assert torch.equal(node(x), plain(x))
+    assert node.v_seq.shape == (4, 5, 3)
+    assert torch.equal(node.v_seq[-1], node.v)
+    functional.reset_net(node)
+    assert node.v == 0.0 and node.v_seq is None
