@@ -1,30 +1,87 @@
-"""Activation checkpointing that does not update BN running statistics twice.
+"""Activation checkpointing for SNN blocks: side effects once, state restored.
 
-A checkpointed block runs its forward twice: once without saving activations, once
-more in backward to recompute them. Running statistics (and any other side effect a
-BN-like layer has in training) must happen exactly once. snnorm's BN-like layers ask
-:func:`should_update_running_stats` before touching running statistics.
+A checkpointed block runs its forward twice: once in the forward pass, keeping only
+its inputs, and once more in backward to recompute the activations the gradient
+needs. An SNN block has side effects that ordinary checkpointing replays:
+
+* BN-like layers update running statistics (``r ← (1 − m)·r + m·batch``) on every
+  training forward, so plain ``torch.utils.checkpoint`` updates them twice;
+* stateful modules (:class:`snnorm.base.MemoryModule`, e.g. a LIF neuron's membrane
+  ``v``) start each call from the state the previous call left. A recompute that runs
+  in backward starts from the state after the forward, not the state the forward
+  started from, so it computes other activations (wrong gradients) and then leaves a
+  state advanced once more.
+
+snnorm's scheme (the one of spikingjelly 2.0.0's ``memopt.checkpoint``): **the first
+forward commits, the recompute does not.** The first forward runs normally and
+updates running statistics and memories; the recompute (in backward) must not.
+
+* Every snnorm BN-like layer asks :func:`should_update_running_stats` before it
+  updates running statistics; that is false in a recompute (:func:`in_recomputation`:
+  inside autograd's backward on this thread, or inside :func:`checkpoint`'s recompute).
+  This alone makes plain ``torch.utils.checkpoint`` (reentrant or not) update snnorm
+  layers' statistics once.
+* :func:`checkpoint` (and :func:`checkpoint_module`) also make stateful blocks correct:
+  they record the memories (and the buffers of modules in training mode) a block had
+  when its forward started, load them for the recompute, and put back afterwards what
+  was there before the recompute. Plain ``torch.nn.BatchNorm*`` layers inside the
+  block therefore also update their statistics once.
+* Plain ``torch.utils.checkpoint`` cannot do that: a stateful module recomputed by it
+  computes wrong gradients. :func:`check_stateful_recompute` detects the situation and
+  raises; a stateful module calls it at the start of its forward.
+
+:func:`in_gc_1st_forward` belongs to the other scheme (spikingjelly <= 0.0.0.0.14,
+the seeds): the first forward runs without grad and must *not* commit, because the
+recompute commits. snnorm's checkpoint never sets it. It is true only inside
+``with gc_1st_forward():``, for code that runs a forward pass it will throw away and
+run again (a dry run, a probe of shapes or of a look-ahead), so that BN-like layers
+leave their statistics alone. Do not combine it with :func:`checkpoint`: then neither
+pass would commit.
+
+Chen et al., "Training Deep Nets with Sublinear Memory Cost", arXiv 1604.06174.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn as nn
+import torch.utils.checkpoint as torch_checkpoint
 
-__all__ = ["in_gc_1st_forward", "in_recomputation", "should_update_running_stats"]
+__all__ = [
+    "in_gc_1st_forward",
+    "gc_1st_forward",
+    "in_recomputation",
+    "should_update_running_stats",
+    "check_stateful_recompute",
+    "allow_stateful_recompute",
+    "checkpoint",
+    "checkpoint_module",
+    "CheckpointModule",
+]
 
 _state = threading.local()
 
 
 def in_gc_1st_forward() -> bool:
-    """True inside the first (no-grad) forward of :func:`snnorm.memopt.checkpoint`."""
+    """True inside ``with gc_1st_forward():`` on this thread (see the module doc).
+
+    :func:`snnorm.memopt.checkpoint` never sets it: its first forward commits side
+    effects, its recompute does not.
+    """
     return getattr(_state, "gc_1st_forward", False)
 
 
 @contextlib.contextmanager
 def gc_1st_forward():
+    """Mark a forward pass whose side effects will be discarded (it is run again).
+
+    BN-like layers do not update running statistics inside it.
+    """
     previous = in_gc_1st_forward()
     _state.gc_1st_forward = True
     try:
@@ -33,15 +90,381 @@ def gc_1st_forward():
         _state.gc_1st_forward = previous
 
 
-def in_recomputation() -> bool:
-    """True while autograd's engine is running a backward pass on this thread.
+def _in_tracked_recompute() -> bool:
+    return getattr(_state, "tracked_recompute", 0) > 0
 
-    A forward that runs then is a checkpoint recomputation (plain
-    ``torch.utils.checkpoint``): its side effects already happened once.
+
+def in_recomputation() -> bool:
+    """True while a forward on this thread is a checkpoint recomputation.
+
+    That is: autograd's engine is running a backward pass on this thread (where both
+    reentrant and non-reentrant ``torch.utils.checkpoint`` recompute), or
+    :func:`checkpoint` is recomputing (which may also happen outside backward, when a
+    saved tensor is unpacked by hand). Its side effects already happened once.
     """
-    return torch._C._current_graph_task_id() != -1
+    return _in_tracked_recompute() or torch._C._current_graph_task_id() != -1
 
 
 def should_update_running_stats(module: torch.nn.Module) -> bool:
     """Whether a BN-like ``module`` may update its running statistics now."""
     return module.training and not in_gc_1st_forward() and not in_recomputation()
+
+
+@contextlib.contextmanager
+def allow_stateful_recompute():
+    """Let stateful modules run inside a backward pass without
+    :func:`check_stateful_recompute` raising (for code that restores their memories
+    itself)."""
+    previous = getattr(_state, "allow_stateful", 0)
+    _state.allow_stateful = previous + 1
+    try:
+        yield
+    finally:
+        _state.allow_stateful = previous
+
+
+def check_stateful_recompute(module: nn.Module) -> None:
+    """Raise if the stateful ``module`` is being recomputed by a plain checkpoint.
+
+    Call at the start of a stateful module's forward. Inside autograd's backward (where
+    ``torch.utils.checkpoint`` recomputes) a stateful module would start from the
+    state the forward left, not the one it started from: its recomputed activations
+    and so the gradients would be wrong, and it would overwrite its state. Inside
+    :func:`checkpoint`'s recompute, or :func:`allow_stateful_recompute`, it passes.
+    Memories that are still the registered reset values are harmless and pass too
+    (nothing has advanced them yet).
+
+    :raises RuntimeError: naming the module and the fix.
+    """
+    if _in_tracked_recompute() or getattr(_state, "allow_stateful", 0):
+        return
+    if torch._C._current_graph_task_id() == -1:
+        return
+    advanced = [name for name, value in _named_memories(module) if not _is_reset_value(module, name, value)]
+    if advanced:
+        raise RuntimeError(
+            f"{type(module).__name__} is stateful (memories {advanced}) and is being run inside "
+            "a backward pass, i.e. recomputed by torch.utils.checkpoint. Plain checkpointing restarts "
+            "it from the state its forward left instead of the state that forward started from, "
+            "which gives wrong gradients and advances the state again. Use "
+            "snnorm.memopt.checkpoint(block, x) or snnorm.memopt.checkpoint_module(block) instead "
+            "(they restore the memories for the recompute), or wrap code that restores them itself "
+            "in snnorm.memopt.allow_stateful_recompute()."
+        )
+
+
+# -- state of a checkpointed block --------------------------------------------------
+def _named_memories(module: nn.Module) -> Iterable[tuple[str, Any]]:
+    fn = getattr(module, "named_memories", None)
+    if fn is None or not isinstance(getattr(module, "_memories", None), dict):
+        return ()
+    return list(fn())
+
+
+def _is_reset_value(module: nn.Module, name: str, value: Any) -> bool:
+    reset_values = getattr(module, "_memories_rv", {})
+    if name not in reset_values:
+        return False
+    rv = reset_values[name]
+    if isinstance(value, torch.Tensor) or isinstance(rv, torch.Tensor):
+        return (
+            isinstance(value, torch.Tensor)
+            and isinstance(rv, torch.Tensor)
+            and value.shape == rv.shape
+            and bool(torch.equal(value.detach().cpu(), rv.detach().cpu()))
+        )
+    try:
+        return bool(value == rv)
+    except Exception:  # uncomparable objects: treat as advanced
+        return False
+
+
+class _Snapshot:
+    """Memories and buffers of one module at one moment.
+
+    Memories are kept by reference (modules replace them, ``self.v = ...``; the
+    recompute must see the very tensors the forward saw, with their autograd history).
+    Buffers are cloned (BN updates them in place), and only for modules in training
+    mode, the ones that update buffers.
+    """
+
+    __slots__ = ("memories", "versions", "buffers")
+
+    def __init__(self, module: nn.Module, clone_buffers: bool):
+        self.memories = dict(_named_memories(module))
+        self.versions = {
+            name: value._version for name, value in self.memories.items() if isinstance(value, torch.Tensor)
+        }
+        self.buffers: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        if clone_buffers:
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    self.buffers[name] = (buf, buf._version, buf.detach().clone())
+
+
+class _BlockState:
+    """Tracks the stateful modules a checkpointed block touches.
+
+    Modules reachable from the function (itself, ``__self__`` of a bound method,
+    ``functools.partial`` parts, nn.Module arguments and closure cells) are recorded
+    before the forward; any other module the forward calls is recorded on its first
+    call (a global forward pre-hook on this thread, for the first forward only).
+    """
+
+    def __init__(self) -> None:
+        self.start: dict[int, tuple[nn.Module, _Snapshot]] = {}
+        self.visited: set[int] = set()
+        self.thread = threading.get_ident()
+        self.active_forward = False
+
+    def track(self, module: nn.Module) -> None:
+        if id(module) in self.visited:  # its submodules were recorded with it
+            return
+        for m in module.modules():
+            self.visited.add(id(m))
+            if id(m) not in self.start:
+                has_memories = bool(_named_memories(m))
+                clone = m.training and any(b is not None for b in m._buffers.values())
+                if has_memories or clone:
+                    self.start[id(m)] = (m, _Snapshot(m, clone))
+
+    def _hook(self, module: nn.Module, args) -> None:
+        if self.active_forward and threading.get_ident() == self.thread:
+            self.track(module)
+
+    @contextlib.contextmanager
+    def forward_context(self, roots: list[nn.Module]):
+        for root in roots:
+            self.track(root)
+        handle = nn.modules.module.register_module_forward_pre_hook(self._hook)
+        self.active_forward = True
+        try:
+            yield
+        finally:
+            self.active_forward = False
+            handle.remove()
+            self._drop_unchanged_buffers()
+
+    def _drop_unchanged_buffers(self) -> None:
+        # A buffer the forward did not change needs no swap in the recompute. Compare
+        # values: batch_norm updates running statistics in place without a version bump.
+        for module, snap in self.start.values():
+            for name in list(snap.buffers):
+                obj, _, start_value = snap.buffers[name]
+                if module._buffers.get(name) is obj and torch.equal(obj, start_value):
+                    del snap.buffers[name]
+
+    @contextlib.contextmanager
+    def recompute_context(self):
+        saved = []
+        for module, snap in self.start.values():
+            for name, value in snap.memories.items():
+                if isinstance(value, torch.Tensor) and value._version != snap.versions[name]:
+                    raise RuntimeError(
+                        f"snnorm.memopt.checkpoint: memory {name!r} of {type(module).__name__} was "
+                        "modified in place after the checkpointed forward started; the recompute "
+                        "cannot start from its original value. Assign new tensors to memories "
+                        "(self.v = ...) instead of updating them in place."
+                    )
+            current_memories = dict(_named_memories(module))
+            current_buffers = {name: module._buffers.get(name) for name in snap.buffers}
+            saved.append((module, current_memories, current_buffers))
+            for name, value in snap.memories.items():
+                setattr(module, name, value)
+            for name, (_, _, start_value) in snap.buffers.items():
+                # a throw-away copy: the recompute's in-place updates never reach the live buffer
+                module._buffers[name] = start_value.clone()
+        _state.tracked_recompute = getattr(_state, "tracked_recompute", 0) + 1
+        try:
+            yield
+        finally:
+            _state.tracked_recompute -= 1
+            for module, memories, buffers in saved:
+                for name, value in memories.items():
+                    setattr(module, name, value)
+                for name, buf in buffers.items():
+                    module._buffers[name] = buf
+
+
+def _modules_of(function: Callable, args: tuple, kwargs: dict) -> list[nn.Module]:
+    found: list[nn.Module] = []
+
+    def visit(obj: Any, depth: int) -> None:
+        if isinstance(obj, nn.Module):
+            found.append(obj)
+        elif isinstance(obj, functools.partial) and depth < 3:
+            visit(obj.func, depth + 1)
+            for a in (*obj.args, *obj.keywords.values()):
+                visit(a, depth + 1)
+        elif depth < 3:
+            owner = getattr(obj, "__self__", None)
+            if isinstance(owner, nn.Module):
+                found.append(owner)
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    contents = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                if isinstance(contents, nn.Module) or callable(contents):
+                    visit(contents, depth + 1)
+
+    visit(function, 0)
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, nn.Module):
+            found.append(a)
+    return found
+
+
+def checkpoint(
+    function: Callable,
+    *args: Any,
+    preserve_rng_state: bool = True,
+    determinism_check: str = "default",
+    **kwargs: Any,
+) -> Any:
+    """Run ``function(*args, **kwargs)`` with activation checkpointing.
+
+    Non-reentrant ``torch.utils.checkpoint`` underneath: only the inputs are kept; the
+    activations are recomputed in backward. On top of it, the recompute
+
+    * does not update running statistics (:func:`in_recomputation` is true in it, and
+      the buffers of modules in training mode are swapped for throw-away copies of
+      their values at the start of the forward, so plain ``torch.nn.BatchNorm*``
+      layers update once as well);
+    * starts from the memories of every stateful module (:class:`snnorm.base.MemoryModule`)
+      as they were when the forward started, and afterwards leaves them as they were
+      before the recompute (normally: as the forward left them).
+
+    So one training step with checkpointing gives the same outputs, gradients, running
+    statistics and memories as without. Stateful modules must be reachable from
+    ``function`` (an nn.Module, a bound method of one, a ``functools.partial`` or
+    closure over one, or an nn.Module argument) or be called through ``module(...)``
+    inside it. Plain attributes that are not registered memories or buffers (Python
+    counters) are not restored. With grad disabled, ``function`` just runs.
+
+    spikingjelly's ``compressor`` argument is not supported.
+    """
+    for reserved in ("use_reentrant", "context_fn", "compressor"):
+        if reserved in kwargs:
+            value = kwargs.pop(reserved)
+            if reserved == "use_reentrant" and value is False:
+                continue
+            if reserved == "compressor" and value is None:
+                continue
+            raise ValueError(
+                f"snnorm.memopt.checkpoint: {reserved}={value!r} is not supported (it is always "
+                "non-reentrant, manages its own context_fn, and does not compress inputs)"
+            )
+    if not callable(function):
+        raise TypeError(f"snnorm.memopt.checkpoint: function must be callable, got {type(function).__name__}")
+    if not torch.is_grad_enabled():
+        return function(*args, **kwargs)
+    block = _BlockState()
+    roots = _modules_of(function, args, kwargs)
+    return torch_checkpoint.checkpoint(
+        function,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (block.forward_context(roots), block.recompute_context()),
+        preserve_rng_state=preserve_rng_state,
+        determinism_check=determinism_check,
+        **kwargs,
+    )
+
+
+class CheckpointModule(nn.Module):
+    """Wraps ``module`` so that each call runs through :func:`checkpoint`.
+
+    ``state_dict`` keys and parameter names are those of the wrapped module (a
+    checkpoint saved with or without the wrapper loads into either). With
+    ``chunks > 1`` the tensors at positions ``chunked_args`` are split into ``chunks``
+    pieces along ``time_dim`` and each piece is checkpointed on its own, the state
+    carried from one piece to the next; tensor outputs are concatenated along
+    ``time_dim`` (a smaller peak: one chunk's activations are recomputed at a time).
+    """
+
+    def __init__(self, module: nn.Module, chunks: int = 1, chunked_args: tuple[int, ...] = (0,), time_dim: int = 0):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"CheckpointModule: expected an nn.Module, got {type(module).__name__}")
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"CheckpointModule: chunks must be a positive int, got {chunks!r}")
+        chunked_args = tuple(chunked_args)
+        if not chunked_args or not all(isinstance(i, int) and i >= 0 for i in chunked_args):
+            raise ValueError(f"CheckpointModule: chunked_args must be non-negative ints, got {chunked_args!r}")
+        self.module = module
+        self.chunks = chunks
+        self.chunked_args = chunked_args
+        self.time_dim = time_dim
+        self._register_state_dict_hook(_strip_prefix)
+        self._register_load_state_dict_pre_hook(_add_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.chunks == 1:
+            return checkpoint(self.module, *args, **kwargs)
+        length = None
+        for i in self.chunked_args:
+            if i >= len(args) or not isinstance(args[i], torch.Tensor):
+                raise ValueError(f"CheckpointModule: chunked argument {i} is not a tensor argument")
+            n = args[i].shape[self.time_dim]
+            if length is not None and n != length:
+                raise ValueError(
+                    f"CheckpointModule: chunked arguments differ in length along dim {self.time_dim}: "
+                    f"{length} and {n}"
+                )
+            length = n
+        if length < self.chunks:
+            raise ValueError(
+                f"CheckpointModule: chunks={self.chunks} needs at least that many steps along dim "
+                f"{self.time_dim}, got {length}"
+            )
+        pieces = {i: torch.tensor_split(args[i], self.chunks, dim=self.time_dim) for i in self.chunked_args}
+        outputs = []
+        for k in range(self.chunks):
+            chunk_args = [pieces[i][k] if i in pieces else a for i, a in enumerate(args)]
+            outputs.append(checkpoint(self.module, *chunk_args, **kwargs))
+        return _cat_outputs(outputs, self.time_dim)
+
+    # parameter names without the wrapper's "module." prefix
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name, p in self.module.named_parameters(prefix, recurse, remove_duplicate):
+            yield name, p
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name, b in self.module.named_buffers(prefix, recurse, remove_duplicate):
+            yield name, b
+
+    def extra_repr(self) -> str:
+        return f"chunks={self.chunks}, chunked_args={self.chunked_args}, time_dim={self.time_dim}"
+
+
+def _strip_prefix(module, state_dict, prefix, local_metadata):
+    inner = prefix + "module."
+    for key in list(state_dict.keys()):
+        if key.startswith(inner):
+            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    return state_dict
+
+
+def _add_prefix(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    for key in list(state_dict.keys()):
+        if key.startswith(prefix) and not key.startswith(prefix + "module."):
+            state_dict[prefix + "module." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _cat_outputs(outputs: list, dim: int):
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs, dim=dim)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat_outputs([o[i] for o in outputs], dim) for i in range(len(first)))
+    if all(o == first for o in outputs[1:]):
+        return first
+    raise ValueError("CheckpointModule: a non-tensor output differs between chunks")
+
+
+def checkpoint_module(
+    module: nn.Module, *, chunks: int = 1, chunked_args: tuple[int, ...] = (0,), time_dim: int = 0
+) -> CheckpointModule:
+    """Return ``module`` wrapped in a :class:`CheckpointModule` (spikingjelly's API)."""
+    return CheckpointModule(module, chunks=chunks, chunked_args=chunked_args, time_dim=time_dim)
