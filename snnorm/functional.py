@@ -138,10 +138,12 @@ def _check_conv(conv: nn.Module, where: str) -> None:
             f"{where}: expected a convolution (nn.Conv1d/2d/3d or a subclass), got {type(conv).__name__}"
         )
     extra = [name for name, _ in conv.named_parameters(recurse=False) if name not in ("weight", "bias")]
+    if hasattr(conv, "get_weight"):  # weight-standardised convs (WSConv2d) compute their weight
+        extra = extra + ["get_weight()"]
     if extra or torch.nn.utils.parametrize.is_parametrized(conv):
         raise TypeError(
-            f"{where}: {type(conv).__name__} transforms its weight (parameters "
-            f"{extra or 'parametrized'}); only a plain convolution can absorb a BatchNorm"
+            f"{where}: {type(conv).__name__} transforms its weight ({extra or 'parametrized'}); "
+            "only a plain convolution can absorb a BatchNorm"
         )
 
 
@@ -287,6 +289,9 @@ def fuse_convbn2d(conv2d: nn.Conv2d, bn2d: nn.BatchNorm2d) -> nn.Conv2d:
 
 def _bn_takes_spatial(bn: _BatchNorm, spatial: int) -> bool:
     """Whether ``bn`` normalises per-step inputs [N, C, *spatial] with ``spatial`` dims."""
+    sample_ndims = getattr(bn, "_sample_ndims", ())  # snnorm.layer BNs: accepted [N, C, *] dims
+    if sample_ndims:
+        return spatial + 2 in sample_ndims
     for cls, dims in ((nn.BatchNorm1d, (0, 1)), (nn.BatchNorm2d, (2,)), (nn.BatchNorm3d, (3,))):
         if isinstance(bn, cls):
             return spatial in dims
@@ -299,6 +304,8 @@ def _bn_takes_spatial(bn: _BatchNorm, spatial: int) -> bool:
             return True
         except (AssertionError, ValueError):
             continue
+        except NotImplementedError:  # a bare _BatchNorm subclass: it does not say; allow
+            return True
     return False
 
 
