@@ -1,0 +1,660 @@
+"""Fused Triton kernels for Temporal Effective Batch Normalization (TEBN).
+
+TEBN (Duan et al., "Temporal Effective Batch Normalization in Spiking Neural Networks",
+NeurIPS 2022) normalises a multi-step tensor with statistics shared over time and scales
+every timestep by its own learnable factor p[t]::
+
+    μ_c  = mean over (t, n, spatial) of x[t, n, c, ...]
+    σ²_c = biased variance over the same M = T·N·S elements
+    x̂    = (x − μ_c) / √(σ²_c + ε)
+    y[t] = p[t] · (γ_c · x̂[t] + β_c)
+
+Training (or no running statistics): μ, σ² are the batch statistics and, when running
+statistics are given, they are updated in place exactly as ``F.batch_norm`` does:
+``r_μ ← (1 − m)·r_μ + m·μ`` and ``r_σ² ← (1 − m)·r_σ² + m·σ²·M/(M − 1)``. Eval: μ, σ² are
+the running statistics and the whole op is one elementwise pass with a per-(t, c) scale
+``p[t]·γ_c·rstd_c`` and shift ``p[t]·β_c``.
+
+Backward, with g = ∂L/∂y, g' = g·p[t] (the gradient w.r.t. γ x̂ + β), sums over (t, n, spatial)::
+
+    ∂L/∂β_c = A_c = Σ g'        ∂L/∂γ_c = B_c = Σ g'·x̂
+    ∂L/∂p[t] = Σ over (n, c, spatial) of g·(γ_c x̂ + β_c)
+    ∂L/∂x = γ_c·rstd_c·(g' − A_c/M − x̂·B_c/M)     (batch statistics)
+    ∂L/∂x = γ_c·rstd_c·g'                           (running statistics)
+
+Layout: the input ``[T, N, C, *spatial]`` (spatial: 0 to 3 dims) is made contiguous and
+viewed as ``[T, N, C, S]`` with S = prod(spatial) (S = 1 for ``[T, N, C]``). Every kernel
+runs on the same grid of tiles ``[BLOCK_N, BLOCK_C, BLOCK_S]``: program axis 0 is a block
+of channels, axis 1 a (timestep, slice of N) pair, axis 2 a slice of S; a program loops
+over its slice in tiles. Per-channel statistics never come from raw Σx, Σx²: each program
+keeps a (count, mean, M2) triple updated tile by tile with Chan's parallel formula, writes
+it as a partial, and a second small kernel combines the partials in a fixed order
+(deterministic). Weight and scale gradients are per-program partial sums reduced afterwards
+by ``torch.sum`` (no float atomics). Arithmetic is fp32 (fp64 for fp64 inputs); outputs
+are stored in the input dtype promoted with p's dtype (the torch reference's ``y * p``),
+gradients in their parameter's dtype. Offsets are int64.
+
+Registered ops (``torch.library.custom_op``, with fake kernels, so they trace under
+``torch.compile(fullgraph=True)``): ``snnorm::tebn_stats`` (batch statistics; mutates the
+running statistics, not differentiable: it receives a detached input),
+``snnorm::tebn_apply`` (normalise·affine·scale; differentiable, its backward includes the
+path through the batch statistics when ``batch_stats``) and ``snnorm::tebn_apply_backward``.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["tebn"]
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS):
+    """The timestep and the (n, s) ranges of this program, and its partial index."""
+    pid_tn = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    t = pid_tn // N_SPLITS
+    n_lo = (pid_tn % N_SPLITS) * N_PER_PROG
+    n_hi = tl.minimum(n_lo + N_PER_PROG, N)
+    s_lo = pid_s * S_PER_PROG
+    s_hi = tl.minimum(s_lo + S_PER_PROG, S)
+    part = pid_tn * tl.num_programs(2) + pid_s
+    return t, n_lo, n_hi, s_lo, s_hi, part
+
+
+@triton.jit
+def _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """int64 offsets and mask of the [BLOCK_N, BLOCK_C, BLOCK_S] tile at (t, n0, :, s0)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    s = s0 + tl.arange(0, BLOCK_S)
+    row = (t * N + n).to(tl.int64)
+    offs = (row[:, None, None] * C + c[None, :, None]) * S + s[None, None, :]
+    mask = (n < n_hi)[:, None, None] & c_mask[None, :, None] & (s < s_hi)[None, None, :]
+    return offs, mask
+
+
+@triton.jit
+def _tebn_channel_consts(
+    mean_ptr, var_ptr, w_ptr, b_ptr, c, c_mask, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """μ, rstd = 1/√(σ² + ε), γ, β of a block of channels, in the accumulation dtype."""
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+    var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC_DTYPE)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if HAS_WEIGHT:
+        gamma = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+    else:
+        gamma = tl.full(c.shape, 1.0, ACC_DTYPE)
+    if HAS_BIAS:
+        beta = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+    else:
+        beta = tl.zeros(c.shape, ACC_DTYPE)
+    return mean, rstd, gamma, beta
+
+
+@triton.jit
+def _tebn_stats_partial_kernel(
+    x_ptr,  # [T, N, C, S] contiguous
+    part_mean_ptr,  # [P, C] mean of each program's slice
+    part_m2_ptr,  # [P, C] Σ (x − mean)² of each program's slice
+    part_count_ptr,  # [P] elements per channel in each program's slice
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    count = tl.zeros((), ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            count_b = (tl.minimum(n_hi - n0, BLOCK_N) * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC_DTYPE)
+            mean_b = tl.sum(tl.sum(x, axis=2), axis=0) / count_b
+            d = tl.where(mask, x - mean_b[None, :, None], 0.0)
+            m2_b = tl.sum(tl.sum(d * d, axis=2), axis=0)
+            # Chan et al.: merge (count, mean, M2) of the tile into the running triple.
+            total = count + count_b
+            delta = mean_b - mean
+            frac = count_b / total
+            mean += delta * frac
+            m2 += m2_b + delta * delta * count * frac
+            count = total
+    tl.store(part_mean_ptr + part * C + c, mean, mask=c_mask)
+    tl.store(part_m2_ptr + part * C + c, m2, mask=c_mask)
+    tl.store(part_count_ptr + part, count, mask=tl.program_id(0) == 0)
+
+
+@triton.jit
+def _tebn_stats_combine_kernel(
+    part_mean_ptr,  # [P, C]
+    part_m2_ptr,  # [P, C]
+    part_count_ptr,  # [P]
+    mean_ptr,  # [C] out: batch mean
+    var_ptr,  # [C] out: biased batch variance
+    running_mean_ptr,  # [C] updated in place when UPDATE_RUNNING
+    running_var_ptr,  # [C] updated in place (unbiased variance) when UPDATE_RUNNING
+    P, C, momentum,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    count = tl.zeros((), ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for p in range(0, P):  # fixed order: deterministic
+        count_b = tl.load(part_count_ptr + p).to(ACC_DTYPE)
+        mean_b = tl.load(part_mean_ptr + p * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+        m2_b = tl.load(part_m2_ptr + p * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+        total = count + count_b
+        delta = mean_b - mean
+        frac = count_b / total
+        mean += delta * frac
+        m2 += m2_b + delta * delta * count * frac
+        count = total
+    var = m2 / count
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(var_ptr + c, var, mask=c_mask)
+    if UPDATE_RUNNING:
+        r_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+        r_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+        r_mean = r_mean * (1.0 - momentum) + mean * momentum
+        r_var = r_var * (1.0 - momentum) + (m2 / (count - 1.0)) * momentum
+        tl.store(running_mean_ptr + c, r_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(running_var_ptr + c, r_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _tebn_fwd_kernel(
+    x_ptr,  # [T, N, C, S] contiguous
+    y_ptr,  # [T, N, C, S] out
+    mean_ptr,  # [C] batch or running mean
+    var_ptr,  # [C] biased batch variance or running variance
+    w_ptr,  # [C] γ (unused without HAS_WEIGHT)
+    b_ptr,  # [C] β (unused without HAS_BIAS)
+    p_ptr,  # [T] per-timestep scale
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean, rstd, gamma, beta = _tebn_channel_consts(
+        mean_ptr, var_ptr, w_ptr, b_ptr, c, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
+    )
+    p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
+    # y = (x − μ)·(p γ rstd) + p β: subtracting μ first keeps precision when |μ| ≫ σ.
+    scale = (p_t * gamma * rstd)[None, :, None]
+    shift = (p_t * beta)[None, :, None]
+    mean3 = mean[None, :, None]
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            y = (x - mean3) * scale + shift
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tebn_bwd_reduce_kernel(
+    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
+    x_ptr,  # [T, N, C, S] contiguous
+    mean_ptr,  # [C]
+    var_ptr,  # [C]
+    w_ptr,  # [C] γ (unused without HAS_WEIGHT)
+    b_ptr,  # [C] β (unused without HAS_BIAS)
+    p_ptr,  # [T]
+    part_a_ptr,  # [P, C] out: Σ g·p[t]        (→ ∂L/∂β)
+    part_b_ptr,  # [P, C] out: Σ g·p[t]·x̂     (→ ∂L/∂γ)
+    part_p_ptr,  # [C_BLOCKS, P] out: Σ g·(γ x̂ + β) over the program's tile (→ ∂L/∂p[t])
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, P, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean, rstd, gamma, beta = _tebn_channel_consts(
+        mean_ptr, var_ptr, w_ptr, b_ptr, c, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
+    )
+    p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
+    mean3 = mean[None, :, None]
+    rstd3 = rstd[None, :, None]
+    acc_g = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ g
+    acc_gx = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ g·x̂
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            x_hat = tl.where(mask, (x - mean3) * rstd3, 0.0)
+            acc_g += tl.sum(tl.sum(g, axis=2), axis=0)
+            acc_gx += tl.sum(tl.sum(g * x_hat, axis=2), axis=0)
+    # p[t] is constant over the program, so it multiplies the sums, not every element.
+    tl.store(part_a_ptr + part * C + c, acc_g * p_t, mask=c_mask)
+    tl.store(part_b_ptr + part * C + c, acc_gx * p_t, mask=c_mask)
+    dp = tl.sum(tl.where(c_mask, gamma * acc_gx + beta * acc_g, 0.0), axis=0)
+    tl.store(part_p_ptr + tl.program_id(0) * P + part, dp)
+
+
+@triton.jit
+def _tebn_bwd_dx_kernel(
+    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
+    x_ptr,  # [T, N, C, S] contiguous
+    dx_ptr,  # [T, N, C, S] out ∂L/∂x
+    mean_ptr,  # [C]
+    var_ptr,  # [C]
+    w_ptr,  # [C] γ (unused without HAS_WEIGHT)
+    sum_a_ptr,  # [C] A = Σ g·p[t] (unused without BATCH_STATS)
+    sum_b_ptr,  # [C] B = Σ g·p[t]·x̂ (unused without BATCH_STATS)
+    p_ptr,  # [T]
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, inv_m, eps,
+    HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean, rstd, gamma, beta = _tebn_channel_consts(
+        mean_ptr, var_ptr, w_ptr, w_ptr, c, c_mask, eps, HAS_WEIGHT, False, ACC_DTYPE
+    )
+    p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
+    k = gamma * rstd
+    # dx = k·p[t]·g − k·A/M − x̂·k·B/M   (the last two only through the batch statistics)
+    k_g = (k * p_t)[None, :, None]
+    if BATCH_STATS:
+        sum_a = tl.load(sum_a_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+        sum_b = tl.load(sum_b_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+        k_a = (k * sum_a * inv_m)[None, :, None]
+        k_b = (k * sum_b * inv_m)[None, :, None]
+    mean3 = mean[None, :, None]
+    rstd3 = rstd[None, :, None]
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            dx = g * k_g
+            if BATCH_STATS:
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                dx = dx - k_a - (x - mean3) * rstd3 * k_b
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+#: Test hook: force small tiles / many programs to exercise the tile loops and the
+#: partial combination under the interpreter. None keeps the defaults.
+_TUNING: dict = {"tile_elems": None, "programs": None}
+
+
+def _interpreting() -> bool:
+    """True when the kernels run on the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_tebn_fwd_kernel, InterpretedFunction)
+
+
+def _check_runnable(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu" and _interpreting():
+        return
+    if x.device.type == "cpu":
+        raise RuntimeError(
+            "snnorm triton tebn got CPU tensors but the Triton interpreter is off: move the "
+            "tensors to a CUDA device, or set TRITON_INTERPRET=1 before triton is first "
+            "imported to run the kernels on the CPU (slow; for tests), or use backend='torch'"
+        )
+    raise RuntimeError(f"snnorm triton tebn runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {x.device}")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _np2(v: int) -> int:
+    return triton.next_power_of_2(max(1, int(v)))
+
+
+class _Geometry(NamedTuple):
+    BLOCK_N: int
+    BLOCK_C: int
+    BLOCK_S: int
+    n_per_prog: int
+    s_per_prog: int
+    n_splits: int
+    s_splits: int
+    c_blocks: int
+    grid: tuple
+    parts: int  # P = T · n_splits · s_splits: partials per channel
+    num_warps: int
+
+
+_SM_COUNT: dict = {}
+
+
+def _tebn_geometry(T: int, N: int, C: int, S: int, device: torch.device) -> _Geometry:
+    """Tile sizes and the split of each (channel block, timestep) over programs."""
+    interp = device.type != "cuda"
+    tile = _TUNING["tile_elems"] or (1 << 16 if interp else 4096)
+    # Contiguous axis first: S when there is one, else the channel axis (S == 1).
+    BLOCK_S = min(_np2(S), tile if interp else 1024)
+    BLOCK_C = min(_np2(C), max(1, tile // BLOCK_S), 1 << 16 if interp else 64)
+    BLOCK_N = min(_np2(N), max(1, tile // (BLOCK_S * BLOCK_C)))
+    c_blocks = triton.cdiv(C, BLOCK_C)
+    n_blocks = triton.cdiv(N, BLOCK_N)
+    s_blocks = triton.cdiv(S, BLOCK_S)
+    programs = _TUNING["programs"]
+    if programs is None:
+        if interp:
+            programs = 1  # the interpreter pays per program: as few as possible
+        else:
+            if device not in _SM_COUNT:
+                _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+            programs = 8 * _SM_COUNT[device]
+    # Split each (channel block, t) over enough programs to fill the device.
+    want = max(1, triton.cdiv(programs, c_blocks * T))
+    s_splits = min(s_blocks, want)
+    n_splits = min(n_blocks, triton.cdiv(want, s_splits))
+    s_per_prog = triton.cdiv(s_blocks, s_splits) * BLOCK_S
+    n_per_prog = triton.cdiv(n_blocks, n_splits) * BLOCK_N
+    s_splits = triton.cdiv(S, s_per_prog)  # no empty program
+    n_splits = triton.cdiv(N, n_per_prog)
+    elems = BLOCK_N * BLOCK_C * BLOCK_S
+    num_warps = 8 if elems >= 4096 else 4
+    return _Geometry(
+        BLOCK_N, BLOCK_C, BLOCK_S, n_per_prog, s_per_prog, n_splits, s_splits, c_blocks,
+        (c_blocks, T * n_splits, s_splits), T * n_splits * s_splits, num_warps,
+    )
+
+
+def _as_tncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """Contiguous [T, N, C, S] view of a [T, N, C, *spatial] tensor."""
+    T, N, C = x.shape[:3]
+    S = math.prod(x.shape[3:])
+    return x.contiguous().view(T, N, C, S), T, N, C, S
+
+
+def _launch_tebn_stats(
+    x: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance per channel; updates the running stats in place."""
+    x4, T, N, C, S = _as_tncs(x)
+    acc = _acc_dtype(x.dtype)
+    geo = _tebn_geometry(T, N, C, S, x.device)
+    part_mean = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+    part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+    part_count = torch.empty(geo.parts, dtype=acc, device=x.device)
+    _tebn_stats_partial_kernel[geo.grid](
+        x4, part_mean, part_m2, part_count,
+        N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits,
+        BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc),
+        num_warps=geo.num_warps,
+    )
+    mean = torch.empty(C, dtype=acc, device=x.device)
+    var = torch.empty(C, dtype=acc, device=x.device)
+    update = running_mean is not None and running_var is not None
+    block_c = min(_np2(C), 1 << 16 if x.device.type != "cuda" else 256)
+    _tebn_stats_combine_kernel[(triton.cdiv(C, block_c),)](
+        part_mean, part_m2, part_count, mean, var,
+        running_mean if update else mean, running_var if update else var,
+        geo.parts, C, float(momentum),
+        UPDATE_RUNNING=update, BLOCK_C=block_c, ACC_DTYPE=_tl_dtype(acc),
+    )
+    return mean, var
+
+
+def _launch_tebn_fwd(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """y[t] = p[t]·(γ (x − μ)/√(σ² + ε) + β) in one elementwise pass."""
+    x4, T, N, C, S = _as_tncs(x)
+    acc = _acc_dtype(x.dtype)
+    geo = _tebn_geometry(T, N, C, S, x.device)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, scale.dtype), device=x.device)
+    _tebn_fwd_kernel[geo.grid](
+        x4, y, mean, var,
+        weight if weight is not None else mean, bias if bias is not None else mean, scale.contiguous(),
+        N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits, float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc),
+        num_warps=geo.num_warps,
+    )
+    return y
+
+
+def _launch_tebn_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    batch_stats: bool,
+    need_dx: bool,
+    need_dparams: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂L/∂x, ∂L/∂γ, ∂L/∂β, ∂L/∂p); the last three in the accumulation dtype.
+
+    Gradients that are not needed come back as zeros of the right shape (custom ops
+    cannot return None); the reduction pass is skipped when nothing needs it.
+    """
+    x4, T, N, C, S = _as_tncs(x)
+    g4 = grad_y.contiguous().view(T, N, C, S)
+    acc = _acc_dtype(x.dtype)
+    geo = _tebn_geometry(T, N, C, S, x.device)
+    scale_c = scale.contiguous()
+    w_arg = weight if weight is not None else mean
+    b_arg = bias if bias is not None else mean
+    consts = dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc))
+    if batch_stats or need_dparams:
+        part_a = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+        part_b = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+        part_p = torch.empty(geo.c_blocks, geo.parts, dtype=acc, device=x.device)
+        _tebn_bwd_reduce_kernel[geo.grid](
+            g4, x4, mean, var, w_arg, b_arg, scale_c, part_a, part_b, part_p,
+            N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits, geo.parts, float(eps),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=geo.num_warps, **consts,
+        )
+        # Fixed-shape torch reductions of the partials: deterministic, no atomics.
+        sum_a = part_a.sum(0)
+        sum_b = part_b.sum(0)
+        dscale = part_p.view(geo.c_blocks, T, -1).sum((0, 2))
+    else:
+        sum_a = torch.zeros(C, dtype=acc, device=x.device)
+        sum_b = torch.zeros(C, dtype=acc, device=x.device)
+        dscale = torch.zeros(T, dtype=acc, device=x.device)
+    if need_dx:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _tebn_bwd_dx_kernel[geo.grid](
+            g4, x4, dx, mean, var, w_arg, sum_a, sum_b, scale_c,
+            N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits, 1.0 / (T * N * S), float(eps),
+            HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats, num_warps=geo.num_warps, **consts,
+        )
+    else:
+        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    # ∂L/∂β = Σ g·p = A, ∂L/∂γ = Σ g·p·x̂ = B.
+    return dx, sum_b, sum_a, dscale
+
+
+# ----------------------------------------------------------------------------------------
+# Op registration
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("snnorm::tebn_stats", mutates_args=("running_mean", "running_var"))
+def _tebn_stats_op(
+    x: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch (mean, biased variance) per channel over T·N·spatial; running stats updated."""
+    _check_runnable(x)
+    return _launch_tebn_stats(x, running_mean, running_var, momentum)
+
+
+@_tebn_stats_op.register_fake
+def _(x, running_mean, running_var, momentum):
+    acc = _acc_dtype(x.dtype)
+    C = x.shape[2]
+    return x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc)
+
+
+@torch.library.custom_op("snnorm::tebn_apply", mutates_args=())
+def _tebn_apply_op(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    batch_stats: bool,
+) -> torch.Tensor:
+    """y[t] = p[t]·(γ x̂[t] + β) with the given (mean, variance).
+
+    ``batch_stats`` says whether (mean, var) are the batch statistics of x (then the
+    backward includes their dependence on x) or constants (running statistics).
+    """
+    _check_runnable(x)
+    return _launch_tebn_fwd(x, weight, bias, mean, var, scale, eps)
+
+
+@_tebn_apply_op.register_fake
+def _(x, weight, bias, mean, var, scale, eps, batch_stats):
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, scale.dtype), memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("snnorm::tebn_apply_backward", mutates_args=())
+def _tebn_apply_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    batch_stats: bool,
+    need_dx: bool,
+    need_dparams: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_runnable(x)
+    return _launch_tebn_bwd(grad_y, x, weight, bias, mean, var, scale, eps, batch_stats, need_dx, need_dparams)
+
+
+@_tebn_apply_backward_op.register_fake
+def _(grad_y, x, weight, bias, mean, var, scale, eps, batch_stats, need_dx, need_dparams):
+    acc = _acc_dtype(x.dtype)
+    C, T = x.shape[2], x.shape[0]
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return dx, x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc), x.new_empty(T, dtype=acc)
+
+
+def _tebn_apply_setup_context(ctx, inputs, output):
+    x, weight, bias, mean, var, scale, eps, batch_stats = inputs
+    ctx.save_for_backward(x, weight, bias, mean, var, scale)
+    ctx.eps = eps
+    ctx.batch_stats = batch_stats
+
+
+def _tebn_apply_backward(ctx, grad_y):
+    x, weight, bias, mean, var, scale = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_p = ctx.needs_input_grad[5]
+    dx, dw, db, dp = torch.ops.snnorm.tebn_apply_backward(
+        grad_y, x, weight, bias, mean, var, scale, ctx.eps, ctx.batch_stats,
+        need_x, need_w or need_b or need_p,
+    )
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(bias.dtype) if need_b else None,
+        None,  # mean, var: constants, or batch statistics whose path is inside dx
+        None,
+        dp.to(scale.dtype) if need_p else None,
+        None,
+        None,
+    )
+
+
+_tebn_apply_op.register_autograd(_tebn_apply_backward, setup_context=_tebn_apply_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------
+
+
+def tebn(
+    x_seq: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """Temporal effective BN (Duan et al., NeurIPS 2022): y[t] = p[t]·(γ x̂[t] + β).
+
+    Same signature and semantics as :func:`snnorm.backends.torch_backend.tebn`:
+    ``x_seq`` is ``[T, N, C, *spatial]`` (0 to 3 spatial dims), ``scale`` is p ``[T]``,
+    ``weight``/``bias`` ``[C]`` or None. Batch statistics over T·N·spatial in training
+    or without running stats (then the running stats, if given, are updated in place with
+    factor ``momentum`` and the unbiased variance); running statistics in eval.
+    """
+    if not x_seq.is_floating_point():
+        raise TypeError(f"tebn expects a floating-point x_seq, got dtype {x_seq.dtype}")
+    if x_seq.dim() < 3:
+        raise ValueError(f"tebn expects x_seq of shape [T, N, C, *spatial], got shape {tuple(x_seq.shape)}")
+    _check_runnable(x_seq)
+    use_batch_stats = training or running_mean is None
+    if use_batch_stats:
+        if x_seq.numel() // x_seq.shape[2] <= 1:
+            # the same rule (and exception type) as F.batch_norm; raised before any update
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(x_seq.shape)}"
+            )
+        track = training and running_mean is not None
+        mean, var = torch.ops.snnorm.tebn_stats(
+            x_seq.detach(),
+            running_mean if track else None,
+            running_var if track else None,
+            float(momentum),
+        )
+    else:
+        mean, var = running_mean, running_var
+    return torch.ops.snnorm.tebn_apply(x_seq, weight, bias, mean, var, scale, float(eps), use_batch_stats)

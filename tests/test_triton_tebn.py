@@ -1,0 +1,341 @@
+"""The fused Triton TEBN op against the torch backend's ``tebn`` (the specification).
+
+Oracle: :func:`snnorm.backends.torch_backend.tebn` on float64 copies of the inputs (ref64).
+fp32/fp64 are compared to ref64 with tight tolerances; fp16/bf16 with flash-attention's
+rule ``max|kernel − ref64| ≤ 2·max|torch_lowp − ref64| + atol`` where torch_lowp is the
+torch backend run in the low precision itself. Outputs, ∂x, ∂γ, ∂β, ∂p and the running
+statistics after the call are all checked. On CPU the kernels run through the Triton
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+from snnorm.backends import torch_backend  # noqa: E402
+from snnorm.kernels import tebn as tebn_mod  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MOMENTUM, EPS = 0.1, 1e-5
+
+# One tolerance table: relative to the reference's largest magnitude (+1 for quantities
+# near zero). fp16/bf16 also pass the 2×-torch rule with this atol.
+RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+LOWP_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LOWP = (torch.float16, torch.bfloat16)
+
+# Largest errors seen by the tests, per (dtype, quantity), printed at the end of the run.
+MAX_ERR: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_errors():
+    yield
+    if MAX_ERR:
+        lines = [f"  {k[0]:>14} {k[1]:<14} {v:.3g}" for k, v in sorted(MAX_ERR.items(), key=str)]
+        print("\nlargest |triton - ref64| / (1 + max|ref64|):\n" + "\n".join(lines))
+
+
+def _record(dtype, what, err):
+    key = (str(dtype).replace("torch.", ""), what)
+    MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), err)
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def run_op(op, x, w, b, rm, rv, p, g, training):
+    """Output, (∂x, ∂γ, ∂β, ∂p) and the running stats after one call of ``op``."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, p)]
+    rm_c = rm.clone() if rm is not None else None
+    rv_c = rv.clone() if rv is not None else None
+    y = op(leaves[0], leaves[1], leaves[2], rm_c, rv_c, leaves[3], training=training, momentum=MOMENTUM, eps=EPS)
+    wrt = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, wrt, g))
+    grads = [next(grads) if t is not None else None for t in leaves]
+    return y, grads, rm_c, rv_c
+
+
+def to64(t):
+    return t.double() if t is not None else None
+
+
+def compare(dtype, what, ours, ref64, lowp=None):
+    """Assert ours ≈ ref64 (tight for fp32/fp64, the 2×-torch rule for fp16/bf16)."""
+    if ref64 is None:
+        assert ours is None, what
+        return
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref64.shape)}"
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    scale = 1.0 + ref64.abs().max().item()
+    err = (ours.double() - ref64).abs().max().item()
+    _record(dtype, what, err / scale)
+    if lowp is None:
+        assert err <= RTOL[dtype] * scale, f"{what} ({dtype}): |triton - ref64| = {err:.3g}, scale {scale:.3g}"
+    else:
+        assert ours.dtype == lowp.dtype, f"{what}: dtype {ours.dtype}, torch gives {lowp.dtype}"
+        torch_err = (lowp.double() - ref64).abs().max().item()
+        bound = 2 * torch_err + LOWP_ATOL[dtype] * scale
+        assert err <= bound, f"{what} ({dtype}): triton err {err:.3g} > 2·torch err {torch_err:.3g} + atol"
+
+
+def make_case(draw_or_params, gen):
+    """Tensors for one case (all in ``dtype``, or fp32 parameters with low-precision x)."""
+    T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift = draw_or_params
+    shape = (T, N, C, *spatial)
+    if noncontig:  # a [N, T, ...] tensor seen as [T, N, ...]: non-contiguous input and grad
+        x = (torch.randn((N, T, *shape[2:]), generator=gen) * 2 + mean_shift).transpose(0, 1)
+        g = torch.randn((N, T, *shape[2:]), generator=gen).transpose(0, 1)
+    else:
+        x = torch.randn(shape, generator=gen) * 2 + mean_shift
+        g = torch.randn(shape, generator=gen)
+    w = torch.randn(C, generator=gen) if affine else None
+    b = torch.randn(C, generator=gen) if affine else None
+    p = torch.rand(T, generator=gen) * 2 - 0.5
+    rm = torch.randn(C, generator=gen) if has_running else None
+    rv = torch.rand(C, generator=gen) + 0.5 if has_running else None
+    out_dtype = param_dtype
+    cast = lambda t, d: t.to(device=DEVICE, dtype=d) if t is not None else None  # noqa: E731
+    # keep non-contiguity through the dtype/device cast
+    x = x.to(device=DEVICE, dtype=dtype)
+    g = g.to(device=DEVICE, dtype=torch.promote_types(dtype, out_dtype))
+    return x, cast(w, param_dtype), cast(b, param_dtype), cast(rm, param_dtype), cast(rv, param_dtype), cast(p, param_dtype), g
+
+
+def check_case(params, training, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, w, b, rm, rv, p, g = make_case(params, gen)
+    dtype = x.dtype
+    ours = run_op(tebn_mod.tebn, x, w, b, rm, rv, p, g, training)
+    ref = run_op(torch_backend.tebn, to64(x), to64(w), to64(b), to64(rm), to64(rv), to64(p), to64(g), training)
+    lowp = run_op(torch_backend.tebn, x, w, b, rm, rv, p, g, training) if dtype in LOWP else None
+    names = ["y", "dx", "dweight", "dbias", "dscale"]
+    ours_l = [ours[0], *ours[1]]
+    ref_l = [ref[0], *ref[1]]
+    lowp_l = [lowp[0], *lowp[1]] if lowp else [None] * 5
+    for name, o, r, lp in zip(names, ours_l, ref_l, lowp_l):
+        if o is not None and lp is None:
+            # dtypes follow the inputs: y and grads as torch would give them
+            expect = {"y": torch.promote_types(x.dtype, p.dtype), "dx": x.dtype}.get(name, p.dtype)
+            assert o.dtype == expect, f"{name}: dtype {o.dtype}, expected {expect}"
+        compare(dtype, name, o, r, lp)
+    compare(dtype, "running_mean", ours[2], ref[2], lowp[2] if lowp else None)
+    compare(dtype, "running_var", ours[3], ref[3], lowp[3] if lowp else None)
+    if rm is not None and not training:
+        assert torch.equal(ours[2], rm) and torch.equal(ours[3], rv), "eval must not touch the running stats"
+
+
+# ----------------------------------------------------------------------- strategies
+
+SIZES = st.sampled_from([1, 2, 3, 5, 7])
+
+
+@st.composite
+def cases(draw, dtypes):
+    T = draw(st.integers(1, 8))
+    N = draw(st.integers(1, 5))
+    C = draw(st.sampled_from([1, 2, 3, 5, 7, 11]))
+    spatial = tuple(draw(st.lists(SIZES, min_size=0, max_size=3)))
+    dtype = draw(st.sampled_from(dtypes))
+    param_dtype = draw(st.sampled_from([dtype, torch.float32])) if dtype in LOWP else dtype
+    affine = draw(st.booleans())
+    has_running = draw(st.booleans())
+    noncontig = draw(st.booleans())
+    mean_shift = draw(st.sampled_from([0.0, 3.0, -20.0]))
+    training = draw(st.booleans())
+    if (training or not has_running) and T * N * math.prod(spatial) == 1:
+        N = 2  # batch statistics need two values per channel (see test_single_value_rejected)
+    return (T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift), training
+
+
+@given(case=cases([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_matches_torch_fp32_fp64(case, seed):
+    check_case(*case, seed)
+
+
+@given(case=cases(list(LOWP)), seed=st.integers(0, 2**16))
+def test_matches_torch_lowp(case, seed):
+    check_case(*case, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_fixed_4d_cases(dtype, training):
+    """A fixed [T, N, C, H, W] case per dtype and mode, so every corner runs on every CI run."""
+    params = (4, 3, 5, (3, 7), dtype, dtype, True, True, False, 1.0)
+    check_case(params, training, seed=7)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 13), (2, 3, 5, 11, 7), (3, 2, 3, 5, 3, 3)])
+def test_tiling_and_partials(monkeypatch, shape):
+    """Tiny tiles and many programs: tile loops, masks and Chan's combination of partials."""
+    monkeypatch.setitem(tebn_mod._TUNING, "tile_elems", 8)
+    monkeypatch.setitem(tebn_mod._TUNING, "programs", 64)
+    geo = tebn_mod._tebn_geometry(shape[0], shape[1], shape[2], math.prod(shape[3:]), torch.device(DEVICE))
+    assert geo.parts > shape[0] and geo.BLOCK_N * geo.BLOCK_C * geo.BLOCK_S <= 8
+    params = (shape[0], shape[1], shape[2], shape[3:], torch.float64, torch.float64, True, True, False, 5.0)
+    check_case(params, True, seed=1)
+    # deterministic: a second run gives the same bits
+    gen = torch.Generator().manual_seed(3)
+    x, w, b, rm, rv, p, g = make_case(params, gen)
+    first = run_op(tebn_mod.tebn, x, w, b, rm, rv, p, g, True)
+    second = run_op(tebn_mod.tebn, x, w, b, rm, rv, p, g, True)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, c) for a, c in zip(first[1], second[1]))
+
+
+def test_statistics_precise_at_large_mean():
+    """mean/std = 1e4 in fp32: Chan's formula keeps the variance (raw Σx² would not)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (1e4 + torch.randn(3, 8, 4, 33, generator=gen)).to(DEVICE)
+    rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    p = torch.ones(3, device=DEVICE)
+    y = tebn_mod.tebn(x, None, None, rm, rv, p, training=True, momentum=1.0, eps=EPS)
+    ref_var = x.double().transpose(0, 2).reshape(4, -1).var(dim=1)
+    assert (rv.double() - ref_var).abs().max() / ref_var.max() < 1e-4
+    y64 = torch_backend.tebn(x.double(), None, None, None, None, p.double(), training=True, momentum=1.0, eps=EPS)
+    assert (y.double() - y64).abs().max() < 1e-3  # |x| = 1e4 in fp32 has ulp 1e-3
+
+
+def test_single_value_rejected_and_nothing_changes():
+    """Like F.batch_norm: batch statistics of one value per channel raise ValueError."""
+    x = torch.randn(1, 1, 3, device=DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    p = torch.ones(1, device=DEVICE)
+    for op in (torch_backend.tebn, tebn_mod.tebn):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            op(x, None, None, rm, rv, p, training=True, momentum=MOMENTUM, eps=EPS)
+    assert torch.equal(rm, torch.zeros(3, device=DEVICE)) and torch.equal(rv, torch.ones(3, device=DEVICE))
+    # eval with running stats is fine with one value
+    y = tebn_mod.tebn(x, None, None, rm, rv, p, training=False, momentum=MOMENTUM, eps=EPS)
+    y_ref = torch_backend.tebn(x, None, None, rm, rv, p, training=False, momentum=MOMENTUM, eps=EPS)
+    torch.testing.assert_close(y, y_ref)
+
+
+def test_integer_input_rejected():
+    with pytest.raises(TypeError, match="floating-point"):
+        tebn_mod.tebn(
+            torch.ones(2, 2, 3, dtype=torch.int64, device=DEVICE), None, None, None, None,
+            torch.ones(2, device=DEVICE), training=True, momentum=MOMENTUM, eps=EPS,
+        )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter error")
+def test_cpu_without_interpreter_raises_with_fix():
+    code = (
+        "import torch\n"
+        "from snnorm.kernels.tebn import tebn\n"
+        "x = torch.randn(2, 3, 4)\n"
+        "try:\n"
+        "    tebn(x, None, None, None, None, torch.ones(2), training=True, momentum=0.1, eps=1e-5)\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert "RAISED" in out.stdout, out.stdout + out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout and "CUDA" in out.stdout
+
+
+# -------------------------------------------------------------- torch.library integration
+
+
+def _tiny(dtype=torch.float32, shape=(2, 3, 4, 5)):
+    gen = torch.Generator().manual_seed(0)
+    T, _, C = shape[:3]
+    x = torch.randn(shape, generator=gen, dtype=dtype).to(DEVICE)
+    w = torch.randn(C, generator=gen, dtype=dtype).to(DEVICE)
+    b = torch.randn(C, generator=gen, dtype=dtype).to(DEVICE)
+    p = torch.rand(T, generator=gen, dtype=dtype).to(DEVICE) + 0.5
+    rm = torch.randn(C, generator=gen, dtype=dtype).to(DEVICE)
+    rv = torch.rand(C, generator=gen, dtype=dtype).to(DEVICE) + 0.5
+    return x, w, b, p, rm, rv
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_opcheck(affine):
+    x, w, b, p, rm, rv = _tiny()
+    if not affine:
+        w = b = None
+    torch.library.opcheck(torch.ops.snnorm.tebn_stats.default, (x, rm.clone(), rv.clone(), 0.1))
+    torch.library.opcheck(torch.ops.snnorm.tebn_stats.default, (x, None, None, 0.1))
+    mean, var = torch.ops.snnorm.tebn_stats(x, None, None, 0.1)
+    xg = x.clone().requires_grad_()
+    wg = w.clone().requires_grad_() if affine else None
+    bg = b.clone().requires_grad_() if affine else None
+    pg = p.clone().requires_grad_()
+    for batch_stats, (m, v) in ((True, (mean, var)), (False, (rm, rv))):
+        torch.library.opcheck(torch.ops.snnorm.tebn_apply.default, (xg, wg, bg, m, v, pg, EPS, batch_stats))
+        gy = torch.randn_like(x)
+        torch.library.opcheck(
+            torch.ops.snnorm.tebn_apply_backward.default, (gy, x, w, b, m, v, p, EPS, batch_stats, True, True)
+        )
+
+
+def test_torch_compile_fullgraph():
+    """The ops trace into one graph; running stats are updated exactly once per call."""
+    x, w, b, p, rm, rv = _tiny()
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+
+    def step(x, w, b, p, rm, rv):
+        return tebn_mod.tebn(x, w, b, rm, rv, p, training=True, momentum=MOMENTUM, eps=EPS).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, p)]
+    loss = compiled(leaves[0], leaves[1], leaves[2], leaves[3], rm, rv)
+    loss.backward()
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b, p)]
+    rm64, rv64 = rm_ref.double(), rv_ref.double()
+    loss_ref = torch_backend.tebn(
+        ref_leaves[0], ref_leaves[1], ref_leaves[2], rm64, rv64, ref_leaves[3],
+        training=True, momentum=MOMENTUM, eps=EPS,
+    ).square().sum()
+    loss_ref.backward()
+    compare(torch.float32, "compiled loss", loss.detach(), loss_ref.detach())
+    for name, a, r in zip(("dx", "dweight", "dbias", "dscale"), leaves, ref_leaves):
+        compare(torch.float32, f"compiled {name}", a.grad, r.grad)
+    compare(torch.float32, "compiled running_mean", rm, rm64)
+    compare(torch.float32, "compiled running_var", rv, rv64)
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd saves for backward while running ``fn``."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_saved_for_backward_bytes(training):
+    """The fused op saves x plus O(C + T) per-channel values; the torch reference ≈ 2× x."""
+    x, w, b, p, rm, rv = _tiny(shape=(4, 8, 16, 6, 6))
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, p)]
+
+    def call(op):
+        return lambda: op(leaves[0], leaves[1], leaves[2], rm.clone(), rv.clone(), leaves[3],
+                          training=training, momentum=MOMENTUM, eps=EPS)
+
+    ours = saved_bytes(call(tebn_mod.tebn))
+    ref = saved_bytes(call(torch_backend.tebn))
+    x_bytes = x.numel() * x.element_size()
+    print(f"\nsaved for backward (training={training}): triton {ours} B, torch {ref} B, x {x_bytes} B")
+    assert ours <= x_bytes + 64 * (x.shape[2] + x.shape[0])
+    assert ours < ref
