@@ -1,0 +1,576 @@
+r"""Batch normalization for spiking networks: multi-step BN, tdBN, TEBN, BNTT.
+
+Notation: a sequence ``x`` has shape ``[T, N, C, *spatial]``; per channel c,
+``x̂ = (x − μ) / √(σ² + ε)``. The layers differ in where μ, σ² come from and what
+multiplies x̂:
+
+==========================  =========================================  ==========================
+layer                       statistics μ, σ² per channel over          output
+==========================  =========================================  ==========================
+BatchNorm (step_mode 'm')   T·N·spatial                                γ x̂ + β
+tdBN                        T·N·spatial                                γ x̂ + β, γ₀ = α·V_th
+TEBN                        T·N·spatial                                p[t]·(γ x̂[t] + β)
+BNTT                        N·spatial, separately at every t           γ_t x̂_t (no β)
+==========================  =========================================  ==========================
+
+In training the batch statistics normalise and update the running statistics
+(``running ← (1 − m)·running + m·batch``, unbiased batch variance, m = ``momentum`` or
+the cumulative 1/``num_batches_tracked`` when ``momentum is None``); in eval the running
+statistics normalise. Running statistics are touched only when
+:func:`snnorm.memopt.should_update_running_stats` allows it, so activation checkpointing
+does not update them twice.
+
+Every layer subclasses torch's ``_BatchNorm`` (or holds torch BN modules) exactly where
+spikingjelly 2.0.0 does, so ``state_dict`` s load both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import base
+from ..memopt import check_stateful_recompute, should_update_running_stats
+from ._checks import check_device, check_ndim, check_size, check_tensor, check_time_steps
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "ThresholdDependentBatchNorm1d",
+    "ThresholdDependentBatchNorm2d",
+    "ThresholdDependentBatchNorm3d",
+    "TemporalEffectiveBatchNorm1d",
+    "TemporalEffectiveBatchNorm2d",
+    "TemporalEffectiveBatchNorm3d",
+    "BatchNormThroughTime1d",
+    "BatchNormThroughTime2d",
+    "BatchNormThroughTime3d",
+    "BatchNormTT1d",
+    "BatchNormTT2d",
+]
+
+
+# -- shared BN bookkeeping ------------------------------------------------------
+
+
+def _check_time_steps_arg(module, T) -> int:
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"{type(module).__name__}: T must be a positive int, got {T!r}")
+    return T
+
+
+def _check_batch_statistics(bn: _BatchNorm, x: torch.Tensor, channel_dim: int, owner: nn.Module | None = None) -> None:
+    """ValueError if batch statistics are needed but each channel has a single value.
+
+    torch raises the same error, but only after counting the batch in
+    ``num_batches_tracked``; checking first keeps a rejected call side-effect free.
+    """
+    uses_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    per_channel = x.numel() // max(x.shape[channel_dim], 1)
+    if uses_batch_stats and per_channel == 1:
+        raise ValueError(
+            f"{type(owner or bn).__name__}: batch statistics need more than one value per channel, got input of "
+            f"shape {tuple(x.shape)} (1 value per channel); use a larger batch or eval mode"
+        )
+
+
+def running_stats_for_forward(bn: _BatchNorm):
+    """Resolve what torch's ``_BatchNorm.forward`` passes to ``F.batch_norm``.
+
+    Returns ``(running_mean, running_var, factor)``: the running buffers to read (eval)
+    or update (training), or ``None`` when they must stay untouched (not tracked, or
+    :func:`should_update_running_stats` says no — a checkpoint recomputation), and the
+    momentum factor (``momentum``, or ``1/num_batches_tracked`` when ``momentum is None``).
+    Counts the batch in ``num_batches_tracked`` when the statistics will be updated.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if not bn.training:
+        return bn.running_mean, bn.running_var, factor
+    if not (bn.track_running_stats and should_update_running_stats(bn)):
+        return None, None, factor
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return bn.running_mean, bn.running_var, factor
+
+
+def batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """torch's ``_BatchNorm.forward`` on ``[N, C, *]`` with the checkpointing guard."""
+    _check_batch_statistics(bn, x, 1)
+    running_mean, running_var, factor = running_stats_for_forward(bn)
+    use_batch_stats = bn.training or running_mean is None
+    return F.batch_norm(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
+
+
+class _GuardedBatchNormMixin:
+    """Input checks and a bias-tolerant ``reset_parameters`` for BN layers.
+
+    ``_sample_ndims`` lists the accepted dims of one timestep ``[N, C, *spatial]``;
+    a multi-step input has one more (T in front).
+    """
+
+    _sample_ndims: tuple[int, ...] = ()
+
+    def reset_parameters(self) -> None:
+        # BNTT sets bias to None; older torch's reset_parameters assumes a bias.
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def _check_bn_input(self, x: torch.Tensor, multi: bool) -> None:
+        check_tensor(self, x)
+        check_ndim(self, x, tuple(n + multi for n in self._sample_ndims), "m" if multi else "s")
+        check_size(self, x, 1 + multi, self.num_features, "channels")
+        check_device(self, x, self.running_mean if self.running_mean is not None else self.weight)
+
+
+class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
+    """Step modes for BN layers: 's' is torch's BN, 'm' folds T into the batch."""
+
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-step: statistics over T·N·spatial by folding T into N."""
+        return batch_norm(self, x.flatten(0, 1)).view(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        multi = self.step_mode == "m"
+        self._check_bn_input(x, multi)
+        return self._forward_folded(x) if multi else batch_norm(self, x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", step_mode={self.step_mode}"
+
+
+class _TimestepBatchNormMixin(_GuardedBatchNormMixin):
+    """The per-timestep BN inside BNTT: torch's BN with the checkpointing guard.
+
+    Deliberately not a StepModule: ``set_step_mode(net, 'm')`` must not switch the
+    children of a BNTT, which always see one timestep.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_bn_input(x, multi=False)
+        return batch_norm(self, x)
+
+
+class _TimestepBatchNorm1d(_TimestepBatchNormMixin, nn.BatchNorm1d):
+    _sample_ndims = (2, 3)
+
+
+class _TimestepBatchNorm2d(_TimestepBatchNormMixin, nn.BatchNorm2d):
+    _sample_ndims = (4,)
+
+
+class _TimestepBatchNorm3d(_TimestepBatchNormMixin, nn.BatchNorm3d):
+    _sample_ndims = (5,)
+
+
+# -- BatchNorm with step modes --------------------------------------------------
+
+
+class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
+    """:class:`torch.nn.BatchNorm1d` with step modes.
+
+    's': ``[N, C]`` or ``[N, C, L]``, statistics over N(·L). 'm': ``[T, N, C]`` or
+    ``[T, N, C, L]``, statistics over T·N(·L) (T folded into the batch).
+    """
+
+    _sample_ndims = (2, 3)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        step_mode: str = "s",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.step_mode = step_mode
+
+
+class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` with step modes: ``[N, C, H, W]`` ('s') or ``[T, N, C, H, W]`` ('m')."""
+
+    _sample_ndims = (4,)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        step_mode: str = "s",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.step_mode = step_mode
+
+
+class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
+    """:class:`torch.nn.BatchNorm3d` with step modes: ``[N, C, D, H, W]`` ('s') or ``[T, N, C, D, H, W]`` ('m')."""
+
+    _sample_ndims = (5,)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        step_mode: str = "s",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.step_mode = step_mode
+
+
+# -- tdBN -----------------------------------------------------------------------
+
+
+class _ThresholdDependentBatchNormBase(_BatchNormMixin, _BatchNorm):
+    r"""Threshold-dependent BN (tdBN; Zheng et al., "Going Deeper With Directly-Trained
+    Larger Spiking Neural Networks", AAAI 2021).
+
+    .. math::
+        y[t] = γ \frac{x[t] − μ}{\sqrt{σ^2 + ε}} + β,\qquad γ_0 = α V_{th},\ β_0 = 0
+
+    with μ, σ² per channel over T·N·spatial (the whole sequence). Only the initial γ
+    differs from multi-step BN: it scales the normalised input to the neuron threshold
+    ``v_th`` (α is the paper's residual-branch factor, 1 or 1/√2). ``reset_parameters()``
+    restores γ = α·V_th. Multi-step only (input ``[T, N, C, *spatial]``); ``affine`` must
+    be True (γ is the point of the layer).
+    """
+
+    supported_step_modes = ("m",)
+
+    def __init__(
+        self,
+        alpha: float,
+        v_th: float,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        step_mode: str = "m",
+    ) -> None:
+        if not affine:
+            raise ValueError(
+                f"{type(self).__name__} needs affine=True (its weight γ is initialised to alpha*v_th), got affine=False"
+            )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.step_mode = step_mode
+        self.alpha = alpha
+        self.v_th = v_th
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        alpha, v_th = getattr(self, "alpha", None), getattr(self, "v_th", None)
+        if alpha is not None and v_th is not None:  # None only while _BatchNorm.__init__ runs
+            nn.init.constant_(self.weight, alpha * v_th)
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        self._check_bn_input(x_seq, multi=True)
+        return self._forward_folded(x_seq)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", alpha={self.alpha}, v_th={self.v_th}"
+
+
+class ThresholdDependentBatchNorm1d(_ThresholdDependentBatchNormBase):
+    """tdBN on ``[T, N, C]`` or ``[T, N, C, L]``; see :class:`_ThresholdDependentBatchNormBase`."""
+
+    _sample_ndims = (2, 3)
+
+
+class ThresholdDependentBatchNorm2d(_ThresholdDependentBatchNormBase):
+    """tdBN on ``[T, N, C, H, W]`` (Zheng et al., AAAI 2021): γ₀ = α·V_th, statistics over T·N·H·W."""
+
+    _sample_ndims = (4,)
+
+
+class ThresholdDependentBatchNorm3d(_ThresholdDependentBatchNormBase):
+    """tdBN on ``[T, N, C, D, H, W]``; see :class:`_ThresholdDependentBatchNormBase`."""
+
+    _sample_ndims = (5,)
+
+
+# -- TEBN -----------------------------------------------------------------------
+
+
+class _TemporalEffectiveBatchNormBase(_BatchNormMixin, _BatchNorm):
+    r"""Temporal effective BN (TEBN; Duan et al., "Temporal Effective Batch Normalization
+    in Spiking Neural Networks", NeurIPS 2022).
+
+    .. math::
+        y[t] = p[t] \left(γ \frac{x[t] − μ}{\sqrt{σ^2 + ε}} + β\right)
+
+    μ, σ² per channel over T·N·spatial (shared by all timesteps); ``scale`` = p ∈ R^T is a
+    learnable per-timestep factor starting at 1. Multi-step only; the input's T must equal
+    the module's ``T``. ``supported_backends = ("torch", "triton")``: the math is the op
+    ``tebn`` of the selected backend (:func:`snnorm.backends.torch_backend.tebn`).
+    """
+
+    supported_step_modes = ("m",)
+    supported_backends = ("torch", "triton")
+
+    def __init__(
+        self,
+        T: int,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        step_mode: str = "m",
+    ) -> None:
+        _check_time_steps_arg(self, T)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.step_mode = step_mode
+        self.scale = nn.Parameter(torch.ones(T, device=device, dtype=dtype))
+
+    @property
+    def T(self) -> int:
+        return self.scale.shape[0]
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        scale = getattr(self, "scale", None)
+        if scale is not None:
+            nn.init.ones_(scale)
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        self._check_bn_input(x_seq, multi=True)
+        check_time_steps(self, x_seq, self.T)
+        _check_batch_statistics(self, x_seq.flatten(0, 1), 1)
+        running_mean, running_var, factor = running_stats_for_forward(self)
+        return self.ops.tebn(
+            x_seq,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            self.scale,
+            training=self.training,
+            momentum=factor,
+            eps=self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", T={self.T}, backend={self.backend}"
+
+
+class TemporalEffectiveBatchNorm1d(_TemporalEffectiveBatchNormBase):
+    """TEBN on ``[T, N, C]`` or ``[T, N, C, L]`` (Duan et al., NeurIPS 2022): y[t] = p[t]·BN(x)[t]."""
+
+    _sample_ndims = (2, 3)
+
+
+class TemporalEffectiveBatchNorm2d(_TemporalEffectiveBatchNormBase):
+    """TEBN on ``[T, N, C, H, W]`` (Duan et al., NeurIPS 2022): y[t] = p[t]·BN(x)[t]."""
+
+    _sample_ndims = (4,)
+
+
+class TemporalEffectiveBatchNorm3d(_TemporalEffectiveBatchNormBase):
+    """TEBN on ``[T, N, C, D, H, W]`` (Duan et al., NeurIPS 2022): y[t] = p[t]·BN(x)[t]."""
+
+    _sample_ndims = (5,)
+
+
+# -- BNTT -----------------------------------------------------------------------
+
+
+class _ThroughTimeBase(base.MemoryModule):
+    r"""Shared logic of BN through time (BNTT; Kim & Panda, "Revisiting Batch
+    Normalization for Training Low-Latency Deep Spiking Neural Networks From Scratch",
+    Frontiers in Neuroscience 2021, arXiv:2010.01729).
+
+    .. math::
+        y[t] = γ_t \frac{x[t] − μ_t}{\sqrt{σ_t^2 + ε}}
+
+    One BN (no bias) per timestep t = 0..T−1, each with its own γ_t and running
+    statistics; μ_t, σ_t² are over N·spatial of timestep t only. The memory ``t`` is the
+    index of the last processed timestep (−1 after ``reset()``):
+
+    * ``step_mode='s'``: each call processes the next timestep. A call after T steps
+      raises ValueError (call ``reset()`` between sequences).
+    * ``step_mode='m'``: a call processes a whole ``[T, N, ...]`` sequence (its T must
+      equal the module's) from a fresh state and leaves ``t = T − 1``, as spikingjelly.
+
+    A rejected call changes neither ``t`` nor any running statistic.
+    """
+
+    def _bns(self) -> Sequence[_BatchNorm]:
+        raise NotImplementedError
+
+    @property
+    def T(self) -> int:
+        return len(self._bns())
+
+    def _check_sequence_input(self, x: torch.Tensor, multi: bool) -> None:
+        bns = self._bns()
+        bn = bns[0]
+        check_tensor(self, x)
+        check_ndim(self, x, tuple(n + multi for n in bn._sample_ndims), "m" if multi else "s")
+        check_size(self, x, 1 + multi, bn.num_features, "channels")
+        check_device(self, x, bn.running_mean if bn.running_mean is not None else bn.weight)
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_stateful_recompute(self)  # a plain checkpoint would restart from the advanced t
+        self._check_sequence_input(x, multi=False)
+        t = self.t + 1
+        if t >= self.T:
+            raise ValueError(
+                f"{type(self).__name__} has T={self.T} timesteps and has already processed all of them "
+                f"(t={self.t}); call reset() (snnorm.functional.reset_net) before the next sequence"
+            )
+        _check_batch_statistics(self._bns()[t], x, 1, owner=self)
+        y = self._bns()[t](x)
+        self.t = t
+        return y
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        check_stateful_recompute(self)
+        self._check_sequence_input(x_seq, multi=True)
+        check_time_steps(self, x_seq, self.T)
+        if self.t != -1:
+            raise ValueError(
+                f"{type(self).__name__}: a multi-step call processes a whole sequence from t=0, but "
+                f"{self.t + 1} timestep(s) have been processed since the last reset(); call reset() "
+                "(snnorm.functional.reset_net) before the next sequence"
+            )
+        _check_batch_statistics(self._bns()[0], x_seq[0], 1, owner=self)
+        y_seq = torch.stack([bn(x) for bn, x in zip(self._bns(), x_seq)])
+        self.t = self.T - 1
+        return y_seq
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, step_mode={self.step_mode}"
+
+
+class _BatchNormThroughTimeBase(_ThroughTimeBase):
+    """BNTT with spikingjelly's layout: per-timestep BNs in ``bn_list`` (keys ``bn_list.{t}.*``)."""
+
+    bn_type: type = _TimestepBatchNorm2d
+
+    def __init__(
+        self,
+        T: int,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        step_mode: str = "s",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_time_steps_arg(self, T)
+        self.bn_list = nn.ModuleList(
+            self.bn_type(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+            for _ in range(T)
+        )
+        for bn in self.bn_list:
+            bn.bias = None  # BNTT has no shift
+        self.step_mode = step_mode
+        self.register_memory("t", -1)
+
+    def _bns(self) -> Sequence[_BatchNorm]:
+        return self.bn_list
+
+
+class BatchNormThroughTime1d(_BatchNormThroughTimeBase):
+    """BNTT on ``[N, C(, L)]`` per call ('s') or ``[T, N, C(, L)]`` ('m'); see :class:`_ThroughTimeBase`."""
+
+    bn_type = _TimestepBatchNorm1d
+
+
+class BatchNormThroughTime2d(_BatchNormThroughTimeBase):
+    """BNTT on ``[N, C, H, W]`` per call ('s') or ``[T, N, C, H, W]`` ('m'); see :class:`_ThroughTimeBase`."""
+
+    bn_type = _TimestepBatchNorm2d
+
+
+class BatchNormThroughTime3d(_BatchNormThroughTimeBase):
+    """BNTT on ``[N, C, D, H, W]`` per call ('s') or ``[T, N, C, D, H, W]`` ('m'); see :class:`_ThroughTimeBase`."""
+
+    bn_type = _TimestepBatchNorm3d
+
+
+# -- snntorch's BatchNormTT -------------------------------------------------------
+
+
+class _BatchNormTTBase(_ThroughTimeBase, nn.ModuleList):
+    """BNTT with snntorch's layout: a ModuleList of per-timestep BNs (keys ``{t}.*``).
+
+    snntorch's ``BatchNormTT1d/2d(input_features, time_steps, eps, momentum, affine)``
+    return a bare ``nn.ModuleList`` that cannot be called; users index it
+    (``bntt[t](x)``). This is that ModuleList (indexing, iteration and ``state_dict``
+    are identical, so snntorch checkpoints load both ways) that can also be called:
+    one timestep per call (``step_mode='s'``, counter ``t``, ``reset()`` between
+    sequences) or a whole ``[T, N, ...]`` sequence (``step_mode='m'``).
+    """
+
+    bn_type: type = _TimestepBatchNorm2d
+
+    def __init__(
+        self,
+        input_features: int,
+        time_steps: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        step_mode: str = "s",
+    ) -> None:
+        super().__init__()
+        _check_time_steps_arg(self, time_steps)
+        for _ in range(time_steps):
+            bn = self.bn_type(input_features, eps=eps, momentum=momentum, affine=affine)
+            bn.bias = None  # BNTT has no shift
+            self.append(bn)
+        self.step_mode = step_mode
+        self.register_memory("t", -1)
+
+    def _bns(self) -> Sequence[_BatchNorm]:
+        return self
+
+    def __repr__(self) -> str:
+        return nn.Module.__repr__(self)
+
+
+class BatchNormTT1d(_BatchNormTTBase):
+    """snntorch's ``BatchNormTT1d(input_features, time_steps, eps=1e-5, momentum=0.1, affine=True)``,
+    callable: ``[N, C(, L)]`` per call ('s') or ``[T, N, C(, L)]`` ('m'). BNTT (Kim & Panda 2021):
+    y[t] = γ_t (x[t] − μ_t)/√(σ_t² + ε)."""
+
+    bn_type = _TimestepBatchNorm1d
+
+
+class BatchNormTT2d(_BatchNormTTBase):
+    """snntorch's ``BatchNormTT2d(input_features, time_steps, eps=1e-5, momentum=0.1, affine=True)``,
+    callable: ``[N, C, H, W]`` per call ('s') or ``[T, N, C, H, W]`` ('m'). BNTT (Kim & Panda 2021):
+    y[t] = γ_t (x[t] − μ_t)/√(σ_t² + ε)."""
+
+    bn_type = _TimestepBatchNorm2d
