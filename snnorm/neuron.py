@@ -311,10 +311,12 @@ class MPBNBaseNode(BaseNode):
         if not self.mpbn:
             return self.ops.lif(x_seq, v, self.threshold(), **common)
         bn = self.vbn
-        update = should_update_running_stats(self) and bn.track_running_stats
-        # Training without updating (checkpoint recompute): batch stats, running stats untouched.
-        running_mean = bn.running_mean if (update or not self.training) else None
-        running_var = bn.running_var if (update or not self.training) else None
+        running_mean, running_var = bn.running_mean, bn.running_var
+        update = self.training and running_mean is not None and should_update_running_stats(self)
+        if self.training and running_mean is not None and not update:
+            # a checkpoint recompute: normalise with batch statistics as the first forward did,
+            # update throw-away copies so the real buffers move once (and the op saves the same tensors)
+            running_mean, running_var = running_mean.clone(), running_var.clone()
         batches_tracked = int(bn.num_batches_tracked) if (update and bn.momentum is None) else 0
         spike_seq, v = self.ops.mpbn_lif(
             x_seq, v, bn.weight, bn.bias, running_mean, running_var, self.threshold(),
