@@ -17,18 +17,26 @@ forward commits, the recompute does not.** The first forward runs normally and
 updates running statistics and memories; the recompute (in backward) must not.
 
 * Every snnorm BN-like layer asks :func:`should_update_running_stats` before it
-  updates running statistics; that is false in a recompute (:func:`in_recomputation`:
-  inside autograd's backward on this thread, or inside :func:`checkpoint`'s recompute).
-  This alone makes plain ``torch.utils.checkpoint`` (reentrant or not) update snnorm
-  layers' statistics once.
-* :func:`checkpoint` (and :func:`checkpoint_module`) also make stateful blocks correct:
-  they record the memories (and the buffers of modules in training mode) a block had
-  when its forward started, load them for the recompute, and put back afterwards what
-  was there before the recompute. Plain ``torch.nn.BatchNorm*`` layers inside the
-  block therefore also update their statistics once.
-* Plain ``torch.utils.checkpoint`` cannot do that: a stateful module recomputed by it
-  computes wrong gradients. :func:`check_stateful_recompute` detects the situation and
-  raises; a stateful module calls it at the start of its forward.
+  updates running statistics. Under plain ``torch.utils.checkpoint`` (reentrant or
+  not) that is false in the recompute (it runs inside autograd's backward), so the
+  statistics move once. A layer that must not update in training should still hand
+  ``F.batch_norm`` tensors (throw-away copies of the running statistics), not None:
+  non-reentrant checkpointing requires the recompute to save the same tensors as the
+  forward and raises ``CheckpointError`` otherwise.
+* :func:`checkpoint` (and :func:`checkpoint_module`) also make stateful blocks exact:
+  they record the memories (by reference) and the buffers of modules in training mode
+  (copies) that the block had when its forward started. The recompute runs on those
+  memories and on throw-away copies of those buffers, with
+  :func:`should_update_running_stats` true for the block's training-mode modules, so it
+  repeats the forward op for op and its updates land in the copies; afterwards the
+  memories and buffers from before the recompute are put back. Plain
+  ``torch.nn.BatchNorm*`` layers inside the block therefore also update once.
+* Plain ``torch.utils.checkpoint`` cannot restore memories: a stateful module it
+  recomputes restarts from the state its forward left, so the recomputed activations,
+  hence the gradients, are wrong (the one exact pattern: the whole sequence inside one
+  checkpoint and ``reset_net`` before ``backward``). :func:`check_stateful_recompute`
+  detects the situation and raises; a stateful module calls it at the start of its
+  forward.
 
 :func:`in_gc_1st_forward` belongs to the other scheme (spikingjelly <= 0.0.0.0.14,
 the seeds): the first forward runs without grad and must *not* commit, because the
@@ -91,7 +99,7 @@ def gc_1st_forward():
 
 
 def _in_tracked_recompute() -> bool:
-    return getattr(_state, "tracked_recompute", 0) > 0
+    return getattr(_state, "replay", None) is not None
 
 
 def in_recomputation() -> bool:
@@ -106,8 +114,20 @@ def in_recomputation() -> bool:
 
 
 def should_update_running_stats(module: torch.nn.Module) -> bool:
-    """Whether a BN-like ``module`` may update its running statistics now."""
-    return module.training and not in_gc_1st_forward() and not in_recomputation()
+    """Whether a BN-like ``module`` may update its running statistics now.
+
+    False in eval, inside :func:`gc_1st_forward` and in a plain checkpoint's recompute.
+    Inside :func:`checkpoint`'s recompute it is true for the modules of the block in
+    training mode: their buffers are then throw-away copies, so the recompute repeats
+    the forward op for op (non-reentrant checkpointing demands the same saved tensors)
+    and its updates are discarded.
+    """
+    if not module.training or in_gc_1st_forward():
+        return False
+    replay = getattr(_state, "replay", None)
+    if replay is not None:
+        return id(module) in replay
+    return torch._C._current_graph_task_id() == -1
 
 
 @contextlib.contextmanager
@@ -195,11 +215,12 @@ class _Snapshot:
         self.versions = {
             name: value._version for name, value in self.memories.items() if isinstance(value, torch.Tensor)
         }
-        self.buffers: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        # name -> (live buffer, its value at the start; None once known unchanged)
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if clone_buffers:
             for name, buf in module._buffers.items():
                 if buf is not None:
-                    self.buffers[name] = (buf, buf._version, buf.detach().clone())
+                    self.buffers[name] = (buf, buf.detach().clone())
 
 
 class _BlockState:
@@ -246,17 +267,18 @@ class _BlockState:
             self._drop_unchanged_buffers()
 
     def _drop_unchanged_buffers(self) -> None:
-        # A buffer the forward did not change needs no swap in the recompute. Compare
-        # values: batch_norm updates running statistics in place without a version bump.
+        # A buffer the forward did not change is copied from the live one in the
+        # recompute: no need to hold a start copy until then. Compare values:
+        # batch_norm updates running statistics in place without a version bump.
         for module, snap in self.start.values():
-            for name in list(snap.buffers):
-                obj, _, start_value = snap.buffers[name]
+            for name, (obj, start_value) in list(snap.buffers.items()):
                 if module._buffers.get(name) is obj and torch.equal(obj, start_value):
-                    del snap.buffers[name]
+                    snap.buffers[name] = (obj, None)
 
     @contextlib.contextmanager
     def recompute_context(self):
         saved = []
+        replay = set()
         for module, snap in self.start.values():
             for name, value in snap.memories.items():
                 if isinstance(value, torch.Tensor) and value._version != snap.versions[name]:
@@ -266,19 +288,26 @@ class _BlockState:
                         "cannot start from its original value. Assign new tensors to memories "
                         "(self.v = ...) instead of updating them in place."
                     )
+        for module, snap in self.start.values():
             current_memories = dict(_named_memories(module))
             current_buffers = {name: module._buffers.get(name) for name in snap.buffers}
             saved.append((module, current_memories, current_buffers))
             for name, value in snap.memories.items():
                 setattr(module, name, value)
-            for name, (_, _, start_value) in snap.buffers.items():
-                # a throw-away copy: the recompute's in-place updates never reach the live buffer
-                module._buffers[name] = start_value.clone()
-        _state.tracked_recompute = getattr(_state, "tracked_recompute", 0) + 1
+            for name, (obj, start_value) in snap.buffers.items():
+                # a throw-away copy: the recompute's updates never reach the live buffer
+                source = obj if start_value is None else start_value
+                module._buffers[name] = source.detach().clone()
+        for module, snap in self.start.values():
+            # modules in training mode whose buffers (if any) are all throw-away now
+            if module.training and all(module._buffers.get(n) is None or n in snap.buffers for n in module._buffers):
+                replay.add(id(module))
+        previous = getattr(_state, "replay", None)
+        _state.replay = frozenset(replay)
         try:
             yield
         finally:
-            _state.tracked_recompute -= 1
+            _state.replay = previous
             for module, memories, buffers in saved:
                 for name, value in memories.items():
                     setattr(module, name, value)
