@@ -287,13 +287,6 @@ def test_gc_1st_forward_context_stops_running_stat_updates():
 # -- plain torch.utils.checkpoint ------------------------------------------------------------
 
 
-_NONE_STATS = (
-    "the layer passes running_mean=None in a recompute, so the recompute saves fewer tensors "
-    "than the forward and non-reentrant torch.utils.checkpoint raises CheckpointError; pass "
-    "throw-away copies of the running statistics instead (see _StandInBN)"
-)
-
-
 @pytest.mark.parametrize(
     "bn_kind, neuron_kind, use_reentrant",
     [
@@ -302,7 +295,8 @@ _NONE_STATS = (
         ("snnorm", "mpbn", True),
         ("snnorm", "lif", False),
         ("tdbn", "lif", False),
-        pytest.param("standin", "mpbn", False, marks=pytest.mark.xfail(strict=True, reason="MPBNLIFNode: " + _NONE_STATS)),
+        ("standin", "mpbn", False),
+        ("snnorm", "mpbn", False),
     ],
 )
 def test_plain_torch_checkpoint_updates_statistics_once(bn_kind, neuron_kind, use_reentrant):
