@@ -1,0 +1,130 @@
+"""Module level: a neuron on the triton backend computes what it computes on the torch backend.
+
+The op-level property tests (test_triton_*.py) pin each kernel; these draw whole-module
+configurations — step mode, train/eval/folded/test-time modulation, learnable threshold,
+carry, sign of γ — and compare spikes, membrane, gradients and running statistics after
+``set_backend``. Spikes are discontinuous: a flip is allowed only at a membrane within
+rounding of the threshold, so the share of flipped spikes is bounded and, when nothing
+flipped, everything else must agree tightly.
+"""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from snnorm import backends, functional, neuron, surrogate
+
+pytestmark = pytest.mark.skipif(
+    backends.available_backends().get("triton") is not None,
+    reason=f"triton backend unavailable: {backends.available_backends().get('triton')}",
+)
+
+SPATIAL = st.sampled_from([(), (3,), (5,), (2, 3), (3, 3)])
+
+
+@st.composite
+def neuron_configs(draw):
+    return dict(
+        T=draw(st.integers(1, 5)),
+        N=draw(st.integers(2, 5)),
+        C=draw(st.integers(1, 4)),
+        spatial=draw(SPATIAL),
+        step_mode=draw(st.sampled_from(["s", "m"])),
+        mode=draw(st.sampled_from(["train", "eval", "folded", "adapt-batch", "adapt-running", "lif"])),
+        v_reset=draw(st.sampled_from([0.0, None, -0.25])),
+        decay_input=draw(st.booleans()),
+        detach_reset=draw(st.booleans()),
+        surrogate=draw(st.sampled_from(["sigmoid", "atan"])),
+        negative_gamma=draw(st.booleans()),
+        learnable=draw(st.booleans()),
+        carry=draw(st.sampled_from(["normalized", "raw"])),
+        noncontiguous=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def build(cfg):
+    torch.manual_seed(cfg["seed"])
+    surr = surrogate.Sigmoid() if cfg["surrogate"] == "sigmoid" else surrogate.ATan()
+    common = dict(v_reset=cfg["v_reset"], detach_reset=cfg["detach_reset"], surrogate_function=surr,
+                  step_mode=cfg["step_mode"], decay_input=cfg["decay_input"])
+    if cfg["mode"] == "lif":
+        return neuron.LIFNode(tau=2.0, **common)
+    node = neuron.MPBNLIFNode(out_features=cfg["C"], carry=cfg["carry"], learnable_vth=cfg["learnable"], **common)
+    with torch.no_grad():
+        node.vbn.weight.uniform_(0.5, 1.5)
+        if cfg["negative_gamma"]:
+            node.vbn.weight[::2].neg_()
+        node.vbn.bias.uniform_(-0.3, 0.3)
+        node.vbn.running_mean.uniform_(-0.5, 0.5)
+        node.vbn.running_var.uniform_(0.5, 2.0)
+        if cfg["learnable"]:
+            node.a.uniform_(-0.3, 0.3)
+    if cfg["mode"] in ("folded", "adapt-batch", "adapt-running"):
+        node.re_parameterize_v_threshold(running_stats=cfg["mode"] == "adapt-running")
+    node.train(cfg["mode"] in ("train", "adapt-batch", "adapt-running"))
+    return node
+
+
+def make_input(cfg):
+    shape = (cfg["T"], cfg["N"], cfg["C"], *cfg["spatial"])
+    g = torch.Generator().manual_seed(cfg["seed"] + 1)
+    if cfg["noncontiguous"]:  # the same values, laid out with N and C swapped
+        x = (torch.randn(cfg["T"], cfg["C"], cfg["N"], *cfg["spatial"], generator=g) * 2 + 0.3).transpose(1, 2)
+    else:
+        x = torch.randn(shape, generator=g) * 2 + 0.3
+    return x
+
+
+def run(node, x, step_mode, grad):
+    x = x.detach().clone().requires_grad_(grad)
+    if step_mode == "m":
+        s = node(x)
+    else:
+        s = torch.stack([node(xt) for xt in x])
+    grads = {}
+    if grad:
+        g = torch.linspace(-1, 1, s.numel()).view_as(s)
+        (s * g).sum().backward()
+        grads["x"] = x.grad
+        grads.update({n: p.grad for n, p in node.named_parameters() if p.grad is not None})
+    return s.detach(), node.v.detach(), grads
+
+
+@given(cfg=neuron_configs())
+def test_neuron_backends_agree(cfg):
+    ref = build(cfg)
+    fused = copy.deepcopy(ref)
+    functional.set_backend(fused, "triton")
+    assert fused.backend == "triton"
+    x = make_input(cfg)
+    grad = cfg["mode"] not in ("adapt-batch", "adapt-running")  # adaptation is inference-only
+    s_ref, v_ref, g_ref = run(ref, x, cfg["step_mode"], grad)
+    s_fused, v_fused, g_fused = run(fused, x, cfg["step_mode"], grad)
+    flipped = (s_ref != s_fused).float().mean().item()
+    assert flipped <= 0.01, f"{flipped:.2%} of spikes flipped"
+    if flipped:
+        return  # a flip near the threshold legitimately changes what follows it
+    torch.testing.assert_close(v_fused, v_ref, rtol=1e-4, atol=1e-4)
+    assert g_fused.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_fused[name], g_ref[name], rtol=1e-4, atol=1e-4, msg=f"grad {name}")
+    for name, buf in ref.named_buffers():
+        torch.testing.assert_close(dict(fused.named_buffers())[name], buf, rtol=1e-5, atol=1e-6, msg=name)
+    if cfg["mode"] == "adapt-running":
+        assert fused.bn_momentum == pytest.approx(ref.bn_momentum)
+
+
+def test_set_backend_switches_neurons_and_warns_for_the_rest():
+    from snnorm import layer
+
+    net = torch.nn.Sequential(layer.Conv2d(2, 3, 3, step_mode="m"), layer.BatchNorm2d(3, step_mode="m"),
+                              neuron.MPBNLIFNode(out_channels=3, step_mode="m"))
+    with pytest.warns(UserWarning, match="BatchNorm2d"):
+        functional.set_backend(net, "triton")
+    assert net[2].backend == "triton" and net[1].backend == "torch"
+    functional.set_backend(net, "torch")
+    assert net[2].backend == "torch"
