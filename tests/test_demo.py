@@ -1,0 +1,133 @@
+"""Smoke tests of ``python -m snnorm.demo``: the --quick path end to end and its pieces.
+
+The demo is run in-process through ``snnorm.demo.main`` with tiny configurations.
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from snnorm import demo  # noqa: E402
+from snnorm.neuron import MPBNBaseNode  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _accuracies(results):
+    hist = results["history"]
+    yield from hist["train_acc"]
+    yield from hist["test_acc"]
+    yield results["fold"]["acc_before"]
+    yield results["fold"]["acc_after"]
+    for key in ("acc_clean", "acc_corrupted_before", "acc_online", "acc_corrupted_after"):
+        yield results["tta"][key]
+
+
+def test_quick_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "plots" / "demo.png"
+    results = demo.main(["--quick", "--no-progress", "--out", str(out)])
+
+    # folding the MPBN thresholds leaves every eval prediction unchanged
+    fold = results["fold"]
+    assert fold["changed"] == 0
+    assert fold["acc_before"] == fold["acc_after"]
+    assert fold["max_logit_diff"] <= 1e-5
+    # ... and that check is not vacuous: both MPBN layers fire on the test set
+    rates = results["tta"]["rates_clean"]
+    assert set(rates) == {"lif1", "lif2"}
+    assert all(0.0 < r < 1.0 for r in rates.values()), rates
+
+    cfg = results["config"]
+    assert len(results["history"]["train_loss"]) == cfg["epochs"] == 2
+    assert all(math.isfinite(loss) for loss in results["history"]["batch_loss"])
+    for acc in _accuracies(results):
+        assert isinstance(acc, float) and 0.0 <= acc <= 1.0, acc
+
+    assert out.is_file() and results["plot"] == str(out)
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    printed = capsys.readouterr().out
+    assert "predictions changed: 0 of" in printed
+    assert str(out.resolve()) in printed
+
+
+def test_same_seed_same_run(tmp_path):
+    # tdBN here (the --quick run above uses TEBN), so both norms run end to end
+    cfg = demo.DemoConfig(epochs=1, T=2, batch_size=64, channels=(4, 8), train_subset=128, test_subset=96,
+                          norm="tdbn", progress=False, out=str(tmp_path / "a.png"))
+    first = demo.main(cfg=cfg)
+    second = demo.main(cfg=demo.DemoConfig(**{**vars(cfg), "out": str(tmp_path / "b.png")}))
+    assert first["history"] == second["history"]
+    assert first["fold"] == second["fold"]
+    assert first["tta"] == second["tta"]
+    assert len(first["history"]["batch_loss"]) == 2  # 128 images in batches of 64
+
+
+def test_model_shapes_and_spike_hooks():
+    torch.manual_seed(0)
+    model = demo.DigitsSNN(T=3, norm="tdbn", channels=(4, 8))
+    images = torch.rand(5, 1, 8, 8)
+    with demo.record_spike_rates(model) as rec:
+        logits = model(images)
+    assert logits.shape == (5, demo.NUM_CLASSES)
+    names = [name for name, _ in model.neurons()]
+    assert names == ["lif1", "lif2"]
+    for name, node in model.neurons():
+        assert isinstance(node, MPBNBaseNode)
+        assert node.v.shape[0] == 5  # the membrane kept the batch's state ...
+        assert not node._forward_hooks  # ... and the recorder removed its hooks
+        expected = rec.spikes[name] / rec.count[name]
+        assert rec.rates()[name] == expected and 0.0 <= expected <= 1.0
+    assert rec.count["lif1"] == 3 * 5 * 4 * 8 * 8  # T·N·C·H·W spikes counted
+    demo.functional.reset_net(model)
+    assert all(not isinstance(node.v, torch.Tensor) for _, node in model.neurons())
+
+
+def test_adaptation_changes_only_neuron_statistics():
+    torch.manual_seed(0)
+    model = demo.DigitsSNN(T=2, norm="tebn", channels=(4, 8))
+    images = torch.rand(64, 1, 8, 8)
+    labels = torch.randint(0, 10, (64,))
+    model.train()
+    model(images)  # one training forward so the running statistics are not the defaults
+    demo.functional.reset_net(model)
+    demo.fold_thresholds(model)
+    params = {k: v.clone() for k, v in model.state_dict().items() if k.split(".")[-1] not in ("mu", "sigma2")}
+    mus = [node.mu.clone() for _, node in model.neurons()]
+
+    shifted = demo.corrupt(images, noise_std=0.3, brightness=0.25, seed=0)
+    acc = demo.adapt_thresholds(model, shifted, labels, batch_size=16)
+
+    assert 0.0 <= acc <= 1.0
+    assert not any(m.training for m in model.modules())  # back in eval afterwards
+    for k, v in model.state_dict().items():
+        if k in params:
+            assert torch.equal(v, params[k]), f"{k} changed during test-time adaptation"
+    for (_, node), mu in zip(model.neurons(), mus):
+        assert node.running_stats
+        assert not torch.equal(node.mu, mu)  # the thresholds moved
+
+
+def test_corrupt_is_seeded_and_in_range():
+    images = torch.rand(10, 1, 8, 8)
+    a = demo.corrupt(images, 0.3, 0.25, seed=3)
+    assert torch.equal(a, demo.corrupt(images, 0.3, 0.25, seed=3))
+    assert not torch.equal(a, demo.corrupt(images, 0.3, 0.25, seed=4))
+    assert a.min() >= 0.0 and a.max() <= 1.0 and a.shape == images.shape
+    assert a.mean() > images.mean()  # the brightness shift
+
+
+def test_parse_args():
+    quick = demo.parse_args(["--quick", "--norm", "tdbn", "--seed", "7"])
+    assert (quick.epochs, quick.T, quick.norm, quick.seed) == (2, 2, "tdbn", 7)
+    assert quick.train_subset is not None
+    full = demo.parse_args([])
+    assert (full.T, full.norm, full.backend, full.device) == (4, "tebn", "torch", "cpu")
+    assert full.train_subset is None
+    for bad in (["--epochs", "0"], ["--norm", "bntt"], ["--backend", "cuda"], ["--lr", "-1"]):
+        with pytest.raises(SystemExit):
+            demo.parse_args(bad)
