@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import surrogate as surrogate_mod
 from .base import MemoryModule
-from .memopt import in_gc_1st_forward, in_recomputation, should_update_running_stats
+from .memopt import should_update_running_stats
 
 __all__ = ["BaseNode", "IFNode", "LIFNode", "MPBNBaseNode", "MPBNLIFNode"]
 
@@ -328,10 +328,7 @@ class MPBNBaseNode(BaseNode):
         return spike_seq, v
 
     def _run_folded(self, x_seq, v):
-        adapt = "none"
-        # test-time statistics adapt once per forward, not again in a checkpoint recompute
-        if self.training and not (in_gc_1st_forward() or in_recomputation()):
-            adapt = "running" if self.running_stats else "batch"
+        adapt = ("running" if self.running_stats else "batch") if self.training else "none"
         spike_seq, v, mu, sigma2, momentum = self.ops.mpbn_lif_folded(
             x_seq, v, self.mu, self.sigma2, self.gamma, self.beta, self.threshold(),
             eps=self.eps, tau=self.tau, decay_input=self.decay_input, v_reset=self.v_reset,
@@ -339,7 +336,8 @@ class MPBNBaseNode(BaseNode):
             adapt=adapt, adapt_momentum=self.bn_momentum, adapt_decay=self.bn_decay_momentum,
             adapt_min_momentum=self.bn_min_momentum,
         )
-        if adapt != "none":
+        # a checkpoint recompute adapts exactly as the first forward did, but commits nothing
+        if adapt != "none" and should_update_running_stats(self):
             self.mu, self.sigma2, self.bn_momentum = mu, sigma2, momentum
         return spike_seq, v
 

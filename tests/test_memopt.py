@@ -414,12 +414,6 @@ def test_checkpoint_module_errors():
         wrapped(_input(13))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MPBNBaseNode._run_folded picks adapt='none' when in_recomputation(), so the recompute of a "
-    "folded neuron in training (test-time adaptation) normalises with other statistics than its forward; "
-    "it should decide the adaptation from self.training and commit only if should_update_running_stats(self)",
-)
 def test_checkpoint_of_folded_mpbn_in_training_equals_eager():
     torch.manual_seed(10)
     ref = Block("snnorm", "mpbn")
