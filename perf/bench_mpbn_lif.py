@@ -1,0 +1,221 @@
+"""MPBN-LIF benchmark: training forward, training forward+backward, eval, folded.
+
+Providers, same process, same inputs, same parameters and running statistics:
+
+* ``snnorm-torch``: :class:`snnorm.neuron.MPBNLIFNode` with the reference torch backend;
+* ``snnorm-torch-compile``: ``torch.compile`` of that module (failures become rows);
+* ``snnorm-triton``: the same module with ``backend="triton"`` (CUDA only);
+* ``spikingjelly``: ``spikingjelly.activation_based.neuron.MPBNLIFNode`` 2.0.0
+  (folded: ``re_parameterize_v_threshold(normalize_residual=True)``, the exact fold for
+  its post-BN carry with hard reset and γ > 0, the configuration benchmarked here).
+
+Modes: ``train_fwd`` (forward with autograd recording, as in training), ``train_fwdbwd``
+(forward + backward of a random upstream gradient), ``eval_fwd`` (running statistics,
+no grad), ``folded_fwd`` (BN folded into a per-channel threshold, eval, no grad).
+
+Byte model (per element-step, e = element size of the dtype; see perf/README.md):
+train_fwd 2e + 4 (read x, write s, save h in fp32), train_fwdbwd 5e + 8 (backward reads
+grad_s, s, h and writes grad_x), eval/folded 2e.
+
+Run: ``python -m perf.bench_mpbn_lif [--full | --smoke] [--no-compile]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from perf import harness as H  # noqa: E402
+
+KERNEL = "mpbn_lif"
+MODES = ("train_fwd", "train_fwdbwd", "eval_fwd", "folded_fwd")
+
+# Per-step [N, C, H, W] size classes: from launch-bound (a few thousand elements per
+# step: per-op overhead dominates) to bandwidth-bound (millions per step).
+SIZES = {
+    "smoke": {"tiny": (2, 4, 4, 4)},
+    "quick": {"small": (2, 8, 8, 8), "medium": (8, 32, 16, 16), "large": (8, 64, 32, 32)},
+    "full": {
+        "small": (2, 8, 8, 8),
+        "medium": (8, 32, 16, 16),
+        "large": (32, 64, 32, 32),
+        "xlarge": (64, 128, 32, 32),
+        "xxlarge": (64, 256, 32, 32),
+    },
+}
+# T sweep at one size class; the size sweep runs at T=4.
+T_SWEEP_AT = {"smoke": "tiny", "quick": "medium", "full": "large"}
+T_VALUES = {"smoke": (1, 3), "quick": (1, 2, 4, 8, 16), "full": (1, 2, 4, 8, 16)}
+DTYPES = {"smoke": ("fp32",), "quick": ("fp32", "bf16"), "full": ("fp32", "bf16")}
+# bf16 runs the size sweep only (T=4): the T sweep is a fp32 question on CPU.
+BF16_T_SWEEP = {"smoke": False, "quick": False, "full": True}
+
+
+def grid(name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """(size class, [T, N, C, H, W], dtype) points: the size sweep at T=4, the T sweep."""
+    points = []
+    for dt in DTYPES[name]:
+        for cls, (n, c, h, w) in SIZES[name].items():
+            points.append((cls, (4 if name != "smoke" else 3, n, c, h, w), dt))
+        if dt == "fp32" or BF16_T_SWEEP[name]:
+            n, c, h, w = SIZES[name][T_SWEEP_AT[name]]
+            for T in T_VALUES[name]:
+                p = (T_SWEEP_AT[name], (T, n, c, h, w), dt)
+                if p not in points:
+                    points.append(p)
+    return points
+
+
+def compile_here(name: str, shape, dt: str) -> bool:
+    """Quick grid: compile only at T=4 in fp32 (compiling takes 10-90 s per point on CPU)."""
+    return name != "quick" or (shape[0] == 4 and dt == "fp32")
+
+
+def bytes_per_element_step(mode: str, dtype: torch.dtype) -> int:
+    e = torch.tensor([], dtype=dtype).element_size()
+    return {"train_fwd": 2 * e + 4, "train_fwdbwd": 5 * e + 8, "eval_fwd": 2 * e, "folded_fwd": 2 * e}[mode]
+
+
+# -- modules ------------------------------------------------------------------------------
+
+
+def reference_state(C: int, seed: int) -> dict:
+    """γ > 0, β, running statistics: non-trivial and shared by every provider."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "vbn.weight": torch.rand(C, generator=g) + 0.5,
+        "vbn.bias": (torch.rand(C, generator=g) - 0.5) * 0.4,
+        "vbn.running_mean": torch.randn(C, generator=g) * 0.5,
+        "vbn.running_var": torch.rand(C, generator=g) * 1.5 + 0.5,
+        "vbn.num_batches_tracked": torch.tensor(10),
+    }
+
+
+def make_module(provider: str, C: int, state: dict, device, dtype) -> tuple[torch.nn.Module, callable]:
+    """(module, reset function) for ``provider``, loaded with ``state``."""
+    if provider == H.SPIKINGJELLY:
+        from spikingjelly.activation_based import functional as sjf
+        from spikingjelly.activation_based import neuron as sjn
+
+        m = sjn.MPBNLIFNode(tau=2.0, out_channels=C, step_mode="m")
+        reset = sjf.reset_net
+    else:
+        from snnorm import functional as snf
+        from snnorm.neuron import MPBNLIFNode
+
+        backend = "triton" if provider == H.SNNORM_TRITON else "torch"
+        m = MPBNLIFNode(tau=2.0, out_channels=C, step_mode="m", backend=backend)
+        reset = snf.reset_net
+    m.load_state_dict(state)
+    return m.to(device=device, dtype=dtype), reset
+
+
+def fold(module: torch.nn.Module, provider: str) -> None:
+    module.eval()
+    if provider == H.SPIKINGJELLY:
+        module.re_parameterize_v_threshold(normalize_residual=True)
+    else:
+        module.re_parameterize_v_threshold()
+
+
+def extras(module, mode):
+    """Final membrane; in fwd+bwd also the BN parameter gradients and running statistics."""
+    out = {"v": module.v}
+    if mode == "train_fwdbwd":
+        bn = module.vbn
+        out.update(grad_weight=bn.weight.grad, grad_bias=bn.bias.grad,
+                   running_mean=bn.running_mean, running_var=bn.running_var)
+    return out
+
+
+def run_point(rec, env, shape, dtype, providers, budget, seed=0):
+    T, N, C, Hh, W = shape
+    state = reference_state(C, seed)
+    H.seed_all(seed)
+    x = torch.randn(shape, device=env.device).to(dtype).requires_grad_()
+    g = torch.randn(shape, device=env.device).to(dtype)
+    x_eval = x.detach()
+    numel = x.numel()
+    copy_gbps = H.copy_bandwidth_gbps(env, numel, dtype, budget) if env.is_cuda else None
+    if H.SNNORM_COMPILE in providers and not isinstance(providers[H.SNNORM_COMPILE], str):
+        H.reset_compiler()
+
+    cache: dict = {}  # (provider, kind) -> (module, callable, reset): train modes share one compile
+
+    def module_for(provider, kind):
+        key = (provider, kind)
+        if key not in cache:
+            base = H.SNNORM_TORCH if provider == H.SNNORM_COMPILE else provider
+            m, reset = make_module(base, C, state, env.device, dtype)
+            if kind == "train":
+                m.train()
+            elif kind == "eval":
+                m.eval()
+            else:
+                fold(m, base)
+            call = H.compile_module(m) if provider == H.SNNORM_COMPILE else m
+            cache[key] = (m, call, reset)
+        return cache[key]
+
+    for mode in MODES:
+        kind = "train" if mode.startswith("train") else mode.split("_")[0]
+        builders = {}
+        for provider, avail in providers.items():
+            if isinstance(avail, str):
+                builders[provider] = avail
+                continue
+
+            def build(provider=provider, kind=kind, mode=mode):
+                m, call, reset = module_for(provider, kind)
+                return H.ModuleRunner(
+                    m, call, x if kind == "train" else x_eval, g, mode, reset=reset,
+                    state=state if kind == "train" else None, extras=extras, out_key="spikes",
+                )
+
+            builders[provider] = build
+        H.bench_case(
+            rec, kernel=KERNEL, mode=mode, shape=H.shape_str(shape), dtype=dtype, builders=builders,
+            reference=H.SNNORM_TORCH, budget=budget, bytes_moved=bytes_per_element_step(mode, dtype) * numel,
+            copy_gbps=copy_gbps,
+        )
+
+
+def providers_for(env, args, shape, dt, grid_name) -> dict:
+    out = {H.SNNORM_TORCH: True}
+    if args.no_compile:
+        out[H.SNNORM_COMPILE] = "--no-compile"
+    elif not compile_here(grid_name, shape, dt):
+        out[H.SNNORM_COMPILE] = H.QUICK_COMPILE_NOTE
+    else:
+        out[H.SNNORM_COMPILE] = True
+    reason = H.triton_skip_reason(env)
+    out[H.SNNORM_TRITON] = reason if reason else True
+    out[H.SPIKINGJELLY] = True
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    args = H.common_argparser(__doc__.splitlines()[0]).parse_args(argv)
+    H.apply_threads(args)
+    env = H.environment(args.device)
+    name = H.grid_name(args)
+    rec = H.Recorder(env, verbose=not args.quiet)
+    budget = H.budget_for(args)
+    H.record_load(rec, KERNEL, "start")
+    for cls, shape, dt in grid(name):
+        rec.log(f" {cls} {H.shape_str(shape)} {dt}")
+        run_point(rec, env, shape, H.DTYPES[dt], providers_for(env, args, shape, dt, name), budget)
+    H.record_load(rec, KERNEL, "end")
+    path = H.results_path(env, KERNEL, args.out)
+    rec.write_csv(path)
+    rec.log(f"[{KERNEL}] {len(rec.rows)} rows -> {path}")
+    return rec.rows
+
+
+if __name__ == "__main__":
+    main()
