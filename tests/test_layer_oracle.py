@@ -158,6 +158,14 @@ def setup_function(_):
     torch.manual_seed(1234)
 
 
+def test_compare_detects_a_difference():
+    """The harness can fail: eps is not in the state_dict, so a different eps must be caught."""
+    ours, theirs = layer.BatchNorm2d(C, eps=1e-2), sj_layer.BatchNorm2d(C, eps=1e-5)
+    with pytest.raises(AssertionError, match="relative error"):
+        compare("(harness self-test)", ours, theirs, randn(*bn_shape(2, "s")), 2, reset_between=False)
+    MAX_ERRORS.pop("(harness self-test)", None)
+
+
 # -- BatchNorm with step modes ----------------------------------------------------
 
 

@@ -83,16 +83,23 @@ def running_stats_for_forward(bn: _BatchNorm):
     """Resolve what torch's ``_BatchNorm.forward`` passes to ``F.batch_norm``.
 
     Returns ``(running_mean, running_var, factor)``: the running buffers to read (eval)
-    or update (training), or ``None`` when they must stay untouched (not tracked, or
-    :func:`should_update_running_stats` says no — a checkpoint recomputation), and the
-    momentum factor (``momentum``, or ``1/num_batches_tracked`` when ``momentum is None``).
-    Counts the batch in ``num_batches_tracked`` when the statistics will be updated.
+    or update (training), ``None`` when they are not tracked, and the momentum factor
+    (``momentum``, or ``1/num_batches_tracked`` when ``momentum is None``). Counts the
+    batch in ``num_batches_tracked`` when the statistics will be updated.
+
+    When :func:`should_update_running_stats` says no (a checkpoint recomputation, a
+    ``gc_1st_forward`` dry run) it returns throw-away copies of the buffers: the batch
+    statistics still normalise, the real buffers stay untouched, and the op saves the
+    same tensors for backward as the first forward did (non-reentrant
+    ``torch.utils.checkpoint`` checks that).
     """
     factor = 0.0 if bn.momentum is None else bn.momentum
     if not bn.training:
         return bn.running_mean, bn.running_var, factor
-    if not (bn.track_running_stats and should_update_running_stats(bn)):
+    if not bn.track_running_stats or bn.running_mean is None:
         return None, None, factor
+    if not should_update_running_stats(bn):
+        return bn.running_mean.clone(), bn.running_var.clone(), factor
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
