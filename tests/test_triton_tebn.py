@@ -85,6 +85,7 @@ def compare(dtype, what, ours, ref64, lowp=None):
     else:
         assert ours.dtype == lowp.dtype, f"{what}: dtype {ours.dtype}, torch gives {lowp.dtype}"
         torch_err = (lowp.double() - ref64).abs().max().item()
+        _record(dtype, f"{what} err/torch_err", err / max(torch_err, 1e-30))
         bound = 2 * torch_err + LOWP_ATOL[dtype] * scale
         assert err <= bound, f"{what} ({dtype}): triton err {err:.3g} > 2·torch err {torch_err:.3g} + atol"
 
@@ -99,8 +100,8 @@ def make_case(draw_or_params, gen):
     else:
         x = torch.randn(shape, generator=gen) * 2 + mean_shift
         g = torch.randn(shape, generator=gen)
-    w = torch.randn(C, generator=gen) if affine else None
-    b = torch.randn(C, generator=gen) if affine else None
+    w = torch.randn(C, generator=gen) if affine in ("both", "weight") else None
+    b = torch.randn(C, generator=gen) if affine in ("both", "bias") else None
     p = torch.rand(T, generator=gen) * 2 - 0.5
     rm = torch.randn(C, generator=gen) if has_running else None
     rv = torch.rand(C, generator=gen) + 0.5 if has_running else None
@@ -148,7 +149,7 @@ def cases(draw, dtypes):
     spatial = tuple(draw(st.lists(SIZES, min_size=0, max_size=3)))
     dtype = draw(st.sampled_from(dtypes))
     param_dtype = draw(st.sampled_from([dtype, torch.float32])) if dtype in LOWP else dtype
-    affine = draw(st.booleans())
+    affine = draw(st.sampled_from(["both", "none", "weight", "bias"]))
     has_running = draw(st.booleans())
     noncontig = draw(st.booleans())
     mean_shift = draw(st.sampled_from([0.0, 3.0, -20.0]))
@@ -172,26 +173,33 @@ def test_matches_torch_lowp(case, seed):
 @pytest.mark.parametrize("training", [True, False])
 def test_fixed_4d_cases(dtype, training):
     """A fixed [T, N, C, H, W] case per dtype and mode, so every corner runs on every CI run."""
-    params = (4, 3, 5, (3, 7), dtype, dtype, True, True, False, 1.0)
+    params = (4, 3, 5, (3, 7), dtype, dtype, "both", True, False, 1.0)
     check_case(params, training, seed=7)
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 13), (2, 3, 5, 11, 7), (3, 2, 3, 5, 3, 3)])
+@pytest.mark.parametrize("shape", [(2, 5, 9), (2, 2, 3, 6, 3)])
 def test_tiling_and_partials(monkeypatch, shape):
-    """Tiny tiles and many programs: tile loops, masks and Chan's combination of partials."""
+    """Tiny tiles, two programs per (channel block, t): tile loops, masks, Chan's merge of partials."""
+    T, N, C, S = shape[0], shape[1], shape[2], math.prod(shape[3:])
     monkeypatch.setitem(tebn_mod._TUNING, "tile_elems", 8)
-    monkeypatch.setitem(tebn_mod._TUNING, "programs", 64)
-    geo = tebn_mod._tebn_geometry(shape[0], shape[1], shape[2], math.prod(shape[3:]), torch.device(DEVICE))
-    assert geo.parts > shape[0] and geo.BLOCK_N * geo.BLOCK_C * geo.BLOCK_S <= 8
-    params = (shape[0], shape[1], shape[2], shape[3:], torch.float64, torch.float64, True, True, False, 5.0)
-    check_case(params, True, seed=1)
-    # deterministic: a second run gives the same bits
-    gen = torch.Generator().manual_seed(3)
-    x, w, b, rm, rv, p, g = make_case(params, gen)
+    c_blocks = tebn_mod._tebn_geometry(T, N, C, S, torch.device(DEVICE)).c_blocks
+    monkeypatch.setitem(tebn_mod._TUNING, "programs", 2 * T * c_blocks)
+    geo = tebn_mod._tebn_geometry(T, N, C, S, torch.device(DEVICE))
+    assert geo.parts == 2 * T and geo.BLOCK_N * geo.BLOCK_C * geo.BLOCK_S <= 8
+    tiles_per_prog = (geo.n_per_prog // geo.BLOCK_N) * (geo.s_per_prog // geo.BLOCK_S)
+    assert tiles_per_prog > 1
+    params = (T, N, C, shape[3:], torch.float64, torch.float64, "both", True, False, 5.0)
+    x, w, b, rm, rv, p, g = make_case(params, torch.Generator().manual_seed(1))
     first = run_op(tebn_mod.tebn, x, w, b, rm, rv, p, g, True)
+    ref = run_op(torch_backend.tebn, x, w, b, rm, rv, p, g, True)
+    for name, o, r in zip(("y", "dx", "dweight", "dbias", "dscale"), [first[0], *first[1]], [ref[0], *ref[1]]):
+        compare(torch.float64, f"tiled {name}", o, r)
+    compare(torch.float64, "tiled running_mean", first[2], ref[2])
+    compare(torch.float64, "tiled running_var", first[3], ref[3])
+    # deterministic: a second run gives the same bits
     second = run_op(tebn_mod.tebn, x, w, b, rm, rv, p, g, True)
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(a, c) for a, c in zip(first[1], second[1]))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2]) and torch.equal(first[3], second[3])
+    assert all(torch.equal(u, v) for u, v in zip(first[1], second[1]))
 
 
 def test_statistics_precise_at_large_mean():
@@ -339,3 +347,28 @@ def test_saved_for_backward_bytes(training):
     print(f"\nsaved for backward (training={training}): triton {ours} B, torch {ref} B, x {x_bytes} B")
     assert ours <= x_bytes + 64 * (x.shape[2] + x.shape[0])
     assert ours < ref
+
+
+def test_param_grads_without_input_grad_and_strided_running_stats():
+    """x not requiring grad (the ∂x pass is skipped); running stats given as strided views."""
+    x, w, b, p, rm, rv = _tiny(torch.float64, shape=(3, 4, 5, 7))
+    stats = torch.stack([rm, rv], dim=1)  # [C, 2]: column views have stride 2
+    stats_ref = stats.clone()
+    leaves = [t.clone().requires_grad_() for t in (w, b, p)]
+    ref_leaves = [t.clone().requires_grad_() for t in (w, b, p)]
+    y = tebn_mod.tebn(x, leaves[0], leaves[1], stats[:, 0], stats[:, 1], leaves[2],
+                      training=True, momentum=MOMENTUM, eps=EPS)
+    y_ref = torch_backend.tebn(x, ref_leaves[0], ref_leaves[1], stats_ref[:, 0], stats_ref[:, 1], ref_leaves[2],
+                               training=True, momentum=MOMENTUM, eps=EPS)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, g)
+    compare(torch.float64, "y", y, y_ref)
+    for name, a, r in zip(("dweight", "dbias", "dscale"), grads, grads_ref):
+        compare(torch.float64, name, a, r)
+    compare(torch.float64, "running stats (strided)", stats, stats_ref)
+    assert not torch.equal(stats, torch.stack([rm, rv], dim=1)), "running stats were not updated"
+    torch.library.opcheck(
+        torch.ops.snnorm.tebn_apply_backward.default,
+        (g, x, w, b, *torch.ops.snnorm.tebn_stats(x, None, None, 0.1), p, EPS, True, False, True),
+    )

@@ -89,7 +89,11 @@ def _tebn_channel_consts(
     """μ, rstd = 1/√(σ² + ε), γ, β of a block of channels, in the accumulation dtype."""
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
     var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC_DTYPE)
-    rstd = 1.0 / tl.sqrt(var + eps)
+    if ACC_DTYPE == tl.float64:
+        rstd = 1.0 / tl.sqrt(var + eps)  # fp64 sqrt and division are IEEE-rounded
+    else:
+        # round-to-nearest (fp32 tl.sqrt and / are approximate on GPUs); per channel, so free
+        rstd = tl.div_rn(tl.full(var.shape, 1.0, ACC_DTYPE), tl.sqrt_rn(var + eps))
     if HAS_WEIGHT:
         gamma = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
     else:
@@ -386,6 +390,11 @@ def _tebn_geometry(T: int, N: int, C: int, S: int, device: torch.device) -> _Geo
     )
 
 
+def _vec(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    """A contiguous per-channel / per-step vector, or ``fallback`` for an absent one."""
+    return t.contiguous() if t is not None else fallback
+
+
 def _as_tncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     """Contiguous [T, N, C, S] view of a [T, N, C, *spatial] tensor."""
     T, N, C = x.shape[:3]
@@ -415,13 +424,19 @@ def _launch_tebn_stats(
     mean = torch.empty(C, dtype=acc, device=x.device)
     var = torch.empty(C, dtype=acc, device=x.device)
     update = running_mean is not None and running_var is not None
+    # the kernel updates contiguous buffers in place; a strided one goes through a copy
+    r_mean = _vec(running_mean, mean)
+    r_var = _vec(running_var, var)
     block_c = min(_np2(C), 1 << 16 if x.device.type != "cuda" else 256)
     _tebn_stats_combine_kernel[(triton.cdiv(C, block_c),)](
-        part_mean, part_m2, part_count, mean, var,
-        running_mean if update else mean, running_var if update else var,
+        part_mean, part_m2, part_count, mean, var, r_mean, r_var,
         geo.parts, C, float(momentum),
         UPDATE_RUNNING=update, BLOCK_C=block_c, ACC_DTYPE=_tl_dtype(acc),
     )
+    if update and r_mean.data_ptr() != running_mean.data_ptr():
+        running_mean.copy_(r_mean)
+    if update and r_var.data_ptr() != running_var.data_ptr():
+        running_var.copy_(r_var)
     return mean, var
 
 
@@ -439,9 +454,9 @@ def _launch_tebn_fwd(
     acc = _acc_dtype(x.dtype)
     geo = _tebn_geometry(T, N, C, S, x.device)
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, scale.dtype), device=x.device)
+    mean, var = mean.contiguous(), var.contiguous()
     _tebn_fwd_kernel[geo.grid](
-        x4, y, mean, var,
-        weight if weight is not None else mean, bias if bias is not None else mean, scale.contiguous(),
+        x4, y, mean, var, _vec(weight, mean), _vec(bias, mean), scale.contiguous(),
         N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits, float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc),
@@ -465,16 +480,17 @@ def _launch_tebn_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∂L/∂x, ∂L/∂γ, ∂L/∂β, ∂L/∂p); the last three in the accumulation dtype.
 
-    Gradients that are not needed come back as zeros of the right shape (custom ops
-    cannot return None); the reduction pass is skipped when nothing needs it.
+    Custom ops cannot return None: an unneeded ∂L/∂x comes back empty (numel 0), unneeded
+    parameter gradients as zeros; the reduction pass is skipped when nothing needs it.
     """
     x4, T, N, C, S = _as_tncs(x)
     g4 = grad_y.contiguous().view(T, N, C, S)
     acc = _acc_dtype(x.dtype)
     geo = _tebn_geometry(T, N, C, S, x.device)
     scale_c = scale.contiguous()
-    w_arg = weight if weight is not None else mean
-    b_arg = bias if bias is not None else mean
+    mean, var = mean.contiguous(), var.contiguous()
+    w_arg = _vec(weight, mean)
+    b_arg = _vec(bias, mean)
     consts = dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc))
     if batch_stats or need_dparams:
         part_a = torch.empty(geo.parts, C, dtype=acc, device=x.device)
@@ -501,7 +517,7 @@ def _launch_tebn_bwd(
             HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats, num_warps=geo.num_warps, **consts,
         )
     else:
-        dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        dx = x.new_empty(0)  # not needed: no full-size allocation
     # ∂L/∂β = Σ g·p = A, ∂L/∂γ = Σ g·p·x̂ = B.
     return dx, sum_b, sum_a, dscale
 
@@ -577,7 +593,7 @@ def _tebn_apply_backward_op(
 def _(grad_y, x, weight, bias, mean, var, scale, eps, batch_stats, need_dx, need_dparams):
     acc = _acc_dtype(x.dtype)
     C, T = x.shape[2], x.shape[0]
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
     return dx, x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc), x.new_empty(T, dtype=acc)
 
 
