@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from . import backends
+from . import backends, memopt
 
 __all__ = ["StepModule", "SingleStepModule", "MultiStepModule", "MemoryModule"]
 
@@ -160,6 +160,9 @@ class MemoryModule(nn.Module, StepModule):
         return torch.stack([self.single_step_forward(x, *args, **kwargs) for x in x_seq])
 
     def forward(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            # a plain torch.utils.checkpoint recompute would restart from the wrong state
+            memopt.check_stateful_recompute(self)
         if self.step_mode == "s":
             return self.single_step_forward(*args, **kwargs)
         return self.multi_step_forward(*args, **kwargs)
