@@ -809,6 +809,15 @@ def _mpbn_lif_bwd_apply_kernel(
 # ----------------------------------------------------------------------------------
 
 
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels write outputs in. Under the Triton interpreter bf16 stores are
+    emulated with truncation (and bool → bf16 casts fail), so there the kernels write
+    fp32 and torch rounds to bf16 (round-to-nearest-even, as a GPU store does)."""
+    if dtype == torch.bfloat16 and interpreter_active():
+        return torch.float32
+    return dtype
+
+
 def _num_warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
@@ -833,8 +842,9 @@ def _launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, tau, v_reset, m
     H, W = x5.shape[3:]
     M = N * H * W
     acc = acc_torch_dtype(out_dtype)
-    s = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    v_out = torch.empty(x.shape[1:], dtype=out_dtype, device=x.device)
+    st = _store_dtype(out_dtype)
+    s = torch.empty(x.shape, dtype=st, device=x.device)
+    v_out = torch.empty(x.shape[1:], dtype=st, device=x.device)
     h = torch.empty(x.shape if save_h else (0,), dtype=acc, device=x.device)
     dummy = th
     BLOCK = _elementwise_block(M)
@@ -850,7 +860,7 @@ def _launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, tau, v_reset, m
         **_lif_cfg(mode, carry_norm, decay_input, soft_reset),
         SAVE_H=save_h, BLOCK=BLOCK, ACC=acc_dtype(out_dtype), num_warps=_num_warps(BLOCK),
     )
-    return s, v_out, h
+    return s.to(out_dtype), v_out.to(out_dtype), h
 
 
 def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset, alpha, mode, carry_norm, decay_input, soft_reset, detach_reset, surrogate):
@@ -859,7 +869,7 @@ def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset
     H, W = g5.shape[3:]
     M = N * H * W
     acc = h.dtype
-    gx = torch.empty(h.shape, dtype=gx_dtype, device=h.device)
+    gx = torch.empty(h.shape, dtype=_store_dtype(gx_dtype), device=h.device)
     gv0 = torch.empty(h.shape[1:], dtype=acc, device=h.device)
     BLOCK = _elementwise_block(M)
     P = triton.cdiv(M, BLOCK)
@@ -878,7 +888,7 @@ def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset
         DETACH_RESET=detach_reset, SURROGATE=_SURROGATES[surrogate], HAS_GV=gv is not None,
         BLOCK=BLOCK, ACC=acc_dtype(acc), num_warps=_num_warps(BLOCK),
     )
-    return gx, gv0, part.sum(dim=1)
+    return gx.to(gx_dtype), gv0, part.sum(dim=1)
 
 
 def _stat_flags(weight, running_mean, momentum):
@@ -900,7 +910,8 @@ def _launch_mpbn_lif_fwd(
     M = N * H * W
     acc = acc_torch_dtype(out_dtype)
     dev = x.device
-    s = torch.empty(x.shape, dtype=out_dtype, device=dev)
+    st = _store_dtype(out_dtype)
+    s = torch.empty(x.shape, dtype=st, device=dev)
     stats_shape = (T, C) if save else (0,)
     mean = torch.empty(stats_shape, dtype=acc, device=dev)
     rstd = torch.empty(stats_shape, dtype=acc, device=dev)
@@ -914,7 +925,7 @@ def _launch_mpbn_lif_fwd(
     )
     mom_f = 0.0 if momentum is None else float(momentum)
     if M <= RESIDENT_MAX_M:
-        v_out = torch.empty(x.shape[1:], dtype=out_dtype, device=dev)
+        v_out = torch.empty(x.shape[1:], dtype=st, device=dev)
         h = torch.empty(x.shape if save else (0,), dtype=acc, device=dev)
         BLOCK = next_pow2(M)
         _mpbn_lif_fwd_kernel[(C,)](
@@ -929,7 +940,7 @@ def _launch_mpbn_lif_fwd(
             float(tau), float(v_reset), float(eps), mom_f, int(batches_tracked),
             DECAY_INPUT=decay_input, SAVE=save, BLOCK=BLOCK, num_warps=_num_warps(BLOCK), **common,
         )
-        return s, v_out, h, mean, rstd, mu_out, s2_out
+        return s.to(out_dtype), v_out.to(out_dtype), h, mean, rstd, mu_out, s2_out
 
     # split path: the membrane in a compute-dtype buffer, two launches per step
     BLOCK = SPLIT_BLOCK
@@ -974,7 +985,7 @@ def _launch_mpbn_lif_fwd(
         s2_out.copy_(s2_hist[T])
     if not save:
         h = torch.empty((0,), dtype=acc, device=dev)
-    return s, v_buf.to(out_dtype), h, mean, rstd, mu_out, s2_out
+    return s.to(out_dtype), v_buf.to(out_dtype), h, mean, rstd, mu_out, s2_out
 
 
 def _launch_mpbn_lif_bwd(
@@ -986,7 +997,8 @@ def _launch_mpbn_lif_bwd(
     M = N * H * W
     acc = h.dtype
     dev = h.device
-    gx = torch.empty(h.shape, dtype=gx_dtype, device=dev)
+    gx_st = _store_dtype(gx_dtype)
+    gx = torch.empty(h.shape, dtype=gx_st, device=dev)
     gw = torch.zeros(C, dtype=acc, device=dev)
     gb = torch.zeros(C, dtype=acc, device=dev)
     gth = torch.zeros(C, dtype=acc, device=dev)
@@ -1009,7 +1021,7 @@ def _launch_mpbn_lif_bwd(
             float(tau), float(v_reset), float(alpha),
             DECAY_INPUT=decay_input, HAS_GV=gv is not None, BLOCK=BLOCK, num_warps=_num_warps(BLOCK), **flags,
         )
-        return gx, gv0, gw, gb, gth
+        return gx.to(gx_dtype), gv0, gw, gb, gth
 
     BLOCK = SPLIT_BLOCK
     P = triton.cdiv(M, BLOCK)
@@ -1035,7 +1047,7 @@ def _launch_mpbn_lif_bwd(
             BLOCK=BLOCK, BLOCK_P=BLOCK_P, ACC=acc_dtype(acc), num_warps=_num_warps(BLOCK),
         )
     gth.copy_(pth.sum(dim=0))
-    return gx, gv_buf, gw, gb, gth
+    return gx.to(gx_dtype), gv_buf, gw, gb, gth
 
 
 # ----------------------------------------------------------------------------------
@@ -1129,15 +1141,17 @@ def _mpbn_lif_train_op(
     Functional (autograd needs that): the running statistics come back as new tensors
     (empty when None) and the op-table wrapper copies them into the buffers.
     """
-    rm_new = running_mean.clone() if running_mean is not None else None
-    rv_new = running_var.clone() if running_var is not None else None
+    acc = acc_torch_dtype(out_dtype)
+    rm_new = running_mean.to(acc, copy=True) if running_mean is not None else None
+    rv_new = running_var.to(acc, copy=True) if running_var is not None else None
     s, v_out, h, mean, rstd, _, _ = _launch_mpbn_lif_fwd(
         x, v, weight, bias, rm_new, rv_new, th, None, None, None, out_dtype,
         adapt=0, momentum=momentum, batches_tracked=batches_tracked, eps=eps, tau=tau, v_reset=v_reset,
         carry_norm=carry_norm, decay_input=decay_input, soft_reset=soft_reset, save=save,
     )
-    empty = x.new_empty((0,), dtype=torch.float32)
-    return s, v_out, h, mean, rstd, empty if rm_new is None else rm_new, empty if rv_new is None else rv_new
+    if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
+        rm_new, rv_new = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+    return s, v_out, h, mean, rstd, rm_new, rv_new
 
 
 @_mpbn_lif_train_op.register_fake
@@ -1149,8 +1163,8 @@ def _(x, v, weight, bias, running_mean, running_var, th, momentum, batches_track
         x.new_empty(x.shape, dtype=odt), x.new_empty(x.shape[1:], dtype=odt),
         x.new_empty(x.shape if save else (0,), dtype=acc),
         x.new_empty((T, C) if save else (0,), dtype=acc), x.new_empty((T, C) if save else (0,), dtype=acc),
-        x.new_empty((0,), dtype=torch.float32) if running_mean is None else torch.empty_like(running_mean),
-        x.new_empty((0,), dtype=torch.float32) if running_var is None else torch.empty_like(running_var),
+        x.new_empty((0,) if running_mean is None else running_mean.shape, dtype=acc),
+        x.new_empty((0,) if running_var is None else running_var.shape, dtype=acc),
     )
 
 

@@ -1,0 +1,483 @@
+"""The Triton LIF / MPBN-LIF ops agree with the torch backend (the specification).
+
+Every comparison runs the torch backend op on float64 copies of the very same inputs
+(low-precision inputs are rounded first, so both sides see identical values) and checks
+spikes, final membrane, every gradient and the running statistics. Spikes are
+discontinuous: they must agree wherever the reference's firing variable z (recorded from
+the torch op's own surrogate call) is farther than a margin from 0, and the share of
+flipped spikes is bounded per dtype. Values are only compared when no spike flipped
+(a flip legitimately changes everything downstream).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+
+from snnorm import surrogate as sg
+from snnorm.backends import torch_backend as ref
+
+K = pytest.importorskip("snnorm.kernels.mpbn_lif")
+from snnorm.kernels import _common  # noqa: E402
+
+# dtype -> (atol, rtol, spike margin on z, max flipped share); atol scales with max|ref|
+TOL = {
+    torch.float64: (1e-6, 1e-6, 1e-5, 0.0),
+    torch.float32: (1e-4, 1e-4, 1e-3, 0.01),
+    torch.float16: (4e-3, 4e-3, 1e-2, 0.02),
+    torch.bfloat16: (2e-2, 2e-2, 5e-2, 0.02),
+}
+
+#: largest errors seen, per dtype (printed with -s by the last test; informative only)
+OBSERVED: dict[str, float] = {}
+FLIPS: dict[str, int] = {}
+
+
+class _Recording:
+    """Wraps a surrogate for the reference op and records its input z per call."""
+
+    def __init__(self, surrogate):
+        self.inner = surrogate
+        self.zs = []
+
+    def __call__(self, z):
+        self.zs.append(z.detach())
+        return self.inner(z)
+
+
+def _surrogate(kind: str, alpha: float):
+    return sg.Sigmoid(alpha) if kind == "sigmoid" else sg.ATan(alpha)
+
+
+def _close(name, got, want, dtype):
+    atol, rtol = TOL[dtype][:2]
+    got = got.detach().to(torch.float64)
+    want = want.detach().to(torch.float64)
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    err = (got - want).abs()
+    bound = atol * scale + rtol * want.abs()
+    key = str(dtype).replace("torch.", "")
+    if err.numel():
+        rel = (err / (want.abs() + scale)).max().item()
+        OBSERVED[key] = max(OBSERVED.get(key, 0.0), rel)
+    assert torch.all(err <= bound), f"{name}: max error {err.max().item():.3e} (bound {bound.min().item():.1e}, dtype {dtype})"
+
+
+def _make_x(shape, dtype, layout, gen):
+    T, N, C, *sp = shape
+    if layout == "sliced":  # every other element of a larger tensor
+        base = torch.randn(*shape[:-1], shape[-1] * 2, generator=gen, dtype=torch.float64)
+        x = base[..., ::2]
+    elif layout == "channels_last":
+        x = torch.randn(T, N, *sp, C, generator=gen, dtype=torch.float64).movedim(-1, 2)
+    else:
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return x
+
+
+@st.composite
+def configs(draw, modes=("lif", "train", "eval", "folded")):
+    mode = draw(st.sampled_from(modes))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+    T = draw(st.integers(1, 8 if dtype in (torch.float32, torch.float64) else 4))
+    n_sp = draw(st.integers(0, 2))
+    sp = tuple(draw(st.sampled_from([1, 2, 3, 5, 7])) for _ in range(n_sp))
+    N = draw(st.integers(1, 5))
+    if mode == "train" and N * math.prod(sp) < 2:
+        N = 2
+    C = draw(st.integers(1, 4))
+    cfg = dict(
+        mode=mode, dtype=dtype, shape=(T, N, C, *sp),
+        layout=draw(st.sampled_from(["contiguous", "sliced", "channels_last"])),
+        v_expanded=draw(st.booleans()),
+        v_reset=draw(st.sampled_from([None, 0.0, -0.3, 0.25])),
+        detach_reset=draw(st.booleans()),
+        decay_input=draw(st.booleans()),
+        tau=draw(st.sampled_from([2.0, 1.5, 4.0 / 3.0, 3.0])),
+        surrogate=draw(st.sampled_from(["sigmoid", "atan"])),
+        alpha=draw(st.sampled_from([2.0, 4.0, 5.0])),
+        gamma_sign=draw(st.sampled_from(["pos", "neg", "mixed"])),
+        carry=draw(st.sampled_from(["normalized", "raw"])),
+        threshold_tensor=draw(st.booleans()),
+        affine=draw(st.booleans()),
+        track=draw(st.booleans()),
+        momentum=draw(st.sampled_from([0.1, None, 0.5])),
+        batches_tracked=draw(st.integers(0, 5)),
+        adapt=draw(st.sampled_from(["none", "none", "batch", "running"])),
+        grad_kind=draw(st.sampled_from(["random", "sum"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+    return cfg
+
+
+def _inputs(cfg):
+    """fp64 master copies of every input, already rounded through the test dtype."""
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    dtype = cfg["dtype"]
+    T, N, C, *sp = cfg["shape"]
+
+    def rnd(t):  # round through dtype, keep fp64
+        return t.to(dtype).to(torch.float64)
+
+    x = _make_x(cfg["shape"], dtype, cfg["layout"], gen)
+    x = x * 1.5 + 0.3
+    x.copy_(rnd(x))
+    v = rnd(torch.randn(1 if cfg["v_expanded"] else N, C, *sp, generator=gen, dtype=torch.float64) * 0.5)
+    sign = {"pos": torch.ones(C), "neg": -torch.ones(C), "mixed": torch.where(torch.arange(C) % 2 == 0, 1.0, -1.0)}[cfg["gamma_sign"]]
+    gamma = sign.double() * (0.5 + torch.rand(C, generator=gen, dtype=torch.float64))
+    beta = 0.3 * torch.randn(C, generator=gen, dtype=torch.float64)
+    th = 0.5 + 0.5 * torch.rand(C, generator=gen, dtype=torch.float64)
+    rm = 0.2 * torch.randn(C, generator=gen, dtype=torch.float64)
+    rv = 0.5 + torch.rand(C, generator=gen, dtype=torch.float64)
+    gs = rnd(torch.randn(cfg["shape"], generator=gen, dtype=torch.float64))
+    gv = rnd(torch.randn(N, C, *sp, generator=gen, dtype=torch.float64))
+    return dict(x=x, v=v, gamma=gamma, beta=beta, th=th, rm=rm, rv=rv, gs=gs, gv=gv)
+
+
+def _run(backend, cfg, inp, dtype, surrogate):
+    """Call ``backend``'s op with inputs in ``dtype`` (params fp32 for fp16/bf16); return outputs and grads."""
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    # fresh copies with the master's strides (a sliced / channels-last layout survives)
+    x = torch.empty_strided(inp["x"].shape, inp["x"].stride(), dtype=dtype).copy_(inp["x"]).requires_grad_(True)
+    N = cfg["shape"][1]
+    v_leaf = inp["v"].to(dtype, copy=True).requires_grad_(True)
+    v = v_leaf.expand(N, *v_leaf.shape[1:]) if cfg["v_expanded"] else v_leaf
+    params = {k: inp[k].to(pdtype, copy=True).requires_grad_(True) for k in ("gamma", "beta", "th")}
+    th = params["th"] if cfg["threshold_tensor"] else 0.7
+    common = dict(tau=cfg["tau"], decay_input=cfg["decay_input"], v_reset=cfg["v_reset"], surrogate=surrogate, detach_reset=cfg["detach_reset"])
+    mode = cfg["mode"]
+    out = {}
+    leaves = {"x": x, "v": v_leaf}
+    if cfg["threshold_tensor"]:
+        leaves["th"] = params["th"]
+    if mode == "lif":
+        s, v_out = backend.lif(x, v, th, **common)
+    elif mode in ("train", "eval"):
+        w = params["gamma"] if cfg["affine"] else None
+        b = params["beta"] if cfg["affine"] else None
+        if cfg["affine"]:
+            leaves.update(weight=w, bias=b)
+        keep = mode == "eval" or cfg["track"]
+        rm = inp["rm"].to(pdtype, copy=True) if keep else None
+        rv = inp["rv"].to(pdtype, copy=True) if keep else None
+        s, v_out = backend.mpbn_lif(
+            x, v, w, b, rm, rv, th, training=mode == "train", momentum=cfg["momentum"],
+            batches_tracked=cfg["batches_tracked"], eps=1e-5, carry=cfg["carry"], **common,
+        )
+        if rm is not None:
+            out["running_mean"], out["running_var"] = rm, rv
+    else:
+        mu = inp["rm"].to(pdtype, copy=True).requires_grad_(True)
+        s2 = inp["rv"].to(pdtype, copy=True).requires_grad_(True)
+        adapt = cfg["adapt"]
+        if adapt == "none":
+            leaves.update(mu=mu, sigma2=s2, gamma=params["gamma"], beta=params["beta"])
+        s, v_out, mu_o, s2_o, m = backend.mpbn_lif_folded(
+            x, v, mu, s2, params["gamma"], params["beta"], th, eps=1e-5, carry=cfg["carry"], adapt=adapt,
+            adapt_momentum=0.3, adapt_decay=0.5, adapt_min_momentum=0.05, **common,
+        )
+        out.update(mu_out=mu_o, sigma2_out=s2_o, m=torch.tensor(m))
+    out.update(s=s, v_out=v_out)
+    if mode == "folded" and cfg["adapt"] != "none":
+        return out
+    if cfg["grad_kind"] == "sum":
+        loss = s.sum() + v_out.sum()  # expanded (stride-0) incoming gradients
+    else:
+        loss = (s * inp["gs"].to(s.dtype)).sum() + (v_out * inp["gv"].to(v_out.dtype)).sum()
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    for k, g in zip(names, grads):
+        out["grad_" + k] = g if g is not None else torch.zeros_like(leaves[k])
+    return out
+
+
+def _check(cfg):
+    dtype = cfg["dtype"]
+    inp = _inputs(cfg)
+    rec = _Recording(_surrogate(cfg["surrogate"], cfg["alpha"]))
+    want = _run(ref, cfg, inp, torch.float64, rec)
+    got = _run(K, cfg, inp, dtype, _surrogate(cfg["surrogate"], cfg["alpha"]))
+    # dtypes as the torch backend gives them in the same dtype
+    with torch.no_grad():
+        low = _run_nograd(cfg, inp, dtype)
+    assert got["s"].dtype == low["s"].dtype and got["v_out"].dtype == low["v_out"].dtype
+
+    z = torch.stack(rec.zs).reshape(want["s"].shape)
+    margin, max_flip = TOL[dtype][2:]
+    flipped = got["s"].double() != want["s"]
+    flips = f"{int(flipped.sum())} of {flipped.numel()} spikes flipped"
+    assert not torch.any(flipped & (z.abs() > margin)), f"spikes differ away from the threshold ({flips})"
+    assert flipped.double().mean().item() <= max_flip, flips
+    FLIPS[str(dtype)] = FLIPS.get(str(dtype), 0) + int(flipped.sum())
+    FLIPS[str(dtype) + " compared"] = FLIPS.get(str(dtype) + " compared", 0) + flipped.numel()
+    if torch.any(flipped):
+        return
+    for key in want:
+        if key == "s":
+            continue
+        _close(key, got[key], want[key], dtype)
+    for key in got:
+        assert key in want, f"triton gave {key} that the reference does not"
+
+
+def _run_nograd(cfg, inp, dtype):
+    cfg = dict(cfg, grad_kind="none")
+    surrogate = _surrogate(cfg["surrogate"], cfg["alpha"])
+    out = {}
+    x = inp["x"].to(dtype)
+    N = cfg["shape"][1]
+    v = inp["v"].to(dtype).expand(N, *inp["v"].shape[1:])
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    th = inp["th"].to(pdtype) if cfg["threshold_tensor"] else 0.7
+    common = dict(tau=cfg["tau"], decay_input=cfg["decay_input"], v_reset=cfg["v_reset"], surrogate=surrogate, detach_reset=cfg["detach_reset"])
+    if cfg["mode"] == "lif":
+        out["s"], out["v_out"] = ref.lif(x, v, th, **common)
+    elif cfg["mode"] in ("train", "eval"):
+        g = inp["gamma"].to(pdtype) if cfg["affine"] else None
+        b = inp["beta"].to(pdtype) if cfg["affine"] else None
+        rm, rv = inp["rm"].to(pdtype), inp["rv"].to(pdtype)
+        out["s"], out["v_out"] = ref.mpbn_lif(
+            x, v, g, b, rm, rv, th, training=cfg["mode"] == "train", momentum=0.1, batches_tracked=0, eps=1e-5, carry=cfg["carry"], **common
+        )
+    else:
+        out["s"], out["v_out"], *_ = ref.mpbn_lif_folded(
+            x, v, inp["rm"].to(pdtype), inp["rv"].to(pdtype), inp["gamma"].to(pdtype), inp["beta"].to(pdtype), th,
+            eps=1e-5, carry=cfg["carry"], adapt=cfg["adapt"], adapt_momentum=0.3, adapt_decay=0.5, adapt_min_momentum=0.05, **common,
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# property tests, one per op family (the CPU profile bounds the examples)
+# ------------------------------------------------------------------------------------------
+
+
+@given(cfg=configs(modes=("lif",)))
+def test_lif_matches_torch_backend(cfg):
+    note(str(cfg))
+    _check(cfg)
+
+
+@given(cfg=configs(modes=("train",)))
+@settings(max_examples=16)
+def test_mpbn_lif_training_matches_torch_backend(cfg):
+    note(str(cfg))
+    _check(cfg)
+
+
+@given(cfg=configs(modes=("eval",)))
+def test_mpbn_lif_eval_matches_torch_backend(cfg):
+    note(str(cfg))
+    _check(cfg)
+
+
+@given(cfg=configs(modes=("folded",)))
+def test_mpbn_lif_folded_matches_torch_backend(cfg):
+    note(str(cfg))
+    _check(cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# the large-M split path, determinism, fallbacks, errors
+# ------------------------------------------------------------------------------------------
+
+
+def _split_cfg(**over):
+    cfg = dict(
+        mode="train", dtype=torch.float32, shape=(3, 5, 2, 3, 1), layout="sliced", v_expanded=False, v_reset=0.0,
+        detach_reset=False, decay_input=False, tau=2.0, surrogate="atan", alpha=2.0, gamma_sign="mixed", carry="normalized",
+        threshold_tensor=True, affine=True, track=True, momentum=None, batches_tracked=2, adapt="none", grad_kind="random", seed=7,
+    )
+    cfg.update(over)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(),
+        dict(dtype=torch.float64, carry="raw", v_reset=None, decay_input=True, momentum=0.1),
+        dict(mode="folded", adapt="running", dtype=torch.float64),
+        dict(mode="folded", adapt="batch", carry="raw"),
+    ],
+)
+def test_split_path_matches_torch_backend(monkeypatch, over):
+    # M = 15 elements per channel over blocks of 4: four programs per channel
+    monkeypatch.setattr(K, "RESIDENT_MAX_M", 8)
+    monkeypatch.setattr(K, "SPLIT_BLOCK", 4)
+    _check(_split_cfg(**over))
+
+
+def test_split_path_is_deterministic_and_equals_resident(monkeypatch):
+    cfg = _split_cfg(dtype=torch.float64)
+    inp = _inputs(cfg)
+    surrogate = _surrogate("atan", 2.0)
+    resident = _run(K, cfg, inp, torch.float64, surrogate)
+    monkeypatch.setattr(K, "RESIDENT_MAX_M", 8)
+    monkeypatch.setattr(K, "SPLIT_BLOCK", 4)
+    a = _run(K, cfg, inp, torch.float64, surrogate)
+    b = _run(K, cfg, inp, torch.float64, surrogate)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"split path not deterministic in {key}"
+        torch.testing.assert_close(a[key], resident[key], rtol=1e-12, atol=1e-12)
+
+
+def test_chan_combine_keeps_precision_with_large_mean(monkeypatch):
+    # mean/std = 1e4: a raw Σx, Σx² variance would lose every digit in fp32
+    monkeypatch.setattr(K, "RESIDENT_MAX_M", 8)
+    monkeypatch.setattr(K, "SPLIT_BLOCK", 4)
+    x = (1e4 + torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(0))).float()
+    v = torch.zeros(6, 3, 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    rm64, rv64 = rm.double(), rv.double()
+    kw = dict(training=True, momentum=0.5, batches_tracked=0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0,
+              surrogate=sg.Sigmoid(), detach_reset=True, carry="raw")
+    K.mpbn_lif(x, v, None, None, rm, rv, 0.5, **kw)
+    ref.mpbn_lif(x.double(), v.double(), None, None, rm64, rv64, 0.5, **kw)
+    torch.testing.assert_close(rv.double(), rv64, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(rm.double(), rm64, rtol=1e-6, atol=1e-3)
+
+
+def test_unsupported_surrogate_falls_back_with_warning():
+    x = torch.randn(2, 3, 2, 4)
+    v = torch.zeros(3, 2, 4)
+    kw = dict(tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.PiecewiseQuadratic(), detach_reset=False)
+    with pytest.warns(RuntimeWarning, match="falling back to the torch backend"):
+        s, v_out = K.lif(x, v, 0.5, **kw)
+    s_ref, v_ref = ref.lif(x, v, 0.5, **kw)
+    assert torch.equal(s, s_ref) and torch.equal(v_out, v_ref)
+
+
+def test_training_with_one_value_per_channel_raises_and_changes_nothing():
+    x = torch.randn(3, 1, 2)
+    rm, rv = torch.zeros(2), torch.ones(2)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        K.mpbn_lif(x, torch.zeros(1, 2), None, None, rm, rv, 0.5, training=True, momentum=0.1, batches_tracked=0, eps=1e-5,
+                   tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False, carry="normalized")
+    assert torch.equal(rm, torch.zeros(2)) and torch.equal(rv, torch.ones(2))
+
+
+def test_backward_through_adaptive_fold_raises_not_implemented():
+    x = torch.randn(2, 4, 2, requires_grad=True)
+    s, *_ = K.mpbn_lif_folded(x, torch.zeros(4, 2), torch.zeros(2), torch.ones(2), torch.ones(2), torch.zeros(2), 0.5,
+                              eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False,
+                              carry="normalized", adapt="batch", adapt_momentum=0.1, adapt_decay=1.0, adapt_min_momentum=0.0)
+    with pytest.raises(NotImplementedError, match="adapt"):
+        s.sum().backward()
+
+
+def test_cpu_tensor_without_interpreter_is_refused():
+    reason = _common.device_error("cpu", interpreting=False)
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    assert _common.device_error("cpu", interpreting=True) is None
+    assert _common.device_error("cuda", interpreting=False) is None
+    assert "cuda" in _common.device_error("mps", interpreting=True)
+    with pytest.raises(RuntimeError, match="device 'meta'"):
+        K.lif(torch.zeros(1, 2, 3, device="meta"), torch.zeros(2, 3, device="meta"), 0.5, tau=2.0, decay_input=False,
+              v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False)
+
+
+# ------------------------------------------------------------------------------------------
+# memory: what the op keeps for backward
+# ------------------------------------------------------------------------------------------
+
+
+def _saved_bytes(fn, x, **kw):
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    C = x.shape[2]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, torch.zeros(x.shape[1:]), torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True),
+           torch.zeros(C), torch.ones(C), torch.full((C,), 0.5, requires_grad=True), **kw)
+    return sum(storages.values())
+
+
+def test_training_saves_at_most_a_third_of_the_reference():
+    # MPBNLIFNode defaults: hard reset to 0, decay_input=False, post-BN carry; fp32
+    x = torch.randn(4, 8, 3, 5, 5, requires_grad=True)
+    kw = dict(training=True, momentum=0.1, batches_tracked=0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0,
+              surrogate=sg.Sigmoid(), detach_reset=False, carry="normalized")
+    ours = _saved_bytes(K.mpbn_lif, x, **kw)
+    theirs = _saved_bytes(ref.mpbn_lif, x, **kw)
+    print(f"\nsaved for backward: triton {ours} B, torch reference {theirs} B (input {x.numel() * 4} B)")
+    assert ours * 3 <= theirs
+
+
+# ------------------------------------------------------------------------------------------
+# torch.library registration
+# ------------------------------------------------------------------------------------------
+
+
+def _op_args(kind):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 2, 2, generator=g, requires_grad=True)
+    v = torch.randn(3, 2, 2, generator=g, requires_grad=True)
+    th = torch.full((2,), 0.3, requires_grad=True)
+    flags = (2.0, False, 0.0, False, False, "sigmoid", 4.0)
+    if kind == "lif":
+        return K._lif_elementwise_op, (x, v, th, None, None, None, None, None, *flags, 0, False, True, torch.float32)
+    if kind == "eval":
+        mu = torch.randn(2, generator=g)
+        r = torch.rand(2, generator=g).add(0.5).requires_grad_()
+        b = torch.randn(2, generator=g, requires_grad=True)
+        return K._lif_elementwise_op, (x, v, th, mu, r, b, None, None, *flags, 1, True, True, torch.float32)
+    if kind == "train":
+        w = torch.rand(2, generator=g).add(0.5).requires_grad_()
+        b = torch.randn(2, generator=g, requires_grad=True)
+        return K._mpbn_lif_train_op, (x, v, w, b, torch.zeros(2), torch.ones(2), th, 0.1, 0, 1e-5, *flags, True, True, torch.float32)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["lif", "eval", "train"])
+def test_opcheck(kind):
+    op, args = _op_args(kind)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_opcheck_adapt_forward():
+    x = torch.randn(2, 3, 2)
+    args = (x, torch.zeros(3, 2), torch.zeros(2), torch.ones(2), torch.ones(2), torch.zeros(2), torch.full((2,), 0.4),
+            torch.tensor([0.3, 0.2], dtype=torch.float64), True, 1e-5, 2.0, False, 0.0, False, True, torch.float32)
+    torch.library.opcheck(K._mpbn_lif_adapt_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiles_fullgraph():
+    x = torch.randn(2, 4, 2, 3, requires_grad=True)
+    v = torch.zeros(4, 2, 3)
+    w = torch.ones(2, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    rm, rv = torch.zeros(2), torch.ones(2)
+
+    def f(x, rm, rv):
+        s, v_out = K.mpbn_lif(x, v, w, b, rm, rv, 0.5, training=True, momentum=0.1, batches_tracked=0, eps=1e-5, tau=2.0,
+                              decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False, carry="normalized")
+        return s.sum() + v_out.sum()
+
+    rm2, rv2 = rm.clone(), rv.clone()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, rm, rv)
+    out.backward()
+    g_compiled = x.grad.clone()
+    x.grad = None
+    eager = f(x, rm2, rv2)
+    eager.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_compiled, x.grad)
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
+
+
+def test_zz_print_observed_errors():
+    """Informative: the largest normalised errors the property tests met (pytest -s)."""
+    print("\nlargest |triton − fp64 reference| / (|ref| + max(1, max|ref|)) per dtype:", OBSERVED)
+    print("flipped spikes per dtype:", FLIPS)
