@@ -372,8 +372,10 @@ def main(argv: list[str] | None = None, cfg: DemoConfig | None = None) -> dict:
 
     model = DigitsSNN(cfg.T, cfg.norm, cfg.channels).to(device)
     if cfg.backend != "torch":
-        # only the neurons and normalisation layers have fused kernels
-        functional.set_backend(model, cfg.backend, instance=(MPBNBaseNode, type(model.features[1])))
+        # the MPBN-LIF neurons and TEBN have fused kernels; the other layers are torch's own
+        functional.set_backend(model, cfg.backend, instance=(MPBNBaseNode, layer.TemporalEffectiveBatchNorm2d))
+        on_backend = [name for name, m in model.named_modules() if getattr(m, "backend", None) == cfg.backend]
+        print(f"modules on the {cfg.backend} backend: {', '.join(on_backend)}")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     shuffle = torch.Generator(device="cpu").manual_seed(cfg.seed)
