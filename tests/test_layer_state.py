@@ -92,6 +92,14 @@ def test_torch_state_dict_interchange(ours, theirs, x):
         assert torch.equal(theirs.state_dict()[key], value)
 
 
+def test_max_pool_return_indices_multi_step():
+    pool = layer.MaxPool2d(2, return_indices=True, step_mode="m")
+    x = seq(4, 6)
+    y, idx = pool(x)
+    y_ref, idx_ref = nn.MaxPool2d(2, return_indices=True)(x.flatten(0, 1))
+    assert torch.equal(y, y_ref.view(T, N, C, 2, 3)) and torch.equal(idx, idx_ref.view(T, N, C, 2, 3))
+
+
 def test_threshold_dependent_bn_keeps_alpha_vth_on_reset_parameters():
     bn = layer.ThresholdDependentBatchNorm2d(0.5, 2.0, C)
     assert torch.equal(bn.weight, torch.full((C,), 1.0))

@@ -70,11 +70,15 @@ class _FoldTimeMixin(base.StepModule):
         if self._channels_attr is not None:
             check_size(self, x, x.dim() - (k + 1), getattr(self, self._channels_attr), "input channels")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         self._check_input(x)
         if self.step_mode == "s":
             return super().forward(x)
-        return functional.seq_to_ann_forward(x, super().forward)
+        T, N = x.shape[:2]
+        y = super().forward(x.flatten(0, 1))
+        if isinstance(y, tuple):  # MaxPool with return_indices=True
+            return tuple(item.unflatten(0, (T, N)) for item in y)
+        return y.unflatten(0, (T, N))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", step_mode={self.step_mode}"
