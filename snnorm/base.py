@@ -33,6 +33,9 @@ class StepModule:
 
     supported_step_modes: tuple[str, ...] = ("s", "m")
     supported_backends: tuple[str, ...] = ("torch",)
+    #: containers that run their children one step at a time set this: set_step_mode
+    #: then leaves the children alone (as spikingjelly does)
+    owns_children_step_mode: bool = False
 
     def supported_step_mode(self) -> tuple[str, ...]:  # spikingjelly spelling
         return self.supported_step_modes

@@ -54,19 +54,30 @@ def detach_net(net: nn.Module) -> None:
 def set_step_mode(net: nn.Module, step_mode: str) -> None:
     """Set ``step_mode`` ('s' or 'm') on every step module of ``net``.
 
-    Modules that support only one step mode and are already in it are left alone;
-    a module that cannot run in ``step_mode`` raises ValueError naming it.
+    The children of containers that run them step by step (``SeqToANNContainer``,
+    ``MultiStepContainer``) keep their mode, as in spikingjelly. A module that cannot
+    run in ``step_mode`` raises ValueError naming it, and nothing is changed.
     """
     if step_mode not in ("s", "m"):
         raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
-    for name, module in net.named_modules():
+    targets = []
+
+    def collect(module: nn.Module, name: str) -> None:
         if isinstance(module, base.StepModule):
             if step_mode not in module.supported_step_modes:
                 raise ValueError(
                     f"module {name or type(module).__name__!r} ({type(module).__name__}) supports "
                     f"step modes {module.supported_step_modes}, not {step_mode!r}"
                 )
-            module.step_mode = step_mode
+            targets.append(module)
+            if module.owns_children_step_mode:
+                return
+        for child_name, child in module.named_children():
+            collect(child, f"{name}.{child_name}" if name else child_name)
+
+    collect(net, "")
+    for module in targets:  # all checked first: a rejected call changes nothing
+        module.step_mode = step_mode
 
 
 def set_backend(net: nn.Module, backend: str, instance: type | tuple[type, ...] = (nn.Module,)) -> None:

@@ -323,3 +323,18 @@ def test_scale_fused_bias_matches_spikingjelly_formula_without_conv_bias():
     with pytest.raises(ValueError, match="affine=False"):
         conv2, bn2 = _conv_bn(False, 1, False, seed=13)
         functional.scale_fused_conv2d_bias_of_convbn2d(conv2, bn2, b=1.0)
+
+
+def test_set_step_mode_leaves_container_children_alone():
+    from snnorm import layer, neuron
+
+    net = nn.Sequential(
+        layer.SeqToANNContainer(nn.Conv2d(1, 2, 3), layer.BatchNorm2d(2)),
+        neuron.LIFNode(),
+        layer.MultiStepContainer(neuron.LIFNode()),
+    )
+    functional.set_step_mode(net, "m")
+    assert net[1].step_mode == "m"
+    assert net[0][1].step_mode == "s" and net[2][0].step_mode == "s"
+    y = net(torch.randn(3, 2, 1, 5, 5))
+    assert y.shape == (3, 2, 2, 3, 3)

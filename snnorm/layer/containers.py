@@ -452,6 +452,8 @@ class SeqToANNContainer(nn.Sequential, base.MultiStepModule):
     stateless (conv, BN in 's' mode, pooling...) and in step_mode 's'.
     """
 
+    owns_children_step_mode = True
+
     def __init__(self, *args: nn.Module) -> None:
         super().__init__(*args)
         _check_children_single_step(self)
@@ -469,6 +471,8 @@ class MultiStepContainer(nn.Sequential, base.MultiStepModule):
 
     ``y[t] = modules(x[t])`` for t = 0..T−1, stacked. Children must be in step_mode 's'.
     """
+
+    owns_children_step_mode = True
 
     def __init__(self, *args: nn.Module) -> None:
         super().__init__(*args)
