@@ -102,6 +102,18 @@ def _in_tracked_recompute() -> bool:
     return getattr(_state, "replay", None) is not None
 
 
+def _in_autograd_backward() -> bool:
+    """True while autograd's engine runs a backward pass on this thread.
+
+    False under ``torch.compile`` tracing: dynamo cannot trace the engine query (a graph
+    break, "torch.* op returned non-Tensor"), and tracing happens in the forward, where
+    it is -1 anyway.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 def in_recomputation() -> bool:
     """True while a forward on this thread is a checkpoint recomputation.
 
@@ -110,7 +122,7 @@ def in_recomputation() -> bool:
     :func:`checkpoint` is recomputing (which may also happen outside backward, when a
     saved tensor is unpacked by hand). Its side effects already happened once.
     """
-    return _in_tracked_recompute() or torch._C._current_graph_task_id() != -1
+    return _in_tracked_recompute() or _in_autograd_backward()
 
 
 def should_update_running_stats(module: torch.nn.Module) -> bool:
@@ -127,7 +139,7 @@ def should_update_running_stats(module: torch.nn.Module) -> bool:
     replay = getattr(_state, "replay", None)
     if replay is not None:
         return id(module) in replay
-    return torch._C._current_graph_task_id() == -1
+    return not _in_autograd_backward()
 
 
 @contextlib.contextmanager
@@ -158,7 +170,7 @@ def check_stateful_recompute(module: nn.Module) -> None:
     """
     if _in_tracked_recompute() or getattr(_state, "allow_stateful", 0):
         return
-    if torch._C._current_graph_task_id() == -1:
+    if not _in_autograd_backward():
         return
     advanced = [name for name, value in _named_memories(module) if not _is_reset_value(module, name, value)]
     if advanced:

@@ -14,7 +14,6 @@ the reason; :func:`available_backends` reports it.
 from __future__ import annotations
 
 import importlib
-from types import MappingProxyType
 from typing import Callable, Mapping
 
 __all__ = [
@@ -43,7 +42,9 @@ class OpTable:
         if missing:
             raise TypeError(f"backend {name!r} does not fill the op slots {missing}")
         self.name = name
-        self._ops = MappingProxyType(dict(ops))
+        # a private plain dict, not a MappingProxyType: torch.compile graph-breaks on reading a
+        # mappingproxy once any dict was mutated in the traced region (e.g. a neuron's memories)
+        self._ops = dict(ops)
 
     def __getattr__(self, op: str) -> Callable:
         try:
