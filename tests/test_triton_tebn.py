@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
@@ -31,7 +31,7 @@ MOMENTUM, EPS = 0.1, 1e-5
 # One tolerance table: relative to the reference's largest magnitude (+1 for quantities
 # near zero). fp16/bf16 also pass the 2×-torch rule with this atol.
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
-LOWP_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LOWP_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # ≈ 1 and 2 ulp at the top of a binade
 LOWP = (torch.float16, torch.bfloat16)
 
 # Largest errors seen by the tests, per (dtype, quantity), printed at the end of the run.
@@ -159,11 +159,17 @@ def cases(draw, dtypes):
     return (T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift), training
 
 
+# at least 20 examples each (the CPU profile's 12 leave corners out); the GPU profile's 200 stay
+PROPERTY_SETTINGS = settings(max_examples=max(20, settings.default.max_examples))
+
+
+@PROPERTY_SETTINGS
 @given(case=cases([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
 def test_matches_torch_fp32_fp64(case, seed):
     check_case(*case, seed)
 
 
+@PROPERTY_SETTINGS
 @given(case=cases(list(LOWP)), seed=st.integers(0, 2**16))
 def test_matches_torch_lowp(case, seed):
     check_case(*case, seed)
@@ -372,3 +378,19 @@ def test_param_grads_without_input_grad_and_strided_running_stats():
         torch.ops.snnorm.tebn_apply_backward.default,
         (g, x, w, b, *torch.ops.snnorm.tebn_stats(x, None, None, 0.1), p, EPS, True, False, True),
     )
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 3, 4), (3, 2, 3, 0)])
+def test_empty_batch_like_torch(shape):
+    """An empty batch gives an empty output, zero parameter gradients and no stats update."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(DEVICE)
+    C, T = shape[2], shape[0]
+    w, b = torch.randn(C, generator=gen).to(DEVICE), torch.randn(C, generator=gen).to(DEVICE)
+    p = torch.rand(T, generator=gen).to(DEVICE)
+    rm, rv = torch.randn(C, generator=gen).to(DEVICE), torch.rand(C, generator=gen).to(DEVICE)
+    for training in (True, False):
+        ours = run_op(tebn_mod.tebn, x, w, b, rm, rv, p, torch.zeros_like(x), training)
+        ref = run_op(torch_backend.tebn, x, w, b, rm, rv, p, torch.zeros_like(x), training)
+        for o, r in zip([ours[0], *ours[1], ours[2], ours[3]], [ref[0], *ref[1], ref[2], ref[3]]):
+            assert o.shape == r.shape and torch.equal(o, r)

@@ -411,6 +411,8 @@ def _launch_tebn_stats(
     """Batch mean and biased variance per channel; updates the running stats in place."""
     x4, T, N, C, S = _as_tncs(x)
     acc = _acc_dtype(x.dtype)
+    if x.numel() == 0:  # as F.batch_norm: an empty batch updates nothing
+        return x.new_zeros(C, dtype=acc), x.new_ones(C, dtype=acc)
     geo = _tebn_geometry(T, N, C, S, x.device)
     part_mean = torch.empty(geo.parts, C, dtype=acc, device=x.device)
     part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x.device)
@@ -452,8 +454,10 @@ def _launch_tebn_fwd(
     """y[t] = p[t]·(γ (x − μ)/√(σ² + ε) + β) in one elementwise pass."""
     x4, T, N, C, S = _as_tncs(x)
     acc = _acc_dtype(x.dtype)
-    geo = _tebn_geometry(T, N, C, S, x.device)
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, scale.dtype), device=x.device)
+    if x.numel() == 0:
+        return y
+    geo = _tebn_geometry(T, N, C, S, x.device)
     mean, var = mean.contiguous(), var.contiguous()
     _tebn_fwd_kernel[geo.grid](
         x4, y, mean, var, _vec(weight, mean), _vec(bias, mean), scale.contiguous(),
@@ -486,6 +490,10 @@ def _launch_tebn_bwd(
     x4, T, N, C, S = _as_tncs(x)
     g4 = grad_y.contiguous().view(T, N, C, S)
     acc = _acc_dtype(x.dtype)
+    if x.numel() == 0:  # an empty batch: zero gradients, as the torch reference gives
+        dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device)
+        zeros_c = torch.zeros(C, dtype=acc, device=x.device)
+        return dx, zeros_c, zeros_c.clone(), torch.zeros(T, dtype=acc, device=x.device)
     geo = _tebn_geometry(T, N, C, S, x.device)
     scale_c = scale.contiguous()
     mean, var = mean.contiguous(), var.contiguous()
@@ -659,7 +667,7 @@ def tebn(
     _check_runnable(x_seq)
     use_batch_stats = training or running_mean is None
     if use_batch_stats:
-        if x_seq.numel() // x_seq.shape[2] <= 1:
+        if math.prod(x_seq.shape[:2]) * math.prod(x_seq.shape[3:]) == 1:
             # the same rule (and exception type) as F.batch_norm; raised before any update
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {tuple(x_seq.shape)}"
