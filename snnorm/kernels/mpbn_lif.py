@@ -218,7 +218,7 @@ def _lif_fwd_kernel(
     x_off = n * stride_x_n + c * stride_x_c + i * stride_x_h + j * stride_x_w
     v_off = n * stride_v_n + c * stride_v_c + i * stride_v_h + j * stride_v_w
     o_off = (n * C + c) * HW + r_sp
-    step = C * M
+    step = tl.cast(C, tl.int64) * M  # int64: T·N·C·H·W may pass 2**31
 
     th = tl.load(th_ptr + c).to(ACC)
     if NORM:
@@ -232,7 +232,7 @@ def _lif_fwd_kernel(
 
     v = tl.load(v0_ptr + v_off, mask=mask, other=0.0).to(ACC)
     for t in range(T):
-        x = tl.load(x_ptr + t * stride_x_t + x_off, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + tl.cast(t, tl.int64) * stride_x_t + x_off, mask=mask, other=0.0).to(ACC)
         h = _charge(v, x, tau, v_r, DECAY_INPUT)
         if NORM:
             h_hat = (h - mu) * r + beta
@@ -289,7 +289,7 @@ def _lif_bwd_kernel(
     j = r_sp % W
     g_off = n * stride_g_n + c * stride_g_c + i * stride_g_h + j * stride_g_w
     o_off = (n * C + c) * HW + r_sp
-    step = C * M
+    step = tl.cast(C, tl.int64) * M  # int64: T·N·C·H·W may pass 2**31
 
     th = tl.load(th_ptr + c).to(ACC)
     if NORM:
@@ -317,7 +317,7 @@ def _lif_bwd_kernel(
     for tt in range(T):
         t = T - 1 - tt
         h = tl.load(h_ptr + t * step + o_off, mask=mask, other=0.0).to(ACC)
-        gs = tl.load(gs_ptr + t * stride_g_t + g_off, mask=mask, other=0.0).to(ACC)
+        gs = tl.load(gs_ptr + tl.cast(t, tl.int64) * stride_g_t + g_off, mask=mask, other=0.0).to(ACC)
         if NORM:
             h_hat = (h - mu) * r + beta
         if MODE == 0:
@@ -411,7 +411,7 @@ def _mpbn_lif_fwd_kernel(
     x_off = n * stride_x_n + c * stride_x_c + i * stride_x_h + j * stride_x_w
     v_off = n * stride_v_n + c * stride_v_c + i * stride_v_h + j * stride_v_w
     o_off = (n * C + c) * HW + r_sp
-    step = C * M
+    step = tl.cast(C, tl.int64) * M  # int64: T·N·C·H·W may pass 2**31
 
     th = tl.load(th_ptr + c).to(ACC)
     if AFFINE:
@@ -432,7 +432,7 @@ def _mpbn_lif_fwd_kernel(
 
     v = tl.load(v0_ptr + v_off, mask=mask, other=0.0).to(ACC)
     for t in range(T):
-        x = tl.load(x_ptr + t * stride_x_t + x_off, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + tl.cast(t, tl.int64) * stride_x_t + x_off, mask=mask, other=0.0).to(ACC)
         h = tl.where(mask, _charge(v, x, tau, v_r, DECAY_INPUT), 0.0)
         mean = tl.sum(h, axis=0) / M
         d = tl.where(mask, h - mean, 0.0)
@@ -529,7 +529,7 @@ def _mpbn_lif_bwd_kernel(
     j = r_sp % W
     g_off = n * stride_g_n + c * stride_g_c + i * stride_g_h + j * stride_g_w
     o_off = (n * C + c) * HW + r_sp
-    step = C * M
+    step = tl.cast(C, tl.int64) * M  # int64: T·N·C·H·W may pass 2**31
 
     th = tl.load(th_ptr + c).to(ACC)
     if AFFINE:
@@ -555,7 +555,7 @@ def _mpbn_lif_bwd_kernel(
     for tt in range(T):
         t = T - 1 - tt
         h = tl.load(h_ptr + t * step + o_off, mask=mask, other=0.0).to(ACC)
-        gs = tl.load(gs_ptr + t * stride_g_t + g_off, mask=mask, other=0.0).to(ACC)
+        gs = tl.load(gs_ptr + tl.cast(t, tl.int64) * stride_g_t + g_off, mask=mask, other=0.0).to(ACC)
         mean = tl.load(mean_ptr + t * C + c).to(ACC)
         rstd = tl.load(rstd_ptr + t * C + c).to(ACC)
         xhat, g_hat, g_direct, gth = _mpbn_bn_bwd_step(
@@ -603,7 +603,7 @@ def _mpbn_lif_stats_kernel(
     r_sp = m % HW
     i = r_sp // W
     j = r_sp % W
-    x_off = t * stride_x_t + n * stride_x_n + c * stride_x_c + i * stride_x_h + j * stride_x_w
+    x_off = tl.cast(t, tl.int64) * stride_x_t + n * stride_x_n + c * stride_x_c + i * stride_x_h + j * stride_x_w
     o_off = (n * C + c) * HW + r_sp
     x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
     v = tl.load(v_ptr + o_off, mask=mask, other=0.0).to(ACC)
@@ -726,7 +726,7 @@ def _mpbn_lif_bwd_partial_kernel(
     r_sp = m % HW
     i = r_sp // W
     j = r_sp % W
-    g_off = t * stride_g_t + n * stride_g_n + c * stride_g_c + i * stride_g_h + j * stride_g_w
+    g_off = tl.cast(t, tl.int64) * stride_g_t + n * stride_g_n + c * stride_g_c + i * stride_g_h + j * stride_g_w
     o_off = (n * C + c) * HW + r_sp
 
     th = tl.load(th_ptr + c).to(ACC)
