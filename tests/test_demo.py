@@ -24,13 +24,15 @@ def _accuracies(results):
     yield from hist["test_acc"]
     yield results["fold"]["acc_before"]
     yield results["fold"]["acc_after"]
-    for key in ("acc_clean", "acc_corrupted_before", "acc_online", "acc_corrupted_after"):
+    for key in ("acc_clean", "acc_corrupted_before", "acc_online", "acc_corrupted_after", "acc_online_batch_stats"):
         yield results["tta"][key]
 
 
 def test_quick_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "plots" / "demo.png"
+    threads = torch.get_num_threads()
     results = demo.main(["--quick", "--no-progress", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # the demo's --threads is undone
 
     # folding the MPBN thresholds leaves every eval prediction unchanged
     fold = results["fold"]
