@@ -290,9 +290,9 @@ class TimingBudget:
     while the samples fit in ``seconds``; ``warmup`` untimed calls first. On CUDA,
     do_bench's own ``warmup_ms``/``rep_ms``."""
 
-    seconds: float = 0.4
+    seconds: float = 0.5
     min_reps: int = 5
-    max_reps: int = 40
+    max_reps: int = 100
     warmup: int = 2
     warmup_ms: int = 25
     rep_ms: int = 100
@@ -634,7 +634,7 @@ def budget_for(args) -> TimingBudget:
 
 
 QUICK_COMPILE_NOTE = (
-    "quick grid compiles the medium class at T=4, fp32 only (10-90 s per point and mode on CPU); "
+    "quick grid compiles at T=4 in fp32 only (10-90 s per point and mode on CPU); "
     "--compile-all or --full compiles every point"
 )
 
