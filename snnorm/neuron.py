@@ -39,6 +39,13 @@ def _as_float(name: str, value, owner: str) -> float:
     return float(value)
 
 
+def _check_tau(tau, owner: str) -> float:
+    tau = _as_float("tau", tau, owner)
+    if not tau > 1.0:
+        raise ValueError(f"{owner}: tau must be > 1, got {tau}")
+    return tau
+
+
 def _check_bool(name: str, value, owner: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
@@ -165,9 +172,7 @@ class LIFNode(BaseNode):
         backend: str = "torch",
         store_v_seq: bool = False,
     ):
-        tau = _as_float("tau", tau, type(self).__name__)
-        if not tau > 1.0:
-            raise ValueError(f"{type(self).__name__}: tau must be > 1, got {tau}")
+        tau = _check_tau(tau, type(self).__name__)
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)
         self.tau = tau
         self.decay_input = _check_bool("decay_input", decay_input, type(self).__name__)
@@ -429,9 +434,7 @@ class MPBNLIFNode(MPBNBaseNode):
         backend: str = "torch",
         carry: str = "normalized",
     ):
-        tau = _as_float("tau", tau, type(self).__name__)
-        if not tau > 1.0:
-            raise ValueError(f"{type(self).__name__}: tau must be > 1, got {tau}")
+        tau = _check_tau(tau, type(self).__name__)
         super().__init__(
             v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, mpbn,
             out_features, out_channels, learnable_vth, bn_momentum, bn_decay_momentum, bn_min_momentum,
