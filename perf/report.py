@@ -26,6 +26,7 @@ KERNEL_TITLES = {
 }
 PROVIDERS = (H.SNNORM_TORCH, H.SNNORM_COMPILE, H.SNNORM_TRITON, H.SPIKINGJELLY)
 SNNORM_FAST = (H.SNNORM_TORCH, H.SNNORM_TRITON)
+LINESTYLES = {H.SNNORM_TORCH: "-", H.SNNORM_COMPILE: "--", H.SNNORM_TRITON: "-.", H.SPIKINGJELLY: ":"}
 
 
 def _dims(shape: str) -> list[int]:
@@ -120,13 +121,15 @@ def plots(slug: str, table: Table, out_dir: Path) -> list[str]:
                 if xaxis == "T" and len(pts) < 2:
                     continue
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(label[:3]))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(label[:3]),
+                        ls=LINESTYLES.get(label[0], "-"))
                 any_line = True
             if not any_line:
                 plt.close(fig)
                 continue
             ax.axhline(1.0, color="gray", lw=0.8, ls="--")
             ax.set_xscale("log", base=2 if xaxis == "T" else 10)
+            ax.set_yscale("log")
             ax.set_xlabel("elements T·N·C·H·W" + (f" (T={T_main})" if xaxis == "size" else "") if xaxis == "size" else "T")
             ax.set_ylabel("speedup over spikingjelly (×)")
             ax.set_title(f"{kernel}: speedup vs {xaxis} ({slug})", fontsize=9)
@@ -151,7 +154,8 @@ def plots(slug: str, table: Table, out_dir: Path) -> list[str]:
             fig, ax = plt.subplots(figsize=(6.4, 4.0))
             for label, pts in sorted(series.items()):
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(label))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=" ".join(label),
+                        ls=LINESTYLES.get(label[0], "-"))
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(f"elements T·N·C·H·W (T={T_main})")
