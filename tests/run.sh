@@ -6,7 +6,7 @@ pip_install() { python3 -m pip install -q --disable-pip-version-check "$@"; }
 # torch first, and only if missing: an unpinned torch requirement would pull a multi-GB CUDA build,
 # and a machine that already has a (CUDA) torch keeps it.
 python3 -c "import torch" 2>/dev/null || pip_install torch==2.13.0
-pip_install -e ".[test,triton]"
+pip_install -e ".[test,triton,demo,perf]"
 # the numerical oracles; --no-deps because their declared dependencies pull a CUDA torch
 pip_install --no-deps spikingjelly==2.0.0 snntorch==1.0.0
 pip_install loguru tqdm packaging scipy
