@@ -205,10 +205,12 @@ def main(argv=None) -> list[dict]:
     budget = H.budget_for(args)
     H.record_load(rec, "tebn", "start")
     for cls, shape, dt in grid(name):
+        if not H.selected(args, f"{cls} {H.shape_str(shape)} {dt}"):
+            continue
         rec.log(f" {cls} {H.shape_str(shape)} {dt}")
         run_point(rec, env, shape, H.DTYPES[dt], providers_for(env, args, cls, shape, dt, name), budget)
     H.record_load(rec, "tebn", "end")
-    path = H.results_path(env, "tebn", args.out)
+    path = H.results_path(env, H.csv_name(args, "tebn"), args.out)
     rec.write_csv(path)
     rec.log(f"[tebn] {len(rec.rows)} rows -> {path}")
     return rec.rows

@@ -168,10 +168,12 @@ def main(argv=None) -> list[dict]:
     spec = GRID[name]
     for dt in spec["dtypes"]:
         for T, N, HW in spec["points"]:
+            if not H.selected(args, f"w{spec['widths'][0]} {H.shape_str((T, N, 3, HW, HW))} {dt}"):
+                continue
             rec.log(f" T={T} N={N} {HW}x{HW} widths {spec['widths']} {dt}")
             run_point(rec, env, T, N, HW, spec["widths"], H.DTYPES[dt], providers_for(env, args, T, name), budget)
     H.record_load(rec, KERNEL, "end")
-    path = H.results_path(env, KERNEL, args.out)
+    path = H.results_path(env, H.csv_name(args, KERNEL), args.out)
     rec.write_csv(path)
     rec.log(f"[{KERNEL}] {len(rec.rows)} rows -> {path}")
     return rec.rows

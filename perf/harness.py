@@ -618,8 +618,21 @@ def common_argparser(description: str):
         "--threads", type=int, default=1,
         help="torch CPU threads (default 1: stable numbers on a shared CPU; 0 keeps torch's default)",
     )
+    p.add_argument(
+        "--match", default=None,
+        help="only grid points whose label ('<class> <TxNxCxHxW> <dtype>') contains this text; results go to "
+             "<kernel>.<match>.csv so split runs (e.g. one GPU command per dtype) add up",
+    )
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def selected(args, label: str) -> bool:
+    return args.match is None or args.match in label
+
+
+def csv_name(args, name: str) -> str:
+    return name if args.match is None else f"{name}.{_slug(args.match)}"
 
 
 def apply_threads(args) -> None:

@@ -77,7 +77,7 @@ def load(results_dir: Path) -> dict[str, list[dict]]:
         rows = []
         for f in sorted(d.glob("*.csv")):
             for r in H.read_csv(f):
-                r["source"] = f.stem
+                r["source"] = f.stem.split(".")[0]  # <kernel>.<match>.csv from split runs
                 rows.append(r)
         if rows:
             out[d.name] = rows

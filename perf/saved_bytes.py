@@ -115,6 +115,8 @@ def main(argv=None) -> list[dict]:
     provs = providers(env, args)
     for dt in DTYPES[name]:
         for shape in SHAPES[name]:
+            if not H.selected(args, f"- {H.shape_str(shape)} {dt}"):
+                continue
             for kernel in ("mpbn_lif", "tebn"):
                 for provider, avail in provs.items():
                     if isinstance(avail, str):
@@ -123,7 +125,7 @@ def main(argv=None) -> list[dict]:
                     if provider == H.SNNORM_COMPILE and name == "quick" and (shape != SHAPES[name][1] or dt != "fp32"):
                         continue  # one compiled measurement is enough on CPU (it answers whether hooks see it)
                     measure(rec, env, kernel, provider, shape, H.DTYPES[dt])
-    path = H.results_path(env, NAME, args.out)
+    path = H.results_path(env, H.csv_name(args, NAME), args.out)
     rec.write_csv(path)
     rec.log(f"[{NAME}] {len(rec.rows)} rows -> {path}")
     return rec.rows

@@ -133,3 +133,10 @@ def test_compare_counts_flipped_spikes():
     many[:10] = 1.0
     assert harness.compare(ref, {"spikes": few}, tol)[0]
     assert not harness.compare(ref, {"spikes": many}, tol)[0]
+
+
+def test_match_selects_points_and_names_the_csv(tmp_path):
+    rows = bench_tebn.main(SMOKE + ["--out", str(tmp_path), "--match", "1x2x4x4x4"])
+    shapes = {r["shape"] for r in rows if r["metric"] == "ms_median"}
+    assert shapes == {"1x2x4x4x4"}
+    assert (tmp_path / "tebn.1x2x4x4x4.csv").exists() and not (tmp_path / "tebn.csv").exists()
