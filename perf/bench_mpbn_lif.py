@@ -71,12 +71,6 @@ def grid(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     return points
 
 
-def compile_here(name: str, cls: str, shape, dt: str, compile_all: bool) -> bool:
-    """Quick grid: compile every size class at T=4, fp32 only (a static compile takes
-    10-90 s per point and mode on a 2-core CPU); --full or --compile-all: every point."""
-    return compile_all or name != "quick" or (shape[0] == 4 and dt == "fp32")
-
-
 def bytes_per_element_step(mode: str, dtype: torch.dtype) -> int:
     e = torch.tensor([], dtype=dtype).element_size()
     return {"train_fwd": 2 * e + 4, "train_fwdbwd": 5 * e + 8, "eval_fwd": 2 * e, "folded_fwd": 2 * e}[mode]
@@ -186,20 +180,6 @@ def run_point(rec, env, shape, dtype, providers, budget, seed=0):
         )
 
 
-def providers_for(env, args, cls, shape, dt, grid_name) -> dict:
-    out = {H.SNNORM_TORCH: True}
-    if args.no_compile:
-        out[H.SNNORM_COMPILE] = "--no-compile"
-    elif not compile_here(grid_name, cls, shape, dt, args.compile_all):
-        out[H.SNNORM_COMPILE] = H.QUICK_COMPILE_NOTE
-    else:
-        out[H.SNNORM_COMPILE] = True
-    reason = H.triton_skip_reason(env)
-    out[H.SNNORM_TRITON] = reason if reason else True
-    out[H.SPIKINGJELLY] = True
-    return out
-
-
 def main(argv=None) -> list[dict]:
     args = H.common_argparser(__doc__.splitlines()[0]).parse_args(argv)
     H.apply_threads(args)
@@ -212,7 +192,7 @@ def main(argv=None) -> list[dict]:
         if not H.selected(args, f"{cls} {H.shape_str(shape)} {dt}"):
             continue
         rec.log(f" {cls} {H.shape_str(shape)} {dt}")
-        run_point(rec, env, shape, H.DTYPES[dt], providers_for(env, args, cls, shape, dt, name), budget)
+        run_point(rec, env, shape, H.DTYPES[dt], H.providers_for(env, args, H.compile_here(name, shape, dt, args.compile_all)), budget)
     H.record_load(rec, KERNEL, "end")
     path = H.results_path(env, H.csv_name(args, KERNEL), args.out)
     rec.write_csv(path)

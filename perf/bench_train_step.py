@@ -143,20 +143,6 @@ def run_point(rec, env, T, N, HW, widths, dtype, providers, budget, seed=0):
     )
 
 
-def providers_for(env, args, T, grid_name) -> dict:
-    out = {H.SNNORM_TORCH: True}
-    if args.no_compile:
-        out[H.SNNORM_COMPILE] = "--no-compile"
-    elif not compile_here(grid_name, T, args.compile_all):
-        out[H.SNNORM_COMPILE] = "quick grid compiles T=4 only (about a minute per point on CPU); --full compiles every point"
-    else:
-        out[H.SNNORM_COMPILE] = True
-    reason = H.triton_skip_reason(env)
-    out[H.SNNORM_TRITON] = reason if reason else True
-    out[H.SPIKINGJELLY] = True
-    return out
-
-
 def main(argv=None) -> list[dict]:
     args = H.common_argparser(__doc__.splitlines()[0]).parse_args(argv)
     H.apply_threads(args)
@@ -171,7 +157,10 @@ def main(argv=None) -> list[dict]:
             if not H.selected(args, f"w{spec['widths'][0]} {H.shape_str((T, N, 3, HW, HW))} {dt}"):
                 continue
             rec.log(f" T={T} N={N} {HW}x{HW} widths {spec['widths']} {dt}")
-            run_point(rec, env, T, N, HW, spec["widths"], H.DTYPES[dt], providers_for(env, args, T, name), budget)
+            run_point(rec, env, T, N, HW, spec["widths"], H.DTYPES[dt], H.providers_for(
+                env, args, compile_here(name, T, args.compile_all),
+                "quick grid compiles T=4 only (about a minute per point on CPU); --full compiles every point",
+            ), budget)
     H.record_load(rec, KERNEL, "end")
     path = H.results_path(env, H.csv_name(args, KERNEL), args.out)
     rec.write_csv(path)

@@ -670,3 +670,27 @@ def grid_name(args) -> str:
 
 def set_threads_note() -> str:
     return f"torch threads {torch.get_num_threads()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"
+
+
+def providers_for(env: Env, args, compile_point: bool, compile_note: str = QUICK_COMPILE_NOTE) -> dict:
+    """Which providers run at a grid point: True, or the reason one is skipped.
+
+    ``compile_point``: whether this grid point compiles (the quick grid compiles few).
+    """
+    out = {SNNORM_TORCH: True}
+    if args.no_compile:
+        out[SNNORM_COMPILE] = "--no-compile"
+    elif not compile_point:
+        out[SNNORM_COMPILE] = compile_note
+    else:
+        out[SNNORM_COMPILE] = True
+    reason = triton_skip_reason(env)
+    out[SNNORM_TRITON] = reason if reason else True
+    out[SPIKINGJELLY] = True
+    return out
+
+
+def compile_here(grid: str, shape, dt: str, compile_all: bool) -> bool:
+    """Quick grid: compile every size class at T=4, fp32 only (a static compile takes
+    10-90 s per point and mode on a 2-core CPU); --full or --compile-all: every point."""
+    return compile_all or grid != "quick" or (shape[0] == 4 and dt == "fp32")
