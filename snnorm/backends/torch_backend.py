@@ -116,9 +116,9 @@ def mpbn_lif(
     return torch.stack(spikes), v
 
 
-def folded_threshold(threshold, mu, sigma2, gamma, beta, eps: float) -> torch.Tensor:
-    """θ' = μ + (θ − β)·√(σ² + ε)/γ: the raw-membrane threshold equivalent to ĥ ≥ θ."""
-    return (threshold - beta) * torch.sqrt(sigma2 + eps) / gamma + mu
+def folded_threshold(threshold, mu, std, gamma, beta) -> torch.Tensor:
+    """θ' = μ + (θ − β)·std/γ with std = √(σ² + ε): the raw-membrane threshold equivalent to ĥ ≥ θ."""
+    return (threshold - beta) * std / gamma + mu
 
 
 def mpbn_lif_folded(
@@ -175,9 +175,9 @@ def mpbn_lif_folded(
                 adapt_momentum = max(adapt_momentum * adapt_decay, adapt_min_momentum)
             else:
                 mu, sigma2 = batch_mu, batch_var
-        mu_c = channel_view(mu, h)
-        std_c = channel_view(torch.sqrt(sigma2 + eps), h)
-        theta = channel_view(folded_threshold(threshold, mu, sigma2, gamma, beta, eps), h)
+        std = torch.sqrt(sigma2 + eps)
+        mu_c, std_c = channel_view(mu, h), channel_view(std, h)
+        theta = channel_view(folded_threshold(threshold, mu, std, gamma, beta), h)
         s = surrogate(sign * (h - theta))
         if carry == "normalized":
             u = (h - mu_c) / std_c * channel_view(gamma, h) + channel_view(beta, h)

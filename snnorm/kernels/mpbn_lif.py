@@ -1456,9 +1456,10 @@ def mpbn_lif_folded(
         )
         stat_dtype = torch.promote_types(mu.dtype, x_seq.dtype) if running else x_seq.dtype
         return s, v_out, mu_t.to(stat_dtype), s2_t.to(stat_dtype), (m if running else adapt_momentum)
-    thf = torch_backend.folded_threshold(threshold, mu, sigma2, gamma, beta, eps)
+    std = torch.sqrt(sigma2 + eps)
+    thf = torch_backend.folded_threshold(threshold, mu, std, gamma, beta)
     sgn = torch.sign(gamma)
-    r = gamma / torch.sqrt(sigma2 + eps) if carry_norm else None
+    r = gamma / std if carry_norm else None
     s, v_out, _ = _lif_elementwise_op(
         x_seq, v, th, mu if carry_norm else None, r, beta if carry_norm else None, thf, sgn,
         float(tau), bool(decay_input), vr, soft, bool(detach_reset), spec[0], spec[1], 2, carry_norm,
