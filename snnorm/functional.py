@@ -9,16 +9,19 @@ fold an eval-mode BatchNorm into the convolution before it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 import warnings
 from typing import Callable, Sequence
 
 import torch
+import torch.fx
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from . import backends, base
+from . import _outputs, backends, base
 
 __all__ = [
     "reset_net",
@@ -37,64 +40,147 @@ __all__ = [
 ]
 
 
+def _warn_foreign(action: str, module: nn.Module, contract: str) -> None:
+    # once per class and call site (the warnings registry): reset_net runs every batch
+    cls = type(module)
+    warnings.warn(
+        f"{action}: called on {cls.__module__}.{cls.__qualname__}, which is not a snnorm {contract}; "
+        f"snnorm cannot check what it does (spikingjelly warns the same way)",
+        stacklevel=3,
+    )
+
+
 def reset_net(net: nn.Module) -> None:
-    """Reset the state of every stateful module in ``net`` (those added later too)."""
+    """Call ``reset()`` on every module of ``net`` that has one (those added later too).
+
+    snnorm's stateful modules (:class:`snnorm.base.MemoryModule`) restore their registered
+    memories. Other modules with a callable ``reset`` (a spikingjelly neuron, a user's
+    recurrent cell) are reset too, with a warning as in spikingjelly, once per class:
+    snnorm cannot vouch for what their ``reset`` does. Unlike spikingjelly, the list of
+    modules is not cached, so modules added or swapped after a first call are reset.
+    """
     for module in net.modules():
-        if hasattr(module, "reset") and isinstance(module, base.MemoryModule):
-            module.reset()
+        reset = getattr(module, "reset", None)
+        if not callable(reset):
+            continue
+        if not isinstance(module, base.MemoryModule):
+            _warn_foreign("reset_net: reset()", module, "MemoryModule")
+        reset()
 
 
 def detach_net(net: nn.Module) -> None:
-    """Detach the state of every stateful module in ``net`` (truncated BPTT)."""
+    """Detach the state of every module of ``net`` that has ``detach()`` (truncated BPTT).
+
+    As :func:`reset_net`: modules that are not snnorm MemoryModules are detached too, with
+    a warning once per class.
+    """
     for module in net.modules():
-        if isinstance(module, base.MemoryModule):
-            module.detach()
+        detach = getattr(module, "detach", None)
+        if not callable(detach):
+            continue
+        if not isinstance(module, base.MemoryModule):
+            _warn_foreign("detach_net: detach()", module, "MemoryModule")
+        detach()
+
+
+def _foreign_step_containers() -> tuple[type, ...]:
+    """spikingjelly's containers that run their children step by step (if it is loaded)."""
+    sj_layer = sys.modules.get("spikingjelly.activation_based.layer")
+    names = ("StepModeContainer", "MultiStepContainer", "SeqToANNContainer", "TLastMultiStepContainer",
+             "TLastSeqToANNContainer", "ElementWiseRecurrentContainer", "LinearRecurrentContainer")
+    return tuple(getattr(sj_layer, n) for n in names if isinstance(getattr(sj_layer, n, None), type))
+
+
+def _owns_children_step_mode(module: nn.Module, foreign_containers: tuple[type, ...]) -> bool:
+    return bool(getattr(module, "owns_children_step_mode", False)) or isinstance(module, foreign_containers)
+
+
+def _supported_step_modes(module: nn.Module) -> tuple[str, ...] | None:
+    """What the module declares (snnorm's attribute or spikingjelly's method); None if nothing."""
+    if isinstance(module, base.StepModule):
+        return tuple(module.supported_step_modes)
+    declared = getattr(module, "supported_step_mode", None)
+    if callable(declared):
+        return tuple(declared())
+    return None
 
 
 def set_step_mode(net: nn.Module, step_mode: str) -> None:
-    """Set ``step_mode`` ('s' or 'm') on every step module of ``net``.
+    """Set ``step_mode`` ('s' or 'm') on every module of ``net`` that has a ``step_mode``.
 
-    The children of containers that run them step by step (``SeqToANNContainer``,
-    ``MultiStepContainer``) keep their mode, as in spikingjelly. A module that cannot
-    run in ``step_mode`` raises ValueError naming it, and nothing is changed.
+    snnorm and spikingjelly modules alike. The children of containers that run them
+    step by step (snnorm's and spikingjelly's ``SeqToANNContainer``,
+    ``MultiStepContainer``, ...) keep their mode, as in spikingjelly. Every module is
+    checked before any is changed: one that declares its supported modes and lacks
+    ``step_mode`` raises ValueError naming it, and nothing is changed. A module with a
+    ``step_mode`` but no declared modes is set anyway, with a warning (spikingjelly's
+    rule); if its own setter rejects the value, the modules already set are restored.
     """
     if step_mode not in ("s", "m"):
         raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
+    foreign_containers = _foreign_step_containers()
     targets = []
 
     def collect(module: nn.Module, name: str) -> None:
-        if isinstance(module, base.StepModule):
-            if step_mode not in module.supported_step_modes:
+        if hasattr(module, "step_mode"):
+            supported = _supported_step_modes(module)
+            if supported is not None and step_mode not in supported:
                 raise ValueError(
                     f"module {name or type(module).__name__!r} ({type(module).__name__}) supports "
-                    f"step modes {module.supported_step_modes}, not {step_mode!r}"
+                    f"step modes {supported}, not {step_mode!r}"
                 )
-            targets.append(module)
-            if module.owns_children_step_mode:
+            targets.append((module, supported is not None))
+            if _owns_children_step_mode(module, foreign_containers):
                 return
         for child_name, child in module.named_children():
             collect(child, f"{name}.{child_name}" if name else child_name)
 
     collect(net, "")
-    for module in targets:  # all checked first: a rejected call changes nothing
-        module.step_mode = step_mode
+    previous = []
+    try:
+        for module, declared in targets:  # all checked first: a rejected call changes nothing
+            if not declared:
+                _warn_foreign(f"set_step_mode({step_mode!r})", module, "StepModule (its supported modes are unknown)")
+            previous.append((module, module.step_mode))
+            module.step_mode = step_mode
+    except Exception:
+        for module, mode in reversed(previous):
+            module.step_mode = mode
+        raise
+
+
+def _declared_backends(module: nn.Module) -> tuple[str, ...] | None:
+    declared = getattr(type(module), "supported_backends", None)
+    if declared is None:
+        return None
+    declared = getattr(module, "supported_backends")
+    if callable(declared):
+        declared = declared()
+    return tuple(declared)
 
 
 def set_backend(net: nn.Module, backend: str, instance: type | tuple[type, ...] = (nn.Module,)) -> None:
     """Switch every module of ``net`` that is an ``instance`` and supports ``backend``.
 
-    An unknown backend raises ValueError; a backend that cannot run on this machine
-    raises :class:`snnorm.backends.BackendUnavailableError` with the reason. Modules
-    with a ``backend`` that do not support it keep theirs, and one warning names them.
+    Every module that declares ``supported_backends`` takes part, snnorm's or not. A
+    backend snnorm does not know (spikingjelly's ``"cupy"``) is set on the foreign
+    modules that declare it; if none does, ValueError. A backend that cannot run on this
+    machine raises :class:`snnorm.backends.BackendUnavailableError` with the reason.
+    Modules that do not support ``backend`` keep theirs, and one warning names them.
     """
-    backends.get_ops(backend)  # validate once, before changing anything
+    selected = [
+        (name, module) for name, module in net.named_modules()
+        if isinstance(module, instance) and _declared_backends(module) is not None
+    ]
+    if backend in backends.backend_names() or not any(
+        backend in _declared_backends(m) for _, m in selected
+    ):
+        backends.get_ops(backend)  # validate once, before changing anything
     skipped = []
-    for name, module in net.named_modules():
-        if not isinstance(module, base.StepModule) or not isinstance(module, instance):
-            continue
-        if backend in module.supported_backends:
+    for name, module in selected:
+        if backend in _declared_backends(module):
             module.backend = backend
-        elif len(module.supported_backends) > 1 or module.backend != backend:
+        else:
             skipped.append(f"{name or '<root>'} ({type(module).__name__})")
     if skipped:
         warnings.warn(
@@ -104,33 +190,88 @@ def set_backend(net: nn.Module, backend: str, instance: type | tuple[type, ...] 
         )
 
 
-def seq_to_ann_forward(x_seq: torch.Tensor, stateless_module: nn.Module | Sequence[nn.Module] | Callable):
-    """Run stateless module(s) on ``[T, N, ...]`` by folding T into the batch."""
-    if x_seq.dim() < 2:
-        raise ValueError(f"seq_to_ann_forward expects x_seq of shape [T, N, ...], got {tuple(x_seq.shape)}")
-    y = x_seq.flatten(0, 1)
-    if isinstance(stateless_module, (list, tuple, nn.Sequential)):
-        for m in stateless_module:
-            y = m(y)
-    else:
-        y = stateless_module(y)
-    return y.view(x_seq.shape[0], x_seq.shape[1], *y.shape[1:])
+# -- forward helpers -----------------------------------------------------------------
+# A module input may be a tuple of tensors (a two-argument module: x and indices, x and
+# a hidden state); the output may be a tuple (nn.MaxPool2d(return_indices=True)).
+# spikingjelly's rule: the tuple's members go to the first module as positional
+# arguments, each later module gets the previous output as one argument.
 
 
-def multi_step_forward(x_seq: torch.Tensor, single_step_module: nn.Module | Sequence[nn.Module] | Callable):
-    """Run single-step module(s) over T by a loop and stack the outputs."""
-    modules = single_step_module if isinstance(single_step_module, (list, tuple, nn.Sequential)) else [single_step_module]
-    outputs = []
-    for x in x_seq:
+def _check_sequences(x_seq, where: str, leading: int) -> tuple[torch.Tensor, ...]:
+    """The input as a tuple of tensors, each [T, N, ...] with the same first ``leading`` dims."""
+    members = x_seq if isinstance(x_seq, tuple) else (x_seq,)
+    if not members:
+        raise ValueError(f"{where}: expected x_seq with shape [T, N, ...] or a tuple of them, got an empty tuple")
+    for k, x in enumerate(members):
+        if not isinstance(x, torch.Tensor):
+            what = f"member {k} of x_seq" if isinstance(x_seq, tuple) else "x_seq"
+            raise TypeError(f"{where}: expected {what} to be a tensor of shape [T, N, ...], got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(
+                f"{where}: expected x_seq with shape [T, N, ...], but got x_seq with shape {tuple(x.shape)}"
+            )
+    dims = "[T, N]" if leading == 2 else "T"
+    if any(x.shape[:leading] != members[0].shape[:leading] for x in members[1:]):
+        raise ValueError(
+            f"{where}: expected all tensors in x_seq to share the same {dims} leading dimensions, "
+            f"but got tensors with shapes {[tuple(x.shape) for x in members]}"
+        )
+    return members
+
+
+def _apply_modules(args: tuple, modules):
+    if isinstance(modules, (list, tuple)):
         for m in modules:
-            x = m(x)
-        outputs.append(x)
-    return torch.stack(outputs)
+            y = m(*args)
+            args = (y,)
+        return y
+    return modules(*args)
+
+
+def seq_to_ann_forward(x_seq, stateless_module: nn.Module | Sequence[nn.Module] | Callable):
+    """Run stateless module(s) on ``[T, N, ...]`` by folding T into the batch.
+
+    ``x_seq`` is a tensor or a tuple of tensors sharing ``[T, N]`` (ValueError
+    otherwise), given to the first module as positional arguments. The output is
+    unflattened back to ``[T, N, ...]``; a tuple (list, dict) output has each tensor
+    member unflattened, other members pass unchanged.
+    """
+    where = "seq_to_ann_forward"
+    members = _check_sequences(x_seq, where, leading=2)
+    T, N = members[0].shape[:2]
+    y = _apply_modules(tuple(x.flatten(0, 1) for x in members), stateless_module)
+
+    def unflatten(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] != T * N:
+            raise ValueError(
+                f"{where}: the module returned a tensor of shape {tuple(t.shape)}, whose first dim is "
+                f"not T*N = {T}*{N}; it cannot be unfolded to [T, N, ...]"
+            )
+        return t.unflatten(0, (T, N))
+
+    return _outputs.map_tensors(y, unflatten)
+
+
+def multi_step_forward(x_seq, single_step_module: nn.Module | Sequence[nn.Module] | Callable):
+    """Run single-step module(s) over T by a loop and stack the outputs.
+
+    ``x_seq`` is a tensor or a tuple of tensors sharing T (ValueError otherwise); step
+    ``t`` passes ``x[t]`` of each member as positional arguments. A tuple (list, dict)
+    output is stacked member by member; non-tensor members must be the same at every step.
+    """
+    where = "multi_step_forward"
+    members = _check_sequences(x_seq, where, leading=1)
+    outputs = [
+        _apply_modules(tuple(x[t] for x in members), single_step_module) for t in range(members[0].shape[0])
+    ]
+    if not outputs:
+        raise ValueError(f"{where}: expected x_seq with shape [T, N, ...] and T >= 1, got T = 0")
+    return _outputs.merge_outputs(outputs, torch.stack, where)
 
 
 def chunk_multi_step_forward(split_size: int, x_seq: torch.Tensor, multi_step_module: nn.Module | Callable):
     """Run a multi-step module on chunks of at most ``split_size`` timesteps (less memory)."""
-    if not isinstance(split_size, int) or split_size < 1:
+    if isinstance(split_size, bool) or not isinstance(split_size, int) or split_size < 1:
         raise ValueError(f"split_size must be a positive int, got {split_size!r}")
     return torch.cat([multi_step_module(chunk) for chunk in torch.split(x_seq, split_size)])
 
@@ -359,3 +500,195 @@ def fuse_conv_bn_eval(conv: nn.Module, bn: nn.Module) -> nn.Module:
     fused.bias = nn.Parameter(bias.to(device=conv.weight.device, dtype=conv.weight.dtype),
                               requires_grad=conv.weight.requires_grad)
     return fused
+
+
+# -- spikingjelly's graph-level conv-BN API -------------------------------------------
+# fuse_conv_bn_eval_modules / pack_conv_bn_train_modules (spikingjelly 2.0.0,
+# functional/conv_bn_fusion.py): trace the network with torch.fx, find every
+# `bn(conv(x))` where the conv's output feeds nothing else, and rewrite the pair.
+# Step modules (snnorm's and spikingjelly's) are leaves of the trace, so the pairs
+# inside a SeqToANNContainer are left alone, as in spikingjelly.
+
+
+class _StepModuleLeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        if isinstance(m, (base.StepModule, _ConvBNPack)) or _is_foreign_step_module(m):
+            return True
+        return super().is_leaf_module(m, qualified_name)
+
+
+def _is_foreign_step_module(m: nn.Module) -> bool:
+    sj_base = sys.modules.get("spikingjelly.activation_based.base")
+    return sj_base is not None and isinstance(m, sj_base.StepModule)
+
+
+def _conv_bn_pairs(graph_module: torch.fx.GraphModule, is_pair: Callable[[nn.Module, nn.Module], bool]):
+    """(conv node, bn node) for each ``bn(conv(x))`` whose conv output has no other user
+    and whose two modules are each called once in the graph (a shared module cannot be
+    rewritten for one call site only)."""
+    modules = dict(graph_module.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        conv_node = node.args[0]
+        if not isinstance(conv_node, torch.fx.Node) or conv_node.op != "call_module":
+            continue
+        if len(conv_node.users) != 1 or calls[conv_node.target] != 1 or calls[node.target] != 1:
+            continue
+        if is_pair(modules[conv_node.target], modules[node.target]):
+            pairs.append((conv_node, node))
+    return pairs
+
+
+def _trace(net: nn.Module) -> torch.fx.GraphModule:
+    tracer = _StepModuleLeafTracer()
+    graph = tracer.trace(net)
+    return torch.fx.GraphModule(tracer.root, graph)
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _replace_pairs(graph_module: torch.fx.GraphModule, pairs, make: Callable[[nn.Module, nn.Module], nn.Module]):
+    for conv_node, bn_node in pairs:
+        conv = graph_module.get_submodule(conv_node.target)
+        bn = graph_module.get_submodule(bn_node.target)
+        _set_submodule(graph_module, conv_node.target, make(conv, bn))
+        bn_node.replace_all_uses_with(conv_node)
+        graph_module.graph.erase_node(bn_node)
+        # by name: a packed BN is still reachable through the pack, so the sweep below keeps it
+        graph_module.delete_submodule(bn_node.target)
+    graph_module.graph.lint()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    return graph_module
+
+
+def _is_plain_conv(m: nn.Module) -> bool:
+    try:
+        _check_conv(m, "")
+    except TypeError:
+        return False
+    return True
+
+
+def _is_foldable_pair(conv: nn.Module, bn: nn.Module) -> bool:
+    """A plain conv followed by a BN with per-channel statistics of the conv's dimensionality."""
+    if not _is_plain_conv(conv) or not isinstance(bn, _BatchNorm) or bn.num_features != conv.out_channels:
+        return False
+    if any(name not in ("weight", "bias") for name, _ in bn.named_parameters(recurse=False)):
+        return False  # TEBN's per-timestep scale: not a per-channel affine map
+    if bn.running_mean is not None and bn.running_mean.shape != (bn.num_features,):
+        return False  # BNTT-like per-timestep statistics
+    return _bn_takes_spatial(bn, conv.weight.dim() - 2)
+
+
+@torch.no_grad()
+def fuse_conv_bn_eval_modules(net: nn.Module) -> torch.fx.GraphModule:
+    """Fold every eval-mode BatchNorm that follows a convolution into it (spikingjelly's API).
+
+    ``net`` is traced with ``torch.fx`` (snnorm and spikingjelly step modules are leaves);
+    each ``bn(conv(x))`` pair, with ``conv`` a plain convolution (torch's, snnorm's or
+    spikingjelly's ``Conv1d/2d/3d``) and ``bn`` a BatchNorm with per-channel running
+    statistics (``nn.BatchNorm*``, snnorm's and spikingjelly's multi-step BatchNorms,
+    tdBN), becomes one convolution computed by :func:`fuse_conv_bn_eval`. TEBN and BNTT
+    are not per-channel affine maps and stay. ``net`` itself is not changed; as in
+    spikingjelly, the modules that are not fused are shared with it (neuron state too).
+
+    :returns: the fused ``torch.fx.GraphModule``.
+    :raises ValueError: ``net`` is in training mode, or a matched BatchNorm does not track
+        running statistics (or is itself still in training mode).
+    """
+    if net.training:
+        raise ValueError(
+            "fuse_conv_bn_eval_modules only supports eval() models: the network is in training mode, "
+            "where BatchNorm normalises with batch statistics; call net.eval() first"
+        )
+    graph_module = _trace(net)
+    pairs = _conv_bn_pairs(graph_module, _is_foldable_pair)
+    for _, bn_node in pairs:
+        bn = graph_module.get_submodule(bn_node.target)
+        if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"Cannot fuse {bn_node.target}: BatchNorm must track running stats "
+                f"({type(bn).__name__} has track_running_stats=False and normalises with batch statistics)"
+            )
+    return _replace_pairs(graph_module, pairs, fuse_conv_bn_eval)
+
+
+def _same_kind_conv_bn(conv: nn.Module, bn: nn.Module) -> bool:
+    """Conv{k}d then BatchNorm{k}d whose single-step forward on [T·N, ...] is exact."""
+    if not _is_plain_conv(conv) or not isinstance(bn, nn.modules.batchnorm._NormBase):
+        return False
+    kinds = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+    bn_kind = kinds.get(conv.weight.dim() - 2)
+    if bn_kind is None or not isinstance(bn, bn_kind):
+        return False
+    modes = _supported_step_modes(bn)
+    if modes is not None and "s" not in modes:
+        return False  # a multi-step-only BN (tdBN) has no single-step forward to call
+    # both step-mode aware and in different modes: the network runs them differently
+    return not (hasattr(conv, "step_mode") and hasattr(bn, "step_mode") and conv.step_mode != bn.step_mode)
+
+
+class _ConvBNPack(nn.Module):
+    """``bn(conv(x))`` with one flatten of ``[T, N, ...]`` for both (training).
+
+    Multi-step, a step-mode conv and BN each fold T into the batch and unfold it again;
+    packed, the sequence is folded once and both run their single-step forward on
+    ``[T·N, ...]`` (the same numbers: both are per-sample or per-channel over T·N).
+    """
+
+    def __init__(self, conv: nn.Module, bn: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _single_step(module: nn.Module):
+        if not hasattr(module, "step_mode"):
+            yield
+            return
+        mode = module.step_mode
+        module.step_mode = "s"
+        try:
+            yield
+        finally:
+            module.step_mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        multi = all(getattr(m, "step_mode", "m") == "m" for m in (self.conv, self.bn))
+        if not multi or x.dim() != self.conv.weight.dim() + 1:  # not [T, N, C, *spatial]
+            return self.bn(self.conv(x))
+        with self._single_step(self.conv), self._single_step(self.bn):
+            y = self.bn(self.conv(x.flatten(0, 1)))
+        return y.unflatten(0, x.shape[:2])
+
+
+def pack_conv_bn_train_modules(net: nn.Module) -> torch.fx.GraphModule:
+    """Pack each ``bn(conv(x))`` of a training network into one module (spikingjelly's API).
+
+    Nothing is folded: the conv and BN keep their parameters (shared with ``net``) and
+    their training behaviour; a multi-step pair folds ``[T, N, ...]`` into the batch once
+    instead of twice, which ``torch.compile`` handles better. Pairs are ``Conv{k}d`` then
+    ``BatchNorm{k}d`` (torch's, snnorm's, spikingjelly's); a step-mode pair in different
+    modes, and multi-step-only BNs (tdBN), are left alone.
+
+    :returns: the packed ``torch.fx.GraphModule``.
+    :raises ValueError: ``net`` is not in training mode.
+    """
+    if not net.training:
+        raise ValueError(
+            "pack_conv_bn_train_modules only supports train() models: the network is in eval mode; "
+            "for inference fold the BatchNorms with fuse_conv_bn_eval_modules"
+        )
+    graph_module = _trace(net)
+    return _replace_pairs(graph_module, _conv_bn_pairs(graph_module, _same_kind_conv_bn), _ConvBNPack)
