@@ -14,14 +14,24 @@ Every snnorm module has a ``backend`` property, validated against its
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from . import backends, memopt
 
-__all__ = ["StepModule", "SingleStepModule", "MultiStepModule", "MemoryModule"]
+__all__ = [
+    "StepModule",
+    "SingleStepModule",
+    "MultiStepModule",
+    "MemoryModule",
+    "named_memories",
+    "memories",
+    "extract_memories",
+    "load_memories",
+    "to_functional_forward",
+]
 
 
 class StepModule:
@@ -117,6 +127,60 @@ class MemoryModule(nn.Module, StepModule):
             if isinstance(value, torch.Tensor):
                 self._memories[name] = value.detach()
 
+    def set_reset_value(self, name: str, value: Any) -> None:
+        """Make ``value`` what memory ``name`` is restored to by :meth:`reset`."""
+        if name not in self._memories:
+            raise KeyError(f"{type(self).__name__}: {name!r} is not a registered memory")
+        self._memories_rv[name] = copy.deepcopy(value)
+
+    def get_reset_value(self, name: str) -> Any:
+        """The value memory ``name`` is restored to by :meth:`reset`."""
+        if name not in self._memories:
+            raise KeyError(f"{type(self).__name__}: {name!r} is not a registered memory")
+        return self._memories_rv[name]
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(self._memories))
+
+    # -- explicit state (spikingjelly's functional-forward protocol) ---------
+    def materialize_states(self, inputs: tuple, states: tuple, step_mode: str) -> tuple:
+        """States ready for :meth:`functional_forward` (unchanged by default)."""
+        return states
+
+    def _forward_with_states(self, step_forward: Callable, inputs: tuple, states: tuple, kwargs: dict):
+        names = list(self._memories)
+        if len(states) != len(names):
+            raise ValueError(
+                f"{type(self).__name__} has {len(names)} memories {names}, but got {len(states)} states"
+            )
+        saved = dict(self._memories)
+        try:
+            self._memories.update(zip(names, states))
+            outputs = step_forward(*inputs, **kwargs)
+            updated = tuple(self._memories[name] for name in names)
+        finally:
+            self._memories.update(saved)  # the module's own memories are left as they were
+        return (tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)), updated
+
+    def single_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs):
+        """``(outputs, new_states)`` of one step from explicit ``states`` (in memory order).
+
+        The module's memories are not changed; its buffers are (a BN in training
+        updates its running statistics, as in a normal call).
+        """
+        return self._forward_with_states(self.single_step_forward, inputs, states, kwargs)
+
+    def multi_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs):
+        """``(outputs, new_states)`` of a ``[T, N, ...]`` sequence from explicit ``states``."""
+        return self._forward_with_states(self.multi_step_forward, inputs, states, kwargs)
+
+    def functional_forward(self, inputs: tuple, states: tuple, **kwargs):
+        """:meth:`single_step_functional_forward` or the multi-step one, by ``step_mode``."""
+        states = self.materialize_states(inputs, states, self.step_mode)
+        if self.step_mode == "s":
+            return self.single_step_functional_forward(inputs, states, **kwargs)
+        return self.multi_step_functional_forward(inputs, states, **kwargs)
+
     def memories(self) -> Iterator[Any]:
         yield from self._memories.values()
 
@@ -172,3 +236,65 @@ class MemoryModule(nn.Module, StepModule):
 
     def extra_repr(self) -> str:
         return f"step_mode={self.step_mode}, backend={self.backend}"
+
+
+# -- memories of a whole network (spikingjelly's module-level helpers) ---------------
+
+
+def named_memories(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted name, value)`` of every memory in ``module``'s tree, like ``named_parameters``."""
+    for name, sub in module.named_modules(prefix=prefix):
+        if isinstance(sub, MemoryModule):
+            for memory, value in sub.named_memories():
+                yield (f"{name}.{memory}" if name else memory), value
+
+
+def memories(module: nn.Module) -> Iterator[Any]:
+    """The value of every memory in ``module``'s tree, in :func:`named_memories` order."""
+    for _, value in named_memories(module):
+        yield value
+
+
+def extract_memories(module: nn.Module) -> list:
+    """The memories of ``module``'s tree as a list (for :func:`load_memories`)."""
+    return list(memories(module))
+
+
+def load_memories(module: nn.Module, memory_list: list) -> None:
+    """Set the memories of ``module``'s tree from a list in :func:`named_memories` order."""
+    owners = [
+        (sub, memory) for _, sub in module.named_modules() if isinstance(sub, MemoryModule)
+        for memory in sub._memories
+    ]
+    if len(owners) != len(memory_list):
+        raise ValueError(
+            f"load_memories: {type(module).__name__} has {len(owners)} memories but the list holds "
+            f"{len(memory_list)} (Memory length mismatch)"
+        )
+    for (sub, memory), value in zip(owners, memory_list):
+        sub._memories[memory] = value
+
+
+def to_functional_forward(module: nn.Module, fn: Callable | None = None) -> Callable:
+    """``f(inputs, states, **kwargs) -> (outputs, new_states)`` for ``module`` (or ``fn``).
+
+    ``states`` are the memories of the whole tree in :func:`named_memories` order; they
+    are loaded, ``module`` (or ``fn``) runs on ``*inputs``, the new memories are read
+    back and the module's own are restored, so calls do not depend on one another.
+    """
+    forward = module if fn is None else fn
+    count = len(extract_memories(module))
+
+    def functional_forward(inputs: tuple, states: tuple, **kwargs):
+        if len(states) != count:
+            raise ValueError(f"{type(module).__name__} expected {count} states, but got {len(states)}")
+        saved = extract_memories(module)
+        load_memories(module, list(states))
+        try:
+            outputs = forward(*inputs, **kwargs)
+            updated = tuple(extract_memories(module))
+        finally:
+            load_memories(module, saved)
+        return (tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)), updated
+
+    return functional_forward

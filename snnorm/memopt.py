@@ -60,6 +60,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 
+from . import _outputs
+
 __all__ = [
     "in_gc_1st_forward",
     "gc_1st_forward",
@@ -494,14 +496,18 @@ def _add_prefix(state_dict, prefix, local_metadata, strict, missing_keys, unexpe
 
 
 def _cat_outputs(outputs: list, dim: int):
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outputs, dim=dim)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_cat_outputs([o[i] for o in outputs], dim) for i in range(len(first)))
-    if all(o == first for o in outputs[1:]):
-        return first
-    raise ValueError("CheckpointModule: a non-tensor output differs between chunks")
+    """Concatenate the chunks' outputs along ``dim``: tensor members of a tuple, list, dict
+    or namedtuple member by member; other members must be the same in every chunk."""
+
+    def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if tensors[0].dim() == 0:
+            raise ValueError(
+                "CheckpointModule: the module returns a 0-dim tensor (a scalar such as a loss), which "
+                "cannot be concatenated over chunks; return it per timestep or use chunks=1"
+            )
+        return torch.cat(tensors, dim=dim)
+
+    return _outputs.merge_outputs(outputs, cat, "CheckpointModule (chunks)")
 
 
 def checkpoint_module(

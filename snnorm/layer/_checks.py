@@ -38,9 +38,10 @@ def check_ndim(module, x: torch.Tensor, allowed: Iterable[int], step_mode: str |
         return
     mode = module.step_mode if step_mode is None else step_mode
     shapes = " or ".join(f"{layout(n, mode)} ({n}-D)" for n in allowed)
+    # "expected x with shape [...], but got x with shape" is spikingjelly's wording (user code matches on it)
     raise ValueError(
-        f"{type(module).__name__} (step_mode={mode!r}) expects input of shape {shapes}, "
-        f"got shape {tuple(x.shape)} ({x.dim()}-D)"
+        f"{type(module).__name__} (step_mode={mode!r}): expected x with shape {shapes}, "
+        f"but got x with shape {tuple(x.shape)} ({x.dim()}-D)"
     )
 
 
