@@ -130,8 +130,8 @@ def set_step_mode(net: nn.Module, step_mode: str) -> None:
                     f"step modes {supported}, not {step_mode!r}"
                 )
             targets.append((module, supported is not None))
-            if _owns_children_step_mode(module, foreign_containers):
-                return
+        if _owns_children_step_mode(module, foreign_containers):
+            return
         for child_name, child in module.named_children():
             collect(child, f"{name}.{child_name}" if name else child_name)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import layer as sj_layer
+from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based.functional import conv_bn_fusion as sj_fusion
 from torch.nn.utils.fusion import fuse_conv_bn_eval as torch_fuse_conv_bn_eval
 
@@ -338,3 +339,153 @@ def test_set_step_mode_leaves_container_children_alone():
     assert net[0][1].step_mode == "s" and net[2][0].step_mode == "s"
     y = net(torch.randn(3, 2, 1, 5, 5))
     assert y.shape == (3, 2, 2, 3, 3)
+
+
+# -- tuple inputs and outputs (spikingjelly 2.0.0's forward helpers) -----------------
+
+
+def _pool_sequence(seed: int = 11) -> torch.Tensor:
+    return torch.randn(3, 2, 4, 6, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def test_seq_to_ann_forward_tuple_output_and_tuple_input_match_spikingjelly():
+    x_seq = _pool_sequence()
+    pool = nn.MaxPool2d(2, return_indices=True)
+    y, idx = functional.seq_to_ann_forward(x_seq, pool)
+    y_ref, idx_ref = sj_functional.seq_to_ann_forward(x_seq, pool)
+    assert y.shape == idx.shape == (3, 2, 4, 3, 3)
+    assert torch.equal(y, y_ref) and torch.equal(idx, idx_ref)
+    # a two-argument module takes the tuple's members as positional arguments
+    unpool = nn.MaxUnpool2d(2)
+    restored = functional.seq_to_ann_forward((y, idx), unpool)
+    assert torch.equal(restored, sj_functional.seq_to_ann_forward((y, idx), unpool))
+    assert restored.shape == x_seq.shape
+    assert torch.equal(restored.amax(dim=(-1, -2)), x_seq.amax(dim=(-1, -2)))
+    # a list: the first module gets the members, later modules the previous output whole
+    both = [pool, lambda out: unpool(*out)]
+    assert torch.equal(functional.seq_to_ann_forward(x_seq, both), restored)
+
+
+def test_multi_step_forward_tuple_input_and_output_equal_the_folded_run():
+    x_seq = _pool_sequence(12)
+    pool = nn.MaxPool2d(2, return_indices=True)
+    y, idx = functional.multi_step_forward(x_seq, pool)
+    y_ref, idx_ref = functional.seq_to_ann_forward(x_seq, pool)
+    assert torch.equal(y, y_ref) and torch.equal(idx, idx_ref)
+    restored = functional.multi_step_forward((y, idx), nn.MaxUnpool2d(2))
+    assert torch.equal(restored, functional.seq_to_ann_forward((y, idx), nn.MaxUnpool2d(2)))
+
+
+def test_forward_helpers_pass_non_tensor_output_members():
+    x_seq = torch.randn(4, 3, 5)
+    tagged = lambda x: (x * 2, "tag", None)  # noqa: E731
+    for helper in (functional.seq_to_ann_forward, functional.multi_step_forward):
+        y, tag, nothing = helper(x_seq, tagged)
+        assert torch.equal(y, x_seq * 2) and tag == "tag" and nothing is None
+    steps = iter(range(10))
+    with pytest.raises(ValueError, match="not a tensor and differs"):
+        functional.multi_step_forward(x_seq, lambda x: (x, next(steps)))
+    with pytest.raises(ValueError, match=r"not T\*N = 4\*3"):
+        functional.seq_to_ann_forward(x_seq, lambda x: x.sum())
+
+
+def test_forward_helpers_reject_tuple_members_with_different_leading_dims():
+    a = torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match=r"same \[T, N\] leading dimensions.*\(3, 2, 4\), \(3, 5, 4\)"):
+        functional.seq_to_ann_forward((a, torch.randn(3, 5, 4)), torch.add)
+    with pytest.raises(ValueError, match=r"same T leading dimensions"):
+        functional.multi_step_forward((a, torch.randn(4, 2, 4)), torch.add)
+    # per step only T matters: [T, N, ...] with another N is fine step by step
+    assert functional.multi_step_forward((a, torch.randn(3, 1, 4)), torch.add).shape == (3, 2, 4)
+    with pytest.raises(ValueError, match=r"expected x_seq with shape \[T, N, \.\.\.\]"):
+        functional.multi_step_forward((a, torch.randn(3)), torch.add)
+    with pytest.raises(TypeError, match="member 1 of x_seq"):
+        functional.seq_to_ann_forward((a, 2.0), torch.add)
+
+
+# -- spikingjelly's graph-level conv-BN API ----------------------------------------------
+
+
+def _fusable_net(conv_cls, bn_cls, neuron_cls, extra_tail: bool = True):
+    torch.manual_seed(13)
+    modules = [
+        conv_cls(2, 4, 3, padding=1, bias=False),
+        bn_cls(4),
+        neuron_cls(),
+        conv_cls(4, 4, 3, padding=1),
+        bn_cls(4),
+    ]
+    if extra_tail:
+        modules += [neuron.IFNode(), layer.Conv2d(4, 4, 1), layer.TemporalEffectiveBatchNorm2d(3, 4)]
+    net = nn.Sequential(*modules)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean.shape == (4,):
+            _randomise_bn(m, 13)
+    functional.set_step_mode(net, "m")
+    return net
+
+
+def test_fuse_conv_bn_eval_modules_folds_pairs_in_a_mixed_network():
+    net = _fusable_net(layer.Conv2d, layer.BatchNorm2d, sj_neuron.IFNode).eval()
+    x = torch.rand(3, 2, 2, 6, 6) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reset_net names the spikingjelly neuron
+        with torch.no_grad():
+            expected = net(x)
+            functional.reset_net(net)
+            fused = functional.fuse_conv_bn_eval_modules(net)
+            got = fused(x)
+            functional.reset_net(net)
+    assert isinstance(fused, torch.fx.GraphModule)
+    kinds = [type(m).__name__ for m in fused.children()]
+    assert kinds.count("BatchNorm2d") == 0 and "TemporalEffectiveBatchNorm2d" in kinds  # TEBN stays
+    assert fused.get_submodule("0").step_mode == "m"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(net[1], layer.BatchNorm2d)  # net itself unchanged
+
+
+def test_fuse_conv_bn_eval_modules_matches_spikingjelly():
+    net = _fusable_net(sj_layer.Conv2d, sj_layer.BatchNorm2d, sj_neuron.IFNode, extra_tail=False).eval()
+    x = torch.rand(3, 2, 2, 6, 6) * 3
+    ours = functional.fuse_conv_bn_eval_modules(net)
+    theirs = sj_fusion.fuse_conv_bn_eval_modules(net)
+    ours_convs = [m for m in ours.modules() if isinstance(m, nn.Conv2d)]
+    theirs_convs = [m for m in theirs.modules() if isinstance(m, nn.Conv2d)]
+    assert len(ours_convs) == len(theirs_convs) == 2
+    for a, b in zip(ours_convs, theirs_convs):
+        torch.testing.assert_close(a.weight, b.weight, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(a.bias, b.bias, rtol=RTOL, atol=ATOL)
+    with torch.no_grad():
+        y = ours(x)
+        net[2].reset()
+        torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_conv_bn_eval_modules_errors():
+    net = _fusable_net(layer.Conv2d, layer.BatchNorm2d, neuron.IFNode, extra_tail=False)
+    with pytest.raises(ValueError, match=r"only supports eval\(\) models"):
+        functional.fuse_conv_bn_eval_modules(net)
+    no_stats = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match="Cannot fuse 1: BatchNorm must track running stats"):
+        functional.fuse_conv_bn_eval_modules(no_stats)
+    with pytest.raises(ValueError, match=r"only supports train\(\) models"):
+        functional.pack_conv_bn_train_modules(net.eval())
+
+
+def test_pack_conv_bn_train_modules_trains_like_the_network():
+    net = _fusable_net(layer.Conv2d, layer.BatchNorm2d, neuron.IFNode, extra_tail=False).train()
+    net[3].step_mode = "s"  # a pair in different step modes is left alone
+    net[3] = layer.SeqToANNContainer(net[3])
+    ref = copy.deepcopy(net)
+    packed = functional.pack_conv_bn_train_modules(net)
+    kinds = [type(m).__name__ for m in packed.children()]
+    assert kinds.count("_ConvBNPack") == 1 and "SeqToANNContainer" in kinds
+    x = torch.rand(3, 2, 2, 6, 6) * 3
+    y, y_ref = packed(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(net[0].weight.grad, ref[0].weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=1e-6, atol=1e-6)
+    assert int(net[1].num_batches_tracked) == 1
+    assert net[0].step_mode == "m" and net[1].step_mode == "m"  # restored after the packed call

@@ -417,3 +417,54 @@ def test_checkpoint_of_folded_mpbn_in_training_equals_eager():
     r_ref = _train_step(ref, x, _eager)
     r = _train_step(blk, x, _memopt)
     _assert_same_step(ref, r_ref, blk, r)
+
+
+class _StructuredOutput(nn.Module):
+    """A stateful block returning a dict / tuple with tensor and non-tensor members."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.conv = layer.Conv2d(C_IN, C, 3, padding=1, step_mode="m")
+        self.sn = neuron.LIFNode(step_mode="m")
+
+    def forward(self, x_seq):
+        spikes = self.sn(self.conv(x_seq))
+        rate = spikes.mean(dim=(2, 3, 4))  # [T, N]
+        if self.kind == "dict":
+            return {"spikes": spikes, "rate": rate, "step_mode": "m", "extra": None}
+        if self.kind == "tuple":
+            return spikes, (rate, C)
+        if self.kind == "chunk-dependent":
+            return spikes, x_seq.shape[0]  # an int that differs between uneven chunks
+        return spikes, rate.sum()  # a 0-dim tensor cannot be concatenated over chunks
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+def test_checkpoint_module_chunks_merge_structured_outputs(kind):
+    torch.manual_seed(11)
+    ref = _StructuredOutput(kind)
+    wrapped = memopt.checkpoint_module(copy.deepcopy(ref), chunks=2)
+    x = _input(16)
+    out, out_ref = wrapped(x.clone().requires_grad_(True)), ref(x)
+    if kind == "dict":
+        assert out.keys() == out_ref.keys() and out["step_mode"] == "m" and out["extra"] is None
+        tensors = [(out["spikes"], out_ref["spikes"]), (out["rate"], out_ref["rate"])]
+    else:
+        assert isinstance(out, tuple) and out[1][1] == C
+        tensors = [(out[0], out_ref[0]), (out[1][0], out_ref[1][0])]
+    for got, expected in tensors:
+        assert got.shape == expected.shape  # concatenated back to T along dim 0
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    tensors[0][0].sum().backward()
+    assert wrapped.module.conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("chunk-dependent", r"not a tensor and differs between pieces \(2 vs 1\)"),
+    ("scalar", "0-dim tensor"),
+])
+def test_checkpoint_module_chunks_reject_what_cannot_be_merged(kind, message):
+    wrapped = memopt.checkpoint_module(_StructuredOutput(kind), chunks=2)
+    with pytest.raises(ValueError, match=message):
+        wrapped(torch.randn(3, N, C_IN, H, W))  # T=3 in chunks of 2 and 1
