@@ -29,8 +29,10 @@ What it shows, stage by stage:
    re-estimates μ, σ² (an exponential average whose momentum decays every step), which
    moves the thresholds to the new input statistics. Nothing else is trained. For
    comparison, a copy adapts with each batch's own statistics (``running_stats=False``).
-4. **Plot.** Training curves and the spike rate of each MPBN-LIF layer (recorded
-   with forward hooks) are written to ``--out`` (default ``./demo_out/demo.png``).
+4. **Plot.** Training curves (the accuracy axis zoomed to the data), the fold check,
+   the spike rate of each MPBN-LIF layer (recorded with forward hooks; axes from 0)
+   and the accuracy under the input shift with both adaptations are written to
+   ``--out`` (default ``./demo_out/demo.png``).
 
 ``--backend triton`` runs the MPBN-LIF neurons and TEBN layers on the fused Triton
 kernels (on a CUDA device, or slowly on CPU through the Triton interpreter).
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib
 import math
 import os
 import sys
@@ -55,9 +58,32 @@ import torch.nn.functional as F
 from . import functional, layer
 from .neuron import MPBNBaseNode, MPBNLIFNode
 
-__all__ = ["DemoConfig", "DigitsSNN", "main", "parse_args"]
+__all__ = ["DemoConfig", "DigitsSNN", "MissingDemoExtra", "main", "parse_args"]
 
 NUM_CLASSES = 10
+
+#: import name -> distribution of the ``demo`` extra (pyproject.toml)
+DEMO_EXTRA = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+
+
+class MissingDemoExtra(ImportError):
+    """The demo's own dependencies (the ``demo`` extra) are not installed."""
+
+
+def require_demo_extra() -> None:
+    """Raise :class:`MissingDemoExtra` naming what is missing and how to install it."""
+    missing = []
+    for module, distribution in DEMO_EXTRA.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(distribution)
+    if missing:
+        raise MissingDemoExtra(
+            f"the snnorm demo needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed. Install the demo extra: pip install 'snnorm[demo]' "
+            f"(from a checkout: pip install -e '.[demo]')"
+        )
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -102,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     p.add_argument("--out", default=defaults.out, help="where to write the PNG plot")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (2 epochs, 384 training images, T=2) for smoke tests")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no tqdm progress bars (they are drawn only on a terminal anyway)")
     a = p.parse_args(argv)
     for name in ("epochs", "T", "batch_size", "threads"):
         if getattr(a, name) < 1:
@@ -241,8 +268,10 @@ def train_one_epoch(model, optimizer, x, y, cfg: DemoConfig, generator: torch.Ge
     model.train()
     losses, correct, seen = [], 0, 0
     n_batches = math.ceil(len(y) / cfg.batch_size)
+    # disable=None: tqdm draws only when its stream (stderr) is a terminal, so output
+    # redirected to a file or a CI log holds the epoch lines, not carriage-return frames
     bar = tqdm(batches(x, y, cfg.batch_size, generator), total=n_batches, leave=False,
-               desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress)
+               desc=f"epoch {epoch}/{cfg.epochs}", disable=None if cfg.progress else True)
     for xb, yb in bar:
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
@@ -300,15 +329,37 @@ def adapt_thresholds(model: DigitsSNN, x, y, batch_size: int, running_stats: boo
     return (logits.argmax(1) == y).float().mean().item()
 
 
-def plot_results(history: dict, results: dict, path: Path) -> None:
-    """Four panels: loss, accuracy, spike rate per layer over epochs, spike rates under shift."""
+def _zoomed_limits(values, margin: float = 0.03) -> tuple[float, float]:
+    """Accuracy axis limits around the data (1% differences stay visible), within [0, 1]."""
+    low = min(values)
+    return max(0.0, math.floor((low - margin) * 20) / 20), 1.0 + margin / 3
+
+
+def _bars(ax, labels, values, fmt: str = "{:.3f}") -> None:
+    bars = ax.bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    for bar, value in zip(bars, values):
+        ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, value),
+                    ha="center", va="bottom", fontsize=8)
+
+
+def make_figure(history: dict, results: dict):
+    """The demo's figure (six panels); returned open, for :func:`plot_results` to save.
+
+    Top: training loss; accuracy per epoch (axis zoomed to the data); the fold check
+    (eval accuracy before and after folding, predictions changed). Bottom: spike rate
+    per MPBN layer over epochs and under the input shift (axes from 0); accuracy under
+    the shift without adaptation and with both adaptations (running statistics,
+    per-batch statistics).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = list(range(1, len(history["train_loss"]) + 1))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fold, tta = results["fold"], results["tta"]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
 
     ax = axes[0, 0]
     steps = history["batch_loss"]
@@ -320,18 +371,28 @@ def plot_results(history: dict, results: dict, path: Path) -> None:
 
     ax = axes[0, 1]
     ax.plot(epochs, history["train_acc"], "o-", label="train")
-    ax.plot(epochs, history["test_acc"], "s-", label="test")
-    ax.set(title="accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
-    ax.legend()
+    ax.plot(epochs, history["test_acc"], "s-", label="test (eval)")
+    ax.axhline(fold["acc_after"], color="C2", ls="--", lw=1, label="test, thresholds folded")
+    last = max(1, len(epochs) // 2)  # the axis zooms on the second half of training
+    ax.set(title=f"accuracy (axis zoomed to the last {last} epochs)", xlabel="epoch", ylabel="accuracy",
+           ylim=_zoomed_limits(history["train_acc"][-last:] + history["test_acc"][-last:] + [fold["acc_after"]]))
+    ax.legend(loc="lower right")
+
+    ax = axes[0, 2]
+    _bars(ax, ["eval", "folded"], [fold["acc_before"], fold["acc_after"]])
+    ax.set(ylabel="test accuracy", ylim=_zoomed_limits([fold["acc_before"], fold["acc_after"]]),
+           title=(f"fold check: predictions changed {fold['changed']} of {fold['n']}\n"
+                  f"max |logit difference| {fold['max_logit_diff']:.1e}"))
+    ax.title.set_fontsize(10)
 
     ax = axes[1, 0]
     for name in history["spike_rate"][0]:
         ax.plot(epochs, [r[name] for r in history["spike_rate"]], "o-", label=name)
     ax.set(title="spike rate per MPBN-LIF layer (test set, eval)", xlabel="epoch", ylabel="spikes / neuron / step")
+    ax.set_ylim(bottom=0)
     ax.legend()
 
     ax = axes[1, 1]
-    tta = results["tta"]
     cases = [("clean", tta["rates_clean"]), ("corrupted", tta["rates_corrupted_before"]),
              ("corrupted + adapted", tta["rates_corrupted_after"])]
     names = list(tta["rates_clean"])
@@ -339,15 +400,32 @@ def plot_results(history: dict, results: dict, path: Path) -> None:
     for k, (label, rates) in enumerate(cases):
         ax.bar([i + k * width for i in range(len(names))], [rates[n] for n in names], width, label=label)
     ax.set_xticks([i + width * (len(cases) - 1) / 2 for i in range(len(names))], names)
-    ax.set(title=(f"folded model: spike rates under input shift\naccuracy clean {tta['acc_clean']:.3f}, "
-                  f"corrupted {tta['acc_corrupted_before']:.3f} -> {tta['acc_corrupted_after']:.3f} adapted"),
+    ax.set(title="folded model: spike rates under input shift\n(adapted = running statistics)",
            ylabel="spikes / neuron / step")
+    ax.set_ylim(bottom=0)
     ax.title.set_fontsize(10)
-    ax.legend()
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 2]
+    labels = ["clean", "corrupted", "adapted:\nrunning stats", "online:\nrunning stats", "online:\nper-batch stats"]
+    values = [tta["acc_clean"], tta["acc_corrupted_before"], tta["acc_corrupted_after"], tta["acc_online"],
+              tta["acc_online_batch_stats"]]
+    _bars(ax, labels, values)
+    ax.set(ylabel="test accuracy", ylim=_zoomed_limits(values, margin=0.08),
+           title="test-time threshold modulation (folded model, corrupted inputs)")
+    ax.title.set_fontsize(10)
 
     fig.suptitle(f"snnorm demo: sklearn digits, {results['config']['norm'].upper()} + MPBN-LIF, "
                  f"T={results['config']['T']}")
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.91, wspace=0.22, hspace=0.32)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.08, top=0.9, wspace=0.25, hspace=0.38)
+    return fig
+
+
+def plot_results(history: dict, results: dict, path: Path) -> None:
+    """Write :func:`make_figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(history, results)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -406,7 +484,7 @@ def fold_and_compare(model: DigitsSNN, cfg: DemoConfig, x_test, y_test) -> dict:
     max_diff = (logits_before - logits_after).abs().max().item()
     print(f"threshold folding: eval test acc before {acc_before:.4f}, after {acc_after:.4f}; "
           f"predictions changed: {changed} of {len(y_test)}; max |logit difference| {max_diff:.2e}")
-    return {"acc_before": acc_before, "acc_after": acc_after, "changed": changed,
+    return {"acc_before": acc_before, "acc_after": acc_after, "changed": changed, "n": len(y_test),
             "max_logit_diff": max_diff, "rates": rates}
 
 
@@ -453,6 +531,7 @@ def main(argv: list[str] | None = None, cfg: DemoConfig | None = None) -> dict:
     """Run every stage; print the accuracies and return them (with the history) as a dict."""
     if cfg is None:
         cfg = parse_args(argv)
+    require_demo_extra()
     threads = torch.get_num_threads()
     # Splitting each tiny op over cores costs more than it saves (3x slower on 2 cores).
     torch.set_num_threads(cfg.threads)
@@ -463,4 +542,7 @@ def main(argv: list[str] | None = None, cfg: DemoConfig | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MissingDemoExtra as missing:
+        sys.exit(f"python -m snnorm.demo: {missing}")

@@ -3,7 +3,9 @@
 The demo is run in-process through ``snnorm.demo.main`` with tiny configurations.
 """
 
+import io
 import math
+import sys
 
 import pytest
 import torch
@@ -133,3 +135,64 @@ def test_parse_args():
     for bad in (["--epochs", "0"], ["--norm", "bntt"], ["--backend", "cuda"], ["--lr", "-1"]):
         with pytest.raises(SystemExit):
             demo.parse_args(bad)
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bar_only_on_a_terminal(terminal, monkeypatch, capsys):
+    torch.manual_seed(0)
+    cfg = demo.DemoConfig(epochs=1, T=2, batch_size=8, channels=(2, 4), progress=True)
+    model = demo.DigitsSNN(cfg.T, cfg.norm, cfg.channels)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    stream = _FakeTerminal()
+    if terminal:
+        monkeypatch.setattr(sys, "stderr", stream)
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    demo.train_one_epoch(model, optimizer, x, y, cfg, torch.Generator().manual_seed(0), epoch=1)
+    drawn = stream.getvalue() if terminal else capsys.readouterr().err
+    if terminal:
+        assert "epoch 1/1" in drawn and "\r" in drawn
+    else:  # redirected (pytest captures stderr): nothing but readable lines
+        assert drawn == ""
+
+
+def _synthetic_results():
+    history = {"train_loss": [1.0, 0.5, 0.3, 0.2], "train_acc": [0.6, 0.92, 0.95, 0.97],
+               "test_acc": [0.55, 0.9, 0.93, 0.94], "batch_loss": [1.2, 0.8, 0.6, 0.4, 0.35, 0.3, 0.25, 0.2],
+               "spike_rate": [{"lif1": 0.2, "lif2": 0.1}] * 4}
+    results = {
+        "config": {"norm": "tebn", "T": 4},
+        "fold": {"acc_before": 0.94, "acc_after": 0.94, "changed": 0, "n": 360, "max_logit_diff": 3e-7},
+        "tta": {"acc_clean": 0.94, "acc_corrupted_before": 0.5, "acc_corrupted_after": 0.56, "acc_online": 0.54,
+                "acc_online_batch_stats": 0.64, "rates_clean": {"lif1": 0.2, "lif2": 0.1},
+                "rates_corrupted_before": {"lif1": 0.25, "lif2": 0.12},
+                "rates_corrupted_after": {"lif1": 0.21, "lif2": 0.11}},
+    }
+    return history, results
+
+
+def test_figure_zooms_accuracy_starts_rates_at_zero_and_shows_fold_and_both_adaptations():
+    import matplotlib.pyplot as plt
+
+    history, results = _synthetic_results()
+    fig = demo.make_figure(history, results)
+    try:
+        axes = {ax.get_title(): ax for ax in fig.axes}
+        accuracy = next(ax for title, ax in axes.items() if title.startswith("accuracy"))
+        low, high = accuracy.get_ylim()
+        assert 0.8 <= low <= 0.9 and high <= 1.02  # zoomed on the converged epochs, not [0, 1]
+        rates = [ax for title, ax in axes.items() if "spike rate" in title]
+        assert len(rates) == 2 and all(ax.get_ylim()[0] == 0 for ax in rates)
+        fold = next(ax for title, ax in axes.items() if title.startswith("fold check"))
+        assert "predictions changed 0 of 360" in fold.get_title() and "3.0e-07" in fold.get_title()
+        adaptation = next(ax for title, ax in axes.items() if "threshold modulation" in title)
+        labels = [t.get_text() for t in adaptation.get_xticklabels()]
+        assert any("running stats" in t for t in labels) and any("per-batch" in t for t in labels)
+        heights = sorted(round(p.get_height(), 6) for p in adaptation.patches)
+        assert heights == sorted([0.94, 0.5, 0.56, 0.54, 0.64])
+    finally:
+        plt.close(fig)
