@@ -6,6 +6,10 @@ A :class:`MemoryModule` also holds state across calls (the membrane potential of
 neuron, a timestep counter) registered with :meth:`MemoryModule.register_memory` and
 restored by :meth:`MemoryModule.reset` (or :func:`snnorm.functional.reset_net`).
 
+The module-level :func:`named_memories`, :func:`extract_memories`, :func:`load_memories`
+and :func:`to_functional_forward` (and ``MemoryModule.functional_forward``) are
+spikingjelly's explicit-state API: run a network from given states and get the new ones.
+
 Every snnorm module has a ``backend`` property, validated against its
 ``supported_backends`` tuple; modules look their math up in
 ``snnorm.backends.get_ops(self.backend)``.

@@ -1,11 +1,13 @@
 """Network-level helpers (spikingjelly ``activation_based.functional`` API).
 
-``reset_net``, ``set_step_mode``, ``set_backend``, ``detach_net`` walk a network;
-``seq_to_ann_forward``, ``multi_step_forward``, ``chunk_multi_step_forward`` run
-stateless or stateful modules over a ``[T, N, ...]`` sequence. The conv-BN fusion
-helpers (``fused_conv2d_*_of_convbn2d``, ``fuse_convbn2d``, ``fuse_conv_bn_eval``)
-fold an eval-mode BatchNorm into the convolution before it.
-"""
+``reset_net``, ``set_step_mode``, ``set_backend``, ``detach_net`` walk a network, snnorm
+modules and foreign ones (spikingjelly's, a user's) alike; ``seq_to_ann_forward``,
+``multi_step_forward`` (and their ``t_last_`` variants), ``chunk_multi_step_forward`` run
+stateless or stateful modules over a ``[T, N, ...]`` sequence, tuple inputs and outputs
+included. The conv-BN fusion helpers (``fused_conv2d_*_of_convbn2d``, ``fuse_convbn2d``,
+``fuse_conv_bn_eval``) fold an eval-mode BatchNorm into the convolution before it;
+``fuse_conv_bn_eval_modules`` and ``pack_conv_bn_train_modules`` do it for a whole
+network (spikingjelly's ``functional.conv_bn_fusion``)."""
 
 from __future__ import annotations
 
@@ -25,11 +27,16 @@ from . import _outputs, backends, base
 
 __all__ = [
     "reset_net",
+    "collect_reset_modules",
+    "reset_collected_modules",
+    "invalidate_reset_cache",
     "set_step_mode",
     "set_backend",
     "detach_net",
     "seq_to_ann_forward",
+    "t_last_seq_to_ann_forward",
     "multi_step_forward",
+    "t_last_multi_step_forward",
     "chunk_multi_step_forward",
     "fused_conv2d_weight_of_convbn2d",
     "fused_conv2d_bias_of_convbn2d",
@@ -37,16 +44,18 @@ __all__ = [
     "scale_fused_conv2d_bias_of_convbn2d",
     "fuse_convbn2d",
     "fuse_conv_bn_eval",
+    "fuse_conv_bn_eval_modules",
+    "pack_conv_bn_train_modules",
 ]
 
 
-def _warn_foreign(action: str, module: nn.Module, contract: str) -> None:
+def _warn_foreign(action: str, module: nn.Module, contract: str, stacklevel: int = 3) -> None:
     # once per class and call site (the warnings registry): reset_net runs every batch
     cls = type(module)
     warnings.warn(
         f"{action}: called on {cls.__module__}.{cls.__qualname__}, which is not a snnorm {contract}; "
         f"snnorm cannot check what it does (spikingjelly warns the same way)",
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 
@@ -59,13 +68,29 @@ def reset_net(net: nn.Module) -> None:
     snnorm cannot vouch for what their ``reset`` does. Unlike spikingjelly, the list of
     modules is not cached, so modules added or swapped after a first call are reset.
     """
-    for module in net.modules():
-        reset = getattr(module, "reset", None)
-        if not callable(reset):
-            continue
+    _reset_modules(collect_reset_modules(net), stacklevel=4)
+
+
+def collect_reset_modules(net: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules of ``net`` that :func:`reset_net` resets (those with a callable ``reset``)."""
+    return tuple(m for m in net.modules() if callable(getattr(m, "reset", None)))
+
+
+def reset_collected_modules(modules: Sequence[nn.Module]) -> None:
+    """Reset ``modules`` (from :func:`collect_reset_modules`), warning for non-snnorm ones."""
+    _reset_modules(modules, stacklevel=4)
+
+
+def _reset_modules(modules: Sequence[nn.Module], stacklevel: int) -> None:
+    for module in modules:
         if not isinstance(module, base.MemoryModule):
-            _warn_foreign("reset_net: reset()", module, "MemoryModule")
-        reset()
+            _warn_foreign("reset_net: reset()", module, "MemoryModule", stacklevel)
+        module.reset()
+
+
+def invalidate_reset_cache(net: nn.Module) -> None:
+    """Does nothing: snnorm's :func:`reset_net` walks the network on every call, so there is
+    no cache to clear after a module swap (spikingjelly caches the module list)."""
 
 
 def detach_net(net: nn.Module) -> None:
@@ -267,6 +292,22 @@ def multi_step_forward(x_seq, single_step_module: nn.Module | Sequence[nn.Module
     if not outputs:
         raise ValueError(f"{where}: expected x_seq with shape [T, N, ...] and T >= 1, got T = 0")
     return _outputs.merge_outputs(outputs, torch.stack, where)
+
+
+def t_last_seq_to_ann_forward(x_seq, stateless_module: nn.Module | Sequence[nn.Module] | Callable):
+    """:func:`seq_to_ann_forward` for sequences with time last, ``[N, ..., T]``."""
+    members = x_seq if isinstance(x_seq, tuple) else (x_seq,)
+    time_first = tuple(x.movedim(-1, 0) if isinstance(x, torch.Tensor) and x.dim() >= 2 else x for x in members)
+    y = seq_to_ann_forward(time_first if isinstance(x_seq, tuple) else time_first[0], stateless_module)
+    return _outputs.map_tensors(y, lambda t: t.movedim(0, -1))
+
+
+def t_last_multi_step_forward(x_seq, single_step_module: nn.Module | Sequence[nn.Module] | Callable):
+    """:func:`multi_step_forward` for sequences with time last, ``[N, ..., T]``."""
+    members = x_seq if isinstance(x_seq, tuple) else (x_seq,)
+    time_first = tuple(x.movedim(-1, 0) if isinstance(x, torch.Tensor) and x.dim() >= 2 else x for x in members)
+    y = multi_step_forward(time_first if isinstance(x_seq, tuple) else time_first[0], single_step_module)
+    return _outputs.map_tensors(y, lambda t: t.movedim(0, -1))
 
 
 def chunk_multi_step_forward(split_size: int, x_seq: torch.Tensor, multi_step_module: nn.Module | Callable):

@@ -489,3 +489,15 @@ def test_pack_conv_bn_train_modules_trains_like_the_network():
     torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=1e-6, atol=1e-6)
     assert int(net[1].num_batches_tracked) == 1
     assert net[0].step_mode == "m" and net[1].step_mode == "m"  # restored after the packed call
+
+
+def test_t_last_forward_helpers_match_spikingjelly():
+    x = torch.randn(2, 4, 6, 6, 3)  # [N, C, H, W, T]
+    conv = nn.Conv2d(4, 5, 3, padding=1)
+    y = functional.t_last_seq_to_ann_forward(x, conv)
+    torch.testing.assert_close(y, sj_functional.t_last_seq_to_ann_forward(x, conv), rtol=1e-6, atol=1e-6)
+    assert y.shape == (2, 5, 6, 6, 3)
+    lif = neuron.LIFNode()
+    y = functional.t_last_multi_step_forward(x, lif)
+    functional.reset_net(lif)
+    assert torch.equal(y, sj_functional.t_last_multi_step_forward(x, lif))

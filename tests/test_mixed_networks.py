@@ -240,3 +240,25 @@ def test_module_functional_forward_and_reset_values():
         lif.get_reset_value("w")
     with pytest.raises(ValueError, match="1 memories"):
         lif.functional_forward((x,), (0.0, 0.0))
+
+
+def test_reset_net_warns_once_per_class_not_every_batch():
+    net = nn.Sequential(sj_neuron.IFNode(), sj_neuron.IFNode(), sj_neuron.LIFNode(), neuron.LIFNode())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")  # Python's default: once per message and call site
+        for _ in range(3):  # three batches
+            functional.reset_net(net)
+    messages = sorted(str(w.message).split(" which")[0] for w in record)
+    assert len(messages) == 2 and "IFNode" in messages[0] and "LIFNode" in messages[1]
+    assert all(w.filename == __file__ for w in record)  # attributed to the caller's line
+
+
+def test_spikingjelly_reset_helpers_exist_and_act_like_reset_net():
+    net = _mixed_net()
+    functional.invalidate_reset_cache(net)  # nothing cached in snnorm; harmless
+    modules = functional.collect_reset_modules(net)
+    assert modules == (net[1], net[3])
+    net(torch.rand(3, 4))
+    with pytest.warns(UserWarning, match="IFNode"):
+        functional.reset_collected_modules(modules)
+    assert net[1].v == 0.0 and net[3].v == 0.0
