@@ -175,13 +175,11 @@ def set_step_mode(net: nn.Module, step_mode: str) -> None:
 
 
 def _declared_backends(module: nn.Module) -> tuple[str, ...] | None:
-    declared = getattr(type(module), "supported_backends", None)
-    if declared is None:
-        return None
-    declared = getattr(module, "supported_backends")
+    """snnorm's tuple, or what a foreign module declares (a tuple, or a method returning one)."""
+    declared = getattr(module, "supported_backends", None)
     if callable(declared):
         declared = declared()
-    return tuple(declared)
+    return None if declared is None else tuple(declared)
 
 
 def set_backend(net: nn.Module, backend: str, instance: type | tuple[type, ...] = (nn.Module,)) -> None:
@@ -201,12 +199,18 @@ def set_backend(net: nn.Module, backend: str, instance: type | tuple[type, ...] 
         backend in _declared_backends(m) for _, m in selected
     ):
         backends.get_ops(backend)  # validate once, before changing anything
-    skipped = []
-    for name, module in selected:
-        if backend in _declared_backends(module):
-            module.backend = backend
-        else:
-            skipped.append(f"{name or '<root>'} ({type(module).__name__})")
+    skipped, previous = [], []
+    try:
+        for name, module in selected:
+            if backend in _declared_backends(module):
+                previous.append((module, getattr(module, "backend", None)))
+                module.backend = backend
+            else:
+                skipped.append(f"{name or '<root>'} ({type(module).__name__})")
+    except Exception:  # a foreign module's own setter refused: undo, so nothing changed
+        for module, old in reversed(previous):
+            module.backend = old
+        raise
     if skipped:
         warnings.warn(
             f"set_backend({backend!r}): these modules do not support it and keep their "

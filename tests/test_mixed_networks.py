@@ -262,3 +262,19 @@ def test_spikingjelly_reset_helpers_exist_and_act_like_reset_net():
     with pytest.warns(UserWarning, match="IFNode"):
         functional.reset_collected_modules(modules)
     assert net[1].v == 0.0 and net[3].v == 0.0
+
+
+class _RefusingNode(_ForeignNode):
+    """Declares triton but its own setter refuses it (e.g. needs a device it cannot find)."""
+
+    def __setattr__(self, name, value):
+        if name == "backend" and value == "triton":
+            raise RuntimeError("_RefusingNode: no device for triton")
+        super().__setattr__(name, value)
+
+
+def test_set_backend_undoes_its_changes_when_a_foreign_setter_refuses():
+    net = nn.Sequential(neuron.LIFNode(), _ForeignNode(("torch", "triton")), _RefusingNode(("torch", "triton")))
+    with pytest.raises(RuntimeError, match="no device"):
+        functional.set_backend(net, "triton")
+    assert [m.backend for m in net] == ["torch", "torch", "torch"]
