@@ -136,7 +136,8 @@ def set_step_mode(net: nn.Module, step_mode: str) -> None:
     snnorm and spikingjelly modules alike. The children of containers that run them
     step by step (snnorm's and spikingjelly's ``SeqToANNContainer``,
     ``MultiStepContainer``, ...) keep their mode, as in spikingjelly. Every module is
-    checked before any is changed: one that declares its supported modes and lacks
+    checked before any is changed: one whose declared modes (snnorm's
+    ``supported_step_modes``, spikingjelly's ``supported_step_mode()``) do not include
     ``step_mode`` raises ValueError naming it, and nothing is changed. A module with a
     ``step_mode`` but no declared modes is set anyway, with a warning (spikingjelly's
     rule); if its own setter rejects the value, the modules already set are restored.
