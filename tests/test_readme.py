@@ -14,6 +14,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,7 @@ def _check_command(argv: list[str], capsys, monkeypatch) -> None:
     elif argv[0] in ("python", "python3") and argv[1] == "-m":
         module = argv[2]  # run in-process with --help (the real run is the demo's own test)
         monkeypatch.setattr("sys.argv", [module, "--help"])
+        monkeypatch.delitem(sys.modules, module, raising=False)  # run it as python -m would: fresh
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_module(module, run_name="__main__", alter_sys=False)
         assert exit_info.value.code == 0
