@@ -20,7 +20,7 @@ detached in the reset when ``detach_reset``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -213,5 +213,106 @@ def tebn(
     return y * scale.view(-1, *([1] * (y.dim() - 1)))
 
 
+def tab_step_stats(x_seq: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Per-step partial statistics of ``x_seq`` ``[T, N, C, *]``: (n, mean [T, C], M2 [T, C]).
+
+    n = N·spatial values per (t, c); M2 = Σ (x − mean)², computed in float32 at least
+    (float64 for float64 input). Differentiable in ``x_seq``.
+    """
+    acc = torch.promote_types(x_seq.dtype, torch.float32)
+    x = x_seq.to(acc).transpose(1, 2).flatten(2)  # [T, C, N·spatial]
+    mean = x.mean(dim=2)
+    m2 = ((x - mean.unsqueeze(2)) ** 2).sum(dim=2)
+    return x.shape[2], mean, m2
+
+
+def chan_prefix(
+    n: int,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    prefix: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefix statistics of the steps so far: Chan et al.'s pairwise combination, in order.
+
+    ``mean``, ``m2`` are the per-step partials ``[T, C]`` of n values each; ``prefix`` is
+    (count, mean [C], M2 [C]) of the steps before them, or None. Returns (count [T],
+    mean [T, C], M2 [T, C]) of steps 0..t for every t::
+
+        count' = count + n,   δ = mean_t − mean
+        mean'  = mean + δ·n/count',   M2' = M2 + M2_t + δ²·count·n/count'
+
+    Differentiable in the partials and in ``prefix``.
+    """
+    count, run_mean, run_m2 = prefix if prefix is not None else (0, None, None)
+    counts, means, m2s = [], [], []
+    for mean_t, m2_t in zip(mean, m2):
+        if run_mean is None:
+            run_mean, run_m2 = mean_t, m2_t
+        else:
+            delta = mean_t - run_mean
+            run_mean = run_mean + delta * (n / (count + n))
+            run_m2 = run_m2 + m2_t + delta * delta * (count * n / (count + n))
+        count = count + n
+        counts.append(float(count))
+        means.append(run_mean)
+        m2s.append(run_m2)
+    return mean.new_tensor(counts), torch.stack(means), torch.stack(m2s)
+
+
+def tab(
+    x_seq: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    p: torch.Tensor,
+    *,
+    training: bool,
+    momentum: Sequence[float],
+    eps: float,
+    prefix: tuple | None = None,
+) -> tuple[torch.Tensor, tuple | None]:
+    """Temporal accumulated BN (TAB; Jiang et al., ICLR 2024), O(T).
+
+    Step t is normalised with the statistics of every step up to and including it::
+
+        μ_t, σ²_t = mean and biased variance of x[0..t] per channel (n_t = (t+1)·N·spatial)
+        y_t = p_t²·(γ_t (x_t − μ_t)/√(σ²_t + ε) + β_t)
+
+    The prefix statistics come from per-step partials combined in order
+    (:func:`chan_prefix`), so the whole sequence costs O(T), not the official code's
+    O(T²); gradients flow through μ_t, σ²_t into every earlier step. Per-step tensors:
+    ``weight``, ``bias``, running statistics ``[T, C]`` (or None), ``p`` ``[T]``,
+    ``momentum`` T factors (resolved by the caller). In training, running statistics are
+    updated in place per step: r_μ[t] ← (1 − m_t)·r_μ[t] + m_t·μ_t, r_σ²[t] likewise with
+    σ²_t·n_t/(n_t − 1). In eval (with running statistics) step t uses r_μ[t], r_σ²[t].
+
+    ``x_seq`` may be the chunk of steps t0..t0+T−1 of a longer sequence (single-step mode):
+    ``prefix`` = (count, mean [C], M2 [C]) of steps 0..t0−1. Returns ``(y, prefix')`` with
+    prefix' the statistics after the chunk (None when running statistics normalise).
+    """
+    shape = (x_seq.shape[0], 1, -1, *([1] * (x_seq.dim() - 3)))  # [T, C] -> broadcast over [T, N, C, *]
+    if training or running_mean is None:
+        n, step_mean, step_m2 = tab_step_stats(x_seq)
+        count, mean, m2 = chan_prefix(n, step_mean, step_m2, prefix)
+        var = m2 / count.unsqueeze(1)
+        if training and running_mean is not None:
+            with torch.no_grad():
+                factor = mean.new_tensor(list(momentum)).unsqueeze(1)
+                unbiased = m2 / (count - 1).unsqueeze(1)
+                running_mean.mul_(1 - factor).add_(factor * mean.to(running_mean.dtype))
+                running_var.mul_(1 - factor).add_(factor * unbiased.to(running_var.dtype))
+        state = (float(count[-1]), mean[-1], m2[-1])
+    else:
+        mean, var, state = running_mean, running_var, None
+    acc = mean.dtype
+    x_hat = (x_seq.to(acc) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    y = x_hat if weight is None else x_hat * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    y = y * (p * p).view(-1, *([1] * (y.dim() - 1)))
+    return y.to(torch.promote_types(x_seq.dtype, p.dtype)), state
+
+
 def load_ops():
-    return {"lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn}
+    return {"lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn, "tab": tab}
