@@ -243,7 +243,7 @@ def chan_prefix(
 
     Differentiable in the partials and in ``prefix``.
     """
-    count, run_mean, run_m2 = prefix if prefix is not None else (0, None, None)
+    count, run_mean, run_m2 = prefix if prefix is not None else (0, None, None)  # (0, None, None): empty
     counts, means, m2s = [], [], []
     for mean_t, m2_t in zip(mean, m2):
         if run_mean is None:
@@ -257,6 +257,28 @@ def chan_prefix(
         means.append(run_mean)
         m2s.append(run_m2)
     return mean.new_tensor(counts), torch.stack(means), torch.stack(m2s)
+
+
+def update_accumulated_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    momentum: Sequence[float],
+) -> None:
+    """TAB's per-step running statistics, in place: r_μ[t] ← (1 − m_t)·r_μ[t] + m_t·μ_t and
+    r_σ²[t] ← (1 − m_t)·r_σ²[t] + m_t·M2_t/(n_t − 1) (unbiased, as torch's BN)."""
+    with torch.no_grad():
+        factor = mean.new_tensor(list(momentum)).unsqueeze(1)
+        unbiased = m2 / (count - 1).unsqueeze(1)
+        running_mean.mul_(1 - factor).add_((factor * mean).to(running_mean.dtype))
+        running_var.mul_(1 - factor).add_((factor * unbiased).to(running_var.dtype))
+
+
+def tab_scale_shape(x_seq: torch.Tensor) -> tuple[int, ...]:
+    """View shape that broadcasts a per-step, per-channel [T, C] tensor over [T, N, C, *spatial]."""
+    return (x_seq.shape[0], 1, -1, *([1] * (x_seq.dim() - 3)))
 
 
 def tab(
@@ -284,29 +306,27 @@ def tab(
     O(T²); gradients flow through μ_t, σ²_t into every earlier step. Per-step tensors:
     ``weight``, ``bias``, running statistics ``[T, C]`` (or None), ``p`` ``[T]``,
     ``momentum`` T factors (resolved by the caller). In training, running statistics are
-    updated in place per step: r_μ[t] ← (1 − m_t)·r_μ[t] + m_t·μ_t, r_σ²[t] likewise with
-    σ²_t·n_t/(n_t − 1). In eval (with running statistics) step t uses r_μ[t], r_σ²[t].
+    updated in place per step (:func:`update_accumulated_running_stats`). In eval (with
+    running statistics) step t uses r_μ[t], r_σ²[t].
 
-    ``x_seq`` may be the chunk of steps t0..t0+T−1 of a longer sequence (single-step mode):
-    ``prefix`` = (count, mean [C], M2 [C]) of steps 0..t0−1. Returns ``(y, prefix')`` with
-    prefix' the statistics after the chunk (None when running statistics normalise).
+    ``prefix=None``: ``x_seq`` is a whole sequence; returns ``(y, None)``. Otherwise
+    ``x_seq`` continues a sequence (single-step mode: steps t0..t0+T−1) and ``prefix`` =
+    (count, mean [C], M2 [C]) holds the statistics of steps 0..t0−1 (``(0, None, None)``
+    at t0 = 0); returns ``(y, prefix')`` with the statistics after the chunk (differentiable,
+    so the next step's gradient reaches these steps), or ``(y, prefix)`` unchanged when
+    running statistics normalise.
     """
-    shape = (x_seq.shape[0], 1, -1, *([1] * (x_seq.dim() - 3)))  # [T, C] -> broadcast over [T, N, C, *]
+    shape = tab_scale_shape(x_seq)
     if training or running_mean is None:
         n, step_mean, step_m2 = tab_step_stats(x_seq)
         count, mean, m2 = chan_prefix(n, step_mean, step_m2, prefix)
         var = m2 / count.unsqueeze(1)
         if training and running_mean is not None:
-            with torch.no_grad():
-                factor = mean.new_tensor(list(momentum)).unsqueeze(1)
-                unbiased = m2 / (count - 1).unsqueeze(1)
-                running_mean.mul_(1 - factor).add_(factor * mean.to(running_mean.dtype))
-                running_var.mul_(1 - factor).add_(factor * unbiased.to(running_var.dtype))
-        state = (float(count[-1]), mean[-1], m2[-1])
+            update_accumulated_running_stats(running_mean, running_var, count, mean, m2, momentum)
+        state = None if prefix is None else (float(count[-1]), mean[-1], m2[-1])
     else:
-        mean, var, state = running_mean, running_var, None
-    acc = mean.dtype
-    x_hat = (x_seq.to(acc) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+        mean, var, state = running_mean, running_var, prefix
+    x_hat = (x_seq.to(mean.dtype) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
     y = x_hat if weight is None else x_hat * weight.view(shape)
     if bias is not None:
         y = y + bias.view(shape)

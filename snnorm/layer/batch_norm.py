@@ -764,11 +764,8 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
             )
         if t == 0:
             self._check_first_step(x)
-        uses_batch = self._uses_batch_stats()
-        prefix = (self.stat_count, self.stat_mean, self.stat_m2) if uses_batch and t > 0 else None
-        y, state = self._tab(x.unsqueeze(0), t, prefix)
-        if state is not None:
-            self.stat_count, self.stat_mean, self.stat_m2 = state
+        y, state = self._tab(x.unsqueeze(0), t, (self.stat_count, self.stat_mean, self.stat_m2))
+        self.stat_count, self.stat_mean, self.stat_m2 = state
         self.t = t
         return y[0]
 
