@@ -316,7 +316,6 @@ def tab(
     so the next step's gradient reaches these steps), or ``(y, prefix)`` unchanged when
     running statistics normalise.
     """
-    shape = tab_scale_shape(x_seq)
     if training or running_mean is None:
         n, step_mean, step_m2 = tab_step_stats(x_seq)
         count, mean, m2 = chan_prefix(n, step_mean, step_m2, prefix)
@@ -326,12 +325,18 @@ def tab(
         state = None if prefix is None else (float(count[-1]), mean[-1], m2[-1])
     else:
         mean, var, state = running_mean, running_var, prefix
+    return tab_apply(x_seq, weight, bias, mean, var, p, eps), state
+
+
+def tab_apply(x_seq, weight, bias, mean, var, p, eps: float) -> torch.Tensor:
+    """y_t = p_t²·(γ_t (x_t − μ_t)/√(σ²_t + ε) + β_t) with per-step ``[T, C]`` μ, σ², γ, β."""
+    shape = tab_scale_shape(x_seq)
     x_hat = (x_seq.to(mean.dtype) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
     y = x_hat if weight is None else x_hat * weight.view(shape)
     if bias is not None:
         y = y + bias.view(shape)
     y = y * (p * p).view(-1, *([1] * (y.dim() - 1)))
-    return y.to(torch.promote_types(x_seq.dtype, p.dtype)), state
+    return y.to(torch.promote_types(x_seq.dtype, p.dtype))
 
 
 def load_ops():
