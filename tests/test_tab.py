@@ -294,3 +294,74 @@ def test_reset_parameters_and_repr():
     assert torch.equal(m.p, torch.ones(T)) and torch.equal(m.weight, torch.ones(T, C))
     assert m.num_batches_tracked.tolist() == [0] * T
     assert "T=3" in repr(m) and "backend=torch" in repr(m)
+
+
+# -- autocast and checkpointing ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("training", [True, False])
+def test_autocast_bf16_keeps_fp32_statistics(backend, training):
+    """bf16 activations under CPU autocast: statistics and parameters stay fp32, the output
+    is fp32 (p² promotes, as TEBN), and everything is close to the fp32 run."""
+    torch.manual_seed(0)
+    ref = layer.TemporalAccumulatedBatchNorm2d(T, C).train(training)
+    with torch.no_grad():
+        ref.running_var.uniform_(0.5, 2), ref.p.uniform_(0.7, 1.3)
+    m = layer.TemporalAccumulatedBatchNorm2d(T, C).train(training)
+    m.load_state_dict(ref.state_dict())
+    functional.set_backend(m, backend)
+    x = _sequence((N, C, 3, 3), torch.float32, 0)
+    xr, xb = x.clone().requires_grad_(), x.to(torch.bfloat16).requires_grad_()
+    y_ref = ref(xr)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(xb)
+    assert y.dtype == torch.float32
+    g = torch.linspace(-1, 1, y.numel()).view(y.shape)
+    (y_ref * g).sum().backward(), (y * g).sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(xb.grad.float(), xr.grad, atol=3e-2, rtol=3e-2)
+    for name in ("weight", "bias", "p"):
+        assert getattr(m, name).grad.dtype == torch.float32
+        torch.testing.assert_close(getattr(m, name).grad, getattr(ref, name).grad, atol=5e-2, rtol=5e-2)
+    for a, b in zip(m.buffers(), ref.buffers()):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_plain_checkpoint_updates_running_stats_once(use_reentrant):
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    ref, _ = _pair(layer.TemporalAccumulatedBatchNorm2d)
+    m, _ = _pair(layer.TemporalAccumulatedBatchNorm2d)
+    x = _sequence(LAYOUTS["2d"][1], torch.float64, 0)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = ref(xa)
+    yb = torch_checkpoint(m, xb, use_reentrant=use_reentrant)
+    ya.square().sum().backward(), yb.square().sum().backward()
+    assert m.num_batches_tracked.tolist() == [1] * T
+    assert torch.equal(m.running_mean, ref.running_mean) and torch.equal(m.running_var, ref.running_var)
+    assert torch.allclose(xb.grad, xa.grad, atol=1e-12) and torch.allclose(m.p.grad, ref.p.grad, atol=1e-12)
+
+
+def test_memopt_checkpoint_of_single_steps_equals_eager():
+    """Single-step TAB checkpointed step by step: memories restored for each recompute."""
+    from snnorm import memopt
+
+    ref, _ = _pair(layer.TemporalAccumulatedBatchNorm2d)
+    m, _ = _pair(layer.TemporalAccumulatedBatchNorm2d)
+    functional.set_step_mode(ref, "s"), functional.set_step_mode(m, "s")
+    x = _sequence(LAYOUTS["2d"][1], torch.float64, 1)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = torch.stack([ref(xa[t]) for t in range(T)])
+    yb = torch.stack([memopt.checkpoint(m, xb[t]) for t in range(T)])
+    ya.square().sum().backward(), yb.square().sum().backward()
+    assert torch.allclose(yb, ya, atol=1e-12)
+    assert torch.allclose(xb.grad, xa.grad, atol=1e-12)
+    for name in ("weight", "bias", "p"):
+        assert torch.allclose(getattr(m, name).grad, getattr(ref, name).grad, atol=1e-12), name
+    assert m.num_batches_tracked.tolist() == [1] * T
+    assert torch.equal(m.running_var, ref.running_var)
+    assert m.t == T - 1 and torch.equal(m.stat_m2, ref.stat_m2)
