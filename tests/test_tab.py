@@ -365,3 +365,15 @@ def test_memopt_checkpoint_of_single_steps_equals_eager():
     assert m.num_batches_tracked.tolist() == [1] * T
     assert torch.equal(m.running_var, ref.running_var)
     assert m.t == T - 1 and torch.equal(m.stat_m2, ref.stat_m2)
+
+
+def test_demo_model_with_tab_norm():
+    from snnorm import demo
+
+    assert demo.parse_args(["--norm", "tab"]).norm == "tab"
+    model = demo.DigitsSNN(T=2, norm="tab", channels=(4, 8))
+    tabs = [m for m in model.modules() if isinstance(m, layer.TemporalAccumulatedBatchNorm2d)]
+    assert len(tabs) == 2
+    logits = model(torch.rand(6, 1, 8, 8))
+    logits.sum().backward()
+    assert logits.shape == (6, 10) and all(m.p.grad is not None for m in tabs)
