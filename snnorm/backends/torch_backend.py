@@ -220,10 +220,11 @@ def tab_step_stats(x_seq: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor
     (float64 for float64 input). Differentiable in ``x_seq``.
     """
     acc = torch.promote_types(x_seq.dtype, torch.float32)
-    x = x_seq.to(acc).transpose(1, 2).flatten(2)  # [T, C, N·spatial]
-    mean = x.mean(dim=2)
-    m2 = ((x - mean.unsqueeze(2)) ** 2).sum(dim=2)
-    return x.shape[2], mean, m2
+    x = x_seq.to(acc)
+    dims = (1, *range(3, x.dim()))  # N and spatial: per (t, c)
+    mean = x.mean(dim=dims)
+    m2 = ((x - mean.view(tab_scale_shape(x))) ** 2).sum(dim=dims)
+    return x.numel() // max(x.shape[0] * x.shape[2], 1), mean, m2
 
 
 def chan_prefix(
@@ -330,12 +331,14 @@ def tab(
 
 def tab_apply(x_seq, weight, bias, mean, var, p, eps: float) -> torch.Tensor:
     """y_t = p_t²·(γ_t (x_t − μ_t)/√(σ²_t + ε) + β_t) with per-step ``[T, C]`` μ, σ², γ, β."""
+    p2 = (p * p).unsqueeze(1)
+    scale = p2 * torch.rsqrt(var + eps)  # p_t² γ_t / √(σ²_t + ε) per (t, c)
+    if weight is not None:
+        scale = scale * weight
     shape = tab_scale_shape(x_seq)
-    x_hat = (x_seq.to(mean.dtype) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
-    y = x_hat if weight is None else x_hat * weight.view(shape)
+    y = (x_seq.to(mean.dtype) - mean.view(shape)) * scale.view(shape)  # μ first: precise when |μ| ≫ σ
     if bias is not None:
-        y = y + bias.view(shape)
-    y = y * (p * p).view(-1, *([1] * (y.dim() - 1)))
+        y = y + (p2 * bias).view(shape)
     return y.to(torch.promote_types(x_seq.dtype, p.dtype))
 
 
