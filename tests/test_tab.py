@@ -382,12 +382,12 @@ def test_demo_model_with_tab_norm():
 def test_bench_smoke(tmp_path):
     """perf/bench_tab.py on its smoke grid: every provider agreed before being timed, and
     the speedup over the O(T²) baseline is reported."""
-    from perf import bench_tab, harness
+    from perf import bench_tab
 
     rows = bench_tab.main(["--smoke", "--no-compile", "--quiet", "--threads", "0", "--out", str(tmp_path)])
     assert not [r for r in rows if r["metric"] == "error"]
     agree = [r for r in rows if r["metric"] == "agree"]
-    assert {r["provider"] for r in agree} >= {harness.SNNORM_TORCH, bench_tab.QUADRATIC}
+    assert bench_tab.QUADRATIC in {r["provider"] for r in agree}  # checked against snnorm-torch
     assert all(r["value"] == 1.0 for r in agree)
     speedups = [r for r in rows if r["metric"] == "speedup_vs_quadratic"]
     assert len(speedups) == 2 * len(bench_tab.MODES) and all(r["value"] > 0 for r in speedups)
