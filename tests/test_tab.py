@@ -269,7 +269,8 @@ def test_bad_input_rejected_without_state_change(step_mode):
     _rejects(m, torch.ones(*lead, N, C, 4, 4, dtype=torch.long), TypeError, "floating-point", "torch.int64")
     _rejects(m, torch.randn(*lead, N, C, 4, 4, device="meta"), ValueError, "input is on meta", "cpu")
     _rejects(m, [1.0], TypeError, "torch.Tensor", "list")
-    _rejects(m, torch.randn(*lead, 1, C, 1, 1), ValueError, "more than one value per channel")
+    _rejects(m, torch.randn(*lead, 1, C, 1, 1), ValueError, "more than one value per channel", "1 value(s)")
+    _rejects(m, torch.randn(*lead, 0, C, 2, 2), ValueError, "more than one value per channel", "0 value(s)")
     if step_mode == "m":
         for wrong in (1, T + 1):
             _rejects(m, torch.randn(wrong, N, C, 4, 4), ValueError, f"T={T}", f"T={wrong}")

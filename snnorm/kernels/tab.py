@@ -489,8 +489,9 @@ def tab(
         var = m2 / count.unsqueeze(1)
         y = torch.ops.snnorm.tab_apply(x_seq, weight, bias, mean, var, p, float(eps), False)
         return y, (float(count[-1]), mean[-1], m2[-1])
-    if math.prod(x_seq.shape[1:2]) * math.prod(x_seq.shape[3:]) == 1:
-        # the rule (and exception type) of F.batch_norm at step 0, raised before any update
+    if math.prod(x_seq.shape[1:2]) * math.prod(x_seq.shape[3:]) < 2:
+        # F.batch_norm's rule (and exception type) at step 0, raised before any update; an
+        # empty batch has no statistics either
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x_seq.shape)}")
     track = training and running_mean is not None
     mean, var = torch.ops.snnorm.tab_stats(

@@ -701,11 +701,14 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
         return self.training or self.running_mean is None
 
     def _check_first_step(self, x_step: torch.Tensor) -> None:
-        """Step 0 alone must give more than one value per channel (as torch's BN, before any update)."""
-        if self._uses_batch_stats() and x_step.numel() // max(x_step.shape[1], 1) == 1:
+        """Step 0 alone must give more than one value per channel (as torch's BN, before any
+        update; an empty batch, which would put NaN into the running statistics, too)."""
+        per_channel = x_step.numel() // max(x_step.shape[1], 1)
+        if self._uses_batch_stats() and per_channel < 2:
             raise ValueError(
                 f"{type(self).__name__}: batch statistics need more than one value per channel, got a step "
-                f"of shape {tuple(x_step.shape)} (1 value per channel at t=0); use a larger batch or eval mode"
+                f"of shape {tuple(x_step.shape)} ({per_channel} value(s) per channel at t=0); use a larger "
+                "batch or eval mode"
             )
 
     def _running_stats_for_forward(self, t0: int, steps: int):
