@@ -155,8 +155,8 @@ def main(argv=None) -> list[dict]:
         if not H.selected(args, f"{cls} {H.shape_str(shape)} {dt}"):
             continue
         rec.log(f" {cls} {H.shape_str(shape)} {dt}")
-        run_point(rec, env, shape, H.DTYPES[dt], providers(env, args, H.compile_here(name, shape, dt, args.compile_all)),
-                  budget)
+        compile_point = H.compile_here(name, shape, dt, args.compile_all)
+        run_point(rec, env, shape, H.DTYPES[dt], providers(env, args, compile_point), budget)
     H.record_load(rec, "tab", "end")
     path = H.results_path(env, H.csv_name(args, "tab"), args.out)
     rec.write_csv(path)

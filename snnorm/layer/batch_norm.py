@@ -791,7 +791,9 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
             # p in the official shape [T, 1, 1, 1, 1], so the official TAB_Layer loads it too
             destination[prefix + key] = value.view(-1, 1, 1, 1, 1) if t is None else value[t]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         expected = set()
         for key, tensor, t in self._official_entries():
             expected.add(prefix + key)
