@@ -16,8 +16,8 @@ What it shows, stage by stage:
    (Duan et al., NeurIPS 2022) normalises the synaptic current with statistics shared
    over T and scales timestep t by a learnt p[t]; tdBN (Zheng et al., AAAI 2021) is
    the multi-step BN with γ initialised to α·V_th; TAB (Jiang et al., ICLR 2024,
-   ``--norm tab``) normalises step t with the statistics of steps 0..t. The MPBN-LIF neuron (Guo et al.,
-   ICCV 2023) normalises its membrane potential again before firing. The state of
+   ``--norm tab``) normalises step t with the statistics of steps 0..t. The MPBN-LIF
+   neuron (Guo et al., ICCV 2023) normalises its membrane potential again before firing. The state of
    every neuron is reset after each batch (``snnorm.functional.reset_net``).
 2. **Threshold folding.** ``re_parameterize_v_threshold()`` folds each neuron's
    membrane BN into a per-channel threshold,
