@@ -26,11 +26,12 @@ if not torch.cuda.is_available():  # saved_bytes measures the triton provider un
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf import bench_mpbn_lif, bench_tebn, bench_train_step, report, saved_bytes  # noqa: E402
+from perf import bench_mpbn_lif, bench_tab, bench_tebn, bench_train_step, report, saved_bytes  # noqa: E402
 
 SCRIPTS = {
     "mpbn_lif": bench_mpbn_lif.main,
     "tebn": bench_tebn.main,
+    "tab": bench_tab.main,
     "train_step": bench_train_step.main,
     "saved_bytes": saved_bytes.main,
 }

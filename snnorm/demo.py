@@ -10,13 +10,14 @@ What it shows, stage by stage:
 1. **Training.** Each image is fed unchanged at every one of T timesteps (direct
    encoding) through two blocks ::
 
-       Conv2d -> TEBN (or tdBN) -> MPBN-LIF -> MaxPool2d
+       Conv2d -> TEBN (or tdBN, or TAB) -> MPBN-LIF -> MaxPool2d
 
    then ``Flatten -> Linear``; the logits are the mean over T of the readout. TEBN
    (Duan et al., NeurIPS 2022) normalises the synaptic current with statistics shared
    over T and scales timestep t by a learnt p[t]; tdBN (Zheng et al., AAAI 2021) is
-   the multi-step BN with γ initialised to α·V_th. The MPBN-LIF neuron (Guo et al.,
-   ICCV 2023) normalises its membrane potential again before firing. The state of
+   the multi-step BN with γ initialised to α·V_th; TAB (Jiang et al., ICLR 2024,
+   ``--norm tab``) normalises step t with the statistics of steps 0..t. The MPBN-LIF
+   neuron (Guo et al., ICCV 2023) normalises its membrane potential again before firing. The state of
    every neuron is reset after each batch (``snnorm.functional.reset_net``).
 2. **Threshold folding.** ``re_parameterize_v_threshold()`` folds each neuron's
    membrane BN into a per-channel threshold,
@@ -123,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     p.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
     p.add_argument("--threads", type=int, default=defaults.threads,
                    help="torch CPU threads; the tensors are tiny, so one thread is fastest")
-    p.add_argument("--norm", choices=("tebn", "tdbn"), default=defaults.norm,
+    p.add_argument("--norm", choices=("tebn", "tdbn", "tab"), default=defaults.norm,
                    help="the BN-like layer after each convolution")
     p.add_argument("--out", default=defaults.out, help="where to write the PNG plot")
     p.add_argument("--quick", action="store_true",
@@ -189,7 +190,9 @@ def make_norm(kind: str, T: int, channels: int) -> nn.Module:
     if kind == "tdbn":
         # α·V_th with V_th = 1, the MPBN neuron's threshold
         return layer.ThresholdDependentBatchNorm2d(1.0, 1.0, channels, step_mode="m")
-    raise ValueError(f"norm must be 'tebn' or 'tdbn', got {kind!r}")
+    if kind == "tab":  # statistics accumulated over steps 0..t (Jiang et al., ICLR 2024)
+        return layer.TemporalAccumulatedBatchNorm2d(T, channels, step_mode="m")
+    raise ValueError(f"norm must be 'tebn', 'tdbn' or 'tab', got {kind!r}")
 
 
 class DigitsSNN(nn.Module):
@@ -449,7 +452,8 @@ def build_model(cfg: DemoConfig, device: torch.device) -> DigitsSNN:
     model = DigitsSNN(cfg.T, cfg.norm, cfg.channels).to(device)
     if cfg.backend != "torch":
         # the MPBN-LIF neurons and TEBN have fused kernels; the other layers are torch's own
-        functional.set_backend(model, cfg.backend, instance=(MPBNBaseNode, layer.TemporalEffectiveBatchNorm2d))
+        kernel_norms = (layer.TemporalEffectiveBatchNorm2d, layer.TemporalAccumulatedBatchNorm2d)
+        functional.set_backend(model, cfg.backend, instance=(MPBNBaseNode, *kernel_norms))
         on_backend = [name for name, m in model.named_modules() if getattr(m, "backend", None) == cfg.backend]
         print(f"modules on the {cfg.backend} backend: {', '.join(on_backend)}")
     return model

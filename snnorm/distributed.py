@@ -10,6 +10,9 @@ layer                              synchronised statistics, per channel
 ``BatchNorm1d/2d/3d`` ('s')        over N·spatial of every rank
 ``BatchNorm1d/2d/3d`` ('m'), tdBN  over T·N·spatial of every rank
 TEBN                               over T·N·spatial of every rank; y[t] = p[t]·(γ x̂[t] + β)
+TAB                                for step t over steps 0..t, N·spatial of every rank;
+                                   y_t = p_t²·(γ_t x̂_t + β_t) (per-step statistics
+                                   all-reduced, then combined in order)
 BNTT (``BatchNormThroughTime*``,   per timestep t, over N·spatial of every rank (one
 ``BatchNormTT*``)                  synchronised BN per timestep, each with its own γ_t)
 ``MPBNLIFNode`` (membrane BN)      per timestep, inside the neuron's time loop, over the
@@ -78,6 +81,7 @@ __all__ = [
     "global_batch_stats",
     "sync_batch_norm",
     "sync_tebn",
+    "sync_tab",
     "sync_mpbn_lif",
 ]
 
@@ -235,6 +239,28 @@ def sync_tebn(
     return y * scale.view(-1, *([1] * (y.dim() - 1)))
 
 
+def sync_tab(
+    x_seq, weight, bias, running_mean, running_var, p, *, training: bool, momentum, eps: float, prefix=None, group
+):
+    """TAB (the ``tab`` op of :mod:`snnorm.backends.torch_backend`) whose accumulated
+    statistics of steps 0..t cover every rank's batch: the per-step statistics of all T
+    steps travel in one pair of all-reduces (T·C channels), then combine in order."""
+    if group is None or not training:
+        return torch_backend.tab(
+            x_seq, weight, bias, running_mean, running_var, p, training=training, momentum=momentum, eps=eps,
+            prefix=prefix,
+        )
+    T, N, C = x_seq.shape[:3]
+    per_step = x_seq.movedim(0, 1).reshape(N, T * C, -1)  # steps as channels: [N, T·C, spatial]
+    step_mean, step_m2, count = global_batch_stats(per_step, group)
+    n = float(count)
+    total, mean, m2 = torch_backend.chan_prefix(n, step_mean.view(T, C), step_m2.view(T, C), prefix)
+    if running_mean is not None:
+        torch_backend.update_accumulated_running_stats(running_mean, running_var, total, mean, m2, momentum)
+    y = torch_backend.tab_apply(x_seq, weight, bias, mean, m2 / total.unsqueeze(1), p, eps)
+    return y, None if prefix is None else (float(total[-1]), mean[-1], m2[-1])
+
+
 def sync_mpbn_lif(
     x_seq, v, weight, bias, running_mean, running_var, threshold, *, training: bool, momentum, batches_tracked: int,
     eps: float, tau: float, decay_input: bool, v_reset, surrogate, detach_reset: bool, carry: str, group,
@@ -271,6 +297,7 @@ def _sync_ops(group) -> backends.OpTable:
             "mpbn_lif": functools.partial(sync_mpbn_lif, group=group),
             "mpbn_lif_folded": torch_backend.mpbn_lif_folded,
             "tebn": functools.partial(sync_tebn, group=group),
+            "tab": functools.partial(sync_tab, group=group),
         },
     )
 
@@ -343,7 +370,7 @@ _SYNC_CLASSES: dict[type, type] = {}
 def _mixin_for(cls: type) -> Optional[type]:
     if issubclass(cls, _SyncMixin):
         return None
-    if issubclass(cls, _bn._TemporalEffectiveBatchNormBase):
+    if issubclass(cls, (_bn._TemporalEffectiveBatchNormBase, _bn._TemporalAccumulatedBatchNormBase)):
         return _SyncOpsMixin
     if issubclass(cls, (_bn._BatchNormMixin, _bn._TimestepBatchNormMixin)):
         return _SyncBatchNormMixin
@@ -378,6 +405,7 @@ def _predefine() -> None:
         "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
         "ThresholdDependentBatchNorm1d", "ThresholdDependentBatchNorm2d", "ThresholdDependentBatchNorm3d",
         "TemporalEffectiveBatchNorm1d", "TemporalEffectiveBatchNorm2d", "TemporalEffectiveBatchNorm3d",
+        "TemporalAccumulatedBatchNorm1d", "TemporalAccumulatedBatchNorm2d", "TemporalAccumulatedBatchNorm3d",
     ):
         _sync_class(getattr(layer, name))
     for cls in (_bn._TimestepBatchNorm1d, _bn._TimestepBatchNorm2d, _bn._TimestepBatchNorm3d):
@@ -416,7 +444,7 @@ def _targets(net: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
 def convert_sync_batchnorm(net: nn.Module, process_group=None) -> nn.Module:
     """Synchronise the batch statistics of every BN-like snnorm layer of ``net``, in place.
 
-    Converts multi-step ``BatchNorm1d/2d/3d``, tdBN, TEBN, BNTT (``BatchNormThroughTime*``
+    Converts multi-step ``BatchNorm1d/2d/3d``, tdBN, TEBN, TAB, BNTT (``BatchNormThroughTime*``
     and snntorch's ``BatchNormTT*``: each per-timestep BN) and MPBN neurons (the membrane
     BN, per timestep) to synchronised subclasses; see the module documentation for the
     equations. Returns ``net`` itself (modules keep identity, parameters, buffers and

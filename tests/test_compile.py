@@ -48,9 +48,11 @@ def build_net(backend: str = "torch") -> nn.Module:
         layer.BatchNorm1d(6, step_mode="m"),
         neuron.MPBNLIFNode(out_features=6, step_mode="m", backend=backend),
         layer.Linear(6, 5, step_mode="m"),
+        layer.TemporalAccumulatedBatchNorm1d(T, 5),
     )
     if backend != "torch":
-        functional.set_backend(net, backend, instance=(neuron.BaseNode, layer.TemporalEffectiveBatchNorm2d))
+        kernel_layers = (layer.TemporalEffectiveBatchNorm2d, layer.TemporalAccumulatedBatchNorm1d)
+        functional.set_backend(net, backend, instance=(neuron.BaseNode, *kernel_layers))
     with torch.no_grad():
         net[7].scale.copy_(torch.tensor([0.7, 1.4]))
     net[19].eval()  # dropout masks are random: compared in eval only

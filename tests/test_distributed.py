@@ -37,7 +37,8 @@ TIMEOUT_S = 90
 
 
 def build_net(seed: int = 0) -> nn.Module:
-    """Conv → TEBN → MPBN-LIF → Conv → BNTT → LIF → Conv → tdBN → LIF → BN2d → pool → Linear → BN1d → MPBN-LIF → Linear."""
+    """Conv → TEBN → MPBN-LIF → Conv → BNTT → LIF → Conv → tdBN → LIF → Conv → TAB → BN2d → pool → Linear →
+    TAB (single-step) → BN1d → MPBN-LIF → Linear."""
     torch.manual_seed(seed)
     net = nn.Sequential(
         layer.Conv2d(2, 4, 3, padding=1, step_mode="m"),
@@ -50,10 +51,12 @@ def build_net(seed: int = 0) -> nn.Module:
         layer.ThresholdDependentBatchNorm2d(1.0, 0.5, 4),
         neuron.LIFNode(step_mode="m", v_threshold=0.5),
         layer.Conv2d(4, 4, 3, padding=1, step_mode="m"),
+        layer.TemporalAccumulatedBatchNorm2d(T, 4, momentum=None),  # TAB: statistics of steps 0..t
         layer.BatchNorm2d(4, step_mode="m"),
         layer.AvgPool2d(2, step_mode="m"),
         layer.Flatten(step_mode="m"),
         layer.Linear(36, 6, step_mode="m"),
+        layer.MultiStepContainer(layer.TemporalAccumulatedBatchNorm1d(T, 6, step_mode="s")),  # TAB memories
         layer.BatchNorm1d(6, momentum=None, step_mode="m"),  # cumulative average: 1/num_batches_tracked
         neuron.MPBNLIFNode(out_features=6, step_mode="m", v_threshold=0.5),
         layer.Linear(6, 3, step_mode="m"),
@@ -65,6 +68,9 @@ def build_net(seed: int = 0) -> nn.Module:
                 if m.bias is not None:
                     m.bias.uniform_(-0.3, 0.3)
         net[1].scale.copy_(torch.tensor([0.8, 1.0, 1.3]))
+        for m in net.modules():
+            if isinstance(m, layer.batch_norm._TemporalAccumulatedBatchNormBase):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.3, 0.3), m.p.uniform_(0.7, 1.3)
     return net.double()
 
 
@@ -235,7 +241,7 @@ def test_without_process_group_synced_modules_are_exactly_the_originals():
     assert not dist.is_initialized()
     x = make_batch(0)
     ref_net, sync_net = build_net(), convert_sync_batchnorm(build_net())
-    assert sum(is_synchronized(m) for m in sync_net.modules()) == 9  # TEBN, 2 MPBN, 3 BNTT timestep BNs, tdBN, BN2d, BN1d
+    assert sum(is_synchronized(m) for m in sync_net.modules()) == 11  # TEBN, 2 MPBN, 3 BNTT timestep BNs, tdBN, 2 TAB, BN2d, BN1d
     for _ in range(2):
         a, b = _run_train_step(ref_net, x), _run_train_step(sync_net, x)
         assert torch.equal(a[0], b[0])

@@ -20,7 +20,7 @@ detached in the reset when ``detach_reset``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -213,5 +213,134 @@ def tebn(
     return y * scale.view(-1, *([1] * (y.dim() - 1)))
 
 
+def tab_step_stats(x_seq: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Per-step partial statistics of ``x_seq`` ``[T, N, C, *]``: (n, mean [T, C], M2 [T, C]).
+
+    n = N·spatial values per (t, c); M2 = Σ (x − mean)², computed in float32 at least
+    (float64 for float64 input). Differentiable in ``x_seq``.
+    """
+    acc = torch.promote_types(x_seq.dtype, torch.float32)
+    x = x_seq.to(acc)
+    dims = (1, *range(3, x.dim()))  # N and spatial: per (t, c)
+    mean = x.mean(dim=dims)
+    m2 = ((x - mean.view(tab_scale_shape(x))) ** 2).sum(dim=dims)
+    return x.numel() // max(x.shape[0] * x.shape[2], 1), mean, m2
+
+
+def chan_prefix(
+    n: int,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    prefix: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefix statistics of the steps so far: Chan et al.'s pairwise combination, in order.
+
+    ``mean``, ``m2`` are the per-step partials ``[T, C]`` of n values each; ``prefix`` is
+    (count, mean [C], M2 [C]) of the steps before them, or None. Returns (count [T],
+    mean [T, C], M2 [T, C]) of steps 0..t for every t::
+
+        count' = count + n,   δ = mean_t − mean
+        mean'  = mean + δ·n/count',   M2' = M2 + M2_t + δ²·count·n/count'
+
+    Differentiable in the partials and in ``prefix``.
+    """
+    count, run_mean, run_m2 = prefix if prefix is not None else (0, None, None)  # (0, None, None): empty
+    counts, means, m2s = [], [], []
+    for mean_t, m2_t in zip(mean, m2):
+        if run_mean is None:
+            run_mean, run_m2 = mean_t, m2_t
+        else:
+            delta = mean_t - run_mean
+            run_mean = run_mean + delta * (n / (count + n))
+            run_m2 = run_m2 + m2_t + delta * delta * (count * n / (count + n))
+        count = count + n
+        counts.append(float(count))
+        means.append(run_mean)
+        m2s.append(run_m2)
+    return mean.new_tensor(counts), torch.stack(means), torch.stack(m2s)
+
+
+def update_accumulated_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    momentum: Sequence[float],
+) -> None:
+    """TAB's per-step running statistics, in place: r_μ[t] ← (1 − m_t)·r_μ[t] + m_t·μ_t and
+    r_σ²[t] ← (1 − m_t)·r_σ²[t] + m_t·M2_t/(n_t − 1) (unbiased, as torch's BN)."""
+    with torch.no_grad():
+        factor = mean.new_tensor(list(momentum)).unsqueeze(1)
+        unbiased = m2 / (count - 1).unsqueeze(1)
+        running_mean.mul_(1 - factor).add_((factor * mean).to(running_mean.dtype))
+        running_var.mul_(1 - factor).add_((factor * unbiased).to(running_var.dtype))
+
+
+def tab_scale_shape(x_seq: torch.Tensor) -> tuple[int, ...]:
+    """View shape that broadcasts a per-step, per-channel [T, C] tensor over [T, N, C, *spatial]."""
+    return (x_seq.shape[0], 1, -1, *([1] * (x_seq.dim() - 3)))
+
+
+def tab(
+    x_seq: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    p: torch.Tensor,
+    *,
+    training: bool,
+    momentum: Sequence[float],
+    eps: float,
+    prefix: tuple | None = None,
+) -> tuple[torch.Tensor, tuple | None]:
+    """Temporal accumulated BN (TAB; Jiang et al., ICLR 2024), O(T).
+
+    Step t is normalised with the statistics of every step up to and including it::
+
+        μ_t, σ²_t = mean and biased variance of x[0..t] per channel (n_t = (t+1)·N·spatial)
+        y_t = p_t²·(γ_t (x_t − μ_t)/√(σ²_t + ε) + β_t)
+
+    The prefix statistics come from per-step partials combined in order
+    (:func:`chan_prefix`), so the whole sequence costs O(T), not the official code's
+    O(T²); gradients flow through μ_t, σ²_t into every earlier step. Per-step tensors:
+    ``weight``, ``bias``, running statistics ``[T, C]`` (or None), ``p`` ``[T]``,
+    ``momentum`` T factors (resolved by the caller). In training, running statistics are
+    updated in place per step (:func:`update_accumulated_running_stats`). In eval (with
+    running statistics) step t uses r_μ[t], r_σ²[t].
+
+    ``prefix=None``: ``x_seq`` is a whole sequence; returns ``(y, None)``. Otherwise
+    ``x_seq`` continues a sequence (single-step mode: steps t0..t0+T−1) and ``prefix`` =
+    (count, mean [C], M2 [C]) holds the statistics of steps 0..t0−1 (``(0, None, None)``
+    at t0 = 0); returns ``(y, prefix')`` with the statistics after the chunk (differentiable,
+    so the next step's gradient reaches these steps), or ``(y, prefix)`` unchanged when
+    running statistics normalise.
+    """
+    if training or running_mean is None:
+        n, step_mean, step_m2 = tab_step_stats(x_seq)
+        count, mean, m2 = chan_prefix(n, step_mean, step_m2, prefix)
+        var = m2 / count.unsqueeze(1)
+        if training and running_mean is not None:
+            update_accumulated_running_stats(running_mean, running_var, count, mean, m2, momentum)
+        state = None if prefix is None else (float(count[-1]), mean[-1], m2[-1])
+    else:
+        mean, var, state = running_mean, running_var, prefix
+    return tab_apply(x_seq, weight, bias, mean, var, p, eps), state
+
+
+def tab_apply(x_seq, weight, bias, mean, var, p, eps: float) -> torch.Tensor:
+    """y_t = p_t²·(γ_t (x_t − μ_t)/√(σ²_t + ε) + β_t) with per-step ``[T, C]`` μ, σ², γ, β."""
+    p2 = (p * p).unsqueeze(1)
+    scale = p2 * torch.rsqrt(var + eps)  # p_t² γ_t / √(σ²_t + ε) per (t, c)
+    if weight is not None:
+        scale = scale * weight
+    shape = tab_scale_shape(x_seq)
+    y = (x_seq.to(mean.dtype) - mean.view(shape)) * scale.view(shape)  # μ first: precise when |μ| ≫ σ
+    if bias is not None:
+        y = y + (p2 * bias).view(shape)
+    return y.to(torch.promote_types(x_seq.dtype, p.dtype))
+
+
 def load_ops():
-    return {"lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn}
+    return {"lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn, "tab": tab}

@@ -34,5 +34,6 @@ def load_ops():
         raise BackendUnavailableError(f"triton backend unavailable: {reason}")
     from ..kernels.mpbn_lif import lif, mpbn_lif, mpbn_lif_folded
     from ..kernels.tebn import tebn
+    from ..kernels.tab import tab
 
-    return {"lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn}
+    return {"lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn, "tab": tab}

@@ -1,4 +1,4 @@
-r"""Batch normalization for spiking networks: multi-step BN, tdBN, TEBN, BNTT.
+r"""Batch normalization for spiking networks: multi-step BN, tdBN, TEBN, BNTT, TAB.
 
 Notation: a sequence ``x`` has shape ``[T, N, C, *spatial]``; per channel c,
 ``x̂ = (x − μ) / √(σ² + ε)``. The layers differ in where μ, σ² come from and what
@@ -10,6 +10,7 @@ layer                       statistics μ, σ² per channel over          output
 BatchNorm (step_mode 'm')   T·N·spatial                                γ x̂ + β
 tdBN                        T·N·spatial                                γ x̂ + β, γ₀ = α·V_th
 TEBN                        T·N·spatial                                p[t]·(γ x̂[t] + β)
+TAB                         steps 0..t: (t+1)·N·spatial, at every t    p_t²·(γ_t x̂_t + β_t)
 BNTT                        N·spatial, separately at every t           γ_t x̂_t (no β)
 ==========================  =========================================  ==========================
 
@@ -52,6 +53,9 @@ __all__ = [
     "BatchNormThroughTime3d",
     "BatchNormTT1d",
     "BatchNormTT2d",
+    "TemporalAccumulatedBatchNorm1d",
+    "TemporalAccumulatedBatchNorm2d",
+    "TemporalAccumulatedBatchNorm3d",
 ]
 
 
@@ -581,3 +585,264 @@ class BatchNormTT2d(_BatchNormTTBase):
     y[t] = γ_t (x[t] − μ_t)/√(σ_t² + ε)."""
 
     bn_type = _TimestepBatchNorm2d
+
+
+# -- TAB ------------------------------------------------------------------------
+
+
+class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
+    r"""Temporal accumulated BN (TAB; Jiang et al., "TAB: Temporal Accumulated Batch
+    Normalization in Spiking Neural Networks", ICLR 2024).
+
+    Step t is normalised with the statistics of all steps up to and including t:
+
+    .. math::
+        μ_t, σ_t^2 = \text{mean, biased variance of } x[0..t] \text{ per channel}
+        \quad (n_t = (t+1)·N·\text{spatial values}),\qquad
+        y_t = p_t^2 \left(γ_t \frac{x_t − μ_t}{\sqrt{σ_t^2 + ε}} + β_t\right)
+
+    with a γ_t, β_t per step and p ∈ R^T (init 1; p² scales the bias too). Gradients flow
+    through μ_t, σ_t² into every earlier step. Running statistics are kept per step and
+    updated in training with μ_t and the unbiased σ_t²·n_t/(n_t − 1) (factor ``momentum``,
+    or the cumulative 1/``num_batches_tracked[t]`` when ``momentum is None``); eval
+    normalises step t with ``running_mean[t]``, ``running_var[t]``. With
+    ``track_running_stats=False`` the accumulated batch statistics are used in eval too.
+
+    * ``step_mode='m'`` (default): ``[T, N, C, *spatial]``, T equal to the module's.
+      The prefix statistics come from per-step partial (count, mean, M2) combined in
+      order (Chan et al.), so a sequence costs O(T) passes (the official code re-normalises
+      x[0..t] at every step: O(T²)). Memories are not touched.
+    * ``step_mode='s'``: ``[N, C, *spatial]`` per call; the accumulated count, mean and M2
+      per channel are memories (``stat_count``, ``stat_mean``, ``stat_m2``, and the step
+      index ``t``), cleared by ``reset()`` / :func:`snnorm.functional.reset_net`. T calls
+      give exactly the multi-step result; call T + 1 without a reset raises ValueError.
+
+    ``state_dict`` uses the official code's keys (HaiyanJiang/SNN-TAB: ``bn_list.{t}.weight``,
+    ``.bias``, ``.running_mean``, ``.running_var``, ``.num_batches_tracked`` and ``p``), so
+    its checkpoints load here; its ``p`` of shape [T, 1, 1, 1, 1] loads as well as [T].
+    Internally the per-step tensors are stacked: ``weight``, ``bias``, ``running_mean``,
+    ``running_var`` are ``[T, C]``, ``num_batches_tracked`` and ``p`` are ``[T]``.
+    ``supported_backends = ("torch", "triton")``: the math is the op ``tab`` of the selected
+    backend (:func:`snnorm.backends.torch_backend.tab`).
+    """
+
+    supported_backends = ("torch", "triton")
+    _sample_ndims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        T: int,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        step_mode: str = "m",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_time_steps_arg(self, T)
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.ones(T, num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(T, num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.p = nn.Parameter(torch.ones(T, **factory))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(T, num_features, **factory))
+            self.register_buffer("running_var", torch.ones(T, num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.zeros(T, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.step_mode = step_mode
+        self.register_memory("t", -1)  # last processed step in single-step mode
+        self.register_memory("stat_count", 0)  # statistics of steps 0..t (single-step mode)
+        self.register_memory("stat_mean", None)
+        self.register_memory("stat_m2", None)
+
+    @property
+    def T(self) -> int:
+        return self.p.shape[0]
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        with torch.no_grad():
+            if self.affine:
+                self.weight.fill_(1)
+                self.bias.zero_()
+            self.p.fill_(1)
+
+    # -- input checks and running statistics -------------------------------------
+    def _check_input(self, x: torch.Tensor, multi: bool) -> None:
+        check_tensor(self, x)
+        check_ndim(self, x, tuple(n + multi for n in self._sample_ndims), "m" if multi else "s")
+        check_size(self, x, 1 + multi, self.num_features, "channels")
+        check_device(self, x, self.p)
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or self.running_mean is None
+
+    def _check_first_step(self, x_step: torch.Tensor) -> None:
+        """Step 0 alone must give more than one value per channel (as torch's BN, before any
+        update; an empty batch, which would put NaN into the running statistics, too)."""
+        per_channel = x_step.numel() // max(x_step.shape[1], 1)
+        if self._uses_batch_stats() and per_channel < 2:
+            raise ValueError(
+                f"{type(self).__name__}: batch statistics need more than one value per channel, got a step "
+                f"of shape {tuple(x_step.shape)} ({per_channel} value(s) per channel at t=0); use a larger "
+                "batch or eval mode"
+            )
+
+    def _running_stats_for_forward(self, t0: int, steps: int):
+        """(running_mean, running_var, factors) for steps t0..t0+steps−1, as
+        :func:`running_stats_for_forward` does for one BN: counts the batch in
+        ``num_batches_tracked[t]`` when the statistics will be updated, throw-away copies
+        when :func:`should_update_running_stats` says no (checkpoint recompute)."""
+        factors = [0.0 if self.momentum is None else float(self.momentum)] * steps
+        if self.running_mean is None:
+            return None, None, factors
+        window = slice(t0, t0 + steps)
+        running_mean, running_var = self.running_mean[window], self.running_var[window]
+        if not self.training:
+            return running_mean, running_var, factors
+        if not should_update_running_stats(self):
+            return running_mean.clone(), running_var.clone(), factors
+        tracked = self.num_batches_tracked[window]
+        tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average
+            factors = [1.0 / float(n) for n in tracked.tolist()]
+        return running_mean, running_var, factors
+
+    # -- forward -------------------------------------------------------------------
+    def _tab(self, x_seq: torch.Tensor, t0: int, prefix):
+        steps = x_seq.shape[0]
+        window = slice(t0, t0 + steps)
+        running_mean, running_var, factors = self._running_stats_for_forward(t0, steps)
+        return self.ops.tab(
+            x_seq,
+            None if self.weight is None else self.weight[window],
+            None if self.bias is None else self.bias[window],
+            running_mean,
+            running_var,
+            self.p[window],
+            training=self.training,
+            momentum=factors,
+            eps=self.eps,
+            prefix=prefix,
+        )
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        self._check_input(x_seq, multi=True)
+        check_time_steps(self, x_seq, self.T)
+        self._check_first_step(x_seq[0])
+        y_seq, _ = self._tab(x_seq, 0, None)
+        return y_seq
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_stateful_recompute(self)  # a plain checkpoint would restart from the advanced t
+        self._check_input(x, multi=False)
+        t = self.t + 1
+        if t >= self.T:
+            raise ValueError(
+                f"{type(self).__name__} has T={self.T} timesteps and has already processed all of them "
+                f"(t={self.t}); call reset() (snnorm.functional.reset_net) before the next sequence"
+            )
+        if t == 0:
+            self._check_first_step(x)
+        y, state = self._tab(x.unsqueeze(0), t, (self.stat_count, self.stat_mean, self.stat_m2))
+        self.stat_count, self.stat_mean, self.stat_m2 = state
+        self.t = t
+        return y[0]
+
+    # -- state_dict in the official layout ------------------------------------------
+    def _official_entries(self):
+        """(key, tensor) pairs of the official state_dict layout (views of this module's tensors)."""
+        for t in range(self.T):
+            if self.affine:
+                yield f"bn_list.{t}.weight", self.weight, t
+                yield f"bn_list.{t}.bias", self.bias, t
+            if self.track_running_stats:
+                yield f"bn_list.{t}.running_mean", self.running_mean, t
+                yield f"bn_list.{t}.running_var", self.running_var, t
+                yield f"bn_list.{t}.num_batches_tracked", self.num_batches_tracked, t
+        yield "p", self.p, None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, tensor, t in self._official_entries():
+            value = tensor if keep_vars else tensor.detach()
+            # p in the official shape [T, 1, 1, 1, 1], so the official TAB_Layer loads it too
+            destination[prefix + key] = value.view(-1, 1, 1, 1, 1) if t is None else value[t]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        expected = set()
+        for key, tensor, t in self._official_entries():
+            expected.add(prefix + key)
+            if prefix + key not in state_dict:
+                missing_keys.append(prefix + key)
+                continue
+            value = state_dict[prefix + key]
+            target = tensor if t is None else tensor[t]
+            if not isinstance(value, torch.Tensor):
+                error_msgs.append(f"{prefix + key}: expected a tensor, got {type(value).__name__}")
+                continue
+            if t is None and value.dim() >= 1 and value.shape[0] == self.T and value.numel() == self.T:
+                value = value.reshape(self.T)  # the official p is [T, 1, 1, 1, 1]
+            if value.shape != target.shape:
+                error_msgs.append(
+                    f"size mismatch for {prefix + key}: copying a param with shape {tuple(value.shape)} from "
+                    f"checkpoint, the shape in current model is {tuple(target.shape)}"
+                )
+                continue
+            with torch.no_grad():
+                target.copy_(value)
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix) and key not in expected:  # no submodules: every key is ours
+                    unexpected_keys.append(key)
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={self.T}, {self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, step_mode={self.step_mode}, backend={self.backend}"
+        )
+
+
+class TemporalAccumulatedBatchNorm1d(_TemporalAccumulatedBatchNormBase):
+    """TAB on ``[T, N, C]`` or ``[T, N, C, L]`` ('m'), ``[N, C(, L)]`` per call ('s'); see
+    :class:`_TemporalAccumulatedBatchNormBase` (Jiang et al., ICLR 2024)."""
+
+    _sample_ndims = (2, 3)
+
+
+class TemporalAccumulatedBatchNorm2d(_TemporalAccumulatedBatchNormBase):
+    """TAB on ``[T, N, C, H, W]`` ('m'), ``[N, C, H, W]`` per call ('s') (Jiang et al., ICLR 2024):
+    y_t = p_t²·(γ_t (x_t − μ_{0..t})/√(σ²_{0..t} + ε) + β_t)."""
+
+    _sample_ndims = (4,)
+
+
+class TemporalAccumulatedBatchNorm3d(_TemporalAccumulatedBatchNormBase):
+    """TAB on ``[T, N, C, D, H, W]`` ('m'), ``[N, C, D, H, W]`` per call ('s'); see
+    :class:`_TemporalAccumulatedBatchNormBase` (Jiang et al., ICLR 2024)."""
+
+    _sample_ndims = (5,)

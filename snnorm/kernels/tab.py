@@ -1,0 +1,501 @@
+"""Fused Triton kernels for Temporal Accumulated Batch Normalization (TAB).
+
+TAB (Jiang et al., "TAB: Temporal Accumulated Batch Normalization in Spiking Neural
+Networks", ICLR 2024) normalises step t with the statistics of steps 0..t::
+
+    μ_t, σ²_t = mean and biased variance of x[0..t] per channel, over n_t = (t+1)·M
+                values (M = N·S per step)
+    x̂_t = (x_t − μ_t)·r_t,   r_t = 1/√(σ²_t + ε)
+    y_t = p_t²·(γ_t x̂_t + β_t)                       (γ_t, β_t ∈ R^C per step)
+
+Forward, O(T) passes instead of the official code's O(T²):
+
+1. per-(t, c) partial statistics: each program keeps a (count, mean, M2) triple of its
+   slice of step t (the TEBN partial-statistics kernel, shared);
+2. an in-order prefix combine (``_tab_prefix_kernel``, one program per channel block):
+   Chan's formula merges the partials of step 0, then of step 1, ... into the prefix
+   triple, writing μ_t, σ²_t after each step and updating the per-step running statistics
+   (r_μ[t] ← (1 − m_t)·r_μ[t] + m_t·μ_t, r_σ²[t] likewise with M2_t/(n_t − 1));
+3. one fused normalise·affine·p² pass (``_tab_fwd_kernel``). Eval (running statistics)
+   is this pass alone.
+
+Backward, with g = ∂L/∂y, k_t = p_t²·γ_t and per-(t, c) sums over step t's M values
+A_t = Σ g, B_t = Σ g·x̂_t (``_tab_bwd_reduce_kernel``)::
+
+    ∂L/∂β_t = p_t²·A_t,   ∂L/∂γ_t = p_t²·B_t,   ∂L/∂p_t = 2 p_t Σ_c (γ_t B_t + β_t A_t)
+    ∂L/∂μ_t = −k_t r_t A_t,   ∂L/∂σ²_t = −½ k_t r_t² B_t
+
+and, since μ_t, σ²_t depend on every x_s with s ≤ t (∂μ_t/∂x_s = 1/n_t,
+∂σ²_t/∂x_s = 2(x_s − μ_t)/n_t), for an element of step s::
+
+    ∂L/∂x_s = k_s r_s g + U_s + V_s·(x_s − μ_s)
+    V_s = Σ_{t≥s} v_t,  v_t = −k_t r_t² B_t / n_t
+    U_s = Σ_{t≥s} (−k_t r_t A_t / n_t + v_t (μ_s − μ_t))
+
+reverse cumulative sums over [T, C] (done in torch: T·C numbers), then one elementwise
+pass (``_tab_bwd_dx_kernel``). Centring on μ_s keeps the precision when |μ| ≫ σ. Traffic
+as TEBN: forward reads x twice and writes y; backward reads g and x twice, writes ∂x.
+
+Layout: ``[T, N, C, *spatial]`` made contiguous and viewed as ``[T, N, C, S]``; the tile
+grid, program slices and per-channel constant loads are TEBN's (:mod:`snnorm.kernels.tebn`),
+with per-step vectors addressed at row t of ``[T, C]`` tensors. Arithmetic in fp32 (fp64
+for fp64 inputs); y in the input dtype promoted with p's; no float atomics (partials are
+reduced in a fixed order).
+
+Registered ops (``torch.library.custom_op`` with fake kernels and autograd, so they trace
+under ``torch.compile(fullgraph=True)``): ``snnorm::tab_stats`` (prefix statistics; mutates
+the running statistics; gets a detached input), ``snnorm::tab_apply`` (normalise·affine·p²,
+differentiable; its backward includes the path through the prefix statistics when
+``batch_stats``, else returns ∂L/∂μ, ∂L/∂σ² for the caller's autograd) and
+``snnorm::tab_apply_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import torch_backend
+from ._common import acc_torch_dtype, check_device, next_pow2
+
+# The tile grid and helpers are TEBN's (same [T, N, C, S] layout, same program slices).
+from .tebn import _as_tncs, _tebn_channel_consts, _tebn_geometry, _tebn_program_slice, _tebn_stats_partial_kernel
+from .tebn import _tebn_tile, _tl_dtype, _vec
+
+__all__ = ["tab"]
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tab_prefix_kernel(
+    part_mean_ptr,  # [T, PPS, C] mean of each program's slice (PPS programs per step, in order)
+    part_m2_ptr,  # [T, PPS, C] Σ (x − mean)² of each slice
+    part_count_ptr,  # [T, PPS] values per channel in each slice
+    mean_ptr,  # [T, C] out: μ_t of steps 0..t
+    var_ptr,  # [T, C] out: biased σ²_t of steps 0..t
+    running_mean_ptr,  # [T, C] updated in place when UPDATE_RUNNING
+    running_var_ptr,  # [T, C] updated in place (unbiased) when UPDATE_RUNNING
+    momentum_ptr,  # [T] per-step factors (read when UPDATE_RUNNING)
+    T, PPS, C,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    count = tl.zeros((), ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for t in range(0, T):  # in order: step t's prefix is steps 0..t
+        for j in range(0, PPS):  # fixed order: deterministic
+            part = t * PPS + j
+            count_b = tl.load(part_count_ptr + part).to(ACC_DTYPE)
+            mean_b = tl.load(part_mean_ptr + part * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            m2_b = tl.load(part_m2_ptr + part * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            # Chan et al.: merge the slice's (count, mean, M2) into the prefix triple.
+            total = count + count_b
+            delta = mean_b - mean
+            frac = count_b / total
+            mean += delta * frac
+            m2 += m2_b + delta * delta * count * frac
+            count = total
+        row = t * C + c
+        tl.store(mean_ptr + row, mean, mask=c_mask)
+        tl.store(var_ptr + row, m2 / count, mask=c_mask)
+        if UPDATE_RUNNING:
+            m = tl.load(momentum_ptr + t).to(ACC_DTYPE)
+            r_mean = tl.load(running_mean_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            r_var = tl.load(running_var_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            r_mean = r_mean * (1.0 - m) + mean * m
+            r_var = r_var * (1.0 - m) + (m2 / (count - 1.0)) * m
+            tl.store(running_mean_ptr + row, r_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(running_var_ptr + row, r_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _tab_fwd_kernel(
+    x_ptr,  # [T, N, C, S] contiguous
+    y_ptr,  # [T, N, C, S] out
+    mean_ptr,  # [T, C] prefix or running mean
+    var_ptr,  # [T, C] prefix (biased) or running variance
+    w_ptr,  # [T, C] γ_t (unused without HAS_WEIGHT)
+    b_ptr,  # [T, C] β_t (unused without HAS_BIAS)
+    p_ptr,  # [T]
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    row = t * C
+    mean, rstd, gamma, beta = _tebn_channel_consts(
+        mean_ptr + row, var_ptr + row, w_ptr + row, b_ptr + row, c, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
+    )
+    p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
+    p2 = p_t * p_t
+    # y = (x − μ_t)·(p² γ r) + p² β: subtracting μ first keeps precision when |μ| ≫ σ.
+    scale = (p2 * gamma * rstd)[None, :, None]
+    shift = (p2 * beta)[None, :, None]
+    mean3 = mean[None, :, None]
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            y = (x - mean3) * scale + shift
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tab_bwd_reduce_kernel(
+    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
+    x_ptr,  # [T, N, C, S] contiguous
+    mean_ptr,  # [T, C]
+    var_ptr,  # [T, C]
+    part_a_ptr,  # [P, C] out: Σ g over the program's slice
+    part_b_ptr,  # [P, C] out: Σ g·x̂ over the program's slice
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    row = t * C
+    mean, rstd, gamma, beta = _tebn_channel_consts(
+        mean_ptr + row, var_ptr + row, mean_ptr, mean_ptr, c, c_mask, eps, False, False, ACC_DTYPE
+    )
+    mean3 = mean[None, :, None]
+    rstd3 = rstd[None, :, None]
+    acc_g = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    acc_gx = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            x_hat = tl.where(mask, (x - mean3) * rstd3, 0.0)
+            acc_g += tl.sum(tl.sum(g, axis=2), axis=0)
+            acc_gx += tl.sum(tl.sum(g * x_hat, axis=2), axis=0)
+    tl.store(part_a_ptr + part * C + c, acc_g, mask=c_mask)
+    tl.store(part_b_ptr + part * C + c, acc_gx, mask=c_mask)
+
+
+@triton.jit
+def _tab_bwd_dx_kernel(
+    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
+    x_ptr,  # [T, N, C, S] contiguous
+    dx_ptr,  # [T, N, C, S] out ∂L/∂x
+    mean_ptr,  # [T, C] μ_s
+    coef_g_ptr,  # [T, C] k_s r_s
+    coef_u_ptr,  # [T, C] U_s (read when BATCH_STATS)
+    coef_v_ptr,  # [T, C] V_s (read when BATCH_STATS)
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS,
+    BATCH_STATS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    row = t * C + c
+    k_g = tl.load(coef_g_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
+    if BATCH_STATS:
+        mean3 = tl.load(mean_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
+        u3 = tl.load(coef_u_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
+        v3 = tl.load(coef_v_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            dx = g * k_g
+            if BATCH_STATS:  # the path through the prefix statistics of steps s..T−1
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                dx = dx + u3 + (x - mean3) * v3
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _block_c(C: int, device: torch.device) -> int:
+    return min(next_pow2(C), 1 << 16 if device.type != "cuda" else 256)
+
+
+def _launch_tab_stats(
+    x: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix (μ_t, biased σ²_t) ``[T, C]``; updates the per-step running stats in place."""
+    x4, T, N, C, S = _as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    geo = _tebn_geometry(T, N, C, S, x.device)
+    part_mean = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+    part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+    part_count = torch.empty(geo.parts, dtype=acc, device=x.device)
+    _tebn_stats_partial_kernel[geo.grid](
+        x4, part_mean, part_m2, part_count,
+        N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits,
+        BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc),
+        num_warps=geo.num_warps,
+    )
+    mean = torch.empty(T, C, dtype=acc, device=x.device)
+    var = torch.empty(T, C, dtype=acc, device=x.device)
+    update = running_mean is not None and running_var is not None
+    # the kernel updates contiguous buffers in place; a strided one goes through a copy
+    r_mean, r_var = _vec(running_mean, mean), _vec(running_var, var)
+    factors = torch.tensor(list(momentum) if update else [0.0], dtype=acc, device=x.device)
+    block_c = _block_c(C, x.device)
+    _tab_prefix_kernel[(triton.cdiv(C, block_c),)](
+        part_mean, part_m2, part_count, mean, var, r_mean, r_var, factors,
+        T, geo.parts // T, C,
+        UPDATE_RUNNING=update, BLOCK_C=block_c, ACC_DTYPE=_tl_dtype(acc),
+    )
+    if update and r_mean.data_ptr() != running_mean.data_ptr():
+        running_mean.copy_(r_mean)
+    if update and r_var.data_ptr() != running_var.data_ptr():
+        running_var.copy_(r_var)
+    return mean, var
+
+
+def _launch_tab_fwd(x, weight, bias, mean, var, p, eps: float) -> torch.Tensor:
+    """y_t = p_t²·(γ_t (x_t − μ_t)/√(σ²_t + ε) + β_t) in one elementwise pass."""
+    x4, T, N, C, S = _as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, p.dtype), device=x.device)
+    if x.numel() == 0:
+        return y
+    geo = _tebn_geometry(T, N, C, S, x.device)
+    mean, var = mean.contiguous(), var.contiguous()
+    _tab_fwd_kernel[geo.grid](
+        x4, y, mean, var, _vec(weight, mean), _vec(bias, mean), p.contiguous(),
+        N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits, float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc),
+        num_warps=geo.num_warps,
+    )
+    return y
+
+
+def _reverse_cumsum(v: torch.Tensor) -> torch.Tensor:
+    """out[s] = Σ_{t ≥ s} v[t] along dim 0."""
+    return v.flip(0).cumsum(0).flip(0)
+
+
+def _launch_tab_bwd(grad_y, x, weight, bias, mean, var, p, eps: float, batch_stats: bool, need_dx: bool):
+    """(∂x, ∂γ, ∂β, ∂p, ∂μ, ∂σ²); all but ∂x in the accumulation dtype, per step [T, C] / [T]."""
+    x4, T, N, C, S = _as_tncs(x)
+    g4 = grad_y.contiguous().view(T, N, C, S)
+    acc = acc_torch_dtype(x.dtype)
+    geo = _tebn_geometry(T, N, C, S, x.device)
+    mean, var = mean.to(acc).contiguous(), var.to(acc).contiguous()
+    consts = dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc))
+    part_a = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+    part_b = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+    _tab_bwd_reduce_kernel[geo.grid](
+        g4, x4, mean, var, part_a, part_b,
+        N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits, float(eps),
+        num_warps=geo.num_warps, **consts,
+    )
+    # Per-(t, c) sums; a fixed-shape torch reduction of the partials (deterministic).
+    sum_a = part_a.view(T, -1, C).sum(1)  # A_t = Σ g
+    sum_b = part_b.view(T, -1, C).sum(1)  # B_t = Σ g·x̂
+    p_acc = p.to(acc)
+    p2 = (p_acc * p_acc).unsqueeze(1)
+    gamma = weight.to(acc) if weight is not None else torch.ones_like(sum_a)
+    beta = bias.to(acc) if bias is not None else torch.zeros_like(sum_a)
+    rstd = torch.rsqrt(var + eps)
+    k = p2 * gamma
+    grad_mean = -k * rstd * sum_a
+    grad_var = -0.5 * k * rstd * rstd * sum_b
+    dp = 2 * p_acc * (gamma * sum_b + beta * sum_a).sum(1)
+    if need_dx:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        coef_g = (k * rstd).contiguous()
+        if batch_stats:
+            n = (torch.arange(1, T + 1, dtype=acc, device=x.device) * (N * S)).unsqueeze(1)
+            v = grad_var * 2 / n  # v_t = −k_t r_t² B_t / n_t
+            # U_s = Σ_{t≥s} (∂L/∂μ_t / n_t + v_t (μ_s − μ_t)): the double sum as masked [T, T, C]
+            later = torch.ones(T, T, dtype=torch.bool, device=x.device).triu().unsqueeze(2)  # [s, t]: t ≥ s
+            shift = torch.where(later, v.unsqueeze(0) * (mean.unsqueeze(1) - mean.unsqueeze(0)), 0.0).sum(1)
+            coef_u = (_reverse_cumsum(grad_mean / n) + shift).contiguous()
+            coef_v = _reverse_cumsum(v).contiguous()
+        else:
+            coef_u = coef_v = coef_g
+        _tab_bwd_dx_kernel[geo.grid](
+            g4, x4, dx, mean, coef_g, coef_u, coef_v,
+            N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits,
+            BATCH_STATS=batch_stats, num_warps=geo.num_warps, **consts,
+        )
+    else:
+        dx = x.new_empty(0)  # not needed: no full-size allocation
+    return dx, p2 * sum_b, p2 * sum_a, dp, grad_mean, grad_var
+
+
+# ----------------------------------------------------------------------------------------
+# Op registration
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("snnorm::tab_stats", mutates_args=("running_mean", "running_var"))
+def _tab_stats_op(
+    x: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: list[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix (mean, biased variance) ``[T, C]`` of steps 0..t; running stats updated per step."""
+    check_device("tab", x)
+    return _launch_tab_stats(x, running_mean, running_var, momentum)
+
+
+@_tab_stats_op.register_fake
+def _(x, running_mean, running_var, momentum):
+    acc = acc_torch_dtype(x.dtype)
+    T, C = x.shape[0], x.shape[2]
+    return x.new_empty(T, C, dtype=acc), x.new_empty(T, C, dtype=acc)
+
+
+@torch.library.custom_op("snnorm::tab_apply", mutates_args=())
+def _tab_apply_op(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    p: torch.Tensor,
+    eps: float,
+    batch_stats: bool,
+) -> torch.Tensor:
+    """y_t = p_t²·(γ_t x̂_t + β_t) with the given per-step (mean, variance) ``[T, C]``.
+
+    ``batch_stats``: (mean, var) are x's own prefix statistics (the backward then includes
+    their dependence on x); otherwise constants, or tensors whose gradient the backward
+    returns (∂L/∂μ, ∂L/∂σ²) for autograd to carry on.
+    """
+    check_device("tab", x)
+    return _launch_tab_fwd(x, weight, bias, mean, var, p, eps)
+
+
+@_tab_apply_op.register_fake
+def _(x, weight, bias, mean, var, p, eps, batch_stats):
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, p.dtype), memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("snnorm::tab_apply_backward", mutates_args=())
+def _tab_apply_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    p: torch.Tensor,
+    eps: float,
+    batch_stats: bool,
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_device("tab", x)
+    return _launch_tab_bwd(grad_y, x, weight, bias, mean, var, p, eps, batch_stats, need_dx)
+
+
+@_tab_apply_backward_op.register_fake
+def _(grad_y, x, weight, bias, mean, var, p, eps, batch_stats, need_dx):
+    acc = acc_torch_dtype(x.dtype)
+    T, C = x.shape[0], x.shape[2]
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+    tc = (T, C)
+    return dx, x.new_empty(tc, dtype=acc), x.new_empty(tc, dtype=acc), x.new_empty(T, dtype=acc), \
+        x.new_empty(tc, dtype=acc), x.new_empty(tc, dtype=acc)
+
+
+def _tab_apply_setup_context(ctx, inputs, output):
+    x, weight, bias, mean, var, p, eps, batch_stats = inputs
+    ctx.save_for_backward(x, weight, bias, mean, var, p)
+    ctx.eps = eps
+    ctx.batch_stats = batch_stats
+
+
+def _tab_apply_backward(ctx, grad_y):
+    x, weight, bias, mean, var, p = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db, dp, dmean, dvar = torch.ops.snnorm.tab_apply_backward(
+        grad_y, x, weight, bias, mean, var, p, ctx.eps, ctx.batch_stats, need[0]
+    )
+    return (
+        dx if need[0] else None,
+        dw.to(weight.dtype) if need[1] else None,
+        db.to(bias.dtype) if need[2] else None,
+        dmean.to(mean.dtype) if need[3] else None,  # only when (mean, var) carry their own graph
+        dvar.to(var.dtype) if need[4] else None,
+        dp.to(p.dtype) if need[5] else None,
+        None,
+        None,
+    )
+
+
+_tab_apply_op.register_autograd(_tab_apply_backward, setup_context=_tab_apply_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------
+
+
+def tab(
+    x_seq: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    p: torch.Tensor,
+    *,
+    training: bool,
+    momentum: Sequence[float],
+    eps: float,
+    prefix: Optional[tuple] = None,
+) -> tuple[torch.Tensor, Optional[tuple]]:
+    """Temporal accumulated BN (Jiang et al., ICLR 2024): y_t = p_t²·(γ_t x̂_t + β_t), x̂_t
+    normalised with the statistics of steps 0..t.
+
+    Same signature and semantics as :func:`snnorm.backends.torch_backend.tab`. A whole
+    sequence (``prefix=None``) runs on the kernels above. A continuation (single-step
+    mode, ``prefix`` given) gets its statistics from the torch reference's differentiable
+    helpers (a step's worth of data; the returned prefix must carry the gradient to the
+    earlier steps) and the fused apply kernel, whose backward hands ∂L/∂μ, ∂L/∂σ² to them.
+    """
+    if not x_seq.is_floating_point():
+        raise TypeError(f"tab expects a floating-point x_seq, got dtype {x_seq.dtype}")
+    if x_seq.dim() < 3:
+        raise ValueError(f"tab expects x_seq of shape [T, N, C, *spatial], got shape {tuple(x_seq.shape)}")
+    check_device("tab", x_seq)
+    use_batch_stats = training or running_mean is None
+    if not use_batch_stats:
+        y = torch.ops.snnorm.tab_apply(x_seq, weight, bias, running_mean, running_var, p, float(eps), False)
+        return y, prefix
+    if prefix is not None:
+        n, step_mean, step_m2 = torch_backend.tab_step_stats(x_seq)
+        count, mean, m2 = torch_backend.chan_prefix(n, step_mean, step_m2, prefix)
+        if training and running_mean is not None:
+            torch_backend.update_accumulated_running_stats(running_mean, running_var, count, mean, m2, momentum)
+        var = m2 / count.unsqueeze(1)
+        y = torch.ops.snnorm.tab_apply(x_seq, weight, bias, mean, var, p, float(eps), False)
+        return y, (float(count[-1]), mean[-1], m2[-1])
+    if math.prod(x_seq.shape[1:2]) * math.prod(x_seq.shape[3:]) < 2:
+        # F.batch_norm's rule (and exception type) at step 0, raised before any update; an
+        # empty batch has no statistics either
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x_seq.shape)}")
+    track = training and running_mean is not None
+    mean, var = torch.ops.snnorm.tab_stats(
+        x_seq.detach(), running_mean if track else None, running_var if track else None, [float(m) for m in momentum]
+    )
+    y = torch.ops.snnorm.tab_apply(x_seq, weight, bias, mean, var, p, float(eps), True)
+    return y, None

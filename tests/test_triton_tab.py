@@ -1,0 +1,199 @@
+"""The fused Triton TAB op against the torch backend's ``tab`` (the specification).
+
+Oracle: :func:`snnorm.backends.torch_backend.tab` on float64 copies of the inputs (ref64).
+fp32/fp64 are compared to ref64 tightly; bf16 by flash-attention's rule
+``max|kernel − ref64| ≤ 2·max|torch_bf16 − ref64| + atol``. Outputs, ∂x, ∂γ_t, ∂β_t, ∂p and
+the per-step running statistics after the call are all checked, for whole sequences and
+for a continuation with a prefix (single-step mode). On CPU the kernels run through the
+Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+from snnorm import functional, layer  # noqa: E402
+from snnorm.backends import torch_backend  # noqa: E402
+from snnorm.kernels import tab as tab_mod  # noqa: E402
+from snnorm.kernels import tebn as tebn_mod  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5
+# relative to 1 + max|ref64|; bf16 by the 2×-torch rule plus this atol
+RTOL = {torch.float64: 1e-10, torch.float32: 3e-5}
+LOWP_ATOL = {torch.bfloat16: 8e-3}
+NAMES = ("y", "dx", "dweight", "dbias", "dp", "running_mean", "running_var")
+
+
+def run_op(op, x, w, b, rm, rv, p, g, *, training, momentum, prefix=None):
+    """[y, ∂x, ∂γ, ∂β, ∂p, running_mean, running_var] after one call (None where absent)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, p)]
+    rm_c = rm.clone() if rm is not None else None
+    rv_c = rv.clone() if rv is not None else None
+    if prefix is not None and prefix[1] is not None:
+        prefix = (prefix[0], prefix[1].clone().requires_grad_(), prefix[2].clone().requires_grad_())
+    y, state = op(leaves[0], leaves[1], leaves[2], rm_c, rv_c, leaves[3],
+                  training=training, momentum=momentum, eps=EPS, prefix=prefix)
+    loss = (y * g).sum()
+    if state is not None and state[1] is not None:  # the state must carry the gradient too
+        loss = loss + state[1].sum() + 0.1 * state[2].sum()
+    wrt = [t for t in leaves if t is not None]
+    extra = [prefix[1], prefix[2]] if prefix is not None and prefix[1] is not None else []
+    grads = iter(torch.autograd.grad(loss, wrt + extra))
+    out = [y] + [next(grads) if t is not None else None for t in leaves] + [rm_c, rv_c]
+    return out + list(grads)  # then ∂prefix_mean, ∂prefix_m2 when a prefix was given
+
+
+def to64(t):
+    return t.double() if isinstance(t, torch.Tensor) else t
+
+
+def compare(what, ours, ref64, dtype, lowp=None):
+    if ref64 is None:
+        assert ours is None, what
+        return
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref64.shape)}"
+    scale = 1.0 + ref64.abs().max().item()
+    err = (ours.double() - ref64).abs().max().item()
+    if lowp is None:
+        assert err <= RTOL[dtype] * scale, f"{what} ({dtype}): |triton - ref64| = {err:.3g}, scale {scale:.3g}"
+    else:
+        torch_err = (lowp.double() - ref64).abs().max().item()
+        assert err <= 2 * torch_err + LOWP_ATOL[dtype] * scale, f"{what}: {err:.3g} vs torch {torch_err:.3g}"
+
+
+def check(T, N, C, spatial, dtype, affine, has_running, training, mean_shift, seed, prefix_steps=0):
+    gen = torch.Generator().manual_seed(seed)
+    pdtype = torch.float32 if dtype == torch.bfloat16 else dtype  # bf16 activations, fp32 parameters
+    mk = lambda *s, scale=1.0, shift=0.0: (torch.randn(*s, generator=gen) * scale + shift).to(DEVICE)  # noqa: E731
+    x = mk(T, N, C, *spatial, scale=2.0, shift=mean_shift)
+    x = x + torch.arange(T, device=DEVICE).view(T, *[1] * (x.dim() - 1))  # drift over t
+    x = x.to(dtype)
+    g = mk(T, N, C, *spatial)
+    w = mk(T, C, shift=1.0).to(pdtype) if affine else None
+    b = mk(T, C).to(pdtype) if affine else None
+    p = (torch.rand(T, generator=gen) + 0.5).to(DEVICE, pdtype)
+    rm = mk(T, C).to(pdtype) if has_running else None
+    rv = (torch.rand(T, C, generator=gen) + 0.5).to(DEVICE, pdtype) if has_running else None
+    momentum = [0.1 + 0.2 * t for t in range(T)]
+    prefix = None
+    if prefix_steps:  # statistics of earlier steps, as single-step mode carries them
+        earlier = mk(prefix_steps, N, C, *spatial, shift=mean_shift).double()
+        n, m, m2 = torch_backend.tab_step_stats(earlier)
+        count, mean, m2 = torch_backend.chan_prefix(n, m, m2)
+        prefix = (float(count[-1]), mean[-1].to(pdtype), m2[-1].to(pdtype))
+    pre64 = None if prefix is None else (prefix[0], to64(prefix[1]), to64(prefix[2]))
+    kw = dict(training=training, momentum=momentum)
+    ours = run_op(tab_mod.tab, x, w, b, rm, rv, p, g, prefix=prefix, **kw)
+    ref = run_op(torch_backend.tab, *map(to64, (x, w, b, rm, rv, p, g)), prefix=pre64, **kw)
+    lowp = run_op(torch_backend.tab, x, w, b, rm, rv, p, g, prefix=prefix, **kw) if dtype == torch.bfloat16 else None
+    assert ours[0].dtype == torch.promote_types(dtype, pdtype)
+    for i, (o, r) in enumerate(zip(ours, ref)):
+        name = NAMES[i] if i < len(NAMES) else f"dprefix{i - len(NAMES)}"
+        compare(name, o, r, dtype, lowp[i] if lowp else None)
+
+
+@given(
+    T=st.integers(1, 4),
+    N=st.integers(1, 3),
+    C=st.integers(1, 5),
+    spatial=st.sampled_from([(), (1,), (5,), (2, 3), (2, 1, 3)]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    affine=st.booleans(),
+    has_running=st.booleans(),
+    training=st.booleans(),
+    mean_shift=st.sampled_from([0.0, 30.0]),
+    prefix_steps=st.sampled_from([0, 0, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_torch_backend(T, N, C, spatial, dtype, affine, has_running, training, mean_shift, prefix_steps, seed):
+    uses_batch_stats = training or not has_running
+    S = 1
+    for s in spatial:
+        S *= s
+    assume(not uses_batch_stats or N * S > 1)  # batch statistics need > 1 value per channel at step 0
+    check(T, N, C, spatial, dtype, affine, has_running, training, mean_shift, seed, prefix_steps)
+
+
+def test_many_partials_per_step(monkeypatch):
+    """Small tiles and many programs: the prefix kernel merges several partials per step."""
+    monkeypatch.setitem(tebn_mod._TUNING, "tile_elems", 8)
+    monkeypatch.setitem(tebn_mod._TUNING, "programs", 12)
+    geo = tebn_mod._tebn_geometry(3, 4, 2, 6, torch.device(DEVICE))
+    assert geo.parts // 3 > 1
+    check(3, 4, 2, (6,), torch.float64, True, True, True, 5.0, seed=1)
+
+
+def test_statistics_precise_at_large_mean():
+    """mean/std = 1e4 in fp32: Chan's combination keeps the per-step running variance."""
+    x = (1e4 + torch.randn(3, 8, 4, 33, generator=torch.Generator().manual_seed(0))).to(DEVICE)
+    rm, rv = torch.zeros(3, 4, device=DEVICE), torch.ones(3, 4, device=DEVICE)
+    tab_mod.tab(x, None, None, rm, rv, torch.ones(3, device=DEVICE), training=True, momentum=[1.0] * 3, eps=EPS)
+    for t in range(3):
+        ref = x[: t + 1].double().movedim(2, 0).reshape(4, -1).var(dim=1)
+        assert (rv[t].double() - ref).abs().max() / ref.max() < 1e-4
+
+
+def test_single_value_rejected_and_nothing_changes():
+    x = torch.randn(2, 1, 3, device=DEVICE)
+    rm, rv = torch.zeros(2, 3, device=DEVICE), torch.ones(2, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        tab_mod.tab(x, None, None, rm, rv, torch.ones(2, device=DEVICE), training=True, momentum=[0.1] * 2, eps=EPS)
+    assert torch.equal(rm, torch.zeros(2, 3, device=DEVICE)) and torch.equal(rv, torch.ones(2, 3, device=DEVICE))
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 3, 2, generator=gen, dtype=torch.float64).to(DEVICE)
+    rm, rv = torch.zeros(2, 3, dtype=torch.float64, device=DEVICE), torch.ones(2, 3, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(torch.ops.snnorm.tab_stats.default, (x, rm.clone(), rv.clone(), [0.1, 0.3]))
+    m, v = torch.ops.snnorm.tab_stats(x, None, None, [0.1] * 2)
+    w = torch.rand(2, 3, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    b = torch.rand(2, 3, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    p = torch.rand(2, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    xg = x.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.snnorm.tab_apply.default, (xg, w, b, m, v, p, EPS, True))
+    # without affine; (mean, var) carrying a graph of their own, as in single-step mode
+    torch.library.opcheck(
+        torch.ops.snnorm.tab_apply.default, (xg, None, None, m.requires_grad_(), v.requires_grad_(), p, EPS, False)
+    )
+
+
+def test_module_backends_agree_and_compile_fullgraph():
+    """The layer on both backends (train then eval), and torch.compile(fullgraph=True) of a
+    training step on the triton backend: no graph break, same loss, grads and statistics."""
+    torch.manual_seed(0)
+    ref = layer.TemporalAccumulatedBatchNorm2d(3, 4).to(DEVICE)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-0.5, 0.5), ref.p.uniform_(0.5, 1.5)
+    tri = layer.TemporalAccumulatedBatchNorm2d(3, 4).to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    functional.set_backend(tri, "triton")
+    assert tri.backend == "triton"
+    x = torch.randn(3, 2, 4, 3, 3, device=DEVICE) + 1.0
+
+    def forward_loss(module, x):
+        y = module(x)
+        return (y * y).mean()
+
+    loss_ref = forward_loss(ref, x)
+    loss_tri = torch.compile(forward_loss, fullgraph=True, backend="aot_eager")(tri, x)
+    loss_ref.backward(), loss_tri.backward()
+    torch.testing.assert_close(loss_tri, loss_ref, rtol=1e-5, atol=1e-6)
+    for name in ("weight", "bias", "p"):
+        torch.testing.assert_close(getattr(tri, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-6)
+    for a, b in zip(tri.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ref.eval(), tri.eval()
+    torch.testing.assert_close(tri(x), ref(x), rtol=1e-5, atol=1e-5)
+    # single-step mode on the triton backend: T calls equal the multi-step result
+    functional.set_step_mode(tri, "s"), tri.train(), ref.train()
+    ys = torch.stack([tri(x[t]) for t in range(3)])
+    torch.testing.assert_close(ys, ref(x), rtol=1e-5, atol=1e-5)
