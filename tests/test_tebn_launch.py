@@ -68,14 +68,16 @@ def test_grid_sized_from_the_compiled_kernel(fake_gpu):
     T, N, C, S = 4, 64, 64, 1024
     kernel = _FakeKernel(n_regs=64)
     consts = dict(ACC_DTYPE="fp32")
-    geo = tebn_mod._fitted_geometry(kernel, T, N, C, S, fake_gpu, torch.float32, lambda g: (), consts)
+    built = []
+    geo = tebn_mod._fitted_geometry(kernel, T, N, C, S, fake_gpu, torch.float32, lambda g: built.append(g) or (), consts)
     expected = tebn_mod._tebn_geometry(T, N, C, S, fake_gpu, programs=4 * 132)  # 64 regs, 8 warps: 4 per SM
     assert geo == expected and geo.num_warps == 8
     assert geo != tebn_mod._tebn_geometry(T, N, C, S, fake_gpu)  # not the fixed 8 per SM
     programs = math.prod(geo.grid)
     assert 4 * 132 // 2 <= programs <= 2 * 4 * 132, geo  # whole tiles per program: near the target
-    tebn_mod._fitted_geometry(kernel, T, N, C, S, fake_gpu, torch.float32, lambda g: (), consts)
-    assert kernel.warmups == 1  # cached per kernel and configuration
+    assert len(built) == 1  # compiled once, on the fallback geometry's arguments
+    tebn_mod._fitted_geometry(kernel, T, N, C, S, fake_gpu, torch.float32, lambda g: built.append(g) or (), consts)
+    assert kernel.warmups == 1 and len(built) == 1  # cached per kernel and configuration: no arguments built
 
 
 def test_grid_falls_back_to_8_per_sm_when_registers_are_unknown(fake_gpu):

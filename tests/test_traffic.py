@@ -95,6 +95,21 @@ def test_traffic_is_at_least_the_floor():
             assert row.bytes_per_elem_step >= row.floor, (row.op, row.direction, row.bytes_per_elem_step)
 
 
+def test_csv_and_results_section(tmp_path):
+    """What ``python -m perf.traffic`` writes and ``perf.report`` renders, from the same rows."""
+    assert traffic.section(tmp_path) == []  # no CSV: no section
+    rows = [r for name in CASES for r in _rows(name).values()]
+    traffic.write_csv(rows, tmp_path / "traffic.csv")
+    lines = traffic.section(tmp_path)
+    table = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| op ")]
+    assert len(table) == len(rows)
+    for line, row in zip(table, rows):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:4] == [row.op, row.path, row.direction, "x".join(map(str, row.shape))]
+        assert float(cells[4]) == pytest.approx(row.bytes_per_elem_step, abs=0.006)
+        assert int(cells[7]) == row.launches
+
+
 # ------------------------------------------------------------------- the meter itself
 
 

@@ -23,14 +23,19 @@ Backward, with g = ∂L/∂y, g' = g·p[t] (the gradient w.r.t. γ x̂ + β), su
     ∂L/∂x = γ_c·rstd_c·g'                           (running statistics)
 
 Layout: the input ``[T, N, C, *spatial]`` (spatial: 0 to 3 dims) is made contiguous and
-viewed as ``[T, N, C, S]`` with S = prod(spatial) (S = 1 for ``[T, N, C]``). Every kernel
-runs on the same grid of tiles ``[BLOCK_N, BLOCK_C, BLOCK_S]``: program axis 0 is a block
-of channels, axis 1 a (timestep, slice of N) pair, axis 2 a slice of S; a program loops
-over its slice in tiles. Per-channel statistics never come from raw Σx, Σx²: each program
-keeps a (count, mean, M2) triple updated tile by tile with Chan's parallel formula, writes
-it as a partial, and a second small kernel combines the partials in a fixed order
-(deterministic). Weight and scale gradients are per-program partial sums reduced afterwards
-by ``torch.sum`` (no float atomics). Arithmetic is fp32 (fp64 for fp64 inputs); outputs
+viewed as ``[T, N, C, S]`` with S = prod(spatial) (S = 1 for ``[T, N, C]``). Every
+elementwise and reducing kernel runs on a grid of tiles ``[BLOCK_N, BLOCK_C, BLOCK_S]``:
+program axis 0 is a block of channels, axis 1 a (timestep, slice of N) pair, axis 2 a
+slice of S; a program loops over its slice in tiles. On a GPU the slices are sized so
+that the grid is one wave: as many programs as the SMs hold at once, read from the
+compiled kernel's register count and shared memory (:func:`_resident_programs_per_sm`).
+Per-channel statistics never come from raw Σx, Σx²: each program keeps a (count, mean,
+M2) triple updated tile by tile with Chan's parallel formula and writes it as a partial;
+a second kernel, one program per block of channels, combines the P partials in
+vectorised ``[BLOCK_P, BLOCK_C]`` chunks (multi-way formula within a chunk, Chan's
+between chunks, fixed order: deterministic). Weight and scale gradients are per-program
+partial sums reduced afterwards by ``torch.sum`` (no float atomics). Absent tensors (γ,
+β, running statistics) reach the kernels as ``None`` with a ``HAS_*`` flag. Arithmetic is fp32 (fp64 for fp64 inputs); outputs
 are stored in the input dtype promoted with p's dtype (the torch reference's ``y * p``),
 gradients in their parameter's dtype. Offsets are int64.
 
@@ -415,17 +420,18 @@ def _resident_programs_per_sm(
 _PROGRAMS_PER_SM: dict = {}
 
 
-def _programs_per_sm(kernel, args: tuple, constexprs: dict, device: torch.device, dtype: torch.dtype) -> Optional[int]:
+def _programs_per_sm(kernel, args_for, constexprs: dict, device: torch.device, dtype: torch.dtype) -> Optional[int]:
     """Occupancy of ``kernel`` compiled for these constexprs (cached), or None if unknown.
 
-    Compiles without launching (``JITFunction.warmup``) and reads the register count and
-    shared memory of the compiled kernel. The cache key leaves out the other pointers'
-    dtypes, which barely change the register count.
+    On a cache miss, compiles without launching (``JITFunction.warmup`` on the arguments
+    ``args_for()``) and reads the register count and shared memory of the compiled
+    kernel. The key is the input dtype and the constexprs; it leaves out the other
+    pointers' dtypes, which barely change the register count.
     """
     key = (kernel.fn.__name__, device, dtype, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
     if key not in _PROGRAMS_PER_SM:
         try:
-            compiled = kernel.warmup(*args, grid=(1,), **constexprs)
+            compiled = kernel.warmup(*args_for(), grid=(1,), **constexprs)
             compiled._init_handles()  # loads the binary: fills n_regs
             n_regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
         except Exception as err:  # a triton without these attributes: keep the fixed default
@@ -448,6 +454,14 @@ def _programs_per_sm(kernel, args: tuple, constexprs: dict, device: torch.device
     return _PROGRAMS_PER_SM[key]
 
 
+def _tiles(geo: _Geometry) -> dict:
+    return dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
+
+
+def _slices(geo: _Geometry) -> tuple:
+    return geo.n_per_prog, geo.s_per_prog, geo.n_splits
+
+
 def _fitted_geometry(kernel, T, N, C, S, device, dtype, args_for, constexprs) -> _Geometry:
     """The geometry for launching ``kernel``: as many programs as the GPU holds at once.
 
@@ -457,18 +471,10 @@ def _fitted_geometry(kernel, T, N, C, S, device, dtype, args_for, constexprs) ->
     geo = _tebn_geometry(T, N, C, S, device)
     if device.type != "cuda" or _TUNING["programs"] is not None:
         return geo
-    per_sm = _programs_per_sm(kernel, args_for(geo), {**constexprs, **_tiles(geo)}, device, dtype)
+    per_sm = _programs_per_sm(kernel, lambda: args_for(geo), {**constexprs, **_tiles(geo)}, device, dtype)
     if per_sm is None:
         return geo
     return _tebn_geometry(T, N, C, S, device, programs=per_sm * _props(device).multi_processor_count)
-
-
-def _tiles(geo: _Geometry) -> dict:
-    return dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
-
-
-def _slices(geo: _Geometry) -> tuple:
-    return geo.n_per_prog, geo.s_per_prog, geo.n_splits
 
 
 def _combine_tiles(P: int, C: int, interp: bool) -> tuple[int, int]:
