@@ -151,10 +151,22 @@ def _install() -> None:
 
     # create_load / create_store / atomic_load / atomic_store / descriptor load and store
     # all end in these two, each with a mask of the pointers' shape.
-    wrap(InterpreterBuilder, "create_masked_load", lambda f: lambda self, ptrs, mask, *a, **k: (
-        _add("load", ptrs, mask), f(self, ptrs, mask, *a, **k))[1])
-    wrap(InterpreterBuilder, "create_masked_store", lambda f: lambda self, ptrs, value, mask, *a, **k: (
-        _add("store", ptrs, mask), f(self, ptrs, value, mask, *a, **k))[1])
+    def load(f):
+        def counted(self, ptrs, mask, *a, **k):
+            _add("load", ptrs, mask)
+            return f(self, ptrs, mask, *a, **k)
+
+        return counted
+
+    def store(f):
+        def counted(self, ptrs, value, mask, *a, **k):
+            _add("store", ptrs, mask)
+            return f(self, ptrs, value, mask, *a, **k)
+
+        return counted
+
+    wrap(InterpreterBuilder, "create_masked_load", load)
+    wrap(InterpreterBuilder, "create_masked_store", store)
 
     # read-modify-write atomics read and write every masked-in lane
     def rmw(f):

@@ -35,9 +35,10 @@ a second kernel, one program per block of channels, combines the P partials in
 vectorised ``[BLOCK_P, BLOCK_C]`` chunks (multi-way formula within a chunk, Chan's
 between chunks, fixed order: deterministic). Weight and scale gradients are per-program
 partial sums reduced afterwards by ``torch.sum`` (no float atomics). Absent tensors (γ,
-β, running statistics) reach the kernels as ``None`` with a ``HAS_*`` flag. Arithmetic is fp32 (fp64 for fp64 inputs); outputs
-are stored in the input dtype promoted with p's dtype (the torch reference's ``y * p``),
-gradients in their parameter's dtype. Offsets are int64.
+β, running statistics) reach the kernels as ``None`` with a ``HAS_*`` flag. Arithmetic
+is fp32 (fp64 for fp64 inputs); outputs are stored in the input dtype promoted with p's
+dtype (the torch reference's ``y * p``), gradients in their parameter's dtype. Offsets
+are int64.
 
 Registered ops (``torch.library.custom_op``, with fake kernels, so they trace under
 ``torch.compile(fullgraph=True)``): ``snnorm::tebn_stats`` (batch statistics; mutates the
