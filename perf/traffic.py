@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -93,9 +94,13 @@ class Traffic:
     def bytes(self) -> int:
         return self.load_bytes + self.store_bytes
 
-    def breakdown(self) -> str:
-        """``kernel×launches`` for every kernel that ran, in order of first launch."""
-        return " ".join(f"{name}×{k.launches}" for name, k in self.kernels.items())
+    def breakdown(self, elem_steps: int | None = None) -> str:
+        """``kernel×launches`` for every kernel that ran, in order of first launch, and
+        with ``elem_steps`` each kernel's bytes per element-step."""
+        return ", ".join(
+            f"{name}×{k.launches}" + (f" {k.bytes / elem_steps:.2f}" if elem_steps else "")
+            for name, k in self.kernels.items()
+        )
 
     def __repr__(self) -> str:
         return f"Traffic(launches={self.launches}, load={self.load_bytes} B, store={self.store_bytes} B: {self.breakdown()})"
@@ -377,11 +382,11 @@ class Row:
     launches: int
     load_bytes: int
     store_bytes: int
-    kernels: str  # kernel×launches, in launch order
+    kernels: str  # kernel×launches and its B/elem-step, in launch order
 
     @property
     def elem_steps(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
     @property
     def bytes_per_elem_step(self) -> float:
@@ -399,7 +404,7 @@ def measure(case: Case, dtype: torch.dtype = torch.float32) -> list[Row]:
 
     def row(direction: str, t: Traffic) -> Row:
         return Row(case.name, case.op, case.path, direction, case.shape, dt, t.launches, t.load_bytes,
-                   t.store_bytes, t.breakdown())
+                   t.store_bytes, t.breakdown(math.prod(case.shape)))
 
     with torch.enable_grad() if case.backward else torch.no_grad():
         with meter() as fwd:
@@ -440,7 +445,7 @@ def read_csv(path: Path) -> list[dict]:
 def markdown(rows: list[dict]) -> list[str]:
     """The traffic table (from CSV rows, so perf.report can render it too)."""
     lines = [
-        "| op | path | dir | shape [T,N,C,H,W] | B/elem-step | floor | ×floor | launches | kernels |",
+        "| op | path | dir | shape [T,N,C,H,W] | B/elem-step | floor | ×floor | launches | kernel×launches B/elem-step |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
