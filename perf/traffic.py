@@ -11,10 +11,15 @@ Triton interpreter (``TRITON_INTERPRET=1``) and, for every kernel launched insid
 
 It is generic: nothing here knows snnorm's kernels. Bytes are attributed to the name of
 the kernel that moved them, so the meter follows any refactor of ``snnorm/kernels``.
-What it does not see: torch operations in the launchers (a ``.contiguous()`` copy, the
-``torch.sum`` of partials, ``.to(dtype)`` of an output) and caches (a value that every
-program loads, e.g. a per-channel constant or a stride-0 broadcast state, counts once per
-lane that loads it, as if it came from HBM every time).
+Caches are not modelled: a value that every program loads (a per-channel constant, a
+stride-0 broadcast state) counts once per lane that loads it, as if it came from HBM
+every time.
+
+Apart from the kernels, the meter counts the torch operations of the call (a
+``TorchDispatchMode``, which also runs the bodies of ``torch.library`` custom ops): the
+launchers' glue (a ``.contiguous()`` copy, the ``torch.sum`` of partials, a buffer's
+``copy_``) and the zero gradients autograd materialises for unused outputs. On a GPU each
+is a launch of its own; their bytes count every input read and every output written once.
 
 The CLI measures every op and mode of the triton backend's op table at fp32 on shapes
 that reach every path (MPBN-LIF training: the one-program-per-channel path for
@@ -51,6 +56,7 @@ if not torch.cuda.is_available():  # before anything imports triton
 
 import numpy as np  # noqa: E402
 import triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 # ------------------------------------------------------------------------------- the meter
 
@@ -69,11 +75,29 @@ class KernelTraffic:
         return self.load_bytes + self.store_bytes
 
 
+@dataclasses.dataclass
+class TorchOpTraffic:
+    """What one torch operator (all its calls outside kernels inside a meter) moved."""
+
+    calls: int = 0
+    bytes: int = 0
+
+
 class Traffic:
-    """Counts of a ``with meter():`` block: per kernel name, and totals."""
+    """Counts of a ``with meter():`` block: per kernel name and per torch operator, and totals."""
 
     def __init__(self) -> None:
         self.kernels: dict[str, KernelTraffic] = {}
+        self.torch_ops: dict[str, TorchOpTraffic] = {}
+
+    @property
+    def torch_calls(self) -> int:
+        """Torch operations that move data (on a GPU each is a launch of its own)."""
+        return sum(o.calls for o in self.torch_ops.values())
+
+    @property
+    def torch_bytes(self) -> int:
+        return sum(o.bytes for o in self.torch_ops.values())
 
     def _kernel(self, name: str) -> KernelTraffic:
         return self.kernels.setdefault(name, KernelTraffic())
@@ -102,8 +126,13 @@ class Traffic:
             for name, k in self.kernels.items()
         )
 
+    def torch_breakdown(self) -> str:
+        """``operator×calls`` for every torch operation counted, in order of first call."""
+        return ", ".join(f"{name}×{o.calls}" for name, o in self.torch_ops.items())
+
     def __repr__(self) -> str:
-        return f"Traffic(launches={self.launches}, load={self.load_bytes} B, store={self.store_bytes} B: {self.breakdown()})"
+        return (f"Traffic(launches={self.launches}, load={self.load_bytes} B, store={self.store_bytes} B: "
+                f"{self.breakdown()}; torch ops={self.torch_calls}, {self.torch_bytes} B)")
 
 
 # Meters open now (nested blocks all count), and the kernel whose programs run now.
@@ -226,6 +255,59 @@ def _uninstall() -> None:
     _ORIGINALS.clear()
 
 
+# Operators that allocate or re-view memory without moving data.
+_NO_TRAFFIC = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
+               "aten::new_empty_strided", "aten::detach", "aten::lift_fresh", "aten::alias", "aten::resize_"}
+_TORCH_NAMESPACES = {"aten", "prims", "prim"}
+
+
+def _tensors(tree) -> list:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+class _TorchOpCounter(TorchDispatchMode):
+    """Counts the torch operations of an op call outside its kernels.
+
+    Bytes of an operation: every input tensor read once and every output written once
+    (numel × element size; an input that is also the output, as ``copy_``'s destination,
+    counts as written only). Views and allocations move nothing. The Python body of a
+    custom op (``torch.library.custom_op``) runs under this mode, so the torch operations
+    inside it count too; the interpreter's own copies around a launch do not.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _RUNNING:  # the interpreter moving a launch's arguments: not the op's traffic
+            return func(*args, **kwargs)
+        if func.namespace not in _TORCH_NAMESPACES:
+            from torch._library.custom_ops import OPDEFS
+
+            opdef = OPDEFS.get(func._schema.name)
+            if opdef is not None:
+                with self:  # run the op's body under this mode: its torch operations count
+                    return opdef._init_fn(*args, **kwargs)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        name = func._schema.name
+        outs = _tensors(out)
+        if outs and not func.is_view and name not in _NO_TRAFFIC:  # (promote_types & co. return no tensor)
+            written = {_key(t) for t in outs}
+            read = [t for t in _tensors((args, kwargs)) if _key(t) not in written]
+            n = sum(t.numel() * t.element_size() for t in read + outs)
+            short = name.split("::", 1)[-1]
+            for traffic in _OPEN:
+                op = traffic.torch_ops.setdefault(short, TorchOpTraffic())
+                op.calls += 1
+                op.bytes += n
+        return out
+
+
 @contextlib.contextmanager
 def meter() -> Iterator[Traffic]:
     """Count the launches and bytes of every Triton kernel run inside the block.
@@ -240,11 +322,13 @@ def meter() -> Iterator[Traffic]:
             "them here: set TRITON_INTERPRET=1 before triton is first imported"
         )
     traffic = Traffic()
-    if not _OPEN:
+    outermost = not _OPEN
+    if outermost:
         _install()
     _OPEN.append(traffic)
     try:
-        yield traffic
+        with _TorchOpCounter() if outermost else contextlib.nullcontext():
+            yield traffic
     finally:
         _OPEN.remove(traffic)
         if not _OPEN:
@@ -276,7 +360,8 @@ FLOOR = {
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One op call: ``run(shape, dtype)`` returns (outputs, leaves) built from fresh inputs.
+    """One op call: ``build(shape, dtype)`` makes fresh inputs and returns ``call``, and
+    ``call()`` runs the op and returns (its first output, the leaves to differentiate).
 
     The forward runs inside one meter; when ``backward`` the gradient of the first output
     w.r.t. the leaves runs inside another (the ``∂s`` / ``∂y`` a loss would send).
@@ -286,7 +371,7 @@ class Case:
     op: str  # the op table slot and its mode, as in FLOOR
     path: str  # which path of the launcher the shape reaches (for the reader)
     shape: tuple
-    run: Callable
+    build: Callable
     backward: bool
 
 
@@ -308,51 +393,74 @@ def _ops():
     return backends.get_ops("triton")
 
 
+# Each builder makes its inputs and returns the op call alone, so that the meter sees
+# the op's own work and not the making of its inputs.
+
+
 def _lif(shape, dtype):
     from snnorm.surrogate import Sigmoid
 
     x, v0, *_ = _inputs(shape, dtype, grad=True)
-    s, _ = _ops().lif(x, v0, 1.0, tau=2.0, decay_input=True, v_reset=0.0, surrogate=Sigmoid(), detach_reset=False)
-    return s, [x]
+    surrogate, ops = Sigmoid(), _ops()
+
+    def call():
+        s, _ = ops.lif(x, v0, 1.0, tau=2.0, decay_input=True, v_reset=0.0, surrogate=surrogate, detach_reset=False)
+        return s, [x]
+
+    return call
 
 
 def _mpbn(training: bool):
-    def run(shape, dtype):
+    def build(shape, dtype):
         from snnorm.surrogate import Sigmoid
 
         x, v0, w, b, rm, rv = _inputs(shape, dtype, grad=training)
-        s, _ = _ops().mpbn_lif(
-            x, v0, w, b, rm, rv, 1.0, training=training, momentum=0.1, batches_tracked=0, eps=1e-5,
-            tau=2.0, decay_input=False, v_reset=0.0, surrogate=Sigmoid(), detach_reset=False, carry="normalized",
-        )
-        return s, [x, w, b]
+        surrogate, ops = Sigmoid(), _ops()
 
-    return run
+        def call():
+            s, _ = ops.mpbn_lif(
+                x, v0, w, b, rm, rv, 1.0, training=training, momentum=0.1, batches_tracked=0, eps=1e-5,
+                tau=2.0, decay_input=False, v_reset=0.0, surrogate=surrogate, detach_reset=False, carry="normalized",
+            )
+            return s, [x, w, b]
+
+        return call
+
+    return build
 
 
 def _folded(adapt: str):
-    def run(shape, dtype):
+    def build(shape, dtype):
         from snnorm.surrogate import Sigmoid
 
         x, v0, w, b, rm, rv = _inputs(shape, dtype, grad=False)
-        s, *_ = _ops().mpbn_lif_folded(
-            x, v0, rm, rv, w, b, 1.0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0, surrogate=Sigmoid(),
-            detach_reset=False, carry="normalized", adapt=adapt, adapt_momentum=0.1, adapt_decay=0.9,
-            adapt_min_momentum=0.01,
-        )
-        return s, []
+        surrogate, ops = Sigmoid(), _ops()
 
-    return run
+        def call():
+            s, *_ = ops.mpbn_lif_folded(
+                x, v0, rm, rv, w, b, 1.0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0, surrogate=surrogate,
+                detach_reset=False, carry="normalized", adapt=adapt, adapt_momentum=0.1, adapt_decay=0.9,
+                adapt_min_momentum=0.01,
+            )
+            return s, []
+
+        return call
+
+    return build
 
 
 def _tebn(training: bool):
-    def run(shape, dtype):
+    def build(shape, dtype):
         x, _, w, b, rm, rv = _inputs(shape, dtype, grad=training)
         p = torch.linspace(0.5, 1.5, shape[0], dtype=dtype).requires_grad_(training)
-        y = _ops().tebn(x, w, b, rm, rv, p, training=training, momentum=0.1, eps=1e-5)
-        return y, [x, w, b, p]
+        ops = _ops()
 
-    return run
+        def call():
+            return ops.tebn(x, w, b, rm, rv, p, training=training, momentum=0.1, eps=1e-5), [x, w, b, p]
+
+        return call
+
+    return build
 
 
 SMALL, LARGE = "M ≤ 8192: a program per channel", "M > 8192: split, 2 launches per step"
@@ -383,6 +491,9 @@ class Row:
     load_bytes: int
     store_bytes: int
     kernels: str  # kernel×launches and its B/elem-step, in launch order
+    torch_calls: int  # torch operations outside the kernels (each a launch on a GPU)
+    torch_bytes: int
+    torch_ops: str  # operator×calls, in call order
 
     @property
     def elem_steps(self) -> int:
@@ -391,6 +502,10 @@ class Row:
     @property
     def bytes_per_elem_step(self) -> float:
         return (self.load_bytes + self.store_bytes) / self.elem_steps
+
+    @property
+    def torch_bytes_per_elem_step(self) -> float:
+        return self.torch_bytes / self.elem_steps
 
     @property
     def floor(self) -> float | None:
@@ -404,11 +519,13 @@ def measure(case: Case, dtype: torch.dtype = torch.float32) -> list[Row]:
 
     def row(direction: str, t: Traffic) -> Row:
         return Row(case.name, case.op, case.path, direction, case.shape, dt, t.launches, t.load_bytes,
-                   t.store_bytes, t.breakdown(math.prod(case.shape)))
+                   t.store_bytes, t.breakdown(math.prod(case.shape)), t.torch_calls, t.torch_bytes,
+                   t.torch_breakdown())
 
     with torch.enable_grad() if case.backward else torch.no_grad():
+        call = case.build(case.shape, dtype)
         with meter() as fwd:
-            out, leaves = case.run(case.shape, dtype)
+            out, leaves = call()
     rows = [row("fwd", fwd)]
     if case.backward:
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
@@ -419,7 +536,8 @@ def measure(case: Case, dtype: torch.dtype = torch.float32) -> list[Row]:
 
 
 CSV_COLUMNS = ("case", "op", "path", "direction", "shape", "dtype", "elem_steps", "launches", "load_bytes", "store_bytes",
-               "bytes_per_elem_step", "floor", "kernels")
+               "bytes_per_elem_step", "floor", "kernels", "torch_calls", "torch_bytes", "torch_bytes_per_elem_step",
+               "torch_ops")
 
 
 def _shape_str(shape) -> str:
@@ -434,7 +552,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
         for r in rows:
             w.writerow([r.case, r.op, r.path, r.direction, _shape_str(r.shape), r.dtype, r.elem_steps, r.launches,
                         r.load_bytes, r.store_bytes, f"{r.bytes_per_elem_step:.4f}",
-                        "" if r.floor is None else f"{r.floor:g}", r.kernels])
+                        "" if r.floor is None else f"{r.floor:g}", r.kernels, r.torch_calls, r.torch_bytes,
+                        f"{r.torch_bytes_per_elem_step:.4f}", r.torch_ops])
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -445,8 +564,9 @@ def read_csv(path: Path) -> list[dict]:
 def markdown(rows: list[dict]) -> list[str]:
     """The traffic table (from CSV rows, so perf.report can render it too)."""
     lines = [
-        "| op | path | dir | shape [T,N,C,H,W] | B/elem-step | floor | ×floor | launches | kernel×launches B/elem-step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | path | dir | shape [T,N,C,H,W] | B/elem-step | floor | ×floor | launches | kernel×launches B/elem-step "
+        "| torch ops | torch B/elem-step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = float(r["bytes_per_elem_step"])
@@ -454,7 +574,8 @@ def markdown(rows: list[dict]) -> list[str]:
         ratio = f"{b / floor:.2f}" if floor else "–"
         lines.append(
             f"| {r['op']} | {r['path']} | {r['direction']} | {r['shape']} | {b:.2f} | "
-            f"{'–' if floor is None else f'{floor:g}'} | {ratio} | {r['launches']} | {r['kernels']} |"
+            f"{'–' if floor is None else f'{floor:g}'} | {ratio} | {r['launches']} | {r['kernels']} | "
+            f"{r['torch_calls']} | {float(r['torch_bytes_per_elem_step']):.2f} |"
         )
     return lines
 
@@ -471,8 +592,10 @@ def section(results_dir: Path) -> list[str]:
         "Generated by `python -m perf.traffic` (how it counts: its docstring). Bytes every kernel loads "
         "and stores (masked-in lanes × element size) per element-step, bytes / (T·N·C·H·W), and kernel "
         f"launches, one call of each op at {rows[0]['dtype'] if rows else 'fp32'}; floor: DESIGN.md §4. "
-        "Torch operations in the launchers are not counted; per-channel constants and the initial "
-        "state v0 count once per lane that loads them. `tests/test_traffic.py` holds the budgets.",
+        "Per-channel constants and the initial state v0 count once per lane that loads them. "
+        "*torch ops*: torch operations of the op call outside its kernels (launcher glue, zero "
+        "gradients that autograd materialises), each a launch of its own on a GPU, and their bytes "
+        "(inputs read and outputs written once). `tests/test_traffic.py` holds the budgets.",
         "",
         *markdown(rows),
         "",
