@@ -271,6 +271,20 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
+def _custom_op_body(func, args, kwargs) -> Callable | None:
+    """The Python function a ``torch.library.custom_op`` runs for these arguments, if it is one."""
+    from torch._library import custom_ops
+
+    opdef = getattr(custom_ops, "OPDEFS", {}).get(func._schema.name)
+    if opdef is None:
+        return None
+    kernels = getattr(opdef, "_backend_fns", {})  # per device type, from register_kernel
+    for device in {t.device.type for t in _tensors((args, kwargs))}:
+        if device in kernels:
+            return kernels[device]
+    return getattr(opdef, "_init_fn", None)
+
+
 class _TorchOpCounter(TorchDispatchMode):
     """Counts the torch operations of an op call outside its kernels.
 
@@ -286,13 +300,11 @@ class _TorchOpCounter(TorchDispatchMode):
         if _RUNNING:  # the interpreter moving a launch's arguments: not the op's traffic
             return func(*args, **kwargs)
         if func.namespace not in _TORCH_NAMESPACES:
-            from torch._library.custom_ops import OPDEFS
-
-            opdef = OPDEFS.get(func._schema.name)
-            if opdef is not None:
+            body = _custom_op_body(func, args, kwargs)
+            if body is not None:
                 with self:  # run the op's body under this mode: its torch operations count
-                    return opdef._init_fn(*args, **kwargs)
-            return func(*args, **kwargs)
+                    return body(*args, **kwargs)
+            return func(*args, **kwargs)  # another library's op: its insides go uncounted
         out = func(*args, **kwargs)
         name = func._schema.name
         outs = _tensors(out)
