@@ -475,8 +475,9 @@ def _tebn(training: bool):
     return build
 
 
-SMALL, LARGE = "M ≤ 8192: a program per channel", "M > 8192: split, 2 launches per step"
-ELEMENTWISE = "elementwise, one launch"
+# Paths by the shape that reaches them (what ran: the kernels column).
+SMALL, LARGE = "M = N·H·W ≤ 8192", "M > 8192"
+ELEMENTWISE = "elementwise"
 
 CASES: tuple[Case, ...] = (
     Case("lif", "lif", ELEMENTWISE, SMALL_M, _lif, True),
@@ -486,8 +487,8 @@ CASES: tuple[Case, ...] = (
     Case("folded", "mpbn_lif_folded", ELEMENTWISE, SMALL_M, _folded("none"), False),
     Case("adapt-small-m", "mpbn_lif_folded adapt", SMALL + ", adapt=batch", SMALL_M, _folded("batch"), False),
     Case("adapt-large-m", "mpbn_lif_folded adapt", LARGE + ", adapt=running", LARGE_M, _folded("running"), False),
-    Case("tebn-train", "tebn train", "stats + apply", SMALL_M, _tebn(True), True),
-    Case("tebn-eval", "tebn eval", "apply", SMALL_M, _tebn(False), False),
+    Case("tebn-train", "tebn train", "batch statistics", SMALL_M, _tebn(True), True),
+    Case("tebn-eval", "tebn eval", "running statistics", SMALL_M, _tebn(False), False),
 )
 
 
