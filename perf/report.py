@@ -17,6 +17,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf import harness as H  # noqa: E402
+from perf import traffic  # noqa: E402
 
 KERNEL_TITLES = {
     "mpbn_lif": "MPBN-LIF",
@@ -365,6 +366,7 @@ def main(argv=None) -> Path:
                   "these sweeps). Run `python -m perf.run_all --full` on a CUDA machine and commit its folder.", ""]
     for slug, rows in data.items():
         lines += device_section(slug, rows, results_dir, rel_root)
+    lines += traffic.section(results_dir)  # device-independent: counted under the interpreter
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out} ({len(data)} device(s))")
     return out

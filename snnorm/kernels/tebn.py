@@ -23,16 +23,22 @@ Backward, with g = ∂L/∂y, g' = g·p[t] (the gradient w.r.t. γ x̂ + β), su
     ∂L/∂x = γ_c·rstd_c·g'                           (running statistics)
 
 Layout: the input ``[T, N, C, *spatial]`` (spatial: 0 to 3 dims) is made contiguous and
-viewed as ``[T, N, C, S]`` with S = prod(spatial) (S = 1 for ``[T, N, C]``). Every kernel
-runs on the same grid of tiles ``[BLOCK_N, BLOCK_C, BLOCK_S]``: program axis 0 is a block
-of channels, axis 1 a (timestep, slice of N) pair, axis 2 a slice of S; a program loops
-over its slice in tiles. Per-channel statistics never come from raw Σx, Σx²: each program
-keeps a (count, mean, M2) triple updated tile by tile with Chan's parallel formula, writes
-it as a partial, and a second small kernel combines the partials in a fixed order
-(deterministic). Weight and scale gradients are per-program partial sums reduced afterwards
-by ``torch.sum`` (no float atomics). Arithmetic is fp32 (fp64 for fp64 inputs); outputs
-are stored in the input dtype promoted with p's dtype (the torch reference's ``y * p``),
-gradients in their parameter's dtype. Offsets are int64.
+viewed as ``[T, N, C, S]`` with S = prod(spatial) (S = 1 for ``[T, N, C]``). Every
+elementwise and reducing kernel runs on a grid of tiles ``[BLOCK_N, BLOCK_C, BLOCK_S]``:
+program axis 0 is a block of channels, axis 1 a (timestep, slice of N) pair, axis 2 a
+slice of S; a program loops over its slice in tiles. On a GPU the slices are sized so
+that the grid is one wave: as many programs as the SMs hold at once, read from the
+compiled kernel's register count and shared memory (:func:`_resident_programs_per_sm`).
+Per-channel statistics never come from raw Σx, Σx²: each program keeps a (count, mean,
+M2) triple updated tile by tile with Chan's parallel formula and writes it as a partial;
+a second kernel, one program per block of channels, combines the P partials in
+vectorised ``[BLOCK_P, BLOCK_C]`` chunks (multi-way formula within a chunk, Chan's
+between chunks, fixed order: deterministic). Weight and scale gradients are per-program
+partial sums reduced afterwards by ``torch.sum`` (no float atomics). Absent tensors (γ,
+β, running statistics) reach the kernels as ``None`` with a ``HAS_*`` flag. Arithmetic
+is fp32 (fp64 for fp64 inputs); outputs are stored in the input dtype promoted with p's
+dtype (the torch reference's ``y * p``), gradients in their parameter's dtype. Offsets
+are int64.
 
 Registered ops (``torch.library.custom_op``, with fake kernels, so they trace under
 ``torch.compile(fullgraph=True)``): ``snnorm::tebn_stats`` (batch statistics; mutates the
@@ -42,11 +48,14 @@ path through the batch statistics when ``batch_stats``) and ``snnorm::tebn_apply
 """
 
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import acc_dtype, acc_torch_dtype, check_device, next_pow2
 
 __all__ = ["tebn"]
 
@@ -147,20 +156,40 @@ def _tebn_stats_combine_kernel(
     part_count_ptr,  # [P]
     mean_ptr,  # [C] out: batch mean
     var_ptr,  # [C] out: biased batch variance
-    running_mean_ptr,  # [C] updated in place when UPDATE_RUNNING
-    running_var_ptr,  # [C] updated in place (unbiased variance) when UPDATE_RUNNING
+    running_mean_ptr,  # [C] updated in place when UPDATE_RUNNING (else None)
+    running_var_ptr,  # [C] updated in place (unbiased variance) when UPDATE_RUNNING (else None)
     P, C, momentum,
-    UPDATE_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
+    """Combine the P partials of a block of channels, BLOCK_P at a time.
+
+    A chunk of partials is combined at once with the multi-way formula
+    n = Σ n_p, μ = Σ n_p μ_p / n, M2 = Σ M2_p + Σ n_p (μ_p − μ)² (vectorised sums over a
+    [BLOCK_P, BLOCK_C] tile); chunks, when P > BLOCK_P, merge in order with Chan's
+    pairwise formula. Every sum has a fixed shape and order: deterministic.
+    """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     count = tl.zeros((), ACC_DTYPE)
     mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
     m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    for p in range(0, P):  # fixed order: deterministic
-        count_b = tl.load(part_count_ptr + p).to(ACC_DTYPE)
-        mean_b = tl.load(part_mean_ptr + p * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
-        m2_b = tl.load(part_m2_ptr + p * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < P
+        mask = p_mask[:, None] & c_mask[None, :]
+        offs = p[:, None] * C + c[None, :]
+        n_p = tl.load(part_count_ptr + p, mask=p_mask, other=0.0).to(ACC_DTYPE)
+        mean_p = tl.load(part_mean_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        m2_p = tl.load(part_m2_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        count_b = tl.sum(n_p, axis=0)  # every partial holds ≥ 1 element: count_b > 0
+        # Weighted mean of the deviations from the chunk's first partial mean: a plain
+        # Σ n_p μ_p would lose the digits of a small spread around a large mean.
+        ref = tl.load(part_mean_ptr + p0 * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+        dev = tl.where(mask, mean_p - ref[None, :], 0.0)
+        shift = tl.sum(n_p[:, None] * dev, axis=0) / count_b
+        mean_b = ref + shift
+        d = tl.where(mask, dev - shift[None, :], 0.0)  # μ_p − μ_b
+        m2_b = tl.sum(m2_p, axis=0) + tl.sum(n_p[:, None] * d * d, axis=0)
         total = count + count_b
         delta = mean_b - mean
         frac = count_b / total
@@ -185,8 +214,8 @@ def _tebn_fwd_kernel(
     y_ptr,  # [T, N, C, S] out
     mean_ptr,  # [C] batch or running mean
     var_ptr,  # [C] biased batch variance or running variance
-    w_ptr,  # [C] γ (unused without HAS_WEIGHT)
-    b_ptr,  # [C] β (unused without HAS_BIAS)
+    w_ptr,  # [C] γ, or None without HAS_WEIGHT
+    b_ptr,  # [C] β, or None without HAS_BIAS
     p_ptr,  # [T] per-timestep scale
     N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -217,8 +246,8 @@ def _tebn_bwd_reduce_kernel(
     x_ptr,  # [T, N, C, S] contiguous
     mean_ptr,  # [C]
     var_ptr,  # [C]
-    w_ptr,  # [C] γ (unused without HAS_WEIGHT)
-    b_ptr,  # [C] β (unused without HAS_BIAS)
+    w_ptr,  # [C] γ, or None without HAS_WEIGHT
+    b_ptr,  # [C] β, or None without HAS_BIAS
     p_ptr,  # [T]
     part_a_ptr,  # [P, C] out: Σ g·p[t]        (→ ∂L/∂β)
     part_b_ptr,  # [P, C] out: Σ g·p[t]·x̂     (→ ∂L/∂γ)
@@ -260,9 +289,9 @@ def _tebn_bwd_dx_kernel(
     dx_ptr,  # [T, N, C, S] out ∂L/∂x
     mean_ptr,  # [C]
     var_ptr,  # [C]
-    w_ptr,  # [C] γ (unused without HAS_WEIGHT)
-    sum_a_ptr,  # [C] A = Σ g·p[t] (unused without BATCH_STATS)
-    sum_b_ptr,  # [C] B = Σ g·p[t]·x̂ (unused without BATCH_STATS)
+    w_ptr,  # [C] γ, or None without HAS_WEIGHT
+    sum_a_ptr,  # [C] A = Σ g·p[t], or None without BATCH_STATS
+    sum_b_ptr,  # [C] B = Σ g·p[t]·x̂, or None without BATCH_STATS
     p_ptr,  # [T]
     N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, inv_m, eps,
     HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr,
@@ -304,38 +333,8 @@ def _tebn_bwd_dx_kernel(
 #: partial combination under the interpreter. None keeps the defaults.
 _TUNING: dict = {"tile_elems": None, "programs": None}
 
-
-def _interpreting() -> bool:
-    """True when the kernels run on the Triton interpreter (TRITON_INTERPRET=1 at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_tebn_fwd_kernel, InterpretedFunction)
-
-
-def _check_runnable(x: torch.Tensor) -> None:
-    if x.device.type == "cuda":
-        return
-    if x.device.type == "cpu" and _interpreting():
-        return
-    if x.device.type == "cpu":
-        raise RuntimeError(
-            "snnorm triton tebn got CPU tensors but the Triton interpreter is off: move the "
-            "tensors to a CUDA device, or set TRITON_INTERPRET=1 before triton is first "
-            "imported to run the kernels on the CPU (slow; for tests), or use backend='torch'"
-        )
-    raise RuntimeError(f"snnorm triton tebn runs on CUDA (or CPU under TRITON_INTERPRET=1), got device {x.device}")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _np2(v: int) -> int:
-    return triton.next_power_of_2(max(1, int(v)))
+#: Programs per SM when the compiled kernel's resources cannot be read (see _programs_per_sm).
+FALLBACK_PROGRAMS_PER_SM = 8
 
 
 class _Geometry(NamedTuple):
@@ -352,28 +351,39 @@ class _Geometry(NamedTuple):
     num_warps: int
 
 
-_SM_COUNT: dict = {}
+_DEVICE_PROPS: dict = {}
 
 
-def _tebn_geometry(T: int, N: int, C: int, S: int, device: torch.device) -> _Geometry:
-    """Tile sizes and the split of each (channel block, timestep) over programs."""
+def _props(device: torch.device):
+    if device not in _DEVICE_PROPS:
+        _DEVICE_PROPS[device] = torch.cuda.get_device_properties(device)
+    return _DEVICE_PROPS[device]
+
+
+def _tile_elems(interp: bool) -> int:
+    return _TUNING["tile_elems"] or (1 << 16 if interp else 4096)
+
+
+def _tebn_geometry(T: int, N: int, C: int, S: int, device: torch.device, programs: Optional[int] = None) -> _Geometry:
+    """Tile sizes and the split of each (channel block, timestep) over about ``programs`` programs.
+
+    ``programs`` is what fits on the device at once (:func:`_device_programs`); without it,
+    one program under the interpreter (which pays per program) and
+    FALLBACK_PROGRAMS_PER_SM per SM on a GPU. ``_TUNING["programs"]`` overrides both.
+    """
     interp = device.type != "cuda"
-    tile = _TUNING["tile_elems"] or (1 << 16 if interp else 4096)
+    tile = _tile_elems(interp)
     # Contiguous axis first: S when there is one, else the channel axis (S == 1).
-    BLOCK_S = min(_np2(S), tile if interp else 1024)
-    BLOCK_C = min(_np2(C), max(1, tile // BLOCK_S), 1 << 16 if interp else 64)
-    BLOCK_N = min(_np2(N), max(1, tile // (BLOCK_S * BLOCK_C)))
+    BLOCK_S = min(next_pow2(S), tile if interp else 1024)
+    BLOCK_C = min(next_pow2(C), max(1, tile // BLOCK_S), 1 << 16 if interp else 64)
+    BLOCK_N = min(next_pow2(N), max(1, tile // (BLOCK_S * BLOCK_C)))
     c_blocks = triton.cdiv(C, BLOCK_C)
     n_blocks = triton.cdiv(N, BLOCK_N)
     s_blocks = triton.cdiv(S, BLOCK_S)
-    programs = _TUNING["programs"]
-    if programs is None:
-        if interp:
-            programs = 1  # the interpreter pays per program: as few as possible
-        else:
-            if device not in _SM_COUNT:
-                _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-            programs = 8 * _SM_COUNT[device]
+    if _TUNING["programs"] is not None:
+        programs = _TUNING["programs"]
+    elif programs is None:
+        programs = 1 if interp else FALLBACK_PROGRAMS_PER_SM * _props(device).multi_processor_count
     # Split each (channel block, t) over enough programs to fill the device.
     want = max(1, triton.cdiv(programs, c_blocks * T))
     s_splits = min(s_blocks, want)
@@ -390,9 +400,93 @@ def _tebn_geometry(T: int, N: int, C: int, S: int, device: torch.device) -> _Geo
     )
 
 
-def _vec(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
-    """A contiguous per-channel / per-step vector, or ``fallback`` for an absent one."""
-    return t.contiguous() if t is not None else fallback
+def _resident_programs_per_sm(
+    n_regs: int, num_warps: int, shared_bytes: int, *, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
+    shared_per_sm: int = 228 * 1024, max_blocks_per_sm: int = 32, warp_size: int = 32,
+) -> int:
+    """How many programs of a compiled kernel an SM holds at once (its occupancy).
+
+    Limited by threads, by registers (allocated per warp in units of 256) and by shared
+    memory; the defaults are sm_80/sm_90's limits. Programs beyond this wait for a slot,
+    so a grid of occupancy × SMs programs, each looping over its slice, fills the GPU in
+    one wave.
+    """
+    by_threads = threads_per_sm // (num_warps * warp_size)
+    regs_per_warp = triton.cdiv(n_regs * warp_size, 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps) if n_regs > 0 else by_threads
+    by_shared = shared_per_sm // shared_bytes if shared_bytes > 0 else max_blocks_per_sm
+    return max(1, min(by_threads, by_regs, by_shared, max_blocks_per_sm))
+
+
+_PROGRAMS_PER_SM: dict = {}
+
+
+def _programs_per_sm(kernel, args_for, constexprs: dict, device: torch.device, dtype: torch.dtype) -> Optional[int]:
+    """Occupancy of ``kernel`` compiled for these constexprs (cached), or None if unknown.
+
+    On a cache miss, compiles without launching (``JITFunction.warmup`` on the arguments
+    ``args_for()``) and reads the register count and shared memory of the compiled
+    kernel. The key is the input dtype and the constexprs; it leaves out the other
+    pointers' dtypes, which barely change the register count.
+    """
+    key = (kernel.fn.__name__, device, dtype, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+    if key not in _PROGRAMS_PER_SM:
+        try:
+            compiled = kernel.warmup(*args_for(), grid=(1,), **constexprs)
+            compiled._init_handles()  # loads the binary: fills n_regs
+            n_regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
+        except Exception as err:  # a triton without these attributes: keep the fixed default
+            warnings.warn(
+                f"snnorm triton tebn: cannot read the register count of {kernel.fn.__name__} ({err!r}); "
+                f"sizing its grid at {FALLBACK_PROGRAMS_PER_SM} programs per SM",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _PROGRAMS_PER_SM[key] = None
+        else:
+            props = _props(device)
+            _PROGRAMS_PER_SM[key] = _resident_programs_per_sm(
+                n_regs, constexprs["num_warps"], shared,
+                regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
+                threads_per_sm=getattr(props, "max_threads_per_multi_processor", 2048),
+                shared_per_sm=getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
+                warp_size=getattr(props, "warp_size", 32),
+            )
+    return _PROGRAMS_PER_SM[key]
+
+
+def _tiles(geo: _Geometry) -> dict:
+    return dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
+
+
+def _slices(geo: _Geometry) -> tuple:
+    return geo.n_per_prog, geo.s_per_prog, geo.n_splits
+
+
+def _fitted_geometry(kernel, T, N, C, S, device, dtype, args_for, constexprs) -> _Geometry:
+    """The geometry for launching ``kernel``: as many programs as the GPU holds at once.
+
+    ``args_for(geo)`` gives the kernel's arguments for a geometry (used to compile it once).
+    Under the interpreter, or with ``_TUNING["programs"]`` set, the plain geometry.
+    """
+    geo = _tebn_geometry(T, N, C, S, device)
+    if device.type != "cuda" or _TUNING["programs"] is not None:
+        return geo
+    per_sm = _programs_per_sm(kernel, lambda: args_for(geo), {**constexprs, **_tiles(geo)}, device, dtype)
+    if per_sm is None:
+        return geo
+    return _tebn_geometry(T, N, C, S, device, programs=per_sm * _props(device).multi_processor_count)
+
+
+def _combine_tiles(P: int, C: int, interp: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of the partials combine: a [BLOCK_P, BLOCK_C] tile per step."""
+    block_c = min(next_pow2(C), 1 << 16 if interp else 16)
+    block_p = min(next_pow2(P), max(2, _tile_elems(interp) // block_c))
+    return block_p, block_c
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.contiguous() if t is not None else None
 
 
 def _as_tncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
@@ -410,30 +504,33 @@ def _launch_tebn_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch mean and biased variance per channel; updates the running stats in place."""
     x4, T, N, C, S = _as_tncs(x)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_torch_dtype(x.dtype)
     if x.numel() == 0:  # as F.batch_norm: an empty batch updates nothing
         return x.new_zeros(C, dtype=acc), x.new_ones(C, dtype=acc)
-    geo = _tebn_geometry(T, N, C, S, x.device)
-    part_mean = torch.empty(geo.parts, C, dtype=acc, device=x.device)
-    part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x.device)
-    part_count = torch.empty(geo.parts, dtype=acc, device=x.device)
-    _tebn_stats_partial_kernel[geo.grid](
-        x4, part_mean, part_m2, part_count,
-        N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits,
-        BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc),
-        num_warps=geo.num_warps,
-    )
+
+    def partials(geo):
+        part_mean = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+        part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x.device)
+        part_count = torch.empty(geo.parts, dtype=acc, device=x.device)
+        return (x4, part_mean, part_m2, part_count, N, C, S, *_slices(geo))
+
+    flags = dict(ACC_DTYPE=acc_dtype(acc))
+    geo = _fitted_geometry(_tebn_stats_partial_kernel, T, N, C, S, x.device, x.dtype, partials, flags)
+    args = partials(geo)
+    _tebn_stats_partial_kernel[geo.grid](*args, **flags, **_tiles(geo))
+    part_mean, part_m2, part_count = args[1:4]
+
     mean = torch.empty(C, dtype=acc, device=x.device)
     var = torch.empty(C, dtype=acc, device=x.device)
     update = running_mean is not None and running_var is not None
     # the kernel updates contiguous buffers in place; a strided one goes through a copy
-    r_mean = _vec(running_mean, mean)
-    r_var = _vec(running_var, var)
-    block_c = min(_np2(C), 1 << 16 if x.device.type != "cuda" else 256)
+    r_mean = _contiguous(running_mean) if update else None
+    r_var = _contiguous(running_var) if update else None
+    block_p, block_c = _combine_tiles(geo.parts, C, x.device.type != "cuda")
     _tebn_stats_combine_kernel[(triton.cdiv(C, block_c),)](
         part_mean, part_m2, part_count, mean, var, r_mean, r_var,
         geo.parts, C, float(momentum),
-        UPDATE_RUNNING=update, BLOCK_C=block_c, ACC_DTYPE=_tl_dtype(acc),
+        UPDATE_RUNNING=update, BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=4,
     )
     if update and r_mean.data_ptr() != running_mean.data_ptr():
         running_mean.copy_(r_mean)
@@ -453,19 +550,16 @@ def _launch_tebn_fwd(
 ) -> torch.Tensor:
     """y[t] = p[t]·(γ (x − μ)/√(σ² + ε) + β) in one elementwise pass."""
     x4, T, N, C, S = _as_tncs(x)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_torch_dtype(x.dtype)
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, scale.dtype), device=x.device)
     if x.numel() == 0:
         return y
-    geo = _tebn_geometry(T, N, C, S, x.device)
-    mean, var = mean.contiguous(), var.contiguous()
-    _tebn_fwd_kernel[geo.grid](
-        x4, y, mean, var, _vec(weight, mean), _vec(bias, mean), scale.contiguous(),
-        N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits, float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc),
-        num_warps=geo.num_warps,
-    )
+    head = (x4, y, mean.contiguous(), var.contiguous(), _contiguous(weight), _contiguous(bias), scale.contiguous(),
+            N, C, S)
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype(acc))
+    geo = _fitted_geometry(_tebn_fwd_kernel, T, N, C, S, x.device, x.dtype,
+                           lambda g: (*head, *_slices(g), float(eps)), flags)
+    _tebn_fwd_kernel[geo.grid](*head, *_slices(geo), float(eps), **flags, **_tiles(geo))
     return y
 
 
@@ -489,41 +583,46 @@ def _launch_tebn_bwd(
     """
     x4, T, N, C, S = _as_tncs(x)
     g4 = grad_y.contiguous().view(T, N, C, S)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_torch_dtype(x.dtype)
+    dev = x.device
     if x.numel() == 0:  # an empty batch: zero gradients, as the torch reference gives
-        dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device)
-        zeros_c = torch.zeros(C, dtype=acc, device=x.device)
-        return dx, zeros_c, zeros_c.clone(), torch.zeros(T, dtype=acc, device=x.device)
-    geo = _tebn_geometry(T, N, C, S, x.device)
+        dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=dev)
+        zeros_c = torch.zeros(C, dtype=acc, device=dev)
+        return dx, zeros_c, zeros_c.clone(), torch.zeros(T, dtype=acc, device=dev)
     scale_c = scale.contiguous()
     mean, var = mean.contiguous(), var.contiguous()
-    w_arg = _vec(weight, mean)
-    b_arg = _vec(bias, mean)
-    consts = dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, ACC_DTYPE=_tl_dtype(acc))
+    w_arg, b_arg = _contiguous(weight), _contiguous(bias)
     if batch_stats or need_dparams:
-        part_a = torch.empty(geo.parts, C, dtype=acc, device=x.device)
-        part_b = torch.empty(geo.parts, C, dtype=acc, device=x.device)
-        part_p = torch.empty(geo.c_blocks, geo.parts, dtype=acc, device=x.device)
-        _tebn_bwd_reduce_kernel[geo.grid](
-            g4, x4, mean, var, w_arg, b_arg, scale_c, part_a, part_b, part_p,
-            N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits, geo.parts, float(eps),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=geo.num_warps, **consts,
-        )
+
+        def reduce_args(geo):
+            part_a = torch.empty(geo.parts, C, dtype=acc, device=dev)
+            part_b = torch.empty(geo.parts, C, dtype=acc, device=dev)
+            part_p = torch.empty(geo.c_blocks, geo.parts, dtype=acc, device=dev)
+            return (g4, x4, mean, var, w_arg, b_arg, scale_c, part_a, part_b, part_p,
+                    N, C, S, *_slices(geo), geo.parts, float(eps))
+
+        flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype(acc))
+        geo = _fitted_geometry(_tebn_bwd_reduce_kernel, T, N, C, S, dev, x.dtype, reduce_args, flags)
+        args = reduce_args(geo)
+        _tebn_bwd_reduce_kernel[geo.grid](*args, **flags, **_tiles(geo))
+        part_a, part_b, part_p = args[7:10]
         # Fixed-shape torch reductions of the partials: deterministic, no atomics.
         sum_a = part_a.sum(0)
         sum_b = part_b.sum(0)
         dscale = part_p.view(geo.c_blocks, T, -1).sum((0, 2))
     else:
-        sum_a = torch.zeros(C, dtype=acc, device=x.device)
-        sum_b = torch.zeros(C, dtype=acc, device=x.device)
-        dscale = torch.zeros(T, dtype=acc, device=x.device)
+        sum_a = torch.zeros(C, dtype=acc, device=dev)
+        sum_b = torch.zeros(C, dtype=acc, device=dev)
+        dscale = torch.zeros(T, dtype=acc, device=dev)
     if need_dx:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _tebn_bwd_dx_kernel[geo.grid](
-            g4, x4, dx, mean, var, w_arg, sum_a, sum_b, scale_c,
-            N, C, S, geo.n_per_prog, geo.s_per_prog, geo.n_splits, 1.0 / (T * N * S), float(eps),
-            HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats, num_warps=geo.num_warps, **consts,
-        )
+        dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+        head = (g4, x4, dx, mean, var, w_arg, sum_a if batch_stats else None, sum_b if batch_stats else None,
+                scale_c, N, C, S)
+        tail = (1.0 / (T * N * S), float(eps))
+        flags = dict(HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats, ACC_DTYPE=acc_dtype(acc))
+        geo = _fitted_geometry(_tebn_bwd_dx_kernel, T, N, C, S, dev, x.dtype,
+                               lambda g: (*head, *_slices(g), *tail), flags)
+        _tebn_bwd_dx_kernel[geo.grid](*head, *_slices(geo), *tail, **flags, **_tiles(geo))
     else:
         dx = x.new_empty(0)  # not needed: no full-size allocation
     # ∂L/∂β = Σ g·p = A, ∂L/∂γ = Σ g·p·x̂ = B.
@@ -543,13 +642,13 @@ def _tebn_stats_op(
     momentum: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch (mean, biased variance) per channel over T·N·spatial; running stats updated."""
-    _check_runnable(x)
+    check_device("tebn", x)
     return _launch_tebn_stats(x, running_mean, running_var, momentum)
 
 
 @_tebn_stats_op.register_fake
 def _(x, running_mean, running_var, momentum):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_torch_dtype(x.dtype)
     C = x.shape[2]
     return x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc)
 
@@ -570,7 +669,7 @@ def _tebn_apply_op(
     ``batch_stats`` says whether (mean, var) are the batch statistics of x (then the
     backward includes their dependence on x) or constants (running statistics).
     """
-    _check_runnable(x)
+    check_device("tebn", x)
     return _launch_tebn_fwd(x, weight, bias, mean, var, scale, eps)
 
 
@@ -593,13 +692,13 @@ def _tebn_apply_backward_op(
     need_dx: bool,
     need_dparams: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_runnable(x)
+    check_device("tebn", x)
     return _launch_tebn_bwd(grad_y, x, weight, bias, mean, var, scale, eps, batch_stats, need_dx, need_dparams)
 
 
 @_tebn_apply_backward_op.register_fake
 def _(grad_y, x, weight, bias, mean, var, scale, eps, batch_stats, need_dx, need_dparams):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_torch_dtype(x.dtype)
     C, T = x.shape[2], x.shape[0]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
     return dx, x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc), x.new_empty(T, dtype=acc)
@@ -664,7 +763,7 @@ def tebn(
         raise TypeError(f"tebn expects a floating-point x_seq, got dtype {x_seq.dtype}")
     if x_seq.dim() < 3:
         raise ValueError(f"tebn expects x_seq of shape [T, N, C, *spatial], got shape {tuple(x_seq.shape)}")
-    _check_runnable(x_seq)
+    check_device("tebn", x_seq, weight, bias, running_mean, running_var, scale)
     use_batch_stats = training or running_mean is None
     if use_batch_stats:
         if math.prod(x_seq.shape[:2]) * math.prod(x_seq.shape[3:]) == 1:
