@@ -150,6 +150,24 @@ class MemoryModule(nn.Module, StepModule):
                     store[name] = fn(value)
         return super()._apply(fn, *args, **kwargs)
 
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy`` in the middle of a sequence (an EMA or best-model copy).
+
+        Memories, and any other tensor attribute (``v_seq``), that carry autograd
+        history are copied detached: same values, a leaf with no history, so the
+        copy's graph never reaches into the original's (deepcopy of a non-leaf tensor
+        is an error in torch). Everything else is deep-copied as usual.
+        """
+        history = [*self._memories.values(), *self._memories_rv.values(), *self.__dict__.values()]
+        for value in history:
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
     def _replicate_for_data_parallel(self):
         replica = super()._replicate_for_data_parallel()
         replica._memories = self._memories.copy()

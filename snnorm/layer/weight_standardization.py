@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch.nn.common_types import _size_2_t
 
 from .. import functional
+from .._checks import check_eps, check_positive_int
+from ._checks import check_dtype
 from .containers import Conv2d, Linear
 
 __all__ = ["WSConv2d", "WSLinear", "standardize_weight"]
@@ -65,6 +67,10 @@ class WSConv2d(Conv2d):
         device=None,
         dtype=None,
     ) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "in_channels", in_channels)
+        check_positive_int(owner, "out_channels", out_channels)
+        eps = check_eps(owner, eps)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             step_mode, device=device, dtype=dtype,
@@ -80,6 +86,7 @@ class WSConv2d(Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        check_dtype(self, x, self.weight)
         weight = self.get_weight()
         if self.step_mode == "s":
             return self._conv_forward(x, weight, self.bias)
@@ -107,6 +114,10 @@ class WSLinear(Linear):
         device=None,
         dtype=None,
     ) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "in_features", in_features)
+        check_positive_int(owner, "out_features", out_features)
+        eps = check_eps(owner, eps)
         super().__init__(in_features, out_features, bias, step_mode, device=device, dtype=dtype)
         if gain:
             self.gain = nn.Parameter(torch.ones(self.out_features, 1, device=device, dtype=dtype))
@@ -119,6 +130,7 @@ class WSLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        check_dtype(self, x, self.weight)
         return F.linear(x, self.get_weight(), self.bias)
 
     def extra_repr(self) -> str:
