@@ -20,6 +20,7 @@ __all__ = [
     "check_bool",
     "check_positive_int",
     "check_finite",
+    "check_positive",
     "check_eps",
     "check_momentum",
     "check_unit_interval",
@@ -62,12 +63,17 @@ def check_finite(owner, name: str, value) -> float:
     return value
 
 
-def check_eps(owner, value, name: str = "eps") -> float:
-    """``value`` as a finite float > 0 (the ε under a square root)."""
+def check_positive(owner, name: str, value) -> float:
+    """``value`` as a finite float > 0."""
     value = as_float(owner, name, value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{owner_name(owner)}: {name} must be a finite number > 0, got {value}")
     return value
+
+
+def check_eps(owner, value, name: str = "eps") -> float:
+    """``value`` as a finite float > 0 (the ε under a square root)."""
+    return check_positive(owner, name, value)
 
 
 def check_unit_interval(owner, name: str, value) -> float:

@@ -41,6 +41,14 @@ def standardize_weight(weight: torch.Tensor, gain: Optional[torch.Tensor], eps: 
     return w if gain is None else w * gain
 
 
+def _for_input(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Mixed precision (a float16/bfloat16 input, float32 parameters): the weight is
+    standardised in float32, then cast to the input's dtype for the conv/matmul."""
+    if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return weight, bias
+    return weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+
+
 class WSConv2d(Conv2d):
     r""":class:`snnorm.layer.Conv2d` with scaled weight standardization (see module docs).
 
@@ -87,10 +95,10 @@ class WSConv2d(Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         check_dtype(self, x, self.weight)
-        weight = self.get_weight()
+        weight, bias = _for_input(x, self.get_weight(), self.bias)
         if self.step_mode == "s":
-            return self._conv_forward(x, weight, self.bias)
-        return functional.seq_to_ann_forward(x, lambda y: self._conv_forward(y, weight, self.bias))
+            return self._conv_forward(x, weight, bias)
+        return functional.seq_to_ann_forward(x, lambda y: self._conv_forward(y, weight, bias))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gain={self.gain is not None}, eps={self.eps}"
@@ -131,7 +139,7 @@ class WSLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         check_dtype(self, x, self.weight)
-        return F.linear(x, self.get_weight(), self.bias)
+        return F.linear(x, *_for_input(x, self.get_weight(), self.bias))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gain={self.gain is not None}, eps={self.eps}"
