@@ -419,7 +419,7 @@ class MPBNBaseNode(BaseNode):
         # a checkpoint recompute adapts exactly as the first forward did (memopt restores
         # mu, sigma2 and adapt_momentum for it) and commits into throw-away buffers
         if adapt != "none" and should_update_running_stats(self):
-            self.mu, self.sigma2 = mu, sigma2
+            self.mu, self.sigma2 = mu.detach(), sigma2.detach()  # statistics, never part of a graph
             if adapt == "running":
                 self.bn_momentum = momentum
             self._refresh_folded_threshold()
