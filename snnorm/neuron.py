@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 
 from . import surrogate as surrogate_mod
-from ._checks import check_bool, check_finite, check_positive_int, check_tau, check_unit_interval
+from ._checks import (
+    check_bool, check_eps, check_finite, check_momentum, check_positive_int, check_tau, check_unit_interval,
+)
 from .backends.torch_backend import folded_threshold
 from .base import MemoryModule
 from .layer._checks import check_device, check_dtype, check_sequence
@@ -337,6 +339,9 @@ class MPBNBaseNode(BaseNode):
         reference = self._reference_tensor()
         check_device(self, x, reference)
         check_dtype(self, x, reference)
+        if self.mpbn and not self.fold_bn:  # plain attributes of vbn a user may have reassigned
+            check_eps(self, self.vbn.eps, "vbn.eps")
+            check_momentum(self, self.vbn.momentum, "vbn.momentum")
 
     # -- the threshold ------------------------------------------------------------------
     def threshold(self):

@@ -96,16 +96,15 @@ def _bns(module):
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-BN_CASES = [c for c in NORM_CASES if any(True for _ in _bns(c.make()))
-            and not isinstance(c.make(), neuron.BaseNode)]
+BN_CASES = [c for c in NORM_CASES if _bns(c.make())]  # the BN family and the (unfolded) MPBN neuron
 
 
-@pytest.mark.parametrize("case", BN_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case, backend", with_backends(BN_CASES))
 @pytest.mark.parametrize("attr, value, pattern", [("eps", 0.0, "eps"), ("eps", -1e-5, "eps"),
                                                   ("momentum", 1.5, "momentum"), ("momentum", -0.1, "momentum")])
-def test_reassigned_eps_or_momentum_is_rejected_before_counting(case, attr, value, pattern):
+def test_reassigned_eps_or_momentum_is_rejected_before_counting(case, backend, attr, value, pattern):
     """torch's BN counts the batch in num_batches_tracked and only then raises on eps <= 0."""
-    module = trained(case)
+    module = trained(case, backend)
     setattr(_bns(module)[-1], attr, value)  # BNTT: the last timestep's BN, checked up front
     rejects(module, case.input(), ValueError, pattern, str(value))
 
