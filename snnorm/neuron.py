@@ -29,7 +29,7 @@ from ._checks import (
 )
 from .backends.torch_backend import folded_threshold
 from .base import MemoryModule
-from .layer._checks import check_device, check_dtype, check_sequence
+from .layer._checks import check_device, check_dtype, check_sequence, check_tensor
 from .memopt import should_update_running_stats
 
 __all__ = ["BaseNode", "IFNode", "LIFNode", "MPBNBaseNode", "MPBNLIFNode"]
@@ -75,14 +75,10 @@ class BaseNode(MemoryModule):
 
     # -- input checks and state --------------------------------------------------
     def _check_input(self, x: torch.Tensor, multi_step: bool) -> None:
-        owner = type(self).__name__
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{owner}: expected a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{owner}: expected a floating-point input, got dtype {x.dtype}")
+        check_tensor(self, x)
         if multi_step and x.dim() < 2:
             raise ValueError(
-                f"{owner} (step_mode='m'): expected input [T, N, ...], got shape {tuple(x.shape)}"
+                f"{type(self).__name__} (step_mode='m'): expected input [T, N, ...], got shape {tuple(x.shape)}"
             )
         if multi_step:
             check_sequence(self, x)
