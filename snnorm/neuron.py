@@ -479,7 +479,7 @@ class MPBNBaseNode(BaseNode):
         self.beta = nn.Parameter(beta)
         self.register_buffer("normalized_v_threshold", normalized_vth)
         self.register_buffer("folded_v_threshold", torch.empty_like(normalized_vth))
-        self.register_buffer("adapt_momentum", torch.tensor(self.bn_momentum, dtype=torch.float64, device=like.device))
+        self.register_buffer("adapt_momentum", torch.tensor(self.bn_momentum, dtype=like.dtype, device=like.device))
         self.eps = bn.eps
         if self.learnable_vth:
             del self.a
