@@ -22,6 +22,11 @@ does not update them twice.
 
 Every layer subclasses torch's ``_BatchNorm`` (or holds torch BN modules) exactly where
 spikingjelly 2.0.0 does, so ``state_dict`` s load both ways.
+
+Before any running statistic or counter moves, a forward checks the input (shape, T,
+device, dtype — the dtype policy of :mod:`snnorm.layer._checks`: the parameters' dtype, or
+float16/bfloat16 into float32) and ``eps`` > 0 and ``momentum`` ∈ [0, 1] or None (plain
+attributes a user may have reassigned); torch's own BN counts the batch first.
 """
 
 from __future__ import annotations
