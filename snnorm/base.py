@@ -24,6 +24,12 @@ from . import backends, memopt
 __all__ = ["StepModule", "SingleStepModule", "MultiStepModule", "MemoryModule"]
 
 
+def _without_history(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+        return value.detach()
+    return value
+
+
 class StepModule:
     """Mixin giving a validated ``step_mode`` and ``backend``.
 
@@ -150,23 +156,18 @@ class MemoryModule(nn.Module, StepModule):
                     store[name] = fn(value)
         return super()._apply(fn, *args, **kwargs)
 
-    def __deepcopy__(self, memo):
-        """``copy.deepcopy`` in the middle of a sequence (an EMA or best-model copy).
+    def __getstate__(self):
+        """What ``copy.deepcopy`` and pickling (``torch.save(model)``) copy.
 
-        Memories, and any other tensor attribute (``v_seq``), that carry autograd
-        history are copied detached: same values, a leaf with no history, so the
-        copy's graph never reaches into the original's (deepcopy of a non-leaf tensor
-        is an error in torch). Everything else is deep-copied as usual.
+        Works in the middle of a sequence (an EMA or best-model copy): memories, and
+        any other tensor attribute (``v_seq``), that carry autograd history are copied
+        detached — same values, a leaf without ``requires_grad`` — so a copy's graph
+        never reaches into the original's (torch refuses to deepcopy a non-leaf tensor).
         """
-        history = [*self._memories.values(), *self._memories_rv.values(), *self.__dict__.values()]
-        for value in history:
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None and id(value) not in memo:
-                memo[id(value)] = value.detach().clone()
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        return new
+        state = super().__getstate__()
+        for key in ("_memories", "_memories_rv"):
+            state[key] = {name: _without_history(value) for name, value in state[key].items()}
+        return {key: _without_history(value) for key, value in state.items()}
 
     def _replicate_for_data_parallel(self):
         replica = super()._replicate_for_data_parallel()

@@ -1,8 +1,9 @@
 """State you can copy and save.
 
-* ``copy.deepcopy(model)`` in the middle of a sequence (EMA / best-model copies), for
-  every module class: memories are copied detached (same values, no autograd history),
-  and the copy continues the sequence exactly as the original does.
+* ``copy.deepcopy(model)`` and ``torch.save(model)`` in the middle of a sequence (EMA /
+  best-model copies), for every module class: memories are copied detached (same
+  values, no autograd history), and the copy continues the sequence exactly as the
+  original does.
 * The folded MPBN neuron's test-time momentum is the buffer ``adapt_momentum``: saved,
   loaded, untouched by ``reset_net``, restored for a memopt checkpoint recompute.
 * The folded threshold θ′ per channel is in ``state_dict`` (``folded_v_threshold``), is the
@@ -53,6 +54,24 @@ def test_deepcopy_mid_sequence(case, backend):
     x2 = case.input() * 0.5
     a, b = _call_or_error(module, x2), _call_or_error(clone, x2)
     assert type(a) is type(b)
+    assert a == b if isinstance(a, str) else torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: c.name)
+def test_whole_model_save_and_load_mid_sequence(case):
+    """``torch.save(model)`` pickles the same state deepcopy copies: memories detached."""
+    module = case.build()
+    module(case.input().requires_grad_())
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for m in loaded.modules():
+        for name, value in getattr(m, "named_memories", lambda: [])():
+            if isinstance(value, torch.Tensor):
+                assert value.is_leaf and not value.requires_grad, name
+    x2 = case.input() * 0.5
+    a, b = _call_or_error(module, x2), _call_or_error(loaded, x2)
     assert a == b if isinstance(a, str) else torch.equal(a, b)
 
 
