@@ -208,9 +208,9 @@ class MPBNBaseNode(BaseNode):
     sign(γ)·(H − θ′) ≥ 0, so an eval network keeps every spike and state. In floating
     point the two sides are rounded differently, so a spike can flip only where the
     membrane H lies within rounding of θ′: a few ulps of the largest of |μ|, |θ′| and
-    |V_th − β|·√(σ² + ε)/|γ| (float32: ~1e-7 relative). Measured: float32 membranes
-    spread ~1e-3 relative around θ′ flip 1 spike in 4096, membranes within ±32 ulps of
-    θ′ about 1 in 50; a flip then changes that neuron's later state.
+    |V_th − β|·√(σ² + ε)/|γ| (float32: ~1e-7 relative). Measured: for float32 membranes
+    spread ~1e-3 relative around θ′, 1 of 4096 spike decisions flipped; within ±32 ulps
+    of θ′, about 1 in 50. A flip then changes that neuron's later state.
     ``tests/test_fold_exactness.py`` bounds the flip rate and checks that every flip is
     within a few ulps of θ′.
 
