@@ -38,6 +38,12 @@ __all__ = [
 ]
 
 
+def _without_history(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+        return value.detach()
+    return value
+
+
 class StepModule:
     """Mixin giving a validated ``step_mode`` and ``backend``.
 
@@ -217,6 +223,19 @@ class MemoryModule(nn.Module, StepModule):
                 if isinstance(value, torch.Tensor):
                     store[name] = fn(value)
         return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        """What ``copy.deepcopy`` and pickling (``torch.save(model)``) copy.
+
+        Works in the middle of a sequence (an EMA or best-model copy): memories, and
+        any other tensor attribute (``v_seq``), that carry autograd history are copied
+        detached — same values, a leaf without ``requires_grad`` — so a copy's graph
+        never reaches into the original's (torch refuses to deepcopy a non-leaf tensor).
+        """
+        state = super().__getstate__()
+        for key in ("_memories", "_memories_rv"):
+            state[key] = {name: _without_history(value) for name, value in state[key].items()}
+        return {key: _without_history(value) for key, value in state.items()}
 
     def _replicate_for_data_parallel(self):
         replica = super()._replicate_for_data_parallel()

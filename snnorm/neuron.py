@@ -19,37 +19,22 @@ ICCV 2023, arXiv 2308.08359) normalises H[t] with a per-channel BN before firing
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn as nn
 
 from . import surrogate as surrogate_mod
+from ._checks import (
+    check_bool, check_eps, check_finite, check_momentum, check_positive_int, check_tau, check_unit_interval,
+)
+from .backends.torch_backend import folded_threshold
 from .base import MemoryModule
+from .layer._checks import check_device, check_dtype, check_sequence, check_tensor
 from .memopt import should_update_running_stats
 
 __all__ = ["BaseNode", "IFNode", "LIFNode", "MPBNBaseNode", "MPBNLIFNode"]
 
 CARRY_MODES = ("normalized", "raw")
-
-
-def _as_float(name: str, value, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
-def _check_tau(tau, owner: str) -> float:
-    tau = _as_float("tau", tau, owner)
-    if not tau > 1.0:
-        raise ValueError(f"{owner}: tau must be > 1, got {tau}")
-    return tau
-
-
-def _check_bool(name: str, value, owner: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
 
 
 class BaseNode(MemoryModule):
@@ -74,10 +59,10 @@ class BaseNode(MemoryModule):
     ):
         super().__init__()
         owner = type(self).__name__
-        self.v_threshold = _as_float("v_threshold", v_threshold, owner)
-        self.v_reset = None if v_reset is None else _as_float("v_reset", v_reset, owner)
-        self.detach_reset = _check_bool("detach_reset", detach_reset, owner)
-        self.store_v_seq = _check_bool("store_v_seq", store_v_seq, owner)
+        self.v_threshold = check_finite(owner, "v_threshold", v_threshold)
+        self.v_reset = None if v_reset is None else check_finite(owner, "v_reset", v_reset)
+        self.detach_reset = check_bool(owner, "detach_reset", detach_reset)
+        self.store_v_seq = check_bool(owner, "store_v_seq", store_v_seq)
         if surrogate_function is None:
             surrogate_function = surrogate_mod.Sigmoid()
         if not callable(surrogate_function):
@@ -90,15 +75,13 @@ class BaseNode(MemoryModule):
 
     # -- input checks and state --------------------------------------------------
     def _check_input(self, x: torch.Tensor, multi_step: bool) -> None:
-        owner = type(self).__name__
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{owner}: expected a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{owner}: expected a floating-point input, got dtype {x.dtype}")
+        check_tensor(self, x)
         if multi_step and x.dim() < 2:
             raise ValueError(
-                f"{owner} (step_mode='m'): expected input [T, N, ...], got shape {tuple(x.shape)}"
+                f"{type(self).__name__} (step_mode='m'): expected input [T, N, ...], got shape {tuple(x.shape)}"
             )
+        if multi_step:
+            check_sequence(self, x)
 
     def _initial_membrane(self, x_step: torch.Tensor) -> torch.Tensor:
         v = self.v
@@ -172,10 +155,10 @@ class LIFNode(BaseNode):
         backend: str = "torch",
         store_v_seq: bool = False,
     ):
-        tau = _check_tau(tau, type(self).__name__)
+        tau = check_tau(type(self).__name__, tau)
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)
         self.tau = tau
-        self.decay_input = _check_bool("decay_input", decay_input, type(self).__name__)
+        self.decay_input = check_bool(self, "decay_input", decay_input)
 
     def _run(self, x_seq, v):
         return self.ops.lif(
@@ -215,17 +198,42 @@ class MPBNBaseNode(BaseNode):
     ``learnable_vth`` fires on V_th = exp(a) per channel (a starts at 0) and, unlike
     spikingjelly 2.0.0, a soft reset subtracts that same threshold.
 
-    :meth:`re_parameterize_v_threshold` folds the BN into a per-channel threshold
-    (Zhao et al., "Threshold Modulation for Online Test-Time Adaptation of Spiking
-    Neural Networks", arXiv 2505.05375)::
+    :meth:`re_parameterize_v_threshold` folds the BN into a per-channel threshold θ′ on
+    the raw membrane (Zhao et al., "Threshold Modulation for Online Test-Time Adaptation
+    of Spiking Neural Networks", arXiv 2505.05375)::
 
-        Ṽ_th = μ + (V_th − β)·√(σ² + ε)/γ,    S[t] = Θ(sign(γ)·(H[t] − Ṽ_th))
+        θ′ = μ + (V_th − β)·√(σ² + ε)/γ,    S[t] = Θ(sign(γ)·(H[t] − θ′))
 
-    The fold never changes what an eval network computes (same spikes, same state).
-    After folding, a module in training mode adapts μ, σ² at test time from each step's
-    batch (``running_stats=False``) or with an exponential average whose momentum decays
-    by ``bn_decay_momentum`` per step down to ``bn_min_momentum`` (``running_stats=True``).
-    Inputs per step: ``[N, C]``, ``[N, C, L]`` or ``[N, C, H, W]``; multi-step adds T first.
+    **Exactness.** In real arithmetic the fold changes nothing: Ĥ ≥ V_th ⇔
+    sign(γ)·(H − θ′) ≥ 0, so an eval network keeps every spike and state. In floating
+    point the two sides are rounded differently, so a spike can flip only where the
+    membrane H lies within rounding of θ′: a few ulps of the largest of |μ|, |θ′| and
+    |V_th − β|·√(σ² + ε)/|γ| (float32: ~1e-7 relative). Measured: for float32 membranes
+    spread ~1e-3 relative around θ′, 1 of 4096 spike decisions flipped; within ±32 ulps
+    of θ′, about 1 in 50. A flip then changes that neuron's later state.
+    ``tests/test_fold_exactness.py`` bounds the flip rate and checks that every flip is
+    within a few ulps of θ′.
+
+    **State after the fold** (all in ``state_dict``): ``mu``, ``sigma2`` (buffers),
+    ``gamma``, ``beta`` (parameters), ``normalized_v_threshold`` (V_th per channel, the
+    threshold Ĥ is compared with, also the one a soft reset subtracts),
+    ``folded_v_threshold`` (θ′ per channel; derived from the others, refreshed by the
+    fold, by every adaptation step and by ``state_dict()``; a loaded θ′ that disagrees
+    with the loaded μ, σ², γ, β, V_th is an error) and ``adapt_momentum`` (see below).
+    Load a folded ``state_dict`` into a folded neuron.
+
+    **Test-time adaptation.** After folding, a module in training mode adapts μ, σ² at
+    test time from each step's batch (``running_stats=False``) or with an exponential
+    average whose momentum starts at ``bn_momentum`` and decays by ``bn_decay_momentum``
+    per step down to ``bn_min_momentum`` (``running_stats=True``). The current momentum
+    is the buffer ``adapt_momentum`` (read and set as ``bn_momentum``, as in
+    spikingjelly): it is saved with the model and restored by a checkpoint recompute
+    (:mod:`snnorm.memopt`), and, like μ and σ², ``reset_net`` leaves it alone — it
+    belongs to the test stream, not to one sequence. Set ``node.bn_momentum = m`` to
+    restart the decay.
+
+    Inputs per step: ``[N, C]``, ``[N, C, L]`` or ``[N, C, H, W]``; multi-step adds T
+    first. The input dtype follows the dtype policy of :mod:`snnorm.layer._checks`.
     """
 
     supported_backends = ("torch", "triton")
@@ -254,32 +262,61 @@ class MPBNBaseNode(BaseNode):
                 f"{owner}: give exactly one of out_features or out_channels, got "
                 f"out_features={out_features!r}, out_channels={out_channels!r}"
             )
-        features = out_channels if out_channels is not None else out_features
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"{owner}: the number of channels must be a positive int, got {features!r}")
+        name = "out_channels" if out_channels is not None else "out_features"
+        features = check_positive_int(owner, name, out_channels if out_channels is not None else out_features)
         if carry not in CARRY_MODES:
             raise ValueError(f"{owner}: carry must be one of {CARRY_MODES}, got {carry!r}")
+        mpbn = check_bool(owner, "mpbn", mpbn)
+        learnable_vth = check_bool(owner, "learnable_vth", learnable_vth)
+        bn_momentum = check_unit_interval(owner, "bn_momentum", bn_momentum)
+        bn_decay_momentum = check_unit_interval(owner, "bn_decay_momentum", bn_decay_momentum)
+        bn_min_momentum = check_unit_interval(owner, "bn_min_momentum", bn_min_momentum)
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)
         self.out_features = out_features
         self.out_channels = out_channels
         self.num_channels = features
         self.carry = carry
-        self.mpbn = _check_bool("mpbn", mpbn, owner)
+        self.mpbn = mpbn
         if mpbn:
             self.vbn = nn.BatchNorm2d(features) if out_channels is not None else nn.BatchNorm1d(features)
         else:
             self.vbn = nn.Identity()
-        self.learnable_vth = _check_bool("learnable_vth", learnable_vth, owner)
+        self.learnable_vth = learnable_vth
         if learnable_vth:
             self.a = nn.Parameter(torch.zeros(features))
-        self.bn_momentum = _as_float("bn_momentum", bn_momentum, owner)
-        self.bn_decay_momentum = _as_float("bn_decay_momentum", bn_decay_momentum, owner)
-        self.bn_min_momentum = _as_float("bn_min_momentum", bn_min_momentum, owner)
+        self.bn_momentum = bn_momentum
+        self.bn_decay_momentum = bn_decay_momentum
+        self.bn_min_momentum = bn_min_momentum
         self.fold_bn = False
         self.running_stats = False
         self.eps = None
 
+    # -- the test-time momentum: a buffer once folded --------------------------------
+    @property
+    def bn_momentum(self) -> float:
+        """The test-time adaptation momentum: the buffer ``adapt_momentum`` once folded."""
+        buffer = self._buffers.get("adapt_momentum")
+        return self.__dict__["_bn_momentum"] if buffer is None else float(buffer)
+
+    @bn_momentum.setter
+    def bn_momentum(self, value: float) -> None:
+        value = check_unit_interval(self, "bn_momentum", value)
+        buffer = self._buffers.get("adapt_momentum")
+        if buffer is None:
+            self.__dict__["_bn_momentum"] = value
+        else:
+            with torch.no_grad():
+                buffer.fill_(value)
+
     # -- checks ---------------------------------------------------------------------
+    def _reference_tensor(self) -> torch.Tensor | None:
+        """The tensor an input must match in device and dtype (None: nothing to match)."""
+        if self.fold_bn:
+            return self.mu
+        if self.mpbn:
+            return self.vbn.weight if self.vbn.weight is not None else self.vbn.running_mean
+        return self.a if self.learnable_vth else None
+
     def _check_input(self, x: torch.Tensor, multi_step: bool) -> None:
         super()._check_input(x, multi_step)
         step_ndim = x.dim() - (1 if multi_step else 0)
@@ -295,6 +332,12 @@ class MPBNBaseNode(BaseNode):
                 f"{type(self).__name__}: expected {self.num_channels} channels in dim "
                 f"{2 if multi_step else 1}, got {channels} (input shape {tuple(x.shape)})"
             )
+        reference = self._reference_tensor()
+        check_device(self, x, reference)
+        check_dtype(self, x, reference)
+        if self.mpbn and not self.fold_bn:  # plain attributes of vbn a user may have reassigned
+            check_eps(self, self.vbn.eps, "vbn.eps")
+            check_momentum(self, self.vbn.momentum, "vbn.momentum")
 
     # -- the threshold ------------------------------------------------------------------
     def threshold(self):
@@ -302,8 +345,40 @@ class MPBNBaseNode(BaseNode):
         if self.learnable_vth:
             return torch.exp(self.a)
         if self.fold_bn:
-            return self.folded_v_threshold
+            return self.normalized_v_threshold
         return self.v_threshold
+
+    @torch.no_grad()
+    def _folded_threshold_now(self) -> torch.Tensor:
+        """θ′ per channel from the current μ, σ², γ, β and V_th (the torch backend's formula)."""
+        std = torch.sqrt(self.sigma2 + self.eps)
+        return folded_threshold(self.normalized_v_threshold, self.mu, std, self.gamma, self.beta)
+
+    def _refresh_folded_threshold(self) -> None:
+        with torch.no_grad():
+            self.folded_v_threshold.copy_(self._folded_threshold_now())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.fold_bn:  # γ, β may have been trained since the last forward
+            self._refresh_folded_threshold()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        errors_before = len(error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if not self.fold_bn or len(error_msgs) > errors_before or prefix + "folded_v_threshold" not in state_dict:
+            return
+        loaded, derived = self.folded_v_threshold, self._folded_threshold_now()
+        scale = torch.maximum(loaded.abs(), self.mu.abs()).max().clamp_min(1.0)
+        tolerance = 8 * torch.finfo(loaded.dtype).eps * scale
+        if not bool(((loaded - derived).abs() <= tolerance).all()):
+            error_msgs.append(
+                f"{type(self).__name__}: {prefix}folded_v_threshold (θ′) disagrees with the θ′ derived from "
+                f"the loaded mu, sigma2, gamma, beta and normalized_v_threshold (largest difference "
+                f"{(loaded - derived).abs().max().item():.3g}). θ′ is derived state: change those instead."
+            )
 
     # -- forward ----------------------------------------------------------------------
     def _run(self, x_seq, v):
@@ -334,23 +409,31 @@ class MPBNBaseNode(BaseNode):
 
     def _run_folded(self, x_seq, v):
         adapt = ("running" if self.running_stats else "batch") if self.training else "none"
+        # read the momentum buffer only where it is used (no .item() in an eval graph)
+        momentum = self.bn_momentum if adapt == "running" else 0.0
         spike_seq, v, mu, sigma2, momentum = self.ops.mpbn_lif_folded(
             x_seq, v, self.mu, self.sigma2, self.gamma, self.beta, self.threshold(),
             eps=self.eps, tau=self.tau, decay_input=self.decay_input, v_reset=self.v_reset,
             surrogate=self.surrogate_function, detach_reset=self.detach_reset, carry=self.carry,
-            adapt=adapt, adapt_momentum=self.bn_momentum, adapt_decay=self.bn_decay_momentum,
+            adapt=adapt, adapt_momentum=momentum, adapt_decay=self.bn_decay_momentum,
             adapt_min_momentum=self.bn_min_momentum,
         )
-        # a checkpoint recompute adapts exactly as the first forward did, but commits nothing
+        # a checkpoint recompute adapts exactly as the first forward did (memopt restores
+        # mu, sigma2 and adapt_momentum for it) and commits into throw-away buffers
         if adapt != "none" and should_update_running_stats(self):
-            self.mu, self.sigma2, self.bn_momentum = mu, sigma2, momentum
+            self.mu, self.sigma2 = mu.detach(), sigma2.detach()  # statistics, never part of a graph
+            if adapt == "running":
+                self.bn_momentum = momentum
+            self._refresh_folded_threshold()
         return spike_seq, v
 
     # -- folding ----------------------------------------------------------------------
     @torch.no_grad()
     def re_parameterize_v_threshold(self, normalize_residual: bool | None = None, running_stats: bool = False) -> None:
-        """Fold the membrane BN into a per-channel threshold (exact in eval).
+        """Fold the membrane BN into a per-channel threshold θ′ (see the class doc).
 
+        Exact in real arithmetic; in floating point a spike can flip only where the
+        membrane is within rounding of θ′ (class doc, "Exactness").
         ``normalize_residual`` keeps the carried membrane in the normalised domain;
         it must be True for carry="normalized" and False for carry="raw" (the only
         exact choices; None picks it). ``running_stats`` selects the test-time
@@ -378,8 +461,9 @@ class MPBNBaseNode(BaseNode):
         if not bn.track_running_stats:
             raise ValueError(f"{owner}: the membrane BN has no running statistics (track_running_stats=False) to fold")
         C = self.num_channels
-        gamma = bn.weight.detach().clone() if bn.affine else torch.ones(C, device=bn.running_mean.device)
-        beta = bn.bias.detach().clone() if bn.affine else torch.zeros(C, device=bn.running_mean.device)
+        like = bn.running_mean
+        gamma = bn.weight.detach().clone() if bn.affine else torch.ones_like(like)
+        beta = bn.bias.detach().clone() if bn.affine else torch.zeros_like(like)
         zero = (gamma == 0).nonzero().flatten().tolist()
         if zero:
             raise ValueError(
@@ -387,13 +471,15 @@ class MPBNBaseNode(BaseNode):
                 "on the raw membrane reproduces it"
             )
         threshold = self.threshold()
-        folded_vth = (threshold.detach().clone() if isinstance(threshold, torch.Tensor)
-                      else torch.full((C,), threshold, device=gamma.device, dtype=gamma.dtype))
+        normalized_vth = (threshold.detach().clone() if isinstance(threshold, torch.Tensor)
+                          else torch.full((C,), threshold, device=like.device, dtype=like.dtype))
         self.register_buffer("mu", bn.running_mean.detach().clone())
         self.register_buffer("sigma2", bn.running_var.detach().clone())
         self.gamma = nn.Parameter(gamma)
         self.beta = nn.Parameter(beta)
-        self.register_buffer("folded_v_threshold", folded_vth)
+        self.register_buffer("normalized_v_threshold", normalized_vth)
+        self.register_buffer("folded_v_threshold", torch.empty_like(normalized_vth))
+        self.register_buffer("adapt_momentum", torch.tensor(self.bn_momentum, dtype=like.dtype, device=like.device))
         self.eps = bn.eps
         if self.learnable_vth:
             del self.a
@@ -401,6 +487,7 @@ class MPBNBaseNode(BaseNode):
         self.vbn = nn.Identity()
         self.fold_bn = True
         self.running_stats = bool(running_stats)
+        self._refresh_folded_threshold()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", carry={self.carry}, mpbn={self.mpbn}, learnable_vth={self.learnable_vth}, fold_bn={self.fold_bn}"
@@ -434,14 +521,14 @@ class MPBNLIFNode(MPBNBaseNode):
         backend: str = "torch",
         carry: str = "normalized",
     ):
-        tau = _check_tau(tau, type(self).__name__)
+        tau = check_tau(type(self).__name__, tau)
         super().__init__(
             v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, mpbn,
             out_features, out_channels, learnable_vth, bn_momentum, bn_decay_momentum, bn_min_momentum,
             backend, carry,
         )
         self.tau = tau
-        self.decay_input = _check_bool("decay_input", decay_input, type(self).__name__)
+        self.decay_input = check_bool(self, "decay_input", decay_input)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", tau={self.tau}, decay_input={self.decay_input}"

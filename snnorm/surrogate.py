@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn as nn
 
+from ._checks import check_bool, check_positive
+
 __all__ = ["SurrogateFunctionBase", "Sigmoid", "ATan", "PiecewiseQuadratic", "PiecewiseExp", "heaviside"]
 
 
@@ -57,10 +59,8 @@ class SurrogateFunctionBase(nn.Module):
 
     def __init__(self, alpha: float, spiking: bool = True):
         super().__init__()
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise TypeError(f"{type(self).__name__}: alpha must be a number, got {type(alpha).__name__}")
-        self.alpha = float(alpha)
-        self.spiking = spiking
+        self.alpha = check_positive(self, "alpha", alpha)
+        self.spiking = check_bool(self, "spiking", spiking)
 
     def set_spiking_mode(self, spiking: bool) -> None:
         self.spiking = spiking

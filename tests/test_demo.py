@@ -91,6 +91,10 @@ def test_model_shapes_and_spike_hooks():
     assert all(not isinstance(node.v, torch.Tensor) for _, node in model.neurons())
 
 
+# what test-time adaptation moves: the folded neurons' statistics, θ′ and momentum
+ADAPTED_STATE = ("mu", "sigma2", "folded_v_threshold", "adapt_momentum")
+
+
 def test_adaptation_changes_only_neuron_statistics():
     torch.manual_seed(0)
     model = demo.DigitsSNN(T=2, norm="tebn", channels=(4, 8))
@@ -100,7 +104,7 @@ def test_adaptation_changes_only_neuron_statistics():
     model(images)  # one training forward so the running statistics are not the defaults
     demo.functional.reset_net(model)
     demo.fold_thresholds(model)
-    params = {k: v.clone() for k, v in model.state_dict().items() if k.split(".")[-1] not in ("mu", "sigma2")}
+    params = {k: v.clone() for k, v in model.state_dict().items() if k.split(".")[-1] not in ADAPTED_STATE}
     mus = [node.mu.clone() for _, node in model.neurons()]
 
     shifted = demo.corrupt(images, noise_std=0.3, brightness=0.25, seed=0)

@@ -8,13 +8,13 @@ installed, each defect is first shown on spikingjelly, then the fix on snnorm.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
 
 from snnorm import functional, layer
+
+from module_zoo import assert_unchanged, snapshot
 
 T, N, C = 4, 3, 5
 
@@ -23,30 +23,6 @@ def _sj_layer():
     return pytest.importorskip(
         "spikingjelly.activation_based.layer", reason="spikingjelly 2.0.0 shows the peer defect being fixed"
     )
-
-
-def snapshot(module: nn.Module):
-    """Everything a call could change: state_dict tensors and memories."""
-    state = {k: v.clone() for k, v in module.state_dict().items()}
-    memories = {}
-    for name, m in module.named_modules():
-        if hasattr(m, "named_memories"):
-            for key, value in m.named_memories():
-                memories[f"{name}.{key}"] = value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-    return state, memories
-
-
-def assert_unchanged(module, before):
-    state, memories = snapshot(module)
-    for key, value in before[0].items():
-        assert torch.equal(state[key], value), f"{key} changed by a rejected call"
-    assert memories.keys() == before[1].keys()
-    for key, value in before[1].items():
-        now = memories[key]
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(now, value), f"memory {key} changed by a rejected call"
-        else:
-            assert now == value, f"memory {key} changed by a rejected call: {value!r} -> {now!r}"
 
 
 def rejects(module, x, exc, *patterns):
@@ -247,7 +223,6 @@ def test_batch_norm_tt_over_run():
         (lambda: layer.ThresholdDependentBatchNorm2d(1.0, 0.5, C, affine=False), "affine=True"),
         (lambda: layer.ThresholdDependentBatchNorm2d(1.0, 0.5, C, step_mode="s"), "step_mode"),
         (lambda: layer.TemporalEffectiveBatchNorm2d(0, C), "positive int"),
-        (lambda: layer.TemporalEffectiveBatchNorm2d(2.0, C), "positive int"),
         (lambda: layer.TemporalEffectiveBatchNorm2d(T, C, step_mode="s"), "step_mode"),
         (lambda: layer.BatchNormThroughTime2d(0, C), "positive int"),
         (lambda: layer.BatchNormTT1d(C, -1), "positive int"),
@@ -259,7 +234,7 @@ def test_batch_norm_tt_over_run():
         (lambda: layer.MultiStepContainer(layer.BatchNorm2d(4, step_mode="m")), "step_mode='s'"),
     ],
 )
-def test_bad_constructor_arguments(make, pattern):
+def test_bad_constructor_arguments(make, pattern):  # more in tests/test_validation.py
     with pytest.raises(ValueError) as info:
         make()
     assert pattern in str(info.value)

@@ -156,7 +156,8 @@ def mpbn_lif_folded(
         v = reset(h, s)                          if carry == "raw"
 
     With adapt == "none" this equals :func:`mpbn_lif` in eval mode with running stats
-    μ, σ²: the fold changes no spike and no state. Statistics with a batch of one
+    μ, σ² in real arithmetic; in floating point a spike can differ only where h is
+    within rounding (a few ulps) of θ' (see ``MPBNBaseNode``). Statistics with a batch of one
     sample and no spatial extent are skipped (variance undefined). Returns
     (spike_seq, v, μ, σ², m) with the updated statistics (new tensors, detached).
     """

@@ -1,7 +1,20 @@
-"""Input checks shared by the layers: every rejection names what was expected and what came.
+"""Input checks shared by the layers and neurons: every rejection names what was expected
+and what came.
 
-Checks run before a layer touches any state, so a rejected call changes nothing
-(running statistics, ``num_batches_tracked``, timestep counters, masks).
+Checks run before a module touches any state, so a rejected call changes nothing
+(running statistics, ``num_batches_tracked``, timestep counters, masks, membranes).
+Constructor-argument checks are in :mod:`snnorm._checks`.
+
+**The dtype policy** (:func:`check_dtype`), the same on every backend: a module with
+floating-point parameters or buffers (the BN family, GroupNorm, NeuNorm, the MPBN
+neuron) takes an input of exactly their dtype, or a float16/bfloat16 input when they are
+float32 (mixed precision, e.g. a conv's output under ``torch.autocast``; statistics are
+then computed in float32). Anything else, e.g. a float64 input into a float32 module,
+is a TypeError before any state changes: convert the module (``.double()``) or the
+input. This is torch's own BatchNorm rule, checked before the op, so the triton backend
+(which could compute it) and the torch backend (which raises "mixed dtype" after
+counting the batch) behave alike. Modules without floating parameters (LIF/IF neurons,
+pooling, dropout) take any floating input.
 """
 
 from __future__ import annotations
@@ -60,6 +73,33 @@ def check_time_steps(module, x_seq: torch.Tensor, T: int) -> None:
         raise ValueError(
             f"{type(module).__name__} was built for T={T} timesteps and expects a sequence "
             f"[T={T}, N, ...], got shape {tuple(x_seq.shape)} (T={x_seq.shape[0]})"
+        )
+
+
+_MIXED_PRECISION_INPUTS = (torch.float16, torch.bfloat16)
+
+
+def check_dtype(module, x: torch.Tensor, reference: torch.Tensor | None) -> None:
+    """TypeError unless ``x.dtype`` fits the dtype policy (module doc) for a module whose
+    floating parameters/buffers have ``reference.dtype`` (None: no such tensors, any dtype)."""
+    if reference is None or x.dtype == reference.dtype:
+        return
+    if reference.dtype == torch.float32 and x.dtype in _MIXED_PRECISION_INPUTS:
+        return
+    allowed = f"{reference.dtype}" + (" (or float16/bfloat16)" if reference.dtype == torch.float32 else "")
+    raise TypeError(
+        f"{type(module).__name__}: input dtype {x.dtype} does not match the module's {reference.dtype} "
+        f"parameters; expected {allowed}. Convert the input (x.to({reference.dtype})) or the module "
+        f"(module.to({x.dtype}))"
+    )
+
+
+def check_sequence(module, x_seq: torch.Tensor) -> None:
+    """ValueError for an empty sequence (T = 0) in multi-step mode."""
+    if x_seq.dim() >= 1 and x_seq.shape[0] == 0:
+        raise ValueError(
+            f"{type(module).__name__} (step_mode='m') expects a sequence [T, N, ...] with T >= 1, "
+            f"got an empty sequence of shape {tuple(x_seq.shape)} (T=0)"
         )
 
 

@@ -23,6 +23,11 @@ does not update them twice.
 
 Every layer subclasses torch's ``_BatchNorm`` (or holds torch BN modules) exactly where
 spikingjelly 2.0.0 does, so ``state_dict`` s load both ways.
+
+Before any running statistic or counter moves, a forward checks the input (shape, T,
+device, dtype — the dtype policy of :mod:`snnorm.layer._checks`: the parameters' dtype, or
+float16/bfloat16 into float32) and ``eps`` > 0 and ``momentum`` ∈ [0, 1] or None (plain
+attributes a user may have reassigned); torch's own BN counts the batch first.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import base
+from .._checks import check_eps, check_finite, check_momentum, check_positive_int
 from ..memopt import check_stateful_recompute, should_update_running_stats
-from ._checks import check_device, check_ndim, check_size, check_tensor, check_time_steps
+from ._checks import check_device, check_dtype, check_ndim, check_sequence, check_size, check_tensor, check_time_steps
 
 __all__ = [
     "BatchNorm1d",
@@ -62,10 +68,23 @@ __all__ = [
 # -- shared BN bookkeeping ------------------------------------------------------
 
 
-def _check_time_steps_arg(module, T) -> int:
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"{type(module).__name__}: T must be a positive int, got {T!r}")
-    return T
+def _check_bn_args(owner, num_features, eps, momentum, name: str = "num_features") -> None:
+    """Constructor arguments every BN-like layer shares (ValueError/TypeError naming them)."""
+    check_positive_int(owner, name, num_features)
+    check_eps(owner, eps)
+    check_momentum(owner, momentum)
+
+
+def _check_bn_settings(owner, bn: _BatchNorm) -> None:
+    """``eps``/``momentum`` are plain attributes a user may reassign after construction:
+    check them before a forward counts the batch (torch would raise only afterwards)."""
+    check_eps(owner, bn.eps)
+    check_momentum(owner, bn.momentum)
+
+
+def _reference_tensor(bn: _BatchNorm) -> torch.Tensor | None:
+    """The tensor whose dtype and device an input must match (None: nothing to match)."""
+    return bn.weight if bn.weight is not None else bn.running_mean
 
 
 def _check_batch_statistics(bn: _BatchNorm, x: torch.Tensor, channel_dim: int, owner: nn.Module | None = None) -> None:
@@ -139,8 +158,13 @@ class _GuardedBatchNormMixin:
     def _check_bn_input(self, x: torch.Tensor, multi: bool) -> None:
         check_tensor(self, x)
         check_ndim(self, x, tuple(n + multi for n in self._sample_ndims), "m" if multi else "s")
+        if multi:
+            check_sequence(self, x)
         check_size(self, x, 1 + multi, self.num_features, "channels")
-        check_device(self, x, self.running_mean if self.running_mean is not None else self.weight)
+        reference = _reference_tensor(self)
+        check_device(self, x, reference)
+        check_dtype(self, x, reference)
+        _check_bn_settings(self, self)
 
 
 class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
@@ -206,6 +230,7 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
         device=None,
         dtype=None,
     ) -> None:
+        _check_bn_args(type(self).__name__, num_features, eps, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.step_mode = step_mode
 
@@ -226,6 +251,7 @@ class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
         device=None,
         dtype=None,
     ) -> None:
+        _check_bn_args(type(self).__name__, num_features, eps, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.step_mode = step_mode
 
@@ -246,6 +272,7 @@ class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
         device=None,
         dtype=None,
     ) -> None:
+        _check_bn_args(type(self).__name__, num_features, eps, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.step_mode = step_mode
 
@@ -286,6 +313,9 @@ class _ThresholdDependentBatchNormBase(_BatchNormMixin, _BatchNorm):
             raise ValueError(
                 f"{type(self).__name__} needs affine=True (its weight γ is initialised to alpha*v_th), got affine=False"
             )
+        owner = type(self).__name__
+        _check_bn_args(owner, num_features, eps, momentum)
+        alpha, v_th = check_finite(owner, "alpha", alpha), check_finite(owner, "v_th", v_th)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.step_mode = step_mode
         self.alpha = alpha
@@ -355,7 +385,8 @@ class _TemporalEffectiveBatchNormBase(_BatchNormMixin, _BatchNorm):
         dtype=None,
         step_mode: str = "m",
     ) -> None:
-        _check_time_steps_arg(self, T)
+        check_positive_int(type(self).__name__, "T", T)
+        _check_bn_args(type(self).__name__, num_features, eps, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.step_mode = step_mode
         self.scale = nn.Parameter(torch.ones(T, device=device, dtype=dtype))
@@ -444,8 +475,15 @@ class _ThroughTimeBase(base.MemoryModule):
         bn = bns[0]
         check_tensor(self, x)
         check_ndim(self, x, tuple(n + multi for n in bn._sample_ndims), "m" if multi else "s")
+        if multi:
+            check_sequence(self, x)
         check_size(self, x, 1 + multi, bn.num_features, "channels")
-        check_device(self, x, bn.running_mean if bn.running_mean is not None else bn.weight)
+        # every timestep's BN, so a multi-step call cannot fail half-way (t, counters moved)
+        for step_bn in bns:
+            reference = _reference_tensor(step_bn)
+            check_device(self, x, reference)
+            check_dtype(self, x, reference)
+            _check_bn_settings(self, step_bn)
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         check_stateful_recompute(self)  # a plain checkpoint would restart from the advanced t
@@ -498,7 +536,8 @@ class _BatchNormThroughTimeBase(_ThroughTimeBase):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_time_steps_arg(self, T)
+        check_positive_int(self, "T", T)
+        _check_bn_args(self, num_features, eps, momentum)
         self.bn_list = nn.ModuleList(
             self.bn_type(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
             for _ in range(T)
@@ -556,7 +595,8 @@ class _BatchNormTTBase(_ThroughTimeBase, nn.ModuleList):
         step_mode: str = "s",
     ) -> None:
         super().__init__()
-        _check_time_steps_arg(self, time_steps)
+        check_positive_int(self, "time_steps", time_steps)
+        _check_bn_args(self, input_features, eps, momentum, name="input_features")
         for _ in range(time_steps):
             bn = self.bn_type(input_features, eps=eps, momentum=momentum, affine=affine)
             bn.bias = None  # BNTT has no shift

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
 
 from .. import base, functional
-from ._checks import check_ndim, check_size, check_tensor
+from ._checks import check_device, check_ndim, check_sequence, check_size, check_tensor
 
 __all__ = [
     "Conv1d",
@@ -67,8 +67,10 @@ class _FoldTimeMixin(base.StepModule):
             check_ndim(self, x, (k + 1, k + 2))
         else:
             check_ndim(self, x, (k + 3,))
+            check_sequence(self, x)
         if self._channels_attr is not None:
             check_size(self, x, x.dim() - (k + 1), getattr(self, self._channels_attr), "input channels")
+        check_device(self, x, getattr(self, "weight", None))
 
     def forward(self, x: torch.Tensor):
         self._check_input(x)
@@ -195,7 +197,10 @@ class Linear(nn.Linear, base.StepModule):
         min_ndim = 1 if self.step_mode == "s" else 2
         if x.dim() < min_ndim:
             check_ndim(self, x, (min_ndim,))
+        if self.step_mode == "m":
+            check_sequence(self, x)
         check_size(self, x, x.dim() - 1, self.in_features, "input features")
+        check_device(self, x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -217,8 +222,10 @@ class Flatten(_FoldTimeMixin, nn.Flatten):
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_tensor(self, x, floating=False)
-        if self.step_mode == "m" and x.dim() < 2:
-            check_ndim(self, x, (2,))
+        if self.step_mode == "m":
+            if x.dim() < 2:
+                check_ndim(self, x, (2,))
+            check_sequence(self, x)
 
 
 # -- pooling --------------------------------------------------------------------
@@ -418,6 +425,7 @@ class Dropout(base.MemoryModule):
         check_tensor(self, x_seq)
         if x_seq.dim() < 2:
             check_ndim(self, x_seq, (2,))
+        check_sequence(self, x_seq)
         return self._masked(x_seq, x_seq[0])
 
 
@@ -462,6 +470,7 @@ class SeqToANNContainer(nn.Sequential, base.MultiStepModule):
         check_tensor(self, x_seq, floating=False)
         if x_seq.dim() < 2:
             check_ndim(self, x_seq, (2,))
+        check_sequence(self, x_seq)
         _check_children_single_step(self)
         return functional.seq_to_ann_forward(x_seq, super().forward)
 
@@ -482,5 +491,6 @@ class MultiStepContainer(nn.Sequential, base.MultiStepModule):
         check_tensor(self, x_seq, floating=False)
         if x_seq.dim() < 2:
             check_ndim(self, x_seq, (2,))
+        check_sequence(self, x_seq)
         _check_children_single_step(self)
         return functional.multi_step_forward(x_seq, super().forward)

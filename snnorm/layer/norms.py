@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 
 from .. import base, functional
+from .._checks import check_eps, check_positive_int, check_unit_interval
 from ..memopt import check_stateful_recompute
-from ._checks import check_device, check_ndim, check_size, check_tensor
+from ._checks import check_device, check_dtype, check_ndim, check_sequence, check_size, check_tensor
 
 __all__ = ["GroupNorm", "NeuNorm", "neunorm_step"]
 
@@ -35,6 +36,10 @@ class GroupNorm(nn.GroupNorm, base.StepModule):
         device=None,
         dtype=None,
     ) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "num_groups", num_groups)
+        check_positive_int(owner, "num_channels", num_channels)
+        check_eps(owner, eps)
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.step_mode = step_mode
 
@@ -43,8 +48,12 @@ class GroupNorm(nn.GroupNorm, base.StepModule):
         multi = self.step_mode == "m"
         if x.dim() < 2 + multi:
             check_ndim(self, x, (2 + multi, 3 + multi, 4 + multi, 5 + multi))
+        if multi:
+            check_sequence(self, x)
         check_size(self, x, 1 + multi, self.num_channels, "channels")
         check_device(self, x, self.weight)
+        check_dtype(self, x, self.weight)
+        check_eps(self, self.eps)
         if multi:
             return functional.seq_to_ann_forward(x, super().forward)
         return super().forward(x)
@@ -93,6 +102,10 @@ class NeuNorm(base.MemoryModule):
         step_mode: str = "s",
     ) -> None:
         super().__init__()
+        check_positive_int(self, "in_channels", in_channels)
+        check_positive_int(self, "height", height)
+        check_positive_int(self, "width", width)
+        k = check_unit_interval(self, "k", k)
         self.step_mode = step_mode
         self.register_memory("x", 0.0)
         self.in_channels = in_channels
@@ -107,10 +120,13 @@ class NeuNorm(base.MemoryModule):
     def _check_input(self, x: torch.Tensor, multi: bool) -> None:
         check_tensor(self, x)
         check_ndim(self, x, (4 + multi,), "m" if multi else "s")
+        if multi:
+            check_sequence(self, x)
         check_size(self, x, 1 + multi, self.in_channels, "channels")
         check_size(self, x, 2 + multi, self.w.shape[1], "rows (height)")
         check_size(self, x, 3 + multi, self.w.shape[2], "columns (width)")
         check_device(self, x, self.w)
+        check_dtype(self, x, self.w)
 
     def _initial_state(self, spikes: torch.Tensor) -> torch.Tensor:
         """The state ``a`` for a step with input ``spikes`` ``[N, C, H, W]``."""

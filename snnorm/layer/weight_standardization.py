@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch.nn.common_types import _size_2_t
 
 from .. import functional
+from .._checks import check_eps, check_positive_int
+from ._checks import check_dtype
 from .containers import Conv2d, Linear
 
 __all__ = ["WSConv2d", "WSLinear", "standardize_weight"]
@@ -37,6 +39,14 @@ def standardize_weight(weight: torch.Tensor, gain: Optional[torch.Tensor], eps: 
     var = weight.var(dim=dims, keepdim=True)
     w = (weight - mean) / (var * fan_in + eps) ** 0.5
     return w if gain is None else w * gain
+
+
+def _for_input(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Mixed precision (a float16/bfloat16 input, float32 parameters): the weight is
+    standardised in float32, then cast to the input's dtype for the conv/matmul."""
+    if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return weight, bias
+    return weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
 
 
 class WSConv2d(Conv2d):
@@ -65,6 +75,10 @@ class WSConv2d(Conv2d):
         device=None,
         dtype=None,
     ) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "in_channels", in_channels)
+        check_positive_int(owner, "out_channels", out_channels)
+        eps = check_eps(owner, eps)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             step_mode, device=device, dtype=dtype,
@@ -80,10 +94,11 @@ class WSConv2d(Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        weight = self.get_weight()
+        check_dtype(self, x, self.weight)
+        weight, bias = _for_input(x, self.get_weight(), self.bias)
         if self.step_mode == "s":
-            return self._conv_forward(x, weight, self.bias)
-        return functional.seq_to_ann_forward(x, lambda y: self._conv_forward(y, weight, self.bias))
+            return self._conv_forward(x, weight, bias)
+        return functional.seq_to_ann_forward(x, lambda y: self._conv_forward(y, weight, bias))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gain={self.gain is not None}, eps={self.eps}"
@@ -107,6 +122,10 @@ class WSLinear(Linear):
         device=None,
         dtype=None,
     ) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "in_features", in_features)
+        check_positive_int(owner, "out_features", out_features)
+        eps = check_eps(owner, eps)
         super().__init__(in_features, out_features, bias, step_mode, device=device, dtype=dtype)
         if gain:
             self.gain = nn.Parameter(torch.ones(self.out_features, 1, device=device, dtype=dtype))
@@ -119,7 +138,8 @@ class WSLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        return F.linear(x, self.get_weight(), self.bias)
+        check_dtype(self, x, self.weight)
+        return F.linear(x, *_for_input(x, self.get_weight(), self.bias))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gain={self.gain is not None}, eps={self.eps}"

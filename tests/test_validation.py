@@ -1,0 +1,240 @@
+"""A rejected call changes nothing, and constructors validate — across every module class.
+
+* dtype policy (snnorm/layer/_checks.py): input dtype = parameter dtype, or float16/
+  bfloat16 into float32; anything else a TypeError before any state moves, the same on
+  the torch and the triton backend;
+* device, eps and momentum are checked before ``num_batches_tracked`` or a running
+  statistic moves (torch counts the batch first, then raises);
+* an empty sequence (T = 0) is a ValueError naming T, never an IndexError;
+* constructor arguments: ValueError/TypeError naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from snnorm import functional, layer, neuron, surrogate
+
+from module_zoo import NORM_CASES, WRAPPER_CASES, C, Case, assert_unchanged, snapshot, with_backends
+
+PARAM_CASES = [case for case in NORM_CASES if case.has_params]
+
+
+def trained(case: Case, backend: str = "torch") -> nn.Module:
+    """One accepted call first, so state and counters are non-trivial."""
+    module = case.build(backend)
+    module(case.input())
+    return module
+
+
+def rejects(module, x, exc, *patterns) -> str:
+    before = snapshot(module)
+    with pytest.raises(exc) as info:
+        module(x)
+    for pattern in patterns:
+        assert pattern in str(info.value), f"{pattern!r} not in: {info.value}"
+    assert_unchanged(module, before)
+    return str(info.value)
+
+
+# -- dtype policy ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, backend", with_backends(PARAM_CASES))
+def test_float64_into_float32_module_is_rejected_before_any_state_moves(case, backend):
+    module = trained(case, backend)
+    msg = rejects(module, case.input(torch.float64), TypeError, "torch.float64", "torch.float32")
+    assert msg.startswith(type(module).__name__)
+
+
+@pytest.mark.parametrize("case, backend", with_backends(PARAM_CASES))
+def test_float32_into_float64_module_is_rejected(case, backend):
+    module = trained(case, backend).double()
+    rejects(module, case.input(torch.float32), TypeError, "torch.float32", "torch.float64")
+
+
+@pytest.mark.parametrize("case, backend", with_backends(NORM_CASES))
+def test_matching_dtype_runs_on_every_backend(case, backend):
+    """float64 module + float64 input is within the policy: both backends compute it."""
+    module = case.build(backend).double()
+    y = module(case.input(torch.float64))
+    assert y.dtype == torch.float64
+
+
+@pytest.mark.parametrize("case", [c for c in PARAM_CASES if "triton" in c.backends], ids=lambda c: c.name)
+def test_backends_reject_the_same_dtypes(case):
+    messages = {}
+    for backend in ("torch", "triton"):
+        with pytest.raises(TypeError) as info:
+            trained(case, backend)(case.input(torch.float64))
+        messages[backend] = str(info.value)
+    assert messages["torch"] == messages["triton"]
+
+
+@pytest.mark.parametrize("case", PARAM_CASES, ids=lambda c: c.name)
+def test_bfloat16_into_float32_module_is_mixed_precision(case):
+    module = trained(case)
+    functional.reset_net(module)  # BNTT: a new sequence
+    y = module(case.input(torch.bfloat16))
+    assert y.dtype in (torch.bfloat16, torch.float32)
+
+
+# -- device, eps, momentum -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, backend", with_backends(PARAM_CASES))
+def test_input_on_another_device_is_rejected(case, backend):
+    module = trained(case, backend)
+    rejects(module, case.input(device="meta"), ValueError, "input is on meta", "cpu")
+
+
+def _bns(module):
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+BN_CASES = [c for c in NORM_CASES if _bns(c.make())]  # the BN family and the (unfolded) MPBN neuron
+
+
+@pytest.mark.parametrize("case, backend", with_backends(BN_CASES))
+@pytest.mark.parametrize("attr, value, pattern", [("eps", 0.0, "eps"), ("eps", -1e-5, "eps"),
+                                                  ("momentum", 1.5, "momentum"), ("momentum", -0.1, "momentum")])
+def test_reassigned_eps_or_momentum_is_rejected_before_counting(case, backend, attr, value, pattern):
+    """torch's BN counts the batch in num_batches_tracked and only then raises on eps <= 0."""
+    module = trained(case, backend)
+    setattr(_bns(module)[-1], attr, value)  # BNTT: the last timestep's BN, checked up front
+    rejects(module, case.input(), ValueError, pattern, str(value))
+
+
+def test_torch_counts_the_batch_before_rejecting_eps():
+    """The peer defect the check above fixes."""
+    bn = nn.BatchNorm2d(C, eps=0.0, momentum=None)
+    with pytest.raises((RuntimeError, ValueError), match="eps"):
+        bn(torch.randn(3, C, 2, 2))
+    assert int(bn.num_batches_tracked) == 1
+
+
+# -- empty sequences --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case, backend", with_backends([c for c in NORM_CASES + WRAPPER_CASES if c.multi_step])
+)
+def test_empty_sequence_is_a_clear_error(case, backend):
+    module = trained(case, backend)
+    rejects(module, case.input(T_override=0), ValueError, "T >= 1", "T=0")
+
+
+# -- constructors ------------------------------------------------------------------------------
+
+BAD_CONSTRUCTORS = [
+    # (constructor, exception, argument named in the message)
+    *[
+        (make, exc, arg)
+        for cls in (layer.BatchNorm1d, layer.BatchNorm2d, layer.BatchNorm3d)
+        for make, exc, arg in [
+            (lambda cls=cls: cls(0), ValueError, "num_features"),
+            (lambda cls=cls: cls(2.5), TypeError, "num_features"),
+            (lambda cls=cls: cls(C, eps=0.0), ValueError, "eps"),
+            (lambda cls=cls: cls(C, eps=math.nan), ValueError, "eps"),
+            (lambda cls=cls: cls(C, momentum=1.1), ValueError, "momentum"),
+            (lambda cls=cls: cls(C, momentum="0.1"), TypeError, "momentum"),
+        ]
+    ],
+    *[
+        (make, exc, arg)
+        for cls in (layer.ThresholdDependentBatchNorm1d, layer.ThresholdDependentBatchNorm2d,
+                    layer.ThresholdDependentBatchNorm3d)
+        for make, exc, arg in [
+            (lambda cls=cls: cls(1.0, 0.5, 0), ValueError, "num_features"),
+            (lambda cls=cls: cls(1.0, 0.5, C, eps=-1.0), ValueError, "eps"),
+            (lambda cls=cls: cls(1.0, 0.5, C, momentum=-0.5), ValueError, "momentum"),
+            (lambda cls=cls: cls(1.0, math.inf, C), ValueError, "v_th"),
+            (lambda cls=cls: cls(math.nan, 0.5, C), ValueError, "alpha"),
+        ]
+    ],
+    *[
+        (make, exc, arg)
+        for cls in (layer.TemporalEffectiveBatchNorm1d, layer.TemporalEffectiveBatchNorm2d,
+                    layer.TemporalEffectiveBatchNorm3d)
+        for make, exc, arg in [
+            (lambda cls=cls: cls(0, C), ValueError, "T"),
+            (lambda cls=cls: cls(2.0, C), TypeError, "T"),
+            (lambda cls=cls: cls(2, 0), ValueError, "num_features"),
+            (lambda cls=cls: cls(2, C, eps=0), ValueError, "eps"),
+            (lambda cls=cls: cls(2, C, momentum=2.0), ValueError, "momentum"),
+        ]
+    ],
+    *[
+        (make, exc, arg)
+        for cls in (layer.BatchNormThroughTime1d, layer.BatchNormThroughTime2d, layer.BatchNormThroughTime3d)
+        for make, exc, arg in [
+            (lambda cls=cls: cls(-1, C), ValueError, "T"),
+            (lambda cls=cls: cls(2, 0), ValueError, "num_features"),
+            (lambda cls=cls: cls(2, C, eps=0.0), ValueError, "eps"),
+            (lambda cls=cls: cls(2, C, momentum=-1.0), ValueError, "momentum"),
+        ]
+    ],
+    *[
+        (make, exc, arg)
+        for cls in (layer.BatchNormTT1d, layer.BatchNormTT2d)
+        for make, exc, arg in [
+            (lambda cls=cls: cls(C, 0), ValueError, "time_steps"),
+            (lambda cls=cls: cls(0, 2), ValueError, "input_features"),
+            (lambda cls=cls: cls(C, 2, eps=-1e-5), ValueError, "eps"),
+            (lambda cls=cls: cls(C, 2, momentum=1.01), ValueError, "momentum"),
+        ]
+    ],
+    (lambda: layer.GroupNorm(0, C), ValueError, "num_groups"),
+    (lambda: layer.GroupNorm(2, 0), ValueError, "num_channels"),
+    (lambda: layer.GroupNorm(2, C, eps=0.0), ValueError, "eps"),
+    (lambda: layer.NeuNorm(0, 3, 3), ValueError, "in_channels"),
+    (lambda: layer.NeuNorm(C, 0, 3), ValueError, "height"),
+    (lambda: layer.NeuNorm(C, 3, 3, k=1.5), ValueError, "k"),
+    (lambda: layer.WSConv2d(C, C, 3, eps=0.0), ValueError, "eps"),
+    (lambda: layer.WSConv2d(0, C, 3), ValueError, "in_channels"),
+    (lambda: layer.WSLinear(C, 3, eps=-1.0), ValueError, "eps"),
+    (lambda: layer.WSLinear(C, 0), ValueError, "out_features"),
+    (lambda: neuron.LIFNode(v_threshold=math.inf), ValueError, "v_threshold"),
+    (lambda: neuron.LIFNode(v_threshold=math.nan), ValueError, "v_threshold"),
+    (lambda: neuron.LIFNode(v_reset=-math.inf), ValueError, "v_reset"),
+    (lambda: neuron.LIFNode(tau=math.nan), ValueError, "tau"),
+    (lambda: neuron.IFNode(v_threshold="1"), TypeError, "v_threshold"),
+    (lambda: neuron.MPBNLIFNode(out_channels=0), ValueError, "out_channels"),
+    (lambda: neuron.MPBNLIFNode(out_features=2.0), TypeError, "out_features"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, v_threshold=math.nan), ValueError, "v_threshold"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, bn_momentum=1.5), ValueError, "bn_momentum"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, bn_decay_momentum=-0.1), ValueError, "bn_decay_momentum"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, bn_min_momentum=2.0), ValueError, "bn_min_momentum"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, mpbn=1), TypeError, "mpbn"),
+    (lambda: surrogate.Sigmoid(alpha=0.0), ValueError, "alpha"),
+    (lambda: surrogate.ATan(alpha=math.inf), ValueError, "alpha"),
+]
+
+
+def _id(make):
+    try:
+        make()
+    except Exception as err:  # the id is the message's head: class and argument
+        return str(err).split(" must")[0].split(" got")[0][:60]
+    return "accepted"
+
+
+@pytest.mark.parametrize("make, exc, argument", BAD_CONSTRUCTORS, ids=[_id(m) for m, _, _ in BAD_CONSTRUCTORS])
+def test_constructor_rejects_bad_argument_naming_it(make, exc, argument):
+    with pytest.raises(exc) as info:
+        make()
+    assert type(info.value) is exc
+    assert f": {argument} must" in str(info.value), str(info.value)
+
+
+def test_momentum_set_after_folding_is_checked():
+    node = neuron.MPBNLIFNode(out_features=C)
+    node.eval()
+    node.re_parameterize_v_threshold(running_stats=True)
+    with pytest.raises(ValueError, match="bn_momentum"):
+        node.bn_momentum = 1.5
+    assert node.bn_momentum == pytest.approx(0.1)
