@@ -682,9 +682,8 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_time_steps_arg(self, T)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
+        check_positive_int(type(self).__name__, "T", T)
+        _check_bn_args(type(self).__name__, num_features, eps, momentum)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -736,6 +735,12 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
         check_ndim(self, x, tuple(n + multi for n in self._sample_ndims), "m" if multi else "s")
         check_size(self, x, 1 + multi, self.num_features, "channels")
         check_device(self, x, self.p)
+        check_dtype(self, x, self.p)
+        if multi:
+            check_sequence(self, x)
+        # eps/momentum are plain attributes a user may reassign: check before any state moves
+        check_eps(self, self.eps)
+        check_momentum(self, self.momentum)
 
     def _uses_batch_stats(self) -> bool:
         return self.training or self.running_mean is None
