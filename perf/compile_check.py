@@ -231,12 +231,12 @@ def scenarios(full: bool):
         dtypes = ("float32", "float16", "bfloat16")
         grid = itertools.product(Ts, Ns, Cs, spatials, dtypes, modes)
     else:
-        # one shape per launcher branch: resident (M ≤ 8192) and split MPBN, small and large
-        # TEBN tiling, 1-d input; every mode in fp32, the core modes in fp16/bf16
-        shapes = [(4, 32, 64, (8, 8)), (4, 32, 64, (32, 32)), (1, 1, 3, ()), (8, 128, 512, (7, 7))]
+        # CI: the resident (M ≤ 8192) and the split MPBN path, every mode in fp32, the core
+        # modes in bf16 and fp16 (about 60 launches: ~3 min cold on 2 cores, cached after)
+        shapes = [(4, 32, 64, (8, 8)), (4, 32, 64, (32, 32))]
         grid = [(T, N, C, sp, "float32", m) for (T, N, C, sp) in shapes for m in modes]
-        grid += [(4, 32, 64, sp, dt, m) for sp in ((8, 8), (32, 32)) for dt in ("float16", "bfloat16")
-                 for m in ("lif", "mpbn-train", "mpbn-eval", "tebn-train")]
+        grid += [(4, 32, 64, sp, "bfloat16", m) for sp in ((8, 8), (32, 32)) for m in ("lif", "mpbn-train", "tebn-train")]
+        grid += [(4, 32, 64, (8, 8), "float16", "mpbn-train")]
     for T, N, C, sp, dtype, mode in grid:
         if mode.startswith(("mpbn-train", "mpbn-adapt", "tebn-train", "tebn-noaffine")) and N * max(1, _prod(sp)) < 2:
             continue  # batch statistics need two values per channel
