@@ -457,10 +457,12 @@ def summary(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def summary_markdown(rows: list[dict], title: str) -> str:
-    import triton
+def summary_markdown(rows: list[dict], title: str, version: str | None = None) -> str:
+    if version is None:
+        import triton
 
-    lines = [f"{title} (triton {triton.__version__}; configurations = distinct launches × {{sm_90, sm_80}})", "",
+        version = triton.__version__
+    lines = [f"{title} (triton {version}; configurations = distinct launches × {{sm_90, sm_80}})", "",
              "| kernel | configurations | failures | max registers | max spill stores / loads (B) | spilling configs | max smem (B) |",
              "|---|---|---|---|---|---|---|"]
     for k in summary(rows):

@@ -91,8 +91,13 @@ def test_spilling_reports_spilled_configurations():
 
 @pytest.mark.skipif(not os.environ.get("SNNORM_COMPILE_CHECK_PYTHONPATH"), reason="no second triton given (tests/run.sh sets one)")
 def test_oldest_supported_triton_compiles_every_configuration(tmp_path):
+    # the resident-path shape in fp32, every mode (the whole CI grid doubles the CI time)
     extra = os.environ["SNNORM_COMPILE_CHECK_PYTHONPATH"]
-    out, rows = _run_check(tmp_path, extra)
+    out, rows = _run_check(tmp_path, extra, "--only", "8x8 float32")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    import triton
+
+    (csv_file,) = tmp_path.glob("compile_*.csv")
+    assert f"triton{triton.__version__}" not in csv_file.name, f"{csv_file.name}: the second triton was not used"
     assert rows and not [r for r in rows if r["status"] != "ok"]
     print("\n" + out.stdout[-3000:])
