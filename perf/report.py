@@ -7,6 +7,7 @@ Nothing here measures anything: every number comes from the CSV files.
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import statistics
 import sys
@@ -383,7 +384,8 @@ def compile_section(folder: Path) -> list[str]:
              "tensors and compiled with `ptxas -v` (`python -m perf.compile_check [--full]`; tables in "
              f"`{folder.name}/`). Spill columns are bytes per thread.", ""]
     for f in files:
-        rows = H.read_csv(f)
+        with open(f, newline="") as fh:
+            rows = list(csv.DictReader(fh))
         grid, version = f.stem.split("_", 2)[1:]
         lines.append(compile_check.summary_markdown(rows, f"**{grid} grid, {version.replace('triton', 'triton ')}**",
                                                     version=version.replace("triton", "")))
