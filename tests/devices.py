@@ -41,7 +41,7 @@ class _Sizes:
             self.t_max, self.t_max_lowp = 16, 16
             self.n = [1, 2, 3, 4, 5, 8, 32]
             self.c = [1, 2, 3, 4, 7, 64, 133, 256]
-            self.spatial = [(), (1,), (5,), (3, 5), (7, 7), (8, 8), (14, 14), (56, 56), (2, 3, 4)]
+            self.spatial = [(), (1,), (5,), (3, 5), (7, 7), (8, 8), (14, 14), (32, 32), (56, 56), (2, 3, 4)]
             self.max_elems = 1 << 23
         else:
             self.t_max, self.t_max_lowp = 8, 4
@@ -50,12 +50,15 @@ class _Sizes:
             self.spatial = [(), (1,), (2,), (3,), (5,), (7,), (2, 3), (3, 5), (5, 7), (3, 3)]
             self.max_elems = 1 << 12
 
-    def shapes(self, min_per_channel: int = 1, lowp: bool = False):
-        """[T, N, C, *spatial] with at least ``min_per_channel`` values per channel and step."""
+    def shapes(self, min_per_channel: int = 1, lowp: bool = False, t_max: int | None = None):
+        """[T, N, C, *spatial] with at least ``min_per_channel`` values per channel and step
+        (``t_max`` caps T further, e.g. for a test whose cost grows with T on the CPU)."""
+        top = self.t_max_lowp if lowp else self.t_max
+        top = min(top, t_max) if t_max else top
 
         @st.composite
         def draw_shape(draw):
-            T = draw(st.integers(1, self.t_max_lowp if lowp else self.t_max))
+            T = draw(st.integers(1, top))
             sp = draw(st.sampled_from(self.spatial))
             C = draw(st.sampled_from(self.c))
             N = draw(st.sampled_from(self.n))

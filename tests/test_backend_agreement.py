@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(
 
 @st.composite
 def neuron_configs(draw):
-    T, N, C, *spatial = draw(SIZES.shapes(min_per_channel=2))
+    # single-step mode launches once per step: T ≤ 5 on the CPU (as before the GPU pools)
+    T, N, C, *spatial = draw(SIZES.shapes(min_per_channel=2, t_max=None if SIZES.gpu else 5))
     return dict(
         T=T,
         N=N,
