@@ -22,6 +22,11 @@ The default grid is small (CI); ``--full`` is the issue's grid (T ∈ {1, 4, 8},
 128}, C ∈ {3, 64, 256, 512}, spatial none/1×1/7×7/8×8/32×32/56×56, fp32/fp16/bf16, every
 mode). The Triton interpreter must be off (``TRITON_INTERPRET`` unset) — the CLI re-runs
 itself without it. :func:`spilling` lists the configurations that spill (for a "no spills" test).
+
+Limits: the launchers are told they run on an H100 (132 SMs) for both targets, so an A100's
+grid sizes (and any tile choice a launcher derives from the SM count) are not reproduced; an
+``@triton.autotune`` kernel would need its configs enumerated here (the autotuner times
+candidates on a GPU) — snnorm has none today.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class Launch:
     num_warps: int
     num_stages: int
     programs: int
-    shapes: list = field(default_factory=list)  # the scenarios that launched it
+    scenarios: list = field(default_factory=list)  # the first few grid scenarios that launched it
 
     def config_key(self) -> str:
         payload = json.dumps([self.kernel, self.source_hash, self.signature, self.constexprs, self.attrs,
@@ -200,8 +205,8 @@ def _recording(launches: dict, scenario: list):
             launch = launches[key]
         else:
             launches[key] = launch
-        if len(launch.shapes) < 3:
-            launch.shapes.append(scenario[0])
+        if len(launch.scenarios) < 3:
+            launch.scenarios.append(scenario[0])
         return None
 
     jit.JITFunction.run = record

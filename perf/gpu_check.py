@@ -41,8 +41,9 @@ TEST_FILES = [
     "tests/test_layer_tebn_backends.py", "tests/test_compile.py::test_every_layer_compiles_fullgraph_train_and_eval[triton]",
     "tests/test_autocast.py::test_triton_backend_under_autocast",
 ]
-DRY_TESTS = ["tests/test_triton_mpbn_lif.py::test_split_path_is_deterministic_and_equals_resident",
-             "tests/test_triton_tebn.py::test_statistics_precise_at_large_mean"]
+# two cheap tests that launch kernels (the dry run checks the wiring, not the kernels)
+DRY_TESTS = ["tests/test_triton_mpbn_lif.py::test_backward_through_adaptive_fold_raises_not_implemented",
+             "tests/test_triton_tebn.py::test_single_value_rejected_and_nothing_changes"]
 
 
 class Log:
