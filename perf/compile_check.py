@@ -16,9 +16,10 @@
 
 Usage::
 
-    python -m perf.compile_check [--full] [--out perf/results/compile] [--jobs 2] [--summary-md FILE]
+    python -m perf.compile_check [--grid ci|wide|full] [--out perf/results/compile] [--jobs 2] [--summary-md FILE]
 
-The default grid is small (CI); ``--full`` is the issue's grid (T ∈ {1, 4, 8}, N ∈ {1, 32,
+The default grid is small (CI); ``--grid wide`` adds a tiny and a large resident shape;
+``--full`` (``--grid full``) is the issue's grid (T ∈ {1, 4, 8}, N ∈ {1, 32,
 128}, C ∈ {3, 64, 256, 512}, spatial none/1×1/7×7/8×8/32×32/56×56, fp32/fp16/bf16, every
 mode). The Triton interpreter must be off (``TRITON_INTERPRET`` unset) — the CLI re-runs
 itself without it. :func:`spilling` lists the configurations that spill (for a "no spills" test).
@@ -223,28 +224,37 @@ def _plain(v):
     return str(v)
 
 
-def scenarios(full: bool):
-    """(name, T, N, C, spatial, dtype, mode) over the grid; modes cover every flag."""
+def scenarios(grid: str):
+    """(name, T, N, C, spatial, dtype, mode) over the grid ("ci", "wide" or "full"); modes cover every flag."""
     modes = [
         "lif", "lif-soft-decay", "mpbn-train", "mpbn-train-soft-raw", "mpbn-train-noaffine",
         "mpbn-eval", "mpbn-folded", "mpbn-adapt-batch", "mpbn-adapt-running", "tebn-train", "tebn-eval",
         "tebn-noaffine",
     ]
-    if full:
+    if grid == "full":
         Ts, Ns, Cs = (1, 4, 8), (1, 32, 128), (3, 64, 256, 512)
         spatials = [(), (1, 1), (7, 7), (8, 8), (32, 32), (56, 56)]
         dtypes = ("float32", "float16", "bfloat16")
-        grid = itertools.product(Ts, Ns, Cs, spatials, dtypes, modes)
-    else:
+        points = itertools.product(Ts, Ns, Cs, spatials, dtypes, modes)
+    elif grid == "wide":
+        # CI's two shapes plus a tiny 1-d input and a large resident one (N=128, C=512, 7×7: the
+        # biggest resident block, 8192), every mode in fp32, the core modes in fp16/bf16
+        shapes = [(4, 32, 64, (8, 8)), (4, 32, 64, (32, 32)), (1, 1, 3, ()), (8, 128, 512, (7, 7))]
+        points = [(T, N, C, sp, "float32", m) for (T, N, C, sp) in shapes for m in modes]
+        points += [(4, 32, 64, sp, dt, m) for sp in ((8, 8), (32, 32)) for dt in ("float16", "bfloat16")
+                   for m in ("lif", "mpbn-train", "mpbn-eval", "tebn-train")]
+    elif grid == "ci":
         # CI: every mode in fp32 at a resident-path shape (M = 2048 ≤ 8192); the per-step
         # statistics modes (MPBN training/adaptation, TEBN training) also at a split-path
         # shape (M = 32768); the core modes in bf16 and fp16
         resident, split = (4, 32, 64, (8, 8)), (4, 32, 64, (32, 32))
         per_step = [m for m in modes if m.startswith(("mpbn-train", "mpbn-adapt"))] + ["tebn-train"]
-        grid = [(*resident, "float32", m) for m in modes] + [(*split, "float32", m) for m in per_step]
-        grid += [(*resident, "bfloat16", m) for m in ("lif", "mpbn-train", "tebn-train")]
-        grid += [(*split, "bfloat16", "mpbn-train"), (*resident, "float16", "mpbn-train")]
-    for T, N, C, sp, dtype, mode in grid:
+        points = [(*resident, "float32", m) for m in modes] + [(*split, "float32", m) for m in per_step]
+        points += [(*resident, "bfloat16", m) for m in ("lif", "mpbn-train", "tebn-train")]
+        points += [(*split, "bfloat16", "mpbn-train"), (*resident, "float16", "mpbn-train")]
+    else:
+        raise ValueError(f"grid must be 'ci', 'wide' or 'full', got {grid!r}")
+    for T, N, C, sp, dtype, mode in points:
         if mode.startswith(("mpbn-train", "mpbn-adapt", "tebn-train", "tebn-noaffine")) and N * max(1, _prod(sp)) < 2:
             continue  # batch statistics need two values per channel
         yield (f"{mode} T{T} N{N} C{C} {'x'.join(map(str, sp)) or '-'} {dtype}", T, N, C, sp, dtype, mode)
@@ -296,7 +306,7 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
         loss.backward()
 
 
-def capture(full: bool = False, only: str | None = None) -> dict:
+def capture(grid: str = "ci", only: str | None = None) -> dict:
     """Every distinct launch of the grid, keyed by :meth:`Launch.config_key`."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile check needs the Triton interpreter off: unset TRITON_INTERPRET")
@@ -315,7 +325,7 @@ def capture(full: bool = False, only: str | None = None) -> dict:
     current = [""]
     failures = []
     with _device_lie(SM_COUNT) as make, _recording(launches, current):
-        for name, T, N, C, sp, dtype, mode in scenarios(full):
+        for name, T, N, C, sp, dtype, mode in scenarios(grid):
             if only and not any(part in name for part in only.split(",")):
                 continue
             current[0] = name
@@ -484,13 +494,15 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
-def run(full: bool = False, jobs: int = 2, only: str | None = None, targets=TARGETS) -> list[dict]:
-    return compile_all(capture(full, only), jobs=jobs, targets=targets)
+def run(grid: str = "ci", jobs: int = 2, only: str | None = None, targets=TARGETS) -> list[dict]:
+    return compile_all(capture(grid, only), jobs=jobs, targets=targets)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--full", action="store_true", help="the issue's full grid (thousands of compiles)")
+    p.add_argument("--grid", choices=("ci", "wide", "full"), default="ci",
+                   help="ci: ~75 launches (default); wide: ~145; full: the issue's grid (thousands of compiles)")
+    p.add_argument("--full", action="store_true", help="same as --grid full")
     p.add_argument("--jobs", type=int, default=2, help="parallel compiles")
     p.add_argument("--only", default=None, help="only scenarios whose name contains one of these (comma-separated)")
     p.add_argument("--out", default=str(ROOT / "perf" / "results" / "compile"), help="folder for the CSV")
@@ -501,10 +513,11 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "perf.compile_check", *(argv or sys.argv[1:])], env=env, cwd=ROOT)
     import triton
 
-    rows = run(args.full, args.jobs, args.only)
-    name = f"compile_{'full' if args.full else 'ci'}_triton{triton.__version__}.csv"
+    grid = "full" if args.full else args.grid
+    rows = run(grid, args.jobs, args.only)
+    name = f"compile_{grid}_triton{triton.__version__}.csv"
     write_csv(rows, Path(args.out) / name)
-    md = summary_markdown(rows, f"Compile check, {'full' if args.full else 'CI'} grid")
+    md = summary_markdown(rows, f"Compile check, {grid} grid")
     if args.summary_md:
         Path(args.summary_md).write_text(md)
     print(md)

@@ -381,7 +381,7 @@ def compile_section(folder: Path) -> list[str]:
         return []
     lines = ["## Ahead-of-time compile check (sm_90, sm_80; no GPU)", "",
              "Every launch configuration the launchers choose on the grid, captured from the public ops on meta "
-             "tensors and compiled with `ptxas -v` (`python -m perf.compile_check [--full]`; tables in "
+             "tensors and compiled with `ptxas -v` (`python -m perf.compile_check [--grid ci|wide|full]`; tables in "
              f"`{folder.name}/`). Spill columns are bytes per thread.", ""]
     for f in files:
         with open(f, newline="") as fh:
