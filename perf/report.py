@@ -7,6 +7,7 @@ Nothing here measures anything: every number comes from the CSV files.
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import statistics
 import sys
@@ -74,7 +75,7 @@ class Table:
 def load(results_dir: Path) -> dict[str, list[dict]]:
     """device slug → rows of every CSV in perf/results/<slug>/."""
     out = {}
-    for d in sorted(p for p in results_dir.iterdir() if p.is_dir()):
+    for d in sorted(p for p in results_dir.iterdir() if p.is_dir() and p.name != "compile"):  # compile/: not a device
         rows = []
         for f in sorted(d.glob("*.csv")):
             for r in H.read_csv(f):
@@ -367,9 +368,30 @@ def main(argv=None) -> Path:
     for slug, rows in data.items():
         lines += device_section(slug, rows, results_dir, rel_root)
     lines += traffic.section(results_dir)  # device-independent: counted under the interpreter
+    lines += compile_section(results_dir / "compile")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out} ({len(data)} device(s))")
     return out
+
+
+def compile_section(folder: Path) -> list[str]:
+    """The ahead-of-time compile check's summary (perf/compile_check.py), one table per CSV."""
+    from perf import compile_check
+
+    files = sorted(folder.glob("compile_*.csv")) if folder.is_dir() else []
+    if not files:
+        return []
+    lines = ["## Ahead-of-time compile check (sm_90, sm_80; no GPU)", "",
+             "Every launch configuration the launchers choose on the grid, captured from the public ops on meta "
+             "tensors and compiled with `ptxas -v` (`python -m perf.compile_check [--grid ci|wide|full]`; tables in "
+             f"`{folder.name}/`). Spill columns are bytes per thread.", ""]
+    for f in files:
+        with open(f, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        grid, version = f.stem.split("_", 2)[1:]
+        lines.append(compile_check.summary_markdown(rows, f"**{grid} grid, {version.replace('triton', 'triton ')}**",
+                                                    version=version.replace("triton", "")))
+    return lines
 
 
 def _relpath(target: Path, start: Path) -> str:

@@ -1,30 +1,25 @@
-"""Test setup: Triton interpreter on CPU-only machines, hypothesis profiles.
+"""Test setup: the kernel device, the Triton interpreter, hypothesis profiles.
 
-TRITON_INTERPRET must be set before triton is first imported, so it is set here,
-before anything imports snnorm's kernels.
+tests/devices.py decides where the Triton tests run (CUDA when present, else CPU through
+the interpreter; ``SNNORM_TEST_DEVICE=cpu`` forces the CPU). TRITON_INTERPRET must be set
+before triton is first imported, so it is set here, before anything imports the kernels —
+and only when the tests will build CPU tensors: on a GPU the kernels must be compiled.
 """
 
 import os
 
-import torch
+from devices import DEFAULT_PROFILE, ON_GPU
 
-if not torch.cuda.is_available():
+if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-# cpu: sized for CI through the Triton interpreter; gpu: a wider search on a real GPU.
-settings.register_profile(
-    "cpu",
-    max_examples=12,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "gpu",
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.load_profile(os.environ.get("SNNORM_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu"))
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+# cpu: sized for CI through the Triton interpreter (tests/devices.py keeps shapes small).
+settings.register_profile("cpu", max_examples=12, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
+# gpu: the wide shape pools of tests/devices.py; bounded so the triton tests finish in minutes.
+settings.register_profile("gpu", max_examples=60, deadline=None, suppress_health_check=_SLOW_OK)
+# gpu-quick: what perf/gpu_check.py runs inside its time budget.
+settings.register_profile("gpu-quick", max_examples=15, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("SNNORM_HYPOTHESIS_PROFILE", DEFAULT_PROFILE))

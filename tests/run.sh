@@ -45,4 +45,9 @@ pip_install -e ".[test,triton,demo,perf]"
 # the oracles' own runtime imports, then the oracles themselves without their dependencies
 pip_install loguru tqdm packaging scipy
 pip_install --no-deps spikingjelly==2.0.0 snntorch==1.0.0
+# the oldest triton snnorm supports (pyproject: triton>=3.6), in its own folder beside the main one:
+# tests/test_compile_check.py compiles every kernel configuration with it too
+OLD_TRITON_DIR="${SNNORM_OLD_TRITON_DIR:-$HOME/.cache/snnorm/triton-3.6.0}"
+[ -d "$OLD_TRITON_DIR/triton" ] || pip_install --no-deps --target "$OLD_TRITON_DIR" triton==3.6.0
+export SNNORM_COMPILE_CHECK_PYTHONPATH="$OLD_TRITON_DIR"
 python3 -m pytest -q "$@"

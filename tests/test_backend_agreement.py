@@ -3,17 +3,20 @@
 The op-level property tests (test_triton_*.py) pin each kernel; these draw whole-module
 configurations — step mode, train/eval/folded/test-time modulation, learnable threshold,
 carry, sign of γ — and compare spikes, membrane, gradients and running statistics after
-``set_backend``. Spikes are discontinuous: a flip is allowed only at a membrane within
-rounding of the threshold, so the share of flipped spikes is bounded and, when nothing
-flipped, everything else must agree tightly.
+``set_backend``. Spikes are discontinuous: the share of flipped spikes is bounded, and
+tests/tolerances.py's rule says what is compared after a flip (spikes up to each unit's
+first flip, everything else on the units — elements, or channels under batch statistics —
+that never flipped). Runs on tests/devices.py's DEVICE (CUDA when present).
 """
 
 import copy
 
 import pytest
 import torch
-from hypothesis import given
+from devices import DEVICE, SIZES
+from hypothesis import given, note
 from hypothesis import strategies as st
+from tolerances import MODULE_BUFFERS_FP32, MODULE_FP32, MODULE_MAX_FLIP_SHARE, comparable_mask, mask_for
 
 from snnorm import backends, functional, neuron, surrogate
 
@@ -22,16 +25,16 @@ pytestmark = pytest.mark.skipif(
     reason=f"triton backend unavailable: {backends.available_backends().get('triton')}",
 )
 
-SPATIAL = st.sampled_from([(), (3,), (5,), (2, 3), (3, 3)])
-
 
 @st.composite
 def neuron_configs(draw):
+    # single-step mode launches once per step: T ≤ 5 on the CPU (as before the GPU pools)
+    T, N, C, *spatial = draw(SIZES.shapes(min_per_channel=2, t_max=None if SIZES.gpu else 5))
     return dict(
-        T=draw(st.integers(1, 5)),
-        N=draw(st.integers(2, 5)),
-        C=draw(st.integers(1, 4)),
-        spatial=draw(SPATIAL),
+        T=T,
+        N=N,
+        C=C,
+        spatial=tuple(spatial),
         step_mode=draw(st.sampled_from(["s", "m"])),
         mode=draw(st.sampled_from(["train", "eval", "folded", "adapt-batch", "adapt-running", "lif"])),
         v_reset=draw(st.sampled_from([0.0, None, -0.25])),
@@ -52,7 +55,7 @@ def build(cfg):
     common = dict(v_reset=cfg["v_reset"], detach_reset=cfg["detach_reset"], surrogate_function=surr,
                   step_mode=cfg["step_mode"], decay_input=cfg["decay_input"])
     if cfg["mode"] == "lif":
-        return neuron.LIFNode(tau=2.0, **common)
+        return neuron.LIFNode(tau=2.0, **common).to(DEVICE)
     node = neuron.MPBNLIFNode(out_features=cfg["C"], carry=cfg["carry"], learnable_vth=cfg["learnable"], **common)
     with torch.no_grad():
         node.vbn.weight.uniform_(0.5, 1.5)
@@ -66,7 +69,7 @@ def build(cfg):
     if cfg["mode"] in ("folded", "adapt-batch", "adapt-running"):
         node.re_parameterize_v_threshold(running_stats=cfg["mode"] == "adapt-running")
     node.train(cfg["mode"] in ("train", "adapt-batch", "adapt-running"))
-    return node
+    return node.to(DEVICE)
 
 
 def make_input(cfg):
@@ -76,7 +79,7 @@ def make_input(cfg):
         x = (torch.randn(cfg["T"], cfg["C"], cfg["N"], *cfg["spatial"], generator=g) * 2 + 0.3).transpose(1, 2)
     else:
         x = torch.randn(shape, generator=g) * 2 + 0.3
-    return x
+    return x.to(DEVICE)  # keeps the transposed strides
 
 
 def run(node, x, step_mode, grad):
@@ -87,7 +90,7 @@ def run(node, x, step_mode, grad):
         s = torch.stack([node(xt) for xt in x])
     grads = {}
     if grad:
-        g = torch.linspace(-1, 1, s.numel()).view_as(s)
+        g = torch.linspace(-1, 1, s.numel(), device=s.device).view_as(s)
         (s * g).sum().backward()
         grads["x"] = x.grad
         grads.update({n: p.grad for n, p in node.named_parameters() if p.grad is not None})
@@ -104,16 +107,31 @@ def test_neuron_backends_agree(cfg):
     grad = cfg["mode"] not in ("adapt-batch", "adapt-running")  # adaptation is inference-only
     s_ref, v_ref, g_ref = run(ref, x, cfg["step_mode"], grad)
     s_fused, v_fused, g_fused = run(fused, x, cfg["step_mode"], grad)
-    flipped = (s_ref != s_fused).float().mean().item()
-    assert flipped <= 0.01, f"{flipped:.2%} of spikes flipped"
-    if flipped:
-        return  # a flip near the threshold legitimately changes what follows it
-    torch.testing.assert_close(v_fused, v_ref, rtol=1e-4, atol=1e-4)
+    # batch statistics couple the elements of a channel; eval, folded and LIF are elementwise
+    coupled = cfg["mode"] in ("train", "adapt-batch", "adapt-running")
+    flipped, spike_mask, clean = comparable_mask(s_fused, s_ref, channel_coupled=coupled)
+    share = (flipped & spike_mask).sum().item() / spike_mask.sum().item()
+    assert share <= MODULE_MAX_FLIP_SHARE, f"{share:.2%} of comparable spikes flipped"
+    note(f"{share:.2%} flipped; {int(clean.sum())} of {clean.numel()} units without a flip")
+
+    def close(got, want, tol, what):
+        mask = mask_for(want, clean)
+        if mask is None:
+            if not bool(clean.all()):
+                return
+            mask = torch.ones_like(want, dtype=torch.bool)
+        torch.testing.assert_close(got[mask], want[mask], **tol, msg=what)
+
+    close(v_fused, v_ref, MODULE_FP32, "membrane")
     assert g_fused.keys() == g_ref.keys()
     for name in g_ref:
-        torch.testing.assert_close(g_fused[name], g_ref[name], rtol=1e-4, atol=1e-4, msg=f"grad {name}")
+        close(g_fused[name], g_ref[name], MODULE_FP32, f"grad {name}")
     for name, buf in ref.named_buffers():
-        torch.testing.assert_close(dict(fused.named_buffers())[name], buf, rtol=1e-5, atol=1e-6, msg=name)
+        got = dict(fused.named_buffers())[name]
+        if buf.is_floating_point():
+            close(got, buf, MODULE_BUFFERS_FP32, name)
+        else:
+            assert torch.equal(got, buf), name
     if cfg["mode"] == "adapt-running":
         assert fused.bn_momentum == pytest.approx(ref.bn_momentum)
 

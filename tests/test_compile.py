@@ -15,6 +15,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from devices import DEVICE
+from tolerances import COMPILED_BUFFERS_FP32, COMPILED_FP32
+
 from snnorm import functional, layer, memopt, neuron
 
 T = 2
@@ -74,19 +77,19 @@ def _compare(eager: nn.Module, compiled_fn, net: nn.Module, x: torch.Tensor, tra
         ye = eager(x)
         yc = compiled_fn(x)
         assert ye.abs().sum() > 0
-        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(yc, ye, **COMPILED_FP32)
         if train:
             ye.square().sum().backward()
             yc.square().sum().backward()
             for (name, a), b in zip(eager.named_parameters(), net.parameters()):
                 assert (a.grad is None) == (b.grad is None), name
                 if a.grad is not None:
-                    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5, msg=name)
+                    torch.testing.assert_close(b.grad, a.grad, **COMPILED_FP32, msg=name)
         for (name, a), b in zip(eager.named_buffers(), net.buffers()):
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+            torch.testing.assert_close(b, a, **COMPILED_BUFFERS_FP32, msg=name)
         for a, b in zip(_memories(eager), _memories(net)):
             if isinstance(a, torch.Tensor):
-                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(b, a, **COMPILED_FP32)
             else:
                 assert a == b
 
@@ -100,13 +103,15 @@ def _fresh_dynamo():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_every_layer_compiles_fullgraph_train_and_eval(backend):
-    eager, net = build_net(backend), build_net(backend)
+    # the triton backend runs on tests/devices.py's DEVICE (CUDA when present)
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    eager, net = build_net(backend).to(device), build_net(backend).to(device)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
-    x = _input()
+    x = _input().to(device)
     _compare(eager, compiled, net, x, train=True)
     assert int(net[1].num_batches_tracked) == 2  # running statistics moved once per call
     eager.eval(), net.eval()
-    _compare(eager, compiled, net, _input(2), train=False, steps=1)
+    _compare(eager, compiled, net, _input(2).to(device), train=False, steps=1)
 
 
 def test_folded_mpbn_compiles_fullgraph():

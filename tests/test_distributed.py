@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from tolerances import DISTRIBUTED_FP64
 
 import snnorm
 from snnorm import functional, layer, neuron
@@ -184,7 +185,7 @@ def two_rank_results():
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol=1e-10, rtol=1e-9) -> None:
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol=DISTRIBUTED_FP64["atol"], rtol=DISTRIBUTED_FP64["rtol"]) -> None:
     if a.dtype in (torch.int64, torch.long):
         assert torch.equal(a, b), f"{what}: {a} != {b}"
         return

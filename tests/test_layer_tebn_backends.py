@@ -3,7 +3,7 @@
 Module level: the module resolves the momentum factor, counts ``num_batches_tracked``,
 checks the input and calls ``self.ops.tebn``; both backends must then agree on outputs,
 every gradient (input, γ, β, p) and the running statistics, in training and in eval.
-On a CPU-only machine the kernels run under the Triton interpreter (tests/conftest.py).
+Runs on tests/devices.py's DEVICE (CPU through the Triton interpreter when there is no GPU).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from devices import DEVICE
+from tolerances import TEBN_MODULE_REL
 
 import snnorm
 from snnorm import backends, functional, layer, memopt
@@ -26,7 +28,7 @@ T, N, C = 3, 2, 3
 SPATIAL = {1: (), 2: (4, 5), 3: (2, 3, 4)}
 # dtype, relative tolerance (max-norm): the kernel computes statistics with Chan's formula,
 # torch with its own reduction order
-TOLERANCES = [(torch.float32, 5e-6), (torch.float64, 1e-12)]
+TOLERANCES = [(torch.float32, TEBN_MODULE_REL[torch.float32]), (torch.float64, TEBN_MODULE_REL[torch.float64])]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +46,7 @@ def rel_err(a, b):
 
 def twins(dim, dtype, **kwargs):
     torch.manual_seed(0)
-    reference = getattr(layer, f"TemporalEffectiveBatchNorm{dim}d")(T, C, **kwargs).to(dtype)
+    reference = getattr(layer, f"TemporalEffectiveBatchNorm{dim}d")(T, C, **kwargs).to(DEVICE, dtype)
     with torch.no_grad():
         for p in reference.parameters():
             p.uniform_(0.5, 1.5)
@@ -88,35 +90,35 @@ def test_tebn_triton_matches_torch_backend(dtype, tol, dim, kwargs):
     shape = (T, N, C, *SPATIAL[dim])
     worst = 0.0
     for step in range(2):  # two training steps: running statistics accumulate
-        x = (torch.randn(shape) * 2 + 0.7).to(dtype)
+        x = (torch.randn(shape) * 2 + 0.7).to(DEVICE, dtype)
         worst = max(worst, run_both(reference, fused, x, tol, f"train step {step}"))
     assert fused.num_batches_tracked.item() == 2
     reference.eval()
     fused.eval()
-    worst = max(worst, run_both(reference, fused, (torch.randn(shape) + 0.5).to(dtype), tol, "eval"))
+    worst = max(worst, run_both(reference, fused, (torch.randn(shape) + 0.5).to(DEVICE, dtype), tol, "eval"))
     print(f"TEBN{dim}d {dtype} {kwargs}: largest relative error triton vs torch {worst:.2e}")
 
 
 def test_set_backend_switches_tebn_and_keeps_checks():
-    net = torch.nn.Sequential(layer.Conv2d(C, C, 1, step_mode="m"), layer.TemporalEffectiveBatchNorm2d(T, C))
+    net = torch.nn.Sequential(layer.Conv2d(C, C, 1, step_mode="m"), layer.TemporalEffectiveBatchNorm2d(T, C)).to(DEVICE)
     with pytest.warns(UserWarning, match="Conv2d"):  # the conv has no triton backend
         functional.set_backend(net, "triton")
     tebn = net[1]
     assert tebn.backend == "triton"
     before = {k: v.clone() for k, v in tebn.state_dict().items()}
     with pytest.raises(ValueError, match=f"T={T}"):
-        tebn(torch.randn(T + 1, N, C, 4, 5))
+        tebn(torch.randn(T + 1, N, C, 4, 5, device=DEVICE))
     with pytest.raises(ValueError, match="channels"):
-        tebn(torch.randn(T, N, C + 1, 4, 5))
+        tebn(torch.randn(T, N, C + 1, 4, 5, device=DEVICE))
     for key, value in tebn.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
 def test_tebn_triton_no_update_inside_gc_1st_forward():
     reference, fused = twins(2, torch.float32)
-    x = torch.randn(T, N, C, 4, 5)
+    x = torch.randn(T, N, C, 4, 5, device=DEVICE)
     with memopt.gc_1st_forward():
         y = fused(x)
     assert fused.num_batches_tracked.item() == 0
-    assert torch.equal(fused.running_mean, torch.zeros(C)) and torch.equal(fused.running_var, torch.ones(C))
+    assert torch.equal(fused.running_mean.cpu(), torch.zeros(C)) and torch.equal(fused.running_var.cpu(), torch.ones(C))
     assert rel_err(y, reference(x)) <= 5e-6

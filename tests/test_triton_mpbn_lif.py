@@ -3,34 +3,30 @@
 Every comparison runs the torch backend op on float64 copies of the very same inputs
 (low-precision inputs are rounded first, so both sides see identical values) and checks
 spikes, final membrane, every gradient and the running statistics. Spikes are
-discontinuous: they must agree wherever the reference's firing variable z (recorded from
-the torch op's own surrogate call) is farther than a margin from 0, and the share of
-flipped spikes is bounded per dtype. Values are only compared when no spike flipped
-(a flip legitimately changes everything downstream).
+discontinuous: up to each unit's first flip (tests/tolerances.py: an element, or a channel
+when batch statistics couple it) they must agree wherever the reference's firing variable z
+(recorded from the torch op's own surrogate call) is farther than a margin from 0, the
+share of flipped spikes is bounded per dtype, and every other quantity is compared on the
+units without a flip. Tensors live on tests/devices.py's DEVICE (CUDA when present).
 """
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 from hypothesis import given, note, settings
+from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+
+from devices import DEVICE, SIZES
+from tolerances import LARGE_MEAN_FP32, REORDERED_FP64, comparable_mask, mask_for, op_tolerance
 
 from snnorm import surrogate as sg
 from snnorm.backends import torch_backend as ref
 
 K = pytest.importorskip("snnorm.kernels.mpbn_lif")
 from snnorm.kernels import _common  # noqa: E402
-
-# dtype -> (atol, rtol, spike margin on z, max flipped share); atol scales with max|ref|
-TOL = {
-    torch.float64: (1e-6, 1e-6, 1e-5, 0.0),
-    torch.float32: (1e-4, 1e-4, 1e-3, 0.01),
-    torch.float16: (4e-3, 4e-3, 1e-2, 0.02),
-    torch.bfloat16: (2e-2, 2e-2, 5e-2, 0.02),
-}
 
 #: largest errors seen, per dtype (printed with -s by the last test; informative only)
 OBSERVED: dict[str, float] = {}
@@ -53,11 +49,15 @@ def _surrogate(kind: str, alpha: float):
     return sg.Sigmoid(alpha) if kind == "sigmoid" else sg.ATan(alpha)
 
 
-def _close(name, got, want, dtype):
-    atol, rtol = TOL[dtype][:2]
+def _close(name, got, want, dtype, mask=None):
+    """|got − want| within the dtype's bound, on the entries where ``mask`` (None: all) holds."""
+    atol, rtol = op_tolerance(dtype)[:2]
     got = got.detach().to(torch.float64)
     want = want.detach().to(torch.float64)
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if mask is not None:
+        mask = mask.to(got.device)
+        got, want = got[mask], want[mask]
     scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
     err = (got - want).abs()
     bound = atol * scale + rtol * want.abs()
@@ -84,15 +84,10 @@ def _make_x(shape, dtype, layout, gen):
 def configs(draw, modes=("lif", "train", "eval", "folded")):
     mode = draw(st.sampled_from(modes))
     dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16]))
-    T = draw(st.integers(1, 8 if dtype in (torch.float32, torch.float64) else 4))
-    n_sp = draw(st.integers(0, 2))
-    sp = tuple(draw(st.sampled_from([1, 2, 3, 5, 7])) for _ in range(n_sp))
-    N = draw(st.integers(1, 5))
-    if mode == "train" and N * math.prod(sp) < 2:
-        N = 2
-    C = draw(st.integers(1, 4))
+    lowp = dtype in (torch.float16, torch.bfloat16)
+    shape = draw(SIZES.shapes(min_per_channel=2 if mode == "train" else 1, lowp=lowp))
     cfg = dict(
-        mode=mode, dtype=dtype, shape=(T, N, C, *sp),
+        mode=mode, dtype=dtype, shape=shape,
         layout=draw(st.sampled_from(["contiguous", "sliced", "channels_last"])),
         v_expanded=draw(st.booleans()),
         v_reset=draw(st.sampled_from([None, 0.0, -0.3, 0.25])),
@@ -142,12 +137,13 @@ def _inputs(cfg):
 def _run(backend, cfg, inp, dtype, surrogate):
     """Call ``backend``'s op with inputs in ``dtype`` (params fp32 for fp16/bf16); return outputs and grads."""
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    # fresh copies with the master's strides (a sliced / channels-last layout survives)
-    x = torch.empty_strided(inp["x"].shape, inp["x"].stride(), dtype=dtype).copy_(inp["x"]).requires_grad_(True)
+    # fresh copies on DEVICE with the master's strides (a sliced / channels-last layout survives)
+    x = torch.empty_strided(inp["x"].shape, inp["x"].stride(), dtype=dtype, device=DEVICE).copy_(inp["x"])
+    x.requires_grad_(True)
     N = cfg["shape"][1]
-    v_leaf = inp["v"].to(dtype, copy=True).requires_grad_(True)
+    v_leaf = inp["v"].to(DEVICE, dtype, copy=True).requires_grad_(True)
     v = v_leaf.expand(N, *v_leaf.shape[1:]) if cfg["v_expanded"] else v_leaf
-    params = {k: inp[k].to(pdtype, copy=True).requires_grad_(True) for k in ("gamma", "beta", "th")}
+    params = {k: inp[k].to(DEVICE, pdtype, copy=True).requires_grad_(True) for k in ("gamma", "beta", "th")}
     th = params["th"] if cfg["threshold_tensor"] else 0.7
     common = dict(tau=cfg["tau"], decay_input=cfg["decay_input"], v_reset=cfg["v_reset"], surrogate=surrogate, detach_reset=cfg["detach_reset"])
     mode = cfg["mode"]
@@ -163,8 +159,8 @@ def _run(backend, cfg, inp, dtype, surrogate):
         if cfg["affine"]:
             leaves.update(weight=w, bias=b)
         keep = mode == "eval" or cfg["track"]
-        rm = inp["rm"].to(pdtype, copy=True) if keep else None
-        rv = inp["rv"].to(pdtype, copy=True) if keep else None
+        rm = inp["rm"].to(DEVICE, pdtype, copy=True) if keep else None
+        rv = inp["rv"].to(DEVICE, pdtype, copy=True) if keep else None
         s, v_out = backend.mpbn_lif(
             x, v, w, b, rm, rv, th, training=mode == "train", momentum=cfg["momentum"],
             batches_tracked=cfg["batches_tracked"], eps=1e-5, carry=cfg["carry"], **common,
@@ -172,8 +168,8 @@ def _run(backend, cfg, inp, dtype, surrogate):
         if rm is not None:
             out["running_mean"], out["running_var"] = rm, rv
     else:
-        mu = inp["rm"].to(pdtype, copy=True).requires_grad_(True)
-        s2 = inp["rv"].to(pdtype, copy=True).requires_grad_(True)
+        mu = inp["rm"].to(DEVICE, pdtype, copy=True).requires_grad_(True)
+        s2 = inp["rv"].to(DEVICE, pdtype, copy=True).requires_grad_(True)
         adapt = cfg["adapt"]
         if adapt == "none":
             leaves.update(mu=mu, sigma2=s2, gamma=params["gamma"], beta=params["beta"])
@@ -188,7 +184,7 @@ def _run(backend, cfg, inp, dtype, surrogate):
     if cfg["grad_kind"] == "sum":
         loss = s.sum() + v_out.sum()  # expanded (stride-0) incoming gradients
     else:
-        loss = (s * inp["gs"].to(s.dtype)).sum() + (v_out * inp["gv"].to(v_out.dtype)).sum()
+        loss = (s * inp["gs"].to(DEVICE, s.dtype)).sum() + (v_out * inp["gv"].to(DEVICE, v_out.dtype)).sum()
     names = list(leaves)
     grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
     for k, g in zip(names, grads):
@@ -208,19 +204,27 @@ def _check(cfg):
     assert got["s"].dtype == low["s"].dtype and got["v_out"].dtype == low["v_out"].dtype
 
     z = torch.stack(rec.zs).reshape(want["s"].shape)
-    margin, max_flip = TOL[dtype][2:]
-    flipped = got["s"].double() != want["s"]
-    flips = f"{int(flipped.sum())} of {flipped.numel()} spikes flipped"
-    assert not torch.any(flipped & (z.abs() > margin)), f"spikes differ away from the threshold ({flips})"
-    assert flipped.double().mean().item() <= max_flip, flips
-    FLIPS[str(dtype)] = FLIPS.get(str(dtype), 0) + int(flipped.sum())
-    FLIPS[str(dtype) + " compared"] = FLIPS.get(str(dtype) + " compared", 0) + flipped.numel()
-    if torch.any(flipped):
-        return
+    margin, max_flip = op_tolerance(dtype)[2:]
+    # batch statistics (training, test-time adaptation) couple a channel's elements
+    coupled = cfg["mode"] == "train" or (cfg["mode"] == "folded" and cfg["adapt"] != "none")
+    flipped, spike_mask, clean = comparable_mask(got["s"], want["s"], channel_coupled=coupled)
+    compared = flipped & spike_mask
+    flips = f"{int(compared.sum())} of {int(spike_mask.sum())} comparable spikes flipped"
+    assert not torch.any(compared & (z.abs() > margin)), f"spikes differ away from the threshold ({flips})"
+    assert compared.double().sum().item() <= max_flip * spike_mask.sum().item(), flips
+    FLIPS[str(dtype)] = FLIPS.get(str(dtype), 0) + int(compared.sum())
+    FLIPS[str(dtype) + " compared"] = FLIPS.get(str(dtype) + " compared", 0) + int(spike_mask.sum())
+    if currently_in_test_context():
+        note(f"{flips}; {int(clean.sum())} of {clean.numel()} units without a flip")
     for key in want:
         if key == "s":
             continue
-        _close(key, got[key], want[key], dtype)
+        mask = mask_for(want[key], clean)
+        if mask is None:
+            if not bool(clean.all()):
+                continue
+            mask = None
+        _close(key, got[key], want[key], dtype, mask)
     for key in got:
         assert key in want, f"triton gave {key} that the reference does not"
 
@@ -229,6 +233,7 @@ def _run_nograd(cfg, inp, dtype):
     cfg = dict(cfg, grad_kind="none")
     surrogate = _surrogate(cfg["surrogate"], cfg["alpha"])
     out = {}
+    inp = {k: t.to(DEVICE) for k, t in inp.items()}
     x = inp["x"].to(dtype)
     N = cfg["shape"][1]
     v = inp["v"].to(dtype).expand(N, *inp["v"].shape[1:])
@@ -324,28 +329,28 @@ def test_split_path_is_deterministic_and_equals_resident(monkeypatch):
     b = _run(K, cfg, inp, torch.float64, surrogate)
     for key in a:
         assert torch.equal(a[key], b[key]), f"split path not deterministic in {key}"
-        torch.testing.assert_close(a[key], resident[key], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a[key], resident[key], **REORDERED_FP64)
 
 
 def test_chan_combine_keeps_precision_with_large_mean(monkeypatch):
     # mean/std = 1e4: a raw Σx, Σx² variance would lose every digit in fp32
     monkeypatch.setattr(K, "RESIDENT_MAX_M", 8)
     monkeypatch.setattr(K, "SPLIT_BLOCK", 4)
-    x = (1e4 + torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(0))).float()
-    v = torch.zeros(6, 3, 3)
-    rm, rv = torch.zeros(3), torch.ones(3)
+    x = (1e4 + torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(0))).float().to(DEVICE)
+    v = torch.zeros(6, 3, 3, device=DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     rm64, rv64 = rm.double(), rv.double()
     kw = dict(training=True, momentum=0.5, batches_tracked=0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0,
               surrogate=sg.Sigmoid(), detach_reset=True, carry="raw")
     K.mpbn_lif(x, v, None, None, rm, rv, 0.5, **kw)
     ref.mpbn_lif(x.double(), v.double(), None, None, rm64, rv64, 0.5, **kw)
-    torch.testing.assert_close(rv.double(), rv64, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(rm.double(), rm64, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(rv.double(), rv64, **LARGE_MEAN_FP32["var"])
+    torch.testing.assert_close(rm.double(), rm64, **LARGE_MEAN_FP32["mean"])
 
 
 def test_unsupported_surrogate_falls_back_with_warning():
-    x = torch.randn(2, 3, 2, 4)
-    v = torch.zeros(3, 2, 4)
+    x = torch.randn(2, 3, 2, 4, device=DEVICE)
+    v = torch.zeros(3, 2, 4, device=DEVICE)
     kw = dict(tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.PiecewiseQuadratic(), detach_reset=False)
     with pytest.warns(RuntimeWarning, match="falling back to the torch backend"):
         s, v_out = K.lif(x, v, 0.5, **kw)
@@ -354,17 +359,18 @@ def test_unsupported_surrogate_falls_back_with_warning():
 
 
 def test_training_with_one_value_per_channel_raises_and_changes_nothing():
-    x = torch.randn(3, 1, 2)
-    rm, rv = torch.zeros(2), torch.ones(2)
+    x = torch.randn(3, 1, 2, device=DEVICE)
+    rm, rv = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        K.mpbn_lif(x, torch.zeros(1, 2), None, None, rm, rv, 0.5, training=True, momentum=0.1, batches_tracked=0, eps=1e-5,
+        K.mpbn_lif(x, torch.zeros(1, 2, device=DEVICE), None, None, rm, rv, 0.5, training=True, momentum=0.1, batches_tracked=0, eps=1e-5,
                    tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False, carry="normalized")
-    assert torch.equal(rm, torch.zeros(2)) and torch.equal(rv, torch.ones(2))
+    assert torch.equal(rm.cpu(), torch.zeros(2)) and torch.equal(rv.cpu(), torch.ones(2))
 
 
 def test_backward_through_adaptive_fold_raises_not_implemented():
-    x = torch.randn(2, 4, 2, requires_grad=True)
-    s, *_ = K.mpbn_lif_folded(x, torch.zeros(4, 2), torch.zeros(2), torch.ones(2), torch.ones(2), torch.zeros(2), 0.5,
+    x = torch.randn(2, 4, 2, device=DEVICE, requires_grad=True)
+    z, o = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
+    s, *_ = K.mpbn_lif_folded(x, torch.zeros(4, 2, device=DEVICE), z, o, o, z, 0.5,
                               eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False,
                               carry="normalized", adapt="batch", adapt_momentum=0.1, adapt_decay=1.0, adapt_min_momentum=0.0)
     with pytest.raises(NotImplementedError, match="adapt"):
@@ -396,15 +402,16 @@ def _saved_bytes(fn, x, **kw):
         return t
 
     C = x.shape[2]
+    d = dict(device=x.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x, torch.zeros(x.shape[1:]), torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True),
-           torch.zeros(C), torch.ones(C), torch.full((C,), 0.5, requires_grad=True), **kw)
+        fn(x, torch.zeros(x.shape[1:], **d), torch.ones(C, requires_grad=True, **d), torch.zeros(C, requires_grad=True, **d),
+           torch.zeros(C, **d), torch.ones(C, **d), torch.full((C,), 0.5, requires_grad=True, **d), **kw)
     return sum(storages.values())
 
 
 def test_training_saves_at_most_a_third_of_the_reference():
     # MPBNLIFNode defaults: hard reset to 0, decay_input=False, post-BN carry; fp32
-    x = torch.randn(4, 8, 3, 5, 5, requires_grad=True)
+    x = torch.randn(4, 8, 3, 5, 5, device=DEVICE, requires_grad=True)
     kw = dict(training=True, momentum=0.1, batches_tracked=0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0,
               surrogate=sg.Sigmoid(), detach_reset=False, carry="normalized")
     ours = _saved_bytes(K.mpbn_lif, x, **kw)
@@ -438,9 +445,14 @@ def _op_args(kind):
     raise AssertionError(kind)
 
 
+def _on_device(args):
+    return tuple(a.to(DEVICE).detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+
+
 @pytest.mark.parametrize("kind", ["lif", "eval", "train"])
 def test_opcheck(kind):
     op, args = _op_args(kind)
+    args = _on_device(args)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -448,15 +460,17 @@ def test_opcheck_adapt_forward():
     x = torch.randn(2, 3, 2)
     args = (x, torch.zeros(3, 2), torch.zeros(2), torch.ones(2), torch.ones(2), torch.zeros(2), torch.full((2,), 0.4),
             torch.tensor([0.3, 0.2], dtype=torch.float64), True, 1e-5, 2.0, False, 0.0, False, True, torch.float32)
+    args = _on_device(args)
     torch.library.opcheck(K._mpbn_lif_adapt_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiles_fullgraph():
-    x = torch.randn(2, 4, 2, 3, requires_grad=True)
-    v = torch.zeros(4, 2, 3)
-    w = torch.ones(2, requires_grad=True)
-    b = torch.zeros(2, requires_grad=True)
-    rm, rv = torch.zeros(2), torch.ones(2)
+    d = dict(device=DEVICE)
+    x = torch.randn(2, 4, 2, 3, requires_grad=True, **d)
+    v = torch.zeros(4, 2, 3, **d)
+    w = torch.ones(2, requires_grad=True, **d)
+    b = torch.zeros(2, requires_grad=True, **d)
+    rm, rv = torch.zeros(2, **d), torch.ones(2, **d)
 
     def f(x, rm, rv):
         s, v_out = K.mpbn_lif(x, v, w, b, rm, rv, 0.5, training=True, momentum=0.1, batches_tracked=0, eps=1e-5, tau=2.0,

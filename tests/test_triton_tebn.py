@@ -4,8 +4,8 @@ Oracle: :func:`snnorm.backends.torch_backend.tebn` on float64 copies of the inpu
 fp32/fp64 are compared to ref64 with tight tolerances; fp16/bf16 with flash-attention's
 rule ``max|kernel − ref64| ≤ 2·max|torch_lowp − ref64| + atol`` where torch_lowp is the
 torch backend run in the low precision itself. Outputs, ∂x, ∂γ, ∂β, ∂p and the running
-statistics after the call are all checked. On CPU the kernels run through the Triton
-interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+statistics after the call are all checked. Tensors live on tests/devices.py's DEVICE: a
+CUDA GPU when present, else the CPU through the Triton interpreter (tests/conftest.py).
 """
 
 import math
@@ -15,8 +15,11 @@ import sys
 
 import pytest
 import torch
+from devices import DEVICE, SIZES
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import TEBN_LOWP_ATOL as LOWP_ATOL
+from tolerances import TEBN_RTOL as RTOL
 
 pytest.importorskip("triton")
 from snnorm.backends import torch_backend  # noqa: E402
@@ -25,13 +28,7 @@ from snnorm.kernels import tebn as tebn_mod  # noqa: E402
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MOMENTUM, EPS = 0.1, 1e-5
-
-# One tolerance table: relative to the reference's largest magnitude (+1 for quantities
-# near zero). fp16/bf16 also pass the 2×-torch rule with this atol.
-RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
-LOWP_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # ≈ 1 and 2 ulp at the top of a binade
 LOWP = (torch.float16, torch.bfloat16)
 
 # Largest errors seen by the tests, per (dtype, quantity), printed at the end of the run.
@@ -138,15 +135,19 @@ def check_case(params, training, seed):
 
 # ----------------------------------------------------------------------- strategies
 
-SIZES = st.sampled_from([1, 2, 3, 5, 7])
+SPATIAL_SIZES = st.sampled_from([1, 2, 3, 5, 7])
 
 
 @st.composite
 def cases(draw, dtypes):
-    T = draw(st.integers(1, 8))
-    N = draw(st.integers(1, 5))
-    C = draw(st.sampled_from([1, 2, 3, 5, 7, 11]))
-    spatial = tuple(draw(st.lists(SIZES, min_size=0, max_size=3)))
+    if SIZES.gpu:  # the wide GPU pools (tests/devices.py)
+        T, N, C, *spatial = draw(SIZES.shapes())
+        spatial = tuple(spatial)
+    else:  # C = 11 and three spatial dims reach the interpreter's channel blocks and tile loops
+        T = draw(st.integers(1, 8))
+        N = draw(st.integers(1, 5))
+        C = draw(st.sampled_from([1, 2, 3, 5, 7, 11]))
+        spatial = tuple(draw(st.lists(SPATIAL_SIZES, min_size=0, max_size=3)))
     dtype = draw(st.sampled_from(dtypes))
     param_dtype = draw(st.sampled_from([dtype, torch.float32])) if dtype in LOWP else dtype
     affine = draw(st.sampled_from(["both", "none", "weight", "bias"]))

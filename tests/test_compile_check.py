@@ -1,0 +1,106 @@
+"""The ahead-of-time compile check (perf/compile_check.py): every configuration the launchers
+choose compiles for sm_90 and sm_80, and the capture reaches every kernel.
+
+The check runs in a subprocess: triton picks the interpreter at import time, and the
+tests run with it on (tests/conftest.py). Compiled configurations are cached by kernel
+source hash (``SNNORM_COMPILE_CACHE``, outside the repository), so a second run costs
+only the capture. ``SNNORM_COMPILE_CHECK_PYTHONPATH`` prepends a folder holding another
+triton (tests/run.sh passes the oldest supported one).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(extra_path: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    paths = [p for p in (extra_path, str(ROOT), env.get("PYTHONPATH")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def _run_check(tmp_path: Path, extra_path: str | None = None, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "perf.compile_check", "--out", str(tmp_path), *args],
+        cwd=ROOT, env=_env(extra_path), capture_output=True, text=True, timeout=1500,
+    )
+    rows = []
+    for f in tmp_path.glob("compile_*.csv"):
+        with open(f) as fh:
+            rows += list(csv.DictReader(fh))
+    return out, rows
+
+
+def _launched_kernels() -> set[str]:
+    """Every @triton.jit function of snnorm.kernels that no other one calls: the kernels."""
+    code = (
+        "import importlib, pkgutil, inspect, re, snnorm.kernels as K\n"
+        "from triton.runtime.jit import JITFunction\n"
+        "fns = {}\n"
+        "for m in pkgutil.walk_packages(K.__path__, K.__name__ + '.'):\n"
+        "    mod = importlib.import_module(m.name)\n"
+        "    for n, f in vars(mod).items():\n"
+        "        if isinstance(f, JITFunction) and f.fn.__module__ == mod.__name__:\n"
+        "            fns[f'{mod.__name__}:{n}'] = f.src\n"
+        "called = {k for k in fns for other, src in fns.items() if other != k\n"
+        "          and re.search(r'\\b' + re.escape(k.split(':')[1]) + r'\\s*\\(', src)}\n"
+        "print('\\n'.join(sorted(set(fns) - called - {k for k in fns if 'probe' in k})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+def test_every_launched_configuration_compiles_for_sm90_and_sm80(tmp_path):
+    out, rows = _run_check(tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert rows, "no configuration was compiled"
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert not failed, failed[:5]
+    assert {r["target"] for r in rows} == {"sm_90", "sm_80"}
+    for r in rows:
+        assert int(r["registers"]) > 0 and int(r["num_warps"]) >= 1 and int(r["programs"]) >= 1, r
+    # the capture reached every kernel (a kernel no launcher launches on the grid is untested)
+    assert {r["kernel"] for r in rows} == _launched_kernels()
+    print("\n" + out.stdout[-3000:])
+
+
+def test_spilling_reports_spilled_configurations():
+    sys.path.insert(0, str(ROOT))
+    from perf.compile_check import spilling, summary
+
+    rows = [
+        dict(kernel="m:k", target="sm_90", config="a", status="ok", registers="40", spill_stores="0", spill_loads="0", shared_bytes="0"),
+        dict(kernel="m:k", target="sm_80", config="b", status="ok", registers="255", spill_stores="8", spill_loads="4", shared_bytes="0"),
+        dict(kernel="m:k", target="sm_80", config="c", status="FAILED", registers="", spill_stores="", spill_loads="", shared_bytes=""),
+    ]
+    assert [r["config"] for r in spilling(rows)] == ["b"]
+    (k,) = summary(rows)
+    assert (k["configurations"], k["failures"], k["max_registers"], k["max_spill_stores"], k["spilling"]) == (3, 1, 255, 8, 1)
+
+
+@pytest.mark.skipif(not os.environ.get("SNNORM_COMPILE_CHECK_PYTHONPATH"), reason="no second triton given (tests/run.sh sets one)")
+def test_oldest_supported_triton_compiles_every_configuration(tmp_path):
+    # every kernel once (LIF, MPBN training on the resident and the split path, TEBN), in fp32 and
+    # bf16 — the whole CI grid again would double this check's CI time
+    extra = os.environ["SNNORM_COMPILE_CHECK_PYTHONPATH"]
+    only = "lif T4 N32 C64 8x8 float32,mpbn-train T4 N32 C64 8x8,mpbn-train T4 N32 C64 32x32 float32,tebn-train T4 N32 C64 8x8"
+    out, rows = _run_check(tmp_path, extra, "--only", only)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    import triton
+
+    (csv_file,) = tmp_path.glob("compile_*.csv")
+    assert f"triton{triton.__version__}" not in csv_file.name, f"{csv_file.name}: the second triton was not used"
+    assert rows and not [r for r in rows if r["status"] != "ok"]
+    assert {r["kernel"] for r in rows} == _launched_kernels()
+    print("\n" + out.stdout[-3000:])
