@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from snnorm import functional, layer  # noqa: E402
 from snnorm.backends import torch_backend  # noqa: E402
 from snnorm.kernels import tab as tab_mod  # noqa: E402
-from snnorm.kernels import tebn as tebn_mod  # noqa: E402
+from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
@@ -124,9 +124,9 @@ def test_matches_torch_backend(T, N, C, spatial, dtype, affine, has_running, tra
 
 def test_many_partials_per_step(monkeypatch):
     """Small tiles and many programs: the prefix kernel merges several partials per step."""
-    monkeypatch.setitem(tebn_mod._TUNING, "tile_elems", 8)
-    monkeypatch.setitem(tebn_mod._TUNING, "programs", 12)
-    geo = tebn_mod._tebn_geometry(3, 4, 2, 6, torch.device(DEVICE))
+    monkeypatch.setitem(bn_tiles.TUNING, "tile_elems", 8)
+    monkeypatch.setitem(bn_tiles.TUNING, "programs", 12)
+    geo = bn_tiles.geometry(3, 4, 2, 6, torch.device(DEVICE))
     assert geo.parts // 3 > 1
     check(3, 4, 2, (6,), torch.float64, True, True, True, 5.0, seed=1)
 
