@@ -122,13 +122,22 @@ def test_matches_torch_backend(T, N, C, spatial, dtype, affine, has_running, tra
     check(T, N, C, spatial, dtype, affine, has_running, training, mean_shift, seed, prefix_steps)
 
 
-def test_many_partials_per_step(monkeypatch):
-    """Small tiles and many programs: the prefix kernel merges several partials per step."""
-    monkeypatch.setitem(bn_tiles.TUNING, "tile_elems", 8)
-    monkeypatch.setitem(bn_tiles.TUNING, "programs", 12)
-    geo = bn_tiles.geometry(3, 4, 2, 6, torch.device(DEVICE))
-    assert geo.parts // 3 > 1
-    check(3, 4, 2, (6,), torch.float64, True, True, True, 5.0, seed=1)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_many_partials_per_step_combined_in_chunks(monkeypatch, dtype):
+    """Tiny tiles, 5 programs per (channel block, step): the prefix kernel combines each
+    step's 5 partials 2 at a time (the last chunk holds one) before merging them into the
+    prefix; the same bits when run again."""
+    T, N, C, S = 3, 5, 3, 4
+    monkeypatch.setitem(bn_tiles.TUNING, "tile_elems", 4)
+    c_blocks = bn_tiles.geometry(T, N, C, S, torch.device(DEVICE)).c_blocks
+    monkeypatch.setitem(bn_tiles.TUNING, "programs", 5 * T * c_blocks)
+    per_step = bn_tiles.geometry(T, N, C, S, torch.device(DEVICE)).parts // T
+    block_p, _ = bn_tiles.combine_tiles(per_step, C, DEVICE != "cuda")
+    assert per_step == 5 and block_p == 2
+    check(T, N, C, (S,), dtype, True, True, True, 30.0, seed=1)
+    x = (30.0 + torch.randn(T, N, C, S, generator=torch.Generator().manual_seed(2))).to(dtype).to(DEVICE)
+    runs = [torch.ops.snnorm.tab_stats(x, None, None, [0.1] * T) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_statistics_precise_at_large_mean():
