@@ -266,7 +266,7 @@ def _rejects(m, x, exc, *fragments):
 def test_bad_input_rejected_without_state_change(step_mode):
     m = layer.TemporalAccumulatedBatchNorm2d(T, C, step_mode=step_mode)
     lead = (T,) if step_mode == "m" else ()
-    _rejects(m, torch.randn(*lead, N, C, 4), ValueError, "expects input of shape", "got shape")
+    _rejects(m, torch.randn(*lead, N, C, 4), ValueError, "expected x with shape [", "but got x with shape")
     _rejects(m, torch.randn(*lead, N, C + 1, 4, 4), ValueError, f"expects {C} channels", str(C + 1))
     _rejects(m, torch.ones(*lead, N, C, 4, 4, dtype=torch.long), TypeError, "floating-point", "torch.int64")
     _rejects(m, torch.randn(*lead, N, C, 4, 4, device="meta"), ValueError, "input is on meta", "cpu")
