@@ -140,6 +140,21 @@ def test_many_partials_per_step_combined_in_chunks(monkeypatch, dtype):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
+def test_uniform_momentum_running_statistics(dtype, tol):
+    """One factor for every step reaches the kernel as a scalar (fp32) or, for fp64, as
+    the per-step tensor: running statistics as the torch backend's either way."""
+    x = (3.0 + torch.randn(3, 4, 2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).to(dtype)
+    got = []
+    for op, dev in ((tab_mod.tab, DEVICE), (torch_backend.tab, "cpu")):
+        rm = torch.full((3, 2), 0.5, dtype=dtype, device=dev)
+        rv = torch.full((3, 2), 2.0, dtype=dtype, device=dev)
+        op(x.to(dev), None, None, rm, rv, torch.ones(3, dtype=dtype, device=dev), training=True,
+           momentum=[0.1] * 3, eps=EPS)
+        got.append(torch.cat([rm, rv]).double().cpu())
+    assert (got[0] - got[1]).abs().max().item() <= tol * got[1].abs().max().item()
+
+
 def test_statistics_precise_at_large_mean():
     """mean/std = 1e4 in fp32: Chan's combination keeps the per-step running variance."""
     x = (1e4 + torch.randn(3, 8, 4, 33, generator=torch.Generator().manual_seed(0))).to(DEVICE)

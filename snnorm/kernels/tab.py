@@ -33,7 +33,8 @@ and, since μ_t, σ²_t depend on every x_s with s ≤ t (∂μ_t/∂x_s = 1/n_t
     V_s = Σ_{t≥s} v_t,  v_t = −k_t r_t² B_t / n_t
     U_s = Σ_{t≥s} (−k_t r_t A_t / n_t + v_t (μ_s − μ_t))
 
-reverse cumulative sums over [T, C] (done in torch: T·C numbers), then one elementwise
+reverse sums over steps, run by ``_tab_bwd_coef_kernel`` (one program per block of
+channels, steps backwards; it also gives ∂γ, ∂β, ∂p and ∂μ, ∂σ²), then one elementwise
 pass (``_tab_bwd_dx_kernel``). Centring on μ_s keeps the precision when |μ| ≫ σ. Traffic
 as TEBN: forward reads x twice and writes y; backward reads g and x twice, writes ∂x.
 
@@ -97,9 +98,10 @@ def _tab_prefix_kernel(
     var_ptr,  # [T, C] out: biased σ²_t of steps 0..t
     running_mean_ptr,  # [T, C] updated in place when UPDATE_RUNNING (else None)
     running_var_ptr,  # [T, C] updated in place (unbiased) when UPDATE_RUNNING (else None)
-    momentum_ptr,  # [T] per-step factors when UPDATE_RUNNING (else None)
+    momentum_ptr,  # [T] per-step factors with PER_STEP_MOMENTUM (else None)
+    momentum,  # the factor of every step without PER_STEP_MOMENTUM (an fp32 scalar)
     T, PPS, C,
-    UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, PER_STEP_MOMENTUM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Prefix statistics of a block of channels: step t's PPS partials are combined at
     once (``combine_partials``, vectorised chunks), then merged into the prefix triple of
@@ -119,7 +121,10 @@ def _tab_prefix_kernel(
         tl.store(mean_ptr + row, mean, mask=c_mask)
         tl.store(var_ptr + row, m2 / count, mask=c_mask)
         if UPDATE_RUNNING:
-            m = tl.load(momentum_ptr + t).to(ACC_DTYPE)
+            if PER_STEP_MOMENTUM:
+                m = tl.load(momentum_ptr + t).to(ACC_DTYPE)
+            else:
+                m = momentum
             r_mean = tl.load(running_mean_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
             r_var = tl.load(running_var_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
             r_mean = r_mean * (1.0 - m) + mean * m
@@ -195,6 +200,78 @@ def _tab_bwd_reduce_kernel(
 
 
 @triton.jit
+def _tab_bwd_coef_kernel(
+    part_a_ptr,  # [T·PPS, C] Σ g of each program's slice (PPS per step, in order)
+    part_b_ptr,  # [T·PPS, C] Σ g·x̂ of each slice
+    mean_ptr,  # [T, C] μ_t
+    var_ptr,  # [T, C] σ²_t
+    w_ptr,  # [T, C] γ_t, or None without HAS_WEIGHT
+    b_ptr,  # [T, C] β_t, or None without HAS_BIAS
+    p_ptr,  # [T]
+    dw_ptr,  # [T, C] out: ∂L/∂γ_t = p_t² B_t
+    db_ptr,  # [T, C] out: ∂L/∂β_t = p_t² A_t
+    part_dp_ptr,  # [C_BLOCKS, T] out: the block's share of ∂L/∂p_t
+    grad_mean_ptr,  # [T, C] out: ∂L/∂μ_t = −k_t r_t A_t
+    grad_var_ptr,  # [T, C] out: ∂L/∂σ²_t = −½ k_t r_t² B_t
+    coef_g_ptr,  # [T, C] out: k_t r_t
+    coef_u_ptr,  # [T, C] out: U_t when BATCH_STATS (else None)
+    coef_v_ptr,  # [T, C] out: V_t when BATCH_STATS (else None)
+    T, PPS, C, M, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Every per-(t, c) number of the backward, one program per block of channels.
+
+    Steps run backwards, so that the reverse sums over t ≥ s are running sums:
+    R_s = Σ ∂L/∂μ_t / n_t, V_s = Σ v_t and, centred on the last prefix mean μ_ref = μ_{T−1}
+    (prefix means differ from it by about σ, so nothing cancels when |μ| ≫ σ),
+    W_s = Σ v_t (μ_t − μ_ref); then U_s = R_s + (μ_s − μ_ref)·V_s − W_s.
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    if BATCH_STATS:
+        mean_ref = tl.load(mean_ptr + (T - 1) * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+    r_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    v_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    w_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for i in range(0, T):
+        t = T - 1 - i
+        # A_t, B_t: step t's partials summed in fixed-shape chunks (deterministic)
+        sum_a = tl.zeros((BLOCK_C,), ACC_DTYPE)
+        sum_b = tl.zeros((BLOCK_C,), ACC_DTYPE)
+        for p0 in range(t * PPS, (t + 1) * PPS, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = (p < (t + 1) * PPS)[:, None] & c_mask[None, :]
+            offs = p[:, None] * C + c[None, :]
+            sum_a += tl.sum(tl.load(part_a_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
+            sum_b += tl.sum(tl.load(part_b_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
+        row = t * C + c
+        mean, rstd, gamma, beta = channel_consts(
+            mean_ptr, var_ptr, w_ptr, b_ptr, row, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
+        )
+        p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
+        p2 = p_t * p_t
+        k = p2 * gamma
+        grad_mean = -k * rstd * sum_a
+        grad_var = -0.5 * k * rstd * rstd * sum_b
+        tl.store(dw_ptr + row, p2 * sum_b, mask=c_mask)
+        tl.store(db_ptr + row, p2 * sum_a, mask=c_mask)
+        tl.store(grad_mean_ptr + row, grad_mean, mask=c_mask)
+        tl.store(grad_var_ptr + row, grad_var, mask=c_mask)
+        tl.store(coef_g_ptr + row, k * rstd, mask=c_mask)
+        dp = 2.0 * p_t * tl.sum(tl.where(c_mask, gamma * sum_b + beta * sum_a, 0.0), axis=0)
+        tl.store(part_dp_ptr + tl.program_id(0) * T + t, dp)
+        if BATCH_STATS:
+            n_t = (t + 1).to(ACC_DTYPE) * M  # M may be a specialised constant 1
+            v = 2.0 * grad_var / n_t  # v_t = −k_t r_t² B_t / n_t
+            r_sum += grad_mean / n_t
+            v_sum += v
+            w_sum += v * (mean - mean_ref)
+            tl.store(coef_u_ptr + row, r_sum + (mean - mean_ref) * v_sum - w_sum, mask=c_mask)
+            tl.store(coef_v_ptr + row, v_sum, mask=c_mask)
+
+
+@triton.jit
 def _tab_bwd_dx_kernel(
     gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
     x_ptr,  # [T, N, C, S] contiguous, or None without BATCH_STATS
@@ -260,13 +337,17 @@ def _launch_tab_stats(
     # the kernel updates contiguous buffers in place; a strided one goes through a copy
     r_mean = contiguous_or_none(running_mean) if update else None
     r_var = contiguous_or_none(running_var) if update else None
-    factors = torch.tensor(list(momentum), dtype=acc, device=x.device) if update else None
+    # One factor for every step (the usual case) goes as a scalar: no host-to-device copy.
+    # Triton passes Python floats as fp32, so fp64 keeps the tensor.
+    per_step_momentum = update and (len(set(momentum)) > 1 or acc == torch.float64)
+    factors = torch.tensor(list(momentum), dtype=acc, device=x.device) if per_step_momentum else None
+    momentum0 = float(momentum[0]) if update and len(momentum) else 0.0
     per_step = geo.parts // T
     block_p, block_c = combine_tiles(per_step, C, x.device.type != "cuda")
     _tab_prefix_kernel[(triton.cdiv(C, block_c),)](
-        part_mean, part_m2, part_count, mean, var, r_mean, r_var, factors,
+        part_mean, part_m2, part_count, mean, var, r_mean, r_var, factors, momentum0,
         T, per_step, C,
-        UPDATE_RUNNING=update, BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=4,
+        UPDATE_RUNNING=update, PER_STEP_MOMENTUM=per_step_momentum, BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=4,
     )
     if update and r_mean.data_ptr() != running_mean.data_ptr():
         running_mean.copy_(r_mean)
@@ -291,21 +372,19 @@ def _launch_tab_fwd(x, weight, bias, mean, var, p, eps: float) -> torch.Tensor:
     return y
 
 
-def _reverse_cumsum(v: torch.Tensor) -> torch.Tensor:
-    """out[s] = Σ_{t ≥ s} v[t] along dim 0."""
-    return v.flip(0).cumsum(0).flip(0)
-
-
 def _launch_tab_bwd(grad_y, x, weight, bias, mean, var, p, eps: float, batch_stats: bool, need_dx: bool):
-    """(∂x, ∂γ, ∂β, ∂p, ∂μ, ∂σ²); all but ∂x in the accumulation dtype, per step [T, C] / [T]."""
+    """(∂x, ∂γ, ∂β, ∂p, ∂μ, ∂σ²); all but ∂x in the accumulation dtype, per step [T, C] / [T].
+
+    Three launches: the per-slice sums A, B; every per-(t, c) coefficient; ∂x (when needed).
+    """
     x4, T, N, C, S = as_tncs(x)
     g4 = grad_y.contiguous().view(T, N, C, S)
     acc = acc_torch_dtype(x.dtype)
     dev = x.device
-    mean, var = mean.to(acc).contiguous(), var.to(acc).contiguous()
+    mean, var = mean.contiguous(), var.contiguous()
     flags = dict(ACC_DTYPE=acc_dtype(acc))
-    if x.numel() == 0:  # an empty batch (eval): no sums, zero gradients
-        sum_a = sum_b = torch.zeros(T, C, dtype=acc, device=dev)
+    if x.numel() == 0:  # an empty batch (eval): no partials, so A = B = 0 and zero gradients
+        part_a = part_b = torch.empty(0, C, dtype=acc, device=dev)
     else:
 
         def reduce_args(geo):
@@ -316,41 +395,37 @@ def _launch_tab_bwd(grad_y, x, weight, bias, mean, var, p, eps: float, batch_sta
         geo = fitted_geometry(_tab_bwd_reduce_kernel, T, N, C, S, dev, x.dtype, reduce_args, flags)
         args = reduce_args(geo)
         _tab_bwd_reduce_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
-        # Per-(t, c) sums; a fixed-shape torch reduction of the partials (deterministic).
-        sum_a = args[4].view(T, -1, C).sum(1)  # A_t = Σ g
-        sum_b = args[5].view(T, -1, C).sum(1)  # B_t = Σ g·x̂
-    p_acc = p.to(acc)
-    p2 = (p_acc * p_acc).unsqueeze(1)
-    gamma = weight.to(acc) if weight is not None else torch.ones_like(sum_a)
-    beta = bias.to(acc) if bias is not None else torch.zeros_like(sum_a)
-    rstd = torch.rsqrt(var + eps)
-    k = p2 * gamma
-    grad_mean = -k * rstd * sum_a
-    grad_var = -0.5 * k * rstd * rstd * sum_b
-    dp = 2 * p_acc * (gamma * sum_b + beta * sum_a).sum(1)
+        part_a, part_b = args[4:6]
+    per_step = part_a.shape[0] // T
+    tc = dict(dtype=acc, device=dev)
+    dw, db, grad_mean, grad_var, coef_g = (torch.empty(T, C, **tc) for _ in range(5))
+    coef_u, coef_v = (torch.empty(T, C, **tc), torch.empty(T, C, **tc)) if batch_stats else (None, None)
+    block_p, block_c = combine_tiles(max(per_step, 1), C, dev.type != "cuda")
+    c_blocks = triton.cdiv(C, block_c)
+    part_dp = torch.empty(c_blocks, T, **tc)
+    _tab_bwd_coef_kernel[(c_blocks,)](
+        part_a, part_b, mean, var, contiguous_or_none(weight), contiguous_or_none(bias), p.contiguous(),
+        dw, db, part_dp, grad_mean, grad_var, coef_g, coef_u, coef_v,
+        T, per_step, C, N * S, float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BATCH_STATS=batch_stats,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4, **flags,
+    )
+    dp = part_dp.sum(0)  # a fixed-shape reduction over channel blocks: deterministic
     if not need_dx:
         dx = x.new_empty(0)  # not needed: no full-size allocation
     elif x.numel() == 0:
         dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
     else:
         dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
-        coef_g = (k * rstd).contiguous()
         if batch_stats:
-            n = (torch.arange(1, T + 1, dtype=acc, device=dev) * (N * S)).unsqueeze(1)
-            v = grad_var * 2 / n  # v_t = −k_t r_t² B_t / n_t
-            # U_s = Σ_{t≥s} (∂L/∂μ_t / n_t + v_t (μ_s − μ_t)): the double sum as masked [T, T, C]
-            later = torch.ones(T, T, dtype=torch.bool, device=dev).triu().unsqueeze(2)  # [s, t]: t ≥ s
-            shift = torch.where(later, v.unsqueeze(0) * (mean.unsqueeze(1) - mean.unsqueeze(0)), 0.0).sum(1)
-            coef_u = (_reverse_cumsum(grad_mean / n) + shift).contiguous()
-            coef_v = _reverse_cumsum(v).contiguous()
             head = (g4, x4, dx, mean, coef_g, coef_u, coef_v, N, C, S)
-        else:  # running statistics: dx = k r g, the statistics are constants
+        else:  # constant statistics: ∂x = k r g
             head = (g4, None, dx, None, coef_g, None, None, N, C, S)
         dx_flags = dict(BATCH_STATS=batch_stats, **flags)
         geo = fitted_geometry(_tab_bwd_dx_kernel, T, N, C, S, dev, x.dtype, lambda g: (*head, *slice_args(g)),
                               dx_flags)
         _tab_bwd_dx_kernel[geo.grid](*head, *slice_args(geo), **dx_flags, **tile_constexprs(geo))
-    return dx, p2 * sum_b, p2 * sum_a, dp, grad_mean, grad_var
+    return dx, dw, db, dp, grad_mean, grad_var
 
 
 # ----------------------------------------------------------------------------------------
