@@ -397,3 +397,14 @@ def test_bench_smoke(tmp_path):
     speedups = [r for r in rows if r["metric"] == "speedup_vs_quadratic"]
     assert len(speedups) == 2 * len(bench_tab.MODES) and all(r["value"] > 0 for r in speedups)
     assert (tmp_path / "tab.csv").exists()
+    # perf.report renders the sweep: a TAB table with the speedup over the O(T²) baseline
+    import shutil
+
+    from perf import report
+
+    results = tmp_path / "results"
+    (results / "cpu-smoke").mkdir(parents=True)
+    shutil.copy(tmp_path / "tab.csv", results / "cpu-smoke")
+    text = report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")]).read_text()
+    tab_section = text.split("### TAB")[1].split("\n### ")[0]
+    assert "official-quadratic ms" in tab_section and "torch vs O(T²)" in tab_section
