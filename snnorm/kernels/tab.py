@@ -101,7 +101,8 @@ def _tab_prefix_kernel(
     momentum_ptr,  # [T] per-step factors with PER_STEP_MOMENTUM (else None)
     momentum,  # the factor of every step without PER_STEP_MOMENTUM (an fp32 scalar)
     T, PPS, C,
-    UPDATE_RUNNING: tl.constexpr, PER_STEP_MOMENTUM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, PER_STEP_MOMENTUM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Prefix statistics of a block of channels: step t's PPS partials are combined at
     once (``combine_partials``, vectorised chunks), then merged into the prefix triple of
@@ -347,7 +348,8 @@ def _launch_tab_stats(
     _tab_prefix_kernel[(triton.cdiv(C, block_c),)](
         part_mean, part_m2, part_count, mean, var, r_mean, r_var, factors, momentum0,
         T, per_step, C,
-        UPDATE_RUNNING=update, PER_STEP_MOMENTUM=per_step_momentum, BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=4,
+        UPDATE_RUNNING=update, PER_STEP_MOMENTUM=per_step_momentum,
+        BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=4,
     )
     if update and r_mean.data_ptr() != running_mean.data_ptr():
         running_mean.copy_(r_mean)

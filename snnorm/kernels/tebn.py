@@ -279,8 +279,8 @@ def _launch_tebn_fwd(
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, scale.dtype), device=x.device)
     if x.numel() == 0:
         return y
-    head = (x4, y, mean.contiguous(), var.contiguous(), contiguous_or_none(weight), contiguous_or_none(bias), scale.contiguous(),
-            N, C, S)
+    head = (x4, y, mean.contiguous(), var.contiguous(), contiguous_or_none(weight), contiguous_or_none(bias),
+            scale.contiguous(), N, C, S)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype(acc))
     geo = fitted_geometry(_tebn_fwd_kernel, T, N, C, S, x.device, x.dtype,
                            lambda g: (*head, *slice_args(g), float(eps)), flags)
