@@ -173,6 +173,23 @@ def test_single_value_rejected_and_nothing_changes():
     assert torch.equal(rm, torch.zeros(2, 3, device=DEVICE)) and torch.equal(rv, torch.ones(2, 3, device=DEVICE))
 
 
+def test_empty_batch_in_eval_gives_zero_gradients():
+    """N = 0 in eval (running statistics): an empty output and zero parameter gradients,
+    as the torch backend gives (no partials: the coefficient kernel sums nothing)."""
+    grads = []
+    for op, dev in ((tab_mod.tab, DEVICE), (torch_backend.tab, "cpu")):
+        leaves = [torch.randn(2, 0, 3, 4, device=dev), torch.rand(2, 3, device=dev) + 0.5,
+                  torch.rand(2, 3, device=dev), torch.rand(2, device=dev) + 0.5]
+        leaves = [t.requires_grad_() for t in leaves]
+        x, w, b, p = leaves
+        y, _ = op(x, w, b, torch.zeros(2, 3, device=dev), torch.ones(2, 3, device=dev), p,
+                  training=False, momentum=[0.1] * 2, eps=EPS)
+        assert y.shape == x.shape
+        grads.append([g.cpu() for g in torch.autograd.grad(y.sum(), leaves)])
+    for ours, ref in zip(*grads):
+        assert ours.shape == ref.shape and torch.equal(ours, ref) and not ours.any()
+
+
 def test_opcheck():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 2, 3, 2, generator=gen, dtype=torch.float64).to(DEVICE)
