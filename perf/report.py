@@ -19,14 +19,17 @@ if __package__ in (None, ""):
 
 from perf import harness as H  # noqa: E402
 from perf import traffic  # noqa: E402
+from perf.bench_tab import QUADRATIC  # noqa: E402
 
 KERNEL_TITLES = {
     "mpbn_lif": "MPBN-LIF",
     "tebn": "TEBN",
     "bntt": "BNTT (reference row: a different op, snnorm vs spikingjelly)",
     "train_step": "Training step (conv SNN, TEBN + MPBN-LIF)",
+    "tab": "TAB (against the official code's O(T²) algorithm, perf/tab_baseline.py)",
 }
 PROVIDERS = (H.SNNORM_TORCH, H.SNNORM_COMPILE, H.SNNORM_TRITON, H.SPIKINGJELLY)
+TIMED_PROVIDERS = PROVIDERS + (QUADRATIC,)  # the kernel tables' columns, when present
 SNNORM_FAST = (H.SNNORM_TORCH, H.SNNORM_TRITON)
 LINESTYLES = {H.SNNORM_TORCH: "-", H.SNNORM_COMPILE: "--", H.SNNORM_TRITON: "-.", H.SPIKINGJELLY: ":"}
 
@@ -181,7 +184,7 @@ def kernel_section(table: Table, kernel: str) -> list[str]:
     if not keys:
         return []
     lines = [f"### {KERNEL_TITLES.get(kernel, kernel)}", ""]
-    present = [p for p in PROVIDERS if any(table.get(k, p, "ms_median") is not None for k in keys)]
+    present = [p for p in TIMED_PROVIDERS if any(table.get(k, p, "ms_median") is not None for k in keys)]
     by_mode = defaultdict(list)
     for k in keys:
         by_mode[k[1]].append(k)
@@ -191,6 +194,8 @@ def kernel_section(table: Table, kernel: str) -> list[str]:
                       for p in present if p != H.SPIKINGJELLY and H.SPIKINGJELLY in present]
         speed_cols += [(p, "speedup_vs_compile", f"{p.replace('snnorm-', '')} vs compile")
                        for p in SNNORM_FAST if p in present and H.SNNORM_COMPILE in present]
+        speed_cols += [(p, "speedup_vs_quadratic", f"{p.replace('snnorm-', '')} vs O(T²)")
+                       for p in present if p.startswith("snnorm-") and QUADRATIC in present]
         head += [c[2] for c in speed_cols]
         has_gbps = any(table.get(k, p, "gbps") is not None for k in ks for p in present)
         if has_gbps:
@@ -334,7 +339,7 @@ def device_section(slug: str, rows, results_dir: Path, rel_root: Path) -> list[s
         "",
     ]
     lines += goals_section(table, is_cuda)
-    for kernel in ("mpbn_lif", "tebn", "bntt", "train_step"):
+    for kernel in ("mpbn_lif", "tebn", "bntt", "train_step", "tab"):
         lines += kernel_section(table, kernel)
     lines += saved_section(saved)
     made = plots(slug, table, results_dir / slug)

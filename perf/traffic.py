@@ -367,6 +367,9 @@ FLOOR = {
     ("tebn train", "fwd"): 12,
     ("tebn train", "bwd"): 20,
     ("tebn eval", "fwd"): 8,
+    ("tab train", "fwd"): 12,
+    ("tab train", "bwd"): 20,
+    ("tab eval", "fwd"): 8,
 }
 
 
@@ -475,6 +478,27 @@ def _tebn(training: bool):
     return build
 
 
+def _tab(training: bool):
+    def build(shape, dtype):
+        T, C = shape[0], shape[2]
+        x, *_ = _inputs(shape, dtype, grad=training)
+        g = torch.Generator().manual_seed(1)  # per-step parameters and running statistics: [T, C]
+        w = (1.0 + 0.2 * torch.randn(T, C, generator=g)).to(dtype).requires_grad_(training)
+        b = (0.1 * torch.randn(T, C, generator=g)).to(dtype).requires_grad_(training)
+        rm = (0.1 * torch.randn(T, C, generator=g)).to(dtype)
+        rv = (1.0 + 0.1 * torch.rand(T, C, generator=g)).to(dtype)
+        p = torch.linspace(0.5, 1.5, T, dtype=dtype).requires_grad_(training)
+        ops = _ops()
+
+        def call():
+            y, _ = ops.tab(x, w, b, rm, rv, p, training=training, momentum=[0.1] * T, eps=1e-5)
+            return y, [x, w, b, p]
+
+        return call
+
+    return build
+
+
 # Paths by the shape that reaches them (what ran: the kernels column).
 SMALL, LARGE = "M = N·H·W ≤ 8192", "M > 8192"
 ELEMENTWISE = "elementwise"
@@ -489,6 +513,8 @@ CASES: tuple[Case, ...] = (
     Case("adapt-large-m", "mpbn_lif_folded adapt", LARGE + ", adapt=running", LARGE_M, _folded("running"), False),
     Case("tebn-train", "tebn train", "batch statistics", SMALL_M, _tebn(True), True),
     Case("tebn-eval", "tebn eval", "running statistics", SMALL_M, _tebn(False), False),
+    Case("tab-train", "tab train", "prefix statistics", SMALL_M, _tab(True), True),
+    Case("tab-eval", "tab eval", "running statistics", SMALL_M, _tab(False), False),
 )
 
 

@@ -266,7 +266,7 @@ def _rejects(m, x, exc, *fragments):
 def test_bad_input_rejected_without_state_change(step_mode):
     m = layer.TemporalAccumulatedBatchNorm2d(T, C, step_mode=step_mode)
     lead = (T,) if step_mode == "m" else ()
-    _rejects(m, torch.randn(*lead, N, C, 4), ValueError, "expected x with shape", "but got x with shape")
+    _rejects(m, torch.randn(*lead, N, C, 4), ValueError, "expected x with shape [", "but got x with shape")
     _rejects(m, torch.randn(*lead, N, C + 1, 4, 4), ValueError, f"expects {C} channels", str(C + 1))
     _rejects(m, torch.ones(*lead, N, C, 4, 4, dtype=torch.long), TypeError, "floating-point", "torch.int64")
     _rejects(m, torch.randn(*lead, N, C, 4, 4, device="meta"), ValueError, "input is on meta", "cpu")
@@ -279,14 +279,9 @@ def test_bad_input_rejected_without_state_change(step_mode):
 
 
 def test_constructor_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="T must be"):
-        layer.TemporalAccumulatedBatchNorm2d(0, C)
-    for bad_T in (2.0, True):
-        with pytest.raises(TypeError, match="T must be"):
+    for bad_T in (0, 2.0, True):
+        with pytest.raises(ValueError, match="T must be a positive int"):
             layer.TemporalAccumulatedBatchNorm2d(bad_T, C)
-    for name, kwargs in (("eps", dict(eps=0.0)), ("momentum", dict(momentum=1.5))):
-        with pytest.raises(ValueError, match=f"{name} must"):
-            layer.TemporalAccumulatedBatchNorm2d(T, C, **kwargs)
     with pytest.raises(ValueError, match="num_features"):
         layer.TemporalAccumulatedBatchNorm2d(T, 0)
     with pytest.raises(ValueError, match="step_mode"):
@@ -402,3 +397,14 @@ def test_bench_smoke(tmp_path):
     speedups = [r for r in rows if r["metric"] == "speedup_vs_quadratic"]
     assert len(speedups) == 2 * len(bench_tab.MODES) and all(r["value"] > 0 for r in speedups)
     assert (tmp_path / "tab.csv").exists()
+    # perf.report renders the sweep: a TAB table with the speedup over the O(T²) baseline
+    import shutil
+
+    from perf import report
+
+    results = tmp_path / "results"
+    (results / "cpu-smoke").mkdir(parents=True)
+    shutil.copy(tmp_path / "tab.csv", results / "cpu-smoke")
+    text = report.main(["--results", str(results), "--out", str(tmp_path / "RESULTS.md")]).read_text()
+    tab_section = text.split("### TAB")[1].split("\n### ")[0]
+    assert "official-quadratic ms" in tab_section and "torch vs O(T²)" in tab_section

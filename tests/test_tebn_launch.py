@@ -16,6 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
 from snnorm.kernels import tebn as tebn_mod  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -36,7 +37,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     ],
 )
 def test_programs_per_sm_from_registers(n_regs, num_warps, shared, expected):
-    assert tebn_mod._resident_programs_per_sm(n_regs, num_warps, shared) == expected
+    assert bn_tiles.resident_programs_per_sm(n_regs, num_warps, shared) == expected
 
 
 class _FakeKernel:
@@ -59,8 +60,8 @@ def fake_gpu(monkeypatch):
     props = SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
                             max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=228 * 1024,
                             warp_size=32)
-    monkeypatch.setattr(tebn_mod, "_props", lambda device: props)
-    monkeypatch.setattr(tebn_mod, "_PROGRAMS_PER_SM", {})
+    monkeypatch.setattr(bn_tiles, "device_props", lambda device: props)
+    monkeypatch.setattr(bn_tiles, "PROGRAMS_PER_SM", {})
     return torch.device("cuda")
 
 
@@ -69,32 +70,32 @@ def test_grid_sized_from_the_compiled_kernel(fake_gpu):
     kernel = _FakeKernel(n_regs=64)
     consts = dict(ACC_DTYPE="fp32")
     built = []
-    geo = tebn_mod._fitted_geometry(kernel, T, N, C, S, fake_gpu, torch.float32, lambda g: built.append(g) or (), consts)
-    expected = tebn_mod._tebn_geometry(T, N, C, S, fake_gpu, programs=4 * 132)  # 64 regs, 8 warps: 4 per SM
+    geo = bn_tiles.fitted_geometry(kernel, T, N, C, S, fake_gpu, torch.float32, lambda g: built.append(g) or (), consts)
+    expected = bn_tiles.geometry(T, N, C, S, fake_gpu, programs=4 * 132)  # 64 regs, 8 warps: 4 per SM
     assert geo == expected and geo.num_warps == 8
-    assert geo != tebn_mod._tebn_geometry(T, N, C, S, fake_gpu)  # not the fixed 8 per SM
+    assert geo != bn_tiles.geometry(T, N, C, S, fake_gpu)  # not the fixed 8 per SM
     programs = math.prod(geo.grid)
     assert 4 * 132 // 2 <= programs <= 2 * 4 * 132, geo  # whole tiles per program: near the target
     assert len(built) == 1  # compiled once, on the fallback geometry's arguments
-    tebn_mod._fitted_geometry(kernel, T, N, C, S, fake_gpu, torch.float32, lambda g: built.append(g) or (), consts)
+    bn_tiles.fitted_geometry(kernel, T, N, C, S, fake_gpu, torch.float32, lambda g: built.append(g) or (), consts)
     assert kernel.warmups == 1 and len(built) == 1  # cached per kernel and configuration: no arguments built
 
 
 def test_grid_falls_back_to_8_per_sm_when_registers_are_unknown(fake_gpu):
     T, N, C, S = 4, 64, 64, 1024
     with pytest.warns(RuntimeWarning, match="8 programs per SM"):
-        geo = tebn_mod._fitted_geometry(_FakeKernel(None), T, N, C, S, fake_gpu, torch.float32, lambda g: (), {})
-    assert geo == tebn_mod._tebn_geometry(T, N, C, S, fake_gpu, programs=8 * 132)
+        geo = bn_tiles.fitted_geometry(_FakeKernel(None), T, N, C, S, fake_gpu, torch.float32, lambda g: (), {})
+    assert geo == bn_tiles.geometry(T, N, C, S, fake_gpu, programs=8 * 132)
 
 
 def _stats(x, monkeypatch, tile, splits):
     """Batch statistics with ``splits`` programs per (channel block, t) and tiles of ``tile``."""
     T, N, C, S = x.shape
-    monkeypatch.setitem(tebn_mod._TUNING, "tile_elems", tile)
-    monkeypatch.setitem(tebn_mod._TUNING, "programs", None)
-    c_blocks = tebn_mod._tebn_geometry(T, N, C, S, torch.device(DEVICE)).c_blocks
-    monkeypatch.setitem(tebn_mod._TUNING, "programs", splits * T * c_blocks)
-    geo = tebn_mod._tebn_geometry(T, N, C, S, torch.device(DEVICE))
+    monkeypatch.setitem(bn_tiles.TUNING, "tile_elems", tile)
+    monkeypatch.setitem(bn_tiles.TUNING, "programs", None)
+    c_blocks = bn_tiles.geometry(T, N, C, S, torch.device(DEVICE)).c_blocks
+    monkeypatch.setitem(bn_tiles.TUNING, "programs", splits * T * c_blocks)
+    geo = bn_tiles.geometry(T, N, C, S, torch.device(DEVICE))
     rm = torch.zeros(C, dtype=x.dtype, device=x.device)
     rv = torch.ones_like(rm)
     mean, var = tebn_mod._launch_tebn_stats(x, rm, rv, 1.0)
@@ -110,7 +111,7 @@ def test_combine_in_chunks_with_a_partial_last_chunk(monkeypatch, dtype, tol):
     x = x.to(dtype).to(DEVICE)
     geo, (mean, var, rm, rv) = _stats(x, monkeypatch, 4, 5)
     assert geo.parts == 15
-    block_p, _ = tebn_mod._combine_tiles(geo.parts, C, DEVICE != "cuda")
+    block_p, _ = bn_tiles.combine_tiles(geo.parts, C, DEVICE != "cuda")
     assert block_p == 2 and geo.parts % block_p == 1
     flat = x.double().transpose(0, 2).reshape(C, -1)
     var_scale = flat.var(1).max().item()
@@ -119,7 +120,7 @@ def test_combine_in_chunks_with_a_partial_last_chunk(monkeypatch, dtype, tol):
     assert (rv.double() - flat.var(1)).abs().max().item() <= tol * var_scale
     # one program per (channel block, t), one chunk: the same statistics
     one_geo, one = _stats(x, monkeypatch, 1 << 16, 1)
-    assert one_geo.parts == T and tebn_mod._combine_tiles(T, C, DEVICE != "cuda")[0] >= T
+    assert one_geo.parts == T and bn_tiles.combine_tiles(T, C, DEVICE != "cuda")[0] >= T
     assert (one[1].double() - var.double()).abs().max().item() <= tol * var_scale
     # deterministic: the same bits when run again
     _, again = _stats(x, monkeypatch, 4, 5)

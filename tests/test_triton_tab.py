@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from snnorm import functional, layer  # noqa: E402
 from snnorm.backends import torch_backend  # noqa: E402
 from snnorm.kernels import tab as tab_mod  # noqa: E402
-from snnorm.kernels import tebn as tebn_mod  # noqa: E402
+from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
@@ -122,13 +122,37 @@ def test_matches_torch_backend(T, N, C, spatial, dtype, affine, has_running, tra
     check(T, N, C, spatial, dtype, affine, has_running, training, mean_shift, seed, prefix_steps)
 
 
-def test_many_partials_per_step(monkeypatch):
-    """Small tiles and many programs: the prefix kernel merges several partials per step."""
-    monkeypatch.setitem(tebn_mod._TUNING, "tile_elems", 8)
-    monkeypatch.setitem(tebn_mod._TUNING, "programs", 12)
-    geo = tebn_mod._tebn_geometry(3, 4, 2, 6, torch.device(DEVICE))
-    assert geo.parts // 3 > 1
-    check(3, 4, 2, (6,), torch.float64, True, True, True, 5.0, seed=1)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_many_partials_per_step_combined_in_chunks(monkeypatch, dtype):
+    """Tiny tiles, 5 programs per (channel block, step): the prefix kernel combines each
+    step's 5 partials 2 at a time (the last chunk holds one) before merging them into the
+    prefix; the same bits when run again."""
+    T, N, C, S = 3, 5, 3, 4
+    monkeypatch.setitem(bn_tiles.TUNING, "tile_elems", 4)
+    c_blocks = bn_tiles.geometry(T, N, C, S, torch.device(DEVICE)).c_blocks
+    monkeypatch.setitem(bn_tiles.TUNING, "programs", 5 * T * c_blocks)
+    per_step = bn_tiles.geometry(T, N, C, S, torch.device(DEVICE)).parts // T
+    block_p, _ = bn_tiles.combine_tiles(per_step, C, DEVICE != "cuda")
+    assert per_step == 5 and block_p == 2
+    check(T, N, C, (S,), dtype, True, True, True, 30.0, seed=1)
+    x = (30.0 + torch.randn(T, N, C, S, generator=torch.Generator().manual_seed(2))).to(dtype).to(DEVICE)
+    runs = [torch.ops.snnorm.tab_stats(x, None, None, [0.1] * T) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
+def test_uniform_momentum_running_statistics(dtype, tol):
+    """One factor for every step reaches the kernel as a scalar (fp32) or, for fp64, as
+    the per-step tensor: running statistics as the torch backend's either way."""
+    x = (3.0 + torch.randn(3, 4, 2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).to(dtype)
+    got = []
+    for op, dev in ((tab_mod.tab, DEVICE), (torch_backend.tab, "cpu")):
+        rm = torch.full((3, 2), 0.5, dtype=dtype, device=dev)
+        rv = torch.full((3, 2), 2.0, dtype=dtype, device=dev)
+        op(x.to(dev), None, None, rm, rv, torch.ones(3, dtype=dtype, device=dev), training=True,
+           momentum=[0.1] * 3, eps=EPS)
+        got.append(torch.cat([rm, rv]).double().cpu())
+    assert (got[0] - got[1]).abs().max().item() <= tol * got[1].abs().max().item()
 
 
 def test_statistics_precise_at_large_mean():
@@ -147,6 +171,23 @@ def test_single_value_rejected_and_nothing_changes():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         tab_mod.tab(x, None, None, rm, rv, torch.ones(2, device=DEVICE), training=True, momentum=[0.1] * 2, eps=EPS)
     assert torch.equal(rm, torch.zeros(2, 3, device=DEVICE)) and torch.equal(rv, torch.ones(2, 3, device=DEVICE))
+
+
+def test_empty_batch_in_eval_gives_zero_gradients():
+    """N = 0 in eval (running statistics): an empty output and zero parameter gradients,
+    as the torch backend gives (no partials: the coefficient kernel sums nothing)."""
+    grads = []
+    for op, dev in ((tab_mod.tab, DEVICE), (torch_backend.tab, "cpu")):
+        leaves = [torch.randn(2, 0, 3, 4, device=dev), torch.rand(2, 3, device=dev) + 0.5,
+                  torch.rand(2, 3, device=dev), torch.rand(2, device=dev) + 0.5]
+        leaves = [t.requires_grad_() for t in leaves]
+        x, w, b, p = leaves
+        y, _ = op(x, w, b, torch.zeros(2, 3, device=dev), torch.ones(2, 3, device=dev), p,
+                  training=False, momentum=[0.1] * 2, eps=EPS)
+        assert y.shape == x.shape
+        grads.append([g.cpu() for g in torch.autograd.grad(y.sum(), leaves)])
+    for ours, ref in zip(*grads):
+        assert ours.shape == ref.shape and torch.equal(ours, ref) and not ours.any()
 
 
 def test_opcheck():

@@ -23,6 +23,7 @@ from tolerances import TEBN_RTOL as RTOL
 
 pytest.importorskip("triton")
 from snnorm.backends import torch_backend  # noqa: E402
+from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
 from snnorm.kernels import tebn as tebn_mod  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -188,10 +189,10 @@ def test_fixed_4d_cases(dtype, training):
 def test_tiling_and_partials(monkeypatch, shape):
     """Tiny tiles, two programs per (channel block, t): tile loops, masks, Chan's merge of partials."""
     T, N, C, S = shape[0], shape[1], shape[2], math.prod(shape[3:])
-    monkeypatch.setitem(tebn_mod._TUNING, "tile_elems", 8)
-    c_blocks = tebn_mod._tebn_geometry(T, N, C, S, torch.device(DEVICE)).c_blocks
-    monkeypatch.setitem(tebn_mod._TUNING, "programs", 2 * T * c_blocks)
-    geo = tebn_mod._tebn_geometry(T, N, C, S, torch.device(DEVICE))
+    monkeypatch.setitem(bn_tiles.TUNING, "tile_elems", 8)
+    c_blocks = bn_tiles.geometry(T, N, C, S, torch.device(DEVICE)).c_blocks
+    monkeypatch.setitem(bn_tiles.TUNING, "programs", 2 * T * c_blocks)
+    geo = bn_tiles.geometry(T, N, C, S, torch.device(DEVICE))
     assert geo.parts == 2 * T and geo.BLOCK_N * geo.BLOCK_C * geo.BLOCK_S <= 8
     tiles_per_prog = (geo.n_per_prog // geo.BLOCK_N) * (geo.s_per_prog // geo.BLOCK_S)
     assert tiles_per_prog > 1

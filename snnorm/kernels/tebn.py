@@ -22,18 +22,10 @@ Backward, with g = ∂L/∂y, g' = g·p[t] (the gradient w.r.t. γ x̂ + β), su
     ∂L/∂x = γ_c·rstd_c·(g' − A_c/M − x̂·B_c/M)     (batch statistics)
     ∂L/∂x = γ_c·rstd_c·g'                           (running statistics)
 
-Layout: the input ``[T, N, C, *spatial]`` (spatial: 0 to 3 dims) is made contiguous and
-viewed as ``[T, N, C, S]`` with S = prod(spatial) (S = 1 for ``[T, N, C]``). Every
-elementwise and reducing kernel runs on a grid of tiles ``[BLOCK_N, BLOCK_C, BLOCK_S]``:
-program axis 0 is a block of channels, axis 1 a (timestep, slice of N) pair, axis 2 a
-slice of S; a program loops over its slice in tiles. On a GPU the slices are sized so
-that the grid is one wave: as many programs as the SMs hold at once, read from the
-compiled kernel's register count and shared memory (:func:`_resident_programs_per_sm`).
-Per-channel statistics never come from raw Σx, Σx²: each program keeps a (count, mean,
-M2) triple updated tile by tile with Chan's parallel formula and writes it as a partial;
-a second kernel, one program per block of channels, combines the P partials in
-vectorised ``[BLOCK_P, BLOCK_C]`` chunks (multi-way formula within a chunk, Chan's
-between chunks, fixed order: deterministic). Weight and scale gradients are per-program
+Layout and grid: the tile grid, program slices, partial statistics (per-program (count,
+mean, M2) triples merged with Chan's formula, then combined per block of channels in
+vectorised chunks, deterministically) and the register-based grid sizing are shared with
+TAB in :mod:`snnorm.kernels._bn_tiles`. Weight and scale gradients are per-program
 partial sums reduced afterwards by ``torch.sum`` (no float atomics). Absent tensors (γ,
 β, running statistics) reach the kernels as ``None`` with a ``HAS_*`` flag. Arithmetic
 is fp32 (fp64 for fp64 inputs); outputs are stored in the input dtype promoted with p's
@@ -48,14 +40,26 @@ path through the batch statistics when ``batch_stats``) and ``snnorm::tebn_apply
 """
 
 import math
-import warnings
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, acc_torch_dtype, check_device, next_pow2
+from ._bn_tiles import (
+    as_tncs,
+    channel_consts,
+    combine_partials,
+    combine_tiles,
+    contiguous_or_none,
+    fitted_geometry,
+    program_slice,
+    slice_args,
+    stats_partial_kernel,
+    tile_constexprs,
+    tile_offsets,
+)
+from ._common import acc_dtype, acc_torch_dtype, check_device
 
 __all__ = ["tebn"]
 
@@ -63,90 +67,6 @@ __all__ = ["tebn"]
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS):
-    """The timestep and the (n, s) ranges of this program, and its partial index."""
-    pid_tn = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    t = pid_tn // N_SPLITS
-    n_lo = (pid_tn % N_SPLITS) * N_PER_PROG
-    n_hi = tl.minimum(n_lo + N_PER_PROG, N)
-    s_lo = pid_s * S_PER_PROG
-    s_hi = tl.minimum(s_lo + S_PER_PROG, S)
-    part = pid_tn * tl.num_programs(2) + pid_s
-    return t, n_lo, n_hi, s_lo, s_hi, part
-
-
-@triton.jit
-def _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """int64 offsets and mask of the [BLOCK_N, BLOCK_C, BLOCK_S] tile at (t, n0, :, s0)."""
-    n = n0 + tl.arange(0, BLOCK_N)
-    s = s0 + tl.arange(0, BLOCK_S)
-    row = (t * N + n).to(tl.int64)
-    offs = (row[:, None, None] * C + c[None, :, None]) * S + s[None, None, :]
-    mask = (n < n_hi)[:, None, None] & c_mask[None, :, None] & (s < s_hi)[None, None, :]
-    return offs, mask
-
-
-@triton.jit
-def _tebn_channel_consts(
-    mean_ptr, var_ptr, w_ptr, b_ptr, c, c_mask, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """μ, rstd = 1/√(σ² + ε), γ, β of a block of channels, in the accumulation dtype."""
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
-    var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC_DTYPE)
-    if ACC_DTYPE == tl.float64:
-        rstd = 1.0 / tl.sqrt(var + eps)  # fp64 sqrt and division are IEEE-rounded
-    else:
-        # round-to-nearest (fp32 tl.sqrt and / are approximate on GPUs); per channel, so free
-        rstd = tl.div_rn(tl.full(var.shape, 1.0, ACC_DTYPE), tl.sqrt_rn(var + eps))
-    if HAS_WEIGHT:
-        gamma = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
-    else:
-        gamma = tl.full(c.shape, 1.0, ACC_DTYPE)
-    if HAS_BIAS:
-        beta = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
-    else:
-        beta = tl.zeros(c.shape, ACC_DTYPE)
-    return mean, rstd, gamma, beta
-
-
-@triton.jit
-def _tebn_stats_partial_kernel(
-    x_ptr,  # [T, N, C, S] contiguous
-    part_mean_ptr,  # [P, C] mean of each program's slice
-    part_m2_ptr,  # [P, C] Σ (x − mean)² of each program's slice
-    part_count_ptr,  # [P] elements per channel in each program's slice
-    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    count = tl.zeros((), ACC_DTYPE)
-    mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            count_b = (tl.minimum(n_hi - n0, BLOCK_N) * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC_DTYPE)
-            mean_b = tl.sum(tl.sum(x, axis=2), axis=0) / count_b
-            d = tl.where(mask, x - mean_b[None, :, None], 0.0)
-            m2_b = tl.sum(tl.sum(d * d, axis=2), axis=0)
-            # Chan et al.: merge (count, mean, M2) of the tile into the running triple.
-            total = count + count_b
-            delta = mean_b - mean
-            frac = count_b / total
-            mean += delta * frac
-            m2 += m2_b + delta * delta * count * frac
-            count = total
-    tl.store(part_mean_ptr + part * C + c, mean, mask=c_mask)
-    tl.store(part_m2_ptr + part * C + c, m2, mask=c_mask)
-    tl.store(part_count_ptr + part, count, mask=tl.program_id(0) == 0)
 
 
 @triton.jit
@@ -161,41 +81,12 @@ def _tebn_stats_combine_kernel(
     P, C, momentum,
     UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Combine the P partials of a block of channels, BLOCK_P at a time.
-
-    A chunk of partials is combined at once with the multi-way formula
-    n = Σ n_p, μ = Σ n_p μ_p / n, M2 = Σ M2_p + Σ n_p (μ_p − μ)² (vectorised sums over a
-    [BLOCK_P, BLOCK_C] tile); chunks, when P > BLOCK_P, merge in order with Chan's
-    pairwise formula. Every sum has a fixed shape and order: deterministic.
-    """
+    """Combine the P partials of a block of channels (:func:`combine_partials`); running stats."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    count = tl.zeros((), ACC_DTYPE)
-    mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < P
-        mask = p_mask[:, None] & c_mask[None, :]
-        offs = p[:, None] * C + c[None, :]
-        n_p = tl.load(part_count_ptr + p, mask=p_mask, other=0.0).to(ACC_DTYPE)
-        mean_p = tl.load(part_mean_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        m2_p = tl.load(part_m2_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        count_b = tl.sum(n_p, axis=0)  # every partial holds ≥ 1 element: count_b > 0
-        # Weighted mean of the deviations from the chunk's first partial mean: a plain
-        # Σ n_p μ_p would lose the digits of a small spread around a large mean.
-        ref = tl.load(part_mean_ptr + p0 * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
-        dev = tl.where(mask, mean_p - ref[None, :], 0.0)
-        shift = tl.sum(n_p[:, None] * dev, axis=0) / count_b
-        mean_b = ref + shift
-        d = tl.where(mask, dev - shift[None, :], 0.0)  # μ_p − μ_b
-        m2_b = tl.sum(m2_p, axis=0) + tl.sum(n_p[:, None] * d * d, axis=0)
-        total = count + count_b
-        delta = mean_b - mean
-        frac = count_b / total
-        mean += delta * frac
-        m2 += m2_b + delta * delta * count * frac
-        count = total
+    count, mean, m2 = combine_partials(
+        part_mean_ptr, part_m2_ptr, part_count_ptr, 0, P, c, c_mask, C, BLOCK_P, BLOCK_C, ACC_DTYPE
+    )
     var = m2 / count
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(var_ptr + c, var, mask=c_mask)
@@ -221,10 +112,10 @@ def _tebn_fwd_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean, rstd, gamma, beta = _tebn_channel_consts(
+    mean, rstd, gamma, beta = channel_consts(
         mean_ptr, var_ptr, w_ptr, b_ptr, c, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
     )
     p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
@@ -234,7 +125,7 @@ def _tebn_fwd_kernel(
     mean3 = mean[None, :, None]
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             y = (x - mean3) * scale + shift
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -256,10 +147,10 @@ def _tebn_bwd_reduce_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean, rstd, gamma, beta = _tebn_channel_consts(
+    mean, rstd, gamma, beta = channel_consts(
         mean_ptr, var_ptr, w_ptr, b_ptr, c, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
     )
     p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
@@ -269,7 +160,7 @@ def _tebn_bwd_reduce_kernel(
     acc_gx = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ g·x̂
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             x_hat = tl.where(mask, (x - mean3) * rstd3, 0.0)
@@ -297,10 +188,10 @@ def _tebn_bwd_dx_kernel(
     HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    t, n_lo, n_hi, s_lo, s_hi, part = _tebn_program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean, rstd, gamma, beta = _tebn_channel_consts(
+    mean, rstd, gamma, beta = channel_consts(
         mean_ptr, var_ptr, w_ptr, w_ptr, c, c_mask, eps, HAS_WEIGHT, False, ACC_DTYPE
     )
     p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
@@ -316,7 +207,7 @@ def _tebn_bwd_dx_kernel(
     rstd3 = rstd[None, :, None]
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = _tebn_tile(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             dx = g * k_g
             if BATCH_STATS:
@@ -329,172 +220,6 @@ def _tebn_bwd_dx_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------
 
-#: Test hook: force small tiles / many programs to exercise the tile loops and the
-#: partial combination under the interpreter. None keeps the defaults.
-_TUNING: dict = {"tile_elems": None, "programs": None}
-
-#: Programs per SM when the compiled kernel's resources cannot be read (see _programs_per_sm).
-FALLBACK_PROGRAMS_PER_SM = 8
-
-
-class _Geometry(NamedTuple):
-    BLOCK_N: int
-    BLOCK_C: int
-    BLOCK_S: int
-    n_per_prog: int
-    s_per_prog: int
-    n_splits: int
-    s_splits: int
-    c_blocks: int
-    grid: tuple
-    parts: int  # P = T · n_splits · s_splits: partials per channel
-    num_warps: int
-
-
-_DEVICE_PROPS: dict = {}
-
-
-def _props(device: torch.device):
-    if device not in _DEVICE_PROPS:
-        _DEVICE_PROPS[device] = torch.cuda.get_device_properties(device)
-    return _DEVICE_PROPS[device]
-
-
-def _tile_elems(interp: bool) -> int:
-    return _TUNING["tile_elems"] or (1 << 16 if interp else 4096)
-
-
-def _tebn_geometry(T: int, N: int, C: int, S: int, device: torch.device, programs: Optional[int] = None) -> _Geometry:
-    """Tile sizes and the split of each (channel block, timestep) over about ``programs`` programs.
-
-    ``programs`` is what fits on the device at once (:func:`_device_programs`); without it,
-    one program under the interpreter (which pays per program) and
-    FALLBACK_PROGRAMS_PER_SM per SM on a GPU. ``_TUNING["programs"]`` overrides both.
-    """
-    interp = device.type != "cuda"
-    tile = _tile_elems(interp)
-    # Contiguous axis first: S when there is one, else the channel axis (S == 1).
-    BLOCK_S = min(next_pow2(S), tile if interp else 1024)
-    BLOCK_C = min(next_pow2(C), max(1, tile // BLOCK_S), 1 << 16 if interp else 64)
-    BLOCK_N = min(next_pow2(N), max(1, tile // (BLOCK_S * BLOCK_C)))
-    c_blocks = triton.cdiv(C, BLOCK_C)
-    n_blocks = triton.cdiv(N, BLOCK_N)
-    s_blocks = triton.cdiv(S, BLOCK_S)
-    if _TUNING["programs"] is not None:
-        programs = _TUNING["programs"]
-    elif programs is None:
-        programs = 1 if interp else FALLBACK_PROGRAMS_PER_SM * _props(device).multi_processor_count
-    # Split each (channel block, t) over enough programs to fill the device.
-    want = max(1, triton.cdiv(programs, c_blocks * T))
-    s_splits = min(s_blocks, want)
-    n_splits = min(n_blocks, triton.cdiv(want, s_splits))
-    s_per_prog = triton.cdiv(s_blocks, s_splits) * BLOCK_S
-    n_per_prog = triton.cdiv(n_blocks, n_splits) * BLOCK_N
-    s_splits = triton.cdiv(S, s_per_prog)  # no empty program
-    n_splits = triton.cdiv(N, n_per_prog)
-    elems = BLOCK_N * BLOCK_C * BLOCK_S
-    num_warps = 8 if elems >= 4096 else 4
-    return _Geometry(
-        BLOCK_N, BLOCK_C, BLOCK_S, n_per_prog, s_per_prog, n_splits, s_splits, c_blocks,
-        (c_blocks, T * n_splits, s_splits), T * n_splits * s_splits, num_warps,
-    )
-
-
-def _resident_programs_per_sm(
-    n_regs: int, num_warps: int, shared_bytes: int, *, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
-    shared_per_sm: int = 228 * 1024, max_blocks_per_sm: int = 32, warp_size: int = 32,
-) -> int:
-    """How many programs of a compiled kernel an SM holds at once (its occupancy).
-
-    Limited by threads, by registers (allocated per warp in units of 256) and by shared
-    memory; the defaults are sm_80/sm_90's limits. Programs beyond this wait for a slot,
-    so a grid of occupancy × SMs programs, each looping over its slice, fills the GPU in
-    one wave.
-    """
-    by_threads = threads_per_sm // (num_warps * warp_size)
-    regs_per_warp = triton.cdiv(n_regs * warp_size, 256) * 256
-    by_regs = regs_per_sm // (regs_per_warp * num_warps) if n_regs > 0 else by_threads
-    by_shared = shared_per_sm // shared_bytes if shared_bytes > 0 else max_blocks_per_sm
-    return max(1, min(by_threads, by_regs, by_shared, max_blocks_per_sm))
-
-
-_PROGRAMS_PER_SM: dict = {}
-
-
-def _programs_per_sm(kernel, args_for, constexprs: dict, device: torch.device, dtype: torch.dtype) -> Optional[int]:
-    """Occupancy of ``kernel`` compiled for these constexprs (cached), or None if unknown.
-
-    On a cache miss, compiles without launching (``JITFunction.warmup`` on the arguments
-    ``args_for()``) and reads the register count and shared memory of the compiled
-    kernel. The key is the input dtype and the constexprs; it leaves out the other
-    pointers' dtypes, which barely change the register count.
-    """
-    key = (kernel.fn.__name__, device, dtype, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
-    if key not in _PROGRAMS_PER_SM:
-        try:
-            compiled = kernel.warmup(*args_for(), grid=(1,), **constexprs)
-            compiled._init_handles()  # loads the binary: fills n_regs
-            n_regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
-        except Exception as err:  # a triton without these attributes: keep the fixed default
-            warnings.warn(
-                f"snnorm triton tebn: cannot read the register count of {kernel.fn.__name__} ({err!r}); "
-                f"sizing its grid at {FALLBACK_PROGRAMS_PER_SM} programs per SM",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            _PROGRAMS_PER_SM[key] = None
-        else:
-            props = _props(device)
-            _PROGRAMS_PER_SM[key] = _resident_programs_per_sm(
-                n_regs, constexprs["num_warps"], shared,
-                regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
-                threads_per_sm=getattr(props, "max_threads_per_multi_processor", 2048),
-                shared_per_sm=getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
-                warp_size=getattr(props, "warp_size", 32),
-            )
-    return _PROGRAMS_PER_SM[key]
-
-
-def _tiles(geo: _Geometry) -> dict:
-    return dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
-
-
-def _slices(geo: _Geometry) -> tuple:
-    return geo.n_per_prog, geo.s_per_prog, geo.n_splits
-
-
-def _fitted_geometry(kernel, T, N, C, S, device, dtype, args_for, constexprs) -> _Geometry:
-    """The geometry for launching ``kernel``: as many programs as the GPU holds at once.
-
-    ``args_for(geo)`` gives the kernel's arguments for a geometry (used to compile it once).
-    Under the interpreter, or with ``_TUNING["programs"]`` set, the plain geometry.
-    """
-    geo = _tebn_geometry(T, N, C, S, device)
-    if device.type != "cuda" or _TUNING["programs"] is not None:
-        return geo
-    per_sm = _programs_per_sm(kernel, lambda: args_for(geo), {**constexprs, **_tiles(geo)}, device, dtype)
-    if per_sm is None:
-        return geo
-    return _tebn_geometry(T, N, C, S, device, programs=per_sm * _props(device).multi_processor_count)
-
-
-def _combine_tiles(P: int, C: int, interp: bool) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C) of the partials combine: a [BLOCK_P, BLOCK_C] tile per step."""
-    block_c = min(next_pow2(C), 1 << 16 if interp else 16)
-    block_p = min(next_pow2(P), max(2, _tile_elems(interp) // block_c))
-    return block_p, block_c
-
-
-def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return t.contiguous() if t is not None else None
-
-
-def _as_tncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
-    """Contiguous [T, N, C, S] view of a [T, N, C, *spatial] tensor."""
-    T, N, C = x.shape[:3]
-    S = math.prod(x.shape[3:])
-    return x.contiguous().view(T, N, C, S), T, N, C, S
-
 
 def _launch_tebn_stats(
     x: torch.Tensor,
@@ -503,7 +228,7 @@ def _launch_tebn_stats(
     momentum: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch mean and biased variance per channel; updates the running stats in place."""
-    x4, T, N, C, S = _as_tncs(x)
+    x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     if x.numel() == 0:  # as F.batch_norm: an empty batch updates nothing
         return x.new_zeros(C, dtype=acc), x.new_ones(C, dtype=acc)
@@ -512,21 +237,21 @@ def _launch_tebn_stats(
         part_mean = torch.empty(geo.parts, C, dtype=acc, device=x.device)
         part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x.device)
         part_count = torch.empty(geo.parts, dtype=acc, device=x.device)
-        return (x4, part_mean, part_m2, part_count, N, C, S, *_slices(geo))
+        return (x4, part_mean, part_m2, part_count, N, C, S, *slice_args(geo))
 
     flags = dict(ACC_DTYPE=acc_dtype(acc))
-    geo = _fitted_geometry(_tebn_stats_partial_kernel, T, N, C, S, x.device, x.dtype, partials, flags)
+    geo = fitted_geometry(stats_partial_kernel, T, N, C, S, x.device, x.dtype, partials, flags)
     args = partials(geo)
-    _tebn_stats_partial_kernel[geo.grid](*args, **flags, **_tiles(geo))
+    stats_partial_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
     part_mean, part_m2, part_count = args[1:4]
 
     mean = torch.empty(C, dtype=acc, device=x.device)
     var = torch.empty(C, dtype=acc, device=x.device)
     update = running_mean is not None and running_var is not None
     # the kernel updates contiguous buffers in place; a strided one goes through a copy
-    r_mean = _contiguous(running_mean) if update else None
-    r_var = _contiguous(running_var) if update else None
-    block_p, block_c = _combine_tiles(geo.parts, C, x.device.type != "cuda")
+    r_mean = contiguous_or_none(running_mean) if update else None
+    r_var = contiguous_or_none(running_var) if update else None
+    block_p, block_c = combine_tiles(geo.parts, C, x.device.type != "cuda")
     _tebn_stats_combine_kernel[(triton.cdiv(C, block_c),)](
         part_mean, part_m2, part_count, mean, var, r_mean, r_var,
         geo.parts, C, float(momentum),
@@ -549,17 +274,17 @@ def _launch_tebn_fwd(
     eps: float,
 ) -> torch.Tensor:
     """y[t] = p[t]·(γ (x − μ)/√(σ² + ε) + β) in one elementwise pass."""
-    x4, T, N, C, S = _as_tncs(x)
+    x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, scale.dtype), device=x.device)
     if x.numel() == 0:
         return y
-    head = (x4, y, mean.contiguous(), var.contiguous(), _contiguous(weight), _contiguous(bias), scale.contiguous(),
-            N, C, S)
+    head = (x4, y, mean.contiguous(), var.contiguous(), contiguous_or_none(weight), contiguous_or_none(bias),
+            scale.contiguous(), N, C, S)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype(acc))
-    geo = _fitted_geometry(_tebn_fwd_kernel, T, N, C, S, x.device, x.dtype,
-                           lambda g: (*head, *_slices(g), float(eps)), flags)
-    _tebn_fwd_kernel[geo.grid](*head, *_slices(geo), float(eps), **flags, **_tiles(geo))
+    geo = fitted_geometry(_tebn_fwd_kernel, T, N, C, S, x.device, x.dtype,
+                           lambda g: (*head, *slice_args(g), float(eps)), flags)
+    _tebn_fwd_kernel[geo.grid](*head, *slice_args(geo), float(eps), **flags, **tile_constexprs(geo))
     return y
 
 
@@ -581,7 +306,7 @@ def _launch_tebn_bwd(
     Custom ops cannot return None: an unneeded ∂L/∂x comes back empty (numel 0), unneeded
     parameter gradients as zeros; the reduction pass is skipped when nothing needs it.
     """
-    x4, T, N, C, S = _as_tncs(x)
+    x4, T, N, C, S = as_tncs(x)
     g4 = grad_y.contiguous().view(T, N, C, S)
     acc = acc_torch_dtype(x.dtype)
     dev = x.device
@@ -591,7 +316,7 @@ def _launch_tebn_bwd(
         return dx, zeros_c, zeros_c.clone(), torch.zeros(T, dtype=acc, device=dev)
     scale_c = scale.contiguous()
     mean, var = mean.contiguous(), var.contiguous()
-    w_arg, b_arg = _contiguous(weight), _contiguous(bias)
+    w_arg, b_arg = contiguous_or_none(weight), contiguous_or_none(bias)
     if batch_stats or need_dparams:
 
         def reduce_args(geo):
@@ -599,12 +324,12 @@ def _launch_tebn_bwd(
             part_b = torch.empty(geo.parts, C, dtype=acc, device=dev)
             part_p = torch.empty(geo.c_blocks, geo.parts, dtype=acc, device=dev)
             return (g4, x4, mean, var, w_arg, b_arg, scale_c, part_a, part_b, part_p,
-                    N, C, S, *_slices(geo), geo.parts, float(eps))
+                    N, C, S, *slice_args(geo), geo.parts, float(eps))
 
         flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype(acc))
-        geo = _fitted_geometry(_tebn_bwd_reduce_kernel, T, N, C, S, dev, x.dtype, reduce_args, flags)
+        geo = fitted_geometry(_tebn_bwd_reduce_kernel, T, N, C, S, dev, x.dtype, reduce_args, flags)
         args = reduce_args(geo)
-        _tebn_bwd_reduce_kernel[geo.grid](*args, **flags, **_tiles(geo))
+        _tebn_bwd_reduce_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
         part_a, part_b, part_p = args[7:10]
         # Fixed-shape torch reductions of the partials: deterministic, no atomics.
         sum_a = part_a.sum(0)
@@ -620,9 +345,9 @@ def _launch_tebn_bwd(
                 scale_c, N, C, S)
         tail = (1.0 / (T * N * S), float(eps))
         flags = dict(HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats, ACC_DTYPE=acc_dtype(acc))
-        geo = _fitted_geometry(_tebn_bwd_dx_kernel, T, N, C, S, dev, x.dtype,
-                               lambda g: (*head, *_slices(g), *tail), flags)
-        _tebn_bwd_dx_kernel[geo.grid](*head, *_slices(geo), *tail, **flags, **_tiles(geo))
+        geo = fitted_geometry(_tebn_bwd_dx_kernel, T, N, C, S, dev, x.dtype,
+                               lambda g: (*head, *slice_args(g), *tail), flags)
+        _tebn_bwd_dx_kernel[geo.grid](*head, *slice_args(geo), *tail, **flags, **tile_constexprs(geo))
     else:
         dx = x.new_empty(0)  # not needed: no full-size allocation
     # ∂L/∂β = Σ g·p = A, ∂L/∂γ = Σ g·p·x̂ = B.
