@@ -279,9 +279,14 @@ def test_bad_input_rejected_without_state_change(step_mode):
 
 
 def test_constructor_rejects_bad_arguments():
-    for bad_T in (0, 2.0, True):
-        with pytest.raises(ValueError, match="T must be a positive int"):
+    with pytest.raises(ValueError, match="T must be"):
+        layer.TemporalAccumulatedBatchNorm2d(0, C)
+    for bad_T in (2.0, True):
+        with pytest.raises(TypeError, match="T must be"):
             layer.TemporalAccumulatedBatchNorm2d(bad_T, C)
+    for name, kwargs in (("eps", dict(eps=0.0)), ("momentum", dict(momentum=1.5))):
+        with pytest.raises(ValueError, match=f"{name} must"):
+            layer.TemporalAccumulatedBatchNorm2d(T, C, **kwargs)
     with pytest.raises(ValueError, match="num_features"):
         layer.TemporalAccumulatedBatchNorm2d(T, 0)
     with pytest.raises(ValueError, match="step_mode"):
