@@ -21,8 +21,9 @@ What it shows, stage by stage:
    every neuron is reset after each batch (``snnorm.functional.reset_net``).
 2. **Threshold folding.** ``re_parameterize_v_threshold()`` folds each neuron's
    membrane BN into a per-channel threshold,
-   Ṽ_th = μ + (V_th − β)·√(σ² + ε)/γ. snnorm's fold is exact: the demo checks
-   that no test prediction changes.
+   Ṽ_th = μ + (V_th − β)·√(σ² + ε)/γ. The fold is exact in real arithmetic; in
+   floating point a spike can flip only where the membrane is within a few ulps of the
+   threshold. The demo counts the test predictions that change (0 in its runs).
 3. **Test-time threshold modulation** (Zhao et al., arXiv 2505.05375). On a corrupted
    copy of the test set (Gaussian noise plus a brightness shift) the folded model is
    evaluated as is, then its neurons alone are put in training mode with
