@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of every Triton kernel configuration snnorm launches (no GPU).
 
 1. **Capture.** The public ops of the triton backend (``snnorm.backends.get_ops("triton")``:
-   lif, mpbn_lif, mpbn_lif_folded, tebn — forward and backward through autograd) run on a
+   lif, mpbn_lif, mpbn_lif_folded, tebn, tab — forward and backward through autograd) run on a
    grid of realistic shapes, dtypes and mode flags, on *meta* tensors that report device
    ``cuda`` (so every launcher takes its GPU path: GPU tiling, bf16 stores, SM count of an
    H100). ``JITFunction.run`` — the JIT's launch/compile step — is replaced by a recorder:
@@ -229,7 +229,7 @@ def scenarios(grid: str):
     modes = [
         "lif", "lif-soft-decay", "mpbn-train", "mpbn-train-soft-raw", "mpbn-train-noaffine",
         "mpbn-eval", "mpbn-folded", "mpbn-adapt-batch", "mpbn-adapt-running", "tebn-train", "tebn-eval",
-        "tebn-noaffine",
+        "tebn-noaffine", "tab-train", "tab-eval",
     ]
     if grid == "full":
         Ts, Ns, Cs = (1, 4, 8), (1, 32, 128), (3, 64, 256, 512)
@@ -242,20 +242,20 @@ def scenarios(grid: str):
         shapes = [(4, 32, 64, (8, 8)), (4, 32, 64, (32, 32)), (1, 1, 3, ()), (8, 128, 512, (7, 7))]
         points = [(T, N, C, sp, "float32", m) for (T, N, C, sp) in shapes for m in modes]
         points += [(4, 32, 64, sp, dt, m) for sp in ((8, 8), (32, 32)) for dt in ("float16", "bfloat16")
-                   for m in ("lif", "mpbn-train", "mpbn-eval", "tebn-train")]
+                   for m in ("lif", "mpbn-train", "mpbn-eval", "tebn-train", "tab-train")]
     elif grid == "ci":
         # CI: every mode in fp32 at a resident-path shape (M = 2048 ≤ 8192); the per-step
         # statistics modes (MPBN training/adaptation, TEBN training) also at a split-path
         # shape (M = 32768); the core modes in bf16 and fp16
         resident, split = (4, 32, 64, (8, 8)), (4, 32, 64, (32, 32))
-        per_step = [m for m in modes if m.startswith(("mpbn-train", "mpbn-adapt"))] + ["tebn-train"]
+        per_step = [m for m in modes if m.startswith(("mpbn-train", "mpbn-adapt"))] + ["tebn-train", "tab-train"]
         points = [(*resident, "float32", m) for m in modes] + [(*split, "float32", m) for m in per_step]
-        points += [(*resident, "bfloat16", m) for m in ("lif", "mpbn-train", "tebn-train")]
+        points += [(*resident, "bfloat16", m) for m in ("lif", "mpbn-train", "tebn-train", "tab-train")]
         points += [(*split, "bfloat16", "mpbn-train"), (*resident, "float16", "mpbn-train")]
     else:
         raise ValueError(f"grid must be 'ci', 'wide' or 'full', got {grid!r}")
     for T, N, C, sp, dtype, mode in points:
-        if mode.startswith(("mpbn-train", "mpbn-adapt", "tebn-train", "tebn-noaffine")) and N * max(1, _prod(sp)) < 2:
+        if mode.startswith(("mpbn-train", "mpbn-adapt", "tebn-train", "tebn-noaffine", "tab-train")) and N * max(1, _prod(sp)) < 2:
             continue  # batch statistics need two values per channel
         yield (f"{mode} T{T} N{N} C{C} {'x'.join(map(str, sp)) or '-'} {dtype}", T, N, C, sp, dtype, mode)
 
@@ -273,7 +273,7 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     dtype = getattr(torch, dtype_name)
     pdt = torch.float32
     shape = (T, N, C, *sp)
-    grad = not mode.startswith(("mpbn-adapt",)) and mode != "tebn-eval"
+    grad = not mode.startswith(("mpbn-adapt",)) and mode not in ("tebn-eval", "tab-eval")
     x = make(shape, dtype, requires_grad=grad)
     v = make(shape[1:], dtype)
     th = make((C,), pdt, requires_grad=grad)
@@ -296,6 +296,10 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
         adapt = {"mpbn-folded": "none", "mpbn-adapt-batch": "batch", "mpbn-adapt-running": "running"}[mode]
         outs = ops.mpbn_lif_folded(x, v, rm, rv, w, b, th, eps=1e-5, carry="normalized", adapt=adapt, adapt_momentum=0.1,
                                    adapt_decay=0.9, adapt_min_momentum=0.01, **common)[:2]
+    elif mode.startswith("tab"):  # per-step γ, β and running statistics [T, C]
+        tw, tb = make((T, C), pdt, requires_grad=grad), make((T, C), pdt, requires_grad=grad)
+        trm, trv, p = make((T, C), pdt), make((T, C), pdt), make((T,), pdt, requires_grad=grad)
+        outs = (ops.tab(x, tw, tb, trm, trv, p, training=mode == "tab-train", momentum=[0.1] * T, eps=1e-5)[0],)
     else:
         p = make((T,), pdt, requires_grad=grad)
         affine = mode != "tebn-noaffine"
