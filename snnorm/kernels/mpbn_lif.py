@@ -874,7 +874,8 @@ def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset
     BLOCK = _elementwise_block(M)
     P = triton.cdiv(M, BLOCK)
     part = torch.empty((4, P, C), dtype=acc, device=h.device)
-    gv4 = as_4d(gv) if gv is not None else gv0
+    gv4 = as_4d(gv) if gv is not None else None
+    gv_strides = gv4.stride() if gv4 is not None else (0, 0, 0, 0)
     dummy = th
     _lif_bwd_kernel[(P, C)](
         g5, gv4, h, th,
@@ -882,7 +883,7 @@ def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset
         dummy if thf is None else thf, dummy if sgn is None else sgn,
         gx, gv0, part,
         T, C, H, W, M, P,
-        *g5.stride(), *gv4.stride(),
+        *g5.stride(), *gv_strides,
         float(tau), float(v_reset), float(alpha),
         **_lif_cfg(mode, carry_norm, decay_input, soft_reset),
         DETACH_RESET=detach_reset, SURROGATE=_SURROGATES[surrogate], HAS_GV=gv is not None,
@@ -1011,13 +1012,13 @@ def _launch_mpbn_lif_bwd(
     b = dummy if bias is None else bias
     if M <= RESIDENT_MAX_M:
         gv0 = torch.empty(h.shape[1:], dtype=acc, device=dev)
-        gv4 = as_4d(gv) if gv is not None else gv0
+        gv4 = as_4d(gv) if gv is not None else None
         BLOCK = next_pow2(M)
         _mpbn_lif_bwd_kernel[(C,)](
             g5, gv4, h, mean, rstd, w, b, th,
             gx, gv0, gw, gb, gth,
             T, C, H, W, M,
-            *g5.stride(), *gv4.stride(),
+            *g5.stride(), *(gv4.stride() if gv4 is not None else (0, 0, 0, 0)),
             float(tau), float(v_reset), float(alpha),
             DECAY_INPUT=decay_input, HAS_GV=gv is not None, BLOCK=BLOCK, num_warps=_num_warps(BLOCK), **flags,
         )
@@ -1094,6 +1095,7 @@ def _(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset,
 def _lif_elementwise_setup(ctx, inputs, output):
     x, v, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, mode, carry_norm, save_h, _ = inputs
     s, _, h = output
+    ctx.set_materialize_grads(False)  # an unused v_T gets None, not a zeros tensor the kernel would read
     if not save_h:
         ctx.missing_h = True
         return
@@ -1125,6 +1127,20 @@ def _lif_elementwise_backward(ctx, gs, gv, gh_unused):
 
 
 _lif_elementwise_op.register_autograd(_lif_elementwise_backward, setup_context=_lif_elementwise_setup)
+
+
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"snnorm triton {op}: double backward (differentiating a gradient taken with create_graph=True) "
+            "is not supported by the fused kernels; use the torch backend (snnorm.functional.set_backend(net, 'torch')) "
+            "for higher-order gradients"
+        )
+
+    return backward
+
+
+_lif_elementwise_bwd_op.register_autograd(_no_double_backward("lif"), setup_context=lambda ctx, inputs, output: None)
 
 
 @torch.library.custom_op("snnorm::mpbn_lif_train", mutates_args=())
@@ -1194,6 +1210,7 @@ def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, tau, decay_input, v_res
 def _mpbn_lif_train_setup(ctx, inputs, output):
     x, v, weight, bias, rm, rv, th, momentum, bt, eps, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, carry_norm, save, _ = inputs
     s, _, h, mean, rstd, _, _ = output
+    ctx.set_materialize_grads(False)  # an unused v_T gets None, not a zeros tensor the kernel would read
     ctx.missing_h = not save
     if save:
         ctx.save_for_backward(h, mean, rstd, weight, bias, th)
@@ -1216,6 +1233,7 @@ def _mpbn_lif_train_backward(ctx, gs, gv, gh, gmean, grstd, grm, grv):
 
 
 _mpbn_lif_train_op.register_autograd(_mpbn_lif_train_backward, setup_context=_mpbn_lif_train_setup)
+_mpbn_lif_train_bwd_op.register_autograd(_no_double_backward("mpbn_lif"), setup_context=lambda ctx, inputs, output: None)
 
 
 @torch.library.custom_op("snnorm::mpbn_lif_adapt", mutates_args=())
@@ -1318,6 +1336,12 @@ def lif(
         return torch_backend.lif(
             x_seq, v, threshold, tau=tau, decay_input=decay_input, v_reset=v_reset, surrogate=surrogate, detach_reset=detach_reset
         )
+    if x_seq.dim() == 2:  # [T, N]: no channel dim (a neuron after Flatten-free Linear, or single-step [N])
+        s, v_out = lif(
+            x_seq.unsqueeze(-1), v.unsqueeze(-1) if isinstance(v, Tensor) and v.dim() > 0 else v, threshold, tau=tau,
+            decay_input=decay_input, v_reset=v_reset, surrogate=surrogate, detach_reset=detach_reset,
+        )
+        return s.squeeze(-1), v_out.squeeze(-1)
     v = _prepare(x_seq, v, "lif")
     th = _threshold_tensor(threshold, x_seq)
     vr, soft = _reset_args(v_reset)
