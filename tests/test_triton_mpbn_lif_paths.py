@@ -17,7 +17,8 @@ from snnorm import surrogate as sg  # noqa: E402
 from snnorm.backends import get_ops  # noqa: E402
 from snnorm.backends import torch_backend as ref  # noqa: E402
 from snnorm.functional import set_backend  # noqa: E402
-from snnorm.kernels import mpbn_lif as K  # noqa: E402
+from snnorm.kernels import lif as lif_kernels  # noqa: E402
+from snnorm.kernels import mpbn_lif_train as train_kernels  # noqa: E402
 
 LIF_KW = dict(tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False)
 TRAIN_KW = dict(training=True, momentum=0.1, batches_tracked=0, eps=1e-5, carry="normalized", **LIF_KW)
@@ -34,10 +35,10 @@ def test_lif_backward_without_final_membrane_gradient(shape):
     v = torch.zeros(shape[1:])
     th = torch.full((shape[2],), 0.4)
     flags = (2.0, False, 0.0, False, False, "sigmoid", 4.0, 0, False)
-    _, _, h = K._lif_elementwise_op(x, v, th, None, None, None, None, None, *flags[:7], 0, False, True, torch.float32)
+    _, _, h = lif_kernels.lif_elementwise_op(x, v, th, None, None, None, None, None, *flags[:7], 0, False, True, torch.float32)
     gs = torch.randn(shape, generator=g)
-    without = K._lif_elementwise_bwd_op(gs, None, h, torch.float32, th, None, None, None, None, None, *flags)
-    zeros = K._lif_elementwise_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, th, None, None, None, None, None, *flags)
+    without = lif_kernels.lif_elementwise_bwd_op(gs, None, h, torch.float32, th, None, None, None, None, None, *flags)
+    zeros = lif_kernels.lif_elementwise_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, th, None, None, None, None, None, *flags)
     for a, b in zip(without, zeros):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -50,10 +51,10 @@ def test_mpbn_lif_resident_backward_without_final_membrane_gradient(shape):
     C = shape[2]
     w, b, th = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), torch.full((C,), 0.4)
     cfg = (2.0, False, 0.0, False, False, "atan", 2.0, True)
-    _, _, h, mean, rstd, _, _ = K._mpbn_lif_train_op(x, v, w, b, None, None, th, 0.1, 0, 1e-5, *cfg[:7], True, True, torch.float32)
+    _, _, h, mean, rstd, _, _ = train_kernels.mpbn_lif_train_op(x, v, w, b, None, None, th, 0.1, 0, 1e-5, *cfg[:7], True, True, torch.float32)
     gs = torch.randn(shape, generator=g)
-    without = K._mpbn_lif_train_bwd_op(gs, None, h, torch.float32, mean, rstd, w, b, th, *cfg)
-    zeros = K._mpbn_lif_train_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, mean, rstd, w, b, th, *cfg)
+    without = train_kernels.mpbn_lif_train_bwd_op(gs, None, h, torch.float32, mean, rstd, w, b, th, *cfg)
+    zeros = train_kernels.mpbn_lif_train_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, mean, rstd, w, b, th, *cfg)
     for a, b_ in zip(without, zeros):
         torch.testing.assert_close(a, b_, rtol=0, atol=0)
 
