@@ -34,7 +34,7 @@ def test_lif_backward_without_final_membrane_gradient(shape):
     x = torch.randn(*shape, generator=g)
     v = torch.zeros(shape[1:])
     th = torch.full((shape[2],), 0.4)
-    flags = (2.0, False, 0.0, False, False, "sigmoid", 4.0, 0, False)
+    flags = (2.0, False, 0.0, False, False, "sigmoid", 4.0, 0, False, True)
     _, _, h = lif_kernels.lif_elementwise_op(x, v, th, None, None, None, None, None, *flags[:7], 0, False, True, torch.float32)
     gs = torch.randn(shape, generator=g)
     without = lif_kernels.lif_elementwise_bwd_op(gs, None, h, torch.float32, th, None, None, None, None, None, *flags)
@@ -50,7 +50,7 @@ def test_mpbn_lif_resident_backward_without_final_membrane_gradient(shape):
     v = torch.zeros(shape[1:])
     C = shape[2]
     w, b, th = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), torch.full((C,), 0.4)
-    cfg = (2.0, False, 0.0, False, False, "atan", 2.0, True)
+    cfg = (2.0, False, 0.0, False, False, "atan", 2.0, True, True)
     _, _, h, mean, rstd, _, _ = train_kernels.mpbn_lif_train_op(x, v, w, b, None, None, th, 0.1, 0, 1e-5, *cfg[:7], True, True, torch.float32)
     gs = torch.randn(shape, generator=g)
     without = train_kernels.mpbn_lif_train_bwd_op(gs, None, h, torch.float32, mean, rstd, w, b, th, *cfg)
@@ -149,19 +149,22 @@ def _compare(op, shape, surrogate, layout="contiguous", **kw):
     th0 = torch.rand(C, generator=g, dtype=torch.float64) * 0.5 + 0.5
     gs = torch.randn(shape, generator=g, dtype=torch.float64)
     results = []
+    if kw.get("v_scalar"):  # one value broadcast to every element: the kernels load it once
+        v0 = torch.tensor(0.2, dtype=torch.float64).expand(shape[1:])
     for ops in (_triton(), ref):
         x = x0.clone().requires_grad_(True)
-        leaves = [x]
+        v_leaf = v0.clone().requires_grad_(True) if kw.get("v_grad", True) else v0
+        leaves = [x, v_leaf] if kw.get("v_grad", True) else [x]
         out = {}
         common = dict(tau=2.0, decay_input=kw.get("decay_input", False), v_reset=kw.get("v_reset", 0.0),
                       surrogate=surrogate, detach_reset=kw.get("detach_reset", False))
         if op == "lif":
-            s, v = ops.lif(x, v0, 0.6, **common)
+            s, v = ops.lif(x, v_leaf, 0.6, **common)
         elif op == "train":
             w, b, th = (t.clone().requires_grad_(True) for t in (w0, b0, th0))
             leaves += [w, b, th]
             rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
-            s, v = ops.mpbn_lif(x, v0, w, b, rm, rv, th, training=True, momentum=kw.get("momentum", 0.1), batches_tracked=3,
+            s, v = ops.mpbn_lif(x, v_leaf, w, b, rm, rv, th, training=True, momentum=kw.get("momentum", 0.1), batches_tracked=3,
                                 eps=1e-5, carry=kw.get("carry", "normalized"), **common)
             out.update(rm=rm, rv=rv)
         else:  # adaptive fold, forward only
@@ -214,6 +217,13 @@ def test_lif_matches_torch_for_new_surrogates(surrogate):
 def test_layouts_match_torch(path, layout):
     _compare("train", (2, 3, 2, 4, 3), sg.Sigmoid(), layout=layout)
     _compare("lif", (2, 3, 2, 4, 3), sg.Sigmoid(), layout=layout)
+
+
+@pytest.mark.parametrize("v_grad", [True, False])
+def test_broadcast_initial_membrane_matches_torch(path, v_grad):
+    # v = one value (all strides 0): a scalar load; without its gradient ∂v0 is not written
+    _compare("train", (3, 4, 2, 3, 3), sg.Sigmoid(), v_scalar=True, v_grad=v_grad)
+    _compare("lif", (3, 4, 2, 3, 3), sg.Sigmoid(), v_scalar=True, v_grad=v_grad)
 
 
 def test_int64_offsets_match_torch(path, monkeypatch):

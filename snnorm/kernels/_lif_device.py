@@ -78,6 +78,20 @@ def tile_count(p, N, S, S_TILES, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     return rows * cols
 
 
+@triton.jit
+def load_membrane(
+    v0_ptr, c, n, s, mask, stride_n, stride_c, stride_s,
+    V0_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+):
+    """The initial membrane of a tile; a state broadcast from one value (all strides 0, the
+    neurons' default v = v_reset) is one scalar load, not a load per element."""
+    if V0_SCALAR:
+        v = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC) + tl.load(v0_ptr).to(ACC)
+    else:
+        v = tl.load(v0_ptr + c * stride_c + n * stride_n + s * stride_s, mask=mask, other=0.0).to(ACC)
+    return v
+
+
 # --- per-channel parameters --------------------------------------------------------------
 
 

@@ -70,7 +70,7 @@ def _lif_fwd_kernel(
     stride_v_n, stride_v_c, stride_v_s,
     tau, v_reset,
     FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
-    SOFT_RESET: tl.constexpr, SAVE_H: tl.constexpr,
+    SOFT_RESET: tl.constexpr, SAVE_H: tl.constexpr, V0_SCALAR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):
     c = dev.index(tl.program_id(1), INDEX_64)
@@ -87,7 +87,7 @@ def _lif_fwd_kernel(
     sgn = dev.load_channel(sgn_ptr, c, FIRE == dev.FIRE_FOLDED, ACC)
     v_r = tl.cast(v_reset, ACC)
 
-    v = tl.load(v0_ptr + c * stride_v_c + n * stride_v_n + s * stride_v_s, mask=mask, other=0.0).to(ACC)
+    v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC)
     for t in range(T):
         ti = dev.index(t, INDEX_64)
         x = tl.load(x_ptr + ti * stride_x_t + x_off, mask=mask, other=0.0).to(ACC)
@@ -108,7 +108,7 @@ def _lif_bwd_kernel(
     h_ptr,  # [T, N, C, S] contiguous: saved pre-BN membrane (spikes are recomputed from it)
     th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr,  # [C] as in the forward
     gx_ptr,  # [T, N, C, S] contiguous out
-    gv0_ptr,  # [N, C, S] contiguous out (compute dtype)
+    gv0_ptr,  # [N, C, S] contiguous out (compute dtype; NEED_GV0)
     part_ptr,  # [4, P, C] out: Σ gĥ, Σ gĥ·(h − μ), −∂θ, −∂θ' per program
     T, N, C, S, S_TILES, P,
     stride_g_t, stride_g_n, stride_g_c, stride_g_s,
@@ -116,7 +116,7 @@ def _lif_bwd_kernel(
     tau, v_reset, alpha,
     FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
     SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
-    HAS_GS: tl.constexpr, HAS_GV: tl.constexpr,
+    HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -179,7 +179,8 @@ def _lif_bwd_kernel(
             acc_r += g_hat * (h - mu)
         tl.store(gx_ptr + ti * step + o_off, (gh * x_scale).to(gx_ptr.dtype.element_ty), mask=mask)
         gv = gh * v_scale
-    tl.store(gv0_ptr + o_off, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
+    if NEED_GV0:
+        tl.store(gv0_ptr + o_off, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
     part = part_ptr + dev.index(pid, INDEX_64) * C + c
     tl.store(part, dev.tile_sum(acc_b))
     tl.store(part + P * C, dev.tile_sum(acc_r))
@@ -214,32 +215,32 @@ def _launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, tau, v_reset, f
         T, N, C, S, tiles.S_TILES,
         *x4.stride(), *v3.stride(),
         float(tau), float(v_reset),
-        **_modes(fire, carry_norm, decay_input, soft_reset), SAVE_H=save_h,
+        **_modes(fire, carry_norm, decay_input, soft_reset), SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
         BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(x4, v3, s), ACC=acc_dtype(out_dtype),
         num_warps=num_warps(tiles.block),
     )
     return s.to(out_dtype), v_out.to(out_dtype), h
 
 
-def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset, alpha, fire, carry_norm, decay_input, soft_reset, detach_reset, surrogate):
+def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset, alpha, fire, carry_norm, decay_input, soft_reset, detach_reset, surrogate, need_gv0):
     T, N, C = h.shape[:3]
     h4 = as_ncs(h, 1)
     S = h4.shape[3]
     acc = h.dtype
     gx = torch.empty(h.shape, dtype=store_dtype(gx_dtype), device=h.device)
-    gv0 = torch.empty(h.shape[1:], dtype=acc, device=h.device)
+    gv0 = torch.empty(h.shape[1:] if need_gv0 else (0,), dtype=acc, device=h.device)
     tiles = channel_tiling(N, S, BLOCK)
     part = torch.empty((4, tiles.P, C), dtype=acc, device=h.device)
     g4 = as_ncs(gs, 1) if gs is not None else None
     gv3 = as_ncs(gv, 0) if gv is not None else None
     _lif_bwd_kernel[(tiles.P, C)](
-        g4, gv3, h4, th, mu, r, beta, thf, sgn, gx, gv0, part,
+        g4, gv3, h4, th, mu, r, beta, thf, sgn, gx, gv0 if need_gv0 else None, part,
         T, N, C, S, tiles.S_TILES, tiles.P,
         *(g4.stride() if g4 is not None else (0,) * 4), *(gv3.stride() if gv3 is not None else (0,) * 3),
         float(tau), float(v_reset), float(alpha),
         **_modes(fire, carry_norm, decay_input, soft_reset),
         DETACH_RESET=detach_reset, SURROGATE=dev.SURROGATES[surrogate], HAS_GS=gs is not None, HAS_GV=gv is not None,
-        BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc),
+        NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc),
         num_warps=num_warps(tiles.block),
     )
     return gx.to(gx_dtype), gv0, part.sum(dim=1)
@@ -274,15 +275,15 @@ def lif_elementwise_bwd_op(
     mu: Optional[Tensor], r: Optional[Tensor], beta: Optional[Tensor],
     thf: Optional[Tensor], sgn: Optional[Tensor],
     tau: float, decay_input: bool, v_reset: float, soft_reset: bool, detach_reset: bool,
-    surrogate: str, alpha: float, fire: int, carry_norm: bool,
+    surrogate: str, alpha: float, fire: int, carry_norm: bool, need_gv0: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂x, ∂v0, [4, C] per-channel sums: Σgĥ, Σgĥ·(h − μ), ∂θ, ∂θ'); gs / gv None read as zeros."""
-    return _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset, alpha, fire, carry_norm, decay_input, soft_reset, detach_reset, surrogate)
+    """(∂x, ∂v0 (empty unless need_gv0), [4, C] per-channel sums: Σgĥ, Σgĥ·(h − μ), ∂θ, ∂θ'); gs / gv None read as zeros."""
+    return _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset, alpha, fire, carry_norm, decay_input, soft_reset, detach_reset, surrogate, need_gv0)
 
 
 @lif_elementwise_bwd_op.register_fake
-def _(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm):
-    return h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:]), h.new_empty((4, h.shape[2]))
+def _(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm, need_gv0):
+    return h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)), h.new_empty((4, h.shape[2]))
 
 
 def _setup(ctx, inputs, output):
@@ -301,7 +302,8 @@ def _backward(ctx, gs, gv, gh_unused):
             "snnorm::lif_elementwise was called with save_h=False (no gradient was expected) but a backward pass was requested"
         )
     h, th, mu, r, beta, thf, sgn = ctx.saved_tensors
-    gx, gv0, sums = lif_elementwise_bwd_op(gs, gv, h, ctx.dtypes[0], th, mu, r, beta, thf, sgn, *ctx.cfg)
+    need_gv0 = ctx.needs_input_grad[1]  # a broadcast initial state (the default) needs none: not written
+    gx, gv0, sums = lif_elementwise_bwd_op(gs, gv, h, ctx.dtypes[0], th, mu, r, beta, thf, sgn, *ctx.cfg, need_gv0)
     g_beta, g_r, g_th, g_thf = sums.unbind(0)
 
     def cast(g, like):
@@ -309,7 +311,7 @@ def _backward(ctx, gs, gv, gh_unused):
 
     g_mu = None if mu is None else (-(g_beta * r.to(g_beta.dtype))).to(mu.dtype)
     return (
-        gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]), cast(g_th, th),
+        gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None, cast(g_th, th),
         g_mu, cast(g_r, r), cast(g_beta, beta), cast(g_thf, thf), None,
     ) + (None,) * 11
 

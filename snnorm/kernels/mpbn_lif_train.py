@@ -101,7 +101,7 @@ def _mpbn_lif_resident_fwd_kernel(
     tau, v_reset, eps, momentum, batches_tracked,
     STATS: tl.constexpr, HAS_AFFINE: tl.constexpr, TRACK: tl.constexpr, USE_MOMENTUM: tl.constexpr,
     CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    V0_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):
     c = dev.index(tl.program_id(0), INDEX_64)
     n, s, mask = dev.channel_tile(0, N, S, 1, BLOCK_N, BLOCK_S, INDEX_64)
@@ -118,7 +118,7 @@ def _mpbn_lif_resident_fwd_kernel(
     s2 = dev.load_channel(s2_ptr, c, STATS != dev.STATS_TRAIN, ACC)
     v_r = tl.cast(v_reset, ACC)
 
-    v = tl.load(v0_ptr + c * stride_v_c + n * stride_v_n + s * stride_v_s, mask=mask, other=0.0).to(ACC)
+    v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC)
     for t in range(T):
         ti = dev.index(t, INDEX_64)
         x = tl.load(x_ptr + ti * stride_x_t + x_off, mask=mask, other=0.0).to(ACC)
@@ -152,7 +152,7 @@ def _mpbn_lif_resident_bwd_kernel(
     mean_ptr, rstd_ptr,  # [T, C] saved
     w_ptr, b_ptr, th_ptr,  # [C]
     gx_ptr,  # [T, N, C, S] contiguous out
-    gv0_ptr,  # [N, C, S] contiguous out
+    gv0_ptr,  # [N, C, S] contiguous out (NEED_GV0)
     gw_ptr, gb_ptr, gth_ptr,  # [C] out (compute dtype)
     T, N, C, S,
     stride_g_t, stride_g_n, stride_g_c, stride_g_s,
@@ -160,7 +160,7 @@ def _mpbn_lif_resident_bwd_kernel(
     tau, v_reset, alpha,
     HAS_AFFINE: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    NEED_GV0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):
     c = dev.index(tl.program_id(0), INDEX_64)
     n, s, mask = dev.channel_tile(0, N, S, 1, BLOCK_N, BLOCK_S, INDEX_64)
@@ -204,7 +204,8 @@ def _mpbn_lif_resident_bwd_kernel(
         gh = gamma * rstd * (g_hat - a_sum / M - xhat * (b_sum / M)) + g_direct
         tl.store(gx_ptr + ti * step + o_off, (gh * x_scale).to(gx_ptr.dtype.element_ty), mask=mask)
         gv = gh * v_scale
-    tl.store(gv0_ptr + o_off, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
+    if NEED_GV0:
+        tl.store(gv0_ptr + o_off, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
     tl.store(gw_ptr + c, sum_w)
     tl.store(gb_ptr + c, sum_b)
     tl.store(gth_ptr + c, sum_th)
@@ -235,7 +236,7 @@ def _mpbn_lif_pipelined_fwd_kernel(
     tau, v_reset, eps, momentum, batches_tracked,
     STATS: tl.constexpr, HAS_AFFINE: tl.constexpr, TRACK: tl.constexpr, USE_MOMENTUM: tl.constexpr,
     CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, SAVE: tl.constexpr,
-    FIRST: tl.constexpr, LAST: tl.constexpr,
+    V0_SCALAR: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -247,7 +248,7 @@ def _mpbn_lif_pipelined_fwd_kernel(
     v_r = tl.cast(v_reset, ACC)
 
     if FIRST:
-        v = tl.load(v0_ptr + c * stride_v_c + n * stride_v_n + s * stride_v_s, mask=mask, other=0.0).to(ACC)
+        v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC)
     else:  # finish step t: normalise, fire, reset
         ti = dev.index(t, INDEX_64)
         h_row = ti if SAVE else ti % 2
@@ -303,7 +304,7 @@ def _mpbn_lif_pipelined_bwd_kernel(
     ghat_ptr,  # [2, N, C, S] ping-pong: gŷ of the step formed last launch / this launch
     gdir_ptr,  # [2, N, C, S] ping-pong: the raw-carry gradient that bypasses the BN (not CARRY_NORM)
     gx_ptr,  # [T, N, C, S] contiguous out
-    gv0_ptr,  # [N, C, S] contiguous out (LAST)
+    gv0_ptr,  # [N, C, S] contiguous out (LAST and NEED_GV0)
     mean_ptr, rstd_ptr,  # [T, C] saved
     w_ptr, b_ptr, th_ptr,  # [C]
     pa_ptr, pb_ptr,  # [T, P, C] partial Σ gŷ, Σ gŷ·x̂ per tile
@@ -316,7 +317,7 @@ def _mpbn_lif_pipelined_bwd_kernel(
     tau, v_reset, alpha,
     HAS_AFFINE: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr,
-    FIRST: tl.constexpr, LAST: tl.constexpr,
+    NEED_GV0: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -356,7 +357,8 @@ def _mpbn_lif_pipelined_bwd_kernel(
             tl.store(gw_ptr + c, tl.where(first_apply, 0.0, tl.load(gw_ptr + c)) + b_sum)
             tl.store(gb_ptr + c, tl.where(first_apply, 0.0, tl.load(gb_ptr + c)) + a_sum)
     if LAST:
-        tl.store(gv0_ptr + o_off, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
+        if NEED_GV0:
+            tl.store(gv0_ptr + o_off, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
     else:  # form step t with ∂v in registers
         ti = dev.index(t, INDEX_64)
         th = tl.load(th_ptr + c).to(ACC)
@@ -415,7 +417,7 @@ def launch_batch_stats_fwd(
     flags = dict(
         STATS=stats, HAS_AFFINE=weight is not None, TRACK=running_mean is not None, USE_MOMENTUM=momentum is not None,
         CARRY_NORM=carry_norm, DECAY_INPUT=decay_input, SOFT_RESET=soft_reset, SAVE=save,
-        INDEX_64=needs_int64(x4, v3, s), ACC=acc_dtype(out_dtype),
+        V0_SCALAR=v3.stride() == (0, 0, 0), INDEX_64=needs_int64(x4, v3, s), ACC=acc_dtype(out_dtype),
     )
     scalars = (float(tau), float(v_reset), float(eps), 0.0 if momentum is None else float(momentum), int(batches_tracked))
 
@@ -461,7 +463,7 @@ def launch_batch_stats_fwd(
 
 def launch_train_bwd(
     gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *,
-    tau, v_reset, alpha, carry_norm, decay_input, soft_reset, detach_reset, surrogate,
+    tau, v_reset, alpha, carry_norm, decay_input, soft_reset, detach_reset, surrogate, need_gv0=True,
 ):
     T, N, C = h.shape[:3]
     h4 = as_ncs(h, 1)
@@ -471,13 +473,13 @@ def launch_train_bwd(
     acc = h.dtype
     dev_ = h.device
     gx = torch.empty(h.shape, dtype=store_dtype(gx_dtype), device=dev_)
-    gv0 = torch.empty(h.shape[1:], dtype=acc, device=dev_)
+    gv0 = torch.empty(h.shape[1:] if need_gv0 else (0,), dtype=acc, device=dev_)
     gw = torch.empty(C, dtype=acc, device=dev_)
     gb = torch.empty(C, dtype=acc, device=dev_)
     flags = dict(
         HAS_AFFINE=weight is not None, CARRY_NORM=carry_norm, DECAY_INPUT=decay_input, SOFT_RESET=soft_reset,
         DETACH_RESET=detach_reset, SURROGATE=dev.SURROGATES[surrogate], HAS_GS=gs is not None, HAS_GV=gv is not None,
-        INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc),
+        NEED_GV0=need_gv0, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc),
     )
     strides = (*_strides(g4, 4), *_strides(gv3, 3))
     scalars = (float(tau), float(v_reset), float(alpha))
@@ -485,7 +487,7 @@ def launch_train_bwd(
         tiles = resident_tiling(N, S)
         gth = torch.empty(C, dtype=acc, device=dev_)
         _mpbn_lif_resident_bwd_kernel[(C,)](
-            g4, gv3, h4, mean, rstd, weight, bias, th, gx, gv0, gw, gb, gth,
+            g4, gv3, h4, mean, rstd, weight, bias, th, gx, gv0 if need_gv0 else None, gw, gb, gth,
             T, N, C, S, *strides, *scalars,
             BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=num_warps(tiles.block), **flags,
         )
@@ -500,7 +502,7 @@ def launch_train_bwd(
     pth = torch.empty((P, C), dtype=acc, device=dev_)
     for t in range(T - 1, -2, -1):
         _mpbn_lif_pipelined_bwd_kernel[(P, C)](
-            g4, gv3, h4, ghat, gdir, gx, gv0, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
+            g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
             FIRST=t == T - 1, LAST=t == -1, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, BLOCK_P=next_pow2(P),
             num_warps=num_warps(tiles.block), **flags,
@@ -558,20 +560,20 @@ def mpbn_lif_train_bwd_op(
     gs: Optional[Tensor], gv: Optional[Tensor], h: Tensor, gx_dtype: torch.dtype, mean: Tensor, rstd: Tensor,
     weight: Optional[Tensor], bias: Optional[Tensor], th: Tensor,
     tau: float, decay_input: bool, v_reset: float, soft_reset: bool, detach_reset: bool,
-    surrogate: str, alpha: float, carry_norm: bool,
+    surrogate: str, alpha: float, carry_norm: bool, need_gv0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(∂x, ∂v0, ∂γ, ∂β, ∂θ) of MPBN-LIF training; gs / gv None read as zeros."""
+    """(∂x, ∂v0 (empty unless need_gv0), ∂γ, ∂β, ∂θ) of MPBN-LIF training; gs / gv None read as zeros."""
     return launch_train_bwd(
         gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, tau=tau, v_reset=v_reset, alpha=alpha, carry_norm=carry_norm,
-        decay_input=decay_input, soft_reset=soft_reset, detach_reset=detach_reset, surrogate=surrogate,
+        decay_input=decay_input, soft_reset=soft_reset, detach_reset=detach_reset, surrogate=surrogate, need_gv0=need_gv0,
     )
 
 
 @mpbn_lif_train_bwd_op.register_fake
-def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, carry_norm):
+def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, carry_norm, need_gv0):
     C = h.shape[2]
     return (
-        h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:]),
+        h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)),
         h.new_empty((C,)), h.new_empty((C,)), h.new_empty((C,)),
     )
 
@@ -591,9 +593,10 @@ def _backward(ctx, gs, gv, gh, gmean, grstd, grm, grv):
     if ctx.missing_h:
         raise RuntimeError("snnorm::mpbn_lif_train was called with save=False (no gradient was expected) but a backward pass was requested")
     h, mean, rstd, weight, bias, th = ctx.saved_tensors
-    gx, gv0, gw, gb, gth = mpbn_lif_train_bwd_op(gs, gv, h, ctx.dtypes[0], mean, rstd, weight, bias, th, *ctx.cfg)
+    need_gv0 = ctx.needs_input_grad[1]  # a broadcast initial state (the default) needs none: not written
+    gx, gv0, gw, gb, gth = mpbn_lif_train_bwd_op(gs, gv, h, ctx.dtypes[0], mean, rstd, weight, bias, th, *ctx.cfg, need_gv0)
     return (
-        gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]),
+        gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None,
         None if weight is None else gw.to(weight.dtype), None if bias is None else gb.to(bias.dtype),
         None, None, gth.to(th.dtype),
     ) + (None,) * 13
