@@ -124,9 +124,10 @@ def path(request, monkeypatch):
     """Force the MPBN-LIF training path (C is small here, so the default would be pipelined)."""
     if request.param == "resident":
         monkeypatch.setattr(train_kernels, "MIN_PROGRAMS", 1)
-    else:  # several tiles per channel, so the partial-statistics combine really combines
+    else:  # several tiles per channel, combined in chunks of 2: both Chan combines really combine
         monkeypatch.setattr(train_kernels, "SPLIT_BLOCK", 8)
         monkeypatch.setattr(train_kernels, "SPLIT_MIN_BLOCK", 8)
+        monkeypatch.setattr(train_kernels, "MAX_BLOCK_P", 2)
     return request.param
 
 
@@ -224,6 +225,22 @@ def test_broadcast_initial_membrane_matches_torch(path, v_grad):
     # v = one value (all strides 0): a scalar load; without its gradient ∂v0 is not written
     _compare("train", (3, 4, 2, 3, 3), sg.Sigmoid(), v_scalar=True, v_grad=v_grad)
     _compare("lif", (3, 4, 2, 3, 3), sg.Sigmoid(), v_scalar=True, v_grad=v_grad)
+
+
+def test_chunked_combine_keeps_precision_with_large_mean(monkeypatch):
+    # mean/std = 1e4 in fp32, over 9 tiles combined 2 at a time
+    monkeypatch.setattr(train_kernels, "SPLIT_BLOCK", 4)
+    monkeypatch.setattr(train_kernels, "SPLIT_MIN_BLOCK", 4)
+    monkeypatch.setattr(train_kernels, "MAX_BLOCK_P", 2)
+    x = (1e4 + torch.randn(2, 6, 3, 6, generator=torch.Generator().manual_seed(0))).float()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    rm64, rv64 = rm.double(), rv.double()
+    kw = dict(training=True, momentum=0.5, batches_tracked=0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0,
+              surrogate=sg.Sigmoid(), detach_reset=True, carry="raw")
+    _triton().mpbn_lif(x, torch.zeros(6, 3, 6), None, None, rm, rv, 0.5, **kw)
+    ref.mpbn_lif(x.double(), torch.zeros(6, 3, 6, dtype=torch.float64), None, None, rm64, rv64, 0.5, **kw)
+    torch.testing.assert_close(rv.double(), rv64, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(rm.double(), rm64, rtol=1e-6, atol=1e-3)
 
 
 def test_int64_offsets_match_torch(path, monkeypatch):

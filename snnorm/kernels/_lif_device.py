@@ -191,17 +191,39 @@ def combine_partials(
 ):
     """(mean, M2) of a channel from its P tiles' partial (mean, M2) rows ``[P, C]``.
 
-    The multi-way Chan formula M2 = Σ M2_p + Σ n_p (μ_p − μ)², reduced in one fixed order,
-    so every program of the channel gets bit-identical statistics (deterministic)."""
-    p = tl.arange(0, BLOCK_P)
-    pmask = p < P
-    counts = tl.where(pmask, tile_count(p, N, S, S_TILES, BLOCK_N, BLOCK_S), 0).to(ACC)
-    pmean = tl.load(pmean_ptr + p * C + c, mask=pmask, other=0.0).to(ACC)
-    pm2 = tl.load(pm2_ptr + p * C + c, mask=pmask, other=0.0).to(ACC)
-    mean = tl.sum(counts * pmean, axis=0) / (N * S)
-    dm = tl.where(pmask, pmean - mean, 0.0)
-    m2 = tl.sum(pm2, axis=0) + tl.sum(counts * dm * dm, axis=0)
+    Chunks of BLOCK_P partials combine with the multi-way Chan formula
+    M2 = Σ M2_p + Σ n_p (μ_p − μ)², chunks one after another with the pairwise one, in
+    one fixed order: every program of the channel gets bit-identical statistics
+    (deterministic), and BLOCK_P bounds the registers however large P grows."""
+    count = tl.full([], 0.0, ACC)
+    mean = tl.full([], 0.0, ACC)
+    m2 = tl.full([], 0.0, ACC)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < P
+        counts = tl.where(pmask, tile_count(p, N, S, S_TILES, BLOCK_N, BLOCK_S), 0).to(ACC)
+        pmean = tl.load(pmean_ptr + p * C + c, mask=pmask, other=0.0).to(ACC)
+        pm2 = tl.load(pm2_ptr + p * C + c, mask=pmask, other=0.0).to(ACC)
+        n_chunk = tl.sum(counts, axis=0)
+        mean_chunk = tl.sum(counts * pmean, axis=0) / n_chunk
+        dm = tl.where(pmask, pmean - mean_chunk, 0.0)
+        m2_chunk = tl.sum(pm2, axis=0) + tl.sum(counts * dm * dm, axis=0)
+        n_new = count + n_chunk
+        delta = mean_chunk - mean
+        mean = mean + delta * (n_chunk / n_new)
+        m2 = m2 + m2_chunk + delta * delta * (count * n_chunk / n_new)
+        count = n_new
     return mean, m2
+
+
+@triton.jit
+def sum_partials(part_ptr, c, C, P, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """Σ_p part[p, c] over the P rows ``[P, C]``, in chunks of BLOCK_P, in one fixed order."""
+    total = tl.full([], 0.0, ACC)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        total += tl.sum(tl.load(part_ptr + p * C + c, mask=p < P, other=0.0).to(ACC), axis=0)
+    return total
 
 
 @triton.jit

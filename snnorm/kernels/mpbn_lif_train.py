@@ -32,6 +32,12 @@ Two paths (:func:`uses_resident_path`):
 Layouts: ``x`` / spikes ``[T, N, C, S]`` (strided views), ``v`` ``[N, C, S]``, per-channel
 tensors ``[C]``, saved statistics ``[T, C]``, partials ``[T, P, C]``. Saved for backward:
 h (compute dtype) and μ_t, rstd_t — the spikes are recomputed bit-identically.
+
+Precision (every kernel of ``kernels/``): computed in fp32 (fp64 for fp64 tensors), stored
+in the output dtype. For fp16/bf16 inputs the membrane stays fp32 inside the kernels and in
+the saved h, whereas the torch reference keeps it in the input dtype: the Triton result is
+the more accurate one. Scalars (τ, v_reset, ε, momentum, α) reach the kernels as fp32, so
+fp64 tensors agree with an fp64 reference to ~1e-7 only.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ RESIDENT_MAX_M = 2048
 MIN_PROGRAMS = 132
 #: largest tile (elements per program) of the pipelined path
 SPLIT_BLOCK = 2048
+#: partial statistics combined per chunk (a bound on registers however many tiles a channel has)
+MAX_BLOCK_P = 1024
 #: smallest tile the pipelined path shrinks to while looking for MIN_PROGRAMS programs
 SPLIT_MIN_BLOCK = 256
 
@@ -335,10 +343,8 @@ def _mpbn_lif_pipelined_bwd_kernel(
             gv = tl.load(gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0).to(ACC)
     else:  # apply step t + 1: its A, B are complete now
         tp = dev.index(t + 1, INDEX_64)
-        p = tl.arange(0, BLOCK_P)
-        pmask = p < P
-        a_sum = tl.sum(tl.load(pa_ptr + (tp * P + p) * C + c, mask=pmask, other=0.0), axis=0)
-        b_sum = tl.sum(tl.load(pb_ptr + (tp * P + p) * C + c, mask=pmask, other=0.0), axis=0)
+        a_sum = dev.sum_partials(pa_ptr + tp * P * C, c, C, P, BLOCK_P, ACC)
+        b_sum = dev.sum_partials(pb_ptr + tp * P * C, c, C, P, BLOCK_P, ACC)
         mean = tl.load(mean_ptr + tp * C + c).to(ACC)
         rstd = tl.load(rstd_ptr + tp * C + c).to(ACC)
         h = tl.load(h_ptr + tp * step + o_off, mask=mask, other=0.0).to(ACC)
@@ -450,7 +456,7 @@ def launch_batch_stats_fwd(
         _mpbn_lif_pipelined_fwd_kernel[(P, C)](
             x4, v3, h, s, v_out, pmean, pm2, weight, bias, th, running_mean, running_var, mean, rstd,
             mu_hist, s2_hist, mom, t, N, C, S, tiles.S_TILES, P, *x4.stride(), *v3.stride(), *scalars,
-            FIRST=t == -1, LAST=t == T - 1, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, BLOCK_P=next_pow2(P),
+            FIRST=t == -1, LAST=t == T - 1, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, BLOCK_P=min(next_pow2(P), MAX_BLOCK_P),
             num_warps=num_warps(tiles.block), **flags,
         )
     if adapt:
@@ -504,7 +510,7 @@ def launch_train_bwd(
         _mpbn_lif_pipelined_bwd_kernel[(P, C)](
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
-            FIRST=t == T - 1, LAST=t == -1, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, BLOCK_P=next_pow2(P),
+            FIRST=t == T - 1, LAST=t == -1, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, BLOCK_P=min(next_pow2(P), MAX_BLOCK_P),
             num_warps=num_warps(tiles.block), **flags,
         )
     return gx.to(gx_dtype), gv0, gw, gb, pth.sum(dim=0)
