@@ -1,10 +1,9 @@
-"""Helpers shared by the Triton kernel files: device checks, canonical views, sizes.
+"""Helpers shared by the Triton kernel files: device checks, canonical views, sizes, tiles.
 
-Kernels address ``[T, N, C, *spatial]`` tensors through a 5-d view ``[T, N, C, H, W]``
-(missing spatial dims become size-1 dims, which cost nothing) and pass every stride,
-so non-contiguous and expanded (stride-0) inputs are read in place without a copy.
-Only inputs with more than two spatial dims whose trailing dims cannot be merged
-into one are copied (by :func:`as_5d`'s ``reshape``).
+Kernels address ``[T, N, C, *spatial]`` tensors through a ``[T, N, C, S]`` view with the
+spatial dims merged (:func:`as_ncs`) and pass every stride, so non-contiguous,
+channels-last and expanded (stride-0) inputs are read in place without a copy; only
+spatial dims that cannot merge (e.g. a transposed H, W) are copied.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ __all__ = [
     "interpreter_active",
     "device_error",
     "check_device",
-    "as_5d",
-    "as_4d",
     "next_pow2",
     "acc_dtype",
     "acc_torch_dtype",
@@ -72,24 +69,6 @@ def check_device(op: str, *tensors) -> None:
             reason = device_error(t.device.type, interpreting)
             if reason is not None:
                 raise RuntimeError(f"snnorm triton op {op}: {reason}")
-
-
-def as_5d(x: torch.Tensor) -> torch.Tensor:
-    """``[T, N, C, *spatial]`` as a ``[T, N, C, H, W]`` view (a copy only for >2 spatial dims that will not merge)."""
-    T, N, C = x.shape[:3]
-    sp = x.shape[3:]
-    if len(sp) == 0:
-        return x.reshape(T, N, C, 1, 1) if x.dim() != 3 else x.unsqueeze(-1).unsqueeze(-1)
-    if len(sp) == 1:
-        return x.unsqueeze(3)
-    if len(sp) == 2:
-        return x
-    return x.reshape(T, N, C, sp[0], math.prod(sp[1:]))
-
-
-def as_4d(v: torch.Tensor) -> torch.Tensor:
-    """``[N, C, *spatial]`` as an ``[N, C, H, W]`` view (see :func:`as_5d`)."""
-    return as_5d(v.unsqueeze(0))[0]
 
 
 def next_pow2(n: int) -> int:

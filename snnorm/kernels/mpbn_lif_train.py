@@ -29,6 +29,17 @@ Two paths (:func:`uses_resident_path`):
   element-step (32 with the raw carry, which also passes the bypass gradient). Partials
   combine with the multi-way Chan formula in one fixed order (deterministic).
 
+Choosing the path (so that the GPU fills and nothing spills, ``ptxas -v`` on sm_80/sm_90):
+the resident path needs a padded channel ≤ RESIDENT_MAX_M = 2048 elements (8 warps, 8
+fp32 elements a thread: ≤ 128 registers in fp32, ≤ 230 in fp64, no spills; at 8192
+elements and 16 warps it spilled up to 4 KB a thread) and C ≥ 132 programs. Otherwise the
+pipelined path tiles a channel with up to SPLIT_BLOCK = 2048 elements, halving the tile
+(down to 256) until C·P ≥ 132. At the perf shapes: (T=4, N=64, C=128, 32×32) 32 tiles ×
+128 = 4096 programs; (4, 128, 256, 8×8) 4 × 256 = 1024; (8, 32, 64, 56×56) 52 × 64 = 3328.
+The pipelined path moves 16 (+4/T for v_T) fp32 B per element-step forward and 24 backward
+against 12 + 8/T for the resident one, but a grid of C < 132 resident programs leaves SMs
+idle, which costs more than the bytes.
+
 Layouts: ``x`` / spikes ``[T, N, C, S]`` (strided views), ``v`` ``[N, C, S]``, per-channel
 tensors ``[C]``, saved statistics ``[T, C]``, partials ``[T, P, C]``. Saved for backward:
 h (compute dtype) and μ_t, rstd_t — the spikes are recomputed bit-identically.
