@@ -353,6 +353,8 @@ def meter() -> Iterator[Traffic]:
 #: M = 8450 > 8192 its split path. T = 3 as in DESIGN.md §4's table.
 SMALL_M = (3, 4, 3, 8, 8)
 LARGE_M = (3, 2, 2, 65, 65)
+#: C ≥ 132 channels of at most 2048 (padded) elements: the one-program-per-channel path
+RESIDENT_M = (3, 2, 132, 4, 4)
 
 #: fp32 floors, bytes per element-step (DESIGN.md §4; LIF and adapt derived the same way:
 #: read x, write s, and in training save h; backward reads ∂s and h and writes ∂x).
@@ -500,17 +502,20 @@ def _tab(training: bool):
 
 
 # Paths by the shape that reaches them (what ran: the kernels column).
-SMALL, LARGE = "M = N·H·W ≤ 8192", "M > 8192"
+RESIDENT = "resident: one program per channel (C ≥ 132, channel ≤ 2048)"
+PIPELINED, PIPELINED_SMALL = "pipelined, M > 8192", "pipelined, small M and C < 132"
 ELEMENTWISE = "elementwise"
 
 CASES: tuple[Case, ...] = (
     Case("lif", "lif", ELEMENTWISE, SMALL_M, _lif, True),
-    Case("mpbn-train-small-m", "mpbn_lif train", SMALL, SMALL_M, _mpbn(True), True),
-    Case("mpbn-train-large-m", "mpbn_lif train", LARGE, LARGE_M, _mpbn(True), True),
+    Case("mpbn-train-resident", "mpbn_lif train", RESIDENT, RESIDENT_M, _mpbn(True), True),
+    Case("mpbn-train-pipelined", "mpbn_lif train", PIPELINED, LARGE_M, _mpbn(True), True),
+    Case("mpbn-train-pipelined-small", "mpbn_lif train", PIPELINED_SMALL, SMALL_M, _mpbn(True), True),
     Case("mpbn-eval", "mpbn_lif eval", ELEMENTWISE, SMALL_M, _mpbn(False), False),
     Case("folded", "mpbn_lif_folded", ELEMENTWISE, SMALL_M, _folded("none"), False),
-    Case("adapt-small-m", "mpbn_lif_folded adapt", SMALL + ", adapt=batch", SMALL_M, _folded("batch"), False),
-    Case("adapt-large-m", "mpbn_lif_folded adapt", LARGE + ", adapt=running", LARGE_M, _folded("running"), False),
+    Case("adapt-resident", "mpbn_lif_folded adapt", RESIDENT + ", adapt=batch", RESIDENT_M, _folded("batch"), False),
+    Case("adapt-pipelined", "mpbn_lif_folded adapt", PIPELINED + ", adapt=running", LARGE_M, _folded("running"),
+         False),
     Case("tebn-train", "tebn train", "batch statistics", SMALL_M, _tebn(True), True),
     Case("tebn-eval", "tebn eval", "running statistics", SMALL_M, _tebn(False), False),
     Case("tab-train", "tab train", "prefix statistics", SMALL_M, _tab(True), True),

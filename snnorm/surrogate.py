@@ -124,7 +124,9 @@ class ATan(SurrogateFunctionBase):
 
 
 class PiecewiseQuadratic(SurrogateFunctionBase):
-    """g'(x) = α − α²|x| for |x| <= 1/α, else 0. Default α = 1. Torch path only."""
+    """g'(x) = α − α²|x| for |x| <= 1/α, else 0. Default α = 1."""
+
+    kernel_name = "piecewise_quadratic"
 
     def __init__(self, alpha: float = 1.0, spiking: bool = True):
         super().__init__(alpha, spiking)
@@ -140,7 +142,9 @@ class PiecewiseQuadratic(SurrogateFunctionBase):
 
 
 class PiecewiseExp(SurrogateFunctionBase):
-    """g'(x) = (α/2)·exp(−α|x|). Default α = 1. Torch path only."""
+    """g'(x) = (α/2)·exp(−α|x|). Default α = 1."""
+
+    kernel_name = "piecewise_exp"
 
     def __init__(self, alpha: float = 1.0, spiking: bool = True):
         super().__init__(alpha, spiking)

@@ -25,8 +25,12 @@ from tolerances import LARGE_MEAN_FP32, REORDERED_FP64, comparable_mask, mask_fo
 from snnorm import surrogate as sg
 from snnorm.backends import torch_backend as ref
 
-K = pytest.importorskip("snnorm.kernels.mpbn_lif")
+pytest.importorskip("triton")
+from snnorm.backends import triton_backend as K  # noqa: E402
 from snnorm.kernels import _common  # noqa: E402
+from snnorm.kernels import lif as lif_kernels  # noqa: E402
+from snnorm.kernels import mpbn_lif_adapt as adapt_kernels  # noqa: E402
+from snnorm.kernels import mpbn_lif_train as train_kernels  # noqa: E402
 
 #: largest errors seen, per dtype (printed with -s by the last test; informative only)
 OBSERVED: dict[str, float] = {}
@@ -313,8 +317,9 @@ def _split_cfg(**over):
 )
 def test_split_path_matches_torch_backend(monkeypatch, over):
     # M = 15 elements per channel over blocks of 4: four programs per channel
-    monkeypatch.setattr(K, "RESIDENT_MAX_M", 8)
-    monkeypatch.setattr(K, "SPLIT_BLOCK", 4)
+    monkeypatch.setattr(train_kernels, "RESIDENT_MAX_M", 8)
+    monkeypatch.setattr(train_kernels, "SPLIT_BLOCK", 4)
+    monkeypatch.setattr(train_kernels, "SPLIT_MIN_BLOCK", 4)
     _check(_split_cfg(**over))
 
 
@@ -322,9 +327,11 @@ def test_split_path_is_deterministic_and_equals_resident(monkeypatch):
     cfg = _split_cfg(dtype=torch.float64)
     inp = _inputs(cfg)
     surrogate = _surrogate("atan", 2.0)
+    monkeypatch.setattr(train_kernels, "MIN_PROGRAMS", 1)  # C = 2 channels: the resident path only when asked
     resident = _run(K, cfg, inp, torch.float64, surrogate)
-    monkeypatch.setattr(K, "RESIDENT_MAX_M", 8)
-    monkeypatch.setattr(K, "SPLIT_BLOCK", 4)
+    monkeypatch.setattr(train_kernels, "RESIDENT_MAX_M", 8)
+    monkeypatch.setattr(train_kernels, "SPLIT_BLOCK", 4)
+    monkeypatch.setattr(train_kernels, "SPLIT_MIN_BLOCK", 4)
     a = _run(K, cfg, inp, torch.float64, surrogate)
     b = _run(K, cfg, inp, torch.float64, surrogate)
     for key in a:
@@ -334,8 +341,9 @@ def test_split_path_is_deterministic_and_equals_resident(monkeypatch):
 
 def test_chan_combine_keeps_precision_with_large_mean(monkeypatch):
     # mean/std = 1e4: a raw Σx, Σx² variance would lose every digit in fp32
-    monkeypatch.setattr(K, "RESIDENT_MAX_M", 8)
-    monkeypatch.setattr(K, "SPLIT_BLOCK", 4)
+    monkeypatch.setattr(train_kernels, "RESIDENT_MAX_M", 8)
+    monkeypatch.setattr(train_kernels, "SPLIT_BLOCK", 4)
+    monkeypatch.setattr(train_kernels, "SPLIT_MIN_BLOCK", 4)
     x = (1e4 + torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(0))).float().to(DEVICE)
     v = torch.zeros(6, 3, 3, device=DEVICE)
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
@@ -351,8 +359,8 @@ def test_chan_combine_keeps_precision_with_large_mean(monkeypatch):
 def test_unsupported_surrogate_falls_back_with_warning():
     x = torch.randn(2, 3, 2, 4, device=DEVICE)
     v = torch.zeros(3, 2, 4, device=DEVICE)
-    kw = dict(tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.PiecewiseQuadratic(), detach_reset=False)
-    with pytest.warns(RuntimeWarning, match="falling back to the torch backend"):
+    kw = dict(tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(spiking=False), detach_reset=False)
+    with pytest.warns(RuntimeWarning, match="Sigmoid.spiking=False.*runs on the torch backend"):
         s, v_out = K.lif(x, v, 0.5, **kw)
     s_ref, v_ref = ref.lif(x, v, 0.5, **kw)
     assert torch.equal(s, s_ref) and torch.equal(v_out, v_ref)
@@ -432,16 +440,16 @@ def _op_args(kind):
     th = torch.full((2,), 0.3, requires_grad=True)
     flags = (2.0, False, 0.0, False, False, "sigmoid", 4.0)
     if kind == "lif":
-        return K._lif_elementwise_op, (x, v, th, None, None, None, None, None, *flags, 0, False, True, torch.float32)
+        return lif_kernels.lif_elementwise_op, (x, v, th, None, None, None, None, None, *flags, 0, False, True, torch.float32)
     if kind == "eval":
         mu = torch.randn(2, generator=g)
         r = torch.rand(2, generator=g).add(0.5).requires_grad_()
         b = torch.randn(2, generator=g, requires_grad=True)
-        return K._lif_elementwise_op, (x, v, th, mu, r, b, None, None, *flags, 1, True, True, torch.float32)
+        return lif_kernels.lif_elementwise_op, (x, v, th, mu, r, b, None, None, *flags, 1, True, True, torch.float32)
     if kind == "train":
         w = torch.rand(2, generator=g).add(0.5).requires_grad_()
         b = torch.randn(2, generator=g, requires_grad=True)
-        return K._mpbn_lif_train_op, (x, v, w, b, torch.zeros(2), torch.ones(2), th, 0.1, 0, 1e-5, *flags, True, True, torch.float32)
+        return train_kernels.mpbn_lif_train_op, (x, v, w, b, torch.zeros(2), torch.ones(2), th, 0.1, 0, 1e-5, *flags, True, True, torch.float32)
     raise AssertionError(kind)
 
 
@@ -461,7 +469,7 @@ def test_opcheck_adapt_forward():
     args = (x, torch.zeros(3, 2), torch.zeros(2), torch.ones(2), torch.ones(2), torch.zeros(2), torch.full((2,), 0.4),
             torch.tensor([0.3, 0.2], dtype=torch.float64), True, 1e-5, 2.0, False, 0.0, False, True, torch.float32)
     args = _on_device(args)
-    torch.library.opcheck(K._mpbn_lif_adapt_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(adapt_kernels.mpbn_lif_adapt_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiles_fullgraph():

@@ -1,15 +1,15 @@
-"""Helpers shared by the Triton kernel files: device checks, canonical views, sizes.
+"""Helpers shared by the Triton kernel files: device checks, canonical views, sizes, tiles.
 
-Kernels address ``[T, N, C, *spatial]`` tensors through a 5-d view ``[T, N, C, H, W]``
-(missing spatial dims become size-1 dims, which cost nothing) and pass every stride,
-so non-contiguous and expanded (stride-0) inputs are read in place without a copy.
-Only inputs with more than two spatial dims whose trailing dims cannot be merged
-into one are copied (by :func:`as_5d`'s ``reshape``).
+Kernels address ``[T, N, C, *spatial]`` tensors through a ``[T, N, C, S]`` view with the
+spatial dims merged (:func:`as_ncs`) and pass every stride, so non-contiguous,
+channels-last and expanded (stride-0) inputs are read in place without a copy; only
+spatial dims that cannot merge (e.g. a transposed H, W) are copied.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -19,10 +19,15 @@ __all__ = [
     "interpreter_active",
     "device_error",
     "check_device",
-    "as_5d",
-    "as_4d",
     "next_pow2",
     "acc_dtype",
+    "acc_torch_dtype",
+    "as_ncs",
+    "needs_int64",
+    "store_dtype",
+    "num_warps",
+    "Tiling",
+    "channel_tiling",
 ]
 
 
@@ -66,24 +71,6 @@ def check_device(op: str, *tensors) -> None:
                 raise RuntimeError(f"snnorm triton op {op}: {reason}")
 
 
-def as_5d(x: torch.Tensor) -> torch.Tensor:
-    """``[T, N, C, *spatial]`` as a ``[T, N, C, H, W]`` view (a copy only for >2 spatial dims that will not merge)."""
-    T, N, C = x.shape[:3]
-    sp = x.shape[3:]
-    if len(sp) == 0:
-        return x.reshape(T, N, C, 1, 1) if x.dim() != 3 else x.unsqueeze(-1).unsqueeze(-1)
-    if len(sp) == 1:
-        return x.unsqueeze(3)
-    if len(sp) == 2:
-        return x
-    return x.reshape(T, N, C, sp[0], math.prod(sp[1:]))
-
-
-def as_4d(v: torch.Tensor) -> torch.Tensor:
-    """``[N, C, *spatial]`` as an ``[N, C, H, W]`` view (see :func:`as_5d`)."""
-    return as_5d(v.unsqueeze(0))[0]
-
-
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -95,3 +82,69 @@ def acc_dtype(dtype: torch.dtype):
 
 def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def as_ncs(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """``[*lead dims, N, C, *spatial]`` as ``[*lead, N, C, S]`` with the spatial dims merged into S.
+
+    A view whenever the spatial dims merge (contiguous, channels-last, sliced or expanded
+    inputs all do), so the kernels read it in place and a unit stride along S vectorises;
+    a copy only for layouts whose spatial dims cannot merge (e.g. a transposed H, W).
+    """
+    shape = (*t.shape[: lead + 2], math.prod(t.shape[lead + 2 :]))
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return t.reshape(shape)
+
+
+def needs_int64(*tensors) -> bool:
+    """True when some element offset of a tensor reaches 2**31 (int32 offsets would overflow)."""
+    for t in tensors:
+        if t is not None and t.numel():
+            if sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1:
+                return True
+    return False
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels write outputs in. Under the Triton interpreter bf16 stores are
+    emulated with truncation (and bool → bf16 casts fail), so there the kernels write
+    fp32 and torch rounds to bf16 (round-to-nearest-even, as a GPU store does)."""
+    if dtype == torch.bfloat16 and interpreter_active():
+        return torch.float32
+    return dtype
+
+
+def num_warps(block: int) -> int:
+    """Warps for a tile of ``block`` elements: 8 fp32 elements per thread, 1 to 8 warps."""
+    return max(1, min(8, block // 256))
+
+
+class Tiling(NamedTuple):
+    """How a channel's ``[N, S]`` elements split into ``[BLOCK_N, BLOCK_S]`` tiles (one per program)."""
+
+    BLOCK_N: int
+    BLOCK_S: int
+    S_TILES: int  # tiles along S
+    P: int  # tiles (programs) per channel
+
+    @property
+    def block(self) -> int:
+        return self.BLOCK_N * self.BLOCK_S
+
+
+def _block_s(S: int, block: int) -> int:
+    """The widest power-of-two tile width ≤ ``block`` that pads S by at most 1/8."""
+    bs = min(next_pow2(S), block)
+    while bs > 16 and triton.cdiv(S, bs) * bs - S > S // 8:
+        bs //= 2
+    return bs
+
+
+def channel_tiling(N: int, S: int, block: int) -> Tiling:
+    """Tiles of at most ``block`` elements (a power of two) over a channel's ``[N, S]``."""
+    bs = _block_s(S, block)
+    bn = min(next_pow2(N), max(1, block // bs))
+    s_tiles = triton.cdiv(S, bs)
+    return Tiling(bn, bs, s_tiles, triton.cdiv(N, bn) * s_tiles)

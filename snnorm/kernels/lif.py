@@ -1,0 +1,333 @@
+r"""Elementwise LIF over T steps with per-channel constants: plain LIF, MPBN with running
+statistics (eval) and MPBN with the BN folded into the threshold (no adaptation).
+
+One launch per direction over all T; the membrane stays in registers through the T loop.
+Per channel c (v_r = v_reset, or 0 for soft reset)::
+
+    h = charge(v, x[t])                       (see _lif_device.charge)
+    ĥ = (h − μ)·r + β,  r = γ/√(σ² + ε)       (FIRE_NORMALISED, or a normalised carry)
+    z = h − θ | ĥ − θ | sign(γ)(h − θ'),  θ' = μ + (θ − β)√(σ² + ε)/γ
+    s = Θ(z);  v = reset(ĥ if carry == "normalized" else h, s)
+
+(MPBN: Guo et al., ICCV 2023, arXiv 2308.08359; folded threshold: arXiv 2505.05375.)
+
+Backward, reverse time loop with the spike recomputed from the saved h::
+
+    ∂L/∂z = (gs + ∂v/∂s·gv)·Θ'(z),  per-channel sums Σ gĥ, Σ gĥ·(h − μ), −∂θ, −∂θ'
+    as fp32 partials per program, summed afterwards (deterministic, no atomics).
+
+Layouts: ``x`` / spikes ``[T, N, C, S]`` (spatial dims merged; strided views, no copy),
+``v`` ``[N, C, S]``, per-channel tensors ``[C]``. Grid (tiles per channel, C).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _lif_device as dev
+from ._common import acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, num_warps, store_dtype
+
+#: elements per program
+BLOCK = 1024
+
+
+@triton.jit
+def _fire(h, th, mu, r, beta, thf, sgn, FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr):
+    """Firing variable z and carried u of the elementwise modes."""
+    h_hat = h
+    if NORM:
+        h_hat = (h - mu) * r + beta
+    if FIRE == dev.FIRE_RAW:
+        z = h - th
+    elif FIRE == dev.FIRE_NORMALISED:
+        z = h_hat - th
+    else:
+        z = sgn * (h - thf)
+    if CARRY_NORM:
+        u = h_hat
+    else:
+        u = h
+    return z, u
+
+
+@triton.jit
+def _lif_fwd_kernel(
+    x_ptr,  # [T, N, C, S] strided
+    v0_ptr,  # [N, C, S] strided
+    th_ptr,  # [C] threshold (reset; firing for FIRE_RAW / FIRE_NORMALISED)
+    mu_ptr, r_ptr, beta_ptr,  # [C] μ, γ·rstd, β (NORM)
+    thf_ptr, sgn_ptr,  # [C] θ', sign(γ) (FIRE_FOLDED)
+    s_ptr,  # [T, N, C, S] contiguous out: spikes
+    h_ptr,  # [T, N, C, S] contiguous out: pre-BN membrane (SAVE_H)
+    vout_ptr,  # [N, C, S] contiguous out: final membrane
+    T, N, C, S, S_TILES,
+    stride_x_t, stride_x_n, stride_x_c, stride_x_s,
+    stride_v_n, stride_v_c, stride_v_s,
+    tau, v_reset,
+    FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    SOFT_RESET: tl.constexpr, SAVE_H: tl.constexpr, V0_SCALAR: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+):
+    c = dev.index(tl.program_id(1), INDEX_64)
+    n, s, mask = dev.channel_tile(tl.program_id(0), N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
+    x_off = c * stride_x_c + n * stride_x_n + s * stride_x_s
+    o_off = (n * C + c) * S + s
+    step = dev.index(C, INDEX_64) * N * S
+
+    th = tl.load(th_ptr + c).to(ACC)
+    mu = dev.load_channel(mu_ptr, c, NORM, ACC)
+    r = dev.load_channel(r_ptr, c, NORM, ACC)
+    beta = dev.load_channel(beta_ptr, c, NORM, ACC)
+    thf = dev.load_channel(thf_ptr, c, FIRE == dev.FIRE_FOLDED, ACC)
+    sgn = dev.load_channel(sgn_ptr, c, FIRE == dev.FIRE_FOLDED, ACC)
+    v_r = tl.cast(v_reset, ACC)
+
+    v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC)
+    for t in range(T):
+        ti = dev.index(t, INDEX_64)
+        x = tl.load(x_ptr + ti * stride_x_t + x_off, mask=mask, other=0.0).to(ACC)
+        h = dev.charge(v, x, tau, v_r, DECAY_INPUT)
+        z, u = _fire(h, th, mu, r, beta, thf, sgn, FIRE, NORM, CARRY_NORM)
+        spike = z >= 0
+        v = dev.reset(u, spike, th, v_r, SOFT_RESET)
+        tl.store(s_ptr + ti * step + o_off, spike.to(s_ptr.dtype.element_ty), mask=mask)
+        if SAVE_H:
+            tl.store(h_ptr + ti * step + o_off, h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(vout_ptr + o_off, v.to(vout_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lif_bwd_kernel(
+    gs_ptr,  # [T, N, C, S] strided: ∂L/∂spikes (HAS_GS)
+    gvout_ptr,  # [N, C, S] strided: ∂L/∂v_T (HAS_GV)
+    h_ptr,  # [T, N, C, S] contiguous: saved pre-BN membrane (spikes are recomputed from it)
+    th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr,  # [C] as in the forward
+    gx_ptr,  # [T, N, C, S] contiguous out
+    gv0_ptr,  # [N, C, S] contiguous out (compute dtype; NEED_GV0)
+    part_ptr,  # [4, P, C] out: Σ gĥ, Σ gĥ·(h − μ), −∂θ, −∂θ' per program
+    T, N, C, S, S_TILES, P,
+    stride_g_t, stride_g_n, stride_g_c, stride_g_s,
+    stride_gv_n, stride_gv_c, stride_gv_s,
+    tau, v_reset, alpha,
+    FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
+    HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    c = dev.index(tl.program_id(1), INDEX_64)
+    n, s, mask = dev.channel_tile(pid, N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
+    g_off = c * stride_g_c + n * stride_g_n + s * stride_g_s
+    o_off = (n * C + c) * S + s
+    step = dev.index(C, INDEX_64) * N * S
+
+    th = tl.load(th_ptr + c).to(ACC)
+    mu = dev.load_channel(mu_ptr, c, NORM, ACC)
+    r = dev.load_channel(r_ptr, c, NORM, ACC)
+    beta = dev.load_channel(beta_ptr, c, NORM, ACC)
+    thf = dev.load_channel(thf_ptr, c, FIRE == dev.FIRE_FOLDED, ACC)
+    sgn = dev.load_channel(sgn_ptr, c, FIRE == dev.FIRE_FOLDED, ACC)
+    v_r = tl.cast(v_reset, ACC)
+    x_scale = 1.0
+    if DECAY_INPUT:
+        x_scale = 1.0 / tau
+    v_scale = 1.0 - 1.0 / tau
+
+    zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC)
+    gv = zero
+    if HAS_GV:
+        gv = tl.load(gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0).to(ACC)
+    acc_b = zero  # Σ gĥ
+    acc_r = zero  # Σ gĥ·(h − μ)
+    acc_th = zero
+    acc_thf = zero
+    for tt in range(T):
+        ti = dev.index(T - 1 - tt, INDEX_64)
+        h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC)
+        gs = zero
+        if HAS_GS:
+            gs = tl.load(gs_ptr + ti * stride_g_t + g_off, mask=mask, other=0.0).to(ACC)
+        z, u = _fire(h, th, mu, r, beta, thf, sgn, FIRE, NORM, CARRY_NORM)
+        spike = z >= 0  # bit-identical to the forward: same saved h, same expression
+        gu, gs_reset, gth_reset = dev.reset_bwd(gv, spike, u, th, v_r, SOFT_RESET, DETACH_RESET)
+        gz = tl.where(mask, (gs + gs_reset) * dev.surrogate_grad(z, alpha, SURROGATE), 0.0)
+        acc_th += gth_reset
+        gh = zero
+        g_hat = zero
+        if FIRE == dev.FIRE_FOLDED:
+            gh = sgn * gz
+            acc_thf -= sgn * gz
+        else:
+            acc_th -= gz
+            if FIRE == dev.FIRE_RAW:
+                gh = gz
+            else:
+                g_hat = gz
+        if CARRY_NORM:
+            g_hat += gu
+        else:
+            gh += gu
+        if NORM:
+            g_hat = tl.where(mask, g_hat, 0.0)
+            gh += g_hat * r
+            acc_b += g_hat
+            acc_r += g_hat * (h - mu)
+        tl.store(gx_ptr + ti * step + o_off, (gh * x_scale).to(gx_ptr.dtype.element_ty), mask=mask)
+        gv = gh * v_scale
+    if NEED_GV0:
+        tl.store(gv0_ptr + o_off, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
+    part = part_ptr + dev.index(pid, INDEX_64) * C + c
+    tl.store(part, dev.tile_sum(acc_b))
+    tl.store(part + P * C, dev.tile_sum(acc_r))
+    tl.store(part + 2 * P * C, dev.tile_sum(tl.where(mask, acc_th, 0.0)))
+    tl.store(part + 3 * P * C, dev.tile_sum(acc_thf))
+
+
+# ----------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------
+
+
+def _modes(fire: int, carry_norm: bool, decay_input: bool, soft_reset: bool) -> dict:
+    return dict(
+        FIRE=fire, NORM=(fire == dev.FIRE_NORMALISED.value) or carry_norm, CARRY_NORM=carry_norm,
+        DECAY_INPUT=decay_input, SOFT_RESET=soft_reset,
+    )
+
+
+def _launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, tau, v_reset, fire, carry_norm, decay_input, soft_reset, save_h):
+    T, N, C = x.shape[:3]
+    x4, v3 = as_ncs(x, 1), as_ncs(v0, 0)
+    S = x4.shape[3]
+    acc = acc_torch_dtype(out_dtype)
+    st = store_dtype(out_dtype)
+    s = torch.empty(x.shape, dtype=st, device=x.device)
+    v_out = torch.empty(x.shape[1:], dtype=st, device=x.device)
+    h = torch.empty(x.shape if save_h else (0,), dtype=acc, device=x.device)
+    tiles = channel_tiling(N, S, BLOCK)
+    _lif_fwd_kernel[(tiles.P, C)](
+        x4, v3, th, mu, r, beta, thf, sgn, s, h if save_h else None, v_out,
+        T, N, C, S, tiles.S_TILES,
+        *x4.stride(), *v3.stride(),
+        float(tau), float(v_reset),
+        **_modes(fire, carry_norm, decay_input, soft_reset), SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
+        BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(x4, v3, s), ACC=acc_dtype(out_dtype),
+        num_warps=num_warps(tiles.block),
+    )
+    return s.to(out_dtype), v_out.to(out_dtype), h
+
+
+def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset, alpha, fire, carry_norm, decay_input, soft_reset, detach_reset, surrogate, need_gv0):
+    T, N, C = h.shape[:3]
+    h4 = as_ncs(h, 1)
+    S = h4.shape[3]
+    acc = h.dtype
+    gx = torch.empty(h.shape, dtype=store_dtype(gx_dtype), device=h.device)
+    gv0 = torch.empty(h.shape[1:] if need_gv0 else (0,), dtype=acc, device=h.device)
+    tiles = channel_tiling(N, S, BLOCK)
+    part = torch.empty((4, tiles.P, C), dtype=acc, device=h.device)
+    g4 = as_ncs(gs, 1) if gs is not None else None
+    gv3 = as_ncs(gv, 0) if gv is not None else None
+    _lif_bwd_kernel[(tiles.P, C)](
+        g4, gv3, h4, th, mu, r, beta, thf, sgn, gx, gv0 if need_gv0 else None, part,
+        T, N, C, S, tiles.S_TILES, tiles.P,
+        *(g4.stride() if g4 is not None else (0,) * 4), *(gv3.stride() if gv3 is not None else (0,) * 3),
+        float(tau), float(v_reset), float(alpha),
+        **_modes(fire, carry_norm, decay_input, soft_reset),
+        DETACH_RESET=detach_reset, SURROGATE=dev.SURROGATES[surrogate], HAS_GS=gs is not None, HAS_GV=gv is not None,
+        NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc),
+        num_warps=num_warps(tiles.block),
+    )
+    return gx.to(gx_dtype), gv0, part.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------
+# op registration (torch.library custom ops: torch.compile and opcheck friendly)
+# ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("snnorm::lif_elementwise", mutates_args=())
+def lif_elementwise_op(
+    x: Tensor, v: Tensor, th: Tensor,
+    mu: Optional[Tensor], r: Optional[Tensor], beta: Optional[Tensor],
+    thf: Optional[Tensor], sgn: Optional[Tensor],
+    tau: float, decay_input: bool, v_reset: float, soft_reset: bool, detach_reset: bool,
+    surrogate: str, alpha: float, fire: int, carry_norm: bool, save_h: bool, out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(spikes, v_T, saved h) for plain LIF (FIRE_RAW), MPBN eval (FIRE_NORMALISED), folded threshold (FIRE_FOLDED)."""
+    return _launch_lif_fwd(x, v, th, mu, r, beta, thf, sgn, out_dtype, tau, v_reset, fire, carry_norm, decay_input, soft_reset, save_h)
+
+
+@lif_elementwise_op.register_fake
+def _(x, v, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm, save_h, out_dtype):
+    h = x.new_empty(x.shape if save_h else (0,), dtype=acc_torch_dtype(out_dtype))
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[1:], dtype=out_dtype), h
+
+
+@torch.library.custom_op("snnorm::lif_elementwise_bwd", mutates_args=())
+def lif_elementwise_bwd_op(
+    gs: Optional[Tensor], gv: Optional[Tensor], h: Tensor, gx_dtype: torch.dtype, th: Tensor,
+    mu: Optional[Tensor], r: Optional[Tensor], beta: Optional[Tensor],
+    thf: Optional[Tensor], sgn: Optional[Tensor],
+    tau: float, decay_input: bool, v_reset: float, soft_reset: bool, detach_reset: bool,
+    surrogate: str, alpha: float, fire: int, carry_norm: bool, need_gv0: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂x, ∂v0 (empty unless need_gv0), [4, C] per-channel sums: Σgĥ, Σgĥ·(h − μ), ∂θ, ∂θ'); gs / gv None read as zeros."""
+    return _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset, alpha, fire, carry_norm, decay_input, soft_reset, detach_reset, surrogate, need_gv0)
+
+
+@lif_elementwise_bwd_op.register_fake
+def _(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm, need_gv0):
+    return h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)), h.new_empty((4, h.shape[2]))
+
+
+def _setup(ctx, inputs, output):
+    x, v, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm, save_h, _ = inputs
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros tensor to read
+    ctx.missing_h = not save_h
+    if save_h:
+        ctx.save_for_backward(output[2], th, mu, r, beta, thf, sgn)
+    ctx.cfg = (tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm)
+    ctx.dtypes = (x.dtype, v.dtype)
+
+
+def _backward(ctx, gs, gv, gh_unused):
+    if ctx.missing_h:
+        raise RuntimeError(
+            "snnorm::lif_elementwise was called with save_h=False (no gradient was expected) but a backward pass was requested"
+        )
+    h, th, mu, r, beta, thf, sgn = ctx.saved_tensors
+    need_gv0 = ctx.needs_input_grad[1]  # a broadcast initial state (the default) needs none: not written
+    gx, gv0, sums = lif_elementwise_bwd_op(gs, gv, h, ctx.dtypes[0], th, mu, r, beta, thf, sgn, *ctx.cfg, need_gv0)
+    g_beta, g_r, g_th, g_thf = sums.unbind(0)
+
+    def cast(g, like):
+        return None if like is None else g.to(like.dtype)
+
+    g_mu = None if mu is None else (-(g_beta * r.to(g_beta.dtype))).to(mu.dtype)
+    return (
+        gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None, cast(g_th, th),
+        g_mu, cast(g_r, r), cast(g_beta, beta), cast(g_thf, thf), None,
+    ) + (None,) * 11
+
+
+def no_double_backward(op: str):
+    """An autograd formula for a backward op that names the limit instead of torch's internal error."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"snnorm triton {op}: double backward (differentiating a gradient taken with create_graph=True) "
+            "is not supported by the fused kernels; use the torch backend (snnorm.functional.set_backend(net, 'torch')) "
+            "for higher-order gradients"
+        )
+
+    return backward
+
+
+lif_elementwise_op.register_autograd(_backward, setup_context=_setup)
+lif_elementwise_bwd_op.register_autograd(no_double_backward("lif"), setup_context=lambda ctx, inputs, output: None)
