@@ -239,17 +239,21 @@ def scenarios(grid: str):
     elif grid == "wide":
         # CI's two shapes plus a tiny 1-d input and a large resident one (N=128, C=512, 7×7: the
         # biggest resident block, 8192), every mode in fp32, the core modes in fp16/bf16
-        shapes = [(4, 32, 64, (8, 8)), (4, 32, 64, (32, 32)), (1, 1, 3, ()), (8, 128, 512, (7, 7))]
+        shapes = [(4, 32, 64, (8, 8)), (4, 32, 64, (32, 32)), (1, 1, 3, ()), (8, 128, 512, (7, 7)),
+                  (4, 32, 256, (8, 8))]
         points = [(T, N, C, sp, "float32", m) for (T, N, C, sp) in shapes for m in modes]
         points += [(4, 32, 64, sp, dt, m) for sp in ((8, 8), (32, 32)) for dt in ("float16", "bfloat16")
                    for m in ("lif", "mpbn-train", "mpbn-eval", "tebn-train", "tab-train")]
     elif grid == "ci":
-        # CI: every mode in fp32 at a resident-path shape (M = 2048 ≤ 8192); the per-step
-        # statistics modes (MPBN training/adaptation, TEBN training) also at a split-path
-        # shape (M = 32768); the core modes in bf16 and fp16
-        resident, split = (4, 32, 64, (8, 8)), (4, 32, 64, (32, 32))
+        # CI: every mode in fp32 at a small shape (M = 2048, C = 64: MPBN training takes the
+        # pipelined path with small tiles); the per-step statistics modes (MPBN training/
+        # adaptation, TEBN/TAB training) also at a large-M shape (M = 32768) and at a resident
+        # shape (C = 256 ≥ 132 channels of 2048 elements: one program per channel); the core
+        # modes in bf16 and fp16
+        resident, split, wide_c = (4, 32, 64, (8, 8)), (4, 32, 64, (32, 32)), (4, 32, 256, (8, 8))
         per_step = [m for m in modes if m.startswith(("mpbn-train", "mpbn-adapt"))] + ["tebn-train", "tab-train"]
         points = [(*resident, "float32", m) for m in modes] + [(*split, "float32", m) for m in per_step]
+        points += [(*wide_c, "float32", m) for m in per_step]
         points += [(*resident, "bfloat16", m) for m in ("lif", "mpbn-train", "tebn-train", "tab-train")]
         points += [(*split, "bfloat16", "mpbn-train"), (*resident, "float16", "mpbn-train")]
     else:
