@@ -87,6 +87,16 @@ def uses_resident_path(N: int, C: int, S: int) -> bool:
     return resident_tiling(N, S).block <= RESIDENT_MAX_M and C >= MIN_PROGRAMS
 
 
+def pipelined_warps(block: int) -> int:
+    """Warps for a pipelined tile: 4 elements a thread, 2 to 16 warps.
+
+    At 8 a thread (:func:`num_warps`) ptxas spilled 4–8 B on sm_80/sm_90: the backward at
+    tile 512 on 2 warps with fp16/bf16 ∂x, both kernels at tile 2048 as [128, 16] on 8 warps
+    (``perf/compile_check.py``). The tile, hence the bytes moved, stays the same.
+    """
+    return max(2, min(16, block // 128))
+
+
 def pipelined_tiling(N: int, C: int, S: int) -> Tiling:
     """The largest tile ≤ SPLIT_BLOCK that still gives MIN_PROGRAMS programs (down to SPLIT_MIN_BLOCK)."""
     block = SPLIT_BLOCK
@@ -468,7 +478,7 @@ def launch_batch_stats_fwd(
             x4, v3, h, s, v_out, pmean, pm2, weight, bias, th, running_mean, running_var, mean, rstd,
             mu_hist, s2_hist, mom, t, N, C, S, tiles.S_TILES, P, *x4.stride(), *v3.stride(), *scalars,
             FIRST=t == -1, LAST=t == T - 1, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, BLOCK_P=min(next_pow2(P), MAX_BLOCK_P),
-            num_warps=num_warps(tiles.block), **flags,
+            num_warps=pipelined_warps(tiles.block), **flags,
         )
     if adapt:
         mu_out, s2_out = mu_hist[T].clone(), s2_hist[T].clone()  # own storage: op outputs must not be views
@@ -522,7 +532,7 @@ def launch_train_bwd(
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
             FIRST=t == T - 1, LAST=t == -1, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, BLOCK_P=min(next_pow2(P), MAX_BLOCK_P),
-            num_warps=num_warps(tiles.block), **flags,
+            num_warps=pipelined_warps(tiles.block), **flags,
         )
     return gx.to(gx_dtype), gv0, gw, gb, pth.sum(dim=0)
 
