@@ -1,5 +1,6 @@
 """The ahead-of-time compile check (perf/compile_check.py): every configuration the launchers
-choose compiles for sm_90 and sm_80, and the capture reaches every kernel.
+choose compiles for sm_90 and sm_80 without register spills (``ptxas -v``), and the
+capture reaches every kernel.
 
 The check runs in a subprocess: triton picks the interpreter at import time, and the
 tests run with it on (tests/conftest.py). Compiled configurations are cached by kernel
@@ -41,6 +42,16 @@ def _run_check(tmp_path: Path, extra_path: str | None = None, *args: str) -> tup
     return out, rows
 
 
+def _assert_no_spills(rows: list[dict]) -> None:
+    """Issue 9: no configuration a launcher chooses spills registers to local memory."""
+    sys.path.insert(0, str(ROOT))
+    from perf.compile_check import spilling
+
+    spills = [f"{r['kernel']} {r['target']} num_warps={r['num_warps']} {r['spill_stores']}/{r['spill_loads']} B: {r['config']}"
+              for r in spilling(rows)]
+    assert not spills, "register spills:\n" + "\n".join(spills)
+
+
 def _launched_kernels() -> set[str]:
     """Every @triton.jit function of snnorm.kernels that no other one calls: the kernels."""
     code = (
@@ -61,7 +72,7 @@ def _launched_kernels() -> set[str]:
     return set(out.stdout.split())
 
 
-def test_every_launched_configuration_compiles_for_sm90_and_sm80(tmp_path):
+def test_every_launched_configuration_compiles_for_sm90_and_sm80_without_spills(tmp_path):
     out, rows = _run_check(tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert rows, "no configuration was compiled"
@@ -72,6 +83,7 @@ def test_every_launched_configuration_compiles_for_sm90_and_sm80(tmp_path):
         assert int(r["registers"]) > 0 and int(r["num_warps"]) >= 1 and int(r["programs"]) >= 1, r
     # the capture reached every kernel (a kernel no launcher launches on the grid is untested)
     assert {r["kernel"] for r in rows} == _launched_kernels()
+    _assert_no_spills(rows)
     print("\n" + out.stdout[-3000:])
 
 
@@ -90,7 +102,7 @@ def test_spilling_reports_spilled_configurations():
 
 
 @pytest.mark.skipif(not os.environ.get("SNNORM_COMPILE_CHECK_PYTHONPATH"), reason="no second triton given (tests/run.sh sets one)")
-def test_oldest_supported_triton_compiles_every_configuration(tmp_path):
+def test_oldest_supported_triton_compiles_every_configuration_without_spills(tmp_path):
     # every kernel once (LIF, MPBN training on the resident and the pipelined path, TEBN, TAB), in fp32
     # and bf16 — the whole CI grid again would double this check's CI time
     extra = os.environ["SNNORM_COMPILE_CHECK_PYTHONPATH"]
@@ -104,4 +116,5 @@ def test_oldest_supported_triton_compiles_every_configuration(tmp_path):
     assert f"triton{triton.__version__}" not in csv_file.name, f"{csv_file.name}: the second triton was not used"
     assert rows and not [r for r in rows if r["status"] != "ok"]
     assert {r["kernel"] for r in rows} == _launched_kernels()
+    _assert_no_spills(rows)
     print("\n" + out.stdout[-3000:])

@@ -72,8 +72,9 @@ RESIDENT_MAX_M = 2048
 MIN_PROGRAMS = 132
 #: largest tile (elements per program) of the pipelined path
 SPLIT_BLOCK = 2048
-#: partial statistics combined per chunk (a bound on registers however many tiles a channel has)
-MAX_BLOCK_P = 1024
+#: partial statistics combined per chunk (a bound on registers however many tiles a channel has;
+#: at 256 the backward on 16 warps spilled 4 B, ``perf/compile_check.py --grid full``)
+MAX_BLOCK_P = 128
 #: smallest tile the pipelined path shrinks to while looking for MIN_PROGRAMS programs
 SPLIT_MIN_BLOCK = 256
 
@@ -88,13 +89,13 @@ def uses_resident_path(N: int, C: int, S: int) -> bool:
 
 
 def pipelined_warps(block: int) -> int:
-    """Warps for a pipelined tile: 4 elements a thread, 2 to 16 warps.
+    """Warps for a pipelined tile: 4 elements a thread, 1 to 16 warps.
 
     At 8 a thread (:func:`num_warps`) ptxas spilled 4–8 B on sm_80/sm_90: the backward at
     tile 512 on 2 warps with fp16/bf16 ∂x, both kernels at tile 2048 as [128, 16] on 8 warps
     (``perf/compile_check.py``). The tile, hence the bytes moved, stays the same.
     """
-    return max(2, min(16, block // 128))
+    return max(1, min(16, block // 128))
 
 
 def pipelined_tiling(N: int, C: int, S: int) -> Tiling:
