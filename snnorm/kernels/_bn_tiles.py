@@ -230,9 +230,9 @@ def device_props(device: torch.device):
 def tile_elems(interp: bool) -> int:
     """Elements per tile: large under the interpreter (which pays per tile), 2048 on a GPU.
 
-    At 4096 on 8 warps the forward kernels spilled 4 B on sm_90 with bf16 inputs (triton
-    3.6, ``perf/compile_check.py``; 16 warps did not cure it); at 2048 on 8 warps the
-    statistics kernel spilled 8 B on sm_80. 2048 on 4 warps spills nowhere.
+    2048 elements on 8 warps is 8 a thread: at 4096 (16 a thread) the forward kernels
+    spilled on sm_90 with bf16 inputs (triton 3.6, ``perf/compile_check.py``), and 16 warps
+    did not cure it. (On 4 warps the backward reduction spilled up to 32 B.)
     """
     return TUNING["tile_elems"] or (1 << 16 if interp else 2048)
 
@@ -265,7 +265,8 @@ def geometry(T: int, N: int, C: int, S: int, device: torch.device, programs: Opt
     n_per_prog = triton.cdiv(n_blocks, n_splits) * BLOCK_N
     s_splits = triton.cdiv(S, s_per_prog)  # no empty program
     n_splits = triton.cdiv(N, n_per_prog)
-    num_warps = 4  # with tile_elems: no spills (see there)
+    elems = BLOCK_N * BLOCK_C * BLOCK_S
+    num_warps = 8 if elems >= 2048 else 4
     return Geometry(
         BLOCK_N, BLOCK_C, BLOCK_S, n_per_prog, s_per_prog, n_splits, s_splits, c_blocks,
         (c_blocks, T * n_splits, s_splits), T * n_splits * s_splits, num_warps,
