@@ -254,6 +254,8 @@ def scenarios(grid: str):
         per_step = [m for m in modes if m.startswith(("mpbn-train", "mpbn-adapt"))] + ["tebn-train", "tab-train"]
         points = [(*resident, "float32", m) for m in modes] + [(*split, "float32", m) for m in per_step]
         points += [(*wide_c, "float32", m) for m in per_step]
+        # the statistics tiles that once spilled on sm_80 at 8 warps ([8, 4, 64] and [1, 32, 64])
+        points += [(4, 128, 3, (8, 8), "float32", "tebn-train"), (4, 1, 512, (8, 8), "float32", "tab-train")]
         points += [(*resident, "bfloat16", m) for m in ("lif", "mpbn-train", "tebn-train", "tab-train")]
         points += [(*split, "bfloat16", "mpbn-train"), (*resident, "float16", "mpbn-train")]
     else:

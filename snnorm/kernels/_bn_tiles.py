@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import acc_dtype, next_pow2
 
 __all__ = [
     "program_slice",
@@ -237,12 +237,16 @@ def tile_elems(interp: bool) -> int:
     return TUNING["tile_elems"] or (1 << 16 if interp else 2048)
 
 
-def geometry(T: int, N: int, C: int, S: int, device: torch.device, programs: Optional[int] = None) -> Geometry:
+def geometry(
+    T: int, N: int, C: int, S: int, device: torch.device, programs: Optional[int] = None,
+    num_warps: Optional[int] = None,
+) -> Geometry:
     """Tile sizes and the split of each (channel block, timestep) over about ``programs`` programs.
 
     ``programs`` is what fits on the device at once (:func:`fitted_geometry`); without it,
     one program under the interpreter (which pays per program) and
     FALLBACK_PROGRAMS_PER_SM per SM on a GPU. ``TUNING["programs"]`` overrides both.
+    ``num_warps`` overrides the tile's default warp count (for a kernel that spills with it).
     """
     interp = device.type != "cuda"
     tile = tile_elems(interp)
@@ -266,7 +270,8 @@ def geometry(T: int, N: int, C: int, S: int, device: torch.device, programs: Opt
     s_splits = triton.cdiv(S, s_per_prog)  # no empty program
     n_splits = triton.cdiv(N, n_per_prog)
     elems = BLOCK_N * BLOCK_C * BLOCK_S
-    num_warps = 8 if elems >= 2048 else 4
+    if num_warps is None:
+        num_warps = 8 if elems >= 2048 else 4
     return Geometry(
         BLOCK_N, BLOCK_C, BLOCK_S, n_per_prog, s_per_prog, n_splits, s_splits, c_blocks,
         (c_blocks, T * n_splits, s_splits), T * n_splits * s_splits, num_warps,
@@ -341,20 +346,21 @@ def slice_args(geo: Geometry) -> tuple:
 
 def fitted_geometry(
     kernel, T: int, N: int, C: int, S: int, device: torch.device, dtype: torch.dtype,
-    args_for: Callable[[Geometry], tuple], constexprs: dict,
+    args_for: Callable[[Geometry], tuple], constexprs: dict, num_warps: Optional[int] = None,
 ) -> Geometry:
     """The geometry for launching ``kernel``: as many programs as the GPU holds at once.
 
     ``args_for(geo)`` gives the kernel's arguments for a geometry (used to compile it once).
     Under the interpreter, or with ``TUNING["programs"]`` set, the plain geometry.
     """
-    geo = geometry(T, N, C, S, device)
+    geo = geometry(T, N, C, S, device, num_warps=num_warps)
     if device.type != "cuda" or TUNING["programs"] is not None:
         return geo
     per_sm = programs_per_sm(kernel, lambda: args_for(geo), {**constexprs, **tile_constexprs(geo)}, device, dtype)
     if per_sm is None:
         return geo
-    return geometry(T, N, C, S, device, programs=per_sm * device_props(device).multi_processor_count)
+    return geometry(T, N, C, S, device, programs=per_sm * device_props(device).multi_processor_count,
+                    num_warps=num_warps)
 
 
 def combine_tiles(P: int, C: int, interp: bool) -> tuple[int, int]:
@@ -379,3 +385,26 @@ def as_tncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     T, N, C = x.shape[:3]
     S = math.prod(x.shape[3:])
     return x.contiguous().view(T, N, C, S), T, N, C, S
+
+
+#: stats_partial_kernel's warps: on 8 warps a few sm_80 tiles ([1, 32, 64], [8, 4, 64]) spill
+#: 8 B a thread; on 4 none of the compile check's configurations do
+STATS_WARPS = 4
+
+
+def launch_partial_stats(x4: torch.Tensor, T: int, N: int, C: int, S: int, acc: torch.dtype):
+    """Per-(program slice, channel) partial statistics of ``x4`` [T, N, C, S]: (count, mean, M2)
+    rows for every part of every step, combined afterwards in a fixed order. TEBN and TAB
+    share it. Returns (part_mean [parts, C], part_m2 [parts, C], part_count [parts], geometry)."""
+
+    def partials(geo):
+        part_mean = torch.empty(geo.parts, C, dtype=acc, device=x4.device)
+        part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x4.device)
+        part_count = torch.empty(geo.parts, dtype=acc, device=x4.device)
+        return (x4, part_mean, part_m2, part_count, N, C, S, *slice_args(geo))
+
+    flags = dict(ACC_DTYPE=acc_dtype(acc))
+    geo = fitted_geometry(stats_partial_kernel, T, N, C, S, x4.device, x4.dtype, partials, flags, num_warps=STATS_WARPS)
+    args = partials(geo)
+    stats_partial_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
+    return (*args[1:4], geo)

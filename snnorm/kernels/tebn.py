@@ -53,9 +53,9 @@ from ._bn_tiles import (
     combine_tiles,
     contiguous_or_none,
     fitted_geometry,
+    launch_partial_stats,
     program_slice,
     slice_args,
-    stats_partial_kernel,
     tile_constexprs,
     tile_offsets,
 )
@@ -233,17 +233,7 @@ def _launch_tebn_stats(
     if x.numel() == 0:  # as F.batch_norm: an empty batch updates nothing
         return x.new_zeros(C, dtype=acc), x.new_ones(C, dtype=acc)
 
-    def partials(geo):
-        part_mean = torch.empty(geo.parts, C, dtype=acc, device=x.device)
-        part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x.device)
-        part_count = torch.empty(geo.parts, dtype=acc, device=x.device)
-        return (x4, part_mean, part_m2, part_count, N, C, S, *slice_args(geo))
-
-    flags = dict(ACC_DTYPE=acc_dtype(acc))
-    geo = fitted_geometry(stats_partial_kernel, T, N, C, S, x.device, x.dtype, partials, flags)
-    args = partials(geo)
-    stats_partial_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
-    part_mean, part_m2, part_count = args[1:4]
+    part_mean, part_m2, part_count, geo = launch_partial_stats(x4, T, N, C, S, acc)
 
     mean = torch.empty(C, dtype=acc, device=x.device)
     var = torch.empty(C, dtype=acc, device=x.device)
