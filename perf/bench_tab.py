@@ -144,13 +144,7 @@ def providers(env, args, compile_point: bool) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    args = H.common_argparser(__doc__.splitlines()[0]).parse_args(argv)
-    H.apply_threads(args)
-    env = H.environment(args.device)
-    name = H.grid_name(args)
-    rec = H.Recorder(env, verbose=not args.quiet)
-    budget = H.budget_for(args)
-    H.record_load(rec, "tab", "start")
+    args, env, name, rec, budget = H.start_session(__doc__, "tab", argv)
     for cls, shape, dt in grid(name):
         if not H.selected(args, f"{cls} {H.shape_str(shape)} {dt}"):
             continue

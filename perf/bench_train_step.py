@@ -144,13 +144,7 @@ def run_point(rec, env, T, N, HW, widths, dtype, providers, budget, seed=0):
 
 
 def main(argv=None) -> list[dict]:
-    args = H.common_argparser(__doc__.splitlines()[0]).parse_args(argv)
-    H.apply_threads(args)
-    env = H.environment(args.device)
-    name = H.grid_name(args)
-    rec = H.Recorder(env, verbose=not args.quiet)
-    budget = H.budget_for(args)
-    H.record_load(rec, KERNEL, "start")
+    args, env, name, rec, budget = H.start_session(__doc__, KERNEL, argv)
     spec = GRID[name]
     for dt in spec["dtypes"]:
         for T, N, HW in spec["points"]:

@@ -22,6 +22,7 @@ times are in milliseconds; ``note`` carries error messages and skip reasons.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import gc
@@ -33,7 +34,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -604,7 +605,6 @@ def seed_all(seed: int) -> None:
 
 
 def common_argparser(description: str):
-    import argparse
 
     p = argparse.ArgumentParser(description=description)
     g = p.add_mutually_exclusive_group()
@@ -694,3 +694,25 @@ def compile_here(grid: str, shape, dt: str, compile_all: bool) -> bool:
     """Quick grid: compile every size class at T=4, fp32 only (a static compile takes
     10-90 s per point and mode on a 2-core CPU); --full or --compile-all: every point."""
     return compile_all or grid != "quick" or (shape[0] == 4 and dt == "fp32")
+
+
+class Session(NamedTuple):
+    """What every sweep's ``main`` sets up before its grid loop."""
+
+    args: argparse.Namespace
+    env: "Env"
+    grid_name: str
+    rec: "Recorder"
+    budget: "TimingBudget"
+
+
+def start_session(doc: str, kernel: str, argv=None) -> Session:
+    """Parse a sweep's command line (``doc``'s first line is its help), set threads, and
+    open its recorder and timing budget; records the machine load at the start."""
+    args = common_argparser(doc.splitlines()[0]).parse_args(argv)
+    apply_threads(args)
+    env = environment(args.device)
+    rec = Recorder(env, verbose=not args.quiet)
+    budget = budget_for(args)
+    record_load(rec, kernel, "start")
+    return Session(args, env, grid_name(args), rec, budget)
