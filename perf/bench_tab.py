@@ -136,8 +136,8 @@ def run_point(rec, env, shape, dtype, providers, budget, seed=0):
                             timings[QUADRATIC].median_ms / t.median_ms)
 
 
-def providers(env, args, compile_point: bool) -> dict:
-    out = H.providers_for(env, args, compile_point)
+def providers(env, args, compile_point: bool, **kwargs) -> dict:
+    out = H.providers_for(env, args, compile_point, **kwargs)
     out.pop(H.SPIKINGJELLY)  # spikingjelly has no TAB
     out[QUADRATIC] = True
     return out

@@ -7,7 +7,8 @@ if carried as a wheel, see perf/README.md), from the working tree:
    profile "gpu-quick", as a pytest subprocess with a 180 s timeout -> ``tests.log``;
 2. the core benchmark points against the torch backend, ``torch.compile`` of it,
    spikingjelly (when importable) and a same-size device copy, through perf/harness.py:
-   MPBN-LIF train fwd(+bwd), eval, folded and TEBN train fwd(+bwd), eval at
+   MPBN-LIF train fwd(+bwd), eval, folded and TEBN train fwd(+bwd), eval (then TAB, against
+   the official O(T²) algorithm, in the time left) at
    (T=4, N=64, C=128, 32×32), (T=4, N=128, C=256, 8×8), (T=8, N=32, C=64, 56×56), fp32 and
    bf16 -> ``bench.csv`` (torch.compile at the first fp32 point only: inductor needs 10-60 s per
    shape and mode); points left when the time budget runs out are recorded as skipped;
@@ -87,7 +88,7 @@ def run_tests(out: Path, log: Log, dry: bool, timeout_s: int) -> str:
 def run_benchmarks(out: Path, log: Log, dry: bool, deadline_s: float) -> list[dict]:
     import torch
 
-    from perf import bench_mpbn_lif, bench_tebn
+    from perf import bench_mpbn_lif, bench_tab, bench_tebn
     from perf import harness as H
 
     env = H.environment("cpu" if dry else None)
@@ -96,25 +97,28 @@ def run_benchmarks(out: Path, log: Log, dry: bool, deadline_s: float) -> list[di
     args = argparse.Namespace(no_compile=dry)  # dry: inductor on a CPU takes minutes
     shapes = DRY_SHAPES if dry else SHAPES
     dtypes = ("fp32",) if dry else DTYPES
-    for dt in dtypes:
-        for shape in shapes:
-            for name, bench in (("mpbn_lif", bench_mpbn_lif), ("tebn", bench_tebn)):
-                label = f"{name} {H.shape_str(shape)} {dt}"
-                if log.elapsed() > deadline_s:
-                    rec.add(name, "-", "-", H.shape_str(shape), dt, "skipped", None, "gpu_check time budget spent")
-                    log(f"bench: {label}: skipped (time budget)")
-                    continue
-                t = time.monotonic()
-                # inductor takes 10-60 s per shape and mode: torch.compile at the first fp32 point only
-                compile_point = not dry and dt == "fp32" and shape == shapes[0]
-                providers = H.providers_for(env, args, compile_point=compile_point, compile_note=COMPILE_NOTE)
-                try:
-                    bench.run_point(rec, env, shape, H.DTYPES[dt], providers, budget)
-                except Exception as err:  # a failing point is a row, and the rest still runs
-                    rec.add(name, "-", "-", H.shape_str(shape), dt, "error", None, f"{type(err).__name__}: {err}"[:300])
-                if env.is_cuda:
-                    torch.cuda.empty_cache()
-                log(f"bench: {label}: {time.monotonic() - t:.1f}s")
+    # the issue's core points first (MPBN-LIF, TEBN), then TAB, so TAB never takes their time
+    groups = ((("mpbn_lif", bench_mpbn_lif), ("tebn", bench_tebn)), (("tab", bench_tab),))
+    points = [(dt, shape, b) for group in groups for dt in dtypes for shape in shapes for b in group]
+    for dt, shape, (name, bench) in points:
+        label = f"{name} {H.shape_str(shape)} {dt}"
+        if log.elapsed() > deadline_s:
+            rec.add(name, "-", "-", H.shape_str(shape), dt, "skipped", None, "gpu_check time budget spent")
+            log(f"bench: {label}: skipped (time budget)")
+            continue
+        t = time.monotonic()
+        # inductor takes 10-60 s per shape and mode: torch.compile at the first fp32 point only
+        compile_point = not dry and dt == "fp32" and shape == shapes[0] and bench is not bench_tab
+        # TAB: no spikingjelly; the official O(T²) algorithm instead
+        providers_for = bench_tab.providers if bench is bench_tab else H.providers_for
+        providers = providers_for(env, args, compile_point=compile_point, compile_note=COMPILE_NOTE)
+        try:
+            bench.run_point(rec, env, shape, H.DTYPES[dt], providers, budget)
+        except Exception as err:  # a failing point is a row, and the rest still runs
+            rec.add(name, "-", "-", H.shape_str(shape), dt, "error", None, f"{type(err).__name__}: {err}"[:300])
+        if env.is_cuda:
+            torch.cuda.empty_cache()
+        log(f"bench: {label}: {time.monotonic() - t:.1f}s")
     rec.write_csv(out / "bench.csv")
     return rec.rows
 
@@ -137,6 +141,7 @@ def run_compile_check(out: Path, log: Log, timeout_s: int) -> str:
 
 def table(rows: list[dict]) -> str:
     """ms (median) per provider and the triton kernel's share of a same-size copy's bandwidth."""
+    from perf import bench_tab
     from perf import harness as H
 
     cells: dict = {}
@@ -149,7 +154,7 @@ def table(rows: list[dict]) -> str:
             copy[key] = float(r["value"])
         elif r["metric"] == "error":
             cells.setdefault(key, {})[r["provider"] + "!"] = r["note"]
-    provs = [H.SNNORM_TRITON, H.SNNORM_TORCH, H.SNNORM_COMPILE, H.SPIKINGJELLY]
+    provs = [H.SNNORM_TRITON, H.SNNORM_TORCH, H.SNNORM_COMPILE, H.SPIKINGJELLY, bench_tab.QUADRATIC]
     head = f"{'kernel':9} {'mode':13} {'shape':16} {'dt':5} " + " ".join(f"{p[-12:]:>12}" for p in provs) + "  copy-frac"
     lines = [head, "-" * len(head)]
     for key in sorted(cells):
