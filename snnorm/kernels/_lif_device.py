@@ -117,6 +117,19 @@ def load_channel(ptr, c, HAS: tl.constexpr, ACC: tl.constexpr):
     return value
 
 
+@triton.jit
+def load_fire_params(th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM: tl.constexpr,
+                     FOLDED: tl.constexpr, ACC: tl.constexpr):
+    """Channel c's (θ, μ, r, β, θ′, sign) of the elementwise kernels; absent ones are 0."""
+    th = tl.load(th_ptr + c).to(ACC)
+    mu = load_channel(mu_ptr, c, NORM, ACC)
+    r = load_channel(r_ptr, c, NORM, ACC)
+    beta = load_channel(beta_ptr, c, NORM, ACC)
+    thf = load_channel(thf_ptr, c, FOLDED, ACC)
+    sgn = load_channel(sgn_ptr, c, FOLDED, ACC)
+    return th, mu, r, beta, thf, sgn
+
+
 # --- the neuron --------------------------------------------------------------------------
 
 
@@ -128,6 +141,15 @@ def charge(v, x, tau, v_r, DECAY_INPUT: tl.constexpr):
     else:
         h = v - (v - v_r) / tau + x
     return h
+
+
+@triton.jit
+def charge_grads(tau, DECAY_INPUT: tl.constexpr):
+    """(∂h/∂x, ∂h/∂v) of :func:`charge`: (1/τ or 1, 1 − 1/τ)."""
+    dh_dx = 1.0
+    if DECAY_INPUT:
+        dh_dx = 1.0 / tau
+    return dh_dx, 1.0 - 1.0 / tau
 
 
 @triton.jit

@@ -79,12 +79,9 @@ def _lif_fwd_kernel(
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
 
-    th = tl.load(th_ptr + c).to(ACC)
-    mu = dev.load_channel(mu_ptr, c, NORM, ACC)
-    r = dev.load_channel(r_ptr, c, NORM, ACC)
-    beta = dev.load_channel(beta_ptr, c, NORM, ACC)
-    thf = dev.load_channel(thf_ptr, c, FIRE == dev.FIRE_FOLDED, ACC)
-    sgn = dev.load_channel(sgn_ptr, c, FIRE == dev.FIRE_FOLDED, ACC)
+    th, mu, r, beta, thf, sgn = dev.load_fire_params(
+        th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM, FIRE == dev.FIRE_FOLDED, ACC
+    )
     v_r = tl.cast(v_reset, ACC)
 
     v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC)
@@ -126,17 +123,11 @@ def _lif_bwd_kernel(
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
 
-    th = tl.load(th_ptr + c).to(ACC)
-    mu = dev.load_channel(mu_ptr, c, NORM, ACC)
-    r = dev.load_channel(r_ptr, c, NORM, ACC)
-    beta = dev.load_channel(beta_ptr, c, NORM, ACC)
-    thf = dev.load_channel(thf_ptr, c, FIRE == dev.FIRE_FOLDED, ACC)
-    sgn = dev.load_channel(sgn_ptr, c, FIRE == dev.FIRE_FOLDED, ACC)
+    th, mu, r, beta, thf, sgn = dev.load_fire_params(
+        th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM, FIRE == dev.FIRE_FOLDED, ACC
+    )
     v_r = tl.cast(v_reset, ACC)
-    x_scale = 1.0
-    if DECAY_INPUT:
-        x_scale = 1.0 / tau
-    v_scale = 1.0 - 1.0 / tau
+    x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
 
     zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC)
     gv = zero

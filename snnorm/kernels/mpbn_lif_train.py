@@ -202,10 +202,7 @@ def _mpbn_lif_resident_bwd_kernel(
     th = tl.load(th_ptr + c).to(ACC)
     gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_AFFINE, ACC)
     v_r = tl.cast(v_reset, ACC)
-    x_scale = 1.0
-    if DECAY_INPUT:
-        x_scale = 1.0 / tau
-    v_scale = 1.0 - 1.0 / tau
+    x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
 
     zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC)
     gv = zero
@@ -375,11 +372,9 @@ def _mpbn_lif_pipelined_bwd_kernel(
         gh = gamma * rstd * (g_hat - a_sum / M - xhat * (b_sum / M))
         if not CARRY_NORM:
             gh += tl.load(gdir_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC)
-        x_scale = 1.0
-        if DECAY_INPUT:
-            x_scale = 1.0 / tau
+        x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
         tl.store(gx_ptr + tp * step + o_off, (gh * x_scale).to(gx_ptr.dtype.element_ty), mask=mask)
-        gv = gh * (1.0 - 1.0 / tau)
+        gv = gh * v_scale
         if pid == 0:  # the first apply (step T − 1) writes, later ones accumulate
             first_apply = t + 1 == T - 1
             tl.store(gw_ptr + c, tl.where(first_apply, 0.0, tl.load(gw_ptr + c)) + b_sum)
