@@ -72,6 +72,7 @@ from . import backends
 from .backends import torch_backend
 from .base import StepModule
 from .layer import batch_norm as _bn
+from .layer._bn_state import check_batch_values, resolve_running_stats, uses_batch_stats
 from .neuron import MPBNBaseNode
 
 __all__ = [
@@ -330,18 +331,18 @@ class _SyncBatchNormMixin(_SyncMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         multi = isinstance(self, StepModule) and self.step_mode == "m"
+        channel_dim = 2 if multi else 1
         self._check_bn_input(x, multi)
-        flat = x.flatten(0, 1) if multi else x
-        _bn._check_batch_statistics(self, flat, 1)
+        check_batch_values(self, x, batch_stats=uses_batch_stats(self), channel_dim=channel_dim)
         self._check_sync()
         group = _active_group(self, strict=False)
         if group is None or not self._syncs():
-            return _bn.batch_norm(self, flat).view(x.shape)  # exactly the original
-        running_mean, running_var, factor = _bn.running_stats_for_forward(self)
-        update = self.training and running_mean is not None
+            return _bn.batch_norm(self, x, channel_dim)  # exactly the original
+        stats = resolve_running_stats(self)
+        update = self.training and stats.mean is not None
         y = sync_batch_norm(
-            flat, self.weight, self.bias, running_mean if update else None, running_var if update else None,
-            factor, self.eps, group,
+            x.flatten(0, 1) if multi else x, self.weight, self.bias, stats.mean if update else None,
+            stats.var if update else None, stats.factor, self.eps, group,
         )
         return y.view(x.shape)
 

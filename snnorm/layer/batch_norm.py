@@ -19,7 +19,8 @@ In training the batch statistics normalise and update the running statistics
 the cumulative 1/``num_batches_tracked`` when ``momentum is None``); in eval the running
 statistics normalise. Running statistics are touched only when
 :func:`snnorm.memopt.should_update_running_stats` allows it, so activation checkpointing
-does not update them twice.
+does not update them twice. Every family resolves them, and checks its input, through
+:mod:`snnorm.layer._bn_state`.
 
 Every layer subclasses torch's ``_BatchNorm`` (or holds torch BN modules) exactly where
 spikingjelly 2.0.0 does, so ``state_dict`` s load both ways.
@@ -27,7 +28,8 @@ spikingjelly 2.0.0 does, so ``state_dict`` s load both ways.
 Before any running statistic or counter moves, a forward checks the input (shape, T,
 device, dtype — the dtype policy of :mod:`snnorm.layer._checks`: the parameters' dtype, or
 float16/bfloat16 into float32) and ``eps`` > 0 and ``momentum`` ∈ [0, 1] or None (plain
-attributes a user may have reassigned); torch's own BN counts the batch first.
+attributes a user may have reassigned), and that batch statistics get more than one value
+per channel; torch's own BN counts the batch first.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import base
 from .._checks import check_eps, check_finite, check_momentum, check_positive_int
-from ..memopt import check_stateful_recompute, should_update_running_stats
-from ._checks import check_device, check_dtype, check_ndim, check_sequence, check_size, check_tensor, check_time_steps
+from ..memopt import check_stateful_recompute
+from ._bn_state import check_batch_values, check_bn_input, resolve_running_stats, uses_batch_stats
 
 __all__ = [
     "BatchNorm1d",
@@ -75,67 +77,15 @@ def _check_bn_args(owner, num_features, eps, momentum, name: str = "num_features
     check_momentum(owner, momentum)
 
 
-def _check_bn_settings(owner, bn: _BatchNorm) -> None:
-    """``eps``/``momentum`` are plain attributes a user may reassign after construction:
-    check them before a forward counts the batch (torch would raise only afterwards)."""
-    check_eps(owner, bn.eps)
-    check_momentum(owner, bn.momentum)
-
-
-def _reference_tensor(bn: _BatchNorm) -> torch.Tensor | None:
-    """The tensor whose dtype and device an input must match (None: nothing to match)."""
-    return bn.weight if bn.weight is not None else bn.running_mean
-
-
-def _check_batch_statistics(bn: _BatchNorm, x: torch.Tensor, channel_dim: int, owner: nn.Module | None = None) -> None:
-    """ValueError if batch statistics are needed but each channel has a single value.
-
-    torch raises the same error, but only after counting the batch in
-    ``num_batches_tracked``; checking first keeps a rejected call side-effect free.
-    """
-    uses_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    per_channel = x.numel() // max(x.shape[channel_dim], 1)
-    if uses_batch_stats and per_channel == 1:
-        raise ValueError(
-            f"{type(owner or bn).__name__}: batch statistics need more than one value per channel, got input of "
-            f"shape {tuple(x.shape)} (1 value per channel); use a larger batch or eval mode"
-        )
-
-
-def running_stats_for_forward(bn: _BatchNorm):
-    """Resolve what torch's ``_BatchNorm.forward`` passes to ``F.batch_norm``.
-
-    Returns ``(running_mean, running_var, factor)``: the running buffers to read (eval)
-    or update (training), ``None`` when they are not tracked, and the momentum factor
-    (``momentum``, or ``1/num_batches_tracked`` when ``momentum is None``). Counts the
-    batch in ``num_batches_tracked`` when the statistics will be updated.
-
-    When :func:`should_update_running_stats` says no (a checkpoint recomputation, a
-    ``gc_1st_forward`` dry run) it returns throw-away copies of the buffers: the batch
-    statistics still normalise, the real buffers stay untouched, and the op saves the
-    same tensors for backward as the first forward did (non-reentrant
-    ``torch.utils.checkpoint`` checks that).
-    """
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if not bn.training:
-        return bn.running_mean, bn.running_var, factor
-    if not bn.track_running_stats or bn.running_mean is None:
-        return None, None, factor
-    if not should_update_running_stats(bn):
-        return bn.running_mean.clone(), bn.running_var.clone(), factor
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(bn.num_batches_tracked)
-    return bn.running_mean, bn.running_var, factor
-
-
-def batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """torch's ``_BatchNorm.forward`` on ``[N, C, *]`` with the checkpointing guard."""
-    _check_batch_statistics(bn, x, 1)
-    running_mean, running_var, factor = running_stats_for_forward(bn)
-    use_batch_stats = bn.training or running_mean is None
-    return F.batch_norm(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps)
+def batch_norm(bn: _BatchNorm, x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """torch's ``_BatchNorm.forward`` with the checkpointing guard, on ``[N, C, *]``, or on a
+    sequence ``[T, N, C, *]`` (``channel_dim=2``) with statistics over T·N·spatial."""
+    over = "over T·N·spatial" if channel_dim == 2 else ""
+    check_batch_values(bn, x, batch_stats=uses_batch_stats(bn), channel_dim=channel_dim, over=over)
+    stats = resolve_running_stats(bn)
+    flat = x.flatten(0, 1) if channel_dim == 2 else x
+    y = F.batch_norm(flat, stats.mean, stats.var, bn.weight, bn.bias, uses_batch_stats(bn), stats.factor, bn.eps)
+    return y.view(x.shape)
 
 
 class _GuardedBatchNormMixin:
@@ -155,29 +105,17 @@ class _GuardedBatchNormMixin:
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
 
-    def _check_bn_input(self, x: torch.Tensor, multi: bool) -> None:
-        check_tensor(self, x)
-        check_ndim(self, x, tuple(n + multi for n in self._sample_ndims), "m" if multi else "s")
-        if multi:
-            check_sequence(self, x)
-        check_size(self, x, 1 + multi, self.num_features, "channels")
-        reference = _reference_tensor(self)
-        check_device(self, x, reference)
-        check_dtype(self, x, reference)
-        _check_bn_settings(self, self)
+    def _check_bn_input(self, x: torch.Tensor, multi: bool, T: Optional[int] = None) -> None:
+        check_bn_input(self, x, multi=multi, sample_ndims=self._sample_ndims, num_features=self.num_features, T=T)
 
 
 class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
     """Step modes for BN layers: 's' is torch's BN, 'm' folds T into the batch."""
 
-    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """Multi-step: statistics over T·N·spatial by folding T into N."""
-        return batch_norm(self, x.flatten(0, 1)).view(x.shape)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         multi = self.step_mode == "m"
         self._check_bn_input(x, multi)
-        return self._forward_folded(x) if multi else batch_norm(self, x)
+        return batch_norm(self, x, channel_dim=2 if multi else 1)  # 'm': T folded into N
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", step_mode={self.step_mode}"
@@ -330,7 +268,7 @@ class _ThresholdDependentBatchNormBase(_BatchNormMixin, _BatchNorm):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_bn_input(x_seq, multi=True)
-        return self._forward_folded(x_seq)
+        return batch_norm(self, x_seq, channel_dim=2)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={self.alpha}, v_th={self.v_th}"
@@ -402,19 +340,18 @@ class _TemporalEffectiveBatchNormBase(_BatchNormMixin, _BatchNorm):
             nn.init.ones_(scale)
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        self._check_bn_input(x_seq, multi=True)
-        check_time_steps(self, x_seq, self.T)
-        _check_batch_statistics(self, x_seq.flatten(0, 1), 1)
-        running_mean, running_var, factor = running_stats_for_forward(self)
+        self._check_bn_input(x_seq, multi=True, T=self.T)
+        check_batch_values(self, x_seq, batch_stats=uses_batch_stats(self), channel_dim=2, over="over T·N·spatial")
+        stats = resolve_running_stats(self)
         return self.ops.tebn(
             x_seq,
             self.weight,
             self.bias,
-            running_mean,
-            running_var,
+            stats.mean,
+            stats.var,
             self.scale,
             training=self.training,
-            momentum=factor,
+            momentum=stats.factor,
             eps=self.eps,
         )
 
@@ -472,18 +409,16 @@ class _ThroughTimeBase(base.MemoryModule):
 
     def _check_sequence_input(self, x: torch.Tensor, multi: bool) -> None:
         bns = self._bns()
-        bn = bns[0]
-        check_tensor(self, x)
-        check_ndim(self, x, tuple(n + multi for n in bn._sample_ndims), "m" if multi else "s")
-        if multi:
-            check_sequence(self, x)
-        check_size(self, x, 1 + multi, bn.num_features, "channels")
         # every timestep's BN, so a multi-step call cannot fail half-way (t, counters moved)
-        for step_bn in bns:
-            reference = _reference_tensor(step_bn)
-            check_device(self, x, reference)
-            check_dtype(self, x, reference)
-            _check_bn_settings(self, step_bn)
+        check_bn_input(
+            self, x, multi=multi, sample_ndims=bns[0]._sample_ndims, num_features=bns[0].num_features, bns=bns,
+            T=self.T,
+        )
+
+    def _check_step_values(self, bn: _BatchNorm, x: torch.Tensor) -> None:
+        """One timestep's batch must hold more than one value per channel (checked under this
+        module's name before any timestep's BN counts its batch)."""
+        check_batch_values(self, x, batch_stats=uses_batch_stats(bn), over="at each timestep")
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         check_stateful_recompute(self)  # a plain checkpoint would restart from the advanced t
@@ -494,7 +429,7 @@ class _ThroughTimeBase(base.MemoryModule):
                 f"{type(self).__name__} has T={self.T} timesteps and has already processed all of them "
                 f"(t={self.t}); call reset() (snnorm.functional.reset_net) before the next sequence"
             )
-        _check_batch_statistics(self._bns()[t], x, 1, owner=self)
+        self._check_step_values(self._bns()[t], x)
         y = self._bns()[t](x)
         self.t = t
         return y
@@ -502,14 +437,13 @@ class _ThroughTimeBase(base.MemoryModule):
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         check_stateful_recompute(self)
         self._check_sequence_input(x_seq, multi=True)
-        check_time_steps(self, x_seq, self.T)
         if self.t != -1:
             raise ValueError(
                 f"{type(self).__name__}: a multi-step call processes a whole sequence from t=0, but "
                 f"{self.t + 1} timestep(s) have been processed since the last reset(); call reset() "
                 "(snnorm.functional.reset_net) before the next sequence"
             )
-        _check_batch_statistics(self._bns()[0], x_seq[0], 1, owner=self)
+        self._check_step_values(self._bns()[0], x_seq[0])
         y_seq = torch.stack([bn(x) for bn, x in zip(self._bns(), x_seq)])
         self.t = self.T - 1
         return y_seq
@@ -729,74 +663,38 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
                 self.bias.zero_()
             self.p.fill_(1)
 
-    # -- input checks and running statistics -------------------------------------
+    # -- input checks -----------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, multi: bool) -> None:
-        check_tensor(self, x)
-        check_ndim(self, x, tuple(n + multi for n in self._sample_ndims), "m" if multi else "s")
-        check_size(self, x, 1 + multi, self.num_features, "channels")
-        check_device(self, x, self.p)
-        check_dtype(self, x, self.p)
-        if multi:
-            check_sequence(self, x)
-        # eps/momentum are plain attributes a user may reassign: check before any state moves
-        check_eps(self, self.eps)
-        check_momentum(self, self.momentum)
-
-    def _uses_batch_stats(self) -> bool:
-        return self.training or self.running_mean is None
+        check_bn_input(
+            self, x, multi=multi, sample_ndims=self._sample_ndims, num_features=self.num_features,
+            T=self.T if multi else None,
+        )
 
     def _check_first_step(self, x_step: torch.Tensor) -> None:
-        """Step 0 alone must give more than one value per channel (as torch's BN, before any
-        update; an empty batch, which would put NaN into the running statistics, too)."""
-        per_channel = x_step.numel() // max(x_step.shape[1], 1)
-        if self._uses_batch_stats() and per_channel < 2:
-            raise ValueError(
-                f"{type(self).__name__}: batch statistics need more than one value per channel, got a step "
-                f"of shape {tuple(x_step.shape)} ({per_channel} value(s) per channel at t=0); use a larger "
-                "batch or eval mode"
-            )
-
-    def _running_stats_for_forward(self, t0: int, steps: int):
-        """(running_mean, running_var, factors) for steps t0..t0+steps−1, as
-        :func:`running_stats_for_forward` does for one BN: counts the batch in
-        ``num_batches_tracked[t]`` when the statistics will be updated, throw-away copies
-        when :func:`should_update_running_stats` says no (checkpoint recompute)."""
-        factors = [0.0 if self.momentum is None else float(self.momentum)] * steps
-        if self.running_mean is None:
-            return None, None, factors
-        window = slice(t0, t0 + steps)
-        running_mean, running_var = self.running_mean[window], self.running_var[window]
-        if not self.training:
-            return running_mean, running_var, factors
-        if not should_update_running_stats(self):
-            return running_mean.clone(), running_var.clone(), factors
-        tracked = self.num_batches_tracked[window]
-        tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average
-            factors = [1.0 / float(n) for n in tracked.tolist()]
-        return running_mean, running_var, factors
+        """Step 0 alone (the first prefix, the fewest values) must give more than one value
+        per channel; not an empty batch either, whose statistics would put NaN into the
+        running statistics."""
+        check_batch_values(self, x_step, batch_stats=uses_batch_stats(self), over="at t=0", empty_ok=False)
 
     # -- forward -------------------------------------------------------------------
     def _tab(self, x_seq: torch.Tensor, t0: int, prefix):
-        steps = x_seq.shape[0]
-        window = slice(t0, t0 + steps)
-        running_mean, running_var, factors = self._running_stats_for_forward(t0, steps)
+        window = slice(t0, t0 + x_seq.shape[0])
+        stats = resolve_running_stats(self, window=window)
         return self.ops.tab(
             x_seq,
             None if self.weight is None else self.weight[window],
             None if self.bias is None else self.bias[window],
-            running_mean,
-            running_var,
+            stats.mean,
+            stats.var,
             self.p[window],
             training=self.training,
-            momentum=factors,
+            momentum=stats.factors,
             eps=self.eps,
             prefix=prefix,
         )
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_input(x_seq, multi=True)
-        check_time_steps(self, x_seq, self.T)
         self._check_first_step(x_seq[0])
         y_seq, _ = self._tab(x_seq, 0, None)
         return y_seq

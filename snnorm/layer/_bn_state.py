@@ -1,0 +1,211 @@
+r"""BN bookkeeping shared by every BN-like layer: the input check, the batch-size rule and
+the running statistics a forward reads or updates.
+
+One place for what torch's ``_BatchNorm.forward`` does around ``F.batch_norm``, for the
+layers whose statistics are per channel over N·spatial (BN 's', BNTT's steps),
+T·N·spatial (BN 'm', tdBN, TEBN) or a prefix of steps (TAB), and for the MPBN neuron's
+membrane BN (one statistic per step):
+
+* :func:`check_bn_input` — shape, T, device, dtype, ``eps``, ``momentum``: before any
+  running statistic, counter or memory moves, so a rejected call changes nothing.
+* :func:`check_batch_values` — batch statistics need more than one value per channel
+  (torch's "Expected more than 1 value per channel when training", raised by torch only
+  after it counted the batch).
+* :func:`resolve_running_stats` — the running buffers and momentum factors to hand the
+  op, counting the batch in ``num_batches_tracked``; throw-away copies where
+  :func:`snnorm.memopt.should_update_running_stats` says no (a checkpoint recompute).
+
+The running update the op then performs, with the factor m resolved here::
+
+    running ← (1 − m)·running + m·batch        (batch variance unbiased: σ²·n/(n − 1))
+    m = momentum,  or 1/num_batches_tracked when momentum is None (cumulative average)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .._checks import check_eps, check_momentum
+from ..memopt import should_update_running_stats
+from ._checks import check_device, check_dtype, check_ndim, check_sequence, check_size, check_tensor, check_time_steps
+
+__all__ = [
+    "RunningStats",
+    "uses_batch_stats",
+    "reference_tensor",
+    "check_bn_input",
+    "check_batch_values",
+    "resolve_running_stats",
+]
+
+
+def uses_batch_stats(bn: nn.Module) -> bool:
+    """Whether a forward normalises with batch statistics: in training, or without running
+    statistics (torch's ``bn_training``)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def reference_tensor(module: nn.Module) -> Optional[torch.Tensor]:
+    """The tensor whose device and dtype an input must match: the module's first floating
+    parameter, else its first floating buffer (torch's BN: ``weight``, else ``running_mean``;
+    TAB: ``weight``, else ``p``); None when it has neither (any input dtype is fine)."""
+    for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+# -- checks ------------------------------------------------------------------------------
+
+
+def check_bn_input(
+    module: nn.Module,
+    x: torch.Tensor,
+    *,
+    multi: bool,
+    sample_ndims: Sequence[int],
+    num_features: int,
+    bns: Iterable[nn.Module] = (),
+    T: Optional[int] = None,
+) -> None:
+    """Every check a BN-like forward runs on its input before any state moves.
+
+    ``x`` is one step ``[N, C, *spatial]`` (``multi=False``; ``sample_ndims`` lists the
+    accepted dims) or a sequence ``[T, N, C, *spatial]`` with T ≥ 1 (``multi=True``; one dim
+    more), with ``num_features`` channels. Its device and dtype must fit
+    (:func:`snnorm.layer._checks.check_dtype`) the tensors of ``module`` and of every BN in
+    ``bns`` (BNTT: every timestep's BN, so a sequence cannot fail half-way), whose ``eps``
+    and ``momentum`` (plain attributes a user may have reassigned) must be valid; ``bns``
+    empty means ``module`` itself. With ``T`` a sequence must have exactly T steps.
+    Errors name ``module`` (TypeError for a non-tensor or wrong dtype, ValueError else).
+    """
+    check_tensor(module, x)
+    check_ndim(module, x, tuple(n + multi for n in sample_ndims), "m" if multi else "s")
+    if multi:
+        check_sequence(module, x)
+    check_size(module, x, 1 + multi, num_features, "channels")
+    for bn in tuple(bns) or (module,):
+        reference = reference_tensor(bn)
+        check_device(module, x, reference)
+        check_dtype(module, x, reference)
+        check_eps(module, bn.eps)
+        check_momentum(module, bn.momentum)
+    if multi and T is not None:
+        check_time_steps(module, x, T)
+
+
+def check_batch_values(
+    module: nn.Module,
+    x: torch.Tensor,
+    *,
+    batch_stats: bool,
+    channel_dim: int = 1,
+    over: str = "",
+    empty_ok: bool = True,
+) -> None:
+    r"""ValueError when batch statistics would rest on a single value per channel.
+
+    ``x`` holds the values of the smallest set one statistic is computed over, channels at
+    ``channel_dim``: the whole input (BN, and with ``channel_dim=2`` a sequence for tdBN,
+    TEBN: T·N·spatial), one timestep (BNTT, MPBN: N·spatial) or step 0 alone (TAB's first
+    prefix). With ``batch_stats`` its n = ``x.numel() / C`` values per channel must not be
+    1: the unbiased variance σ²·n/(n − 1) that updates the running statistics is undefined
+    (torch's rule, which torch checks only after counting the batch). An empty batch
+    (n = 0) passes, as in ``F.batch_norm``, which leaves the statistics untouched then;
+    ``empty_ok=False`` rejects it where the op has no such case and would write NaN into
+    them (TAB). ``over`` says in the message which values (e.g. "at t=0").
+    """
+    if not batch_stats:
+        return
+    n = x.numel() // max(x.shape[channel_dim], 1)
+    if n == 1 or (n == 0 and not empty_ok):
+        where = f" {over}" if over else ""
+        raise ValueError(
+            f"{type(module).__name__}: batch statistics need more than one value per channel, got input of "
+            f"shape {tuple(x.shape)} ({n} value(s) per channel{where}); use a larger batch or eval mode"
+        )
+
+
+# -- running statistics -------------------------------------------------------------------
+
+
+class RunningStats(NamedTuple):
+    """What a BN op needs besides the input and the affine parameters.
+
+    ``mean``, ``var``: the running buffers the op reads (eval) or updates in place
+    (training); throw-away copies in a recompute; None when batch statistics normalise and
+    nothing is updated. ``factors``: the momentum factor of every step the forward updates
+    (one for a BN, T for TAB's per-step statistics or the MPBN neuron's steps).
+    ``batches_before``: the shared ``num_batches_tracked`` before this forward counted it,
+    when the factors are cumulative (``momentum is None``), for an op that derives them
+    itself as 1/(batches_before + t + 1) (``mpbn_lif``); 0 otherwise.
+    """
+
+    mean: Optional[torch.Tensor]
+    var: Optional[torch.Tensor]
+    factors: list[float]
+    batches_before: int = 0
+
+    @property
+    def factor(self) -> float:
+        """The one factor of a single-step update (F.batch_norm's ``momentum``)."""
+        if len(self.factors) != 1:
+            raise ValueError(f"RunningStats.factor: expected one momentum factor, got {len(self.factors)}")
+        return self.factors[0]
+
+
+def resolve_running_stats(
+    module: nn.Module, bn: Optional[nn.Module] = None, *, window: Optional[slice] = None, steps: int = 1
+) -> RunningStats:
+    r"""The running statistics a forward of ``module`` hands its op, as torch's
+    ``_BatchNorm.forward`` resolves them, with the checkpoint guard.
+
+    ``bn`` holds ``running_mean``, ``running_var``, ``num_batches_tracked``, ``momentum``
+    and ``track_running_stats`` (default: ``module``; the MPBN neuron: its ``vbn``).
+
+    * eval: the buffers (None without running statistics), nothing counted;
+    * training without running statistics (``track_running_stats`` False or no buffers):
+      None, None — batch statistics only;
+    * training where :func:`should_update_running_stats` (``module``) says no (a
+      checkpoint recompute, ``gc_1st_forward``): throw-away copies of the buffers, so batch
+      statistics still normalise, the real buffers stay put and the op saves the same
+      tensors as the first forward (non-reentrant checkpointing checks that);
+    * else the buffers themselves, and the forward's batches are counted first.
+
+    Counting: with ``window`` (a ``slice(t0, t1)``) the buffers are per step (TAB: ``[T, C]``
+    and a counter per step) and steps t0..t1−1 count once each on their own counter,
+    m_t = 1/n_t. Without it one counter counts ``steps`` batches (one BN: 1; the MPBN
+    neuron: one per timestep), m_k = 1/(n + k) for k = 1..steps, n the count before.
+    With ``momentum`` set, m = momentum at every step.
+    """
+    bn = module if bn is None else bn
+    if window is not None:
+        steps = window.stop - window.start
+    momentum = bn.momentum
+    factors = [0.0 if momentum is None else float(momentum)] * steps
+    mean, var = bn.running_mean, bn.running_var
+    if mean is not None and window is not None:
+        mean, var = mean[window], var[window]
+    if not module.training:
+        return RunningStats(mean, var, factors)
+    if not bn.track_running_stats or mean is None:
+        return RunningStats(None, None, factors)
+    if not should_update_running_stats(module):
+        return RunningStats(mean.clone(), var.clone(), factors)
+    tracked = bn.num_batches_tracked
+    if tracked is None:
+        return RunningStats(mean, var, factors)
+    if window is not None:
+        tracked = tracked[window]
+        tracked.add_(1)
+        if momentum is None:  # cumulative moving average, per step
+            factors = [1.0 / float(n) for n in tracked.tolist()]
+        return RunningStats(mean, var, factors)
+    tracked.add_(steps)
+    if momentum is None:  # cumulative moving average (reading the counter syncs: only here)
+        before = int(tracked) - steps
+        return RunningStats(mean, var, [1.0 / (before + k) for k in range(1, steps + 1)], before)
+    return RunningStats(mean, var, factors)
