@@ -109,3 +109,7 @@ def mask_for(value: torch.Tensor, clean: torch.Tensor):
     if value.dim() == 0 or value.numel() == 1:
         return clean.all().reshape(shape)
     return None
+
+# --- another library's kernel against snnorm's, same math ---------------------------------
+#: spikingjelly's Triton LIF against snnorm's LIF, fp32 (perf/compare.py's adapter)
+PEER_KERNEL_FP32 = dict(rtol=1e-6, atol=1e-6)
