@@ -78,7 +78,7 @@ def _check_bn_args(owner, num_features, eps, momentum, name: str = "num_features
 def _check_bn_settings(owner, bn: _BatchNorm) -> None:
     """``eps``/``momentum`` are plain attributes a user may reassign after construction:
     check them before a forward counts the batch (torch would raise only afterwards)."""
-    check_eps(owner, bn.eps)
+    check_eps(owner, bn.eps, batch_stats=bn.training or bn.running_mean is None)
     check_momentum(owner, bn.momentum)
 
 
@@ -739,7 +739,7 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
         if multi:
             check_sequence(self, x)
         # eps/momentum are plain attributes a user may reassign: check before any state moves
-        check_eps(self, self.eps)
+        check_eps(self, self.eps, batch_stats=self._uses_batch_stats())
         check_momentum(self, self.momentum)
 
     def _uses_batch_stats(self) -> bool:
