@@ -73,8 +73,7 @@ def check_time_steps(module, x_seq: torch.Tensor, T: int) -> None:
         # "temporal length": the phrase spikingjelly's T errors use, which ported code matches on
         raise ValueError(
             f"{type(module).__name__} was built for T={T} timesteps and expects a sequence "
-            f"[T={T}, N, ...] (temporal length {T}), got shape {tuple(x_seq.shape)} "
-            f"(temporal length T={x_seq.shape[0]})"
+            f"[T={T}, N, ...] (temporal length {T}), got shape {tuple(x_seq.shape)} (T={x_seq.shape[0]})"
         )
 
 
