@@ -658,8 +658,11 @@ def fuse_conv_bn_eval_modules(net: nn.Module) -> torch.fx.GraphModule:
     spikingjelly's ``Conv1d/2d/3d``) and ``bn`` a BatchNorm with per-channel running
     statistics (``nn.BatchNorm*``, snnorm's and spikingjelly's multi-step BatchNorms,
     tdBN), becomes one convolution computed by :func:`fuse_conv_bn_eval`. TEBN and BNTT
-    are not per-channel affine maps and stay. ``net`` itself is not changed; as in
-    spikingjelly, the modules that are not fused are shared with it (neuron state too).
+    are not per-channel affine maps and stay. A pair called at several sites (the same
+    conv and BN, ``self.bn(self.conv(x))`` twice) is fused once and every site calls the
+    fused conv; a conv whose output also goes elsewhere, or that feeds different BNs, is
+    left as it is. ``net`` itself is not changed; as in spikingjelly, the modules that
+    are not fused are shared with it (neuron state too).
 
     :returns: the fused ``torch.fx.GraphModule``.
     :raises ValueError: ``net`` is in training mode, or a matched BatchNorm does not track
