@@ -50,23 +50,23 @@ def _randomise_running_stats(module: nn.Module) -> None:
 # -- eps = 0 ------------------------------------------------------------------------------------
 
 EPS_LAYERS = [
-    # (snnorm layer, spikingjelly layer, input shape), eps = 0 given to both constructors
-    (lambda: layer.BatchNorm2d(C, eps=0.0, step_mode="m"), lambda: sj_layer.BatchNorm2d(C, eps=0.0, step_mode="m"),
-     (T, N, C, H, W)),
-    (lambda: layer.ThresholdDependentBatchNorm1d(1.0, 0.5, C, eps=0.0),
+    # (name, snnorm layer, spikingjelly layer, input shape), eps = 0 given to both constructors
+    ("BatchNorm2d", lambda: layer.BatchNorm2d(C, eps=0.0, step_mode="m"),
+     lambda: sj_layer.BatchNorm2d(C, eps=0.0, step_mode="m"), (T, N, C, H, W)),
+    ("tdBN1d", lambda: layer.ThresholdDependentBatchNorm1d(1.0, 0.5, C, eps=0.0),
      lambda: sj_layer.ThresholdDependentBatchNorm1d(1.0, 0.5, C, eps=0.0), (T, N, C, 7)),
-    (lambda: layer.TemporalEffectiveBatchNorm2d(T, C, eps=0.0), lambda: sj_layer.TemporalEffectiveBatchNorm2d(T, C, eps=0.0),
-     (T, N, C, H, W)),
-    (lambda: layer.BatchNormThroughTime2d(T, C, eps=0.0, step_mode="m"),
+    ("TEBN2d", lambda: layer.TemporalEffectiveBatchNorm2d(T, C, eps=0.0),
+     lambda: sj_layer.TemporalEffectiveBatchNorm2d(T, C, eps=0.0), (T, N, C, H, W)),
+    ("BNTT2d", lambda: layer.BatchNormThroughTime2d(T, C, eps=0.0, step_mode="m"),
      lambda: sj_layer.BatchNormThroughTime2d(T, C, eps=0.0, step_mode="m"), (T, N, C, H, W)),
-    (lambda: layer.GroupNorm(1, C, eps=0.0, step_mode="m"), lambda: sj_layer.GroupNorm(1, C, eps=0.0, step_mode="m"),
-     (T, N, C, H, W)),
-    (lambda: layer.WSConv2d(C, 4, 3, eps=0.0, step_mode="m"), lambda: sj_layer.WSConv2d(C, 4, 3, eps=0.0, step_mode="m"),
-     (T, N, C, H, W)),
+    ("GroupNorm", lambda: layer.GroupNorm(1, C, eps=0.0, step_mode="m"),
+     lambda: sj_layer.GroupNorm(1, C, eps=0.0, step_mode="m"), (T, N, C, H, W)),
+    ("WSConv2d", lambda: layer.WSConv2d(C, 4, 3, eps=0.0, step_mode="m"),
+     lambda: sj_layer.WSConv2d(C, 4, 3, eps=0.0, step_mode="m"), (T, N, C, H, W)),
 ]
 
 
-@pytest.mark.parametrize("make, make_sj, shape", EPS_LAYERS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("make, make_sj, shape", [p[1:] for p in EPS_LAYERS], ids=[p[0] for p in EPS_LAYERS])
 def test_eps_zero_eval_equals_spikingjelly(make, make_sj, shape):
     """spikingjelly's BNTT test evaluates with eps = 0: the same numbers as spikingjelly."""
     theirs = make_sj().to(F64)
