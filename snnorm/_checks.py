@@ -71,9 +71,26 @@ def check_positive(owner, name: str, value) -> float:
     return value
 
 
-def check_eps(owner, value, name: str = "eps") -> float:
-    """``value`` as a finite float > 0 (the ε under a square root)."""
-    return check_positive(owner, name, value)
+def check_eps(owner, value, name: str = "eps", *, batch_stats: bool = False) -> float:
+    r"""``value`` as a finite float ≥ 0: the ε of :math:`\hat x = (x − μ)/\sqrt{σ^2 + ε}`.
+
+    torch's rule (``F.batch_norm``): ε = 0 is accepted where the statistics are fixed
+    (running statistics in eval, GroupNorm, a weight standardisation), but a layer that
+    normalises with batch statistics (``batch_stats=True``: training, or no running
+    statistics) needs ε > 0, since a channel whose batch values are all equal has σ² = 0.
+    torch raises that only after counting the batch; forwards check it first. Negative,
+    NaN and infinite values are refused everywhere.
+    """
+    value = as_float(owner, name, value)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{owner_name(owner)}: {name} must be a finite number >= 0, got {value}")
+    if batch_stats and value == 0:
+        raise ValueError(
+            f"{owner_name(owner)}: {name} must be > 0 when normalising with batch statistics "
+            f"(training mode, or no running statistics), got {value}; eps = 0 is accepted only "
+            "with running statistics (eval), as in torch.nn.functional.batch_norm"
+        )
+    return value
 
 
 def check_unit_interval(owner, name: str, value) -> float:

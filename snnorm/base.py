@@ -298,26 +298,103 @@ def load_memories(module: nn.Module, memory_list: list) -> None:
         sub._memories[memory] = value
 
 
+def _has_functional_forward(module: nn.Module) -> bool:
+    """Whether ``module.functional_forward`` computes what ``module.forward`` does.
+
+    snnorm's :meth:`MemoryModule.functional_forward` swaps the states in and runs the
+    step forward, so it stands for ``forward`` unless a subclass replaced ``forward``
+    without giving a functional version of its own.
+    """
+    kind = type(module)
+    return (
+        kind.forward is MemoryModule.forward
+        or kind.functional_forward is not MemoryModule.functional_forward
+        or kind.single_step_functional_forward is not MemoryModule.single_step_functional_forward
+        or kind.multi_step_functional_forward is not MemoryModule.multi_step_functional_forward
+    )
+
+
+def _as_outputs(result: Any) -> tuple:
+    """A tuple or list output spreads into the next call's positional arguments."""
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
 def to_functional_forward(module: nn.Module, fn: Callable | None = None) -> Callable:
     """``f(inputs, states, **kwargs) -> (outputs, new_states)`` for ``module`` (or ``fn``).
 
-    ``states`` are the memories of the whole tree in :func:`named_memories` order; they
-    are loaded, ``module`` (or ``fn``) runs on ``*inputs``, the new memories are read
-    back and the module's own are restored, so calls do not depend on one another.
-    """
-    forward = module if fn is None else fn
-    count = len(extract_memories(module))
+    ``inputs`` and ``outputs`` are tuples (a single output too); ``states`` are the
+    memories of the whole tree in :func:`named_memories` order. The module's own
+    memories are left as they were, so calls do not depend on one another. As in
+    spikingjelly 2.0.0, with ``fn=None``:
 
-    def functional_forward(inputs: tuple, states: tuple, **kwargs):
+    * a :class:`MemoryModule` that is the only memory module of its tree runs its
+      :meth:`MemoryModule.functional_forward` with ``**kwargs``;
+    * a plain ``nn.Sequential`` (``forward`` not overridden) runs its children in order:
+      ``**kwargs`` go to the first child only, and a tuple (or list) output of one child
+      is spread into the next child's positional arguments. Memory children whose states
+      are all their own run their functional forward; otherwise the states are loaded
+      into the tree for the run;
+    * any other module runs ``module.forward(*inputs, **kwargs)`` (``fn(...)`` when given)
+      with the states loaded into the tree, which is restored afterwards.
+
+    :raises ValueError: ``states`` does not hold one value per memory of the tree.
+    """
+    memory_modules = [sub for sub in module.modules() if isinstance(sub, MemoryModule)]
+    count = sum(len(sub._memories) for sub in memory_modules)
+
+    def check_state_count(states: tuple) -> None:
         if len(states) != count:
             raise ValueError(f"{type(module).__name__} expected {count} states, but got {len(states)}")
+
+    if fn is None and isinstance(module, MemoryModule) and len(memory_modules) == 1 and _has_functional_forward(module):
+
+        def direct_forward(inputs: tuple, states: tuple, **kwargs):
+            check_state_count(states)
+            return module.functional_forward(tuple(inputs), tuple(states), **kwargs)
+
+        return direct_forward
+
+    forward = module.forward if fn is None else fn
+    if fn is None and isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        children = list(module._modules.values())
+        own_counts = [
+            len(child._memories) if isinstance(child, MemoryModule) and _has_functional_forward(child) else 0
+            for child in children
+        ]
+        if sum(own_counts) == count:  # every memory sits in a direct child: no loading needed
+
+            def sequential_forward(inputs: tuple, states: tuple, **kwargs):
+                check_state_count(states)
+                outputs, updated, offset = tuple(inputs), [], 0
+                for index, (child, own) in enumerate(zip(children, own_counts)):
+                    child_kwargs = kwargs if index == 0 else {}
+                    if own:
+                        outputs, child_states = child.functional_forward(
+                            outputs, tuple(states[offset:offset + own]), **child_kwargs
+                        )
+                        updated.extend(child_states)
+                        offset += own
+                    else:
+                        outputs = _as_outputs(child(*outputs, **child_kwargs))
+                return outputs, tuple(updated)
+
+            return sequential_forward
+
+        def forward(*inputs, **kwargs):  # the chain above, with the states loaded instead
+            outputs = inputs
+            for index, child in enumerate(children):
+                outputs = _as_outputs(child(*outputs, **(kwargs if index == 0 else {})))
+            return outputs
+
+    def fallback_forward(inputs: tuple, states: tuple, **kwargs):
+        check_state_count(states)
         saved = extract_memories(module)
         load_memories(module, list(states))
         try:
-            outputs = forward(*inputs, **kwargs)
+            outputs = _as_outputs(forward(*inputs, **kwargs))
             updated = tuple(extract_memories(module))
         finally:
             load_memories(module, saved)
-        return (tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)), updated
+        return outputs, updated
 
-    return functional_forward
+    return fallback_forward

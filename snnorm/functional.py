@@ -240,10 +240,12 @@ def _check_sequences(x_seq, where: str, leading: int) -> tuple[torch.Tensor, ...
             raise ValueError(
                 f"{where}: expected x_seq with shape [T, N, ...], but got x_seq with shape {tuple(x.shape)}"
             )
-    dims = "[T, N]" if leading == 2 else "T"
+    # spikingjelly's wording ("[T, batch_size] leading dimensions", "temporal length"), which
+    # ported code matches on
+    dims = "[T, batch_size] leading dimensions" if leading == 2 else "T leading dimension (temporal length)"
     if any(x.shape[:leading] != members[0].shape[:leading] for x in members[1:]):
         raise ValueError(
-            f"{where}: expected all tensors in x_seq to share the same {dims} leading dimensions, "
+            f"{where}: expected all tensors in x_seq to share the same {dims}, "
             f"but got tensors with shapes {[tuple(x.shape) for x in members]}"
         )
     return members
@@ -551,7 +553,8 @@ def fuse_conv_bn_eval(conv: nn.Module, bn: nn.Module) -> nn.Module:
 # -- spikingjelly's graph-level conv-BN API -------------------------------------------
 # fuse_conv_bn_eval_modules / pack_conv_bn_train_modules (spikingjelly 2.0.0,
 # functional/conv_bn_fusion.py): trace the network with torch.fx, find every
-# `bn(conv(x))` where the conv's output feeds nothing else, and rewrite the pair.
+# `bn(conv(x))` where the conv's output feeds nothing else, and rewrite the pair (once
+# for a conv called at several sites, each followed by the same BN).
 # Step modules (snnorm's and spikingjelly's) are leaves of the trace, so the pairs
 # inside a SeqToANNContainer are left alone, as in spikingjelly.
 
@@ -569,26 +572,32 @@ def _is_foreign_step_module(m: nn.Module) -> bool:
 
 
 def _conv_bn_pairs(graph_module: torch.fx.GraphModule, is_pair: Callable[[nn.Module, nn.Module], bool]):
-    """(conv node, bn node) for each ``bn(conv(x))`` whose conv output has no other user
-    and whose two modules are each called once in the graph (a shared module cannot be
-    rewritten for one call site only)."""
+    """``(conv target, bn target, [(conv node, bn node), ...])`` for each conv module whose
+    every call is ``bn(conv(x))`` with the same BN module and no other user of the conv's
+    output: a conv called at several sites (``self.bn(self.conv(x))`` twice) is rewritten
+    once for all of them. A conv that feeds two different BNs, or whose output (at any
+    call) has another user, is left alone: one module cannot be rewritten for some of its
+    call sites only. The BN may have other calls; they keep the BN module."""
     modules = dict(graph_module.named_modules())
     calls: dict[str, int] = {}
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
+    sites: dict[str, list] = {}  # conv target -> [(conv node, bn node)]
     for node in graph_module.graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         conv_node = node.args[0]
-        if not isinstance(conv_node, torch.fx.Node) or conv_node.op != "call_module":
-            continue
-        if len(conv_node.users) != 1 or calls[conv_node.target] != 1 or calls[node.target] != 1:
+        if not isinstance(conv_node, torch.fx.Node) or conv_node.op != "call_module" or len(conv_node.users) != 1:
             continue
         if is_pair(modules[conv_node.target], modules[node.target]):
-            pairs.append((conv_node, node))
-    return pairs
+            sites.setdefault(conv_node.target, []).append((conv_node, node))
+    groups = []
+    for conv_target, pairs in sites.items():
+        bn_targets = {bn_node.target for _, bn_node in pairs}
+        if len(bn_targets) == 1 and len(pairs) == calls[conv_target]:
+            groups.append((conv_target, bn_targets.pop(), pairs))
+    return groups
 
 
 def _trace(net: nn.Module) -> torch.fx.GraphModule:
@@ -602,15 +611,19 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _replace_pairs(graph_module: torch.fx.GraphModule, pairs, make: Callable[[nn.Module, nn.Module], nn.Module]):
-    for conv_node, bn_node in pairs:
-        conv = graph_module.get_submodule(conv_node.target)
-        bn = graph_module.get_submodule(bn_node.target)
-        _set_submodule(graph_module, conv_node.target, make(conv, bn))
-        bn_node.replace_all_uses_with(conv_node)
-        graph_module.graph.erase_node(bn_node)
-        # by name: a packed BN is still reachable through the pack, so the sweep below keeps it
-        graph_module.delete_submodule(bn_node.target)
+def _replace_pairs(graph_module: torch.fx.GraphModule, groups, make: Callable[[nn.Module, nn.Module], nn.Module]):
+    """Replace each group's conv module by ``make(conv, bn)`` and drop its BN calls: every
+    call site of the conv now calls the new module, whose output stands for the BN's."""
+    for conv_target, bn_target, pairs in groups:
+        conv = graph_module.get_submodule(conv_target)
+        bn = graph_module.get_submodule(bn_target)
+        _set_submodule(graph_module, conv_target, make(conv, bn))
+        for conv_node, bn_node in pairs:
+            bn_node.replace_all_uses_with(conv_node)
+            graph_module.graph.erase_node(bn_node)
+        if not any(n.op == "call_module" and n.target == bn_target for n in graph_module.graph.nodes):
+            # by name: a packed BN is still reachable through the pack, so the sweep below keeps it
+            graph_module.delete_submodule(bn_target)
     graph_module.graph.lint()
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
@@ -645,8 +658,11 @@ def fuse_conv_bn_eval_modules(net: nn.Module) -> torch.fx.GraphModule:
     spikingjelly's ``Conv1d/2d/3d``) and ``bn`` a BatchNorm with per-channel running
     statistics (``nn.BatchNorm*``, snnorm's and spikingjelly's multi-step BatchNorms,
     tdBN), becomes one convolution computed by :func:`fuse_conv_bn_eval`. TEBN and BNTT
-    are not per-channel affine maps and stay. ``net`` itself is not changed; as in
-    spikingjelly, the modules that are not fused are shared with it (neuron state too).
+    are not per-channel affine maps and stay. A pair called at several sites (the same
+    conv and BN, ``self.bn(self.conv(x))`` twice) is fused once and every site calls the
+    fused conv; a conv whose output also goes elsewhere, or that feeds different BNs, is
+    left as it is. ``net`` itself is not changed; as in spikingjelly, the modules that
+    are not fused are shared with it (neuron state too).
 
     :returns: the fused ``torch.fx.GraphModule``.
     :raises ValueError: ``net`` is in training mode, or a matched BatchNorm does not track
@@ -658,15 +674,15 @@ def fuse_conv_bn_eval_modules(net: nn.Module) -> torch.fx.GraphModule:
             "where BatchNorm normalises with batch statistics; call net.eval() first"
         )
     graph_module = _trace(net)
-    pairs = _conv_bn_pairs(graph_module, _is_foldable_pair)
-    for _, bn_node in pairs:
-        bn = graph_module.get_submodule(bn_node.target)
+    groups = _conv_bn_pairs(graph_module, _is_foldable_pair)
+    for _, bn_target, _ in groups:
+        bn = graph_module.get_submodule(bn_target)
         if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
             raise ValueError(
-                f"Cannot fuse {bn_node.target}: BatchNorm must track running stats "
+                f"Cannot fuse {bn_target}: BatchNorm must track running stats "
                 f"({type(bn).__name__} has track_running_stats=False and normalises with batch statistics)"
             )
-    return _replace_pairs(graph_module, pairs, fuse_conv_bn_eval)
+    return _replace_pairs(graph_module, groups, fuse_conv_bn_eval)
 
 
 def _same_kind_conv_bn(conv: nn.Module, bn: nn.Module) -> bool:

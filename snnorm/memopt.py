@@ -453,13 +453,13 @@ class CheckpointModule(nn.Module):
             if length is not None and n != length:
                 raise ValueError(
                     f"CheckpointModule: chunked arguments differ in length along dim {self.time_dim}: "
-                    f"{length} and {n}"
+                    f"{length} and {n} (all must have the same temporal length)"
                 )
             length = n
         if length < self.chunks:
             raise ValueError(
                 f"CheckpointModule: chunks={self.chunks} needs at least that many steps along dim "
-                f"{self.time_dim}, got {length}"
+                f"{self.time_dim} (a temporal length T >= chunks), got {length}"
             )
         pieces = {i: torch.tensor_split(args[i], self.chunks, dim=self.time_dim) for i in self.chunked_args}
         outputs = []

@@ -336,7 +336,7 @@ class MPBNBaseNode(BaseNode):
         check_device(self, x, reference)
         check_dtype(self, x, reference)
         if self.mpbn and not self.fold_bn:  # plain attributes of vbn a user may have reassigned
-            check_eps(self, self.vbn.eps, "vbn.eps")
+            check_eps(self, self.vbn.eps, "vbn.eps", batch_stats=self.training or self.vbn.running_mean is None)
             check_momentum(self, self.vbn.momentum, "vbn.momentum")
 
     # -- the threshold ------------------------------------------------------------------

@@ -391,9 +391,9 @@ def test_forward_helpers_pass_non_tensor_output_members():
 
 def test_forward_helpers_reject_tuple_members_with_different_leading_dims():
     a = torch.randn(3, 2, 4)
-    with pytest.raises(ValueError, match=r"same \[T, N\] leading dimensions.*\(3, 2, 4\), \(3, 5, 4\)"):
+    with pytest.raises(ValueError, match=r"same \[T, batch_size\] leading dimensions.*\(3, 2, 4\), \(3, 5, 4\)"):
         functional.seq_to_ann_forward((a, torch.randn(3, 5, 4)), torch.add)
-    with pytest.raises(ValueError, match=r"same T leading dimensions"):
+    with pytest.raises(ValueError, match=r"same T leading dimension \(temporal length\)"):
         functional.multi_step_forward((a, torch.randn(4, 2, 4)), torch.add)
     # per step only T matters: [T, N, ...] with another N is fine step by step
     assert functional.multi_step_forward((a, torch.randn(3, 1, 4)), torch.add).shape == (3, 2, 4)

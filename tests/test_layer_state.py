@@ -231,7 +231,7 @@ def test_ws_conv2d_honours_padding_mode():
 
 
 def test_ws_weight_is_standardised():
-    ws = layer.WSLinear(20, 6, gain=False, eps=1e-12)  # eps must be > 0
+    ws = layer.WSLinear(20, 6, gain=False, eps=1e-12)  # tiny eps: the standardisation is near exact
     w = ws.get_weight()
     assert torch.allclose(w.mean(dim=1), torch.zeros(6), atol=1e-6)
     assert torch.allclose(w.var(dim=1) * 20, torch.ones(6), atol=1e-5)  # Var(Ŵ)·fan_in = 1

@@ -284,7 +284,7 @@ def test_constructor_rejects_bad_arguments():
     for bad_T in (2.0, True):
         with pytest.raises(TypeError, match="T must be"):
             layer.TemporalAccumulatedBatchNorm2d(bad_T, C)
-    for name, kwargs in (("eps", dict(eps=0.0)), ("momentum", dict(momentum=1.5))):
+    for name, kwargs in (("eps", dict(eps=-1e-5)), ("momentum", dict(momentum=1.5))):
         with pytest.raises(ValueError, match=f"{name} must"):
             layer.TemporalAccumulatedBatchNorm2d(T, C, **kwargs)
     with pytest.raises(ValueError, match="num_features"):

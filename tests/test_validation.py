@@ -101,9 +101,11 @@ BN_CASES = [c for c in NORM_CASES if _bns(c.make())]  # the BN family and the (u
 
 @pytest.mark.parametrize("case, backend", with_backends(BN_CASES))
 @pytest.mark.parametrize("attr, value, pattern", [("eps", 0.0, "eps"), ("eps", -1e-5, "eps"),
+                                                  ("eps", math.nan, "eps"), ("eps", math.inf, "eps"),
                                                   ("momentum", 1.5, "momentum"), ("momentum", -0.1, "momentum")])
 def test_reassigned_eps_or_momentum_is_rejected_before_counting(case, backend, attr, value, pattern):
-    """torch's BN counts the batch in num_batches_tracked and only then raises on eps <= 0."""
+    """torch's BN counts the batch in num_batches_tracked and only then raises on eps <= 0
+    in training (eps = 0 is refused here because the module trains: batch statistics)."""
     module = trained(case, backend)
     setattr(_bns(module)[-1], attr, value)  # BNTT: the last timestep's BN, checked up front
     rejects(module, case.input(), ValueError, pattern, str(value))
@@ -138,7 +140,7 @@ BAD_CONSTRUCTORS = [
         for make, exc, arg in [
             (lambda cls=cls: cls(0), ValueError, "num_features"),
             (lambda cls=cls: cls(2.5), TypeError, "num_features"),
-            (lambda cls=cls: cls(C, eps=0.0), ValueError, "eps"),
+            (lambda cls=cls: cls(C, eps=-1e-5), ValueError, "eps"),
             (lambda cls=cls: cls(C, eps=math.nan), ValueError, "eps"),
             (lambda cls=cls: cls(C, momentum=1.1), ValueError, "momentum"),
             (lambda cls=cls: cls(C, momentum="0.1"), TypeError, "momentum"),
@@ -164,7 +166,7 @@ BAD_CONSTRUCTORS = [
             (lambda cls=cls: cls(0, C), ValueError, "T"),
             (lambda cls=cls: cls(2.0, C), TypeError, "T"),
             (lambda cls=cls: cls(2, 0), ValueError, "num_features"),
-            (lambda cls=cls: cls(2, C, eps=0), ValueError, "eps"),
+            (lambda cls=cls: cls(2, C, eps=math.inf), ValueError, "eps"),
             (lambda cls=cls: cls(2, C, momentum=2.0), ValueError, "momentum"),
         ]
     ],
@@ -174,7 +176,7 @@ BAD_CONSTRUCTORS = [
         for make, exc, arg in [
             (lambda cls=cls: cls(-1, C), ValueError, "T"),
             (lambda cls=cls: cls(2, 0), ValueError, "num_features"),
-            (lambda cls=cls: cls(2, C, eps=0.0), ValueError, "eps"),
+            (lambda cls=cls: cls(2, C, eps=math.nan), ValueError, "eps"),
             (lambda cls=cls: cls(2, C, momentum=-1.0), ValueError, "momentum"),
         ]
     ],
@@ -190,11 +192,11 @@ BAD_CONSTRUCTORS = [
     ],
     (lambda: layer.GroupNorm(0, C), ValueError, "num_groups"),
     (lambda: layer.GroupNorm(2, 0), ValueError, "num_channels"),
-    (lambda: layer.GroupNorm(2, C, eps=0.0), ValueError, "eps"),
+    (lambda: layer.GroupNorm(2, C, eps=-1e-5), ValueError, "eps"),
     (lambda: layer.NeuNorm(0, 3, 3), ValueError, "in_channels"),
     (lambda: layer.NeuNorm(C, 0, 3), ValueError, "height"),
     (lambda: layer.NeuNorm(C, 3, 3, k=1.5), ValueError, "k"),
-    (lambda: layer.WSConv2d(C, C, 3, eps=0.0), ValueError, "eps"),
+    (lambda: layer.WSConv2d(C, C, 3, eps=math.inf), ValueError, "eps"),
     (lambda: layer.WSConv2d(0, C, 3), ValueError, "in_channels"),
     (lambda: layer.WSLinear(C, 3, eps=-1.0), ValueError, "eps"),
     (lambda: layer.WSLinear(C, 0), ValueError, "out_features"),

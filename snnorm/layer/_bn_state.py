@@ -91,7 +91,7 @@ def check_bn_input(
         reference = reference_tensor(bn)
         check_device(module, x, reference)
         check_dtype(module, x, reference)
-        check_eps(module, bn.eps)
+        check_eps(module, bn.eps, batch_stats=uses_batch_stats(bn))
         check_momentum(module, bn.momentum)
     if multi and T is not None:
         check_time_steps(module, x, T)

@@ -70,9 +70,10 @@ def check_size(module, x: torch.Tensor, dim: int, expected: int, what: str) -> N
 def check_time_steps(module, x_seq: torch.Tensor, T: int) -> None:
     """ValueError unless the sequence length ``x_seq.shape[0]`` equals the module's ``T``."""
     if x_seq.shape[0] != T:
+        # "temporal length": the phrase spikingjelly's T errors use, which ported code matches on
         raise ValueError(
             f"{type(module).__name__} was built for T={T} timesteps and expects a sequence "
-            f"[T={T}, N, ...], got shape {tuple(x_seq.shape)} (T={x_seq.shape[0]})"
+            f"[T={T}, N, ...] (temporal length {T}), got shape {tuple(x_seq.shape)} (T={x_seq.shape[0]})"
         )
 
 

@@ -90,6 +90,7 @@ class WSConv2d(Conv2d):
         self.eps = eps
 
     def get_weight(self) -> torch.Tensor:
+        check_eps(self, self.eps)  # a plain attribute a user may have reassigned
         return standardize_weight(self.weight, self.gain, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +135,7 @@ class WSLinear(Linear):
         self.eps = eps
 
     def get_weight(self) -> torch.Tensor:
+        check_eps(self, self.eps)  # a plain attribute a user may have reassigned
         return standardize_weight(self.weight, self.gain, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
