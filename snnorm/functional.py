@@ -46,6 +46,8 @@ __all__ = [
     "fuse_conv_bn_eval",
     "fuse_conv_bn_eval_modules",
     "pack_conv_bn_train_modules",
+    "fuse_norm_neurons",
+    "unfuse_norm_neurons",
 ]
 
 
@@ -561,7 +563,8 @@ def fuse_conv_bn_eval(conv: nn.Module, bn: nn.Module) -> nn.Module:
 
 class _StepModuleLeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        if isinstance(m, (base.StepModule, _ConvBNPack)) or _is_foreign_step_module(m):
+        if isinstance(m, (base.StepModule, _ConvBNPack)) or _is_foreign_step_module(m) or \
+                getattr(type(m), "traced_as_leaf", False):
             return True
         return super().is_leaf_module(m, qualified_name)
 
@@ -754,3 +757,21 @@ def pack_conv_bn_train_modules(net: nn.Module) -> torch.fx.GraphModule:
         )
     graph_module = _trace(net)
     return _replace_pairs(graph_module, _conv_bn_pairs(graph_module, _same_kind_conv_bn), _ConvBNPack)
+
+
+# -- norm → neuron fusion (snnorm.fusion; imported on use: it needs the layers and neurons) --
+
+
+def fuse_norm_neurons(net: nn.Module) -> nn.Module:
+    """Fuse every batch-statistics norm with the IF/LIF neuron that alone consumes its
+    output, in place; returns ``net``. See :func:`snnorm.fusion.fuse_norm_neurons`."""
+    from .fusion import fuse_norm_neurons as fuse
+
+    return fuse(net)
+
+
+def unfuse_norm_neurons(net: nn.Module) -> nn.Module:
+    """Undo :func:`fuse_norm_neurons` in place; returns ``net``."""
+    from .fusion import unfuse_norm_neurons as unfuse
+
+    return unfuse(net)
