@@ -507,3 +507,23 @@ def test_zz_print_observed_errors():
     """Informative: the largest normalised errors the property tests met (pytest -s)."""
     print("\nlargest |triton − fp64 reference| / (|ref| + max(1, max|ref|)) per dtype:", OBSERVED)
     print("flipped spikes per dtype:", FLIPS)
+
+
+@pytest.mark.parametrize(
+    "name, signature",
+    [
+        ("lif_elementwise", lif_kernels.LIF_FWD), ("lif_elementwise_bwd", lif_kernels.LIF_BWD),
+        ("mpbn_lif_train", train_kernels.TRAIN_FWD), ("mpbn_lif_train_bwd", train_kernels.TRAIN_BWD),
+        ("mpbn_lif_adapt", adapt_kernels.ADAPT_FWD),
+    ],
+)
+def test_op_schemas_carry_the_bundle_fields_in_order(name, signature):
+    # the registered schema is the generated one: the backward's None padding counts from it
+    args = [a.name for a in getattr(torch.ops.snnorm, name).default._schema.arguments]
+    assert len(args) == signature.n_args
+    fields = list(LIFParameters(sg.Sigmoid()).for_kernel("sigmoid", 4.0)._fields)
+    start = args.index(fields[0])
+    assert args[start : start + len(fields)] == fields
+    assert signature.grads(None, None) == (None,) * signature.n_args
+    with pytest.raises(ValueError, match="gradients for an op of"):
+        signature.grads(*([None] * (signature.n_args + 1)))
