@@ -5,17 +5,17 @@ The modules (:mod:`snnorm.neuron`) build them from their attributes, the op tabl
 receive their plain-value twins (``*Kernel*`` bundles below), because a
 ``torch.library`` custom op takes only scalars, strings, dtypes and tensors.
 
-==========================  ======================================================
-bundle                      what it holds
-==========================  ======================================================
-:class:`LIFParameters`      the neuron: charge (τ, decay_input), reset (v_reset,
-                            detach_reset) and the surrogate spike function
-:class:`MPBNParameters`     the membrane BN: ε and which membrane the reset carries
-:class:`BNStatistics`       how a BN's batch statistics are used and tracked
-:class:`AdaptParameters`    test-time adaptation of a folded threshold
-:class:`LIFKernelParameters` ``LIFParameters`` as plain values (surrogate by name)
-:class:`BNKernelParameters`  ε and the running-statistics factor, as plain values
-==========================  ======================================================
+============================  ====================================================
+bundle                        what it holds
+============================  ====================================================
+:class:`LIFParameters`        the neuron: charge (τ, decay_input), reset (v_reset,
+                              detach_reset) and the surrogate spike function
+:class:`MPBNParameters`       the membrane BN: ε and which membrane the reset carries
+:class:`BNStatistics`         how a BN's batch statistics are used and tracked
+:class:`AdaptParameters`      test-time adaptation of a folded threshold
+:class:`LIFKernelParameters`  ``LIFParameters`` as plain values (surrogate by name)
+:class:`BNKernelParameters`   ε and the running-statistics factor, as plain values
+============================  ====================================================
 
 A kernel bundle's fields are, in order, a slice of its custom op's argument list: the op's
 schema is generated from the bundle's annotations (:func:`op_schema_fields`),
@@ -34,7 +34,6 @@ from typing import Callable, NamedTuple, Optional
 
 __all__ = [
     "CARRY_MODES",
-    "ADAPT_MODES",
     "LIFParameters",
     "MPBNParameters",
     "BNStatistics",
@@ -46,8 +45,6 @@ __all__ = [
 
 #: which membrane the reset of an MPBN neuron carries: ĥ (spikingjelly) or the raw h (the MPBN paper)
 CARRY_MODES = ("normalized", "raw")
-#: test-time adaptation of a folded threshold: none, per-batch statistics, a decaying running average
-ADAPT_MODES = ("none", "batch", "running")
 
 
 class LIFParameters(NamedTuple):
