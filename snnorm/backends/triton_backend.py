@@ -3,9 +3,10 @@
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is first imported). Each op has the
 signature and semantics of its twin in :mod:`snnorm.backends.torch_backend`; this file
-reads one-for-one against it. The ops here only adapt arguments (surrogate resolution,
-threshold tensors, output dtype, the running-statistics copy-back) and call the custom
-ops of ``snnorm/kernels/<op>.py``:
+reads one-for-one against it. The ops here only adapt arguments (the parameter bundles
+of :mod:`snnorm.params` to their plain-value twins — the surrogate resolved to its kernel
+name and α —, threshold tensors, output dtype, the running-statistics copy-back) and call
+the custom ops of ``snnorm/kernels/<op>.py``:
 
 ===================  ==============================================================
 op                   kernels
