@@ -285,23 +285,23 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     th = make((C,), pdt, requires_grad=grad)
     w, b = make((C,), pdt, requires_grad=grad), make((C,), pdt, requires_grad=grad)
     rm, rv = make((C,), pdt), make((C,), pdt)
-    common = dict(tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False)
+    from snnorm.params import AdaptParameters, BNStatistics, LIFParameters, MPBNParameters
+
+    lif = LIFParameters(sg.Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
+    if mode in ("lif-soft-decay", "mpbn-train-soft-raw"):
+        lif = LIFParameters(sg.ATan(), tau=2.0, decay_input=True, v_reset=None, detach_reset=True)
     outs = []
     if mode.startswith("lif"):
-        if mode == "lif-soft-decay":
-            common.update(v_reset=None, decay_input=True, surrogate=sg.ATan(), detach_reset=True)
-        outs = ops.lif(x, v, th, **common)
+        outs = ops.lif(x, v, th, lif)
     elif mode.startswith("mpbn-train") or mode == "mpbn-eval":
-        carry = "raw" if mode.endswith("raw") else "normalized"
-        if mode == "mpbn-train-soft-raw":
-            common.update(v_reset=None, decay_input=True, surrogate=sg.ATan(), detach_reset=True)
+        norm = MPBNParameters(eps=1e-5, carry="raw" if mode.endswith("raw") else "normalized")
+        stats = BNStatistics(training=mode != "mpbn-eval", momentum=0.1, batches_tracked=0)
         affine = mode != "mpbn-train-noaffine"
-        outs = ops.mpbn_lif(x, v, w if affine else None, b if affine else None, rm, rv, th, training=mode != "mpbn-eval",
-                            momentum=0.1, batches_tracked=0, eps=1e-5, carry=carry, **common)
+        outs = ops.mpbn_lif(x, v, w if affine else None, b if affine else None, rm, rv, th, lif, norm, stats)
     elif mode.startswith(("mpbn-folded", "mpbn-adapt")):
         adapt = {"mpbn-folded": "none", "mpbn-adapt-batch": "batch", "mpbn-adapt-running": "running"}[mode]
-        outs = ops.mpbn_lif_folded(x, v, rm, rv, w, b, th, eps=1e-5, carry="normalized", adapt=adapt, adapt_momentum=0.1,
-                                   adapt_decay=0.9, adapt_min_momentum=0.01, **common)[:2]
+        adapt = AdaptParameters(mode=adapt, momentum=0.1, decay=0.9, min_momentum=0.01)
+        outs = ops.mpbn_lif_folded(x, v, rm, rv, w, b, th, lif, MPBNParameters(eps=1e-5, carry="normalized"), adapt)[:2]
     elif mode.startswith("tab"):  # per-step γ, β and running statistics [T, C]
         tw, tb = make((T, C), pdt, requires_grad=grad), make((T, C), pdt, requires_grad=grad)
         trm, trv, p = make((T, C), pdt), make((T, C), pdt), make((T,), pdt, requires_grad=grad)

@@ -415,13 +415,14 @@ def _ops():
 
 
 def _lif(shape, dtype):
+    from snnorm.params import LIFParameters
     from snnorm.surrogate import Sigmoid
 
     x, v0, *_ = _inputs(shape, dtype, grad=True)
-    surrogate, ops = Sigmoid(), _ops()
+    lif, ops = LIFParameters(Sigmoid(), tau=2.0, decay_input=True, v_reset=0.0, detach_reset=False), _ops()
 
     def call():
-        s, _ = ops.lif(x, v0, 1.0, tau=2.0, decay_input=True, v_reset=0.0, surrogate=surrogate, detach_reset=False)
+        s, _ = ops.lif(x, v0, 1.0, lif)
         return s, [x]
 
     return call
@@ -429,16 +430,16 @@ def _lif(shape, dtype):
 
 def _mpbn(training: bool):
     def build(shape, dtype):
+        from snnorm.params import BNStatistics, LIFParameters, MPBNParameters
         from snnorm.surrogate import Sigmoid
 
         x, v0, w, b, rm, rv = _inputs(shape, dtype, grad=training)
-        surrogate, ops = Sigmoid(), _ops()
+        ops = _ops()
+        lif = LIFParameters(Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
+        norm, stats = MPBNParameters(eps=1e-5, carry="normalized"), BNStatistics(training, momentum=0.1, batches_tracked=0)
 
         def call():
-            s, _ = ops.mpbn_lif(
-                x, v0, w, b, rm, rv, 1.0, training=training, momentum=0.1, batches_tracked=0, eps=1e-5,
-                tau=2.0, decay_input=False, v_reset=0.0, surrogate=surrogate, detach_reset=False, carry="normalized",
-            )
+            s, _ = ops.mpbn_lif(x, v0, w, b, rm, rv, 1.0, lif, norm, stats)
             return s, [x, w, b]
 
         return call
@@ -448,17 +449,17 @@ def _mpbn(training: bool):
 
 def _folded(adapt: str):
     def build(shape, dtype):
+        from snnorm.params import AdaptParameters, LIFParameters, MPBNParameters
         from snnorm.surrogate import Sigmoid
 
         x, v0, w, b, rm, rv = _inputs(shape, dtype, grad=False)
-        surrogate, ops = Sigmoid(), _ops()
+        ops = _ops()
+        lif = LIFParameters(Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
+        norm = MPBNParameters(eps=1e-5, carry="normalized")
+        adapting = AdaptParameters(mode=adapt, momentum=0.1, decay=0.9, min_momentum=0.01)
 
         def call():
-            s, *_ = ops.mpbn_lif_folded(
-                x, v0, rm, rv, w, b, 1.0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0, surrogate=surrogate,
-                detach_reset=False, carry="normalized", adapt=adapt, adapt_momentum=0.1, adapt_decay=0.9,
-                adapt_min_momentum=0.01,
-            )
+            s, *_ = ops.mpbn_lif_folded(x, v0, rm, rv, w, b, 1.0, lif, norm, adapting)
             return s, []
 
         return call

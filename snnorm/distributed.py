@@ -262,29 +262,22 @@ def sync_tab(
     return y, None if prefix is None else (float(total[-1]), mean[-1], m2[-1])
 
 
-def sync_mpbn_lif(
-    x_seq, v, weight, bias, running_mean, running_var, threshold, *, training: bool, momentum, batches_tracked: int,
-    eps: float, tau: float, decay_input: bool, v_reset, surrogate, detach_reset: bool, carry: str, group,
-):
+def sync_mpbn_lif(x_seq, v, weight, bias, running_mean, running_var, threshold, neuron, norm, stats, *, group):
     """MPBN-LIF (the ``mpbn_lif`` op of :mod:`snnorm.backends.torch_backend`) whose membrane
     BN uses, at every step t, the statistics of H[t] over every rank's batch."""
-    if group is None or not training:
-        return torch_backend.mpbn_lif(
-            x_seq, v, weight, bias, running_mean, running_var, threshold, training=training, momentum=momentum,
-            batches_tracked=batches_tracked, eps=eps, tau=tau, decay_input=decay_input, v_reset=v_reset,
-            surrogate=surrogate, detach_reset=detach_reset, carry=carry,
-        )
+    if group is None or not stats.training:
+        return torch_backend.mpbn_lif(x_seq, v, weight, bias, running_mean, running_var, threshold, neuron, norm, stats)
     update = running_mean is not None
     th = torch_backend.channel_view(threshold, x_seq[0])
     spikes = []
     for t, x in enumerate(x_seq):
-        h = torch_backend.lif_charge(x, v, tau, decay_input, v_reset)
-        factor = momentum if momentum is not None else 1.0 / (batches_tracked + t + 1)
+        h = torch_backend.lif_charge(x, v, neuron)
+        factor = stats.momentum if stats.momentum is not None else 1.0 / (stats.batches_tracked + t + 1)
         h_hat = sync_batch_norm(
-            h, weight, bias, running_mean if update else None, running_var if update else None, factor, eps, group
+            h, weight, bias, running_mean if update else None, running_var if update else None, factor, norm.eps, group
         )
-        s = surrogate(h_hat - th)
-        v = torch_backend.lif_reset(h_hat if carry == "normalized" else h, s, th, v_reset, detach_reset)
+        s = neuron.surrogate(h_hat - th)
+        v = torch_backend.lif_reset(h_hat if norm.carry == "normalized" else h, s, th, neuron)
         spikes.append(s)
     return torch.stack(spikes), v
 

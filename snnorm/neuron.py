@@ -30,22 +30,32 @@ from ._checks import (
 from .backends.torch_backend import folded_threshold
 from .base import MemoryModule
 from .layer._checks import check_device, check_dtype, check_sequence, check_tensor
+from .layer._bn_state import check_batch_values, resolve_running_stats, uses_batch_stats
 from .memopt import should_update_running_stats
+from .params import CARRY_MODES, AdaptParameters, BNStatistics, LIFParameters, MPBNParameters
 
-__all__ = ["BaseNode", "IFNode", "LIFNode", "MPBNBaseNode", "MPBNLIFNode"]
-
-CARRY_MODES = ("normalized", "raw")
+__all__ = [
+    "BaseNode", "IFNode", "LIFNode", "MPBNBaseNode", "MPBNLIFNode",
+    "MembraneNorm", "NoMembraneNorm", "BatchStatsNorm", "FoldedThresholdNorm",
+]
 
 
 class BaseNode(MemoryModule):
     """Base class of spiking neurons with membrane ``v`` (registered memory).
 
     Subclasses implement :meth:`_run`, which maps ``x_seq [T, N, ...]`` and the membrane
-    ``v [N, ...]`` to ``(spike_seq, v)`` through the backend's ops. Single-step mode
+    ``v [N, ...]`` to ``(spike_seq, v)`` through the backend's ops, passing the neuron's
+    constants as one :class:`~snnorm.params.LIFParameters` (:attr:`lif_parameters`). The
+    charge is LIF's with ``tau`` and ``decay_input``; here τ = ∞, an IF charge
+    H = V + X, which LIF-type subclasses override. Single-step mode
     runs a sequence of one step. The membrane starts at ``v_reset`` (0 for soft reset)
     and must keep its shape until :meth:`reset`: a batch-size change mid-sequence is
     an error, not a silent re-initialisation.
     """
+
+    #: the charge's constants (class defaults: IF, H = V + X; LIF-type neurons set their own)
+    tau: float = math.inf
+    decay_input: bool = False
 
     def __init__(
         self,
@@ -99,6 +109,11 @@ class BaseNode(MemoryModule):
     def reset(self) -> None:
         super().reset()
         self.v_seq = None
+
+    @property
+    def lif_parameters(self) -> LIFParameters:
+        """The neuron's charge, reset and surrogate as the one bundle the ops take."""
+        return LIFParameters(self.surrogate_function, self.tau, self.decay_input, self.v_reset, self.detach_reset)
 
     # -- forward -------------------------------------------------------------------
     def _run(self, x_seq: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +176,7 @@ class LIFNode(BaseNode):
         self.decay_input = check_bool(self, "decay_input", decay_input)
 
     def _run(self, x_seq, v):
-        return self.ops.lif(
-            x_seq, v, self.v_threshold, tau=self.tau, decay_input=self.decay_input, v_reset=self.v_reset,
-            surrogate=self.surrogate_function, detach_reset=self.detach_reset,
-        )
+        return self.ops.lif(x_seq, v, self.v_threshold, self.lif_parameters)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", tau={self.tau}, decay_input={self.decay_input}"
@@ -173,20 +185,153 @@ class LIFNode(BaseNode):
 class IFNode(BaseNode):
     """Integrate-and-fire neuron: H[t] = V[t-1] + X[t], then fire and reset as LIF.
 
-    Runs on the LIF op with τ = ∞ (no decay input), which is exactly V + X.
+    Runs on the LIF op with the base class's τ = ∞ (no decay input), which is exactly V + X.
     """
 
     supported_backends = ("torch", "triton")
 
     def _run(self, x_seq, v):
-        return self.ops.lif(
-            x_seq, v, self.v_threshold, tau=math.inf, decay_input=False, v_reset=self.v_reset,
-            surrogate=self.surrogate_function, detach_reset=self.detach_reset,
+        return self.ops.lif(x_seq, v, self.v_threshold, self.lif_parameters)
+
+
+# --------------------------------------------------------------------------------------
+# membrane-norm strategies of an MPBN neuron
+# --------------------------------------------------------------------------------------
+
+
+class MembraneNorm:
+    """What an MPBN neuron does to its membrane before firing: a strategy the neuron holds
+    (``node.membrane_norm``) and :meth:`MPBNBaseNode.re_parameterize_v_threshold` swaps.
+
+    Strategies keep no tensors: the parameters and buffers they use live on the neuron, so
+    ``state_dict`` keys stay the neuron's own (``vbn.*``, ``a``, and after folding ``mu``,
+    ``sigma2``, ``gamma``, ``beta``, ``normalized_v_threshold``, ``folded_v_threshold``,
+    ``adapt_momentum``), exactly as spikingjelly names them.
+    """
+
+    #: "none", "batch" or "folded"
+    name = ""
+
+    def reference(self, node: MPBNBaseNode) -> torch.Tensor | None:
+        """The tensor an input must match in device and dtype (None: nothing to match)."""
+        return node.a if node.learnable_vth else None
+
+    def check(self, node: MPBNBaseNode) -> None:
+        """Checks of plain attributes a user may have reassigned since construction."""
+
+    def threshold(self, node: MPBNBaseNode):
+        """V_th in the normalised domain: exp(a) (learnable) or the float ``v_threshold``."""
+        return torch.exp(node.a) if node.learnable_vth else node.v_threshold
+
+    def run(self, node: MPBNBaseNode, x_seq: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class NoMembraneNorm(MembraneNorm):
+    """``mpbn=False``: a plain LIF neuron, Ĥ = H."""
+
+    name = "none"
+
+    def run(self, node, x_seq, v):
+        return node.ops.lif(x_seq, v, self.threshold(node), node.lif_parameters)
+
+
+class BatchStatsNorm(MembraneNorm):
+    """The membrane BN ``node.vbn``: batch statistics in training (running statistics updated
+    every step), running statistics in eval."""
+
+    name = "batch"
+
+    def reference(self, node):
+        bn = node.vbn
+        return bn.weight if bn.weight is not None else bn.running_mean
+
+    def check(self, node):
+        batch_stats = node.training or node.vbn.running_mean is None
+        check_eps(node, node.vbn.eps, "vbn.eps", batch_stats=batch_stats)
+        check_momentum(node, node.vbn.momentum, "vbn.momentum")
+
+    def run(self, node, x_seq, v):
+        bn = node.vbn
+        # one statistic per timestep, over N·spatial of H[t] (the shape of x[t]); checked
+        # before the batches are counted, so a rejected call moves nothing
+        check_batch_values(node, x_seq[0], batch_stats=uses_batch_stats(bn), over="at each timestep")
+        stats = resolve_running_stats(node, bn, steps=x_seq.shape[0])
+        return node.ops.mpbn_lif(
+            x_seq, v, bn.weight, bn.bias, stats.mean, stats.var, self.threshold(node),
+            node.lif_parameters, MPBNParameters(bn.eps, node.carry),
+            BNStatistics(node.training, bn.momentum, stats.batches_before),
         )
 
 
+class FoldedThresholdNorm(MembraneNorm):
+    """The BN folded into a per-channel threshold θ′ on the raw membrane (the neuron's buffers
+    ``mu``, ``sigma2``, ``normalized_v_threshold``, ``folded_v_threshold``, ``adapt_momentum``
+    and parameters ``gamma``, ``beta``); in training mode the statistics adapt at test time,
+    from each batch or (``running_stats``) as a decaying running average."""
+
+    name = "folded"
+
+    def __init__(self, eps: float, running_stats: bool):
+        self.eps = eps
+        self.running_stats = bool(running_stats)
+
+    def reference(self, node):
+        return node.mu
+
+    def threshold(self, node):
+        return node.normalized_v_threshold
+
+    @staticmethod
+    @torch.no_grad()
+    def install(node: MPBNBaseNode, running_stats: bool) -> "FoldedThresholdNorm":
+        """Move ``node.vbn``'s statistics and affine (and V_th) into the folded state; return the strategy."""
+        bn = node.vbn
+        like = bn.running_mean
+        gamma = bn.weight.detach().clone() if bn.affine else torch.ones_like(like)
+        beta = bn.bias.detach().clone() if bn.affine else torch.zeros_like(like)
+        zero = (gamma == 0).nonzero().flatten().tolist()
+        if zero:
+            raise ValueError(
+                f"{type(node).__name__}: gamma is 0 in channels {zero}; their BN output is constant and no threshold "
+                "on the raw membrane reproduces it"
+            )
+        threshold = node.threshold()
+        normalized_vth = (threshold.detach().clone() if isinstance(threshold, torch.Tensor)
+                          else torch.full((node.num_channels,), threshold, device=like.device, dtype=like.dtype))
+        node.register_buffer("mu", bn.running_mean.detach().clone())
+        node.register_buffer("sigma2", bn.running_var.detach().clone())
+        node.gamma = nn.Parameter(gamma)
+        node.beta = nn.Parameter(beta)
+        node.register_buffer("normalized_v_threshold", normalized_vth)
+        node.register_buffer("folded_v_threshold", torch.empty_like(normalized_vth))
+        node.register_buffer("adapt_momentum", torch.tensor(node.bn_momentum, dtype=like.dtype, device=like.device))
+        if node.learnable_vth:  # exp(a) now lives in normalized_v_threshold
+            del node.a
+        node.vbn = nn.Identity()
+        return FoldedThresholdNorm(bn.eps, running_stats)
+
+    def run(self, node, x_seq, v):
+        mode = ("running" if self.running_stats else "batch") if node.training else "none"
+        # read the momentum buffer only where it is used (no .item() in an eval graph)
+        momentum = node.bn_momentum if mode == "running" else 0.0
+        adapt = AdaptParameters(mode, momentum, node.bn_decay_momentum, node.bn_min_momentum)
+        spike_seq, v, mu, sigma2, momentum = node.ops.mpbn_lif_folded(
+            x_seq, v, node.mu, node.sigma2, node.gamma, node.beta, self.threshold(node),
+            node.lif_parameters, MPBNParameters(self.eps, node.carry), adapt,
+        )
+        # a checkpoint recompute adapts exactly as the first forward did (memopt restores
+        # mu, sigma2 and adapt_momentum for it) and commits into throw-away buffers
+        if mode != "none" and should_update_running_stats(node):
+            node.mu, node.sigma2 = mu.detach(), sigma2.detach()  # statistics, never part of a graph
+            if mode == "running":
+                node.bn_momentum = momentum
+            node._refresh_folded_threshold()
+        return spike_seq, v
+
+
 class MPBNBaseNode(BaseNode):
-    """Base of neurons with membrane-potential batch normalisation (MPBN).
+    """A spiking neuron with membrane-potential batch normalisation (MPBN); usable by itself.
 
     Per step (training uses that step's batch statistics and updates the running
     statistics every step; eval uses the running statistics)::
@@ -194,6 +339,15 @@ class MPBNBaseNode(BaseNode):
         H[t] = charge(V[t-1], X[t]);   Ĥ[t] = BN(H[t]);   S[t] = Θ(Ĥ[t] − V_th)
         V[t] = reset(Ĥ[t], S[t])   carry="normalized" (spikingjelly, default)
         V[t] = reset(H[t], S[t])   carry="raw"        (the MPBN paper's code: pre-BN state)
+
+    The charge is LIF's with ``tau`` and ``decay_input`` (keyword arguments; defaults as
+    :class:`MPBNLIFNode`, τ = ∞ gives an IF charge H = V + X).
+
+    What happens to H before firing is a strategy held in ``membrane_norm``
+    (:class:`MembraneNorm`): :class:`NoMembraneNorm` (``mpbn=False``, plain LIF),
+    :class:`BatchStatsNorm` (the BN ``vbn``) or, after :meth:`re_parameterize_v_threshold`,
+    :class:`FoldedThresholdNorm`. ``mpbn``, ``fold_bn``, ``running_stats`` and ``eps`` read
+    it (spikingjelly's attribute names).
 
     ``learnable_vth`` fires on V_th = exp(a) per channel (a starts at 0) and, unlike
     spikingjelly 2.0.0, a soft reset subtracts that same threshold.
@@ -255,6 +409,9 @@ class MPBNBaseNode(BaseNode):
         bn_min_momentum: float = 0.005,
         backend: str = "torch",
         carry: str = "normalized",
+        *,
+        tau: float = 2.0,
+        decay_input: bool = False,
     ):
         owner = type(self).__name__
         if (out_features is None) == (out_channels is None):
@@ -266,30 +423,75 @@ class MPBNBaseNode(BaseNode):
         features = check_positive_int(owner, name, out_channels if out_channels is not None else out_features)
         if carry not in CARRY_MODES:
             raise ValueError(f"{owner}: carry must be one of {CARRY_MODES}, got {carry!r}")
+        tau = check_tau(owner, tau)
+        decay_input = check_bool(owner, "decay_input", decay_input)
         mpbn = check_bool(owner, "mpbn", mpbn)
         learnable_vth = check_bool(owner, "learnable_vth", learnable_vth)
         bn_momentum = check_unit_interval(owner, "bn_momentum", bn_momentum)
         bn_decay_momentum = check_unit_interval(owner, "bn_decay_momentum", bn_decay_momentum)
         bn_min_momentum = check_unit_interval(owner, "bn_min_momentum", bn_min_momentum)
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)
+        self.tau = tau
+        self.decay_input = decay_input
         self.out_features = out_features
         self.out_channels = out_channels
         self.num_channels = features
         self.carry = carry
-        self.mpbn = mpbn
         if mpbn:
             self.vbn = nn.BatchNorm2d(features) if out_channels is not None else nn.BatchNorm1d(features)
+            self.membrane_norm: MembraneNorm = BatchStatsNorm()
         else:
             self.vbn = nn.Identity()
-        self.learnable_vth = learnable_vth
+            self.membrane_norm = NoMembraneNorm()
         if learnable_vth:
             self.a = nn.Parameter(torch.zeros(features))
         self.bn_momentum = bn_momentum
         self.bn_decay_momentum = bn_decay_momentum
         self.bn_min_momentum = bn_min_momentum
-        self.fold_bn = False
-        self.running_stats = False
-        self.eps = None
+
+    # -- what the strategy says, under spikingjelly's names -------------------------------
+    @property
+    def mpbn(self) -> bool:
+        """Whether the membrane is batch-normalised (folded or not)."""
+        return self.membrane_norm.name != "none"
+
+    @property
+    def fold_bn(self) -> bool:
+        """Whether the BN is folded into the threshold (:meth:`re_parameterize_v_threshold`)."""
+        return self.membrane_norm.name == "folded"
+
+    @property
+    def learnable_vth(self) -> bool:
+        """Whether V_th = exp(a) is learned (until a fold moves it into ``normalized_v_threshold``)."""
+        return "a" in self._parameters
+
+    @property
+    def eps(self) -> float | None:
+        """The folded BN's ε (None before folding: the BN's own is ``vbn.eps``)."""
+        return self.membrane_norm.eps if self.fold_bn else None
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        if not self.fold_bn:
+            raise RuntimeError(
+                f"{type(self).__name__}: eps belongs to the folded threshold; before folding set vbn.eps"
+            )
+        self.membrane_norm.eps = check_eps(self, value)
+        self._refresh_folded_threshold()  # θ′ depends on ε
+
+    @property
+    def running_stats(self) -> bool:
+        """After folding: adapt with a decaying running average (True) or per-batch statistics (False)."""
+        return self.fold_bn and self.membrane_norm.running_stats
+
+    @running_stats.setter
+    def running_stats(self, value: bool) -> None:
+        if not self.fold_bn:
+            raise RuntimeError(
+                f"{type(self).__name__}: running_stats selects the test-time adaptation of a folded neuron; "
+                "fold first with re_parameterize_v_threshold(running_stats=...)"
+            )
+        self.membrane_norm.running_stats = check_bool(self, "running_stats", value)
 
     # -- the test-time momentum: a buffer once folded --------------------------------
     @property
@@ -309,14 +511,6 @@ class MPBNBaseNode(BaseNode):
                 buffer.fill_(value)
 
     # -- checks ---------------------------------------------------------------------
-    def _reference_tensor(self) -> torch.Tensor | None:
-        """The tensor an input must match in device and dtype (None: nothing to match)."""
-        if self.fold_bn:
-            return self.mu
-        if self.mpbn:
-            return self.vbn.weight if self.vbn.weight is not None else self.vbn.running_mean
-        return self.a if self.learnable_vth else None
-
     def _check_input(self, x: torch.Tensor, multi_step: bool) -> None:
         super()._check_input(x, multi_step)
         step_ndim = x.dim() - (1 if multi_step else 0)
@@ -332,21 +526,15 @@ class MPBNBaseNode(BaseNode):
                 f"{type(self).__name__}: expected {self.num_channels} channels in dim "
                 f"{2 if multi_step else 1}, got {channels} (input shape {tuple(x.shape)})"
             )
-        reference = self._reference_tensor()
+        reference = self.membrane_norm.reference(self)
         check_device(self, x, reference)
         check_dtype(self, x, reference)
-        if self.mpbn and not self.fold_bn:  # plain attributes of vbn a user may have reassigned
-            check_eps(self, self.vbn.eps, "vbn.eps", batch_stats=self.training or self.vbn.running_mean is None)
-            check_momentum(self, self.vbn.momentum, "vbn.momentum")
+        self.membrane_norm.check(self)
 
     # -- the threshold ------------------------------------------------------------------
     def threshold(self):
         """V_th in the normalised domain: exp(a) (learnable), the folded [C] buffer, or a float."""
-        if self.learnable_vth:
-            return torch.exp(self.a)
-        if self.fold_bn:
-            return self.normalized_v_threshold
-        return self.v_threshold
+        return self.membrane_norm.threshold(self)
 
     @torch.no_grad()
     def _folded_threshold_now(self) -> torch.Tensor:
@@ -382,50 +570,7 @@ class MPBNBaseNode(BaseNode):
 
     # -- forward ----------------------------------------------------------------------
     def _run(self, x_seq, v):
-        if self.fold_bn:
-            return self._run_folded(x_seq, v)
-        common = dict(
-            tau=self.tau, decay_input=self.decay_input, v_reset=self.v_reset,
-            surrogate=self.surrogate_function, detach_reset=self.detach_reset,
-        )
-        if not self.mpbn:
-            return self.ops.lif(x_seq, v, self.threshold(), **common)
-        bn = self.vbn
-        running_mean, running_var = bn.running_mean, bn.running_var
-        update = self.training and running_mean is not None and should_update_running_stats(self)
-        if self.training and running_mean is not None and not update:
-            # a checkpoint recompute: normalise with batch statistics as the first forward did,
-            # update throw-away copies so the real buffers move once (and the op saves the same tensors)
-            running_mean, running_var = running_mean.clone(), running_var.clone()
-        batches_tracked = int(bn.num_batches_tracked) if (update and bn.momentum is None) else 0
-        spike_seq, v = self.ops.mpbn_lif(
-            x_seq, v, bn.weight, bn.bias, running_mean, running_var, self.threshold(),
-            training=self.training, momentum=bn.momentum, batches_tracked=batches_tracked,
-            eps=bn.eps, carry=self.carry, **common,
-        )
-        if update:
-            bn.num_batches_tracked.add_(x_seq.shape[0])
-        return spike_seq, v
-
-    def _run_folded(self, x_seq, v):
-        adapt = ("running" if self.running_stats else "batch") if self.training else "none"
-        # read the momentum buffer only where it is used (no .item() in an eval graph)
-        momentum = self.bn_momentum if adapt == "running" else 0.0
-        spike_seq, v, mu, sigma2, momentum = self.ops.mpbn_lif_folded(
-            x_seq, v, self.mu, self.sigma2, self.gamma, self.beta, self.threshold(),
-            eps=self.eps, tau=self.tau, decay_input=self.decay_input, v_reset=self.v_reset,
-            surrogate=self.surrogate_function, detach_reset=self.detach_reset, carry=self.carry,
-            adapt=adapt, adapt_momentum=momentum, adapt_decay=self.bn_decay_momentum,
-            adapt_min_momentum=self.bn_min_momentum,
-        )
-        # a checkpoint recompute adapts exactly as the first forward did (memopt restores
-        # mu, sigma2 and adapt_momentum for it) and commits into throw-away buffers
-        if adapt != "none" and should_update_running_stats(self):
-            self.mu, self.sigma2 = mu.detach(), sigma2.detach()  # statistics, never part of a graph
-            if adapt == "running":
-                self.bn_momentum = momentum
-            self._refresh_folded_threshold()
-        return spike_seq, v
+        return self.membrane_norm.run(self, x_seq, v)
 
     # -- folding ----------------------------------------------------------------------
     @torch.no_grad()
@@ -457,40 +602,16 @@ class MPBNBaseNode(BaseNode):
                 f"what the network computes: the carried membrane lives in the "
                 f"{'normalised' if exact else 'raw (pre-BN)'} domain, so use normalize_residual={exact}"
             )
-        bn = self.vbn
-        if not bn.track_running_stats:
+        if not self.vbn.track_running_stats:
             raise ValueError(f"{owner}: the membrane BN has no running statistics (track_running_stats=False) to fold")
-        C = self.num_channels
-        like = bn.running_mean
-        gamma = bn.weight.detach().clone() if bn.affine else torch.ones_like(like)
-        beta = bn.bias.detach().clone() if bn.affine else torch.zeros_like(like)
-        zero = (gamma == 0).nonzero().flatten().tolist()
-        if zero:
-            raise ValueError(
-                f"{owner}: gamma is 0 in channels {zero}; their BN output is constant and no threshold "
-                "on the raw membrane reproduces it"
-            )
-        threshold = self.threshold()
-        normalized_vth = (threshold.detach().clone() if isinstance(threshold, torch.Tensor)
-                          else torch.full((C,), threshold, device=like.device, dtype=like.dtype))
-        self.register_buffer("mu", bn.running_mean.detach().clone())
-        self.register_buffer("sigma2", bn.running_var.detach().clone())
-        self.gamma = nn.Parameter(gamma)
-        self.beta = nn.Parameter(beta)
-        self.register_buffer("normalized_v_threshold", normalized_vth)
-        self.register_buffer("folded_v_threshold", torch.empty_like(normalized_vth))
-        self.register_buffer("adapt_momentum", torch.tensor(self.bn_momentum, dtype=like.dtype, device=like.device))
-        self.eps = bn.eps
-        if self.learnable_vth:
-            del self.a
-            self.learnable_vth = False
-        self.vbn = nn.Identity()
-        self.fold_bn = True
-        self.running_stats = bool(running_stats)
+        self.membrane_norm = FoldedThresholdNorm.install(self, running_stats)
         self._refresh_folded_threshold()
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", carry={self.carry}, mpbn={self.mpbn}, learnable_vth={self.learnable_vth}, fold_bn={self.fold_bn}"
+        return (
+            super().extra_repr() + f", carry={self.carry}, mpbn={self.mpbn}, learnable_vth={self.learnable_vth}, "
+            f"fold_bn={self.fold_bn}, tau={self.tau}, decay_input={self.decay_input}"
+        )
 
 
 class MPBNLIFNode(MPBNBaseNode):
@@ -521,14 +642,8 @@ class MPBNLIFNode(MPBNBaseNode):
         backend: str = "torch",
         carry: str = "normalized",
     ):
-        tau = check_tau(type(self).__name__, tau)
         super().__init__(
             v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, mpbn,
             out_features, out_channels, learnable_vth, bn_momentum, bn_decay_momentum, bn_min_momentum,
-            backend, carry,
+            backend, carry, tau=tau, decay_input=decay_input,
         )
-        self.tau = tau
-        self.decay_input = check_bool(self, "decay_input", decay_input)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", tau={self.tau}, decay_input={self.decay_input}"

@@ -354,3 +354,61 @@ def test_store_v_seq_and_reset():
     assert torch.equal(node.v_seq[-1], node.v)
     functional.reset_net(node)
     assert node.v == 0.0 and node.v_seq is None
+
+
+# ---------------------------------------------------------------- one neuron, a membrane-norm strategy
+def test_mpbn_base_node_stands_alone_and_equals_mpbn_lif():
+    # MPBNBaseNode has its own charge (tau, decay_input; MPBNLIFNode's defaults)
+    torch.manual_seed(11)
+    base = neuron.MPBNBaseNode(out_channels=3, step_mode="m", tau=3.0, decay_input=True)
+    lif = neuron.MPBNLIFNode(tau=3.0, decay_input=True, out_channels=3, step_mode="m")
+    lif.load_state_dict(base.state_dict())
+    x = torch.randn(4, 5, 3, 2, 2) * 2
+    assert torch.equal(base(x), lif(x))
+    assert torch.equal(base.v, lif.v)
+    assert torch.equal(base.vbn.running_mean, lif.vbn.running_mean)
+    base.eval()
+    base.re_parameterize_v_threshold()
+    assert base(x).shape == x.shape
+    infinite = neuron.MPBNBaseNode(out_features=2, step_mode="m", mpbn=False, tau=float("inf"))
+    s = infinite(torch.tensor([[[0.6, 0.3]], [[0.6, 0.3]]]))  # IF charge: 0.6 + 0.6 fires, 0.3 + 0.3 does not
+    assert torch.equal(s, torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]]]))
+
+
+@pytest.mark.parametrize("mpbn, learnable", [(True, False), (True, True), (False, False), (False, True)])
+def test_fold_swaps_the_membrane_norm_and_keeps_checkpoint_keys(mpbn, learnable):
+    node = neuron.MPBNLIFNode(out_channels=3, mpbn=mpbn, learnable_vth=learnable)
+    before = set(node.state_dict())
+    expected = ({"vbn.weight", "vbn.bias", "vbn.running_mean", "vbn.running_var", "vbn.num_batches_tracked"}
+                if mpbn else set()) | ({"a"} if learnable else set())
+    assert before == expected
+    assert isinstance(node.membrane_norm, neuron.BatchStatsNorm if mpbn else neuron.NoMembraneNorm)
+    assert (node.mpbn, node.fold_bn, node.learnable_vth, node.eps, node.running_stats) == (mpbn, False, learnable, None, False)
+    if not mpbn:
+        return
+    node.re_parameterize_v_threshold(running_stats=True)
+    assert isinstance(node.membrane_norm, neuron.FoldedThresholdNorm)
+    assert set(node.state_dict()) == {
+        "mu", "sigma2", "gamma", "beta", "normalized_v_threshold", "folded_v_threshold", "adapt_momentum",
+    }
+    assert (node.mpbn, node.fold_bn, node.learnable_vth, node.eps, node.running_stats) == (True, True, False, 1e-5, True)
+    node.running_stats = False
+    assert not node.membrane_norm.running_stats
+
+
+def test_running_stats_before_folding_is_an_error():
+    node = neuron.MPBNLIFNode(out_features=3)
+    with pytest.raises(RuntimeError, match="fold first"):
+        node.running_stats = True
+    assert not node.running_stats
+
+
+def test_lif_parameters_bundle_what_the_module_holds():
+    sur = surrogate.ATan()
+    node = neuron.LIFNode(tau=3.0, decay_input=False, v_reset=None, surrogate_function=sur, detach_reset=True)
+    p = node.lif_parameters
+    assert p == (sur, 3.0, False, None, True) and p.soft_reset and p.v_rest == 0.0
+    assert neuron.IFNode().lif_parameters.tau == float("inf")
+    k = p.for_kernel("atan", 2.0)
+    assert k.to_op_args() == (3.0, False, 0.0, True, True, "atan", 2.0)
+    assert type(k).from_op_args(k.to_op_args() + (1, "x")) == (k, (1, "x"))

@@ -31,6 +31,19 @@ from snnorm.kernels import _common  # noqa: E402
 from snnorm.kernels import lif as lif_kernels  # noqa: E402
 from snnorm.kernels import mpbn_lif_adapt as adapt_kernels  # noqa: E402
 from snnorm.kernels import mpbn_lif_train as train_kernels  # noqa: E402
+from snnorm.params import AdaptParameters, BNKernelParameters, BNStatistics, LIFParameters, MPBNParameters  # noqa: E402
+
+#: the MPBNLIFNode defaults (hard reset to 0, decay_input=False, post-BN carry) as op bundles
+LIF = LIFParameters(sg.Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
+NORM = MPBNParameters(eps=1e-5, carry="normalized")
+TRAIN = BNStatistics(training=True, momentum=0.1, batches_tracked=0)
+#: the adaptation the property tests use
+ADAPT = AdaptParameters(mode="none", momentum=0.3, decay=0.5, min_momentum=0.05)
+
+
+def _lif_params(cfg, surrogate) -> LIFParameters:
+    return LIFParameters(surrogate, tau=cfg["tau"], decay_input=cfg["decay_input"], v_reset=cfg["v_reset"],
+                         detach_reset=cfg["detach_reset"])
 
 #: largest errors seen, per dtype (printed with -s by the last test; informative only)
 OBSERVED: dict[str, float] = {}
@@ -149,14 +162,15 @@ def _run(backend, cfg, inp, dtype, surrogate):
     v = v_leaf.expand(N, *v_leaf.shape[1:]) if cfg["v_expanded"] else v_leaf
     params = {k: inp[k].to(DEVICE, pdtype, copy=True).requires_grad_(True) for k in ("gamma", "beta", "th")}
     th = params["th"] if cfg["threshold_tensor"] else 0.7
-    common = dict(tau=cfg["tau"], decay_input=cfg["decay_input"], v_reset=cfg["v_reset"], surrogate=surrogate, detach_reset=cfg["detach_reset"])
+    lif = _lif_params(cfg, surrogate)
+    norm = MPBNParameters(eps=1e-5, carry=cfg["carry"])
     mode = cfg["mode"]
     out = {}
     leaves = {"x": x, "v": v_leaf}
     if cfg["threshold_tensor"]:
         leaves["th"] = params["th"]
     if mode == "lif":
-        s, v_out = backend.lif(x, v, th, **common)
+        s, v_out = backend.lif(x, v, th, lif)
     elif mode in ("train", "eval"):
         w = params["gamma"] if cfg["affine"] else None
         b = params["beta"] if cfg["affine"] else None
@@ -165,10 +179,8 @@ def _run(backend, cfg, inp, dtype, surrogate):
         keep = mode == "eval" or cfg["track"]
         rm = inp["rm"].to(DEVICE, pdtype, copy=True) if keep else None
         rv = inp["rv"].to(DEVICE, pdtype, copy=True) if keep else None
-        s, v_out = backend.mpbn_lif(
-            x, v, w, b, rm, rv, th, training=mode == "train", momentum=cfg["momentum"],
-            batches_tracked=cfg["batches_tracked"], eps=1e-5, carry=cfg["carry"], **common,
-        )
+        stats = BNStatistics(training=mode == "train", momentum=cfg["momentum"], batches_tracked=cfg["batches_tracked"])
+        s, v_out = backend.mpbn_lif(x, v, w, b, rm, rv, th, lif, norm, stats)
         if rm is not None:
             out["running_mean"], out["running_var"] = rm, rv
     else:
@@ -178,8 +190,7 @@ def _run(backend, cfg, inp, dtype, surrogate):
         if adapt == "none":
             leaves.update(mu=mu, sigma2=s2, gamma=params["gamma"], beta=params["beta"])
         s, v_out, mu_o, s2_o, m = backend.mpbn_lif_folded(
-            x, v, mu, s2, params["gamma"], params["beta"], th, eps=1e-5, carry=cfg["carry"], adapt=adapt,
-            adapt_momentum=0.3, adapt_decay=0.5, adapt_min_momentum=0.05, **common,
+            x, v, mu, s2, params["gamma"], params["beta"], th, lif, norm, ADAPT._replace(mode=adapt),
         )
         out.update(mu_out=mu_o, sigma2_out=s2_o, m=torch.tensor(m))
     out.update(s=s, v_out=v_out)
@@ -243,20 +254,19 @@ def _run_nograd(cfg, inp, dtype):
     v = inp["v"].to(dtype).expand(N, *inp["v"].shape[1:])
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
     th = inp["th"].to(pdtype) if cfg["threshold_tensor"] else 0.7
-    common = dict(tau=cfg["tau"], decay_input=cfg["decay_input"], v_reset=cfg["v_reset"], surrogate=surrogate, detach_reset=cfg["detach_reset"])
+    lif = _lif_params(cfg, surrogate)
+    norm = MPBNParameters(eps=1e-5, carry=cfg["carry"])
     if cfg["mode"] == "lif":
-        out["s"], out["v_out"] = ref.lif(x, v, th, **common)
+        out["s"], out["v_out"] = ref.lif(x, v, th, lif)
     elif cfg["mode"] in ("train", "eval"):
         g = inp["gamma"].to(pdtype) if cfg["affine"] else None
         b = inp["beta"].to(pdtype) if cfg["affine"] else None
         rm, rv = inp["rm"].to(pdtype), inp["rv"].to(pdtype)
-        out["s"], out["v_out"] = ref.mpbn_lif(
-            x, v, g, b, rm, rv, th, training=cfg["mode"] == "train", momentum=0.1, batches_tracked=0, eps=1e-5, carry=cfg["carry"], **common
-        )
+        out["s"], out["v_out"] = ref.mpbn_lif(x, v, g, b, rm, rv, th, lif, norm, TRAIN._replace(training=cfg["mode"] == "train"))
     else:
         out["s"], out["v_out"], *_ = ref.mpbn_lif_folded(
             x, v, inp["rm"].to(pdtype), inp["rv"].to(pdtype), inp["gamma"].to(pdtype), inp["beta"].to(pdtype), th,
-            eps=1e-5, carry=cfg["carry"], adapt=cfg["adapt"], adapt_momentum=0.3, adapt_decay=0.5, adapt_min_momentum=0.05, **common,
+            lif, norm, ADAPT._replace(mode=cfg["adapt"]),
         )
     return out
 
@@ -348,10 +358,9 @@ def test_chan_combine_keeps_precision_with_large_mean(monkeypatch):
     v = torch.zeros(6, 3, 3, device=DEVICE)
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     rm64, rv64 = rm.double(), rv.double()
-    kw = dict(training=True, momentum=0.5, batches_tracked=0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0,
-              surrogate=sg.Sigmoid(), detach_reset=True, carry="raw")
-    K.mpbn_lif(x, v, None, None, rm, rv, 0.5, **kw)
-    ref.mpbn_lif(x.double(), v.double(), None, None, rm64, rv64, 0.5, **kw)
+    args = (LIF._replace(detach_reset=True), NORM._replace(carry="raw"), TRAIN._replace(momentum=0.5))
+    K.mpbn_lif(x, v, None, None, rm, rv, 0.5, *args)
+    ref.mpbn_lif(x.double(), v.double(), None, None, rm64, rv64, 0.5, *args)
     torch.testing.assert_close(rv.double(), rv64, **LARGE_MEAN_FP32["var"])
     torch.testing.assert_close(rm.double(), rm64, **LARGE_MEAN_FP32["mean"])
 
@@ -359,10 +368,10 @@ def test_chan_combine_keeps_precision_with_large_mean(monkeypatch):
 def test_unsupported_surrogate_falls_back_with_warning():
     x = torch.randn(2, 3, 2, 4, device=DEVICE)
     v = torch.zeros(3, 2, 4, device=DEVICE)
-    kw = dict(tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(spiking=False), detach_reset=False)
+    lif = LIF._replace(surrogate=sg.Sigmoid(spiking=False))
     with pytest.warns(RuntimeWarning, match="Sigmoid.spiking=False.*runs on the torch backend"):
-        s, v_out = K.lif(x, v, 0.5, **kw)
-    s_ref, v_ref = ref.lif(x, v, 0.5, **kw)
+        s, v_out = K.lif(x, v, 0.5, lif)
+    s_ref, v_ref = ref.lif(x, v, 0.5, lif)
     assert torch.equal(s, s_ref) and torch.equal(v_out, v_ref)
 
 
@@ -370,17 +379,15 @@ def test_training_with_one_value_per_channel_raises_and_changes_nothing():
     x = torch.randn(3, 1, 2, device=DEVICE)
     rm, rv = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        K.mpbn_lif(x, torch.zeros(1, 2, device=DEVICE), None, None, rm, rv, 0.5, training=True, momentum=0.1, batches_tracked=0, eps=1e-5,
-                   tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False, carry="normalized")
+        K.mpbn_lif(x, torch.zeros(1, 2, device=DEVICE), None, None, rm, rv, 0.5, LIF, NORM, TRAIN)
     assert torch.equal(rm.cpu(), torch.zeros(2)) and torch.equal(rv.cpu(), torch.ones(2))
 
 
 def test_backward_through_adaptive_fold_raises_not_implemented():
     x = torch.randn(2, 4, 2, device=DEVICE, requires_grad=True)
     z, o = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
-    s, *_ = K.mpbn_lif_folded(x, torch.zeros(4, 2, device=DEVICE), z, o, o, z, 0.5,
-                              eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False,
-                              carry="normalized", adapt="batch", adapt_momentum=0.1, adapt_decay=1.0, adapt_min_momentum=0.0)
+    adapt = AdaptParameters(mode="batch", momentum=0.1, decay=1.0, min_momentum=0.0)
+    s, *_ = K.mpbn_lif_folded(x, torch.zeros(4, 2, device=DEVICE), z, o, o, z, 0.5, LIF, NORM, adapt)
     with pytest.raises(NotImplementedError, match="adapt"):
         s.sum().backward()
 
@@ -392,8 +399,7 @@ def test_cpu_tensor_without_interpreter_is_refused():
     assert _common.device_error("cuda", interpreting=False) is None
     assert "cuda" in _common.device_error("mps", interpreting=True)
     with pytest.raises(RuntimeError, match="device 'meta'"):
-        K.lif(torch.zeros(1, 2, 3, device="meta"), torch.zeros(2, 3, device="meta"), 0.5, tau=2.0, decay_input=False,
-              v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False)
+        K.lif(torch.zeros(1, 2, 3, device="meta"), torch.zeros(2, 3, device="meta"), 0.5, LIF)
 
 
 # ------------------------------------------------------------------------------------------
@@ -401,7 +407,7 @@ def test_cpu_tensor_without_interpreter_is_refused():
 # ------------------------------------------------------------------------------------------
 
 
-def _saved_bytes(fn, x, **kw):
+def _saved_bytes(fn, x, *bundles):
     storages = {}
 
     def pack(t):
@@ -413,17 +419,15 @@ def _saved_bytes(fn, x, **kw):
     d = dict(device=x.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(x, torch.zeros(x.shape[1:], **d), torch.ones(C, requires_grad=True, **d), torch.zeros(C, requires_grad=True, **d),
-           torch.zeros(C, **d), torch.ones(C, **d), torch.full((C,), 0.5, requires_grad=True, **d), **kw)
+           torch.zeros(C, **d), torch.ones(C, **d), torch.full((C,), 0.5, requires_grad=True, **d), *bundles)
     return sum(storages.values())
 
 
 def test_training_saves_at_most_a_third_of_the_reference():
     # MPBNLIFNode defaults: hard reset to 0, decay_input=False, post-BN carry; fp32
     x = torch.randn(4, 8, 3, 5, 5, device=DEVICE, requires_grad=True)
-    kw = dict(training=True, momentum=0.1, batches_tracked=0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0,
-              surrogate=sg.Sigmoid(), detach_reset=False, carry="normalized")
-    ours = _saved_bytes(K.mpbn_lif, x, **kw)
-    theirs = _saved_bytes(ref.mpbn_lif, x, **kw)
+    ours = _saved_bytes(K.mpbn_lif, x, LIF, NORM, TRAIN)
+    theirs = _saved_bytes(ref.mpbn_lif, x, LIF, NORM, TRAIN)
     print(f"\nsaved for backward: triton {ours} B, torch reference {theirs} B (input {x.numel() * 4} B)")
     assert ours * 3 <= theirs
 
@@ -438,7 +442,7 @@ def _op_args(kind):
     x = torch.randn(2, 3, 2, 2, generator=g, requires_grad=True)
     v = torch.randn(3, 2, 2, generator=g, requires_grad=True)
     th = torch.full((2,), 0.3, requires_grad=True)
-    flags = (2.0, False, 0.0, False, False, "sigmoid", 4.0)
+    flags = LIF.for_kernel("sigmoid", 4.0).to_op_args()
     if kind == "lif":
         return lif_kernels.lif_elementwise_op, (x, v, th, None, None, None, None, None, *flags, 0, False, True, torch.float32)
     if kind == "eval":
@@ -449,7 +453,7 @@ def _op_args(kind):
     if kind == "train":
         w = torch.rand(2, generator=g).add(0.5).requires_grad_()
         b = torch.randn(2, generator=g, requires_grad=True)
-        return train_kernels.mpbn_lif_train_op, (x, v, w, b, torch.zeros(2), torch.ones(2), th, 0.1, 0, 1e-5, *flags, True, True, torch.float32)
+        return train_kernels.mpbn_lif_train_op, (x, v, w, b, torch.zeros(2), torch.ones(2), th, *BNKernelParameters(1e-5, 0.1, 0).to_op_args(), *flags, True, True, torch.float32)
     raise AssertionError(kind)
 
 
@@ -467,7 +471,8 @@ def test_opcheck(kind):
 def test_opcheck_adapt_forward():
     x = torch.randn(2, 3, 2)
     args = (x, torch.zeros(3, 2), torch.zeros(2), torch.ones(2), torch.ones(2), torch.zeros(2), torch.full((2,), 0.4),
-            torch.tensor([0.3, 0.2], dtype=torch.float64), True, 1e-5, 2.0, False, 0.0, False, True, torch.float32)
+            torch.tensor([0.3, 0.2], dtype=torch.float64), True, 1e-5, *LIF.for_kernel("sigmoid", 4.0).to_op_args(), True,
+            torch.float32)
     args = _on_device(args)
     torch.library.opcheck(adapt_kernels.mpbn_lif_adapt_op, args, test_utils=("test_schema", "test_faketensor"))
 
@@ -481,8 +486,7 @@ def test_compiles_fullgraph():
     rm, rv = torch.zeros(2, **d), torch.ones(2, **d)
 
     def f(x, rm, rv):
-        s, v_out = K.mpbn_lif(x, v, w, b, rm, rv, 0.5, training=True, momentum=0.1, batches_tracked=0, eps=1e-5, tau=2.0,
-                              decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False, carry="normalized")
+        s, v_out = K.mpbn_lif(x, v, w, b, rm, rv, 0.5, LIF, NORM, TRAIN)
         return s.sum() + v_out.sum()
 
     rm2, rv2 = rm.clone(), rv.clone()
@@ -503,3 +507,23 @@ def test_zz_print_observed_errors():
     """Informative: the largest normalised errors the property tests met (pytest -s)."""
     print("\nlargest |triton − fp64 reference| / (|ref| + max(1, max|ref|)) per dtype:", OBSERVED)
     print("flipped spikes per dtype:", FLIPS)
+
+
+@pytest.mark.parametrize(
+    "name, signature",
+    [
+        ("lif_elementwise", lif_kernels.LIF_FWD), ("lif_elementwise_bwd", lif_kernels.LIF_BWD),
+        ("mpbn_lif_train", train_kernels.TRAIN_FWD), ("mpbn_lif_train_bwd", train_kernels.TRAIN_BWD),
+        ("mpbn_lif_adapt", adapt_kernels.ADAPT_FWD),
+    ],
+)
+def test_op_schemas_carry_the_bundle_fields_in_order(name, signature):
+    # the registered schema is the generated one: the backward's None padding counts from it
+    args = [a.name for a in getattr(torch.ops.snnorm, name).default._schema.arguments]
+    assert len(args) == signature.n_args
+    fields = list(LIFParameters(sg.Sigmoid()).for_kernel("sigmoid", 4.0)._fields)
+    start = args.index(fields[0])
+    assert args[start : start + len(fields)] == fields
+    assert signature.grads(None, None) == (None,) * signature.n_args
+    with pytest.raises(ValueError, match="gradients for an op of"):
+        signature.grads(*([None] * (signature.n_args + 1)))

@@ -19,9 +19,15 @@ from snnorm.backends import torch_backend as ref  # noqa: E402
 from snnorm.functional import set_backend  # noqa: E402
 from snnorm.kernels import lif as lif_kernels  # noqa: E402
 from snnorm.kernels import mpbn_lif_train as train_kernels  # noqa: E402
+from snnorm.params import (  # noqa: E402
+    AdaptParameters, BNKernelParameters, BNStatistics, LIFParameters, MPBNParameters,
+)
 
-LIF_KW = dict(tau=2.0, decay_input=False, v_reset=0.0, surrogate=sg.Sigmoid(), detach_reset=False)
-TRAIN_KW = dict(training=True, momentum=0.1, batches_tracked=0, eps=1e-5, carry="normalized", **LIF_KW)
+LIF = LIFParameters(sg.Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
+NORM = MPBNParameters(eps=1e-5, carry="normalized")
+TRAIN = BNStatistics(training=True, momentum=0.1, batches_tracked=0)
+#: the kernels' plain-value twin of LIF with the sigmoid kernel
+LIF_K = LIF.for_kernel("sigmoid", 4.0)
 
 
 def _triton():
@@ -34,9 +40,10 @@ def test_lif_backward_without_final_membrane_gradient(shape):
     x = torch.randn(*shape, generator=g)
     v = torch.zeros(shape[1:])
     th = torch.full((shape[2],), 0.4)
-    flags = (2.0, False, 0.0, False, False, "sigmoid", 4.0, 0, False, True)
-    _, _, h = lif_kernels.lif_elementwise_op(x, v, th, None, None, None, None, None, *flags[:7], 0, False, True, torch.float32)
+    lif = LIF_K.to_op_args()
+    _, _, h = lif_kernels.lif_elementwise_op(x, v, th, None, None, None, None, None, *lif, 0, False, True, torch.float32)
     gs = torch.randn(shape, generator=g)
+    flags = (*lif, 0, False, True)
     without = lif_kernels.lif_elementwise_bwd_op(gs, None, h, torch.float32, th, None, None, None, None, None, *flags)
     zeros = lif_kernels.lif_elementwise_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, th, None, None, None, None, None, *flags)
     for a, b in zip(without, zeros):
@@ -50,8 +57,10 @@ def test_mpbn_lif_resident_backward_without_final_membrane_gradient(shape):
     v = torch.zeros(shape[1:])
     C = shape[2]
     w, b, th = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), torch.full((C,), 0.4)
-    cfg = (2.0, False, 0.0, False, False, "atan", 2.0, True, True)
-    _, _, h, mean, rstd, _, _ = train_kernels.mpbn_lif_train_op(x, v, w, b, None, None, th, 0.1, 0, 1e-5, *cfg[:7], True, True, torch.float32)
+    lif = LIF._replace(surrogate=sg.ATan()).for_kernel("atan", 2.0).to_op_args()
+    bn = BNKernelParameters(1e-5, 0.1, 0).to_op_args()
+    _, _, h, mean, rstd, _, _ = train_kernels.mpbn_lif_train_op(x, v, w, b, None, None, th, *bn, *lif, True, True, torch.float32)
+    cfg = (*lif, True, True)
     gs = torch.randn(shape, generator=g)
     without = train_kernels.mpbn_lif_train_bwd_op(gs, None, h, torch.float32, mean, rstd, w, b, th, *cfg)
     zeros = train_kernels.mpbn_lif_train_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, mean, rstd, w, b, th, *cfg)
@@ -68,9 +77,9 @@ def test_autograd_with_unused_final_membrane_matches_torch(op):
     for ops in (_triton(), ref):
         xr = x.clone().requires_grad_(True)
         if op == "lif":
-            s, _ = ops.lif(xr, v, 0.5, **LIF_KW)
+            s, _ = ops.lif(xr, v, 0.5, LIF)
         else:
-            s, _ = ops.mpbn_lif(xr, v, None, None, torch.zeros(2), torch.ones(2), 0.5, **TRAIN_KW)
+            s, _ = ops.mpbn_lif(xr, v, None, None, torch.zeros(2), torch.ones(2), 0.5, LIF, NORM, TRAIN)
         (s * weights).sum().backward()  # v_T unused: its gradient is None, not zeros
         grads.append(xr.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
@@ -85,10 +94,10 @@ def test_autograd_with_unused_spikes_matches_torch(op):
     for ops in (_triton(), ref):
         xr = x.clone().requires_grad_(True)
         if op == "lif":
-            _, v_out = ops.lif(xr, v, 0.5, **LIF_KW)
+            _, v_out = ops.lif(xr, v, 0.5, LIF)
         else:
-            kw = dict(TRAIN_KW, training=op == "mpbn_lif")
-            _, v_out = ops.mpbn_lif(xr, v, None, None, torch.zeros(2), torch.ones(2), 0.5, **kw)
+            stats = TRAIN._replace(training=op == "mpbn_lif")
+            _, v_out = ops.mpbn_lif(xr, v, None, None, torch.zeros(2), torch.ones(2), 0.5, LIF, NORM, stats)
         (v_out * 1.3).sum().backward()
         grads.append(xr.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
@@ -117,11 +126,11 @@ def test_double_backward_names_the_limit(op):
     x = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(4), requires_grad=True)
     v = torch.zeros(4, 2)
     if op == "lif":
-        s, v_out = _triton().lif(x, v, 0.5, **LIF_KW)
-        s_ref, v_ref = ref.lif(x, v, 0.5, **LIF_KW)
+        s, v_out = _triton().lif(x, v, 0.5, LIF)
+        s_ref, v_ref = ref.lif(x, v, 0.5, LIF)
     else:
-        s, v_out = _triton().mpbn_lif(x, v, None, None, None, None, 0.5, **TRAIN_KW)
-        s_ref, v_ref = ref.mpbn_lif(x, v, None, None, None, None, 0.5, **TRAIN_KW)
+        s, v_out = _triton().mpbn_lif(x, v, None, None, None, None, 0.5, LIF, NORM, TRAIN)
+        s_ref, v_ref = ref.mpbn_lif(x, v, None, None, None, None, 0.5, LIF, NORM, TRAIN)
     # first-order gradients with create_graph=True still work and agree
     (g,) = torch.autograd.grad((s * x).sum() + v_out.sum(), x, create_graph=True)
     (g_ref,) = torch.autograd.grad((s_ref * x).sum() + v_ref.sum(), x, create_graph=True)
@@ -175,22 +184,21 @@ def _compare(op, shape, surrogate, layout="contiguous", **kw):
         v_leaf = v0.clone().requires_grad_(True) if kw.get("v_grad", True) else v0
         leaves = [x, v_leaf] if kw.get("v_grad", True) else [x]
         out = {}
-        common = dict(tau=2.0, decay_input=kw.get("decay_input", False), v_reset=kw.get("v_reset", 0.0),
-                      surrogate=surrogate, detach_reset=kw.get("detach_reset", False))
+        lif_params = LIFParameters(surrogate, tau=2.0, decay_input=kw.get("decay_input", False),
+                                v_reset=kw.get("v_reset", 0.0), detach_reset=kw.get("detach_reset", False))
+        norm = MPBNParameters(eps=1e-5, carry=kw.get("carry", "normalized"))
         if op == "lif":
-            s, v = ops.lif(x, v_leaf, 0.6, **common)
+            s, v = ops.lif(x, v_leaf, 0.6, lif_params)
         elif op == "train":
             w, b, th = (t.clone().requires_grad_(True) for t in (w0, b0, th0))
             leaves += [w, b, th]
             rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
-            s, v = ops.mpbn_lif(x, v_leaf, w, b, rm, rv, th, training=True, momentum=kw.get("momentum", 0.1), batches_tracked=3,
-                                eps=1e-5, carry=kw.get("carry", "normalized"), **common)
+            stats = BNStatistics(training=True, momentum=kw.get("momentum", 0.1), batches_tracked=3)
+            s, v = ops.mpbn_lif(x, v_leaf, w, b, rm, rv, th, lif_params, norm, stats)
             out.update(rm=rm, rv=rv)
         else:  # adaptive fold, forward only
-            s, v, mu, s2, _ = ops.mpbn_lif_folded(
-                x0, v0, b0.clone(), w0.clone(), w0 * torch.sign(b0), b0, th0, eps=1e-5, carry=kw.get("carry", "normalized"),
-                adapt=op, adapt_momentum=0.3, adapt_decay=0.5, adapt_min_momentum=0.05, **common,
-            )
+            adapt = AdaptParameters(mode=op, momentum=0.3, decay=0.5, min_momentum=0.05)
+            s, v, mu, s2, _ = ops.mpbn_lif_folded(x0, v0, b0.clone(), w0.clone(), w0 * torch.sign(b0), b0, th0, lif_params, norm, adapt)
             out.update(mu=mu, s2=s2)
             leaves = []
         out.update(s=s, v=v)
@@ -253,10 +261,9 @@ def test_chunked_combine_keeps_precision_with_large_mean(monkeypatch):
     x = (1e4 + torch.randn(2, 6, 3, 6, generator=torch.Generator().manual_seed(0))).float()
     rm, rv = torch.zeros(3), torch.ones(3)
     rm64, rv64 = rm.double(), rv.double()
-    kw = dict(training=True, momentum=0.5, batches_tracked=0, eps=1e-5, tau=2.0, decay_input=False, v_reset=0.0,
-              surrogate=sg.Sigmoid(), detach_reset=True, carry="raw")
-    _triton().mpbn_lif(x, torch.zeros(6, 3, 6), None, None, rm, rv, 0.5, **kw)
-    ref.mpbn_lif(x.double(), torch.zeros(6, 3, 6, dtype=torch.float64), None, None, rm64, rv64, 0.5, **kw)
+    args = (LIF._replace(detach_reset=True), MPBNParameters(1e-5, "raw"), BNStatistics(True, 0.5, 0))
+    _triton().mpbn_lif(x, torch.zeros(6, 3, 6), None, None, rm, rv, 0.5, *args)
+    ref.mpbn_lif(x.double(), torch.zeros(6, 3, 6, dtype=torch.float64), None, None, rm64, rv64, 0.5, *args)
     torch.testing.assert_close(rv.double(), rv64, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(rm.double(), rm64, rtol=1e-6, atol=1e-3)
 
@@ -315,13 +322,12 @@ def test_pipelined_training_launches_at_most_T_plus_2_each_way(monkeypatch, T):
     assert not train_kernels.uses_resident_path(N, C, S)
     train_kernels.launch_batch_stats_fwd(
         x, torch.zeros(N, C, S), None, None, None, None, torch.ones(C), None, None, None, torch.float32,
-        stats=0, momentum=0.1, batches_tracked=0, eps=1e-5, tau=2.0, v_reset=0.0, carry_norm=True, decay_input=False,
-        soft_reset=False, save=True,
+        lif=LIF_K, bn=BNKernelParameters(1e-5, 0.1, 0), stats=0, carry_norm=True, save=True,
     )
     fwd = len(log)
     train_kernels.launch_train_bwd(
-        x, None, h, torch.float32, torch.empty(T, C), torch.empty(T, C), None, None, torch.ones(C), tau=2.0, v_reset=0.0,
-        alpha=4.0, carry_norm=True, decay_input=False, soft_reset=False, detach_reset=False, surrogate="sigmoid",
+        x, None, h, torch.float32, torch.empty(T, C), torch.empty(T, C), None, None, torch.ones(C), lif=LIF_K,
+        carry_norm=True,
     )
     bwd = len(log) - fwd
     assert fwd == T + 1 and bwd == T + 1  # + one torch reduction of the θ partials in backward: T + 2
@@ -337,12 +343,11 @@ def test_training_launches_fill_an_h100_at_the_perf_shapes(monkeypatch, shape):
     x = torch.empty(shape)
     train_kernels.launch_batch_stats_fwd(
         x, torch.zeros(shape[1:]), None, None, None, None, torch.ones(C), None, None, None, torch.float32,
-        stats=0, momentum=0.1, batches_tracked=0, eps=1e-5, tau=2.0, v_reset=0.0, carry_norm=True, decay_input=False,
-        soft_reset=False, save=True,
+        lif=LIF_K, bn=BNKernelParameters(1e-5, 0.1, 0), stats=0, carry_norm=True, save=True,
     )
     train_kernels.launch_train_bwd(
-        x, None, x, torch.float32, torch.empty(T, C), torch.empty(T, C), None, None, torch.ones(C), tau=2.0, v_reset=0.0,
-        alpha=4.0, carry_norm=True, decay_input=False, soft_reset=False, detach_reset=False, surrogate="sigmoid",
+        x, None, x, torch.float32, torch.empty(T, C), torch.empty(T, C), None, None, torch.ones(C), lif=LIF_K,
+        carry_norm=True,
     )
     for name, grid, kwargs in log:
         programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
@@ -369,12 +374,12 @@ def test_surrogate_without_kernel_warns_once_naming_it_and_runs_torch():
 
     x = torch.randn(2, 3, 2)
     v = torch.zeros(3, 2)
-    kw = dict(tau=2.0, decay_input=False, v_reset=0.0, surrogate=_HomeMadeSurrogate(), detach_reset=False)
+    home_made = LIF._replace(surrogate=_HomeMadeSurrogate())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        s1, v1 = _triton().lif(x, v, 0.5, **kw)
-        s2, _ = _triton().lif(x, v, 0.5, **kw)
+        s1, v1 = _triton().lif(x, v, 0.5, home_made)
+        s2, _ = _triton().lif(x, v, 0.5, home_made)
     named = [w for w in caught if "_HomeMadeSurrogate" in str(w.message)]
     assert len(named) == 1 and "torch backend" in str(named[0].message)
-    s_ref, v_ref = ref.lif(x, v, 0.5, **kw)
+    s_ref, v_ref = ref.lif(x, v, 0.5, home_made)
     assert torch.equal(s1, s_ref) and torch.equal(v1, v_ref) and torch.equal(s2, s_ref)

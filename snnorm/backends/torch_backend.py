@@ -16,14 +16,21 @@ LIF charge (spikingjelly ``lif_charge``), with v_r = v_reset or 0 for soft reset
 Fire ``s = Θ(u − θ)`` with the surrogate's backward; reset
 ``v = s·v_reset + (1 − s)·u`` (hard) or ``v = u − s·θ`` (soft, v_reset None), where s is
 detached in the reset when ``detach_reset``.
+
+The neuron ops take their constants as bundles (:mod:`snnorm.params`): ``neuron``
+(:class:`~snnorm.params.LIFParameters`: τ, decay_input, v_reset, detach_reset, surrogate),
+``norm`` (:class:`~snnorm.params.MPBNParameters`: ε, carry), ``stats``
+(:class:`~snnorm.params.BNStatistics`) and ``adapt`` (:class:`~snnorm.params.AdaptParameters`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..params import AdaptParameters, BNStatistics, LIFParameters, MPBNParameters
 
 def channel_view(value, like: torch.Tensor):
     """A float stays a float; a [C] tensor becomes [1, C, 1, ...] to broadcast with ``like``."""
@@ -32,39 +39,29 @@ def channel_view(value, like: torch.Tensor):
     return value
 
 
-def lif_charge(x, v, tau: float, decay_input: bool, v_reset: float | None):
-    v_r = 0.0 if v_reset is None else v_reset
-    if decay_input:
-        return v + (x - (v - v_r)) / tau
-    return v - (v - v_r) / tau + x
+def lif_charge(x, v, neuron: LIFParameters):
+    v_r = neuron.v_rest
+    if neuron.decay_input:
+        return v + (x - (v - v_r)) / neuron.tau
+    return v - (v - v_r) / neuron.tau + x
 
 
-def lif_reset(u, spike, threshold, v_reset: float | None, detach_reset: bool):
-    if detach_reset:
+def lif_reset(u, spike, threshold, neuron: LIFParameters):
+    if neuron.detach_reset:
         spike = spike.detach()
-    if v_reset is None:
+    if neuron.v_reset is None:
         return u - spike * threshold
-    return spike * v_reset + (1.0 - spike) * u
+    return spike * neuron.v_reset + (1.0 - spike) * u
 
 
-def lif(
-    x_seq: torch.Tensor,
-    v: torch.Tensor,
-    threshold,
-    *,
-    tau: float,
-    decay_input: bool,
-    v_reset: float | None,
-    surrogate: Callable,
-    detach_reset: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def lif(x_seq: torch.Tensor, v: torch.Tensor, threshold, neuron: LIFParameters) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain LIF over T steps. Returns (spike_seq [T, N, C, *], v after the last step)."""
     th = channel_view(threshold, x_seq[0])
     spikes = []
     for x in x_seq:
-        h = lif_charge(x, v, tau, decay_input, v_reset)
-        s = surrogate(h - th)
-        v = lif_reset(h, s, th, v_reset, detach_reset)
+        h = lif_charge(x, v, neuron)
+        s = neuron.surrogate(h - th)
+        v = lif_reset(h, s, th, neuron)
         spikes.append(s)
     return torch.stack(spikes), v
 
@@ -77,41 +74,34 @@ def mpbn_lif(
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
     threshold,
-    *,
-    training: bool,
-    momentum: float | None,
-    batches_tracked: int,
-    eps: float,
-    tau: float,
-    decay_input: bool,
-    v_reset: float | None,
-    surrogate: Callable,
-    detach_reset: bool,
-    carry: str,
+    neuron: LIFParameters,
+    norm: MPBNParameters,
+    stats: BNStatistics,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LIF with batch-normalised membrane (MPBN, Guo et al., ICCV 2023, arXiv 2308.08359).
 
     Per step t::
 
         h = charge(v, x[t]);  ĥ = γ (h − μ) / √(σ² + ε) + β;  s = Θ(ĥ − θ)
-        v = reset(ĥ, s)   if carry == "normalized"   (spikingjelly)
-        v = reset(h, s)   if carry == "raw"          (the MPBN paper's code)
+        v = reset(ĥ, s)   if norm.carry == "normalized"   (spikingjelly)
+        v = reset(h, s)   if norm.carry == "raw"          (the MPBN paper's code)
 
-    In training (or without running statistics) μ, σ² are the batch statistics of h over
-    every dim but C at that step, and the running statistics (if given) are updated in
-    place at every step with factor ``momentum`` (or 1/(batches_tracked + t + 1) when
-    momentum is None, torch's cumulative average), unbiased variance. In eval μ, σ² are
-    the running statistics. The caller counts ``num_batches_tracked`` (+T).
+    In training (``stats.training``, or without running statistics) μ, σ² are the batch
+    statistics of h over every dim but C at that step, and the running statistics (if given)
+    are updated in place at every step with factor ``stats.momentum`` (or
+    1/(batches_tracked + t + 1) when it is None, torch's cumulative average), unbiased
+    variance. In eval μ, σ² are the running statistics. The caller counts
+    ``num_batches_tracked`` (+T).
     """
     th = channel_view(threshold, x_seq[0])
-    use_batch_stats = training or running_mean is None
+    use_batch_stats = stats.training or running_mean is None
     spikes = []
     for t, x in enumerate(x_seq):
-        h = lif_charge(x, v, tau, decay_input, v_reset)
-        factor = momentum if momentum is not None else 1.0 / (batches_tracked + t + 1)
-        h_hat = F.batch_norm(h, running_mean, running_var, weight, bias, use_batch_stats, factor, eps)
-        s = surrogate(h_hat - th)
-        v = lif_reset(h_hat if carry == "normalized" else h, s, th, v_reset, detach_reset)
+        h = lif_charge(x, v, neuron)
+        factor = stats.momentum if stats.momentum is not None else 1.0 / (stats.batches_tracked + t + 1)
+        h_hat = F.batch_norm(h, running_mean, running_var, weight, bias, use_batch_stats, factor, norm.eps)
+        s = neuron.surrogate(h_hat - th)
+        v = lif_reset(h_hat if norm.carry == "normalized" else h, s, th, neuron)
         spikes.append(s)
     return torch.stack(spikes), v
 
@@ -129,33 +119,24 @@ def mpbn_lif_folded(
     gamma: torch.Tensor,
     beta: torch.Tensor,
     threshold,
-    *,
-    eps: float,
-    tau: float,
-    decay_input: bool,
-    v_reset: float | None,
-    surrogate: Callable,
-    detach_reset: bool,
-    carry: str,
-    adapt: str,
-    adapt_momentum: float,
-    adapt_decay: float,
-    adapt_min_momentum: float,
+    neuron: LIFParameters,
+    norm: MPBNParameters,
+    adapt: AdaptParameters,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """MPBN-LIF after threshold re-parameterisation (the BN folded into the threshold).
 
-    Per step t::
+    Per step t (m = adapt.momentum)::
 
         h = charge(v, x[t])
         (test-time threshold modulation, Zhao et al., arXiv 2505.05375)
-        adapt == "batch":   μ, σ² = mean_b(h), var_b(h)            (unbiased, per channel)
-        adapt == "running": μ ← (1 − m)μ + m·mean_b(h), σ² likewise; m ← max(m·decay, m_min)
+        adapt.mode == "batch":   μ, σ² = mean_b(h), var_b(h)            (unbiased, per channel)
+        adapt.mode == "running": μ ← (1 − m)μ + m·mean_b(h), σ² likewise; m ← max(m·decay, min_momentum)
         θ' = μ + (θ − β)·√(σ² + ε)/γ
         s = Θ(sign(γ)·(h − θ'))                  (⇔ ĥ ≥ θ; the comparison flips for γ < 0)
-        v = reset(γ(h − μ)/√(σ² + ε) + β, s)     if carry == "normalized"
-        v = reset(h, s)                          if carry == "raw"
+        v = reset(γ(h − μ)/√(σ² + ε) + β, s)     if norm.carry == "normalized"
+        v = reset(h, s)                          if norm.carry == "raw"
 
-    With adapt == "none" this equals :func:`mpbn_lif` in eval mode with running stats
+    With adapt.mode == "none" this equals :func:`mpbn_lif` in eval mode with running stats
     μ, σ² in real arithmetic; in floating point a spike can differ only where h is
     within rounding (a few ulps) of θ' (see ``MPBNBaseNode``). Statistics with a batch of one
     sample and no spatial extent are skipped (variance undefined). Returns
@@ -164,29 +145,30 @@ def mpbn_lif_folded(
     th = channel_view(threshold, x_seq[0])
     sign = channel_view(torch.sign(gamma), x_seq[0])
     reduce_dims = [0, *range(2, x_seq.dim() - 1)]
+    momentum = adapt.momentum
     spikes = []
     for x in x_seq:
-        h = lif_charge(x, v, tau, decay_input, v_reset)
-        if adapt != "none" and h.numel() // h.shape[1] > 1:
+        h = lif_charge(x, v, neuron)
+        if adapt.mode != "none" and h.numel() // h.shape[1] > 1:
             batch_mu = h.detach().mean(dim=reduce_dims)
             batch_var = h.detach().var(dim=reduce_dims, unbiased=True)
-            if adapt == "running":
-                mu = mu * (1 - adapt_momentum) + batch_mu * adapt_momentum
-                sigma2 = sigma2 * (1 - adapt_momentum) + batch_var * adapt_momentum
-                adapt_momentum = max(adapt_momentum * adapt_decay, adapt_min_momentum)
+            if adapt.mode == "running":
+                mu = mu * (1 - momentum) + batch_mu * momentum
+                sigma2 = sigma2 * (1 - momentum) + batch_var * momentum
+                momentum = max(momentum * adapt.decay, adapt.min_momentum)
             else:
                 mu, sigma2 = batch_mu, batch_var
-        std = torch.sqrt(sigma2 + eps)
+        std = torch.sqrt(sigma2 + norm.eps)
         mu_c, std_c = channel_view(mu, h), channel_view(std, h)
         theta = channel_view(folded_threshold(threshold, mu, std, gamma, beta), h)
-        s = surrogate(sign * (h - theta))
-        if carry == "normalized":
+        s = neuron.surrogate(sign * (h - theta))
+        if norm.carry == "normalized":
             u = (h - mu_c) / std_c * channel_view(gamma, h) + channel_view(beta, h)
         else:
             u = h
-        v = lif_reset(u, s, th, v_reset, detach_reset)
+        v = lif_reset(u, s, th, neuron)
         spikes.append(s)
-    return torch.stack(spikes), v, mu, sigma2, adapt_momentum
+    return torch.stack(spikes), v, mu, sigma2, momentum
 
 
 def tebn(

@@ -3,9 +3,10 @@
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is first imported). Each op has the
 signature and semantics of its twin in :mod:`snnorm.backends.torch_backend`; this file
-reads one-for-one against it. The ops here only adapt arguments (surrogate resolution,
-threshold tensors, output dtype, the running-statistics copy-back) and call the custom
-ops of ``snnorm/kernels/<op>.py``:
+reads one-for-one against it. The ops here only adapt arguments (the parameter bundles
+of :mod:`snnorm.params` to their plain-value twins — the surrogate resolved to its kernel
+name and α —, threshold tensors, output dtype, the running-statistics copy-back) and call
+the custom ops of ``snnorm/kernels/<op>.py``:
 
 ===================  ==============================================================
 op                   kernels
@@ -71,6 +72,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without triton
     pass
 
+from ..params import AdaptParameters, BNKernelParameters, BNStatistics, LIFKernelParameters, LIFParameters, MPBNParameters
 from . import torch_backend
 
 
@@ -95,7 +97,7 @@ def _kernel_surrogate(surrogate: Callable, op: str) -> tuple[str, float] | None:
         _WARNED.add(key)
         warnings.warn(
             f"snnorm triton {op}: no fused kernel for {reason}; this op runs on the torch backend "
-            "(warned once)", RuntimeWarning, stacklevel=3,
+            "(warned once)", RuntimeWarning, stacklevel=4,
         )
     return None
 
@@ -129,11 +131,6 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def _reset_args(v_reset):
-    """(v_r, soft reset): soft reset (v_reset None) charges towards 0."""
-    return (0.0, True) if v_reset is None else (float(v_reset), False)
-
-
 def _check_batch_size(x_seq: Tensor) -> None:
     # the same rule (and message) as torch.nn.functional.batch_norm in training
     if x_seq.shape[1] * (x_seq[0, 0, 0].numel()) == 1:
@@ -145,36 +142,25 @@ def _check_batch_size(x_seq: Tensor) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def lif(
-    x_seq: Tensor,
-    v: Tensor,
-    threshold,
-    *,
-    tau: float,
-    decay_input: bool,
-    v_reset: float | None,
-    surrogate: Callable,
-    detach_reset: bool,
-) -> tuple[Tensor, Tensor]:
+def _kernel_lif(neuron: LIFParameters, op: str) -> LIFKernelParameters | None:
+    """The neuron's constants for the kernels, or None (warned) when its surrogate has no kernel."""
+    spec = _kernel_surrogate(neuron.surrogate, op)
+    return None if spec is None else neuron.for_kernel(*spec)
+
+
+def lif(x_seq: Tensor, v: Tensor, threshold, neuron: LIFParameters) -> tuple[Tensor, Tensor]:
     """Plain LIF over T steps (see :func:`snnorm.backends.torch_backend.lif`), one fused kernel."""
-    spec = _kernel_surrogate(surrogate, "lif")
-    if spec is None:
-        return torch_backend.lif(
-            x_seq, v, threshold, tau=tau, decay_input=decay_input, v_reset=v_reset, surrogate=surrogate, detach_reset=detach_reset
-        )
+    lif_k = _kernel_lif(neuron, "lif")
+    if lif_k is None:
+        return torch_backend.lif(x_seq, v, threshold, neuron)
     if x_seq.dim() == 2:  # [T, N]: no channel dim (single-step [N] arrives as [1, N]); run it as one channel
         v = v.unsqueeze(-1) if isinstance(v, Tensor) and v.dim() > 0 else v
-        s, v_out = lif(
-            x_seq.unsqueeze(-1), v, threshold, tau=tau, decay_input=decay_input, v_reset=v_reset,
-            surrogate=surrogate, detach_reset=detach_reset,
-        )
+        s, v_out = lif(x_seq.unsqueeze(-1), v, threshold, neuron)
         return s.squeeze(-1), v_out.squeeze(-1)
     v = _membrane(x_seq, v, "lif")
     th = _threshold_tensor(threshold, x_seq)
-    vr, soft = _reset_args(v_reset)
     s, v_out, _ = lif_elementwise_op(
-        x_seq, v, th, None, None, None, None, None,
-        float(tau), bool(decay_input), vr, soft, bool(detach_reset), spec[0], spec[1], _dev.FIRE_RAW.value, False,
+        x_seq, v, th, None, None, None, None, None, *lif_k.to_op_args(), _dev.FIRE_RAW.value, False,
         _wants_grad(x_seq, v, th), _out_dtype(x_seq, v, threshold),
     )
     return s, v_out
@@ -188,17 +174,9 @@ def mpbn_lif(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     threshold,
-    *,
-    training: bool,
-    momentum: float | None,
-    batches_tracked: int,
-    eps: float,
-    tau: float,
-    decay_input: bool,
-    v_reset: float | None,
-    surrogate: Callable,
-    detach_reset: bool,
-    carry: str,
+    neuron: LIFParameters,
+    norm: MPBNParameters,
+    stats: BNStatistics,
 ) -> tuple[Tensor, Tensor]:
     """MPBN-LIF (see :func:`snnorm.backends.torch_backend.mpbn_lif`), fused.
 
@@ -206,28 +184,24 @@ def mpbn_lif(
     updated running statistics are copied back into the buffers here. Running statistics
     (eval): the elementwise kernel with ĥ = (h − μ)·γ/√(σ² + ε) + β.
     """
-    spec = _kernel_surrogate(surrogate, "mpbn_lif")
-    if spec is None:
-        return torch_backend.mpbn_lif(
-            x_seq, v, weight, bias, running_mean, running_var, threshold, training=training, momentum=momentum,
-            batches_tracked=batches_tracked, eps=eps, tau=tau, decay_input=decay_input, v_reset=v_reset,
-            surrogate=surrogate, detach_reset=detach_reset, carry=carry,
-        )
+    lif_k = _kernel_lif(neuron, "mpbn_lif")
+    if lif_k is None:
+        return torch_backend.mpbn_lif(x_seq, v, weight, bias, running_mean, running_var, threshold, neuron, norm, stats)
     v = _membrane(x_seq, v, "mpbn_lif")
     th = _threshold_tensor(threshold, x_seq)
-    vr, soft = _reset_args(v_reset)
-    carry_norm = carry == "normalized"
-    if training or running_mean is None:
+    carry_norm = norm.carry == "normalized"
+    if stats.training or running_mean is None:
         _check_batch_size(x_seq)
         if weight is None and bias is not None:
             weight = torch.ones_like(bias)
         if bias is None and weight is not None:
             bias = torch.zeros_like(weight)
-        track = training and running_mean is not None
+        track = stats.training and running_mean is not None
+        momentum = None if stats.momentum is None else float(stats.momentum)
+        bn_k = BNKernelParameters(float(norm.eps), momentum, int(stats.batches_tracked))
         s, v_out, _, _, _, rm_new, rv_new = mpbn_lif_train_op(
             x_seq, v, weight, bias, running_mean if track else None, running_var if track else None, th,
-            None if momentum is None else float(momentum), int(batches_tracked), float(eps),
-            float(tau), bool(decay_input), vr, soft, bool(detach_reset), spec[0], spec[1], carry_norm,
+            *bn_k.to_op_args(), *lif_k.to_op_args(), carry_norm,
             _wants_grad(x_seq, v, weight, bias, th), _out_dtype(x_seq, v, threshold),
         )
         if track:  # the op is functional; the buffers move here, as F.batch_norm moves them in place
@@ -236,16 +210,24 @@ def mpbn_lif(
                 running_var.copy_(rv_new)
         return s, v_out
     # eval with running statistics: per-channel constants (differentiable in γ, β, θ)
-    r = 1.0 / torch.sqrt(running_var + eps)
+    r = 1.0 / torch.sqrt(running_var + norm.eps)
     if weight is not None:
         r = weight * r
     beta = bias if bias is not None else torch.zeros_like(r)
     s, v_out, _ = lif_elementwise_op(
-        x_seq, v, th, running_mean, r, beta, None, None,
-        float(tau), bool(decay_input), vr, soft, bool(detach_reset), spec[0], spec[1], _dev.FIRE_NORMALISED.value,
+        x_seq, v, th, running_mean, r, beta, None, None, *lif_k.to_op_args(), _dev.FIRE_NORMALISED.value,
         carry_norm, _wants_grad(x_seq, v, th, r, beta), _out_dtype(x_seq, v, threshold),
     )
     return s, v_out
+
+
+def _adapt_momenta(adapt: AdaptParameters, T: int) -> tuple[list[float], float]:
+    """The momentum of each of T steps and the one after them: m ← max(m·decay, min_momentum) per step."""
+    moms, m = [], adapt.momentum
+    for _ in range(T):
+        moms.append(m)
+        m = max(m * adapt.decay, adapt.min_momentum)
+    return moms, m
 
 
 def mpbn_lif_folded(
@@ -256,58 +238,38 @@ def mpbn_lif_folded(
     gamma: Tensor,
     beta: Tensor,
     threshold,
-    *,
-    eps: float,
-    tau: float,
-    decay_input: bool,
-    v_reset: float | None,
-    surrogate: Callable,
-    detach_reset: bool,
-    carry: str,
-    adapt: str,
-    adapt_momentum: float,
-    adapt_decay: float,
-    adapt_min_momentum: float,
+    neuron: LIFParameters,
+    norm: MPBNParameters,
+    adapt: AdaptParameters,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
     """Folded MPBN-LIF (see :func:`snnorm.backends.torch_backend.mpbn_lif_folded`), fused.
 
-    adapt == "none": the elementwise kernel (FIRE_FOLDED), differentiable. adapt ==
+    adapt.mode == "none": the elementwise kernel (FIRE_FOLDED), differentiable.
     "batch"/"running": ``snnorm::mpbn_lif_adapt``, per-step statistics, forward only
     (backward raises NotImplementedError).
     """
-    spec = _kernel_surrogate(surrogate, "mpbn_lif_folded")
-    if spec is None:
-        return torch_backend.mpbn_lif_folded(
-            x_seq, v, mu, sigma2, gamma, beta, threshold, eps=eps, tau=tau, decay_input=decay_input, v_reset=v_reset,
-            surrogate=surrogate, detach_reset=detach_reset, carry=carry, adapt=adapt, adapt_momentum=adapt_momentum,
-            adapt_decay=adapt_decay, adapt_min_momentum=adapt_min_momentum,
-        )
+    lif_k = _kernel_lif(neuron, "mpbn_lif_folded")
+    if lif_k is None:
+        return torch_backend.mpbn_lif_folded(x_seq, v, mu, sigma2, gamma, beta, threshold, neuron, norm, adapt)
     v = _membrane(x_seq, v, "mpbn_lif_folded")
     th = _threshold_tensor(threshold, x_seq)
-    vr, soft = _reset_args(v_reset)
-    carry_norm = carry == "normalized"
-    T = x_seq.shape[0]
-    if adapt != "none" and x_seq[0, :, 0].numel() > 1:
-        running = adapt == "running"
-        moms = []
-        m = adapt_momentum
-        for _ in range(T):
-            moms.append(m)
-            m = max(m * adapt_decay, adapt_min_momentum)
+    carry_norm = norm.carry == "normalized"
+    if adapt.mode != "none" and x_seq[0, :, 0].numel() > 1:
+        running = adapt.mode == "running"
+        moms, m = _adapt_momenta(adapt, x_seq.shape[0])
         mom = torch.tensor(moms, dtype=torch.float64, device=x_seq.device)
         s, v_out, mu_t, s2_t = mpbn_lif_adapt_op(
-            x_seq, v, mu, sigma2, gamma, beta, th, mom, running, float(eps),
-            float(tau), bool(decay_input), vr, soft, carry_norm, _out_dtype(x_seq, v, threshold, mu, sigma2, gamma, beta),
+            x_seq, v, mu, sigma2, gamma, beta, th, mom, running, float(norm.eps), *lif_k.to_op_args(), carry_norm,
+            _out_dtype(x_seq, v, threshold, mu, sigma2, gamma, beta),
         )
         stat_dtype = torch.promote_types(mu.dtype, x_seq.dtype) if running else x_seq.dtype
-        return s, v_out, mu_t.to(stat_dtype), s2_t.to(stat_dtype), (m if running else adapt_momentum)
-    std = torch.sqrt(sigma2 + eps)
+        return s, v_out, mu_t.to(stat_dtype), s2_t.to(stat_dtype), (m if running else adapt.momentum)
+    std = torch.sqrt(sigma2 + norm.eps)
     thf = torch_backend.folded_threshold(threshold, mu, std, gamma, beta)
     sgn = torch.sign(gamma)
     r = gamma / std if carry_norm else None
     s, v_out, _ = lif_elementwise_op(
-        x_seq, v, th, mu if carry_norm else None, r, beta if carry_norm else None, thf, sgn,
-        float(tau), bool(decay_input), vr, soft, bool(detach_reset), spec[0], spec[1], _dev.FIRE_FOLDED.value, carry_norm,
-        _wants_grad(x_seq, v, th, thf, r, beta, mu), _out_dtype(x_seq, v, threshold, thf),
+        x_seq, v, th, mu if carry_norm else None, r, beta if carry_norm else None, thf, sgn, *lif_k.to_op_args(),
+        _dev.FIRE_FOLDED.value, carry_norm, _wants_grad(x_seq, v, th, thf, r, beta, mu), _out_dtype(x_seq, v, threshold, thf),
     )
-    return s, v_out, mu, sigma2, adapt_momentum
+    return s, v_out, mu, sigma2, adapt.momentum

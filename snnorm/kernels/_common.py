@@ -9,11 +9,13 @@ spatial dims that cannot merge (e.g. a transposed H, W) are copied.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
 import triton
 import triton.language as tl
+
+from ..params import op_schema_fields
 
 __all__ = [
     "interpreter_active",
@@ -28,6 +30,8 @@ __all__ = [
     "num_warps",
     "Tiling",
     "channel_tiling",
+    "OpSignature",
+    "op_signature",
 ]
 
 
@@ -148,3 +152,25 @@ def channel_tiling(N: int, S: int, block: int) -> Tiling:
     bn = min(next_pow2(N), max(1, block // bs))
     s_tiles = triton.cdiv(S, bs)
     return Tiling(bn, bs, s_tiles, triton.cdiv(N, bn) * s_tiles)
+
+
+class OpSignature(NamedTuple):
+    """A custom op's argument list, written once: its schema and its argument count."""
+
+    schema: str
+    n_args: int
+
+    def grads(self, *grads) -> tuple:
+        """An autograd backward's return: ``grads`` for the leading (tensor) arguments, then None
+        for every argument after them (the count comes from the schema, not from the caller)."""
+        if len(grads) > self.n_args:
+            raise ValueError(f"{len(grads)} gradients for an op of {self.n_args} arguments ({self.schema})")
+        return tuple(grads) + (None,) * (self.n_args - len(grads))
+
+
+def op_signature(*parts: Union[str, type], returns: str) -> OpSignature:
+    """Join ``parts`` — schema fragments (``"Tensor x, Tensor? mu"``) and plain-value bundles of
+    :mod:`snnorm.params` (their fields, in order) — into a custom op's schema."""
+    fragments = [op_schema_fields(p) if isinstance(p, type) else p for p in parts]
+    args = [a for fragment in fragments for a in fragment.split(",") if a.strip()]
+    return OpSignature(f"({', '.join(a.strip() for a in args)}) -> {returns}", len(args))

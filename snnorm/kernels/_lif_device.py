@@ -47,6 +47,19 @@ SURROGATES = {
 }
 
 
+def lif_kernel_args(lif, backward: bool = False) -> tuple[tuple, dict]:
+    """A :class:`snnorm.params.LIFKernelParameters` as a kernel's arguments, unpacked in one place:
+    the runtime scalars ``(tau, v_reset)`` (+ ``alpha`` backward), in the order every LIF kernel
+    declares them, and the constexpr flags ``DECAY_INPUT``, ``SOFT_RESET`` (+ ``DETACH_RESET``,
+    ``SURROGATE`` backward)."""
+    scalars = (float(lif.tau), float(lif.v_reset))
+    flags = dict(DECAY_INPUT=bool(lif.decay_input), SOFT_RESET=bool(lif.soft_reset))
+    if backward:
+        scalars += (float(lif.alpha),)
+        flags.update(DETACH_RESET=bool(lif.detach_reset), SURROGATE=SURROGATES[lif.surrogate])
+    return scalars, flags
+
+
 # --- addressing --------------------------------------------------------------------------
 
 

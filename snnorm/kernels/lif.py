@@ -22,15 +22,14 @@ Layouts: ``x`` / spikes ``[T, N, C, S]`` (spatial dims merged; strided views, no
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import _lif_device as dev
-from ._common import acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, num_warps, store_dtype
+from ..params import LIFKernelParameters
+from ._common import acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, num_warps, op_signature, store_dtype
 
 #: elements per program
 BLOCK = 1024
@@ -184,14 +183,11 @@ def _lif_bwd_kernel(
 # ----------------------------------------------------------------------------------
 
 
-def _modes(fire: int, carry_norm: bool, decay_input: bool, soft_reset: bool) -> dict:
-    return dict(
-        FIRE=fire, NORM=(fire == dev.FIRE_NORMALISED.value) or carry_norm, CARRY_NORM=carry_norm,
-        DECAY_INPUT=decay_input, SOFT_RESET=soft_reset,
-    )
+def _modes(fire: int, carry_norm: bool) -> dict:
+    return dict(FIRE=fire, NORM=(fire == dev.FIRE_NORMALISED.value) or carry_norm, CARRY_NORM=carry_norm)
 
 
-def _launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, tau, v_reset, fire, carry_norm, decay_input, soft_reset, save_h):
+def _launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelParameters, fire, carry_norm, save_h):
     T, N, C = x.shape[:3]
     x4, v3 = as_ncs(x, 1), as_ncs(v0, 0)
     S = x4.shape[3]
@@ -201,19 +197,20 @@ def _launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, tau, v_reset, f
     v_out = torch.empty(x.shape[1:], dtype=st, device=x.device)
     h = torch.empty(x.shape if save_h else (0,), dtype=acc, device=x.device)
     tiles = channel_tiling(N, S, BLOCK)
+    scalars, lif_flags = dev.lif_kernel_args(lif)
     _lif_fwd_kernel[(tiles.P, C)](
         x4, v3, th, mu, r, beta, thf, sgn, s, h if save_h else None, v_out,
         T, N, C, S, tiles.S_TILES,
         *x4.stride(), *v3.stride(),
-        float(tau), float(v_reset),
-        **_modes(fire, carry_norm, decay_input, soft_reset), SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
+        *scalars,
+        **_modes(fire, carry_norm), **lif_flags, SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
         BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(x4, v3, s), ACC=acc_dtype(out_dtype),
         num_warps=num_warps(tiles.block),
     )
     return s.to(out_dtype), v_out.to(out_dtype), h
 
 
-def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset, alpha, fire, carry_norm, decay_input, soft_reset, detach_reset, surrogate, need_gv0):
+def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKernelParameters, fire, carry_norm, need_gv0):
     T, N, C = h.shape[:3]
     h4 = as_ncs(h, 1)
     S = h4.shape[3]
@@ -224,13 +221,13 @@ def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset
     part = torch.empty((4, tiles.P, C), dtype=acc, device=h.device)
     g4 = as_ncs(gs, 1) if gs is not None else None
     gv3 = as_ncs(gv, 0) if gv is not None else None
+    scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
     _lif_bwd_kernel[(tiles.P, C)](
         g4, gv3, h4, th, mu, r, beta, thf, sgn, gx, gv0 if need_gv0 else None, part,
         T, N, C, S, tiles.S_TILES, tiles.P,
         *(g4.stride() if g4 is not None else (0,) * 4), *(gv3.stride() if gv3 is not None else (0,) * 3),
-        float(tau), float(v_reset), float(alpha),
-        **_modes(fire, carry_norm, decay_input, soft_reset),
-        DETACH_RESET=detach_reset, SURROGATE=dev.SURROGATES[surrogate], HAS_GS=gs is not None, HAS_GV=gv is not None,
+        *scalars,
+        **_modes(fire, carry_norm), **lif_flags, HAS_GS=gs is not None, HAS_GV=gv is not None,
         NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc),
         num_warps=num_warps(tiles.block),
     )
@@ -241,49 +238,60 @@ def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset
 # op registration (torch.library custom ops: torch.compile and opcheck friendly)
 # ----------------------------------------------------------------------------------
 
+#: per-channel tensors of the elementwise modes: θ, then μ, γ·rstd, β (NORM) and θ', sign(γ) (FIRE_FOLDED)
+_FIRE_TENSORS = "Tensor th, Tensor? mu, Tensor? r, Tensor? beta, Tensor? thf, Tensor? sgn"
 
-@torch.library.custom_op("snnorm::lif_elementwise", mutates_args=())
-def lif_elementwise_op(
-    x: Tensor, v: Tensor, th: Tensor,
-    mu: Optional[Tensor], r: Optional[Tensor], beta: Optional[Tensor],
-    thf: Optional[Tensor], sgn: Optional[Tensor],
-    tau: float, decay_input: bool, v_reset: float, soft_reset: bool, detach_reset: bool,
-    surrogate: str, alpha: float, fire: int, carry_norm: bool, save_h: bool, out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(spikes, v_T, saved h) for plain LIF (FIRE_RAW), MPBN eval (FIRE_NORMALISED), folded threshold (FIRE_FOLDED)."""
-    return _launch_lif_fwd(x, v, th, mu, r, beta, thf, sgn, out_dtype, tau, v_reset, fire, carry_norm, decay_input, soft_reset, save_h)
+#: ``snnorm::lif_elementwise(x, v, <fire tensors>, <LIFKernelParameters>, fire, carry_norm, save_h, out_dtype)``
+LIF_FWD = op_signature(
+    "Tensor x, Tensor v", _FIRE_TENSORS, LIFKernelParameters, "int fire, bool carry_norm, bool save_h, ScalarType out_dtype",
+    returns="(Tensor, Tensor, Tensor)",
+)
+#: ``snnorm::lif_elementwise_bwd(gs, gv, h, gx_dtype, <fire tensors>, <LIFKernelParameters>, fire, carry_norm, need_gv0)``
+LIF_BWD = op_signature(
+    "Tensor? gs, Tensor? gv, Tensor h, ScalarType gx_dtype", _FIRE_TENSORS, LIFKernelParameters,
+    "int fire, bool carry_norm, bool need_gv0",
+    returns="(Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.custom_op("snnorm::lif_elementwise", mutates_args=(), schema=LIF_FWD.schema)
+def lif_elementwise_op(x, v, th, mu, r, beta, thf, sgn, *args):
+    """(spikes, v_T, saved h) for plain LIF (FIRE_RAW), MPBN eval (FIRE_NORMALISED), folded threshold (FIRE_FOLDED).
+
+    Arguments: see ``LIF_FWD``; call with ``*lif.to_op_args()`` in the bundle's place.
+    """
+    lif, (fire, carry_norm, save_h, out_dtype) = LIFKernelParameters.from_op_args(args)
+    return _launch_lif_fwd(x, v, th, mu, r, beta, thf, sgn, out_dtype, lif, fire, carry_norm, save_h)
 
 
 @lif_elementwise_op.register_fake
-def _(x, v, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm, save_h, out_dtype):
+def _(x, v, th, mu, r, beta, thf, sgn, *args):
+    _, (fire, carry_norm, save_h, out_dtype) = LIFKernelParameters.from_op_args(args)
     h = x.new_empty(x.shape if save_h else (0,), dtype=acc_torch_dtype(out_dtype))
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[1:], dtype=out_dtype), h
 
 
-@torch.library.custom_op("snnorm::lif_elementwise_bwd", mutates_args=())
-def lif_elementwise_bwd_op(
-    gs: Optional[Tensor], gv: Optional[Tensor], h: Tensor, gx_dtype: torch.dtype, th: Tensor,
-    mu: Optional[Tensor], r: Optional[Tensor], beta: Optional[Tensor],
-    thf: Optional[Tensor], sgn: Optional[Tensor],
-    tau: float, decay_input: bool, v_reset: float, soft_reset: bool, detach_reset: bool,
-    surrogate: str, alpha: float, fire: int, carry_norm: bool, need_gv0: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op("snnorm::lif_elementwise_bwd", mutates_args=(), schema=LIF_BWD.schema)
+def lif_elementwise_bwd_op(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, *args):
     """(∂x, ∂v0 (empty unless need_gv0), [4, C] per-channel sums: Σgĥ, Σgĥ·(h − μ), ∂θ, ∂θ'); gs / gv None read as zeros."""
-    return _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, v_reset, alpha, fire, carry_norm, decay_input, soft_reset, detach_reset, surrogate, need_gv0)
+    lif, (fire, carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
+    return _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif, fire, carry_norm, need_gv0)
 
 
 @lif_elementwise_bwd_op.register_fake
-def _(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm, need_gv0):
+def _(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, *args):
+    _, (fire, carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
     return h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)), h.new_empty((4, h.shape[2]))
 
 
 def _setup(ctx, inputs, output):
-    x, v, th, mu, r, beta, thf, sgn, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm, save_h, _ = inputs
+    x, v, th, mu, r, beta, thf, sgn, *args = inputs
+    lif, (fire, carry_norm, save_h, _) = LIFKernelParameters.from_op_args(args)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros tensor to read
     ctx.missing_h = not save_h
     if save_h:
         ctx.save_for_backward(output[2], th, mu, r, beta, thf, sgn)
-    ctx.cfg = (tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, fire, carry_norm)
+    ctx.cfg = (*lif.to_op_args(), fire, carry_norm)
     ctx.dtypes = (x.dtype, v.dtype)
 
 
@@ -301,10 +309,10 @@ def _backward(ctx, gs, gv, gh_unused):
         return None if like is None else g.to(like.dtype)
 
     g_mu = None if mu is None else (-(g_beta * r.to(g_beta.dtype))).to(mu.dtype)
-    return (
+    return LIF_FWD.grads(
         gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None, cast(g_th, th),
-        g_mu, cast(g_r, r), cast(g_beta, beta), cast(g_thf, thf), None,
-    ) + (None,) * 11
+        g_mu, cast(g_r, r), cast(g_beta, beta), cast(g_thf, thf),
+    )
 
 
 def no_double_backward(op: str):

@@ -19,29 +19,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..params import BNKernelParameters, LIFKernelParameters
 from . import _lif_device as dev
-from ._common import acc_torch_dtype
+from ._common import acc_torch_dtype, op_signature
 from .mpbn_lif_train import launch_batch_stats_fwd
 
+#: ``snnorm::mpbn_lif_adapt(x, v, mu, sigma2, gamma, beta, th, mom, running, eps, <LIFKernelParameters>,
+#: carry_norm, out_dtype)``; the LIF bundle's detach_reset, surrogate and α are unused (forward only)
+ADAPT_FWD = op_signature(
+    "Tensor x, Tensor v, Tensor mu, Tensor sigma2, Tensor gamma, Tensor beta, Tensor th, Tensor mom, bool running, "
+    "float eps", LIFKernelParameters, "bool carry_norm, ScalarType out_dtype",
+    returns="(Tensor, Tensor, Tensor, Tensor)",
+)
 
-@torch.library.custom_op("snnorm::mpbn_lif_adapt", mutates_args=())
-def mpbn_lif_adapt_op(
-    x: Tensor, v: Tensor, mu: Tensor, sigma2: Tensor, gamma: Tensor, beta: Tensor, th: Tensor, mom: Tensor,
-    running: bool, eps: float, tau: float, decay_input: bool, v_reset: float, soft_reset: bool, carry_norm: bool,
-    out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(spikes, v_T, μ_T, σ²_T). Forward only."""
+
+@torch.library.custom_op("snnorm::mpbn_lif_adapt", mutates_args=(), schema=ADAPT_FWD.schema)
+def mpbn_lif_adapt_op(x, v, mu, sigma2, gamma, beta, th, mom, running, eps, *args):
+    """(spikes, v_T, μ_T, σ²_T). Forward only. Arguments: see ``ADAPT_FWD``."""
+    lif, (carry_norm, out_dtype) = LIFKernelParameters.from_op_args(args)
     stats = dev.STATS_FOLD_RUNNING if running else dev.STATS_FOLD_BATCH
     s, v_out, _, _, _, mu_out, s2_out = launch_batch_stats_fwd(
         x, v, gamma, beta, None, None, th, mu, sigma2, mom, out_dtype,
-        stats=stats.value, momentum=None, batches_tracked=0, eps=eps, tau=tau, v_reset=v_reset,
-        carry_norm=carry_norm, decay_input=decay_input, soft_reset=soft_reset, save=False,
+        lif=lif, bn=BNKernelParameters(float(eps), None, 0), stats=stats.value, carry_norm=carry_norm, save=False,
     )
     return s, v_out, mu_out, s2_out
 
 
 @mpbn_lif_adapt_op.register_fake
-def _(x, v, mu, sigma2, gamma, beta, th, mom, running, eps, tau, decay_input, v_reset, soft_reset, carry_norm, out_dtype):
+def _(x, v, mu, sigma2, gamma, beta, th, mom, running, eps, *args):
+    _, (carry_norm, out_dtype) = LIFKernelParameters.from_op_args(args)
     C = x.shape[2]
     acc = acc_torch_dtype(out_dtype)
     return (

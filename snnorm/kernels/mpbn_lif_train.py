@@ -60,9 +60,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..params import BNKernelParameters, LIFKernelParameters
 from . import _lif_device as dev
 from ._common import (
-    Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, next_pow2, num_warps, store_dtype,
+    Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, next_pow2, num_warps, op_signature,
+    store_dtype,
 )
 from .lif import no_double_backward
 
@@ -419,9 +421,12 @@ def _strides(t: Optional[Tensor], dims: int) -> tuple:
 
 def launch_batch_stats_fwd(
     x, v0, weight, bias, running_mean, running_var, th, mu, s2, mom, out_dtype, *,
-    stats, momentum, batches_tracked, eps, tau, v_reset, carry_norm, decay_input, soft_reset, save,
+    lif: LIFKernelParameters, bn: BNKernelParameters, stats: int, carry_norm: bool, save: bool,
 ):
     """Forward with batch statistics: training (STATS_TRAIN) or an adaptive fold (STATS_FOLD_*).
+
+    ``bn``: ε and the running-statistics factor (its momentum and batches_tracked are read
+    only when running statistics are given).
 
     Returns spikes, v_T, saved h ([T, ...] compute dtype, or empty), mean and rstd
     ([T, C]; empty unless saved) and the adapted μ, σ² ([C]; empty in training).
@@ -437,12 +442,14 @@ def launch_batch_stats_fwd(
     v_out = torch.empty(x.shape[1:], dtype=st, device=dev_)
     mu_out = torch.empty((C,) if adapt else (0,), dtype=acc, device=dev_)
     s2_out = torch.empty((C,) if adapt else (0,), dtype=acc, device=dev_)
+    lif_scalars, lif_flags = dev.lif_kernel_args(lif)
     flags = dict(
-        STATS=stats, HAS_AFFINE=weight is not None, TRACK=running_mean is not None, USE_MOMENTUM=momentum is not None,
-        CARRY_NORM=carry_norm, DECAY_INPUT=decay_input, SOFT_RESET=soft_reset, SAVE=save,
-        V0_SCALAR=v3.stride() == (0, 0, 0), INDEX_64=needs_int64(x4, v3, s), ACC=acc_dtype(out_dtype),
+        STATS=stats, HAS_AFFINE=weight is not None, TRACK=running_mean is not None, USE_MOMENTUM=bn.momentum is not None,
+        CARRY_NORM=carry_norm, SAVE=save, V0_SCALAR=v3.stride() == (0, 0, 0), INDEX_64=needs_int64(x4, v3, s),
+        ACC=acc_dtype(out_dtype), **lif_flags,
     )
-    scalars = (float(tau), float(v_reset), float(eps), 0.0 if momentum is None else float(momentum), int(batches_tracked))
+    momentum = 0.0 if bn.momentum is None else float(bn.momentum)
+    scalars = (*lif_scalars, float(bn.eps), momentum, int(bn.batches_tracked))
 
     if uses_resident_path(N, C, S):
         tiles = resident_tiling(N, S)
@@ -485,8 +492,7 @@ def launch_batch_stats_fwd(
 
 
 def launch_train_bwd(
-    gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *,
-    tau, v_reset, alpha, carry_norm, decay_input, soft_reset, detach_reset, surrogate, need_gv0=True,
+    gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *, lif: LIFKernelParameters, carry_norm: bool, need_gv0: bool = True,
 ):
     T, N, C = h.shape[:3]
     h4 = as_ncs(h, 1)
@@ -499,13 +505,12 @@ def launch_train_bwd(
     gv0 = torch.empty(h.shape[1:] if need_gv0 else (0,), dtype=acc, device=dev_)
     gw = torch.empty(C, dtype=acc, device=dev_)
     gb = torch.empty(C, dtype=acc, device=dev_)
+    scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
     flags = dict(
-        HAS_AFFINE=weight is not None, CARRY_NORM=carry_norm, DECAY_INPUT=decay_input, SOFT_RESET=soft_reset,
-        DETACH_RESET=detach_reset, SURROGATE=dev.SURROGATES[surrogate], HAS_GS=gs is not None, HAS_GV=gv is not None,
-        NEED_GV0=need_gv0, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc),
+        HAS_AFFINE=weight is not None, CARRY_NORM=carry_norm, HAS_GS=gs is not None, HAS_GV=gv is not None,
+        NEED_GV0=need_gv0, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc), **lif_flags,
     )
     strides = (*_strides(g4, 4), *_strides(gv3, 3))
-    scalars = (float(tau), float(v_reset), float(alpha))
     if uses_resident_path(N, C, S):
         tiles = resident_tiling(N, S)
         gth = torch.empty(C, dtype=acc, device=dev_)
@@ -538,27 +543,38 @@ def launch_train_bwd(
 # ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("snnorm::mpbn_lif_train", mutates_args=())
-def mpbn_lif_train_op(
-    x: Tensor, v: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-    running_mean: Optional[Tensor], running_var: Optional[Tensor], th: Tensor,
-    momentum: Optional[float], batches_tracked: int, eps: float,
-    tau: float, decay_input: bool, v_reset: float, soft_reset: bool, detach_reset: bool,
-    surrogate: str, alpha: float, carry_norm: bool, save: bool, out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+#: ``snnorm::mpbn_lif_train(x, v, weight, bias, running_mean, running_var, th, <BNKernelParameters>,
+#: <LIFKernelParameters>, carry_norm, save, out_dtype)``
+TRAIN_FWD = op_signature(
+    "Tensor x, Tensor v, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor th",
+    BNKernelParameters, LIFKernelParameters, "bool carry_norm, bool save, ScalarType out_dtype",
+    returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+#: ``snnorm::mpbn_lif_train_bwd(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, <LIFKernelParameters>,
+#: carry_norm, need_gv0)``
+TRAIN_BWD = op_signature(
+    "Tensor? gs, Tensor? gv, Tensor h, ScalarType gx_dtype, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+    "Tensor th", LIFKernelParameters, "bool carry_norm, bool need_gv0",
+    returns="(Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.custom_op("snnorm::mpbn_lif_train", mutates_args=(), schema=TRAIN_FWD.schema)
+def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
     """MPBN-LIF with batch statistics: (spikes, v_T, saved h, mean [T, C], rstd [T, C],
-    updated running mean, updated running var).
+    updated running mean, updated running var). Arguments: see ``TRAIN_FWD``.
 
     Functional (autograd needs that): the running statistics come back as new tensors
     (empty when None) and the op-table adaptor copies them into the buffers.
     """
+    bn, args = BNKernelParameters.from_op_args(args)
+    lif, (carry_norm, save, out_dtype) = LIFKernelParameters.from_op_args(args)
     acc = acc_torch_dtype(out_dtype)
     rm_new = running_mean.to(acc, copy=True) if running_mean is not None else None
     rv_new = running_var.to(acc, copy=True) if running_var is not None else None
     s, v_out, h, mean, rstd, _, _ = launch_batch_stats_fwd(
         x, v, weight, bias, rm_new, rv_new, th, None, None, None, out_dtype,
-        stats=dev.STATS_TRAIN.value, momentum=momentum, batches_tracked=batches_tracked, eps=eps, tau=tau,
-        v_reset=v_reset, carry_norm=carry_norm, decay_input=decay_input, soft_reset=soft_reset, save=save,
+        lif=lif, bn=bn, stats=dev.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
     )
     if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
         rm_new, rv_new = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
@@ -566,7 +582,9 @@ def mpbn_lif_train_op(
 
 
 @mpbn_lif_train_op.register_fake
-def _(x, v, weight, bias, running_mean, running_var, th, momentum, batches_tracked, eps, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, carry_norm, save, out_dtype):
+def _(x, v, weight, bias, running_mean, running_var, th, *args):
+    _, args = BNKernelParameters.from_op_args(args)
+    _, (carry_norm, save, out_dtype) = LIFKernelParameters.from_op_args(args)
     acc = acc_torch_dtype(out_dtype)
     T, C = x.shape[0], x.shape[2]
     return (
@@ -578,22 +596,16 @@ def _(x, v, weight, bias, running_mean, running_var, th, momentum, batches_track
     )
 
 
-@torch.library.custom_op("snnorm::mpbn_lif_train_bwd", mutates_args=())
-def mpbn_lif_train_bwd_op(
-    gs: Optional[Tensor], gv: Optional[Tensor], h: Tensor, gx_dtype: torch.dtype, mean: Tensor, rstd: Tensor,
-    weight: Optional[Tensor], bias: Optional[Tensor], th: Tensor,
-    tau: float, decay_input: bool, v_reset: float, soft_reset: bool, detach_reset: bool,
-    surrogate: str, alpha: float, carry_norm: bool, need_gv0: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op("snnorm::mpbn_lif_train_bwd", mutates_args=(), schema=TRAIN_BWD.schema)
+def mpbn_lif_train_bwd_op(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *args):
     """(∂x, ∂v0 (empty unless need_gv0), ∂γ, ∂β, ∂θ) of MPBN-LIF training; gs / gv None read as zeros."""
-    return launch_train_bwd(
-        gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, tau=tau, v_reset=v_reset, alpha=alpha, carry_norm=carry_norm,
-        decay_input=decay_input, soft_reset=soft_reset, detach_reset=detach_reset, surrogate=surrogate, need_gv0=need_gv0,
-    )
+    lif, (carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
+    return launch_train_bwd(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, lif=lif, carry_norm=carry_norm, need_gv0=need_gv0)
 
 
 @mpbn_lif_train_bwd_op.register_fake
-def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, carry_norm, need_gv0):
+def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *args):
+    _, (carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
     C = h.shape[2]
     return (
         h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)),
@@ -602,13 +614,15 @@ def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, tau, decay_input, v_res
 
 
 def _setup(ctx, inputs, output):
-    x, v, weight, bias, rm, rv, th, momentum, bt, eps, tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, carry_norm, save, _ = inputs
+    x, v, weight, bias, rm, rv, th, *args = inputs
+    _, args = BNKernelParameters.from_op_args(args)
+    lif, (carry_norm, save, _) = LIFKernelParameters.from_op_args(args)
     _, _, h, mean, rstd, _, _ = output
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros tensor to read
     ctx.missing_h = not save
     if save:
         ctx.save_for_backward(h, mean, rstd, weight, bias, th)
-    ctx.cfg = (tau, decay_input, v_reset, soft_reset, detach_reset, surrogate, alpha, carry_norm)
+    ctx.cfg = (*lif.to_op_args(), carry_norm)
     ctx.dtypes = (x.dtype, v.dtype)
 
 
@@ -618,11 +632,11 @@ def _backward(ctx, gs, gv, gh, gmean, grstd, grm, grv):
     h, mean, rstd, weight, bias, th = ctx.saved_tensors
     need_gv0 = ctx.needs_input_grad[1]  # a broadcast initial state (the default) needs none: not written
     gx, gv0, gw, gb, gth = mpbn_lif_train_bwd_op(gs, gv, h, ctx.dtypes[0], mean, rstd, weight, bias, th, *ctx.cfg, need_gv0)
-    return (
+    return TRAIN_FWD.grads(
         gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None,
         None if weight is None else gw.to(weight.dtype), None if bias is None else gb.to(bias.dtype),
         None, None, gth.to(th.dtype),
-    ) + (None,) * 13
+    )
 
 
 mpbn_lif_train_op.register_autograd(_backward, setup_context=_setup)
