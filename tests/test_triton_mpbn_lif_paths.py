@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import EXACT, LARGE_MEAN_FP32, TRITON_FP64_WITH_FP32_SCALARS, TRITON_VS_TORCH_FP32, TRITON_VS_TORCH_GRAD_FP32
 
 pytest.importorskip("triton")
 
@@ -40,7 +41,7 @@ def test_lif_backward_without_final_membrane_gradient(shape):
     without = lif_kernels.lif_elementwise_bwd_op(gs, None, h, torch.float32, th, None, None, None, None, None, *flags)
     zeros = lif_kernels.lif_elementwise_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, th, None, None, None, None, None, *flags)
     for a, b in zip(without, zeros):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **EXACT)
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 2), (3, 4, 2, 5)])
@@ -56,7 +57,7 @@ def test_mpbn_lif_resident_backward_without_final_membrane_gradient(shape):
     without = train_kernels.mpbn_lif_train_bwd_op(gs, None, h, torch.float32, mean, rstd, w, b, th, *cfg)
     zeros = train_kernels.mpbn_lif_train_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, mean, rstd, w, b, th, *cfg)
     for a, b_ in zip(without, zeros):
-        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+        torch.testing.assert_close(a, b_, **EXACT)
 
 
 @pytest.mark.parametrize("op", ["lif", "mpbn_lif"])
@@ -73,7 +74,7 @@ def test_autograd_with_unused_final_membrane_matches_torch(op):
             s, _ = ops.mpbn_lif(xr, v, None, None, torch.zeros(2), torch.ones(2), 0.5, **TRAIN_KW)
         (s * weights).sum().backward()  # v_T unused: its gradient is None, not zeros
         grads.append(xr.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], **TRITON_VS_TORCH_GRAD_FP32)
 
 
 @pytest.mark.parametrize("op", ["lif", "mpbn_lif", "mpbn_lif_eval"])
@@ -91,7 +92,7 @@ def test_autograd_with_unused_spikes_matches_torch(op):
             _, v_out = ops.mpbn_lif(xr, v, None, None, torch.zeros(2), torch.ones(2), 0.5, **kw)
         (v_out * 1.3).sum().backward()
         grads.append(xr.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], **TRITON_VS_TORCH_GRAD_FP32)
 
 
 @pytest.mark.parametrize("cls", [neuron.LIFNode, neuron.IFNode])
@@ -109,7 +110,7 @@ def test_neuron_without_channel_dim_matches_torch(cls, step_mode, shape):
         results.append((s, s2, node.v, xr.grad))
     for got, want in zip(results[1], results[0]):
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, **TRITON_VS_TORCH_FP32)
 
 
 @pytest.mark.parametrize("op", ["lif", "mpbn_lif"])
@@ -125,7 +126,7 @@ def test_double_backward_names_the_limit(op):
     # first-order gradients with create_graph=True still work and agree
     (g,) = torch.autograd.grad((s * x).sum() + v_out.sum(), x, create_graph=True)
     (g_ref,) = torch.autograd.grad((s_ref * x).sum() + v_ref.sum(), x, create_graph=True)
-    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, **TRITON_VS_TORCH_GRAD_FP32)
     with pytest.raises(NotImplementedError, match="double backward.*create_graph=True.*torch backend"):
         torch.autograd.grad(g.sum(), x)
 
@@ -202,7 +203,7 @@ def _compare(op, shape, surrogate, layout="contiguous", **kw):
     assert torch.equal(got["s"], want["s"])
     for key in want:
         # fp64 tensors, but scalars (τ, ε, momentum, α) reach the kernels as fp32: ~1e-7
-        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], **TRITON_FP64_WITH_FP32_SCALARS, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize(
@@ -257,8 +258,8 @@ def test_chunked_combine_keeps_precision_with_large_mean(monkeypatch):
               surrogate=sg.Sigmoid(), detach_reset=True, carry="raw")
     _triton().mpbn_lif(x, torch.zeros(6, 3, 6), None, None, rm, rv, 0.5, **kw)
     ref.mpbn_lif(x.double(), torch.zeros(6, 3, 6, dtype=torch.float64), None, None, rm64, rv64, 0.5, **kw)
-    torch.testing.assert_close(rv.double(), rv64, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(rm.double(), rm64, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(rv.double(), rv64, **LARGE_MEAN_FP32["var"])
+    torch.testing.assert_close(rm.double(), rm64, **LARGE_MEAN_FP32["mean"])
 
 
 def test_int64_offsets_match_torch(path, monkeypatch):
