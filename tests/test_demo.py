@@ -31,6 +31,7 @@ def _accuracies(results):
         yield results["tta"][key]
 
 
+@pytest.mark.slow  # the whole demo
 def test_quick_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "plots" / "demo.png"
     threads = torch.get_num_threads()
@@ -60,6 +61,7 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert str(out.resolve()) in printed
 
 
+@pytest.mark.slow  # the demo, twice
 def test_same_seed_same_run(tmp_path):
     # tdBN here (the --quick run above uses TEBN), so both norms run end to end
     cfg = demo.DemoConfig(epochs=1, T=2, batch_size=64, channels=(4, 8), train_subset=128, test_subset=96,

@@ -193,6 +193,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol=DISTRIBUTED_FP64["a
     assert torch.allclose(a, b, atol=atol, rtol=rtol), f"{what}: max abs error {err:.3e}"
 
 
+@pytest.mark.slow  # two processes (gloo)
 def test_ddp_two_ranks_match_one_process_on_concatenated_batch(two_rank_results):
     ref_steps, ref_eval = _reference()
     for step in range(STEPS):
@@ -215,6 +216,7 @@ def test_ddp_two_ranks_match_one_process_on_concatenated_batch(two_rank_results)
         _close(res["eval_out"], ref_eval[:, lo:hi], f"eval rank {rank} output")
 
 
+@pytest.mark.slow  # the same two processes
 def test_global_statistics_are_stable_at_large_mean(two_rank_results):
     g = torch.Generator().manual_seed(7)
     big = torch.randn(sum(SHARDS), 3, 17, generator=g, dtype=torch.float64) + 1e4

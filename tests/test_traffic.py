@@ -66,6 +66,10 @@ def test_every_case_has_a_budget():
         assert set(BUDGETS[name]) == ({"fwd", "bwd"} if case.backward else {"fwd"}), name
 
 
+#: cases whose measurement takes 5–20 s through the interpreter: in the slow set
+HEAVY = {"mpbn-train-resident", "mpbn-train-pipelined", "adapt-resident", "adapt-pipelined"}
+
+
 @functools.lru_cache(maxsize=None)
 def _rows(name: str) -> dict:
     return {r.direction: r for r in traffic.measure(CASES[name])}
@@ -76,6 +80,7 @@ def _params():
         for direction in dirs:
             reason = KNOWN_OVER.get((name, direction))
             marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            marks += [pytest.mark.slow] if name in HEAVY else []
             yield pytest.param(name, direction, id=f"{name}-{direction}", marks=marks)
 
 
@@ -95,6 +100,7 @@ def test_traffic_within_budget(name, direction):
     assert row.launches <= max_launches, f"{what}: {row.launches} launches, budget {max_launches}"
 
 
+@pytest.mark.slow  # measures a HEAVY case
 def test_traffic_is_at_least_the_floor():
     """A count under the floor means the meter missed accesses (or the floor is wrong)."""
     for name in ("mpbn-train-resident", "tebn-train", "tab-train", "tab-eval"):
@@ -102,6 +108,7 @@ def test_traffic_is_at_least_the_floor():
             assert row.bytes_per_elem_step >= row.floor, (row.op, row.direction, row.bytes_per_elem_step)
 
 
+@pytest.mark.slow  # measures every case
 def test_csv_and_results_section(tmp_path):
     """What ``python -m perf.traffic`` writes and ``perf.report`` renders, from the same rows."""
     assert traffic.section(tmp_path) == []  # no CSV: no section

@@ -265,7 +265,7 @@ def test_lif_matches_torch_backend(cfg):
 
 
 @given(cfg=configs(modes=("train",)))
-@settings(max_examples=16)
+@settings(max_examples=settings.default.max_examples * 4 // 3)  # a third more than the profile: the most corners
 def test_mpbn_lif_training_matches_torch_backend(cfg):
     note(str(cfg))
     _check(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import SLOW_ON_CPU
 from tolerances import EXACT, LARGE_MEAN_FP32, TRITON_FP64_WITH_FP32_SCALARS, TRITON_VS_TORCH_FP32, TRITON_VS_TORCH_GRAD_FP32
 
 pytest.importorskip("triton")
@@ -138,7 +139,9 @@ def test_double_backward_names_the_limit(op):
 SURROGATES = [sg.Sigmoid(4.0), sg.ATan(2.0), sg.PiecewiseQuadratic(1.0), sg.PiecewiseExp(2.0)]
 
 
-@pytest.fixture(params=["resident", "pipelined"])
+# the pipelined path runs 3–11 s per case through the interpreter: in the slow set (the
+# default run still reaches it through test_triton_mpbn_lif.py's split-path tests)
+@pytest.fixture(params=["resident", pytest.param("pipelined", marks=SLOW_ON_CPU)])
 def path(request, monkeypatch):
     """Force the MPBN-LIF training path (C is small here, so the default would be pipelined)."""
     if request.param == "resident":

@@ -242,6 +242,7 @@ def test_integer_input_rejected():
         )
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter error")
 def test_cpu_without_interpreter_raises_with_fix():
     code = (
