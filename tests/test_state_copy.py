@@ -19,7 +19,7 @@ import io
 import pytest
 import torch
 import torch.nn as nn
-from tolerances import EXACT, FOLDED_THRESHOLD_FP32
+from tolerances import EXACT, FOLDED_INPUT_MARGIN_FP32, FOLDED_THRESHOLD_FP32
 
 from snnorm import functional, layer, memopt, neuron
 from snnorm.backends.torch_backend import folded_threshold
@@ -185,7 +185,7 @@ def test_folded_threshold_in_state_dict_is_theta_prime_and_fires(backend, learna
     assert not torch.allclose(theta, node.normalized_v_threshold)  # θ′ is not V_th
     # one step from v = 0 with decay_input=False: H = X, so the neuron fires where sign(γ)(X − θ′) ≥ 0
     x = theta.view(1, C, 1, 1) + torch.randn(N, C, H, W)
-    x = torch.where((x - theta.view(1, C, 1, 1)).abs() < 1e-3, x + 1e-2, x)  # away from rounding
+    x = torch.where((x - theta.view(1, C, 1, 1)).abs() < FOLDED_INPUT_MARGIN_FP32, x + 1e-2, x)  # away from rounding
     expected = (torch.sign(node.gamma).view(1, C, 1, 1) * (x - theta.view(1, C, 1, 1)) >= 0).float()
     with torch.no_grad():
         s = node(x.unsqueeze(0))[0]

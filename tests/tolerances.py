@@ -139,6 +139,8 @@ FUSED_OUTPUT_FP32 = dict(rtol=1e-5, atol=1e-5)
 #: running statistics of a packed conv-BN vs the unpacked pair; a re-laid-out (T-last) forward
 FUSED_BUFFERS_FP32 = dict(rtol=1e-6, atol=1e-6)
 RELAYOUT_FP32 = dict(rtol=1e-6, atol=1e-6)
+#: fp32 inputs closer than this to θ′ are moved away before spikes are checked exactly
+FOLDED_INPUT_MARGIN_FP32 = 1e-3
 #: folding the MPBN threshold: membranes vs unfolded eval; θ′ vs the fp64 formula
 FOLDED_MEMBRANE_FP32 = dict(rtol=1e-5, atol=1e-5)
 FOLDED_THRESHOLD_FP32 = dict(rtol=1e-6, atol=1e-6)
