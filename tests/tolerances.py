@@ -1,4 +1,4 @@
-"""Every tolerance of the backend tests, and the one rule for comparing spiking outputs.
+"""Every tolerance of the tests, the comparison helpers, and the rule for comparing spiking outputs.
 
 A tolerance defined in a test file is a convention nobody can audit; they all live here.
 
@@ -22,7 +22,9 @@ The comparisons, each with its tolerance named below:
   ``≤ 2·max|torch_lowp − ref64| + atol·(1 + max|ref64|)``;
 - a Triton op against the fp64 torch op: :func:`assert_op_close` (``OP_VS_FP64``), on the
   entries :func:`comparable_mask` / :func:`mask_for` leave comparable
-  (:func:`comparable_entries` for a whole quantity).
+  (:func:`comparable_entries` for a whole quantity);
+- shares (flipped spikes, entries within a bound), norms (autocast gradients) and single
+  numbers (``pytest.approx``) are compared with their named bound where the test states the rule.
 """
 
 from __future__ import annotations
