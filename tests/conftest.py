@@ -1,5 +1,8 @@
 """Test setup: the kernel device, the Triton interpreter, hypothesis profiles.
 
+The default run (``pytest``, pyproject's addopts) leaves out the tests marked ``slow``;
+``pytest -m slow`` runs them. Every test has pyproject's timeout unless it carries its own.
+
 tests/devices.py decides where the Triton tests run (CUDA when present, else CPU through
 the interpreter; ``SNNORM_TEST_DEVICE=cpu`` forces the CPU). TRITON_INTERPRET must be set
 before triton is first imported, so it is set here, before anything imports the kernels —
@@ -16,8 +19,11 @@ if not ON_GPU:
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-# cpu: sized for CI through the Triton interpreter (tests/devices.py keeps shapes small).
-settings.register_profile("cpu", max_examples=12, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
+# cpu: the default run through the Triton interpreter (tests/devices.py keeps shapes small);
+# cpu-long: 4.5× the draws, after the default run in CI (.ci/run: -m hypothesis
+# --hypothesis-profile=cpu-long).
+settings.register_profile("cpu", max_examples=8, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
+settings.register_profile("cpu-long", max_examples=36, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
 # gpu: the wide shape pools of tests/devices.py; bounded so the triton tests finish in minutes.
 settings.register_profile("gpu", max_examples=60, deadline=None, suppress_health_check=_SLOW_OK)
 # gpu-quick: what perf/gpu_check.py runs inside its time budget.

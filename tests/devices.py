@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -28,6 +29,16 @@ ON_GPU = torch.cuda.is_available() and _forced != "cpu"
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 #: the hypothesis profile loaded by conftest.py unless SNNORM_HYPOTHESIS_PROFILE says otherwise
 DEFAULT_PROFILE = "gpu" if ON_GPU else "cpu"
+
+
+#: ``marks=`` of a ``pytest.param`` that is slow only through the interpreter
+SLOW_ON_CPU = () if ON_GPU else (pytest.mark.slow,)
+
+
+def slow_on_cpu(test):
+    """Marks ``test`` slow where the kernels run through the interpreter; on a GPU it stays in
+    the default run (perf/gpu_check.py names such tests)."""
+    return test if ON_GPU else pytest.mark.slow(test)
 
 
 class _Sizes:

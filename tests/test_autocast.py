@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from devices import DEVICE
-from tolerances import AUTOCAST_BF16, AUTOCAST_BF16_GRAD, AUTOCAST_BUFFERS, AUTOCAST_GRAD_REL, AUTOCAST_MAX_SPIKE_FLIPS
+from tolerances import AUTOCAST_BF16, AUTOCAST_BF16_GRAD, AUTOCAST_BUFFERS, AUTOCAST_GRAD_FLOOR, AUTOCAST_GRAD_REL, AUTOCAST_MAX_SPIKE_FLIPS
+from tolerances import AUTOCAST_READOUT_WITHIN_SHARE
 
 from snnorm import functional, layer, neuron
 
@@ -69,7 +70,6 @@ NEURONS = {
 }
 PROMOTES_TO_F32 = {"MPBNLIFNode_raw"}  # float32 threshold exp(a) enters the comparison
 
-ATOL, RTOL = AUTOCAST_BF16["atol"], AUTOCAST_BF16["rtol"]  # tests/tolerances.py says why
 MAX_SPIKE_FLIPS = AUTOCAST_MAX_SPIKE_FLIPS
 GRAD_REL = AUTOCAST_GRAD_REL
 
@@ -97,7 +97,7 @@ def _check_grads(m_lp: nn.Module, m_ref: nn.Module) -> None:
     for (name, p), q in zip(m_lp.named_parameters(), m_ref.parameters()):
         assert p.dtype == F32 and p.grad is not None and p.grad.dtype == F32, name
         err = (p.grad - q.grad).norm().item()
-        assert err <= GRAD_REL * q.grad.norm().item() + 1e-3, f"{name}: grad error {err:.3e} vs norm {q.grad.norm():.3e}"
+        assert err <= GRAD_REL * q.grad.norm().item() + AUTOCAST_GRAD_FLOOR, f"{name}: grad error {err:.3e} vs norm {q.grad.norm():.3e}"
 
 
 def _check_buffers(m_lp: nn.Module, m_ref: nn.Module) -> None:
@@ -123,8 +123,8 @@ def test_layer_under_autocast(name, mode):
         y, gx = _run(m, x.to(in_dtype), autocast=True)
         assert y.dtype == expected, f"{name} ({in_dtype} in): returned {y.dtype}, expected {expected}"
         assert gx.dtype == in_dtype
-        torch.testing.assert_close(y.float(), y_ref, atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(gx.float(), gx_ref, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(y.float(), y_ref, **AUTOCAST_BF16)
+        torch.testing.assert_close(gx.float(), gx_ref, **AUTOCAST_BF16)
         _check_grads(m, ref) if in_dtype == BF16 else None
         _check_buffers(m, ref)
 
@@ -187,8 +187,8 @@ def test_triton_backend_under_autocast(name, mode):
     (m_t, y_t, gx_t), (m_k, y_k, gx_k) = results["torch"], results["triton"]
     assert y_k.dtype == y_t.dtype and gx_k.dtype == BF16
     if name == "TEBN":
-        torch.testing.assert_close(y_k.float(), y_ref, atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(y_k.float(), y_t.float(), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(y_k.float(), y_ref, **AUTOCAST_BF16)
+        torch.testing.assert_close(y_k.float(), y_t.float(), **AUTOCAST_BF16)
     else:
         assert _spike_flips(y_k, y_t) <= MAX_SPIKE_FLIPS and _spike_flips(y_k, y_ref) <= MAX_SPIKE_FLIPS
     torch.testing.assert_close(gx_k.float(), gx_ref, **AUTOCAST_BF16_GRAD)
@@ -230,4 +230,4 @@ def test_network_under_autocast():
     for a, b in zip(spikes, spikes_ref):
         assert _spike_flips(a, b) <= MAX_SPIKE_FLIPS
     # a flipped spike moves a readout row; most of the readout stays within bfloat16 error
-    assert ((y.float() - y_ref).abs() <= ATOL).float().mean() >= 0.75
+    assert ((y.float() - y_ref).abs() <= AUTOCAST_BF16["atol"]).float().mean() >= AUTOCAST_READOUT_WITHIN_SHARE

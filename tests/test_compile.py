@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from devices import DEVICE
+from devices import DEVICE, slow_on_cpu
 from tolerances import COMPILED_BUFFERS_FP32, COMPILED_FP32
 
 from snnorm import functional, layer, memopt, neuron
@@ -101,6 +101,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@slow_on_cpu  # the full compile grid: ~35 s per backend on 2 CPU cores
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_every_layer_compiles_fullgraph_train_and_eval(backend):
     # the triton backend runs on tests/devices.py's DEVICE (CUDA when present)
@@ -137,6 +138,7 @@ def test_folded_mpbn_compiles_fullgraph():
     _compare(eager, compiled, net, _input(5), train=False)
 
 
+@pytest.mark.slow  # inductor generates and builds C++: ~10–30 s
 def test_small_network_through_inductor():
     def build():
         torch.manual_seed(5)

@@ -72,6 +72,8 @@ def _launched_kernels() -> set[str]:
     return set(out.stdout.split())
 
 
+@pytest.mark.slow  # the compile grid in a subprocess (its own timeout: 1500 s)
+@pytest.mark.timeout(1600)
 def test_every_launched_configuration_compiles_for_sm90_and_sm80_without_spills(tmp_path):
     out, rows = _run_check(tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
@@ -102,6 +104,8 @@ def test_spilling_reports_spilled_configurations():
 
 
 @pytest.mark.skipif(not os.environ.get("SNNORM_COMPILE_CHECK_PYTHONPATH"), reason="no second triton given (tests/run.sh sets one)")
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
 def test_oldest_supported_triton_compiles_every_configuration_without_spills(tmp_path):
     # every kernel once (LIF, MPBN training on the resident and the pipelined path, TEBN, TAB), in fp32
     # and bf16 — the whole CI grid again would double this check's CI time

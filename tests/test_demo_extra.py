@@ -28,6 +28,7 @@ def test_main_names_the_extra_to_install(blocked, monkeypatch, tmp_path):
     assert isinstance(info.value, ImportError)
 
 
+@pytest.mark.slow  # a subprocess
 def test_python_m_demo_without_the_extra_prints_the_fix_not_a_traceback():
     code = ("import sys, runpy; sys.modules['sklearn'] = None; "
             "runpy.run_module('snnorm.demo', run_name='__main__')")

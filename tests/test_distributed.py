@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from tolerances import DISTRIBUTED_FP64
+from tolerances import DISTRIBUTED_FP64, DISTRIBUTED_LARGE_MEAN_FP32_MEAN, DISTRIBUTED_LARGE_MEAN_FP32_VAR_REL
 
 import snnorm
 from snnorm import functional, layer, neuron
@@ -193,6 +193,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol=DISTRIBUTED_FP64["a
     assert torch.allclose(a, b, atol=atol, rtol=rtol), f"{what}: max abs error {err:.3e}"
 
 
+@pytest.mark.slow  # two processes (gloo)
 def test_ddp_two_ranks_match_one_process_on_concatenated_batch(two_rank_results):
     ref_steps, ref_eval = _reference()
     for step in range(STEPS):
@@ -215,6 +216,7 @@ def test_ddp_two_ranks_match_one_process_on_concatenated_batch(two_rank_results)
         _close(res["eval_out"], ref_eval[:, lo:hi], f"eval rank {rank} output")
 
 
+@pytest.mark.slow  # the same two processes
 def test_global_statistics_are_stable_at_large_mean(two_rank_results):
     g = torch.Generator().manual_seed(7)
     big = torch.randn(sum(SHARDS), 3, 17, generator=g, dtype=torch.float64) + 1e4
@@ -223,9 +225,9 @@ def test_global_statistics_are_stable_at_large_mean(two_rank_results):
     ref_var = x.var(dim=(0, 2), unbiased=False)
     for mean, var, count in (res["big"] for res in two_rank_results):
         assert count.item() == sum(SHARDS) * 17
-        assert (mean.double() - ref_mean).abs().max() < 1e-2  # float32 resolution at 1e4 is ~1e-3
+        assert (mean.double() - ref_mean).abs().max() < DISTRIBUTED_LARGE_MEAN_FP32_MEAN  # float32 resolution at 1e4 is ~1e-3
         # the variance (≈1) survives a mean of 1e4: raw Σx² in float32 would lose it entirely
-        assert ((var.double() - ref_var).abs() / ref_var).max() < 1e-3
+        assert ((var.double() - ref_var).abs() / ref_var).max() < DISTRIBUTED_LARGE_MEAN_FP32_VAR_REL
 
 
 # -- single process ------------------------------------------------------------------

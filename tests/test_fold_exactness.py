@@ -9,7 +9,7 @@ computed from.
 The test drives membranes densely around θ′ (one step from v = 0 with
 ``decay_input=False``, so H = X exactly): exact neighbours θ′ ± k ulps, a cloud within
 ±32 ulps, and a wider cloud within ~1e-3 relative. It bounds the share of flipped spikes
-and checks that every flip lies within FLIP_ULPS·eps·scale of θ′, in float32 and float64,
+and checks that every flip lies within FOLD_FLIP_ULPS·eps·scale of θ′, in float32 and float64,
 on both backends.
 """
 
@@ -19,16 +19,11 @@ import copy
 
 import pytest
 import torch
+from tolerances import FOLD_FLIP_ULPS, FOLD_MAX_FLIPS_DENSE, FOLD_MAX_FLIPS_NEAR
 
 from snnorm import functional, neuron
 
 C, N, S = 4, 8, 64  # S positions per (sample, channel)
-#: a flip lies within this many eps·scale of θ′ (measured: ≤ 1.1 in float32 and float64)
-FLIP_ULPS = 4
-#: share of flipped spikes among inputs within ±32 ulps of θ′ (measured: 0.8–2.5%)
-MAX_FLIPS_NEAR = 0.05
-#: ... among inputs spread ~1e-3 relative around θ′ (measured: 1 in 4096 in float32, 0 in float64)
-MAX_FLIPS_DENSE = 1e-3
 
 
 def node_pair(dtype, backend, seed, carry):
@@ -85,13 +80,13 @@ def test_flips_only_within_rounding_of_the_folded_threshold(backend, dtype, carr
             functional.reset_net(node), functional.reset_net(folded)
             flipped = s_bn != s_fold
             distance = (x - theta.view(1, 1, C, 1)).abs() / unit.view(1, 1, C, 1)
-            assert (distance[flipped] <= FLIP_ULPS).all(), (
+            assert (distance[flipped] <= FOLD_FLIP_ULPS).all(), (
                 f"a spike flipped {distance[flipped].max().item():.1f} eps·scale away from θ′ "
-                f"(allowed {FLIP_ULPS}): not a rounding flip"
+                f"(allowed {FOLD_FLIP_ULPS}): not a rounding flip"
             )
             flips[name] += int(flipped.sum())
             counts[name] += flipped.numel()
-    assert flips["near"] <= MAX_FLIPS_NEAR * counts["near"], flips
-    assert flips["dense"] <= MAX_FLIPS_DENSE * counts["dense"], flips
+    assert flips["near"] <= FOLD_MAX_FLIPS_NEAR * counts["near"], flips
+    assert flips["dense"] <= FOLD_MAX_FLIPS_DENSE * counts["dense"], flips
     # the test does reach the rounding regime: neighbours of θ′ do flip somewhere
     assert flips["near"] > 0, "no flip at all within ulps of θ′: the inputs did not reach rounding"

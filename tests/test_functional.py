@@ -18,10 +18,9 @@ from spikingjelly.activation_based import layer as sj_layer
 from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based.functional import conv_bn_fusion as sj_fusion
 from torch.nn.utils.fusion import fuse_conv_bn_eval as torch_fuse_conv_bn_eval
+from tolerances import EXACT, FUSED_BUFFERS_FP32, FUSED_OUTPUT_FP32, FUSED_PARAMS_FP32, RELAYOUT_FP32
 
 from snnorm import backends, base, functional, layer, neuron
-
-RTOL, ATOL = 1e-6, 1e-6  # fp32, one tolerance for every fusion comparison
 
 
 def _randomise_bn(bn: nn.Module, seed: int) -> nn.Module:
@@ -130,7 +129,7 @@ def test_seq_to_ann_forward_matches_spikingjelly():
         y = functional.seq_to_ann_forward(x_seq, mods)
         y_ref = sj_functional.seq_to_ann_forward(x_seq, mods)
         assert y.shape == y_ref.shape
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        torch.testing.assert_close(y, y_ref, **EXACT)
     assert functional.seq_to_ann_forward(x_seq, conv).shape == (3, 2, 6, 7, 5)
     with pytest.raises(ValueError, match=r"\[T, N, \.\.\.\]"):
         functional.seq_to_ann_forward(torch.randn(5), conv)
@@ -146,13 +145,13 @@ def test_multi_step_forward_matches_spikingjelly():
     functional.reset_net(lif)
     y_ref = sj_functional.multi_step_forward(x_seq, [lin, lif])
     assert y.shape == (5, 3, 4)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    torch.testing.assert_close(v, lif.v, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, **EXACT)
+    torch.testing.assert_close(v, lif.v, **EXACT)
     # a single module, and equality with the module's own multi-step forward
     functional.reset_net(lif)
     y1 = functional.multi_step_forward(x_seq, lif)
     lif_m = neuron.LIFNode(step_mode="m")
-    torch.testing.assert_close(y1, lif_m(x_seq), rtol=0, atol=0)
+    torch.testing.assert_close(y1, lif_m(x_seq), **EXACT)
 
 
 def test_chunk_multi_step_forward_matches_spikingjelly_and_the_whole_sequence():
@@ -167,8 +166,8 @@ def test_chunk_multi_step_forward_matches_spikingjelly_and_the_whole_sequence():
         functional.reset_net(lif)
         y_ref = sj_functional.chunk_multi_step_forward(split, x_seq, lif)
         assert y.shape == x_seq.shape
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-        torch.testing.assert_close(y, whole, rtol=0, atol=0)
+        torch.testing.assert_close(y, y_ref, **EXACT)
+        torch.testing.assert_close(y, whole, **EXACT)
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="split_size"):
             functional.chunk_multi_step_forward(bad, x_seq, lif)
@@ -192,12 +191,12 @@ def test_fused_weight_and_bias_match_torch_fusion(conv_bias, groups, affine):
     ref = torch_fuse_conv_bn_eval(conv, bn)
     w = functional.fused_conv2d_weight_of_convbn2d(conv, bn)
     b = functional.fused_conv2d_bias_of_convbn2d(conv, bn)
-    torch.testing.assert_close(w, ref.weight, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(b, ref.bias, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(w, ref.weight, **FUSED_PARAMS_FP32)
+    torch.testing.assert_close(b, ref.bias, **FUSED_PARAMS_FP32)
     fused = functional.fuse_convbn2d(conv, bn)
     assert type(fused) is nn.Conv2d and fused.bias is not None and fused.groups == groups
     x = torch.randn(3, 4, 9, 8)
-    torch.testing.assert_close(fused(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused(x), bn(conv(x)), **FUSED_OUTPUT_FP32)
 
 
 def test_fused_weight_is_differentiable():
@@ -221,10 +220,10 @@ def test_fuse_conv_bn_eval_matches_spikingjelly_multi_step_fusion():
 
     fused = functional.fuse_conv_bn_eval(sj_net[0], sj_net[1])
     assert type(fused) is sj_layer.Conv2d and fused.step_mode == "m"
-    torch.testing.assert_close(fused.weight, sj_conv[0].weight, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(fused.bias, sj_conv[0].bias, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(fused.weight, sj_conv[0].weight, **FUSED_PARAMS_FP32)
+    torch.testing.assert_close(fused.bias, sj_conv[0].bias, **FUSED_PARAMS_FP32)
     x_seq = torch.randn(4, 2, 3, 6, 6)
-    torch.testing.assert_close(fused(x_seq), sj_fused(x_seq), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused(x_seq), sj_fused(x_seq), **FUSED_OUTPUT_FP32)
 
 
 def _snnorm_multistep_bns():
@@ -249,7 +248,7 @@ def test_fuse_conv_bn_eval_multi_step_equals_conv_then_bn(make_bn, conv_bias):
     assert (conv.bias is None) == (not conv_bias)
     x_seq = torch.randn(4, 2, 3, 9, 7)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x_seq), bn(conv(x_seq)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(x_seq), bn(conv(x_seq)), **FUSED_OUTPUT_FP32)
 
 
 def test_fuse_conv_bn_eval_conv1d_and_conv3d():
@@ -260,10 +259,10 @@ def test_fuse_conv_bn_eval_conv1d_and_conv3d():
     ):
         _randomise_bn(bn, 10).eval()
         fused = functional.fuse_conv_bn_eval(conv, bn)
-        torch.testing.assert_close(fused(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(x), bn(conv(x)), **FUSED_OUTPUT_FP32)
         ref = torch_fuse_conv_bn_eval(conv.eval(), bn)
-        torch.testing.assert_close(fused.weight, ref.weight, rtol=RTOL, atol=ATOL)
-        torch.testing.assert_close(fused.bias, ref.bias, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(fused.weight, ref.weight, **FUSED_PARAMS_FP32)
+        torch.testing.assert_close(fused.bias, ref.bias, **FUSED_PARAMS_FP32)
 
 
 def test_fuse_conv_bn_eval_errors():
@@ -307,8 +306,8 @@ def test_scale_fused_weight_and_bias(k, b):
     after = torch_fuse_conv_bn_eval(conv, bn)
     kk = 1.0 if k is None else k
     bb = 0.0 if b is None else b
-    torch.testing.assert_close(after.weight, kk * before.weight + bb, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(after.bias, kk * before.bias + bb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after.weight, kk * before.weight + bb, **FUSED_OUTPUT_FP32)
+    torch.testing.assert_close(after.bias, kk * before.bias + bb, **FUSED_OUTPUT_FP32)
 
 
 def test_scale_fused_bias_matches_spikingjelly_formula_without_conv_bias():
@@ -319,8 +318,8 @@ def test_scale_fused_bias_matches_spikingjelly_formula_without_conv_bias():
     with torch.no_grad():
         ref_bn.bias.mul_(1.7).add_(-0.4)
         ref_bn.running_mean.mul_(1.7)
-    torch.testing.assert_close(bn.bias, ref_bn.bias, rtol=0, atol=0)
-    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.bias, ref_bn.bias, **EXACT)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, **EXACT)
     with pytest.raises(ValueError, match="affine=False"):
         conv2, bn2 = _conv_bn(False, 1, False, seed=13)
         functional.scale_fused_conv2d_bias_of_convbn2d(conv2, bn2, b=1.0)
@@ -440,7 +439,7 @@ def test_fuse_conv_bn_eval_modules_folds_pairs_in_a_mixed_network():
     kinds = [type(m).__name__ for m in fused.children()]
     assert kinds.count("BatchNorm2d") == 0 and "TemporalEffectiveBatchNorm2d" in kinds  # TEBN stays
     assert fused.get_submodule("0").step_mode == "m"
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, **FUSED_OUTPUT_FP32)
     assert isinstance(net[1], layer.BatchNorm2d)  # net itself unchanged
 
 
@@ -453,12 +452,12 @@ def test_fuse_conv_bn_eval_modules_matches_spikingjelly():
     theirs_convs = [m for m in theirs.modules() if isinstance(m, nn.Conv2d)]
     assert len(ours_convs) == len(theirs_convs) == 2
     for a, b in zip(ours_convs, theirs_convs):
-        torch.testing.assert_close(a.weight, b.weight, rtol=RTOL, atol=ATOL)
-        torch.testing.assert_close(a.bias, b.bias, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(a.weight, b.weight, **FUSED_PARAMS_FP32)
+        torch.testing.assert_close(a.bias, b.bias, **FUSED_PARAMS_FP32)
     with torch.no_grad():
         y = ours(x)
         net[2].reset()
-        torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, theirs(x), **FUSED_OUTPUT_FP32)
 
 
 def test_fuse_conv_bn_eval_modules_errors():
@@ -482,11 +481,11 @@ def test_pack_conv_bn_train_modules_trains_like_the_network():
     assert kinds.count("_ConvBNPack") == 1 and "SeqToANNContainer" in kinds
     x = torch.rand(3, 2, 2, 6, 6) * 3
     y, y_ref = packed(x), ref(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **FUSED_OUTPUT_FP32)
     y.sum().backward()
     y_ref.sum().backward()
-    torch.testing.assert_close(net[0].weight.grad, ref[0].weight.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(net[0].weight.grad, ref[0].weight.grad, **FUSED_OUTPUT_FP32)
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var, **FUSED_BUFFERS_FP32)
     assert int(net[1].num_batches_tracked) == 1
     assert net[0].step_mode == "m" and net[1].step_mode == "m"  # restored after the packed call
 
@@ -495,7 +494,7 @@ def test_t_last_forward_helpers_match_spikingjelly():
     x = torch.randn(2, 4, 6, 6, 3)  # [N, C, H, W, T]
     conv = nn.Conv2d(4, 5, 3, padding=1)
     y = functional.t_last_seq_to_ann_forward(x, conv)
-    torch.testing.assert_close(y, sj_functional.t_last_seq_to_ann_forward(x, conv), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, sj_functional.t_last_seq_to_ann_forward(x, conv), **RELAYOUT_FP32)
     assert y.shape == (2, 5, 6, 6, 3)
     lif = neuron.LIFNode()
     y = functional.t_last_multi_step_forward(x, lif)

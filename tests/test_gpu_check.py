@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a subprocess that runs pytest and the benchmarks (its own timeout: 600 s)
+@pytest.mark.timeout(700)
 def test_gpu_check_dry_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-m", "perf.gpu_check", str(tmp_path), "--dry"], cwd=ROOT, env=env,

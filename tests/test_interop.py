@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from tolerances import INTEROP_GRAD_VS_SJ, INTEROP_VS_SJ
 
 sj_layer = pytest.importorskip("spikingjelly.activation_based.layer", reason="spikingjelly 2.0.0 is the oracle")
 from spikingjelly.activation_based import functional as sj_functional  # noqa: E402
@@ -18,10 +19,6 @@ from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 from snnorm import functional, layer, neuron  # noqa: E402
 
 T = 3
-RTOL, ATOL = 1e-5, 1e-6
-# conv biases in front of a BN have a true gradient of 0: both libraries return rounding
-# noise of ~1e-6 there (gradients elsewhere are O(1)), so gradients get an absolute floor
-GRAD_ATOL = 1e-5
 
 
 def build(L, N, seed: int) -> nn.Sequential:
@@ -82,21 +79,21 @@ def _assert_same(sj: nn.Module, ours: nn.Module, x: torch.Tensor, train: bool) -
     y_sj, gx_sj = _step(sj, sj_functional.reset_net, x, train)
     y, gx = _step(ours, functional.reset_net, x, train)
     assert y_sj.abs().sum() > 0
-    torch.testing.assert_close(y, y_sj, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(y, y_sj, **INTEROP_VS_SJ)
     worst = (y - y_sj).abs().max().item()
     if train:
-        torch.testing.assert_close(gx, gx_sj, rtol=RTOL, atol=GRAD_ATOL)
+        torch.testing.assert_close(gx, gx_sj, **INTEROP_GRAD_VS_SJ)
         for (name, p), q in zip(ours.named_parameters(), sj.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=RTOL, atol=GRAD_ATOL, msg=name)
+            torch.testing.assert_close(p.grad, q.grad, **INTEROP_GRAD_VS_SJ, msg=name)
             worst = max(worst, (p.grad - q.grad).abs().max().item())
     sd, sd_sj = ours.state_dict(), sj.state_dict()
     assert sd.keys() == sd_sj.keys()
     for k in sd:
-        torch.testing.assert_close(sd[k], sd_sj[k], rtol=RTOL, atol=ATOL, msg=k)
+        torch.testing.assert_close(sd[k], sd_sj[k], **INTEROP_VS_SJ, msg=k)
     # memories after the sequence: BNTT's timestep counter, the neurons' membranes
     assert ours[11].t == sj[11].t == T - 1
     for i in (2, 9, 12, 20):
-        torch.testing.assert_close(ours[i].v, sj[i].v, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(ours[i].v, sj[i].v, **INTEROP_VS_SJ)
     return worst
 
 

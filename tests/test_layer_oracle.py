@@ -20,6 +20,7 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.nn as nn
+from tolerances import LAYER_VS_SJ_REL, rel_err
 
 sj_layer = pytest.importorskip(
     "spikingjelly.activation_based.layer", reason="spikingjelly 2.0.0 is the numerical oracle for snnorm.layer"
@@ -28,7 +29,6 @@ from spikingjelly.activation_based import functional as sj_functional  # noqa: E
 
 from snnorm import functional, layer  # noqa: E402
 
-RTOL = 1e-6
 MAX_ERRORS: dict[str, float] = defaultdict(float)
 
 
@@ -45,22 +45,12 @@ def _error_table():
             json.dump(dict(rows), f, indent=1)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a − b| / max |b| (b is the oracle)."""
-    a, b = a.detach().double(), b.detach().double()
-    if b.numel() == 0:
-        return 0.0
-    scale = b.abs().max().item()
-    diff = (a - b).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
 def check(name: str, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
     assert ours.shape == theirs.shape, f"{name} {what}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
     assert ours.dtype == theirs.dtype, f"{name} {what}: dtype {ours.dtype} != {theirs.dtype}"
     err = rel_err(ours, theirs)
     MAX_ERRORS[name] = max(MAX_ERRORS[name], err)
-    assert err <= RTOL, f"{name} {what}: relative error {err:.3e} > {RTOL}"
+    assert err <= LAYER_VS_SJ_REL, f"{name} {what}: relative error {err:.3e} > {LAYER_VS_SJ_REL}"
 
 
 def run(module: nn.Module, inputs, grads, reset_between: bool, seed: int):

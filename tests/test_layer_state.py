@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
+from tolerances import RECOMPUTED_GRAD_FP32, RUNNING_MEAN_BY_HAND_FP32, WS_CONV_VS_TORCH_FP32, WS_WEIGHT_MEAN, WS_WEIGHT_VAR
 
 from snnorm import functional, layer, memopt
 
@@ -143,7 +144,7 @@ def test_bntt_counter_and_statistics_per_timestep():
     counts = [bn.num_batches_tracked.item() for bn in bntt.bn_list]
     assert counts == [1] * T
     means = torch.stack([bn.running_mean for bn in bntt.bn_list])
-    assert torch.allclose(means, 0.1 * x_seq.mean(dim=(1, 3, 4)), atol=1e-6)
+    torch.testing.assert_close(means, 0.1 * x_seq.mean(dim=(1, 3, 4)), **RUNNING_MEAN_BY_HAND_FP32)
     assert all(bn.bias is None for bn in bntt.bn_list)
     functional.reset_net(bntt)
     assert bntt.t == -1
@@ -227,14 +228,14 @@ def test_ws_conv2d_honours_padding_mode():
         reference.weight.copy_(ws.get_weight())
         reference.bias.copy_(ws.bias)
     x = torch.randn(N, C, 5, 6)
-    assert torch.allclose(ws(x), reference(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ws(x), reference(x), **WS_CONV_VS_TORCH_FP32)
 
 
 def test_ws_weight_is_standardised():
     ws = layer.WSLinear(20, 6, gain=False, eps=1e-12)  # tiny eps: the standardisation is near exact
     w = ws.get_weight()
-    assert torch.allclose(w.mean(dim=1), torch.zeros(6), atol=1e-6)
-    assert torch.allclose(w.var(dim=1) * 20, torch.ones(6), atol=1e-5)  # Var(Ŵ)·fan_in = 1
+    torch.testing.assert_close(w.mean(dim=1), torch.zeros(6), **WS_WEIGHT_MEAN)
+    torch.testing.assert_close(w.var(dim=1) * 20, torch.ones(6), **WS_WEIGHT_VAR)  # Var(Ŵ)·fan_in = 1
 
 
 # -- running statistics under checkpointing ---------------------------------------------
@@ -290,8 +291,8 @@ def test_torch_checkpoint_updates_running_stats_once(make, make_input, use_reent
         y = torch_checkpoint.checkpoint(module, x, use_reentrant=use_reentrant)
     (y * g).sum().backward()
     assert torch.equal(y, y_twin)
-    assert torch.allclose(x.grad, x_twin.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, x_twin.grad, **RECOMPUTED_GRAD_FP32)
     for key, value in buffers(twin).items():
         assert torch.equal(buffers(module)[key], value), f"{key}: updated {'twice' if 'num' in key else 'wrongly'}"
     for (name, p), p_twin in zip(module.named_parameters(), twin.parameters()):
-        assert torch.allclose(p.grad, p_twin.grad, rtol=1e-6, atol=1e-7), name
+        torch.testing.assert_close(p.grad, p_twin.grad, **RECOMPUTED_GRAD_FP32, msg=name)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+from tolerances import CHUNKED_FP32, EXACT, RECOMPUTED_GRAD_FP32
 
 from snnorm import base, functional, layer, memopt, neuron
 
@@ -108,18 +109,18 @@ def _assert_same_step(ref_block, ref_result, block, result, check_memories=True)
     out, gx = result
     assert torch.equal(out, out_ref)
     assert out.sum() > 0, "the block should spike, else the test is vacuous"
-    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gx, gx_ref, **RECOMPUTED_GRAD_FP32)
     for (name, p_ref), (_, p) in zip(ref_block.named_parameters(), block.named_parameters()):
         assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(p.grad, p_ref.grad, **RECOMPUTED_GRAD_FP32, msg=name)
     for (name, b_ref), (_, b) in zip(ref_block.named_buffers(), block.named_buffers()):
-        torch.testing.assert_close(b, b_ref, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(b, b_ref, **EXACT, msg=name)
     if check_memories:
         mem_ref, mem = _memories(ref_block), _memories(block)
         assert mem.keys() == mem_ref.keys()
         for k in mem:
             assert isinstance(mem[k], torch.Tensor), k
-            torch.testing.assert_close(mem[k], mem_ref[k], rtol=0, atol=0, msg=k)
+            torch.testing.assert_close(mem[k], mem_ref[k], **EXACT, msg=k)
 
 
 # -- memopt.checkpoint ---------------------------------------------------------------------
@@ -455,7 +456,7 @@ def test_checkpoint_module_chunks_merge_structured_outputs(kind):
         tensors = [(out[0], out_ref[0]), (out[1][0], out_ref[1][0])]
     for got, expected in tensors:
         assert got.shape == expected.shape  # concatenated back to T along dim 0
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, expected, **CHUNKED_FP32)
     tensors[0][0].sum().backward()
     assert wrapped.module.conv.weight.grad is not None
 

@@ -5,6 +5,10 @@ import itertools
 
 import pytest
 import torch
+from tolerances import (
+    FOLDED_MEMBRANE_FP32, MEMBRANE_BY_HAND_FP32, NEURON_BUFFERS_VS_SJ, NEURON_VS_SJ_REL, NEURON_VS_SJ_REL_FLOOR,
+    SJ_LEARNABLE_VTH_DEFECT_GAP, assert_rel_close,
+)
 
 from snnorm import functional, neuron, surrogate
 
@@ -13,14 +17,11 @@ from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402
 
 SURROGATES = {"sigmoid": (surrogate.Sigmoid, sj_surrogate.Sigmoid), "atan": (surrogate.ATan, sj_surrogate.ATan)}
-RTOL = 1e-6  # fp32 agreement with the oracle, relative to the largest magnitude
 
 
 def assert_close(ours, theirs, what):
-    scale = max(theirs.abs().max().item(), 1e-12)
-    err = (ours - theirs).abs().max().item() / scale
-    assert err <= RTOL * 10, f"{what}: relative error {err:.3g}"
-    return err
+    """fp32 agreement with the oracle, relative to its largest magnitude."""
+    return assert_rel_close(ours, theirs, NEURON_VS_SJ_REL, what, floor=NEURON_VS_SJ_REL_FLOOR)
 
 
 def run_pair(ours, theirs, x, step_mode, steps_grad=True):
@@ -116,7 +117,7 @@ def test_mpbn_lif_matches_spikingjelly(shape_kind, step_mode, training, v_reset,
     for name in ("weight", "bias"):
         assert_close(getattr(a.vbn, name).grad, getattr(b.vbn, name).grad, f"grad {name}")
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert torch.allclose(getattr(a.vbn, name).double(), getattr(b.vbn, name).double(), rtol=1e-6, atol=0), name
+        torch.testing.assert_close(getattr(a.vbn, name).double(), getattr(b.vbn, name).double(), **NEURON_BUFFERS_VS_SJ, msg=name)
 
 
 def test_mpbn_learnable_vth_hard_reset_matches_spikingjelly():
@@ -144,8 +145,8 @@ def test_mpbn_learnable_vth_soft_reset_subtracts_the_learned_threshold():
     assert torch.equal(sa, sb)
     h_hat = a.vbn(x[0] - 0.0)  # v starts at 0: h = x, no decay input term (v_reset None → v_r = 0)
     expected = h_hat - sa[0] * torch.exp(a.a)
-    assert torch.allclose(a.v, expected, atol=1e-6)
-    assert not torch.allclose(b.v, expected, atol=1e-3), "spikingjelly defect no longer present?"
+    torch.testing.assert_close(a.v, expected, **MEMBRANE_BY_HAND_FP32)
+    assert not torch.allclose(b.v, expected, **SJ_LEARNABLE_VTH_DEFECT_GAP), "spikingjelly defect no longer present?"
 
 
 def test_mpbn_raw_carry_keeps_the_pre_bn_membrane():
@@ -157,7 +158,7 @@ def test_mpbn_raw_carry_keeps_the_pre_bn_membrane():
     assert torch.allclose(node.v, (1 - s0) * x0)  # hard reset to 0 of the raw h = x0
     s1 = node(x1)
     expected_h1 = (1 - s0) * x0 * 0.5 + x1
-    assert torch.allclose(node.v, (1 - s1) * expected_h1, atol=1e-6)
+    torch.testing.assert_close(node.v, (1 - s1) * expected_h1, **MEMBRANE_BY_HAND_FP32)
 
 
 # ---------------------------------------------------------------- folding
@@ -191,7 +192,7 @@ def test_fold_changes_nothing_in_eval(carry, v_reset, learnable, negative_gamma)
     with torch.no_grad():
         s_ref, s_fold = node(x), folded(x)
     assert torch.equal(s_ref, s_fold), f"{(s_ref != s_fold).sum().item()} spikes changed"
-    assert torch.allclose(node.v, folded.v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(node.v, folded.v, **FOLDED_MEMBRANE_FP32)
 
 
 def test_fold_twice_and_impossible_folds_raise():

@@ -19,6 +19,7 @@ import io
 import pytest
 import torch
 import torch.nn as nn
+from tolerances import EXACT, FOLDED_INPUT_MARGIN_FP32, FOLDED_THRESHOLD_FP32
 
 from snnorm import functional, layer, memopt, neuron
 from snnorm.backends.torch_backend import folded_threshold
@@ -160,9 +161,9 @@ def test_checkpoint_recompute_of_adapting_folded_mpbn_equals_eager(running_stats
     s_e, gx_e, gp_e = outputs["eager"]
     s_c, gx_c, gp_c = outputs["memopt"]
     assert torch.equal(s_e, s_c)
-    torch.testing.assert_close(gx_c, gx_e, rtol=0, atol=0)
+    torch.testing.assert_close(gx_c, gx_e, **EXACT)
     for name in gp_e:
-        torch.testing.assert_close(gp_c[name], gp_e[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(gp_c[name], gp_e[name], **EXACT, msg=name)
     for (name, a), (_, b) in zip(eager.state_dict().items(), ckpt.state_dict().items()):
         assert torch.equal(a, b), f"{name} differs after the checkpointed step"
 
@@ -180,11 +181,11 @@ def test_folded_threshold_in_state_dict_is_theta_prime_and_fires(backend, learna
     functional.set_backend(node, backend)
     theta = node.state_dict()["folded_v_threshold"]
     assert theta.shape == (C,)
-    torch.testing.assert_close(theta.double(), _formula(node), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(theta.double(), _formula(node), **FOLDED_THRESHOLD_FP32)
     assert not torch.allclose(theta, node.normalized_v_threshold)  # θ′ is not V_th
     # one step from v = 0 with decay_input=False: H = X, so the neuron fires where sign(γ)(X − θ′) ≥ 0
     x = theta.view(1, C, 1, 1) + torch.randn(N, C, H, W)
-    x = torch.where((x - theta.view(1, C, 1, 1)).abs() < 1e-3, x + 1e-2, x)  # away from rounding
+    x = torch.where((x - theta.view(1, C, 1, 1)).abs() < FOLDED_INPUT_MARGIN_FP32, x + 1e-2, x)  # away from rounding
     expected = (torch.sign(node.gamma).view(1, C, 1, 1) * (x - theta.view(1, C, 1, 1)) >= 0).float()
     with torch.no_grad():
         s = node(x.unsqueeze(0))[0]
@@ -197,10 +198,10 @@ def test_folded_threshold_follows_adaptation_and_training():
     with torch.no_grad():
         node(torch.randn(2, N, C, H, W) + 3.0)  # shifted inputs: μ adapts, so does θ′
     assert not torch.equal(node.folded_v_threshold, before)
-    torch.testing.assert_close(node.folded_v_threshold.double(), _formula(node), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(node.folded_v_threshold.double(), _formula(node), **FOLDED_THRESHOLD_FP32)
     with torch.no_grad():
         node.gamma.mul_(2.0)  # e.g. an optimizer step on γ after folding
-    torch.testing.assert_close(node.state_dict()["folded_v_threshold"].double(), _formula(node), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(node.state_dict()["folded_v_threshold"].double(), _formula(node), **FOLDED_THRESHOLD_FP32)
 
 
 def test_loading_a_theta_prime_that_disagrees_is_an_error():

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import (
+    AUTOCAST_TAB, AUTOCAST_TAB_BUFFERS, AUTOCAST_TAB_PARAM_GRAD, TAB_EVAL_VS_TRAIN_FP64, TAB_GRAD_REACHES_STEP0,
+    TAB_NOT_PER_STEP_GAP, TAB_PREFIX_MEAN_FP64, TAB_PREFIX_VAR_FP64, TAB_REORDERED_FP64, TAB_VS_OFFICIAL_REL,
+)
 
 from perf.tab_baseline import QuadraticTAB, run_on_tncs
 from snnorm import functional, layer
 from snnorm.backends import torch_backend
 
 T, N, C = 3, 4, 5
-# tolerance per dtype, relative to 1 + max|baseline| of each compared quantity
-TOL = {torch.float64: 1e-12, torch.float32: 4e-6}
 LAYOUTS = {  # layer class, sample shape [N, C, *spatial]
     "1d": (layer.TemporalAccumulatedBatchNorm1d, (N, C)),
     "1d_L": (layer.TemporalAccumulatedBatchNorm1d, (N, C, 7)),
@@ -41,7 +43,7 @@ def _close(ours, theirs, dtype, what):
     err = ((ours - theirs).abs().max() / (1 + theirs.abs().max())).item()
     key = (str(dtype).replace("torch.", ""), what)
     MAX_DIFF[key] = max(MAX_DIFF.get(key, 0.0), err)
-    assert err <= TOL[dtype], f"{what}: relative difference {err:.3g} > {TOL[dtype]}"
+    assert err <= TAB_VS_OFFICIAL_REL[dtype], f"{what}: relative difference {err:.3g} > {TAB_VS_OFFICIAL_REL[dtype]}"
 
 
 def _pair(cls, momentum=0.1, affine=True, track=True, dtype=torch.float64, seed=0):
@@ -110,7 +112,7 @@ def test_without_running_stats_eval_uses_accumulated_batch_stats(affine):
     y_train = ours(x)
     ours.eval(), base.eval()
     _compare(ours, base, x, torch.float64, "_eval")
-    assert torch.allclose(ours(x), y_train, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours(x), y_train, **TAB_EVAL_VS_TRAIN_FP64)
 
 
 def test_accumulated_statistics_are_not_per_step():
@@ -122,15 +124,15 @@ def test_accumulated_statistics_are_not_per_step():
     y = ours(x)
     block = x[:2].movedim(2, 0).flatten(1)  # [C, 2·N·L]
     expected = (x[1] - block.mean(1).view(1, C, 1)) / torch.sqrt(block.var(1, unbiased=False).view(1, C, 1) + ours.eps)
-    assert torch.allclose(y[1], expected, atol=1e-12)
-    assert not torch.allclose(y[1], torch.nn.functional.batch_norm(x[1], None, None, training=True), atol=1e-3)
+    torch.testing.assert_close(y[1], expected, **TAB_REORDERED_FP64)
+    assert not torch.allclose(y[1], torch.nn.functional.batch_norm(x[1], None, None, training=True), **TAB_NOT_PER_STEP_GAP)
 
 
 def test_gradient_reaches_earlier_steps_through_statistics():
     ours, _ = _pair(layer.TemporalAccumulatedBatchNorm2d)
     x = _sequence(LAYOUTS["2d"][1], torch.float64, 2).requires_grad_()
     ours(x)[T - 1].sum().backward()  # only the last step's output
-    assert x.grad[0].abs().max() > 1e-6  # reaches step 0 through μ_{T−1}, σ²_{T−1}
+    assert x.grad[0].abs().max() > TAB_GRAD_REACHES_STEP0  # reaches step 0 through μ_{T−1}, σ²_{T−1}
 
 
 def test_chan_prefix_equals_direct_statistics():
@@ -140,8 +142,8 @@ def test_chan_prefix_equals_direct_statistics():
     for t in range(T):
         block = x[: t + 1].movedim(2, 0).flatten(1)
         assert count[t] == block.shape[1]
-        assert torch.allclose(pmean[t], block.mean(1), rtol=1e-14)
-        assert torch.allclose(pm2[t] / count[t], block.var(1, unbiased=False), rtol=1e-12)
+        torch.testing.assert_close(pmean[t], block.mean(1), **TAB_PREFIX_MEAN_FP64)
+        torch.testing.assert_close(pm2[t] / count[t], block.var(1, unbiased=False), **TAB_PREFIX_VAR_FP64)
 
 
 # -- state_dict -----------------------------------------------------------------------------
@@ -210,14 +212,14 @@ def test_single_step_equals_multi_step(training, track):
     ya = multi(xa)
     yb = torch.stack([single(xb[t]) for t in range(T)])
     assert single.t == T - 1
-    assert torch.allclose(ya, yb, atol=1e-12)
+    torch.testing.assert_close(ya, yb, **TAB_REORDERED_FP64)
     g = torch.randn_like(ya)
     ya.backward(g), yb.backward(g)
-    assert torch.allclose(xa.grad, xb.grad, atol=1e-12)
+    torch.testing.assert_close(xa.grad, xb.grad, **TAB_REORDERED_FP64)
     for name in ("weight", "bias", "p"):
-        assert torch.allclose(getattr(multi, name).grad, getattr(single, name).grad, atol=1e-12), name
+        torch.testing.assert_close(getattr(multi, name).grad, getattr(single, name).grad, **TAB_REORDERED_FP64, msg=name)
     for a, b in zip(multi.buffers(), single.buffers()):
-        assert torch.allclose(a.double(), b.double(), atol=1e-12)
+        torch.testing.assert_close(a.double(), b.double(), **TAB_REORDERED_FP64)
 
 
 def test_single_step_over_T_raises_and_reset_net_clears():
@@ -330,14 +332,14 @@ def test_autocast_bf16_keeps_fp32_statistics(backend, training):
     g = torch.linspace(-1, 1, y.numel()).view(y.shape)
     (y_ref * g).sum().backward(), (y * g).sum().backward()
     assert xb.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(y, y_ref, atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(xb.grad.float(), xr.grad, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(y, y_ref, **AUTOCAST_TAB)
+    torch.testing.assert_close(xb.grad.float(), xr.grad, **AUTOCAST_TAB)
     for name in ("weight", "bias", "p"):
         assert getattr(m, name).grad.dtype == torch.float32
-        torch.testing.assert_close(getattr(m, name).grad, getattr(ref, name).grad, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(getattr(m, name).grad, getattr(ref, name).grad, **AUTOCAST_TAB_PARAM_GRAD)
     for a, b in zip(m.buffers(), ref.buffers()):
         assert a.dtype == b.dtype
-        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(a.float(), b.float(), **AUTOCAST_TAB_BUFFERS)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -353,7 +355,8 @@ def test_plain_checkpoint_updates_running_stats_once(use_reentrant):
     ya.square().sum().backward(), yb.square().sum().backward()
     assert m.num_batches_tracked.tolist() == [1] * T
     assert torch.equal(m.running_mean, ref.running_mean) and torch.equal(m.running_var, ref.running_var)
-    assert torch.allclose(xb.grad, xa.grad, atol=1e-12) and torch.allclose(m.p.grad, ref.p.grad, atol=1e-12)
+    torch.testing.assert_close(xb.grad, xa.grad, **TAB_REORDERED_FP64)
+    torch.testing.assert_close(m.p.grad, ref.p.grad, **TAB_REORDERED_FP64)
 
 
 def test_memopt_checkpoint_of_single_steps_equals_eager():
@@ -368,10 +371,10 @@ def test_memopt_checkpoint_of_single_steps_equals_eager():
     ya = torch.stack([ref(xa[t]) for t in range(T)])
     yb = torch.stack([memopt.checkpoint(m, xb[t]) for t in range(T)])
     ya.square().sum().backward(), yb.square().sum().backward()
-    assert torch.allclose(yb, ya, atol=1e-12)
-    assert torch.allclose(xb.grad, xa.grad, atol=1e-12)
+    torch.testing.assert_close(yb, ya, **TAB_REORDERED_FP64)
+    torch.testing.assert_close(xb.grad, xa.grad, **TAB_REORDERED_FP64)
     for name in ("weight", "bias", "p"):
-        assert torch.allclose(getattr(m, name).grad, getattr(ref, name).grad, atol=1e-12), name
+        torch.testing.assert_close(getattr(m, name).grad, getattr(ref, name).grad, **TAB_REORDERED_FP64, msg=name)
     assert m.num_batches_tracked.tolist() == [1] * T
     assert torch.equal(m.running_var, ref.running_var)
     assert m.t == T - 1 and torch.equal(m.stat_m2, ref.stat_m2)

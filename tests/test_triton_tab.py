@@ -14,6 +14,8 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from tolerances import LARGE_MEAN_FP32_VAR_REL, TAB_LOWP_ATOL, TAB_RTOL, TAB_TRITON_VS_TORCH_FP32, TAB_TRITON_VS_TORCH_GRAD_FP32
+from tolerances import TAB_TRITON_VS_TORCH_OUTPUT_FP32, TAB_UNIFORM_MOMENTUM_REL, assert_close_to_reference, assert_rel_close
 
 pytest.importorskip("triton")
 from snnorm import functional, layer  # noqa: E402
@@ -26,9 +28,6 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
-# relative to 1 + max|ref64|; bf16 by the 2×-torch rule plus this atol
-RTOL = {torch.float64: 1e-10, torch.float32: 3e-5}
-LOWP_ATOL = {torch.bfloat16: 8e-3}
 NAMES = ("y", "dx", "dweight", "dbias", "dp", "running_mean", "running_var")
 
 
@@ -59,14 +58,10 @@ def compare(what, ours, ref64, dtype, lowp=None):
     if ref64 is None:
         assert ours is None, what
         return
-    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref64.shape)}"
-    scale = 1.0 + ref64.abs().max().item()
-    err = (ours.double() - ref64).abs().max().item()
     if lowp is None:
-        assert err <= RTOL[dtype] * scale, f"{what} ({dtype}): |triton - ref64| = {err:.3g}, scale {scale:.3g}"
+        assert_close_to_reference(f"{what} ({dtype})", ours, ref64, rtol=TAB_RTOL[dtype])
     else:
-        torch_err = (lowp.double() - ref64).abs().max().item()
-        assert err <= 2 * torch_err + LOWP_ATOL[dtype] * scale, f"{what}: {err:.3g} vs torch {torch_err:.3g}"
+        assert_close_to_reference(f"{what} ({dtype})", ours, ref64, lowp=lowp, lowp_atol=TAB_LOWP_ATOL[dtype])
 
 
 def check(T, N, C, spatial, dtype, affine, has_running, training, mean_shift, seed, prefix_steps=0):
@@ -140,8 +135,8 @@ def test_many_partials_per_step_combined_in_chunks(monkeypatch, dtype):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
-def test_uniform_momentum_running_statistics(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_uniform_momentum_running_statistics(dtype):
     """One factor for every step reaches the kernel as a scalar (fp32) or, for fp64, as
     the per-step tensor: running statistics as the torch backend's either way."""
     x = (3.0 + torch.randn(3, 4, 2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).to(dtype)
@@ -152,7 +147,7 @@ def test_uniform_momentum_running_statistics(dtype, tol):
         op(x.to(dev), None, None, rm, rv, torch.ones(3, dtype=dtype, device=dev), training=True,
            momentum=[0.1] * 3, eps=EPS)
         got.append(torch.cat([rm, rv]).double().cpu())
-    assert (got[0] - got[1]).abs().max().item() <= tol * got[1].abs().max().item()
+    assert_rel_close(got[0], got[1], TAB_UNIFORM_MOMENTUM_REL[dtype], f"running statistics ({dtype})")
 
 
 def test_statistics_precise_at_large_mean():
@@ -162,7 +157,7 @@ def test_statistics_precise_at_large_mean():
     tab_mod.tab(x, None, None, rm, rv, torch.ones(3, device=DEVICE), training=True, momentum=[1.0] * 3, eps=EPS)
     for t in range(3):
         ref = x[: t + 1].double().movedim(2, 0).reshape(4, -1).var(dim=1)
-        assert (rv[t].double() - ref).abs().max() / ref.max() < 1e-4
+        assert_rel_close(rv[t], ref, LARGE_MEAN_FP32_VAR_REL, f"running_var[{t}]")
 
 
 def test_single_value_rejected_and_nothing_changes():
@@ -227,14 +222,14 @@ def test_module_backends_agree_and_compile_fullgraph():
     loss_ref = forward_loss(ref, x)
     loss_tri = torch.compile(forward_loss, fullgraph=True, backend="aot_eager")(tri, x)
     loss_ref.backward(), loss_tri.backward()
-    torch.testing.assert_close(loss_tri, loss_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_tri, loss_ref, **TAB_TRITON_VS_TORCH_FP32)
     for name in ("weight", "bias", "p"):
-        torch.testing.assert_close(getattr(tri, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(getattr(tri, name).grad, getattr(ref, name).grad, **TAB_TRITON_VS_TORCH_GRAD_FP32)
     for a, b in zip(tri.buffers(), ref.buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **TAB_TRITON_VS_TORCH_FP32)
     ref.eval(), tri.eval()
-    torch.testing.assert_close(tri(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tri(x), ref(x), **TAB_TRITON_VS_TORCH_OUTPUT_FP32)
     # single-step mode on the triton backend: T calls equal the multi-step result
     functional.set_step_mode(tri, "s"), tri.train(), ref.train()
     ys = torch.stack([tri(x[t]) for t in range(3)])
-    torch.testing.assert_close(ys, ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ys, ref(x), **TAB_TRITON_VS_TORCH_OUTPUT_FP32)

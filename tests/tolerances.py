@@ -1,4 +1,4 @@
-"""Every tolerance of the backend tests, and the one rule for comparing spiking outputs.
+"""Every tolerance of the tests, the comparison helpers, and the rule for comparing spiking outputs.
 
 A tolerance defined in a test file is a convention nobody can audit; they all live here.
 
@@ -11,6 +11,20 @@ statistics couple the elements of a channel (MPBN training, test-time adaptation
 Spikes are compared up to and including each unit's first flip; every other quantity only
 on units with no flip at all. So a draw with a flip still checks its other units instead
 of returning early.
+
+The comparisons, each with its tolerance named below:
+
+- elementwise, same dtype: ``torch.testing.assert_close(got, want, **NAME)`` with NAME a
+  ``dict(rtol=, atol=)``, i.e. ``|got − want| ≤ atol + rtol·|want|`` (``EXACT``: equality);
+- max-norm relative to an oracle: :func:`assert_rel_close`, ``max|got − want| ≤ rel·max|want|``;
+- against a float64 reference: :func:`assert_close_to_reference`,
+  ``max|got − ref64| ≤ rtol·(1 + max|ref64|)``, or for fp16/bf16 flash-attention's
+  ``≤ 2·max|torch_lowp − ref64| + atol·(1 + max|ref64|)``;
+- a Triton op against the fp64 torch op: :func:`assert_op_close` (``OP_VS_FP64``), on the
+  entries :func:`comparable_mask` / :func:`mask_for` leave comparable
+  (:func:`comparable_entries` for a whole quantity);
+- shares (flipped spikes, entries within a bound), norms (autocast gradients) and single
+  numbers (``pytest.approx``) are compared with their named bound where the test states the rule.
 """
 
 from __future__ import annotations
@@ -57,8 +71,113 @@ AUTOCAST_BUFFERS = dict(atol=1e-2, rtol=1e-2)
 AUTOCAST_MAX_SPIKE_FLIPS = 0.03
 AUTOCAST_GRAD_REL = 5e-2  # ‖g_bf16 − g_fp32‖ ≤ GRAD_REL·‖g_fp32‖ + 1e-3
 
+#: a readout row moved by a flipped spike may leave AUTOCAST_BF16; this share of it may not
+AUTOCAST_READOUT_WITHIN_SHARE = 0.75
+#: absolute floor of the gradient rule above (a parameter whose fp32 gradient is ~0)
+AUTOCAST_GRAD_FLOOR = 1e-3
+#: TAB under bfloat16 autocast against fp32: output and ∂x, parameter gradients, buffers
+AUTOCAST_TAB = dict(atol=3e-2, rtol=3e-2)
+AUTOCAST_TAB_PARAM_GRAD = dict(atol=5e-2, rtol=5e-2)
+AUTOCAST_TAB_BUFFERS = dict(atol=1e-2, rtol=1e-2)
+
 # --- data-parallel (fp64) against one process on the concatenated batch -----------------------
 DISTRIBUTED_FP64 = dict(atol=1e-10, rtol=1e-9)
+#: global statistics of float32 shards at mean 1e4 (resolution ~1e-3): |Δmean|, max relative |Δvar|
+DISTRIBUTED_LARGE_MEAN_FP32_MEAN = 1e-2
+DISTRIBUTED_LARGE_MEAN_FP32_VAR_REL = 1e-3
+
+# --- exact equality spelled as a tolerance (same ops in the same order) -----------------------
+EXACT = dict(rtol=0.0, atol=0.0)
+
+# --- Triton ops and modules against the torch backend, fp32 (tests outside the property tests) -
+#: outputs, membranes, buffers of small fixed cases
+TRITON_VS_TORCH_FP32 = dict(rtol=1e-5, atol=1e-6)
+#: their gradients (a longer chain of rounded operations)
+TRITON_VS_TORCH_GRAD_FP32 = dict(rtol=1e-4, atol=1e-5)
+#: fp64 tensors whose scalars (τ, ε, momentum, α) reach the kernels as fp32 (~1e-7)
+TRITON_FP64_WITH_FP32_SCALARS = dict(rtol=1e-6, atol=1e-6)
+#: fp32 statistics at mean/std = 1e4 (ulp of 1e4 is 1e-3): max relative error of the variance
+LARGE_MEAN_FP32_VAR_REL = 1e-4
+#: ... and max |y − y64| of a normalised output
+LARGE_MEAN_FP32_OUTPUT = 1e-3
+#: TAB module, triton (compiled) against torch: loss and buffers, parameter gradients, eval output
+TAB_TRITON_VS_TORCH_FP32 = dict(rtol=1e-5, atol=1e-6)
+TAB_TRITON_VS_TORCH_GRAD_FP32 = dict(rtol=1e-4, atol=1e-6)
+TAB_TRITON_VS_TORCH_OUTPUT_FP32 = dict(rtol=1e-5, atol=1e-5)
+#: TAB op against ref64 (as TEBN_RTOL): |triton − ref64| ≤ rtol·(1 + max|ref64|); bf16 by the 2×-torch rule
+TAB_RTOL = {F64: 1e-10, F32: 3e-5}
+TAB_LOWP_ATOL = {BF16: 8e-3}
+#: running statistics under one momentum for all steps, relative to max|torch|
+TAB_UNIFORM_MOMENTUM_REL = {F64: 1e-14, F32: 1e-6}
+#: chunked combination of partial statistics, relative to max|x| (mean) or max var
+CHUNKED_STATS_REL = {F64: 1e-12, F32: 2e-5}
+
+# --- the torch backend against spikingjelly / snntorch / torch (fp32 oracles) -----------------
+#: neurons: max|ours − theirs| ≤ rel·max|theirs| (floor: an all-zero oracle)
+NEURON_VS_SJ_REL = 1e-5
+NEURON_VS_SJ_REL_FLOOR = 1e-12
+#: MPBN running statistics against spikingjelly's, elementwise relative
+NEURON_BUFFERS_VS_SJ = dict(rtol=1e-6, atol=0.0)
+#: layers: max|ours − theirs| ≤ rel·max|theirs| for outputs, gradients and running statistics
+LAYER_VS_SJ_REL = 1e-6
+#: modules against spikingjelly's (interop): values, and gradients with a floor for the
+#: conv biases in front of a BN, whose true gradient is 0 (rounding noise ~1e-6 in both)
+INTEROP_VS_SJ = dict(rtol=1e-5, atol=1e-6)
+INTEROP_GRAD_VS_SJ = dict(rtol=1e-5, atol=1e-5)
+#: a membrane computed by hand from the same fp32 values (a few roundings)
+MEMBRANE_BY_HAND_FP32 = dict(rtol=1e-5, atol=1e-6)
+#: spikingjelly's learnable-threshold membrane misses exp(a)·s by at least this (a defect check)
+SJ_LEARNABLE_VTH_DEFECT_GAP = dict(rtol=1e-5, atol=1e-3)
+#: BN running mean computed by hand (fp32)
+RUNNING_MEAN_BY_HAND_FP32 = dict(rtol=1e-5, atol=1e-6)
+#: standardised weight: mean 0 and Var·fan_in 1 (fp32 reductions over 20 values); WS conv vs torch conv
+WS_WEIGHT_MEAN = dict(rtol=1e-5, atol=1e-6)
+WS_WEIGHT_VAR = dict(rtol=1e-5, atol=1e-5)
+WS_CONV_VS_TORCH_FP32 = dict(rtol=1e-6, atol=1e-6)
+#: conv→BN fusion: fused parameters vs torch's / spikingjelly's fusion (fp32, one formula)
+FUSED_PARAMS_FP32 = dict(rtol=1e-6, atol=1e-6)
+#: outputs of a fused conv vs conv→BN, rescaled fused parameters, packed conv-BN outputs and grads
+FUSED_OUTPUT_FP32 = dict(rtol=1e-5, atol=1e-5)
+#: running statistics of a packed conv-BN vs the unpacked pair; a re-laid-out (T-last) forward
+FUSED_BUFFERS_FP32 = dict(rtol=1e-6, atol=1e-6)
+RELAYOUT_FP32 = dict(rtol=1e-6, atol=1e-6)
+#: fp32 inputs closer than this to θ′ are moved away before spikes are checked exactly
+FOLDED_INPUT_MARGIN_FP32 = 1e-3
+#: folding the MPBN threshold: membranes vs unfolded eval; θ′ vs the fp64 formula
+FOLDED_MEMBRANE_FP32 = dict(rtol=1e-5, atol=1e-5)
+FOLDED_THRESHOLD_FP32 = dict(rtol=1e-6, atol=1e-6)
+#: the demo's max |logit change| when folding
+DEMO_FOLD_MAX_LOGIT_DIFF = 1e-5
+#: fold exactness: a flip lies within this many eps·scale of θ′ (measured: ≤ 1.1, fp32 and fp64)
+FOLD_FLIP_ULPS = 4
+#: share of flipped spikes among inputs within ±32 ulps of θ′ (measured: 0.8–2.5%)
+FOLD_MAX_FLIPS_NEAR = 0.05
+#: ... among inputs spread ~1e-3 relative around θ′ (measured: 1 in 4096 in float32, 0 in float64)
+FOLD_MAX_FLIPS_DENSE = 1e-3
+
+# --- the same computation reorganised (checkpointing, single- vs multi-step, chunking) --------
+#: recomputed forward under checkpointing (fp32): input and parameter gradients
+RECOMPUTED_GRAD_FP32 = dict(rtol=1e-6, atol=1e-7)
+#: chunked (split-batch) forward vs the whole batch (fp32)
+CHUNKED_FP32 = dict(rtol=1e-6, atol=1e-6)
+#: TAB layer (fp64): vs the official O(T²) algorithm, relative to 1 + max|baseline|
+TAB_VS_OFFICIAL_REL = {F64: 1e-12, F32: 4e-6}
+#: TAB fp64, the same statistics in another order (single vs multi step, eval vs train, checkpoint)
+TAB_REORDERED_FP64 = dict(rtol=1e-5, atol=1e-12)
+TAB_EVAL_VS_TRAIN_FP64 = dict(rtol=0.0, atol=1e-12)
+#: TAB prefix statistics vs a direct mean / variance (fp64)
+TAB_PREFIX_MEAN_FP64 = dict(rtol=1e-14, atol=1e-8)
+TAB_PREFIX_VAR_FP64 = dict(rtol=1e-12, atol=1e-8)
+#: TAB step 1 is not plain per-step BN: it differs from it by more than this
+TAB_NOT_PER_STEP_GAP = dict(rtol=1e-5, atol=1e-3)
+#: the gradient of step 0 through later steps' statistics is not zero
+TAB_GRAD_REACHES_STEP0 = 1e-6
+
+# --- reports ------------------------------------------------------------------------------------
+#: a markdown table prints bytes/element/step with 2 decimals
+TABLE_2_DECIMALS_ABS = 0.006
+#: a custom op's sum of 80 fp32 values vs torch's
+CUSTOM_OP_SUM_FP32_REL = 1e-5
 
 
 def op_tolerance(dtype: torch.dtype):
@@ -109,6 +228,84 @@ def mask_for(value: torch.Tensor, clean: torch.Tensor):
     if value.dim() == 0 or value.numel() == 1:
         return clean.all().reshape(shape)
     return None
+
+
+def comparable_entries(value: torch.Tensor, clean: torch.Tensor, what: str) -> torch.Tensor:
+    """:func:`mask_for`, for a quantity that must be compared: a layout the rule does not know
+    fails (instead of skipping the quantity on exactly the draws where a spike flipped)."""
+    mask = mask_for(value, clean)
+    if mask is None:
+        raise AssertionError(
+            f"{what}: shape {tuple(value.shape)} is none of the layouts mask_for knows for units "
+            f"{tuple(clean.shape)} ([T, N, C, ...], [N, C, ...], [1, C, ...], [C], scalar); add it there"
+        )
+    return mask.to(value.device)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
+    """``max|got − want| / max(max|want|, floor)``; the plain difference when that scale is 0."""
+    got, want = got.detach().double(), want.detach().double()
+    if want.numel() == 0:
+        return 0.0
+    scale = max(want.abs().max().item(), floor)
+    diff = (got - want).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rel: float, what: str, floor: float = 0.0) -> float:
+    """``max|got − want| ≤ rel·max(max|want|, floor)`` (``want`` is the oracle); returns the error."""
+    err = rel_err(got, want, floor)
+    if not err <= rel:
+        raise AssertionError(f"{what}: max-norm relative error {err:.3e} > {rel:.0e}")
+    return err
+
+
+def assert_close_to_reference(what, got, ref64, rtol=None, lowp=None, lowp_atol=None):
+    """``got`` against the float64 reference ``ref64``, with ``scale = 1 + max|ref64|``:
+
+    ``max|got − ref64| ≤ rtol·scale``, or, given ``lowp`` (the torch reference run in the low
+    precision itself), flash-attention's ``max|got − ref64| ≤ 2·max|lowp − ref64| + lowp_atol·scale``.
+    Returns ``(max|got − ref64| / scale, max|lowp − ref64|)`` (the latter None without ``lowp``).
+    """
+    if tuple(got.shape) != tuple(ref64.shape):
+        raise AssertionError(f"{what}: shape {tuple(got.shape)} vs reference {tuple(ref64.shape)}")
+    if not bool(torch.isfinite(got).all()):
+        raise AssertionError(f"{what}: non-finite values")
+    scale = 1.0 + ref64.abs().max().item()
+    err = (got.double() - ref64).abs().max().item()
+    if lowp is None:
+        if not err <= rtol * scale:
+            raise AssertionError(f"{what}: |got − ref64| = {err:.3g} > {rtol:.0e}·(1 + max|ref64|) = {rtol * scale:.3g}")
+        return err / scale, None
+    torch_err = (lowp.double() - ref64).abs().max().item()
+    bound = 2 * torch_err + lowp_atol * scale
+    if not err <= bound:
+        raise AssertionError(f"{what}: |got − ref64| = {err:.3g} > 2·torch err {torch_err:.3g} + {lowp_atol:.0e}·{scale:.3g}")
+    return err / scale, torch_err
+
+
+def assert_op_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, mask=None) -> float | None:
+    """A Triton op in ``dtype`` against the fp64 torch op, on the entries where ``mask`` holds
+    (None: all): ``|got − want| ≤ atol·max(1, max|want|) + rtol·|want|`` elementwise, atol and
+    rtol from :data:`OP_VS_FP64`. Returns ``max |got − want| / (|want| + max(1, max|want|))``
+    (None when nothing was compared)."""
+    atol, rtol = op_tolerance(dtype)[:2]
+    got = got.detach().to(torch.float64)
+    want = want.detach().to(torch.float64)
+    if got.shape != want.shape:
+        raise AssertionError(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+    if mask is not None:
+        mask = mask.to(got.device)
+        got, want = got[mask], want[mask]
+    if not want.numel():
+        return None
+    scale = max(1.0, want.abs().max().item())
+    err = (got - want).abs()
+    bound = atol * scale + rtol * want.abs()
+    if not bool(torch.all(err <= bound)):
+        raise AssertionError(f"{what}: max error {err.max().item():.3e} (bound {bound.min().item():.1e}, dtype {dtype})")
+    return (err / (want.abs() + scale)).max().item()
+
 
 # --- another library's kernel against snnorm's, same math ---------------------------------
 #: spikingjelly's Triton LIF against snnorm's LIF, fp32 (perf/compare.py's adapter)
