@@ -109,3 +109,11 @@ def mask_for(value: torch.Tensor, clean: torch.Tensor):
     if value.dim() == 0 or value.numel() == 1:
         return clean.all().reshape(shape)
     return None
+
+# --- the statistics pipeline's multi-step BN/tdBN and BNTT ops against the torch backend -------
+#: |triton − ref64| ≤ rtol·(1 + max|ref64|) (the TEBN rule: the same kernels)
+BN_PIPELINE_RTOL = {F64: 1e-10, F32: 2e-5}
+#: bf16/fp16: |triton − ref64| ≤ 2·|torch_lowp − ref64| + atol·(1 + max|ref64|)
+BN_PIPELINE_LOWP_ATOL = {F16: 1e-3, BF16: 8e-3}
+#: BN/tdBN/BNTT modules, triton against torch backend in the same dtype (fp32): relative max-norm
+BN_MODULE_REL = {F32: 1e-5, F64: 1e-12}

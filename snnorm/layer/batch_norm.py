@@ -168,11 +168,22 @@ class _GuardedBatchNormMixin:
 
 
 class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
-    """Step modes for BN layers: 's' is torch's BN, 'm' folds T into the batch."""
+    """Step modes for BN layers: 's' is torch's BN, 'm' folds T into the batch.
+
+    Multi-step runs the op ``batch_norm_seq`` of the selected backend (``"torch"``:
+    ``F.batch_norm`` on ``[T·N, C, *]``; ``"triton"``: the statistics pipeline, grouping
+    ALL); single-step is torch's BN on either backend.
+    """
+
+    supported_backends = ("torch", "triton")
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """Multi-step: statistics over T·N·spatial by folding T into N."""
-        return batch_norm(self, x.flatten(0, 1)).view(x.shape)
+        """Multi-step: statistics over T·N·spatial (T folded into N)."""
+        _check_batch_statistics(self, x, 2)
+        running_mean, running_var, factor = running_stats_for_forward(self)
+        return self.ops.batch_norm_seq(
+            x, self.weight, self.bias, running_mean, running_var, training=self.training, momentum=factor, eps=self.eps
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         multi = self.step_mode == "m"
@@ -463,6 +474,10 @@ class _ThroughTimeBase(base.MemoryModule):
     A rejected call changes neither ``t`` nor any running statistic.
     """
 
+    #: multi-step mode runs the op ``bntt`` of the selected backend; single-step mode is
+    #: the step's torch BN on either backend
+    supported_backends = ("torch", "triton")
+
     def _bns(self) -> Sequence[_BatchNorm]:
         raise NotImplementedError
 
@@ -509,8 +524,19 @@ class _ThroughTimeBase(base.MemoryModule):
                 f"{self.t + 1} timestep(s) have been processed since the last reset(); call reset() "
                 "(snnorm.functional.reset_net) before the next sequence"
             )
-        _check_batch_statistics(self._bns()[0], x_seq[0], 1, owner=self)
-        y_seq = torch.stack([bn(x) for bn, x in zip(self._bns(), x_seq)])
+        bns = self._bns()
+        _check_batch_statistics(bns[0], x_seq[0], 1, owner=self)
+        # per step (as each step's BN would): its buffers, its counter, its factor
+        stats = [running_stats_for_forward(bn) for bn in bns]
+        y_seq = self.ops.bntt(
+            x_seq,
+            [bn.weight for bn in bns],
+            [s[0] for s in stats],
+            [s[1] for s in stats],
+            training=bns[0].training,
+            momentum=[s[2] for s in stats],
+            eps=[bn.eps for bn in bns],
+        )
         self.t = self.T - 1
         return y_seq
 
