@@ -279,7 +279,9 @@ def _bwd_reduce_kernel(
         offs_c = t * C + c
     else:
         offs_c = c
-    mean, rstd, gamma, beta = channel_consts(mean_ptr, var_ptr, None, None, offs_c, c_mask, eps, False, False, ACC_DTYPE)
+    mean, rstd, gamma, beta = channel_consts(
+        mean_ptr, var_ptr, None, None, offs_c, c_mask, eps, False, False, ACC_DTYPE
+    )
     mean3 = mean[None, :, None]
     rstd3 = rstd[None, :, None]
     acc_g = tl.zeros((BLOCK_C,), ACC_DTYPE)
