@@ -291,7 +291,8 @@ def _bwd_reduce_kernel(
             offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            x_hat = tl.where(mask, (x - mean3) * rstd3, 0.0)
+            # no mask needed: g is 0 on masked lanes (and the select spilled on sm_90, triton 3.6)
+            x_hat = (x - mean3) * rstd3
             acc_g += tl.sum(tl.sum(g, axis=2), axis=0)
             acc_gx += tl.sum(tl.sum(g * x_hat, axis=2), axis=0)
     tl.store(part_a_ptr + part * C + c, acc_g, mask=c_mask)
@@ -328,15 +329,17 @@ def _bwd_coef_kernel(
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean_ref = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    # accumulators exist only where their grouping uses them (static ifs): a dead
+    # loop-carried value cost triton 3.6 a local-memory spill
+    r_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ ∂L/∂μ_t / n_t; ALL: Σ ∂L/∂μ|_t
+    v_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ v_t; ALL: Σ ∂L/∂σ²|_t
+    if GROUPING == 0:
+        dw_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ_t s_t B_t
+        db_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ_t s_t A_t
     if GROUPING == 2:
         if BATCH_STATS:
             mean_ref = tl.load(mean_ptr + (T - 1) * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
-    r_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ ∂L/∂μ_t / n_t; ALL: Σ ∂L/∂μ|_t
-    v_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ v_t; ALL: Σ ∂L/∂σ²|_t
-    w_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    dw_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # ALL: Σ_t s_t B_t
-    db_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # ALL: Σ_t s_t A_t
+            w_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
     for i in range(0, T):
         t = T - 1 - i
         # A_t, B_t: step t's partials summed in fixed-shape chunks (deterministic)
@@ -436,6 +439,12 @@ def _bwd_dx_kernel(
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
+
+#: partials × channels the backward coefficient kernel sums per chunk on a GPU, and its warps:
+#: its work is O(T·C·partials), so one warp costs nothing, and at 2–8 warps ptxas of triton
+#: 3.6 spilled 8–12 B in the PREFIX configurations (at 32–48 registers; perf/compile_check.py)
+COEF_CHUNK = 256
+COEF_WARPS = 1
 
 
 def launch_stats(
@@ -548,6 +557,9 @@ def launch_backward(
     coef_g = torch.empty(T, C, **tc)
     coef_u, coef_v = (torch.empty(shape, **tc), torch.empty(shape, **tc)) if batch_stats else (None, None)
     block_p, block_c = combine_tiles(max(per_step, 1), C, dev.type != "cuda")
+    if dev.type == "cuda":
+        # O(T·C·PPS) work: the chunk size does not matter, a small one keeps registers low
+        block_p = min(block_p, max(1, COEF_CHUNK // block_c))
     c_blocks = triton.cdiv(C, block_c)
     part_dp = torch.empty(c_blocks, T, **tc) if r.scale != NONE else None
     _bwd_coef_kernel[(c_blocks,)](
@@ -555,7 +567,7 @@ def launch_backward(
         dw, db, part_dp, grad_mean, grad_var, coef_g, coef_u, coef_v,
         T, per_step, C, N * S, float(eps),
         GROUPING=r.grouping, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BATCH_STATS=batch_stats, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4, **flags,
+        BATCH_STATS=batch_stats, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=COEF_WARPS, **flags,
     )
     # a fixed-shape reduction over channel blocks: deterministic
     dp = part_dp.sum(0) if part_dp is not None else torch.zeros(T, **tc)

@@ -526,6 +526,12 @@ class _ThroughTimeBase(base.MemoryModule):
             )
         bns = self._bns()
         _check_batch_statistics(bns[0], x_seq[0], 1, owner=self)
+        from ..distributed import is_synchronized  # (imports this module)
+
+        if any(is_synchronized(bn) for bn in bns):  # a synchronised step BN all-reduces in its own forward
+            y_seq = torch.stack([bn(x) for bn, x in zip(bns, x_seq)])
+            self.t = self.T - 1
+            return y_seq
         # per step (as each step's BN would): its buffers, its counter, its factor
         stats = [running_stats_for_forward(bn) for bn in bns]
         y_seq = self.ops.bntt(
