@@ -317,3 +317,18 @@ def test_layers_on_both_backends_agree(name, make, shape):
     functional.reset_net(ref), functional.reset_net(tri)
     x = torch.randn(shape, device=DEVICE)
     assert _rel(tri(x), ref(x)) <= rel, f"{name}: eval output differs"
+
+
+def test_single_step_mode_on_triton_is_torchs_bn():
+    """Single-step BN/BNTT keep torch's BN on the triton backend: the same numbers and buffers."""
+    torch.manual_seed(0)
+    for make, shape in ((lambda: layer.BatchNorm2d(5), (4, 5, 3, 3)),
+                        (lambda: layer.BatchNormThroughTime1d(2, 5), (4, 5))):
+        ref, tri = make().to(DEVICE), make().to(DEVICE)
+        functional.set_backend(tri, "triton")
+        assert tri.backend == "triton"
+        for _ in range(2):
+            x = torch.randn(shape, device=DEVICE)
+            assert torch.equal(tri(x), ref(x)), f"{type(tri).__name__}: single-step output differs"
+        for a, b in zip(tri.buffers(), ref.buffers()):
+            assert torch.equal(a, b), f"{type(tri).__name__}: buffers differ"
