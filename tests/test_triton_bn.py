@@ -92,7 +92,7 @@ def run(op_name, backend, case, cast=None):
 
 
 def make_case(op_name, params, gen):
-    T, N, C, spatial, dtype, affine, has_running, noncontig, mean_shift, training = params
+    T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift, training = params
     shape = (T, N, C, *spatial)
     if noncontig:  # a [N, T, ...] tensor seen as [T, N, ...]: non-contiguous input and grad
         x = (torch.randn((N, T, *shape[2:]), generator=gen) * 2 + mean_shift).transpose(0, 1)
@@ -100,7 +100,8 @@ def make_case(op_name, params, gen):
     else:
         x = torch.randn(shape, generator=gen) * 2 + mean_shift
         g = torch.randn(shape, generator=gen)
-    dev = lambda t: t.to(device=DEVICE, dtype=dtype) if t is not None else None  # noqa: E731
+    # parameters and running statistics in param_dtype: float32 with a bf16 input is mixed precision
+    dev = lambda t: t.to(device=DEVICE, dtype=param_dtype) if t is not None else None  # noqa: E731
     if op_name == "batch_norm_seq":
         w = torch.randn(C, generator=gen) if affine in ("both", "weight") else None
         b = torch.randn(C, generator=gen) if affine in ("both", "bias") else None
@@ -130,7 +131,8 @@ def check_case(op_name, params, seed):
     names = ["y", "dx"] + [f"dparam{i}" for i in range(len(ours) - 2)]
     for i, (name, o, r) in enumerate(zip(names, ours, ref)):
         if o is not None and lowp is None:
-            assert o.dtype == dtype, f"{name}: dtype {o.dtype}, expected {dtype}"
+            expect = dtype if i < 2 else params[5]  # y, ∂x in x's dtype; parameter gradients in theirs
+            assert o.dtype == expect, f"{name}: dtype {o.dtype}, expected {expect}"
         compare(dtype, name, o, r, lowp[i] if lowp is not None else None)
     for i, (o, r) in enumerate(zip(ours_running, ref_running)):
         compare(dtype, f"running[{i}]", o, r, lowp_running[i] if lowp is not None else None)
@@ -154,6 +156,7 @@ def cases(draw, dtypes, op_name):
         C = draw(st.sampled_from([1, 2, 3, 5, 7, 11]))
         spatial = tuple(draw(st.lists(st.sampled_from([1, 2, 3, 5, 7]), min_size=0, max_size=2)))
     dtype = draw(st.sampled_from(dtypes))
+    param_dtype = draw(st.sampled_from([dtype, torch.float32])) if dtype in LOWP else dtype
     affine = draw(st.sampled_from(["both", "none", "weight", "bias"] if op_name == "batch_norm_seq" else
                                   ["weight", "none"]))
     has_running = draw(st.booleans())
@@ -163,7 +166,7 @@ def cases(draw, dtypes, op_name):
     per_step = N * math.prod(spatial)
     # batch statistics need two values per channel (per step for BNTT): tested apart
     assume(not (training or not has_running) or (per_step if op_name == "bntt" else T * per_step) >= 2)
-    return T, N, C, spatial, dtype, affine, has_running, noncontig, mean_shift, training
+    return T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift, training
 
 
 PROPERTY_SETTINGS = settings(max_examples=max(20, settings.default.max_examples))
@@ -188,8 +191,8 @@ def test_matches_torch_bf16(op_name, data, seed):
 @pytest.mark.parametrize("shape", [(1, 4, 3), (1, 3, 5, 7, 3), (4, 3, 7), (3, 2, 5, 3, 7)])
 def test_fixed_cases(op_name, training, shape):
     """T = 1, [T, N, C] and [T, N, C, H, W] with prime sizes, every mode: on every CI run."""
-    params = (shape[0], shape[1], shape[2], shape[3:], torch.float64, "both" if op_name == "batch_norm_seq" else
-              "weight", True, False, 2.0, training)
+    params = (shape[0], shape[1], shape[2], shape[3:], torch.float64, torch.float64,
+              "both" if op_name == "batch_norm_seq" else "weight", True, False, 2.0, training)
     check_case(op_name, params, seed=3)
 
 
@@ -203,8 +206,8 @@ def test_tiling_and_partials(monkeypatch, op_name):
     monkeypatch.setitem(bn_tiles.TUNING, "programs", 3 * T * c_blocks)
     geo = bn_tiles.geometry(T, N, C, math.prod(spatial), torch.device(DEVICE))
     assert geo.parts >= 2 * T, geo
-    params = (T, N, C, spatial, torch.float64, "both" if op_name == "batch_norm_seq" else "weight", True, False,
-              5.0, True)
+    params = (T, N, C, spatial, torch.float64, torch.float64, "both" if op_name == "batch_norm_seq" else "weight",
+              True, False, 5.0, True)
     check_case(op_name, params, seed=1)
     case = make_case(op_name, params, torch.Generator().manual_seed(1))
     first, second = run(op_name, triton_backend, case), run(op_name, triton_backend, case)

@@ -21,8 +21,9 @@ Forward stages (launches):
    the prefix of steps 0..t−1 (PREFIX) — giving μ, biased σ² per statistics row, and the
    running statistics updated here, once:
    ``r_μ ← (1 − m)·r_μ + m·μ``, ``r_σ² ← (1 − m)·r_σ² + m·M2/(n − 1)``;
-3. **coefficients** (:func:`step_coefficients`, a device function the apply and backward
-   kernels share) per (t, c): a = s_t·γ/√(σ² + ε), b = s_t·β, so that
+3. **coefficients** (:func:`step_coefficients`, the apply kernel's device function; the
+   backward coefficient kernel reads the same μ, r, γ, β and :func:`step_scale`) per
+   (t, c): a = s_t·γ/√(σ² + ε), b = s_t·β, so that
    y = a·(x − μ) + b, which is a·x + (s_t·β − a·μ) evaluated centred: subtracting μ first
    keeps the digits when |μ| ≫ σ;
 4. **apply** (``_apply_kernel``): y = a·(x − μ) + b elementwise.
