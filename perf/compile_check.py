@@ -1,8 +1,8 @@
 """Ahead-of-time compile check of every Triton kernel configuration snnorm launches (no GPU).
 
 1. **Capture.** The public ops of the triton backend (``snnorm.backends.get_ops("triton")``:
-   lif, mpbn_lif, mpbn_lif_folded, tebn, tab — forward and backward through autograd) run on a
-   grid of realistic shapes, dtypes and mode flags, on *meta* tensors that report device
+   lif, mpbn_lif, mpbn_lif_folded, tebn, tab, batch_norm_seq, bntt — forward and backward through
+   autograd) run on a grid of realistic shapes, dtypes and mode flags, on *meta* tensors that report device
    ``cuda`` (so every launcher takes its GPU path: GPU tiling, bf16 stores, SM count of an
    H100). ``JITFunction.run`` — the JIT's launch/compile step — is replaced by a recorder:
    the JIT's own binder gives the real signature, constexprs, divisibility specialisation,
@@ -229,7 +229,7 @@ def scenarios(grid: str):
     modes = [
         "lif", "lif-soft-decay", "mpbn-train", "mpbn-train-soft-raw", "mpbn-train-noaffine",
         "mpbn-eval", "mpbn-folded", "mpbn-adapt-batch", "mpbn-adapt-running", "tebn-train", "tebn-eval",
-        "tebn-noaffine", "tab-train", "tab-eval",
+        "tebn-noaffine", "tab-train", "tab-eval", "bn-train", "bn-eval", "bntt-train", "bntt-eval",
     ]
     if grid == "full":
         Ts, Ns, Cs = (1, 4, 8), (1, 32, 128), (3, 64, 256, 512)
@@ -251,17 +251,20 @@ def scenarios(grid: str):
         # shape (C = 256 ≥ 132 channels of 2048 elements: one program per channel); the core
         # modes in bf16 and fp16
         resident, split, wide_c = (4, 32, 64, (8, 8)), (4, 32, 64, (32, 32)), (4, 32, 256, (8, 8))
-        per_step = [m for m in modes if m.startswith(("mpbn-train", "mpbn-adapt"))] + ["tebn-train", "tab-train"]
+        per_step = [m for m in modes if m.startswith(("mpbn-train", "mpbn-adapt"))] + ["tebn-train", "tab-train",
+                                                                                      "bn-train", "bntt-train"]
         points = [(*resident, "float32", m) for m in modes] + [(*split, "float32", m) for m in per_step]
         points += [(*wide_c, "float32", m) for m in per_step]
         # the statistics tiles that once spilled on sm_80 at 8 warps ([8, 4, 64] and [1, 32, 64])
         points += [(4, 128, 3, (8, 8), "float32", "tebn-train"), (4, 1, 512, (8, 8), "float32", "tab-train")]
-        points += [(*resident, "bfloat16", m) for m in ("lif", "mpbn-train", "tebn-train", "tab-train")]
+        points += [(*resident, "bfloat16", m) for m in ("lif", "mpbn-train", "tebn-train", "tab-train", "bn-train",
+                                                         "bntt-train")]
         points += [(*split, "bfloat16", "mpbn-train"), (*resident, "float16", "mpbn-train")]
     else:
         raise ValueError(f"grid must be 'ci', 'wide' or 'full', got {grid!r}")
     for T, N, C, sp, dtype, mode in points:
-        if mode.startswith(("mpbn-train", "mpbn-adapt", "tebn-train", "tebn-noaffine", "tab-train")) and N * max(1, _prod(sp)) < 2:
+        batch_stats = ("mpbn-train", "mpbn-adapt", "tebn-train", "tebn-noaffine", "tab-train", "bn-train", "bntt-train")
+        if mode.startswith(batch_stats) and N * max(1, _prod(sp)) < 2:
             continue  # batch statistics need two values per channel
         yield (f"{mode} T{T} N{N} C{C} {'x'.join(map(str, sp)) or '-'} {dtype}", T, N, C, sp, dtype, mode)
 
@@ -279,7 +282,7 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     dtype = getattr(torch, dtype_name)
     pdt = torch.float32
     shape = (T, N, C, *sp)
-    grad = not mode.startswith(("mpbn-adapt",)) and mode not in ("tebn-eval", "tab-eval")
+    grad = not mode.startswith(("mpbn-adapt",)) and mode not in ("tebn-eval", "tab-eval", "bn-eval", "bntt-eval")
     x = make(shape, dtype, requires_grad=grad)
     v = make(shape[1:], dtype)
     th = make((C,), pdt, requires_grad=grad)
@@ -306,6 +309,12 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
         tw, tb = make((T, C), pdt, requires_grad=grad), make((T, C), pdt, requires_grad=grad)
         trm, trv, p = make((T, C), pdt), make((T, C), pdt), make((T,), pdt, requires_grad=grad)
         outs = (ops.tab(x, tw, tb, trm, trv, p, training=mode == "tab-train", momentum=[0.1] * T, eps=1e-5)[0],)
+    elif mode.startswith("bntt"):  # per-step γ_t (no β) and running statistics
+        ws = [make((C,), pdt, requires_grad=grad) for _ in range(T)]
+        rms, rvs = [make((C,), pdt) for _ in range(T)], [make((C,), pdt) for _ in range(T)]
+        outs = (ops.bntt(x, ws, rms, rvs, training=mode == "bntt-train", momentum=[0.1] * T, eps=[1e-5] * T),)
+    elif mode.startswith("bn-"):  # multi-step BatchNorm / tdBN
+        outs = (ops.batch_norm_seq(x, w, b, rm, rv, training=mode == "bn-train", momentum=0.1, eps=1e-5),)
     else:
         p = make((T,), pdt, requires_grad=grad)
         affine = mode != "tebn-noaffine"

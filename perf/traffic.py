@@ -372,6 +372,12 @@ FLOOR = {
     ("tab train", "fwd"): 12,
     ("tab train", "bwd"): 20,
     ("tab eval", "fwd"): 8,
+    ("batch_norm_seq train", "fwd"): 12,
+    ("batch_norm_seq train", "bwd"): 20,
+    ("batch_norm_seq eval", "fwd"): 8,
+    ("bntt train", "fwd"): 12,
+    ("bntt train", "bwd"): 20,
+    ("bntt eval", "fwd"): 8,
 }
 
 
@@ -502,6 +508,38 @@ def _tab(training: bool):
     return build
 
 
+def _batch_norm_seq(training: bool):
+    def build(shape, dtype):
+        x, _, w, b, rm, rv = _inputs(shape, dtype, grad=training)
+        ops = _ops()
+
+        def call():
+            return ops.batch_norm_seq(x, w, b, rm, rv, training=training, momentum=0.1, eps=1e-5), [x, w, b]
+
+        return call
+
+    return build
+
+
+def _bntt(training: bool):
+    def build(shape, dtype):
+        T, C = shape[0], shape[2]
+        x, *_ = _inputs(shape, dtype, grad=training)
+        g = torch.Generator().manual_seed(1)  # per-step γ_t and running statistics
+        ws = [(1.0 + 0.2 * torch.randn(C, generator=g)).to(dtype).requires_grad_(training) for _ in range(T)]
+        rms = [(0.1 * torch.randn(C, generator=g)).to(dtype) for _ in range(T)]
+        rvs = [(1.0 + 0.1 * torch.rand(C, generator=g)).to(dtype) for _ in range(T)]
+        ops = _ops()
+
+        def call():
+            y = ops.bntt(x, ws, rms, rvs, training=training, momentum=[0.1] * T, eps=[1e-5] * T)
+            return y, [x, *ws]
+
+        return call
+
+    return build
+
+
 # Paths by the shape that reaches them (what ran: the kernels column).
 RESIDENT = "resident: one program per channel (C ≥ 132, channel ≤ 2048)"
 PIPELINED, PIPELINED_SMALL = "pipelined, M > 8192", "pipelined, small M and C < 132"
@@ -521,6 +559,10 @@ CASES: tuple[Case, ...] = (
     Case("tebn-eval", "tebn eval", "running statistics", SMALL_M, _tebn(False), False),
     Case("tab-train", "tab train", "prefix statistics", SMALL_M, _tab(True), True),
     Case("tab-eval", "tab eval", "running statistics", SMALL_M, _tab(False), False),
+    Case("bn-train", "batch_norm_seq train", "batch statistics", SMALL_M, _batch_norm_seq(True), True),
+    Case("bn-eval", "batch_norm_seq eval", "running statistics", SMALL_M, _batch_norm_seq(False), False),
+    Case("bntt-train", "bntt train", "per-step statistics", SMALL_M, _bntt(True), True),
+    Case("bntt-eval", "bntt eval", "running statistics", SMALL_M, _bntt(False), False),
 )
 
 

@@ -292,6 +292,9 @@ def _sync_ops(group) -> backends.OpTable:
             "mpbn_lif_folded": torch_backend.mpbn_lif_folded,
             "tebn": functools.partial(sync_tebn, group=group),
             "tab": functools.partial(sync_tab, group=group),
+            # BN/tdBN and BNTT synchronise in their own (step) BN modules, never through these
+            "batch_norm_seq": torch_backend.batch_norm_seq,
+            "bntt": torch_backend.bntt,
         },
     )
 

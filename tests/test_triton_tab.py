@@ -20,7 +20,7 @@ from tolerances import TAB_TRITON_VS_TORCH_OUTPUT_FP32, TAB_UNIFORM_MOMENTUM_REL
 pytest.importorskip("triton")
 from snnorm import functional, layer  # noqa: E402
 from snnorm.backends import torch_backend  # noqa: E402
-from snnorm.kernels import tab as tab_mod  # noqa: E402
+from snnorm.backends import triton_backend as tab_mod  # noqa: E402
 from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -131,7 +131,7 @@ def test_many_partials_per_step_combined_in_chunks(monkeypatch, dtype):
     assert per_step == 5 and block_p == 2
     check(T, N, C, (S,), dtype, True, True, True, 30.0, seed=1)
     x = (30.0 + torch.randn(T, N, C, S, generator=torch.Generator().manual_seed(2))).to(dtype).to(DEVICE)
-    runs = [torch.ops.snnorm.tab_stats(x, None, None, [0.1] * T) for _ in range(2)]
+    runs = [torch.ops.snnorm.bn_stats(x, None, None, [0.1] * T, "tab") for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -189,16 +189,16 @@ def test_opcheck():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 2, 3, 2, generator=gen, dtype=torch.float64).to(DEVICE)
     rm, rv = torch.zeros(2, 3, dtype=torch.float64, device=DEVICE), torch.ones(2, 3, dtype=torch.float64, device=DEVICE)
-    torch.library.opcheck(torch.ops.snnorm.tab_stats.default, (x, rm.clone(), rv.clone(), [0.1, 0.3]))
-    m, v = torch.ops.snnorm.tab_stats(x, None, None, [0.1] * 2)
+    torch.library.opcheck(torch.ops.snnorm.bn_stats.default, (x, rm.clone(), rv.clone(), [0.1, 0.3], "tab"))
+    m, v = torch.ops.snnorm.bn_stats(x, None, None, [0.1] * 2, "tab")
     w = torch.rand(2, 3, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
     b = torch.rand(2, 3, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
     p = torch.rand(2, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
     xg = x.clone().requires_grad_()
-    torch.library.opcheck(torch.ops.snnorm.tab_apply.default, (xg, w, b, m, v, p, EPS, True))
+    torch.library.opcheck(torch.ops.snnorm.bn_apply.default, (xg, w, b, m, v, p, EPS, "tab", True))
     # without affine; (mean, var) carrying a graph of their own, as in single-step mode
     torch.library.opcheck(
-        torch.ops.snnorm.tab_apply.default, (xg, None, None, m.requires_grad_(), v.requires_grad_(), p, EPS, False)
+        torch.ops.snnorm.bn_apply.default, (xg, None, None, m.requires_grad_(), v.requires_grad_(), p, EPS, "tab", False)
     )
 
 

@@ -24,7 +24,7 @@ from tolerances import assert_rel_close
 pytest.importorskip("triton")
 from snnorm.backends import torch_backend  # noqa: E402
 from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
-from snnorm.kernels import tebn as tebn_mod  # noqa: E402
+from snnorm.backends import triton_backend as tebn_mod  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
@@ -247,7 +247,7 @@ def test_integer_input_rejected():
 def test_cpu_without_interpreter_raises_with_fix():
     code = (
         "import torch\n"
-        "from snnorm.kernels.tebn import tebn\n"
+        "from snnorm.backends.triton_backend import tebn\n"
         "x = torch.randn(2, 3, 4)\n"
         "try:\n"
         "    tebn(x, None, None, None, None, torch.ones(2), training=True, momentum=0.1, eps=1e-5)\n"
@@ -281,18 +281,18 @@ def test_opcheck(affine):
     x, w, b, p, rm, rv = _tiny()
     if not affine:
         w = b = None
-    torch.library.opcheck(torch.ops.snnorm.tebn_stats.default, (x, rm.clone(), rv.clone(), 0.1))
-    torch.library.opcheck(torch.ops.snnorm.tebn_stats.default, (x, None, None, 0.1))
-    mean, var = torch.ops.snnorm.tebn_stats(x, None, None, 0.1)
+    torch.library.opcheck(torch.ops.snnorm.bn_stats.default, (x, rm.clone(), rv.clone(), [0.1], "tebn"))
+    torch.library.opcheck(torch.ops.snnorm.bn_stats.default, (x, None, None, [0.1], "tebn"))
+    mean, var = torch.ops.snnorm.bn_stats(x, None, None, [0.1], "tebn")
     xg = x.clone().requires_grad_()
     wg = w.clone().requires_grad_() if affine else None
     bg = b.clone().requires_grad_() if affine else None
     pg = p.clone().requires_grad_()
     for batch_stats, (m, v) in ((True, (mean, var)), (False, (rm, rv))):
-        torch.library.opcheck(torch.ops.snnorm.tebn_apply.default, (xg, wg, bg, m, v, pg, EPS, batch_stats))
+        torch.library.opcheck(torch.ops.snnorm.bn_apply.default, (xg, wg, bg, m, v, pg, EPS, "tebn", batch_stats))
         gy = torch.randn_like(x)
         torch.library.opcheck(
-            torch.ops.snnorm.tebn_apply_backward.default, (gy, x, w, b, m, v, p, EPS, batch_stats, True, True)
+            torch.ops.snnorm.bn_apply_backward.default, (gy, x, w, b, m, v, p, EPS, "tebn", batch_stats, True, True)
         )
 
 
@@ -374,8 +374,8 @@ def test_param_grads_without_input_grad_and_strided_running_stats():
     compare(torch.float64, "running stats (strided)", stats, stats_ref)
     assert not torch.equal(stats, torch.stack([rm, rv], dim=1)), "running stats were not updated"
     torch.library.opcheck(
-        torch.ops.snnorm.tebn_apply_backward.default,
-        (g, x, w, b, *torch.ops.snnorm.tebn_stats(x, None, None, 0.1), p, EPS, True, False, True),
+        torch.ops.snnorm.bn_apply_backward.default,
+        (g, x, w, b, *torch.ops.snnorm.bn_stats(x, None, None, [0.1], "tebn"), p, EPS, "tebn", True, False, True),
     )
 
 

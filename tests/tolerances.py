@@ -310,3 +310,17 @@ def assert_op_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: tor
 # --- another library's kernel against snnorm's, same math ---------------------------------
 #: spikingjelly's Triton LIF against snnorm's LIF, fp32 (perf/compare.py's adapter)
 PEER_KERNEL_FP32 = dict(rtol=1e-6, atol=1e-6)
+
+
+# --- the statistics pipeline's multi-step BN/tdBN and BNTT ops against the torch backend -------
+#: |triton − ref64| ≤ rtol·(1 + max|ref64|) (the TEBN rule: the same kernels)
+BN_PIPELINE_RTOL = {F64: 1e-10, F32: 2e-5}
+#: bf16/fp16: |triton − ref64| ≤ 2·|torch_lowp − ref64| + atol·(1 + max|ref64|)
+BN_PIPELINE_LOWP_ATOL = {F16: 1e-3, BF16: 8e-3}
+#: BN/tdBN/BNTT modules, triton against torch backend in the same dtype (fp32): relative max-norm
+BN_MODULE_REL = {F32: 1e-5, F64: 1e-12}
+
+# --- fused norm → neuron blocks (snnorm.fusion) against the unfused torch pair -----------
+#: membranes, gradients and running statistics; spikes are compared exactly (fp64) or by
+#: share of flips (fp32, MODULE_MAX_FLIP_SHARE) and the rest only on draws without a flip
+NORM_NEURON_FUSED = {F64: dict(rtol=1e-9, atol=1e-9), F32: dict(rtol=1e-4, atol=1e-4)}

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 #: The slots every backend fills. Signatures and math: see torch_backend.py.
-OP_NAMES: tuple[str, ...] = ("lif", "mpbn_lif", "mpbn_lif_folded", "tebn", "tab")
+OP_NAMES: tuple[str, ...] = ("lif", "mpbn_lif", "mpbn_lif_folded", "tebn", "tab", "batch_norm_seq", "bntt")
 
 
 class BackendUnavailableError(RuntimeError):

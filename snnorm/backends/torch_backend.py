@@ -326,4 +326,62 @@ def tab_apply(x_seq, weight, bias, mean, var, p, eps: float) -> torch.Tensor:
 
 
 def load_ops():
-    return {"lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn, "tab": tab}
+    return {
+        "lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn, "tab": tab,
+        "batch_norm_seq": batch_norm_seq, "bntt": bntt,
+    }
+
+
+# ----------------------------------------------------------------------------------
+# multi-step BatchNorm / tdBN and BNTT (the statistics pipeline's ALL and EACH groupings)
+# ----------------------------------------------------------------------------------
+
+
+def batch_norm_seq(
+    x_seq: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """Multi-step BatchNorm 1d/2d/3d and tdBN: y = γ (x − μ)/√(σ² + ε) + β with one μ, σ²
+    per channel over T·N·spatial (T folded into the batch).
+
+    Batch statistics in training or without running statistics (the running statistics,
+    if given, updated in place with factor ``momentum``, resolved by the caller, and the
+    unbiased variance); running statistics in eval. ``F.batch_norm`` on ``[T·N, C, *]``.
+    """
+    use_batch_stats = training or running_mean is None
+    y = F.batch_norm(x_seq.flatten(0, 1), running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
+    return y.view(x_seq.shape)
+
+
+def bntt(
+    x_seq: torch.Tensor,
+    weights: Sequence[torch.Tensor | None],
+    running_means: Sequence[torch.Tensor | None],
+    running_vars: Sequence[torch.Tensor | None],
+    *,
+    training: bool,
+    momentum: Sequence[float],
+    eps: Sequence[float],
+) -> torch.Tensor:
+    """BN through time (BNTT; Kim & Panda 2021): y[t] = γ_t (x[t] − μ_t)/√(σ_t² + ε_t).
+
+    One BN per step without a shift: μ_t, σ_t² over N·spatial of step t alone (batch
+    statistics in training or without running statistics, step t's running statistics in
+    eval). Per-step lists of T entries: ``weights`` (γ_t ``[C]`` or None),
+    ``running_means``/``running_vars`` (step t's buffers, updated in place with factor
+    ``momentum[t]``, or None), ``eps``.
+    """
+    ys = []
+    for t, x in enumerate(x_seq):
+        use_batch_stats = training or running_means[t] is None
+        ys.append(
+            F.batch_norm(x, running_means[t], running_vars[t], weights[t], None, use_batch_stats, momentum[t], eps[t])
+        )
+    return torch.stack(ys)

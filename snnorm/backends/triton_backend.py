@@ -15,7 +15,9 @@ op                   kernels
 ``mpbn_lif``         ``kernels/mpbn_lif_train.py`` (batch statistics) or
                      ``kernels/lif.py`` (FIRE_NORMALISED, running statistics)
 ``mpbn_lif_folded``  ``kernels/lif.py`` (FIRE_FOLDED) or ``kernels/mpbn_lif_adapt.py``
-``tebn``             ``kernels/tebn.py``
+``tebn``, ``tab``,   ``kernels/bn_pipeline.py`` (one statistics pipeline; rules
+``batch_norm_seq``,  ``tebn``, ``tab``, ``batch_norm``, ``bntt``)
+``bntt``
 ===================  ==============================================================
 
 What the kernels cannot run (a surrogate with no kernel, e.g. a user-defined one or
@@ -52,10 +54,12 @@ def load_ops():
     reason = triton_unavailable_reason()
     if reason is not None:
         raise BackendUnavailableError(f"triton backend unavailable: {reason}")
-    from ..kernels.tab import tab
-    from ..kernels.tebn import tebn
-
-    return {"lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn, "tab": tab}
+    return {
+        "lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded,
+        **STATISTICS_OPS,  # the batch-statistics norms: the section near the end of this file
+        # beyond the common slots: a norm and an IF/LIF neuron fused (the last section)
+        "norm_lif": norm_lif, "norm_lif_kernel": norm_lif_kernel,
+    }
 
 
 # The kernels import triton; a machine without it still imports this module (the registry
@@ -273,3 +277,443 @@ def mpbn_lif_folded(
         _dev.FIRE_FOLDED.value, carry_norm, _wants_grad(x_seq, v, th, thf, r, beta, mu), _out_dtype(x_seq, v, threshold, thf),
     )
     return s, v_out, mu, sigma2, adapt.momentum
+
+
+
+# ==================================================================================
+# The batch-statistics norms (TEBN, TAB, multi-step BN/tdBN, BNTT) on one pipeline
+# ==================================================================================
+# kernels/bn_pipeline.py launches the stages (partials → reduce over the rule's grouping
+# → per-(t, c) coefficients → apply, and the mirrored backward); here the torch.library
+# ops (with fake kernels, so they trace under torch.compile(fullgraph=True)), their
+# autograd, and the op-table functions. One op set serves every rule (``rule`` names it):
+#
+# * ``snnorm::bn_stats``: batch statistics in the rule's layout ([C] or [T, C]); mutates
+#   the running statistics; not differentiable (it receives a detached input);
+# * ``snnorm::bn_apply``: y = s_t·(γ x̂ + β), differentiable; with ``batch_stats`` its
+#   backward includes the path through x's own statistics, otherwise it returns ∂L/∂μ,
+#   ∂L/∂σ² for the caller's autograd (TAB's single-step continuation);
+# * ``snnorm::bn_apply_backward``.
+
+try:
+    from ..kernels import bn_pipeline as _bnp
+except ImportError:  # pragma: no cover - exercised only without triton
+    pass
+
+
+@torch.library.custom_op("snnorm::bn_stats", mutates_args=("running_mean", "running_var"))
+def _bn_stats_op(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: list[float],
+    rule: str,
+) -> tuple[Tensor, Tensor]:
+    """(μ, biased σ²) of the rule's grouping; running statistics updated (one factor per row)."""
+    check_device(rule, x)
+    return _bnp.launch_stats(_bnp.rule(rule), x, running_mean, running_var, momentum)
+
+
+@_bn_stats_op.register_fake
+def _(x, running_mean, running_var, momentum, rule):
+    shape = _bnp.stats_shape(_bnp.rule(rule), x.shape[0], x.shape[2])
+    acc = acc_torch_dtype(x.dtype)
+    return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)
+
+
+@torch.library.custom_op("snnorm::bn_apply", mutates_args=())
+def _bn_apply_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    p: Tensor | None,
+    eps: float,
+    rule: str,
+    batch_stats: bool,
+) -> Tensor:
+    """y = s_t·(γ (x − μ)/√(σ² + ε) + β) with the given statistics (the rule's layout)."""
+    check_device(rule, x)
+    return _bnp.launch_apply(_bnp.rule(rule), x, weight, bias, mean, var, p, eps)
+
+
+@_bn_apply_op.register_fake
+def _(x, weight, bias, mean, var, p, eps, rule, batch_stats):
+    return torch.empty_like(x, dtype=_bnp.out_dtype(x, p), memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("snnorm::bn_apply_backward", mutates_args=())
+def _bn_apply_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    p: Tensor | None,
+    eps: float,
+    rule: str,
+    batch_stats: bool,
+    need_dx: bool,
+    need_sums: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(∂x, ∂γ, ∂β, ∂p, ∂μ, ∂σ²); ∂x empty unless ``need_dx`` (custom ops cannot return None)."""
+    check_device(rule, x)
+    return _bnp.launch_backward(
+        _bnp.rule(rule), grad_y, x, weight, bias, mean, var, p, eps, batch_stats, need_dx, need_sums
+    )
+
+
+@_bn_apply_backward_op.register_fake
+def _(grad_y, x, weight, bias, mean, var, p, eps, rule, batch_stats, need_dx, need_sums):
+    acc = acc_torch_dtype(x.dtype)
+    shape = _bnp.stats_shape(_bnp.rule(rule), x.shape[0], x.shape[2])
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+    tc = [x.new_empty(shape, dtype=acc) for _ in range(4)]
+    return dx, tc[0], tc[1], x.new_empty(x.shape[0], dtype=acc), tc[2], tc[3]
+
+
+def _bn_apply_setup_context(ctx, inputs, output):
+    x, weight, bias, mean, var, p, eps, rule, batch_stats = inputs
+    ctx.save_for_backward(x, weight, bias, mean, var, p)
+    ctx.eps, ctx.rule, ctx.batch_stats = eps, rule, batch_stats
+
+
+def _bn_apply_backward(ctx, grad_y):
+    x, weight, bias, mean, var, p = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db, dp, dmean, dvar = torch.ops.snnorm.bn_apply_backward(
+        grad_y, x, weight, bias, mean, var, p, ctx.eps, ctx.rule, ctx.batch_stats, need[0], any(need[1:6])
+    )
+    return (
+        dx if need[0] else None,
+        dw.to(weight.dtype) if need[1] else None,
+        db.to(bias.dtype) if need[2] else None,
+        dmean.to(mean.dtype) if need[3] else None,  # only when (mean, var) carry their own graph
+        dvar.to(var.dtype) if need[4] else None,
+        dp.to(p.dtype) if need[5] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_bn_apply_op.register_autograd(_bn_apply_backward, setup_context=_bn_apply_setup_context)
+
+
+def _check_sequence_arg(op: str, x_seq: Tensor) -> None:
+    if not x_seq.is_floating_point():
+        raise TypeError(f"{op} expects a floating-point x_seq, got dtype {x_seq.dtype}")
+    if x_seq.dim() < 3:
+        raise ValueError(f"{op} expects x_seq of shape [T, N, C, *spatial], got shape {tuple(x_seq.shape)}")
+
+
+def _values_per_channel(x_seq: Tensor, steps: int) -> int:
+    """Values per channel of the first ``steps`` steps (T·N·spatial under ALL, N·spatial per step)."""
+    n = steps * x_seq.shape[1]
+    for d in x_seq.shape[3:]:
+        n *= d
+    return n
+
+
+def _single_value_error(x_seq: Tensor) -> ValueError:
+    # the same message (and exception type) as F.batch_norm
+    return ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x_seq.shape)}")
+
+
+def _shared_statistics_norm(rule: str, x_seq, weight, bias, running_mean, running_var, p, training, momentum, eps):
+    """Grouping ALL (multi-step BN, tdBN, TEBN): one μ, σ² per channel over T·N·spatial."""
+    use_batch_stats = training or running_mean is None
+    if use_batch_stats:
+        if _values_per_channel(x_seq, x_seq.shape[0]) == 1:  # raised before any update
+            raise _single_value_error(x_seq)
+        track = training and running_mean is not None
+        mean, var = torch.ops.snnorm.bn_stats(
+            x_seq.detach(), running_mean if track else None, running_var if track else None, [float(momentum)], rule
+        )
+    else:
+        mean, var = running_mean, running_var
+    return torch.ops.snnorm.bn_apply(x_seq, weight, bias, mean, var, p, float(eps), rule, use_batch_stats)
+
+
+def tebn(
+    x_seq: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    scale: Tensor,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """TEBN (see :func:`snnorm.backends.torch_backend.tebn`): y[t] = p[t]·(γ x̂[t] + β), rule ``tebn``."""
+    _check_sequence_arg("tebn", x_seq)
+    check_device("tebn", x_seq, weight, bias, running_mean, running_var, scale)
+    return _shared_statistics_norm("tebn", x_seq, weight, bias, running_mean, running_var, scale, training, momentum,
+                                   eps)
+
+
+def batch_norm_seq(
+    x_seq: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """Multi-step BN / tdBN (see :func:`snnorm.backends.torch_backend.batch_norm_seq`), rule ``batch_norm``."""
+    _check_sequence_arg("batch_norm_seq", x_seq)
+    check_device("batch_norm_seq", x_seq, weight, bias, running_mean, running_var)
+    return _shared_statistics_norm("batch_norm", x_seq, weight, bias, running_mean, running_var, None, training,
+                                   momentum, eps)
+
+
+def tab(
+    x_seq: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    p: Tensor,
+    *,
+    training: bool,
+    momentum,
+    eps: float,
+    prefix: tuple | None = None,
+) -> tuple[Tensor, tuple | None]:
+    """TAB (see :func:`snnorm.backends.torch_backend.tab`), rule ``tab``.
+
+    A whole sequence (``prefix=None``) runs on the pipeline. A continuation (single-step
+    mode, ``prefix`` given) gets its statistics from the torch reference's differentiable
+    helpers (a step's worth of data; the returned prefix must carry the gradient to the
+    earlier steps) and the fused apply, whose backward hands ∂L/∂μ, ∂L/∂σ² to them.
+    """
+    _check_sequence_arg("tab", x_seq)
+    check_device("tab", x_seq)
+    use_batch_stats = training or running_mean is None
+    if not use_batch_stats:
+        y = torch.ops.snnorm.bn_apply(x_seq, weight, bias, running_mean, running_var, p, float(eps), "tab", False)
+        return y, prefix
+    if prefix is not None:
+        n, step_mean, step_m2 = torch_backend.tab_step_stats(x_seq)
+        count, mean, m2 = torch_backend.chan_prefix(n, step_mean, step_m2, prefix)
+        if training and running_mean is not None:
+            torch_backend.update_accumulated_running_stats(running_mean, running_var, count, mean, m2, momentum)
+        var = m2 / count.unsqueeze(1)
+        y = torch.ops.snnorm.bn_apply(x_seq, weight, bias, mean, var, p, float(eps), "tab", False)
+        return y, (float(count[-1]), mean[-1], m2[-1])
+    if _values_per_channel(x_seq, 1) < 2:
+        # F.batch_norm's rule (and exception type) at step 0, raised before any update; an
+        # empty batch has no statistics either
+        raise _single_value_error(x_seq)
+    track = training and running_mean is not None
+    mean, var = torch.ops.snnorm.bn_stats(
+        x_seq.detach(), running_mean if track else None, running_var if track else None,
+        [float(m) for m in momentum], "tab",
+    )
+    y = torch.ops.snnorm.bn_apply(x_seq, weight, bias, mean, var, p, float(eps), "tab", True)
+    return y, None
+
+
+def bntt(
+    x_seq: Tensor,
+    weights,
+    running_means,
+    running_vars,
+    *,
+    training: bool,
+    momentum,
+    eps,
+) -> Tensor:
+    """BNTT (see :func:`snnorm.backends.torch_backend.bntt`): y[t] = γ_t x̂_t, rule ``bntt``.
+
+    The per-step γ_t and running statistics are stacked into ``[T, C]`` (the stacked
+    running statistics are copied back into the per-step buffers after the update). A
+    sequence whose steps have different ε runs on the torch backend (warned once).
+    """
+    _check_sequence_arg("bntt", x_seq)
+    T = x_seq.shape[0]
+    if not (len(weights) == len(running_means) == len(running_vars) == len(momentum) == len(eps) == T):
+        raise ValueError(
+            f"bntt expects one weight, running mean, running variance, momentum and eps per step (T={T}), got "
+            f"{len(weights)}, {len(running_means)}, {len(running_vars)}, {len(momentum)}, {len(eps)}"
+        )
+    if len({float(e) for e in eps}) > 1:
+        key = ("bntt", "eps")
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(
+                "snnorm triton bntt: the steps have different eps; this op runs on the torch backend (warned once)",
+                RuntimeWarning, stacklevel=2,
+            )
+        return torch_backend.bntt(x_seq, weights, running_means, running_vars, training=training, momentum=momentum,
+                                  eps=eps)
+    tracked = all(r is not None for r in running_means) and all(r is not None for r in running_vars)
+    weight = torch.stack(list(weights)) if all(w is not None for w in weights) else None
+    check_device("bntt", x_seq, weight, *(running_means if tracked else ()), *(running_vars if tracked else ()))
+    use_batch_stats = training or not tracked
+    if not use_batch_stats:
+        mean, var = torch.stack(list(running_means)), torch.stack(list(running_vars))
+    else:
+        if _values_per_channel(x_seq, 1) == 1:  # raised before any update
+            raise _single_value_error(x_seq[0])
+        track = training and tracked
+        r_mean = torch.stack(list(running_means)) if track else None
+        r_var = torch.stack(list(running_vars)) if track else None
+        mean, var = torch.ops.snnorm.bn_stats(x_seq.detach(), r_mean, r_var, [float(m) for m in momentum], "bntt")
+        if track:  # the op updated the stacked copies: move them into the per-step buffers
+            with torch.no_grad():
+                for t in range(T):
+                    running_means[t].copy_(r_mean[t])
+                    running_vars[t].copy_(r_var[t])
+    return torch.ops.snnorm.bn_apply(x_seq, weight, None, mean, var, None, float(eps[0]), "bntt", use_batch_stats)
+
+
+#: the op-table entries of this section (load_ops adds them)
+STATISTICS_OPS = {"tebn": tebn, "tab": tab, "batch_norm_seq": batch_norm_seq, "bntt": bntt}
+
+
+# ----------------------------------------------------------------------------------
+# fused norm → LIF (kernels/norm_lif.py): the pipeline's apply stage charges, fires, resets
+# ----------------------------------------------------------------------------------
+# The statistics come from ``snnorm::bn_stats`` (it mutates the running statistics, so it
+# cannot carry autograd); ``snnorm::norm_lif`` is functional and differentiable: with
+# ``batch_stats`` its backward includes the path through x's own statistics.
+
+try:
+    from ..kernels import norm_lif as _nl
+    from ..kernels._common import op_signature
+except ImportError:  # pragma: no cover - exercised only without triton
+    pass
+else:
+    #: ``snnorm::norm_lif(x, v0, γ, β, p, μ, σ², rule, eps, batch_stats, threshold, v_init,
+    #: <LIFKernelParameters>, checkpoint) -> (s, v_T, checkpoints)``
+    NORM_LIF_FWD = op_signature(
+        "Tensor x, Tensor? v0, Tensor? weight, Tensor? bias, Tensor? p, Tensor mean, Tensor var, str rule, "
+        "float eps, bool batch_stats, float threshold, float v_init", LIFKernelParameters, "bool checkpoint",
+        returns="(Tensor, Tensor, Tensor)",
+    )
+    #: ``snnorm::norm_lif_backward(∂s, ∂v_T, x, v0, checkpoints, γ, β, p, μ, σ², rule, eps, batch_stats,
+    #: threshold, v_init, <LIFKernelParameters>, need_dx, need_dv0) -> (∂x, ∂v0, ∂γ, ∂β, ∂p)``
+    NORM_LIF_BWD = op_signature(
+        "Tensor? grad_s, Tensor? grad_v, Tensor x, Tensor? v0, Tensor ckpt, Tensor? weight, Tensor? bias, "
+        "Tensor? p, Tensor mean, Tensor var, str rule, float eps, bool batch_stats, float threshold, float v_init",
+        LIFKernelParameters, "bool need_dx, bool need_dv0",
+        returns="(Tensor, Tensor, Tensor, Tensor, Tensor)",
+    )
+
+    @torch.library.custom_op("snnorm::norm_lif", mutates_args=(), schema=NORM_LIF_FWD.schema)
+    def _norm_lif_op(x, v0, weight, bias, p, mean, var, rule, eps, batch_stats, threshold, v_init, *args):
+        lif, (checkpoint,) = LIFKernelParameters.from_op_args(args)
+        check_device("norm_lif", x, v0, weight, bias, p, mean, var)
+        return _nl.launch_norm_lif_forward(
+            _bnp.rule(rule), x, v0, weight, bias, p, mean, var, eps, threshold, v_init, lif, checkpoint
+        )
+
+    @_norm_lif_op.register_fake
+    def _(x, v0, weight, bias, p, mean, var, rule, eps, batch_stats, threshold, v_init, *args):
+        _, (checkpoint,) = LIFKernelParameters.from_op_args(args)
+        T, N, C = x.shape[:3]
+        dtype = _bnp.out_dtype(x, p)
+        n_ckpt = (-(-T // _nl.segment_length(T)) - 1) if checkpoint else 0
+        return (
+            torch.empty(x.shape, dtype=dtype, device=x.device), x.new_empty(x.shape[1:], dtype=dtype),
+            x.new_empty((n_ckpt, N, C, x[0, 0, 0].numel()), dtype=acc_torch_dtype(x.dtype)),
+        )
+
+    @torch.library.custom_op("snnorm::norm_lif_backward", mutates_args=(), schema=NORM_LIF_BWD.schema)
+    def _norm_lif_backward_op(grad_s, grad_v, x, v0, ckpt, weight, bias, p, mean, var, rule, eps, batch_stats,
+                              threshold, v_init, *args):
+        lif, (need_dx, need_dv0) = LIFKernelParameters.from_op_args(args)
+        dx, dv0, dw, db, dp = _nl.launch_norm_lif_backward(
+            _bnp.rule(rule), grad_s, grad_v, x, v0, ckpt, weight, bias, p, mean, var, eps, batch_stats, threshold,
+            v_init, lif, need_dx, need_dv0,
+        )
+        return dx, dv0 if dv0 is not None else x.new_empty(0), dw, db, dp  # custom ops return no None
+
+    @_norm_lif_backward_op.register_fake
+    def _(grad_s, grad_v, x, v0, ckpt, weight, bias, p, mean, var, rule, eps, batch_stats, threshold, v_init, *args):
+        _, (need_dx, need_dv0) = LIFKernelParameters.from_op_args(args)
+        acc = acc_torch_dtype(x.dtype)
+        shape = _bnp.stats_shape(_bnp.rule(rule), x.shape[0], x.shape[2])
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
+        dv0 = x.new_empty(x.shape[1:], dtype=v0.dtype if v0 is not None else x.dtype) if need_dv0 else x.new_empty(0)
+        return dx, dv0, x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), x.new_empty(x.shape[0], dtype=acc)
+
+    def _norm_lif_setup_context(ctx, inputs, output):
+        x, v0, weight, bias, p, mean, var, rule, eps, batch_stats, threshold, v_init, *args = inputs
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(x, v0, weight, bias, p, mean, var, output[2])
+        ctx.rule, ctx.eps, ctx.batch_stats, ctx.threshold, ctx.v_init = rule, eps, batch_stats, threshold, v_init
+        ctx.lif = LIFKernelParameters.from_op_args(args)[0]
+
+    def _norm_lif_backward(ctx, grad_s, grad_v, _grad_ckpt):
+        x, v0, weight, bias, p, mean, var, ckpt = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dv0, dw, db, dp = torch.ops.snnorm.norm_lif_backward(
+            grad_s, grad_v, x, v0, ckpt, weight, bias, p, mean, var, ctx.rule, ctx.eps, ctx.batch_stats,
+            ctx.threshold, ctx.v_init, *ctx.lif.to_op_args(), need[0], need[1],
+        )
+        return NORM_LIF_FWD.grads(
+            dx if need[0] else None,
+            dv0 if need[1] else None,
+            dw.to(weight.dtype) if need[2] else None,
+            db.to(bias.dtype) if need[3] else None,
+            dp.to(p.dtype) if need[4] else None,
+        )
+
+    _norm_lif_op.register_autograd(_norm_lif_backward, setup_context=_norm_lif_setup_context)
+
+
+def norm_lif_kernel(neuron: LIFParameters) -> LIFKernelParameters | None:
+    """The neuron's constants for the fused norm → LIF kernels, or None (warned once) when
+    its surrogate has no kernel."""
+    return _kernel_lif(neuron, "norm_lif")
+
+
+def norm_lif(
+    rule: str,
+    x_seq: Tensor,
+    v,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    p: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    *,
+    momentum: list,
+    eps: float,
+    batch_stats: bool,
+    threshold: float,
+    neuron: LIFParameters,
+) -> tuple[Tensor, Tensor]:
+    """A batch-statistics norm (pipeline rule ``rule``) and an IF/LIF neuron, fused: (spikes,
+    final membrane) as ``lif(norm(x_seq), v)`` computes them (kernels/norm_lif.py).
+
+    ``v``: the initial membrane, a float (every element) or a tensor of shape
+    ``x_seq.shape[1:]``. With ``batch_stats`` the batch's statistics normalise and the running
+    statistics (if given) are updated in place with ``momentum`` (one factor per statistics
+    row); else the running statistics normalise.
+    """
+    _check_sequence_arg("norm_lif", x_seq)
+    lif_k = norm_lif_kernel(neuron)
+    if lif_k is None:
+        raise ValueError(f"norm_lif: no kernel for the surrogate {type(neuron.surrogate).__name__}")
+    if batch_stats:
+        mean, var = torch.ops.snnorm.bn_stats(x_seq.detach(), running_mean, running_var,
+                                              [float(m) for m in momentum], rule)
+    else:
+        mean, var = running_mean, running_var
+    v0, v_init = (v.expand(x_seq.shape[1:]), 0.0) if isinstance(v, Tensor) else (None, float(v))
+    checkpoint = _wants_grad(x_seq, v0, weight, bias, p)
+    spikes, v_out, _ = torch.ops.snnorm.norm_lif(
+        x_seq, v0, weight, bias, p, mean, var, rule, float(eps), bool(batch_stats), float(threshold), v_init,
+        *lif_k.to_op_args(), checkpoint,
+    )
+    return spikes, v_out

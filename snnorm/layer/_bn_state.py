@@ -23,7 +23,7 @@ The running update the op then performs, with the factor m resolved here::
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,7 @@ __all__ = [
     "check_bn_input",
     "check_batch_values",
     "resolve_running_stats",
+    "NormPlan",
 ]
 
 
@@ -209,3 +210,27 @@ def resolve_running_stats(
         before = int(tracked) - steps
         return RunningStats(mean, var, [1.0 / (before + k) for k in range(1, steps + 1)], before)
     return RunningStats(mean, var, factors)
+
+
+class NormPlan(NamedTuple):
+    """What a batch-statistics norm's multi-step forward hands the statistics pipeline
+    (:mod:`snnorm.kernels.bn_pipeline`), after its checks and its batch counting.
+
+    ``rule`` names the pipeline rule (``batch_norm``, ``bntt``, ``tebn``, ``tab``); ``weight``,
+    ``bias``, ``running_mean``, ``running_var`` are in the rule's layout (``[C]``, or
+    ``[T, C]`` per step); ``p`` is the per-step scale ``[T]`` (TEBN, TAB) or None;
+    ``momentum`` one factor per statistics row; ``batch_stats`` whether the batch's
+    statistics normalise (else the running ones). ``commit``, if any, runs after the op
+    (BNTT: its stacked running statistics go back into the steps' buffers).
+    """
+
+    rule: str
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    p: Optional[torch.Tensor]
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    momentum: list
+    eps: float
+    batch_stats: bool
+    commit: Optional[Callable[[], None]] = None

@@ -44,7 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import base
 from .._checks import check_eps, check_finite, check_momentum, check_positive_int
 from ..memopt import check_stateful_recompute
-from ._bn_state import check_batch_values, check_bn_input, resolve_running_stats, uses_batch_stats
+from ._bn_state import NormPlan, check_batch_values, check_bn_input, resolve_running_stats, uses_batch_stats
 
 __all__ = [
     "BatchNorm1d",
@@ -110,12 +110,35 @@ class _GuardedBatchNormMixin:
 
 
 class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
-    """Step modes for BN layers: 's' is torch's BN, 'm' folds T into the batch."""
+    """Step modes for BN layers: 's' is torch's BN, 'm' folds T into the batch.
+
+    Multi-step runs the op ``batch_norm_seq`` of the selected backend (``"torch"``:
+    ``F.batch_norm`` on ``[T·N, C, *]``; ``"triton"``: the statistics pipeline, grouping
+    ALL); single-step is torch's BN on either backend.
+    """
+
+    supported_backends = ("torch", "triton")
+
+    def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
+        """Multi-step: one μ, σ² per channel over T·N·spatial (pipeline rule ``batch_norm``).
+        Every input check first, then the batch is counted."""
+        self._check_bn_input(x_seq, multi=True)
+        batch_stats = uses_batch_stats(self)
+        check_batch_values(self, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
+        stats = resolve_running_stats(self)
+        return NormPlan("batch_norm", self.weight, self.bias, None, stats.mean, stats.var, stats.factors, self.eps,
+                        batch_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         multi = self.step_mode == "m"
-        self._check_bn_input(x, multi)
-        return batch_norm(self, x, channel_dim=2 if multi else 1)  # 'm': T folded into N
+        if not multi:
+            self._check_bn_input(x, multi)
+            return batch_norm(self, x)
+        plan = self.statistics_plan(x)
+        return self.ops.batch_norm_seq(
+            x, plan.weight, plan.bias, plan.running_mean, plan.running_var, training=self.training,
+            momentum=plan.momentum[0], eps=plan.eps,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", step_mode={self.step_mode}"
@@ -339,20 +362,21 @@ class _TemporalEffectiveBatchNormBase(_BatchNormMixin, _BatchNorm):
         if scale is not None:
             nn.init.ones_(scale)
 
-    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+    def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
+        """One μ, σ² per channel over T·N·spatial, scaled by p[t] (pipeline rule ``tebn``).
+        Every input check first, then the batch is counted."""
         self._check_bn_input(x_seq, multi=True, T=self.T)
-        check_batch_values(self, x_seq, batch_stats=uses_batch_stats(self), channel_dim=2, over="over T·N·spatial")
+        batch_stats = uses_batch_stats(self)
+        check_batch_values(self, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
         stats = resolve_running_stats(self)
+        return NormPlan("tebn", self.weight, self.bias, self.scale, stats.mean, stats.var, stats.factors, self.eps,
+                        batch_stats)
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        plan = self.statistics_plan(x_seq)
         return self.ops.tebn(
-            x_seq,
-            self.weight,
-            self.bias,
-            stats.mean,
-            stats.var,
-            self.scale,
-            training=self.training,
-            momentum=stats.factor,
-            eps=self.eps,
+            x_seq, plan.weight, plan.bias, plan.running_mean, plan.running_var, plan.p, training=self.training,
+            momentum=plan.momentum[0], eps=plan.eps,
         )
 
     def extra_repr(self) -> str:
@@ -400,6 +424,10 @@ class _ThroughTimeBase(base.MemoryModule):
     A rejected call changes neither ``t`` nor any running statistic.
     """
 
+    #: multi-step mode runs the op ``bntt`` of the selected backend; single-step mode is
+    #: the step's torch BN on either backend
+    supported_backends = ("torch", "triton")
+
     def _bns(self) -> Sequence[_BatchNorm]:
         raise NotImplementedError
 
@@ -420,13 +448,45 @@ class _ThroughTimeBase(base.MemoryModule):
         module's name before any timestep's BN counts its batch)."""
         check_batch_values(self, x, batch_stats=uses_batch_stats(bn), over="at each timestep")
 
+    def _step_statistics(self, x_seq: torch.Tensor) -> list:
+        """Each step's running statistics (as each step's BN would resolve them: its buffers,
+        its counter, its factor), after the one-value check; the input checks have run."""
+        bns = self._bns()
+        self._check_step_values(bns[0], x_seq[0])
+        return [resolve_running_stats(bn) for bn in bns]
+
+    def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
+        """Multi-step: μ_t, σ²_t of each step alone (pipeline rule ``bntt``), the steps' γ_t
+        and running statistics stacked ``[T, C]``; ``commit`` copies the updated running
+        statistics back into the steps' buffers and advances ``t`` to the sequence's end.
+        Every input check first, then each step's batch is counted."""
+        self._check_sequence_start(x_seq)
+        bns = self._bns()
+        stats = self._step_statistics(x_seq)
+        tracked = all(s.mean is not None for s in stats)
+        mean = torch.stack([s.mean for s in stats]) if tracked else None
+        var = torch.stack([s.var for s in stats]) if tracked else None
+        weight = torch.stack([bn.weight for bn in bns]) if bns[0].weight is not None else None
+
+        def commit() -> None:
+            if tracked and uses_batch_stats(bns[0]):
+                with torch.no_grad():
+                    for t, s in enumerate(stats):
+                        s.mean.copy_(mean[t])
+                        s.var.copy_(var[t])
+            self.t = self.T - 1
+
+        eps = {float(bn.eps) for bn in bns}
+        return NormPlan("bntt", weight, None, None, mean, var, [s.factor for s in stats], eps.pop() if len(eps) == 1
+                        else None, uses_batch_stats(bns[0]), commit)
+
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         check_stateful_recompute(self)  # a plain checkpoint would restart from the advanced t
         self._check_sequence_input(x, multi=False)
         t = self.t + 1
         if t >= self.T:
             raise ValueError(
-                f"{type(self).__name__} has T={self.T} timesteps and has already processed all of them "
+                f"{type(self).__name__} has T={self.T} timesteps (its temporal length) and has already processed all of them "
                 f"(t={self.t}); call reset() (snnorm.functional.reset_net) before the next sequence"
             )
         self._check_step_values(self._bns()[t], x)
@@ -434,7 +494,8 @@ class _ThroughTimeBase(base.MemoryModule):
         self.t = t
         return y
 
-    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+    def _check_sequence_start(self, x_seq: torch.Tensor) -> None:
+        """A multi-step call's checks: a whole sequence, from t = 0."""
         check_stateful_recompute(self)
         self._check_sequence_input(x_seq, multi=True)
         if self.t != -1:
@@ -443,8 +504,22 @@ class _ThroughTimeBase(base.MemoryModule):
                 f"{self.t + 1} timestep(s) have been processed since the last reset(); call reset() "
                 "(snnorm.functional.reset_net) before the next sequence"
             )
-        self._check_step_values(self._bns()[0], x_seq[0])
-        y_seq = torch.stack([bn(x) for bn, x in zip(self._bns(), x_seq)])
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        self._check_sequence_start(x_seq)
+        bns = self._bns()
+        from ..distributed import is_synchronized  # (imports this module)
+
+        if any(is_synchronized(bn) for bn in bns):  # a synchronised step BN all-reduces in its own forward
+            self._check_step_values(bns[0], x_seq[0])
+            y_seq = torch.stack([bn(x) for bn, x in zip(bns, x_seq)])
+            self.t = self.T - 1
+            return y_seq
+        stats = self._step_statistics(x_seq)
+        y_seq = self.ops.bntt(
+            x_seq, [bn.weight for bn in bns], [s.mean for s in stats], [s.var for s in stats],
+            training=bns[0].training, momentum=[s.factor for s in stats], eps=[bn.eps for bn in bns],
+        )
         self.t = self.T - 1
         return y_seq
 
@@ -693,6 +768,15 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
             prefix=prefix,
         )
 
+    def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
+        """Multi-step: step t normalised with the statistics of steps 0..t, scaled by p_t²
+        (pipeline rule ``tab``). Every input check first, then every step is counted."""
+        self._check_input(x_seq, multi=True)
+        self._check_first_step(x_seq[0])
+        stats = resolve_running_stats(self, window=slice(0, x_seq.shape[0]))
+        return NormPlan("tab", self.weight, self.bias, self.p, stats.mean, stats.var, stats.factors, self.eps,
+                        uses_batch_stats(self))
+
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_input(x_seq, multi=True)
         self._check_first_step(x_seq[0])
@@ -705,7 +789,7 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
         t = self.t + 1
         if t >= self.T:
             raise ValueError(
-                f"{type(self).__name__} has T={self.T} timesteps and has already processed all of them "
+                f"{type(self).__name__} has T={self.T} timesteps (its temporal length) and has already processed all of them "
                 f"(t={self.t}); call reset() (snnorm.functional.reset_net) before the next sequence"
             )
         if t == 0:

@@ -1,0 +1,606 @@
+"""One statistics pipeline for every batch-statistics norm (DESIGN.md §8).
+
+Multi-step BatchNorm/tdBN, BNTT, TEBN and TAB are the same computation on a
+``[T, N, C, *spatial]`` tensor (viewed as ``[T, N, C, S]``, M = N·S values per (t, c)),
+differing only in a :class:`NormRule`: which steps' values a step's statistics pool (its
+*grouping*) and what scales the normalised value::
+
+    grouping ALL     one μ_c, σ²_c over T·M values              (BN multi-step, tdBN, TEBN)
+    grouping EACH    μ_tc, σ²_tc over step t's M values alone    (BNTT)
+    grouping PREFIX  μ_tc, σ²_tc over steps 0..t, n_t = (t+1)·M  (TAB)
+    scale NONE: s_t = 1,  LINEAR: s_t = p_t (TEBN),  SQUARE: s_t = p_t² (TAB)
+
+γ, β (and the running statistics) are ``[C]`` under ALL and ``[T, C]`` (per step) otherwise.
+
+Forward stages (launches):
+
+1. **partials** (``_bn_tiles.stats_partial_kernel``): per (t, c) and program slice, the
+   (count, mean, M2) of x, merged tile by tile with Chan's formula (never Σx²);
+2. **reduce** (``_stats_reduce_kernel``, one program per block of channels): the partials
+   combined over the grouping — all of them (ALL), step t's (EACH), or step t's merged into
+   the prefix of steps 0..t−1 (PREFIX) — giving μ, biased σ² per statistics row, and the
+   running statistics updated here, once:
+   ``r_μ ← (1 − m)·r_μ + m·μ``, ``r_σ² ← (1 − m)·r_σ² + m·M2/(n − 1)``;
+3. **coefficients** (:func:`step_coefficients`, the apply kernel's device function; the
+   backward coefficient kernel reads the same μ, r, γ, β and :func:`step_scale`) per
+   (t, c): a = s_t·γ/√(σ² + ε), b = s_t·β, so that
+   y = a·(x − μ) + b, which is a·x + (s_t·β − a·μ) evaluated centred: subtracting μ first
+   keeps the digits when |μ| ≫ σ;
+4. **apply** (``_apply_kernel``): y = a·(x − μ) + b elementwise.
+
+Eval (running statistics) skips 1–2. fp32 traffic: training reads x twice and writes y
+(12 B per element-step), eval reads x and writes y (8 B).
+
+Backward, with g = ∂L/∂y and x̂ = (x − μ)·r, r = 1/√(σ² + ε), k_t = s_t·γ_t:
+
+1. ``_bwd_reduce_kernel``: per (t, c) and program slice the sums Σg and Σg·x̂;
+2. ``_bwd_coef_kernel`` (one program per channel block, steps backwards): step sums
+   A_t = Σ g, B_t = Σ g·x̂; parameter gradients ∂β = Σ s_t A_t, ∂γ = Σ s_t B_t (over t
+   under ALL, per step otherwise), ∂p_t = s_t'·Σ_c (γ B_t + β A_t); each step's share of the
+   statistics' gradients ∂L/∂μ = −k_t r A_t, ∂L/∂σ² = −½ k_t r² B_t, summed into the
+   statistics row it read; and per (t, c) coefficients of
+   ``∂x = k_t r_t·g + U + V·(x − μ)``. With batch statistics, since ∂μ_j/∂x = 1/n_j and
+   ∂σ²_j/∂x = 2(x − μ_j)/n_j for every x that row j pools::
+
+       ALL:    U = Σ_t ∂L/∂μ|_t / (T·M),   V = 2 Σ_t ∂L/∂σ²|_t / (T·M)      (one row)
+       EACH:   U_t = ∂L/∂μ_t / M,          V_t = 2 ∂L/∂σ²_t / M
+       PREFIX: V_s = Σ_{t≥s} v_t, v_t = 2 ∂L/∂σ²_t / n_t,
+               U_s = Σ_{t≥s} (∂L/∂μ_t / n_t + v_t (μ_s − μ_t))   (reverse running sums)
+
+   (constant statistics: U = V = 0);
+3. ``_bwd_dx_kernel``: ∂x elementwise. fp32 traffic: g and x read twice, ∂x written (20 B).
+
+Everything is fp32 (fp64 for fp64 input); partials are reduced in a fixed order (no float
+atomics), so results are deterministic. Absent tensors (γ, β, p, running statistics) reach
+the kernels as None with a ``HAS_*`` flag. This module launches kernels only; the
+``torch.library`` ops and their autograd live in :mod:`snnorm.backends.triton_backend`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._bn_tiles import (
+    as_tncs,
+    chan_merge,
+    channel_consts,
+    combine_partials,
+    combine_tiles,
+    contiguous_or_none,
+    fitted_geometry,
+    launch_partial_stats,
+    program_slice,
+    slice_args,
+    tile_constexprs,
+    tile_offsets,
+)
+from ._common import acc_dtype, acc_torch_dtype
+
+__all__ = [
+    "ALL", "EACH", "PREFIX", "NONE", "LINEAR", "SQUARE", "NormRule", "RULES", "rule",
+    "launch_stats", "launch_apply", "launch_backward", "launch_backward_from_sums", "stats_shape", "param_shape",
+]
+
+#: groupings: which steps' values a statistics row pools
+ALL, EACH, PREFIX = 0, 1, 2
+#: per-step output scale s_t: 1, p_t, p_t²
+NONE, LINEAR, SQUARE = 0, 1, 2
+
+
+class NormRule(NamedTuple):
+    """A batch-statistics norm as the pipeline sees it: a grouping and a scale rule."""
+
+    name: str
+    grouping: int  # ALL, EACH or PREFIX
+    scale: int  # NONE, LINEAR or SQUARE
+
+    @property
+    def per_step(self) -> bool:
+        """Statistics, γ, β and running statistics per step ([T, C]) rather than [C]."""
+        return self.grouping != ALL
+
+
+RULES = {
+    r.name: r
+    for r in (
+        NormRule("batch_norm", ALL, NONE),  # multi-step BN 1d/2d/3d, tdBN
+        NormRule("bntt", EACH, NONE),
+        NormRule("tebn", ALL, LINEAR),
+        NormRule("tab", PREFIX, SQUARE),
+    )
+}
+
+
+def rule(name: str) -> NormRule:
+    """The rule named ``name`` (ValueError naming the known ones otherwise)."""
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(f"unknown norm rule {name!r}; known: {sorted(RULES)}") from None
+
+
+def stats_shape(r: NormRule, T: int, C: int) -> tuple:
+    """Shape of the statistics (and running statistics): [C] under ALL, [T, C] otherwise."""
+    return (T, C) if r.per_step else (C,)
+
+
+param_shape = stats_shape  # γ, β have the statistics' layout
+
+
+# ----------------------------------------------------------------------------------------
+# Device functions
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def step_scale(p_ptr, t, SCALE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(s_t, ∂s_t/∂p_t) of step t: (1, 0), (p_t, 1) or (p_t², 2 p_t)."""
+    if SCALE == 0:
+        s = tl.full((), 1.0, ACC_DTYPE)
+        ds = tl.zeros((), ACC_DTYPE)
+    else:
+        p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
+        if SCALE == 1:
+            s = p_t
+            ds = tl.full((), 1.0, ACC_DTYPE)
+        else:
+            s = p_t * p_t
+            ds = 2.0 * p_t
+    return s, ds
+
+
+@triton.jit
+def step_coefficients(
+    t, c, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps,
+    PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Stage 3 for step t and a block of channels: (μ, r, a = s_t γ r, b = s_t β).
+
+    μ, σ², γ, β are read at row t of ``[T, C]`` tensors when PER_STEP, else from ``[C]``.
+    """
+    if PER_STEP:
+        offs = t * C + c
+    else:
+        offs = c
+    mean, rstd, gamma, beta = channel_consts(
+        mean_ptr, var_ptr, w_ptr, b_ptr, offs, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
+    )
+    s, ds = step_scale(p_ptr, t, SCALE, ACC_DTYPE)
+    return mean, rstd, s * gamma * rstd, s * beta
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stats_reduce_kernel(
+    part_mean_ptr,  # [G·PPG, C] partial means, PPG consecutive partials per group
+    part_m2_ptr,  # [G·PPG, C]
+    part_count_ptr,  # [G·PPG]
+    mean_ptr,  # [G, C] out: μ of each statistics row
+    var_ptr,  # [G, C] out: biased σ²
+    running_mean_ptr,  # [G, C] updated in place when UPDATE_RUNNING (else None)
+    running_var_ptr,  # [G, C] updated in place (unbiased) when UPDATE_RUNNING (else None)
+    momentum_ptr,  # [G] per-row factors with PER_ROW_MOMENTUM (else None)
+    momentum,  # the factor of every row without PER_ROW_MOMENTUM (an fp32 scalar)
+    G, PPG, C,
+    PREFIX_MERGE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, PER_ROW_MOMENTUM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Stage 2: the partials of each group combined (vectorised chunks, Chan between
+    chunks); with PREFIX_MERGE each group is merged into the triple of the groups before
+    it. Row g's statistics are stored and its running statistics updated. Groups run in
+    order with fixed shapes: deterministic."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    count = tl.zeros((), ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for g in range(0, G):
+        count_g, mean_g, m2_g = combine_partials(
+            part_mean_ptr, part_m2_ptr, part_count_ptr, g * PPG, (g + 1) * PPG, c, c_mask, C,
+            BLOCK_P, BLOCK_C, ACC_DTYPE,
+        )
+        if PREFIX_MERGE:
+            count, mean, m2 = chan_merge(count, mean, m2, count_g, mean_g, m2_g)
+        else:
+            count, mean, m2 = count_g, mean_g, m2_g
+        row = g * C + c
+        tl.store(mean_ptr + row, mean, mask=c_mask)
+        tl.store(var_ptr + row, m2 / count, mask=c_mask)
+        if UPDATE_RUNNING:
+            if PER_ROW_MOMENTUM:
+                m = tl.load(momentum_ptr + g).to(ACC_DTYPE)
+            else:
+                m = momentum
+            r_mean = tl.load(running_mean_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            r_var = tl.load(running_var_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            r_mean = r_mean * (1.0 - m) + mean * m
+            r_var = r_var * (1.0 - m) + (m2 / (count - 1.0)) * m
+            tl.store(running_mean_ptr + row, r_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(running_var_ptr + row, r_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr,  # [T, N, C, S] contiguous
+    y_ptr,  # [T, N, C, S] out
+    mean_ptr,  # [C] or [T, C]: batch or running mean
+    var_ptr,  # [C] or [T, C]: biased batch variance or running variance
+    w_ptr,  # γ ([C] or [T, C]), or None without HAS_WEIGHT
+    b_ptr,  # β, or None without HAS_BIAS
+    p_ptr,  # [T], or None with SCALE == 0
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
+    PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Stage 4: y = a·(x − μ) + b over the program's slice of step t."""
+    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean, rstd, a, b = step_coefficients(
+        t, c, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT, HAS_BIAS,
+        ACC_DTYPE,
+    )
+    mean3 = mean[None, :, None]
+    a3 = a[None, :, None]
+    b3 = b[None, :, None]
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            y = (x - mean3) * a3 + b3
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
+    x_ptr,  # [T, N, C, S] contiguous
+    mean_ptr,  # [C] or [T, C]
+    var_ptr,  # [C] or [T, C]
+    part_a_ptr,  # [P, C] out: Σ g over the program's slice
+    part_b_ptr,  # [P, C] out: Σ g·x̂ over the program's slice
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
+    PER_STEP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Backward stage 1: per-(t, c) partial sums Σg and Σg·x̂ (x̂ with the row's μ, r)."""
+    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    if PER_STEP:
+        offs_c = t * C + c
+    else:
+        offs_c = c
+    mean, rstd, gamma, beta = channel_consts(
+        mean_ptr, var_ptr, None, None, offs_c, c_mask, eps, False, False, ACC_DTYPE
+    )
+    mean3 = mean[None, :, None]
+    rstd3 = rstd[None, :, None]
+    acc_g = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    acc_gx = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            # no mask needed: g is 0 on masked lanes (and the select spilled on sm_90, triton 3.6)
+            x_hat = (x - mean3) * rstd3
+            acc_g += tl.sum(tl.sum(g, axis=2), axis=0)
+            acc_gx += tl.sum(tl.sum(g * x_hat, axis=2), axis=0)
+    tl.store(part_a_ptr + part * C + c, acc_g, mask=c_mask)
+    tl.store(part_b_ptr + part * C + c, acc_gx, mask=c_mask)
+
+
+@triton.jit
+def _bwd_coef_kernel(
+    part_a_ptr,  # [T·PPS, C] Σ g of each program's slice (PPS per step, in order)
+    part_b_ptr,  # [T·PPS, C] Σ g·x̂ of each slice
+    mean_ptr,  # statistics rows: [C] (ALL) or [T, C]
+    var_ptr,
+    w_ptr,  # γ in the statistics' layout, or None without HAS_WEIGHT
+    b_ptr,  # β, or None without HAS_BIAS
+    p_ptr,  # [T], or None with SCALE == 0
+    dw_ptr,  # out: ∂L/∂γ in γ's layout
+    db_ptr,  # out: ∂L/∂β in β's layout
+    part_dp_ptr,  # [C_BLOCKS, T] out: the block's share of ∂L/∂p_t (SCALE != 0)
+    grad_mean_ptr,  # out: ∂L/∂μ per statistics row
+    grad_var_ptr,  # out: ∂L/∂σ² per statistics row
+    coef_g_ptr,  # [T, C] out: k_t r_t
+    coef_u_ptr,  # statistics rows, out: U when BATCH_STATS (else None)
+    coef_v_ptr,  # statistics rows, out: V when BATCH_STATS (else None)
+    T, PPS, C, M, eps,
+    GROUPING: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BATCH_STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Backward stage 2: every per-(t, c) number, one program per block of channels.
+
+    Steps run backwards so that PREFIX's sums over t ≥ s are running sums, centred on the
+    last prefix mean μ_ref = μ_{T−1}: R_s = Σ ∂L/∂μ_t / n_t, V_s = Σ v_t,
+    W_s = Σ v_t (μ_t − μ_ref), U_s = R_s + (μ_s − μ_ref)·V_s − W_s (prefix means differ
+    from μ_ref by about σ: nothing cancels when |μ| ≫ σ).
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    # accumulators exist only where their grouping uses them (static ifs): a dead
+    # loop-carried value cost triton 3.6 a local-memory spill
+    r_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ ∂L/∂μ_t / n_t; ALL: Σ ∂L/∂μ|_t
+    v_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ v_t; ALL: Σ ∂L/∂σ²|_t
+    if GROUPING == 0:
+        dw_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ_t s_t B_t
+        db_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ_t s_t A_t
+    if GROUPING == 2:
+        if BATCH_STATS:
+            mean_ref = tl.load(mean_ptr + (T - 1) * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            w_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for i in range(0, T):
+        t = T - 1 - i
+        # A_t, B_t: step t's partials summed in fixed-shape chunks (deterministic)
+        sum_a = tl.zeros((BLOCK_C,), ACC_DTYPE)
+        sum_b = tl.zeros((BLOCK_C,), ACC_DTYPE)
+        for p0 in range(t * PPS, (t + 1) * PPS, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = (p < (t + 1) * PPS)[:, None] & c_mask[None, :]
+            offs = p[:, None] * C + c[None, :]
+            sum_a += tl.sum(tl.load(part_a_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
+            sum_b += tl.sum(tl.load(part_b_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
+        if GROUPING != 0:
+            row = t * C + c
+        else:
+            row = c
+        mean, rstd, gamma, beta = channel_consts(
+            mean_ptr, var_ptr, w_ptr, b_ptr, row, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
+        )
+        s, ds = step_scale(p_ptr, t, SCALE, ACC_DTYPE)
+        k = s * gamma
+        grad_mean = -k * rstd * sum_a  # step t's share of ∂L/∂μ of the row it read
+        grad_var = -0.5 * k * rstd * rstd * sum_b
+        tl.store(coef_g_ptr + t * C + c, k * rstd, mask=c_mask)
+        if SCALE != 0:
+            dp = ds * tl.sum(tl.where(c_mask, gamma * sum_b + beta * sum_a, 0.0), axis=0)
+            tl.store(part_dp_ptr + tl.program_id(0) * T + t, dp)
+        if GROUPING == 0:
+            dw_sum += s * sum_b
+            db_sum += s * sum_a
+            r_sum += grad_mean
+            v_sum += grad_var
+        else:
+            tl.store(dw_ptr + row, s * sum_b, mask=c_mask)
+            tl.store(db_ptr + row, s * sum_a, mask=c_mask)
+            tl.store(grad_mean_ptr + row, grad_mean, mask=c_mask)
+            tl.store(grad_var_ptr + row, grad_var, mask=c_mask)
+            if BATCH_STATS:
+                if GROUPING == 1:
+                    tl.store(coef_u_ptr + row, grad_mean / M, mask=c_mask)
+                    tl.store(coef_v_ptr + row, 2.0 * grad_var / M, mask=c_mask)
+                else:
+                    n_t = (t + 1).to(ACC_DTYPE) * M  # M may be a specialised constant 1
+                    v = 2.0 * grad_var / n_t
+                    r_sum += grad_mean / n_t
+                    v_sum += v
+                    w_sum += v * (mean - mean_ref)
+                    tl.store(coef_u_ptr + row, r_sum + (mean - mean_ref) * v_sum - w_sum, mask=c_mask)
+                    tl.store(coef_v_ptr + row, v_sum, mask=c_mask)
+    if GROUPING == 0:
+        tl.store(dw_ptr + c, dw_sum, mask=c_mask)
+        tl.store(db_ptr + c, db_sum, mask=c_mask)
+        tl.store(grad_mean_ptr + c, r_sum, mask=c_mask)
+        tl.store(grad_var_ptr + c, v_sum, mask=c_mask)
+        if BATCH_STATS:
+            n = (tl.zeros((), ACC_DTYPE) + T) * M  # T, M may be specialised constants (1)
+            tl.store(coef_u_ptr + c, r_sum / n, mask=c_mask)
+            tl.store(coef_v_ptr + c, 2.0 * v_sum / n, mask=c_mask)
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
+    x_ptr,  # [T, N, C, S] contiguous, or None without BATCH_STATS
+    dx_ptr,  # [T, N, C, S] out ∂L/∂x
+    mean_ptr,  # statistics rows, or None without BATCH_STATS
+    coef_g_ptr,  # [T, C] k_t r_t
+    coef_u_ptr,  # statistics rows: U, or None without BATCH_STATS
+    coef_v_ptr,  # statistics rows: V, or None without BATCH_STATS
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS,
+    PER_STEP: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Backward stage 3: ∂x = k_t r_t·g + U + V·(x − μ) elementwise."""
+    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    k_g = tl.load(coef_g_ptr + t * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
+    if BATCH_STATS:
+        if PER_STEP:
+            row = t * C + c
+        else:
+            row = c
+        mean3 = tl.load(mean_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
+        u3 = tl.load(coef_u_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
+        v3 = tl.load(coef_v_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            dx = g * k_g
+            if BATCH_STATS:  # the path through the statistics
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                dx = dx + u3 + (x - mean3) * v3
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+#: partials × channels the backward coefficient kernel sums per chunk on a GPU, and its warps:
+#: its work is O(T·C·partials), so one warp costs nothing, and at 2–8 warps ptxas of triton
+#: 3.6 spilled 8–12 B in the PREFIX configurations (at 32–48 registers; perf/compile_check.py)
+COEF_CHUNK = 256
+COEF_WARPS = 1
+
+
+def launch_stats(
+    r: NormRule,
+    x: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stages 1–2: (μ, biased σ²) in :func:`stats_shape`; running statistics updated in place.
+
+    ``momentum`` has one factor per statistics row (1 under ALL, T otherwise). An empty
+    batch gives μ = 0, σ² = 1 and updates nothing (as ``F.batch_norm``).
+    """
+    x4, T, N, C, S = as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    shape = stats_shape(r, T, C)
+    if x.numel() == 0:
+        return x.new_zeros(shape, dtype=acc), x.new_ones(shape, dtype=acc)
+    part_mean, part_m2, part_count, geo = launch_partial_stats(x4, T, N, C, S, acc)
+    rows = T if r.per_step else 1
+    mean = torch.empty(shape, dtype=acc, device=x.device)
+    var = torch.empty(shape, dtype=acc, device=x.device)
+    update = running_mean is not None and running_var is not None
+    if update and len(momentum) != rows:
+        raise ValueError(f"{r.name} statistics: expected {rows} momentum factor(s), got {len(momentum)}")
+    # the kernel updates contiguous buffers in place; a strided one goes through a copy
+    r_mean = contiguous_or_none(running_mean) if update else None
+    r_var = contiguous_or_none(running_var) if update else None
+    # One factor for every row (the usual case) goes as a scalar: no host-to-device copy.
+    # Triton passes Python floats as fp32, so fp64 keeps the tensor.
+    per_row = update and (len(set(momentum)) > 1 or acc == torch.float64)
+    factors = torch.tensor(list(momentum), dtype=acc, device=x.device) if per_row else None
+    momentum0 = float(momentum[0]) if update else 0.0
+    per_group = geo.parts // rows
+    block_p, block_c = combine_tiles(per_group, C, x.device.type != "cuda")
+    _stats_reduce_kernel[(triton.cdiv(C, block_c),)](
+        part_mean, part_m2, part_count, mean, var, r_mean, r_var, factors, momentum0,
+        rows, per_group, C,
+        PREFIX_MERGE=r.grouping == PREFIX, UPDATE_RUNNING=update, PER_ROW_MOMENTUM=per_row,
+        BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=4,
+    )
+    if update and r_mean.data_ptr() != running_mean.data_ptr():
+        running_mean.copy_(r_mean)
+    if update and r_var.data_ptr() != running_var.data_ptr():
+        running_var.copy_(r_var)
+    return mean, var
+
+
+def out_dtype(x: torch.Tensor, p: Optional[torch.Tensor]) -> torch.dtype:
+    """y's dtype: x's, promoted with p's when a scale multiplies (the torch reference's y·p)."""
+    return x.dtype if p is None else torch.promote_types(x.dtype, p.dtype)
+
+
+def launch_apply(
+    r: NormRule, x: torch.Tensor, weight, bias, mean: torch.Tensor, var: torch.Tensor, p, eps: float
+) -> torch.Tensor:
+    """Stages 3–4: y = s_t·(γ (x − μ)/√(σ² + ε) + β) in one elementwise pass."""
+    x4, T, N, C, S = as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype(x, p), device=x.device)
+    if x.numel() == 0:
+        return y
+    head = (x4, y, mean.contiguous(), var.contiguous(), contiguous_or_none(weight), contiguous_or_none(bias),
+            contiguous_or_none(p), N, C, S)
+    flags = dict(PER_STEP=r.per_step, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 ACC_DTYPE=acc_dtype(acc))
+    geo = fitted_geometry(_apply_kernel, T, N, C, S, x.device, x.dtype, lambda g: (*head, *slice_args(g), float(eps)),
+                          flags)
+    _apply_kernel[geo.grid](*head, *slice_args(geo), float(eps), **flags, **tile_constexprs(geo))
+    return y
+
+
+def launch_backward(
+    r: NormRule, grad_y: torch.Tensor, x: torch.Tensor, weight, bias, mean: torch.Tensor, var: torch.Tensor, p,
+    eps: float, batch_stats: bool, need_dx: bool, need_sums: bool,
+):
+    """(∂x, ∂γ, ∂β, ∂p, ∂μ, ∂σ²); all but ∂x in the accumulation dtype, γ/β/μ/σ² in the
+    statistics' layout, ∂p ``[T]`` (zeros without a scale).
+
+    Three launches: the partial sums (skipped when neither the statistics' path nor any
+    parameter needs them: ``need_sums`` False and constant statistics), every per-(t, c)
+    coefficient, ∂x (when ``need_dx``). An unneeded ∂x comes back empty (numel 0).
+    """
+    x4, T, N, C, S = as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    dev = x.device
+    mean, var = mean.contiguous(), var.contiguous()
+    tc = dict(dtype=acc, device=dev)
+    if x.numel() == 0 or not (batch_stats or need_sums):  # no sums: A = B = 0
+        part_a = part_b = torch.zeros(T, C, **tc)
+    else:
+        g4 = grad_y.contiguous().view(T, N, C, S)
+
+        def reduce_args(geo):
+            part_a = torch.empty(geo.parts, C, **tc)
+            part_b = torch.empty(geo.parts, C, **tc)
+            return (g4, x4, mean, var, part_a, part_b, N, C, S, *slice_args(geo), float(eps))
+
+        red_flags = dict(PER_STEP=r.per_step, ACC_DTYPE=acc_dtype(acc))
+        geo = fitted_geometry(_bwd_reduce_kernel, T, N, C, S, dev, x.dtype, reduce_args, red_flags)
+        args = reduce_args(geo)
+        _bwd_reduce_kernel[geo.grid](*args, **red_flags, **tile_constexprs(geo))
+        part_a, part_b = args[4:6]
+    return launch_backward_from_sums(r, part_a, part_b, grad_y, x, weight, bias, mean, var, p, eps, batch_stats,
+                                     need_dx)
+
+
+def launch_backward_from_sums(
+    r: NormRule, part_a: torch.Tensor, part_b: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, weight, bias,
+    mean: torch.Tensor, var: torch.Tensor, p, eps: float, batch_stats: bool, need_dx: bool,
+):
+    """Backward stages 2–3 from the per-(t, c) partial sums ``part_a`` (Σ g) and ``part_b``
+    (Σ g·x̂), ``[T·PPS, C]`` with each step's PPS rows together: what :func:`launch_backward`
+    returns. The fused norm → LIF backward (:mod:`snnorm.kernels.norm_lif`) makes its sums
+    itself, with ∂y, and enters here."""
+    x4, T, N, C, S = as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    dev = x.device
+    mean, var = mean.contiguous(), var.contiguous()
+    flags = dict(ACC_DTYPE=acc_dtype(acc))
+    batch_stats = batch_stats and x.numel() > 0  # no element: no statistics path (and no 0/0 in U, V)
+    tc = dict(dtype=acc, device=dev)
+    per_step = part_a.shape[0] // T
+    shape = stats_shape(r, T, C)
+    dw, db, grad_mean, grad_var = (torch.empty(shape, **tc) for _ in range(4))
+    coef_g = torch.empty(T, C, **tc)
+    coef_u, coef_v = (torch.empty(shape, **tc), torch.empty(shape, **tc)) if batch_stats else (None, None)
+    block_p, block_c = combine_tiles(max(per_step, 1), C, dev.type != "cuda")
+    if dev.type == "cuda":
+        # O(T·C·PPS) work: the chunk size does not matter, a small one keeps registers low
+        block_p = min(block_p, max(1, COEF_CHUNK // block_c))
+    c_blocks = triton.cdiv(C, block_c)
+    part_dp = torch.empty(c_blocks, T, **tc) if r.scale != NONE else None
+    _bwd_coef_kernel[(c_blocks,)](
+        part_a, part_b, mean, var, contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
+        dw, db, part_dp, grad_mean, grad_var, coef_g, coef_u, coef_v,
+        T, per_step, C, N * S, float(eps),
+        GROUPING=r.grouping, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BATCH_STATS=batch_stats, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=COEF_WARPS, **flags,
+    )
+    # a fixed-shape reduction over channel blocks: deterministic
+    dp = part_dp.sum(0) if part_dp is not None else torch.zeros(T, **tc)
+    if not need_dx:
+        dx = x.new_empty(0)  # not needed: no full-size allocation
+    elif x.numel() == 0:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    else:
+        g4 = grad_y.contiguous().view(T, N, C, S)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+        if batch_stats:
+            head = (g4, x4, dx, mean, coef_g, coef_u, coef_v, N, C, S)
+        else:  # constant statistics: ∂x = k r g
+            head = (g4, None, dx, None, coef_g, None, None, N, C, S)
+        dx_flags = dict(PER_STEP=r.per_step, BATCH_STATS=batch_stats, **flags)
+        geo = fitted_geometry(_bwd_dx_kernel, T, N, C, S, dev, x.dtype, lambda g: (*head, *slice_args(g)), dx_flags)
+        _bwd_dx_kernel[geo.grid](*head, *slice_args(geo), **dx_flags, **tile_constexprs(geo))
+    return dx, dw, db, dp, grad_mean, grad_var

@@ -1,0 +1,337 @@
+"""The Triton multi-step BatchNorm/tdBN (``batch_norm_seq``) and BNTT (``bntt``) ops against
+the torch backend's (the specification), and the layers that run them.
+
+Both ops are instances of the statistics pipeline (snnorm/kernels/bn_pipeline.py):
+``batch_norm_seq`` groups all steps (one μ, σ² per channel over T·N·spatial, as tdBN),
+``bntt`` each step alone (per-step γ_t, no β, per-step running statistics).
+
+Oracle: the torch backend's op on float64 copies of the inputs (ref64). fp32/fp64 are
+compared to ref64 with tight tolerances, bf16/fp16 with the rule
+``max|kernel − ref64| ≤ 2·max|torch_lowp − ref64| + atol`` (torch_lowp: the torch backend in
+the low precision itself). Outputs, every gradient and the running statistics after the
+call are checked. Tensors live on tests/devices.py's DEVICE.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from devices import DEVICE, SIZES
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from tolerances import BN_MODULE_REL, BN_PIPELINE_LOWP_ATOL, BN_PIPELINE_RTOL
+
+pytest.importorskip("triton")
+from snnorm import functional, layer  # noqa: E402
+from snnorm.backends import torch_backend  # noqa: E402
+from snnorm.backends import triton_backend  # noqa: E402
+from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
+
+EPS = 1e-5
+LOWP = (torch.float16, torch.bfloat16)
+OPS = ("batch_norm_seq", "bntt")
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def compare(dtype, what, ours, ref64, lowp=None):
+    """ours ≈ ref64: tight for fp32/fp64, twice torch's own error for fp16/bf16."""
+    if ref64 is None:
+        assert ours is None, f"{what}: expected None, got a tensor"
+        return
+    assert ours is not None, f"{what}: expected a tensor, got None"
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref64.shape)}"
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    scale = 1.0 + ref64.abs().max().item() if ref64.numel() else 1.0
+    err = (ours.double().cpu() - ref64.cpu()).abs().max().item() if ref64.numel() else 0.0
+    if lowp is None:
+        bound = BN_PIPELINE_RTOL[dtype] * scale
+        assert err <= bound, f"{what} ({dtype}): |triton - ref64| = {err:.3g}, scale {scale:.3g}"
+    else:
+        assert ours.dtype == lowp.dtype, f"{what}: dtype {ours.dtype}, torch gives {lowp.dtype}"
+        torch_err = (lowp.double().cpu() - ref64.cpu()).abs().max().item()
+        bound = 2 * torch_err + BN_PIPELINE_LOWP_ATOL[dtype] * scale
+        assert err <= bound, f"{what} ({dtype}): triton err {err:.3g} > 2·torch err {torch_err:.3g} + atol"
+
+
+def _clone(t, dtype=None):
+    if t is None:
+        return None
+    return t.detach().to(dtype or t.dtype).clone()
+
+
+def run(op_name, backend, case, cast=None):
+    """(y, gradients of every differentiable input, running statistics after the call)."""
+    x, params, running, g, training, momentum = case
+    x = _clone(x, cast).requires_grad_()
+    g = g.to(cast or g.dtype)
+    params = [_clone(p, cast).requires_grad_() if p is not None else None for p in params]
+    running = [_clone(r, cast) for r in running]
+    op = getattr(backend, op_name)
+    if op_name == "batch_norm_seq":
+        w, b = params
+        rm, rv = running
+        y = op(x, w, b, rm, rv, training=training, momentum=momentum, eps=EPS)
+    else:
+        T = x.shape[0]
+        rms, rvs = running[:T], running[T:]
+        y = op(x, params, rms, rvs, training=training, momentum=momentum, eps=[EPS] * T)
+    leaves = [x] + [p for p in params if p is not None]
+    grads = iter(torch.autograd.grad(y, leaves, g))
+    dx = next(grads)
+    dparams = [next(grads) if p is not None else None for p in params]
+    return [y, dx, *dparams], running
+
+
+def make_case(op_name, params, gen):
+    T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift, training = params
+    shape = (T, N, C, *spatial)
+    if noncontig:  # a [N, T, ...] tensor seen as [T, N, ...]: non-contiguous input and grad
+        x = (torch.randn((N, T, *shape[2:]), generator=gen) * 2 + mean_shift).transpose(0, 1)
+        g = torch.randn((N, T, *shape[2:]), generator=gen).transpose(0, 1)
+    else:
+        x = torch.randn(shape, generator=gen) * 2 + mean_shift
+        g = torch.randn(shape, generator=gen)
+    # parameters and running statistics in param_dtype: float32 with a bf16 input is mixed precision
+    dev = lambda t: t.to(device=DEVICE, dtype=param_dtype) if t is not None else None  # noqa: E731
+    if op_name == "batch_norm_seq":
+        w = torch.randn(C, generator=gen) if affine in ("both", "weight") else None
+        b = torch.randn(C, generator=gen) if affine in ("both", "bias") else None
+        params_ = [w, b]
+        running = [torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5] if has_running else [None, None]
+        momentum = 0.1
+    else:  # BNTT: γ_t per step (or none), per-step running statistics and factors
+        params_ = [torch.randn(C, generator=gen) if affine != "none" else None for _ in range(T)]
+        if has_running:
+            running = [torch.randn(C, generator=gen) for _ in range(T)] + [torch.rand(C, generator=gen) + 0.5
+                                                                          for _ in range(T)]
+        else:
+            running = [None] * (2 * T)
+        momentum = [0.1 + 0.05 * t for t in range(T)]  # different per step (cumulative averages differ)
+    x = x.to(device=DEVICE, dtype=dtype)  # keeps the non-contiguous strides
+    g = g.to(device=DEVICE, dtype=dtype)
+    return x, [dev(p) for p in params_], [dev(r) for r in running], g, training, momentum
+
+
+def check_case(op_name, params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    case = make_case(op_name, params, gen)
+    dtype = case[0].dtype
+    ours, ours_running = run(op_name, triton_backend, case)
+    ref, ref_running = run(op_name, torch_backend, case, cast=torch.float64)
+    lowp, lowp_running = run(op_name, torch_backend, case) if dtype in LOWP else (None, None)
+    names = ["y", "dx"] + [f"dparam{i}" for i in range(len(ours) - 2)]
+    for i, (name, o, r) in enumerate(zip(names, ours, ref)):
+        if o is not None and lowp is None:
+            expect = dtype if i < 2 else params[5]  # y, ∂x in x's dtype; parameter gradients in theirs
+            assert o.dtype == expect, f"{name}: dtype {o.dtype}, expected {expect}"
+        compare(dtype, name, o, r, lowp[i] if lowp is not None else None)
+    for i, (o, r) in enumerate(zip(ours_running, ref_running)):
+        compare(dtype, f"running[{i}]", o, r, lowp_running[i] if lowp is not None else None)
+    training = params[-1]
+    if not training:
+        for o, r0 in zip(ours_running, case[2]):
+            assert o is None or torch.equal(o, r0), "eval must not touch the running statistics"
+
+
+# ----------------------------------------------------------------------- strategies
+
+
+@st.composite
+def cases(draw, dtypes, op_name):
+    if SIZES.gpu:  # the wide GPU pools (tests/devices.py)
+        T, N, C, *spatial = draw(SIZES.shapes(min_per_channel=2))
+        spatial = tuple(spatial)
+    else:  # prime C and odd spatial sizes reach the interpreter's masks and tile loops
+        T = draw(st.integers(1, 6))
+        N = draw(st.integers(1, 5))
+        C = draw(st.sampled_from([1, 2, 3, 5, 7, 11]))
+        spatial = tuple(draw(st.lists(st.sampled_from([1, 2, 3, 5, 7]), min_size=0, max_size=2)))
+    dtype = draw(st.sampled_from(dtypes))
+    param_dtype = draw(st.sampled_from([dtype, torch.float32])) if dtype in LOWP else dtype
+    affine = draw(st.sampled_from(["both", "none", "weight", "bias"] if op_name == "batch_norm_seq" else
+                                  ["weight", "none"]))
+    has_running = draw(st.booleans())
+    noncontig = draw(st.booleans())
+    mean_shift = draw(st.sampled_from([0.0, 3.0, -20.0]))
+    training = draw(st.booleans())
+    per_step = N * math.prod(spatial)
+    # batch statistics need two values per channel (per step for BNTT): tested apart
+    assume(not (training or not has_running) or (per_step if op_name == "bntt" else T * per_step) >= 2)
+    return T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift, training
+
+
+PROPERTY_SETTINGS = settings(max_examples=max(20, settings.default.max_examples))
+
+
+@pytest.mark.parametrize("op_name", OPS)
+@PROPERTY_SETTINGS
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_matches_torch_fp32_fp64(op_name, data, seed):
+    check_case(op_name, data.draw(cases([torch.float32, torch.float64], op_name)), seed)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+@PROPERTY_SETTINGS
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_matches_torch_bf16(op_name, data, seed):
+    check_case(op_name, data.draw(cases([torch.bfloat16], op_name)), seed)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(1, 4, 3), (1, 3, 5, 7, 3), (4, 3, 7), (3, 2, 5, 3, 7)])
+def test_fixed_cases(op_name, training, shape):
+    """T = 1, [T, N, C] and [T, N, C, H, W] with prime sizes, every mode: on every CI run."""
+    params = (shape[0], shape[1], shape[2], shape[3:], torch.float64, torch.float64,
+              "both" if op_name == "batch_norm_seq" else "weight", True, False, 2.0, training)
+    check_case(op_name, params, seed=3)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_tiling_and_partials(monkeypatch, op_name):
+    """Tiny tiles and several programs per (channel block, t): tile loops, masks, Chan's
+    merge of partials within a step (BNTT) and across steps (BN); deterministic."""
+    T, N, C, spatial = 3, 5, 3, (2, 3)
+    monkeypatch.setitem(bn_tiles.TUNING, "tile_elems", 8)
+    c_blocks = bn_tiles.geometry(T, N, C, math.prod(spatial), torch.device(DEVICE)).c_blocks
+    monkeypatch.setitem(bn_tiles.TUNING, "programs", 3 * T * c_blocks)
+    geo = bn_tiles.geometry(T, N, C, math.prod(spatial), torch.device(DEVICE))
+    assert geo.parts >= 2 * T, geo
+    params = (T, N, C, spatial, torch.float64, torch.float64, "both" if op_name == "batch_norm_seq" else "weight",
+              True, False, 5.0, True)
+    check_case(op_name, params, seed=1)
+    case = make_case(op_name, params, torch.Generator().manual_seed(1))
+    first, second = run(op_name, triton_backend, case), run(op_name, triton_backend, case)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert a is None or torch.equal(a, b), "two runs differ: the reductions are not deterministic"
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_single_value_rejected_and_nothing_changes(op_name):
+    """Like F.batch_norm: batch statistics of one value per channel raise ValueError, before any update."""
+    T = 1 if op_name == "batch_norm_seq" else 2
+    x = torch.randn(T, 1, 3, device=DEVICE)
+    for backend in (torch_backend, triton_backend):
+        rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            if op_name == "batch_norm_seq":
+                backend.batch_norm_seq(x, None, None, rm, rv, training=True, momentum=0.1, eps=EPS)
+            else:
+                backend.bntt(x, [None] * T, [rm] * T, [rv] * T, training=True, momentum=[0.1] * T, eps=[EPS] * T)
+        assert torch.equal(rm, torch.zeros(3, device=DEVICE)) and torch.equal(rv, torch.ones(3, device=DEVICE))
+
+
+def test_bntt_different_eps_runs_on_torch_with_a_warning():
+    """Steps with different ε (a user reassigned one): the torch op, warned once, same result."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64).to(DEVICE)
+    eps = [1e-5, 1e-3]
+    args = (x, [None, None], [None, None], [None, None])
+    kw = dict(training=True, momentum=[0.1, 0.1], eps=eps)
+    triton_backend._WARNED.discard(("bntt", "eps"))
+    with pytest.warns(RuntimeWarning, match="different eps"):
+        y = triton_backend.bntt(*args, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        triton_backend.bntt(*args, **kw)  # warned once
+    compare(torch.float64, "y", y, torch_backend.bntt(*args, **kw))
+
+
+@pytest.mark.parametrize("rule", ["batch_norm", "bntt"])
+def test_opcheck(rule):
+    gen = torch.Generator().manual_seed(0)
+    T, C = 2, 3
+    x = torch.randn(T, 3, C, 2, generator=gen, dtype=torch.float64).to(DEVICE)
+    shape = (C,) if rule == "batch_norm" else (T, C)
+    rows = 1 if rule == "batch_norm" else T
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    rm, rv = torch.zeros(shape, **f64), torch.ones(shape, **f64)
+    torch.library.opcheck(torch.ops.snnorm.bn_stats.default, (x, rm.clone(), rv.clone(), [0.1] * rows, rule))
+    m, v = torch.ops.snnorm.bn_stats(x, None, None, [0.1] * rows, rule)
+    w = torch.rand(shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    b = torch.rand(shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    b = b if rule == "batch_norm" else None  # BNTT has no shift
+    xg = x.clone().requires_grad_()
+    for batch_stats, (mean, var) in ((True, (m, v)), (False, (rm, rv))):
+        torch.library.opcheck(torch.ops.snnorm.bn_apply.default, (xg, w, b, mean, var, None, EPS, rule, batch_stats))
+        gy = torch.randn_like(x)
+        torch.library.opcheck(
+            torch.ops.snnorm.bn_apply_backward.default,
+            (gy, x, w.detach(), None if b is None else b.detach(), mean, var, None, EPS, rule, batch_stats, True, True),
+        )
+
+
+# -------------------------------------------------------------------------- the layers
+
+
+def _layers():
+    return [
+        ("BatchNorm2d", lambda: layer.BatchNorm2d(5, step_mode="m"), (3, 4, 5, 3, 3)),
+        ("BatchNorm1d", lambda: layer.BatchNorm1d(5, step_mode="m", momentum=None), (3, 4, 5)),
+        ("tdBN2d", lambda: layer.ThresholdDependentBatchNorm2d(0.5, 1.0, 5), (3, 4, 5, 3, 3)),
+        ("BNTT2d", lambda: layer.BatchNormThroughTime2d(3, 5, step_mode="m"), (3, 4, 5, 3, 3)),
+        ("BNTT1d", lambda: layer.BatchNormThroughTime1d(3, 5, step_mode="m", momentum=None), (3, 4, 5)),
+        ("BatchNormTT2d", lambda: layer.BatchNormTT2d(5, 3, step_mode="m"), (3, 4, 5, 3, 3)),
+    ]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / (1.0 + b.double().abs().max())).item()
+
+
+@pytest.mark.parametrize("name, make, shape", _layers(), ids=[n for n, _, _ in _layers()])
+def test_layers_on_both_backends_agree(name, make, shape):
+    """Two training calls then eval, both backends: outputs, gradients, every buffer
+    (running statistics, num_batches_tracked) agree; set_backend keeps no module on torch."""
+    torch.manual_seed(0)
+    ref = make().to(DEVICE)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.uniform_(0.5, 1.5)
+    tri = make().to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "keep their backend" warning
+        functional.set_backend(tri, "triton")
+    rel = BN_MODULE_REL[torch.float32]
+    for step in range(2):
+        x = torch.randn(shape, device=DEVICE) * 2 + 1.0
+        functional.reset_net(ref), functional.reset_net(tri)
+        y_ref, y_tri = ref(x), tri(x)
+        assert _rel(y_tri, y_ref) <= rel, f"{name} step {step}: y differs by {_rel(y_tri, y_ref):.3g}"
+        (y_ref * y_ref).mean().backward(), (y_tri * y_tri).mean().backward()
+    for (n, a), (_, b) in zip(tri.named_parameters(), ref.named_parameters()):
+        assert _rel(a.grad, b.grad) <= rel, f"{name}: grad of {n} differs by {_rel(a.grad, b.grad):.3g}"
+    for (n, a), (_, b) in zip(tri.named_buffers(), ref.named_buffers()):
+        if a.is_floating_point():
+            assert _rel(a, b) <= rel, f"{name}: buffer {n} differs by {_rel(a, b):.3g}"
+        else:
+            assert torch.equal(a, b), f"{name}: buffer {n} {a} vs {b}"
+    ref.eval(), tri.eval()
+    functional.reset_net(ref), functional.reset_net(tri)
+    x = torch.randn(shape, device=DEVICE)
+    assert _rel(tri(x), ref(x)) <= rel, f"{name}: eval output differs"
+
+
+def test_single_step_mode_on_triton_is_torchs_bn():
+    """Single-step BN/BNTT keep torch's BN on the triton backend: the same numbers and buffers."""
+    torch.manual_seed(0)
+    for make, shape in ((lambda: layer.BatchNorm2d(5), (4, 5, 3, 3)),
+                        (lambda: layer.BatchNormThroughTime1d(2, 5), (4, 5))):
+        ref, tri = make().to(DEVICE), make().to(DEVICE)
+        functional.set_backend(tri, "triton")
+        assert tri.backend == "triton"
+        for _ in range(2):
+            x = torch.randn(shape, device=DEVICE)
+            assert torch.equal(tri(x), ref(x)), f"{type(tri).__name__}: single-step output differs"
+        for a, b in zip(tri.buffers(), ref.buffers()):
+            assert torch.equal(a, b), f"{type(tri).__name__}: buffers differ"
