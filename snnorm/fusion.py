@@ -38,8 +38,9 @@ __all__ = ["FusedNormNeuron", "FusedNeuronSlot", "fuse_norm_neurons", "unfuse_no
 
 
 def fusable_norm(module: nn.Module) -> bool:
-    """A batch-statistics norm the statistics pipeline runs (it names its ``statistics_rule``)."""
-    return getattr(type(module), "statistics_rule", None) is not None
+    """A batch-statistics norm the statistics pipeline runs: it gives a
+    :class:`snnorm.layer._bn_state.NormPlan` for a sequence (``statistics_plan``)."""
+    return callable(getattr(module, "statistics_plan", None))
 
 
 def _neuron_problem(module: nn.Module) -> Optional[str]:
@@ -130,23 +131,42 @@ class FusedNormNeuron(_Transparent):
     def neuron(self) -> nn.Module:
         return self._slot[0].neuron
 
-    def fused_kernel_applies(self, x: torch.Tensor) -> bool:
-        """Whether this call runs the fused triton op (else the composition)."""
+    def fused_kernel_applies(self) -> bool:
+        """Whether a call runs the fused triton op now (else the composition): both modules
+        multi-step on the triton backend, the neuron's surrogate has a kernel, and the
+        norm is one the pipeline runs as it stands (not synchronised across processes; a
+        BNTT whose steps all have the same ε)."""
         norm, neuron = self.norm, self.neuron
         if not (norm.step_mode == neuron.step_mode == "m" and norm.backend == neuron.backend == "triton"):
             return False
-        from .backends import triton_backend
+        from .distributed import is_synchronized
 
-        return triton_backend.norm_lif_supported(norm, neuron, x)
+        bns = norm._bns() if hasattr(norm, "_bns") else (norm,)
+        if len({float(bn.eps) for bn in bns}) > 1 or any(is_synchronized(m) for m in norm.modules()):
+            return False
+        return neuron.ops.norm_lif_kernel(neuron.lif_parameters) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_kernel_applies(x):
-            from .backends import triton_backend
-
-            spikes = triton_backend.run_norm_lif(self.norm, self.neuron, x)
+        if self.fused_kernel_applies():
+            spikes = self._fused(x)
         else:
             spikes = self.neuron(self.norm(x))
         self._slot[0]._pending = spikes
+        return spikes
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        norm, neuron = self.norm, self.neuron
+        # every check before any state moves: the neuron's, then the norm's (its plan counts the batch)
+        neuron._check_input(x, multi_step=True)
+        v = neuron.v if not isinstance(neuron.v, torch.Tensor) else neuron._initial_membrane(x[0])
+        plan = norm.statistics_plan(x)
+        spikes, neuron.v = neuron.ops.norm_lif(
+            plan.rule, x, v, plan.weight, plan.bias, plan.p, plan.running_mean, plan.running_var,
+            momentum=plan.momentum, eps=plan.eps, batch_stats=plan.batch_stats, threshold=neuron.v_threshold,
+            neuron=neuron.lif_parameters,
+        )
+        if plan.commit is not None:
+            plan.commit()
         return spikes
 
     def extra_repr(self) -> str:

@@ -1,0 +1,302 @@
+"""Fused norm → LIF: the statistics pipeline's apply stage charges, fires and resets.
+
+A batch-statistics norm (a :class:`snnorm.kernels.bn_pipeline.NormRule`: multi-step BN /
+tdBN, BNTT, TEBN, TAB) followed by an IF/LIF neuron, per element (n, c, spatial), step t::
+
+    y_t = a_tc·(x_t − μ_row) + b_tc                    (the pipeline's coefficients, DESIGN.md §8)
+    h_t = charge(v_{t−1}, y_t);   s_t = Θ(h_t − θ);   v_t = reset(h_t, s_t)
+
+**Forward** (training): the pipeline's partials and reduce (``snnorm::bn_stats``) give μ, σ²
+and update the running statistics once; then :func:`_norm_lif_fwd_kernel` reads x and
+writes only the spikes, the final membrane and, when T > SEG, the membrane after every
+SEG-th step (a checkpoint). Eval takes μ, σ² from the running statistics and runs the
+kernel alone. Nothing per element
+is saved for backward but x (and the checkpoints: 4/SEG B per element-step each).
+
+**Backward** recomputes the neuron from x instead of saving h.
+:func:`_norm_lif_bwd_kernel` takes the segments of SEG steps last to first; for each it
+reruns the charge recurrence from the segment's first membrane (v0 or a checkpoint),
+keeping h_t and x̂_t in ``[SEG, BLOCK_M]`` register tiles, then runs BPTT back through it::
+
+    gz_t = (∂s_t + ∂reset/∂s)·Θ'(h_t − θ);   ∂h_t = gz_t + ∂reset/∂h
+    ∂y_t = ∂h_t·∂h/∂y;                       ∂v_{t−1} = ∂h_t·∂h/∂v
+
+writing ∂y_t and the per-(t, c) partial sums Σ∂y and Σ∂y·x̂ of its block; the pipeline's
+coefficient and ∂x kernels finish (∂γ, ∂β, ∂p, and the path through the statistics). Both
+kernels run with ``enable_fp_fusion=False`` and one device function computes h, so the
+recomputed h (and spike) is bit-identical to the forward's.
+
+fp32 bytes per element-step: forward 4 (partials read x) + 8 (x, s) + 4/T (v_T);
+backward 12 (x, ∂s, ∂y) + 12 (∂y, x, ∂x) + 8/T (∂v_T, ∂v0); launches 3 and 3.
+
+Layout: x ``[T, N, C, *spatial]`` made contiguous and viewed ``[T, N, C, S]``; a program
+takes one channel c and a block of BLOCK_M of its M = N·S elements (axis 0: c, axis 1:
+the block), so its partial sums are row ``t·PPS + block`` of ``[T·PPS, C]``, the order the
+pipeline's coefficient kernel reads. Membranes are fp32 (fp64) in the kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _lif_device as dev
+from ._bn_tiles import as_tncs, contiguous_or_none
+from ._common import acc_dtype, acc_torch_dtype, next_pow2
+from .bn_pipeline import NormRule, launch_backward_from_sums, out_dtype, step_coefficients
+
+__all__ = ["segment_length", "launch_norm_lif_forward", "launch_norm_lif_backward"]
+
+#: the longest segment the backward keeps in registers ([SEG, BLOCK_M] tiles of h and x̂)
+MAX_SEGMENT = 16
+#: elements of a channel per program on a GPU, on NUM_WARPS warps: 2 a thread, so with
+#: SEG = 16 the two register tiles hold 32 values a thread each. ptxas spilled 8–24 B at
+#: 1 a thread (4 and 8 warps) and at 4 a thread (8 warps) for SEG = 16 on sm_80/sm_90, and
+#: at 2 a thread with 128 registers it spills nothing (perf/compile_check.py, triton 3.9)
+GPU_BLOCK_M = 128
+NUM_WARPS = 2
+#: under the interpreter, which pays per program: large blocks
+INTERPRETER_BLOCK_M = 1 << 14
+
+
+def segment_length(T: int) -> int:
+    """SEG: T's power of two up to :data:`MAX_SEGMENT` (one segment for T ≤ 16)."""
+    return min(next_pow2(T), MAX_SEGMENT)
+
+
+@triton.jit
+def _element_block(N, C, S, BLOCK_M: tl.constexpr):
+    """This program's channel (as a one-element block), its elements' offsets at step 0
+    (int64, also their offsets in ``[N, C, S]`` membranes), their mask, and one step's stride."""
+    c = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = m < N * S
+    n = m // S
+    s = m - n * S
+    offs = (n.to(tl.int64) * C + c) * S + s
+    step = (tl.zeros((), tl.int64) + N) * C * S  # N, C, S may be specialised constants
+    cc = c + tl.arange(0, 1)
+    return cc, offs, mask, step
+
+
+@triton.jit
+def _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0: tl.constexpr, BLOCK_M: tl.constexpr,
+                      ACC: tl.constexpr):
+    if HAS_V0:
+        v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        v = tl.full([BLOCK_M], v_init, ACC)
+    return v
+
+
+@triton.jit
+def _norm_charge(x, v, mean, a, b, tau, v_r, DECAY_INPUT: tl.constexpr):
+    """(h, x − μ): the norm's y = a·(x − μ) + b charged into the membrane (forward and recompute alike)."""
+    xc = x - mean
+    h = dev.charge(v, xc * a + b, tau, v_r, DECAY_INPUT)
+    return h, xc
+
+
+@triton.jit
+def _norm_lif_fwd_kernel(
+    x_ptr,  # [T, N, C, S] contiguous
+    s_ptr,  # [T, N, C, S] out: spikes
+    v0_ptr,  # [N, C, S] initial membrane (HAS_V0), else v_init everywhere
+    v_out_ptr,  # [N, C, S] out: final membrane
+    ckpt_ptr,  # [T // SEG (- 1), N, C, S] out (CHECKPOINT): membrane after steps SEG, 2·SEG, ... (fp32/fp64)
+    mean_ptr, var_ptr,  # statistics rows: [C] or [T, C] (PER_STEP)
+    w_ptr, b_ptr,  # γ, β in the statistics' layout, or None
+    p_ptr,  # [T] per-step scale, or None (SCALE == 0)
+    T, N, C, S, eps, threshold, v_init, tau, v_reset,
+    PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_V0: tl.constexpr, CHECKPOINT: tl.constexpr, SEG: tl.constexpr,
+    DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
+):
+    cc, offs, mask, step = _element_block(N, C, S, BLOCK_M)
+    c_mask = cc < C
+    v = _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0, BLOCK_M, ACC)
+    for t in range(0, T):
+        mean, rstd, a, b = step_coefficients(
+            t, cc, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT, HAS_BIAS, ACC,
+        )
+        x = tl.load(x_ptr + t * step + offs, mask=mask, other=0.0).to(ACC)
+        h, xc = _norm_charge(x, v, mean, a, b, tau, v_reset, DECAY_INPUT)
+        spike = h - threshold >= 0
+        v = dev.reset(h, spike, threshold, v_reset, SOFT_RESET)
+        tl.store(s_ptr + t * step + offs, spike.to(s_ptr.dtype.element_ty), mask=mask)
+        if CHECKPOINT:
+            if (t + 1) % SEG == 0:
+                if t + 1 < T:
+                    tl.store(ckpt_ptr + ((t + 1) // SEG - 1) * step + offs, v, mask=mask)
+    tl.store(v_out_ptr + offs, v.to(v_out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_lif_bwd_kernel(
+    gs_ptr,  # [T, N, C, S] contiguous ∂L/∂s (HAS_GS)
+    gv_out_ptr,  # [N, C, S] contiguous ∂L/∂v_T (HAS_GV)
+    x_ptr,  # [T, N, C, S] contiguous
+    v0_ptr,  # [N, C, S] (HAS_V0)
+    ckpt_ptr,  # checkpoints as written by the forward (HAS_CKPT; None when T ≤ SEG)
+    gy_ptr,  # [T, N, C, S] out: ∂L/∂y (fp32/fp64)
+    gv0_ptr,  # [N, C, S] out: ∂L/∂v0 (NEED_GV0)
+    part_a_ptr,  # [T·PPS, C] out: Σ ∂y over this block at step t (row t·PPS + block)
+    part_b_ptr,  # [T·PPS, C] out: Σ ∂y·x̂
+    mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr,  # as in the forward
+    T, N, C, S, PPS, eps, threshold, v_init, tau, v_reset, alpha,
+    PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_V0: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
+    HAS_CKPT: tl.constexpr, SEG: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
+    SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
+):
+    cc, offs, mask, step = _element_block(N, C, S, BLOCK_M)
+    c_mask = cc < C
+    block = tl.program_id(1)
+    x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
+    gv = tl.zeros([BLOCK_M], ACC)
+    if HAS_GV:
+        gv = tl.load(gv_out_ptr + offs, mask=mask, other=0.0).to(ACC)
+    row = tl.arange(0, SEG)[:, None]
+    n_seg = tl.cdiv(T, SEG)
+    for kk in range(0, n_seg):
+        k = n_seg - 1 - kk
+        t0 = k * SEG
+        v = _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0, BLOCK_M, ACC)
+        if HAS_CKPT:  # segments after the first start from the forward's checkpoints
+            if k > 0:
+                v = tl.load(ckpt_ptr + (k - 1) * step + offs, mask=mask, other=0.0).to(ACC)
+        # the segment forward, as the forward kernel ran it: h_t and x̂_t into row j of the tiles
+        hs = tl.zeros([SEG, BLOCK_M], ACC)
+        x_hats = tl.zeros([SEG, BLOCK_M], ACC)
+        for j in range(0, SEG):
+            t = t0 + j
+            if t < T:
+                mean, rstd, a, b = step_coefficients(
+                    t, cc, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT,
+                    HAS_BIAS, ACC,
+                )
+                x = tl.load(x_ptr + t * step + offs, mask=mask, other=0.0).to(ACC)
+                h, xc = _norm_charge(x, v, mean, a, b, tau, v_reset, DECAY_INPUT)
+                v = dev.reset(h, h - threshold >= 0, threshold, v_reset, SOFT_RESET)
+                hs = tl.where(row == j, h[None, :], hs)
+                x_hats = tl.where(row == j, (xc * rstd)[None, :], x_hats)
+        # BPTT back through the segment (a row is read back exactly: the other rows add 0)
+        for jj in range(0, SEG):
+            j = SEG - 1 - jj
+            t = t0 + j
+            if t < T:
+                h = tl.sum(tl.where(row == j, hs, 0.0), axis=0)
+                x_hat = tl.sum(tl.where(row == j, x_hats, 0.0), axis=0)
+                gs = tl.zeros([BLOCK_M], ACC)
+                if HAS_GS:
+                    gs = tl.load(gs_ptr + t * step + offs, mask=mask, other=0.0).to(ACC)
+                z = h - threshold
+                gu, gs_reset, gth = dev.reset_bwd(gv, z >= 0, h, threshold, v_reset, SOFT_RESET, DETACH_RESET)
+                gh = (gs + gs_reset) * dev.surrogate_grad(z, alpha, SURROGATE) + gu
+                gy = tl.where(mask, gh * x_scale, 0.0)
+                tl.store(gy_ptr + t * step + offs, gy, mask=mask)
+                part = (t * PPS + block) * C + cc
+                tl.store(part_a_ptr + part, tl.sum(gy, axis=0) + tl.zeros([1], ACC))
+                tl.store(part_b_ptr + part, tl.sum(gy * x_hat, axis=0) + tl.zeros([1], ACC))
+                gv = gh * v_scale
+    if NEED_GV0:
+        tl.store(gv0_ptr + offs, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _block_m(M: int, device: torch.device) -> int:
+    return min(next_pow2(M), GPU_BLOCK_M if device.type == "cuda" else INTERPRETER_BLOCK_M)
+
+
+def _common_flags(r: NormRule, weight, bias, p, v0, lif, acc) -> dict:
+    _, lif_flags = dev.lif_kernel_args(lif)
+    return dict(
+        PER_STEP=r.per_step, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_V0=v0 is not None, ACC=acc_dtype(acc), **lif_flags,
+    )
+
+
+def launch_norm_lif_forward(
+    r: NormRule, x: torch.Tensor, v0: Optional[torch.Tensor], weight, bias, p, mean: torch.Tensor,
+    var: torch.Tensor, eps: float, threshold: float, v_init: float, lif, checkpoint: bool,
+):
+    """(spikes, final membrane, checkpoints) of the fused block (module docstring), with the
+    statistics ``mean``, ``var`` in the rule's layout (the batch's, from
+    :func:`snnorm.kernels.bn_pipeline.launch_stats`, or the running ones).
+
+    ``v0`` ``[N, C, *spatial]`` or None for a membrane that starts at ``v_init``. ``lif`` is
+    a :class:`snnorm.params.LIFKernelParameters`. ``checkpoint`` keeps the membrane after
+    every SEG-th step for a backward (an empty tensor otherwise, or when T ≤ SEG).
+    """
+    x4, T, N, C, S = as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    mean, var = mean.to(acc).contiguous(), var.to(acc).contiguous()
+    dtype = out_dtype(x, p)
+    spikes = torch.empty(x.shape, dtype=dtype, device=x.device)
+    v_out = torch.empty((N, C, *x.shape[3:]), dtype=dtype, device=x.device)
+    seg = segment_length(T)
+    n_ckpt = (triton.cdiv(T, seg) - 1) if checkpoint else 0
+    ckpt = torch.empty((n_ckpt, N, C, S), dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return spikes, v_out, ckpt
+    block_m = _block_m(N * S, x.device)
+    scalars, _ = dev.lif_kernel_args(lif)
+    _norm_lif_fwd_kernel[(C, triton.cdiv(N * S, block_m))](
+        x4, spikes, contiguous_or_none(v0), v_out, ckpt if n_ckpt else None, mean, var,
+        contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
+        T, N, C, S, float(eps), float(threshold), float(v_init), *scalars,
+        CHECKPOINT=n_ckpt > 0, SEG=seg, BLOCK_M=block_m, **_common_flags(r, weight, bias, p, v0, lif, acc),
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+    return spikes, v_out, ckpt
+
+
+def launch_norm_lif_backward(
+    r: NormRule, grad_s: Optional[torch.Tensor], grad_v: Optional[torch.Tensor], x: torch.Tensor,
+    v0: Optional[torch.Tensor], ckpt: torch.Tensor, weight, bias, p, mean: torch.Tensor, var: torch.Tensor,
+    eps: float, batch_stats: bool, threshold: float, v_init: float, lif, need_dx: bool, need_dv0: bool,
+):
+    """(∂x, ∂v0, ∂γ, ∂β, ∂p) of the fused block; ∂γ, ∂β, ∂p in the accumulation dtype.
+
+    ``grad_s``/``grad_v`` may be None (no gradient reached the spikes / the final
+    membrane). Three launches: the recompute-and-BPTT kernel (∂y and its per-(t, c) sums),
+    then the pipeline's coefficient and ∂x kernels.
+    """
+    x4, T, N, C, S = as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    dev_ = x.device
+    block_m = _block_m(N * S, dev_)
+    pps = max(1, triton.cdiv(N * S, block_m))
+    grad_y = torch.empty((T, N, C, S), dtype=acc, device=dev_)
+    # every (step, block, channel) row is written by the kernel; no element: all sums are 0
+    alloc = torch.empty if x.numel() > 0 else torch.zeros
+    part_a = alloc(T * pps, C, dtype=acc, device=dev_)
+    part_b = alloc(T * pps, C, dtype=acc, device=dev_)
+    grad_v0 = torch.empty((N, C, *x.shape[3:]), dtype=v0.dtype if v0 is not None else x.dtype, device=dev_) \
+        if need_dv0 else None
+    if x.numel() > 0:
+        seg = segment_length(T)
+        scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
+        flags = {**_common_flags(r, weight, bias, p, v0, lif, acc), **lif_flags}
+        _norm_lif_bwd_kernel[(C, pps)](
+            contiguous_or_none(grad_s), contiguous_or_none(grad_v), x4, contiguous_or_none(v0),
+            ckpt if ckpt.numel() else None, grad_y, grad_v0, part_a, part_b, mean, var,
+            contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
+            T, N, C, S, pps, float(eps), float(threshold), float(v_init), *scalars,
+            HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_GV0=need_dv0, HAS_CKPT=ckpt.numel() > 0,
+            SEG=seg, BLOCK_M=block_m,
+            **flags, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )
+    elif need_dv0:
+        grad_v0.zero_() if grad_v is None else grad_v0.copy_(grad_v)
+    dx, dw, db, dp, _, _ = launch_backward_from_sums(
+        r, part_a, part_b, grad_y.view(x.shape), x, weight, bias, mean, var, p, eps, batch_stats, need_dx,
+    )
+    return dx, grad_v0, dw, db, dp

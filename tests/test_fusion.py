@@ -1,0 +1,336 @@
+"""Norm → neuron fusion (snnorm.fusion): what fuses, what stays, checkpoints both ways, and
+the fused triton block against the unfused torch pair (the reference).
+
+The fused block's triton path (kernels/norm_lif.py) runs here under the interpreter; the
+torch pair is the same two modules, unfused, on the torch backend. Outputs, spikes, the
+final membrane, every gradient and the running statistics are compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from devices import DEVICE
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from tolerances import MODULE_MAX_FLIP_SHARE, NORM_NEURON_FUSED
+
+from snnorm import functional, layer, neuron, surrogate
+from snnorm.fusion import FusedNeuronSlot, FusedNormNeuron
+
+F32, F64 = torch.float32, torch.float64
+NORM_KINDS = ("bn", "tdbn", "tebn", "bntt", "bntt_snntorch", "tab")
+
+
+def make_norm(kind: str, T: int, C: int, spatial: int) -> nn.Module:
+    """The norm ``kind`` for [T, N, C] (spatial 0) or [T, N, C, H, W] (spatial 2) inputs, multi-step."""
+    two_d = spatial == 2
+    if kind == "bn":
+        return (layer.BatchNorm2d if two_d else layer.BatchNorm1d)(C, step_mode="m")
+    if kind == "tdbn":
+        cls = layer.ThresholdDependentBatchNorm2d if two_d else layer.ThresholdDependentBatchNorm1d
+        return cls(alpha=1.0, v_th=1.0, num_features=C)
+    if kind == "tebn":
+        return (layer.TemporalEffectiveBatchNorm2d if two_d else layer.TemporalEffectiveBatchNorm1d)(T, C)
+    if kind == "bntt":
+        return (layer.BatchNormThroughTime2d if two_d else layer.BatchNormThroughTime1d)(T, C, step_mode="m")
+    if kind == "bntt_snntorch":
+        return (layer.BatchNormTT2d if two_d else layer.BatchNormTT1d)(C, T, step_mode="m")
+    if kind == "tab":
+        return (layer.TemporalAccumulatedBatchNorm2d if two_d else layer.TemporalAccumulatedBatchNorm1d)(T, C)
+    raise ValueError(kind)
+
+
+@torch.no_grad()
+def randomise(module: nn.Module, seed: int) -> None:
+    """Parameters and running statistics away from their initial values (γ, p of both signs' magnitude)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if not t.is_floating_point():
+            continue
+        r = torch.randn(t.shape, generator=g, dtype=F64).to(t.dtype)
+        if name.endswith("running_var"):
+            t.copy_(0.5 + r.abs())
+        elif name.endswith(("bias", "running_mean")):
+            t.copy_(0.3 * r)
+        else:  # γ, p, TEBN's scale
+            t.copy_(1.0 + 0.3 * r)
+
+
+def make_neuron(option: dict) -> nn.Module:
+    option = dict(option)
+    kind = option.pop("kind")
+    if kind == "if":
+        return neuron.IFNode(step_mode="m", **option)
+    return neuron.LIFNode(step_mode="m", **option)
+
+
+NEURON_OPTIONS = st.fixed_dictionaries({
+    "kind": st.sampled_from(["lif", "if"]),
+    "v_threshold": st.sampled_from([0.5, 1.0]),
+    "v_reset": st.sampled_from([0.0, None, -0.25]),
+    "detach_reset": st.booleans(),
+    "surrogate_function": st.sampled_from(
+        [surrogate.Sigmoid(), surrogate.ATan(), surrogate.PiecewiseQuadratic(), surrogate.PiecewiseExp()]),
+}).flatmap(lambda o: st.just(o) if o["kind"] == "if" else st.fixed_dictionaries({
+    **{k: st.just(v) for k, v in o.items()},
+    "tau": st.sampled_from([2.0, 3.5]),
+    "decay_input": st.booleans(),
+}))
+
+
+def build_pair(kind: str, T: int, C: int, spatial: int, option: dict, dtype, seed: int = 0):
+    """(the unfused torch pair, a fused copy on the triton backend), same parameters."""
+    norm = make_norm(kind, T, C, spatial)
+    randomise(norm, seed)
+    ref = nn.Sequential(norm, make_neuron(option)).to(device=DEVICE, dtype=dtype)
+    fused = functional.fuse_norm_neurons(copy.deepcopy(ref))
+    functional.set_backend(fused, "triton")
+    return ref, fused
+
+
+def run(net: nn.Sequential, x: torch.Tensor, g_s: torch.Tensor, g_v: torch.Tensor, train: bool):
+    """(spikes, final membrane, ∂x, {parameter: grad}, {buffer: value}) of one sequence."""
+    net.train(train)
+    functional.reset_net(net)
+    xr = x.clone().requires_grad_()
+    spikes = net(xr)
+    v = net[1].neuron.v if isinstance(net[1], FusedNeuronSlot) else net[1].v
+    loss = (spikes * g_s).sum() + (v * g_v).sum() if isinstance(v, torch.Tensor) else (spikes * g_s).sum()
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [xr, *params], allow_unused=True)
+    names = [n for n, p in net.state_dict(keep_vars=True).items() if isinstance(p, nn.Parameter)]
+    buffers = {n: b.detach().clone() for n, b in net.state_dict().items() if n not in names}
+    return spikes.detach(), v.detach(), grads[0], dict(zip(names, grads[1:])), buffers
+
+
+def assert_matches(ref_out, fused_out, dtype, what: str) -> None:
+    s_ref, v_ref, gx_ref, gp_ref, buf_ref = ref_out
+    s, v, gx, gp, buf = fused_out
+    tol = NORM_NEURON_FUSED[dtype]
+    assert s.dtype == s_ref.dtype and s.shape == s_ref.shape, what
+    flipped = (s != s_ref).float().mean().item()
+    if dtype == F64:
+        assert flipped == 0, f"{what}: {flipped:.3%} of spikes differ in float64"
+    else:
+        assert flipped <= MODULE_MAX_FLIP_SHARE, f"{what}: {flipped:.3%} of spikes flipped"
+        assume(flipped == 0)  # a flip legitimately changes that neuron's later state and gradients
+    torch.testing.assert_close(v, v_ref, **tol, msg=lambda m: f"{what}: membrane: {m}")
+    torch.testing.assert_close(gx, gx_ref, **tol, msg=lambda m: f"{what}: ∂x: {m}")
+    assert gp.keys() == gp_ref.keys(), what
+    for name in gp_ref:
+        if gp_ref[name] is None:
+            assert gp[name] is None or not gp[name].any(), f"{what}: {name} got a gradient"
+            continue
+        torch.testing.assert_close(gp[name], gp_ref[name], **tol, msg=lambda m, n=name: f"{what}: ∂{n}: {m}")
+    assert buf.keys() == buf_ref.keys(), what
+    for name in buf_ref:
+        torch.testing.assert_close(buf[name].to(buf_ref[name].dtype), buf_ref[name], **tol,
+                                   msg=lambda m, n=name: f"{what}: {n}: {m}")
+
+
+# ------------------------------------------------------------------ fused triton vs torch pair
+
+
+@given(
+    kind=st.sampled_from(NORM_KINDS),
+    option=NEURON_OPTIONS,
+    T=st.sampled_from([1, 2, 3, 5, 17]),
+    N=st.sampled_from([2, 3]),
+    C=st.sampled_from([1, 3, 5]),
+    spatial=st.sampled_from([0, 2]),
+    train=st.booleans(),
+    dtype=st.sampled_from([F64, F32]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_triton_block_matches_the_unfused_torch_pair(kind, option, T, N, C, spatial, train, dtype, seed):
+    ref, fused = build_pair(kind, T, C, spatial, option, dtype, seed)
+    assert fused[0].fused_kernel_applies()
+    g = torch.Generator().manual_seed(seed)
+    shape = (T, N, C, 3, 3) if spatial else (T, N, C)
+    x = (torch.randn(shape, generator=g, dtype=F64) * 1.5 + 0.5).to(DEVICE, dtype)
+    g_s = torch.randn(shape, generator=g, dtype=F64).to(DEVICE, dtype)
+    g_v = torch.randn(shape[1:], generator=g, dtype=F64).to(DEVICE, dtype)
+    what = f"{kind} → {option}, shape {shape}, {'train' if train else 'eval'}, {dtype}"
+    assert_matches(run(ref, x, g_s, g_v, train), run(fused, x, g_s, g_v, train), dtype, what)
+
+
+# ------------------------------------------------------------------------------ structure
+
+
+def _block(kind="tebn", T=4, C=3, spatial=2):
+    return nn.Sequential(
+        layer.Conv2d(2, C, 3, padding=1, bias=False, step_mode="m") if spatial else nn.Identity(),
+        make_norm(kind, T, C, spatial),
+        neuron.LIFNode(step_mode="m"),
+    )
+
+
+def test_sequential_pair_fuses_in_place_and_keeps_state_dict_keys():
+    net = _block()
+    keys = list(net.state_dict())
+    out = functional.fuse_norm_neurons(net)
+    assert out is net
+    assert isinstance(net[1], FusedNormNeuron) and isinstance(net[2], FusedNeuronSlot)
+    assert list(net.state_dict()) == keys
+    assert functional.fuse_norm_neurons(net) is net and isinstance(net[1], FusedNormNeuron)  # twice: no change
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_checkpoints_load_both_ways(kind):
+    torch.manual_seed(0)
+    plain = _block(kind)
+    randomise(plain, 1)
+    fused = functional.fuse_norm_neurons(copy.deepcopy(plain))
+    other = _block(kind)
+    other.load_state_dict(fused.state_dict())  # fused → unfused, strict
+    for (k, a), (k2, b) in zip(plain.state_dict().items(), other.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    refused = functional.fuse_norm_neurons(_block(kind))
+    refused.load_state_dict(plain.state_dict())  # unfused → fused, strict
+    for (k, a), (k2, b) in zip(plain.state_dict().items(), refused.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_torch_backend_runs_the_exact_composition_and_unfuse_restores_the_modules():
+    torch.manual_seed(0)
+    net = _block("bntt")
+    x = torch.randn(4, 2, 2, 5, 5)
+    expected = net(x)
+    functional.reset_net(net)
+    norm, sn = net[1], net[2]
+    functional.fuse_norm_neurons(net)
+    assert not net[1].fused_kernel_applies()  # torch backend: the composition
+    assert torch.equal(net(x), expected)
+    functional.unfuse_norm_neurons(net)
+    assert net[1] is norm and net[2] is sn
+
+
+class _Graph(nn.Module):
+    """A non-Sequential network: fx finds the pairs."""
+
+    def __init__(self, share_norm_output: bool):
+        super().__init__()
+        self.bn = layer.BatchNorm1d(3, step_mode="m")
+        self.sn = neuron.LIFNode(step_mode="m")
+        self.share = share_norm_output
+
+    def forward(self, x):
+        y = self.bn(x)
+        s = self.sn(y)
+        return s + y if self.share else s
+
+
+def test_graph_pairs_fuse_and_a_norm_with_two_users_stays_with_a_warning():
+    net = functional.fuse_norm_neurons(_Graph(False))
+    assert isinstance(net.bn, FusedNormNeuron) and isinstance(net.sn, FusedNeuronSlot)
+    with pytest.warns(UserWarning, match="other users"):
+        net = functional.fuse_norm_neurons(_Graph(True))
+    assert isinstance(net.bn, layer.BatchNorm1d)
+
+
+def test_a_neuron_option_without_kernel_stays_with_a_warning():
+    net = nn.Sequential(layer.BatchNorm1d(3, step_mode="m"), neuron.LIFNode(step_mode="m", store_v_seq=True))
+    with pytest.warns(UserWarning, match="store_v_seq"):
+        functional.fuse_norm_neurons(net)
+    assert isinstance(net[0], layer.BatchNorm1d)
+
+
+def test_slot_refuses_a_tensor_its_norm_did_not_make():
+    net = functional.fuse_norm_neurons(_block("bn", spatial=0))
+    with pytest.raises(RuntimeError, match="unfuse_norm_neurons"):
+        net[2](torch.zeros(4, 2, 3))
+
+
+def test_state_functions_and_deepcopy_act_on_the_pair():
+    torch.manual_seed(0)
+    net = functional.fuse_norm_neurons(_block("tab"))
+    functional.set_backend(net, "triton")
+    assert net[1].norm.backend == "triton" and net[2].neuron.backend == "triton"
+    x = torch.randn(4, 2, 2, 5, 5)
+    net(x[:2].repeat(2, 1, 1, 1, 1))
+    clone = copy.deepcopy(net)  # mid-sequence
+    assert clone[1].neuron is clone[2].neuron and clone[2].neuron is not net[2].neuron
+    assert torch.equal(clone[2].neuron.v, net[2].neuron.v)
+    functional.reset_net(net)
+    assert net[2].neuron.v == 0.0
+    functional.set_step_mode(net, "s")  # single-step: the composition, step by step
+    assert not net[1].fused_kernel_applies()
+    functional.reset_net(net)
+    steps = torch.stack([net(x[t]) for t in range(4)])
+    ref = _block("tab")
+    ref.load_state_dict(net.state_dict())
+    functional.set_step_mode(ref, "s")
+    assert torch.equal(steps, torch.stack([ref(x[t]) for t in range(4)]))
+
+
+def test_running_statistics_update_once_per_call():
+    net = functional.fuse_norm_neurons(_block("bn", spatial=0))
+    functional.set_backend(net, "triton")
+    net(torch.randn(4, 2, 3))
+    assert int(net[1].norm.num_batches_tracked) == 1
+
+
+def test_bad_input_is_refused_before_any_state_moves():
+    net = functional.fuse_norm_neurons(_block("tebn", T=4, spatial=0))
+    functional.set_backend(net, "triton")
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match="temporal length"):
+        net(torch.randn(3, 2, 3))  # T=3 into a T=4 TEBN
+    with pytest.raises(ValueError, match="channels"):
+        net(torch.randn(4, 2, 5))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_torch_compile_fullgraph_runs_the_fused_op():
+    torch.manual_seed(0)
+    net = functional.fuse_norm_neurons(_block("tebn", spatial=0))
+    functional.set_backend(net, "triton")
+    x = torch.randn(4, 2, 3)
+    eager = net(x)
+    functional.reset_net(net)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), eager)
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_fused_ops_pass_opcheck(batch_stats):
+    from snnorm.backends import triton_backend  # noqa: F401  (registers the ops)
+    from snnorm.params import LIFParameters
+
+    lif = LIFParameters(surrogate.Sigmoid()).for_kernel("sigmoid", 4.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 5, dtype=F64, generator=g, requires_grad=True)
+    w = (1 + torch.rand(4, dtype=F64, generator=g)).requires_grad_()
+    b = torch.rand(4, dtype=F64, generator=g).requires_grad_()
+    mean, var = x.detach().mean((0, 1, 3)), x.detach().var((0, 1, 3), unbiased=False)
+    args = (x, None, w, b, None, mean, var, "batch_norm", 1e-5, batch_stats, 0.5, 0.0, *lif.to_op_args(), True)
+    torch.library.opcheck(torch.ops.snnorm.norm_lif, args)
+
+
+@pytest.mark.parametrize("T", [4, 32])
+def test_fused_block_saves_x_and_per_channel_values_only(T):
+    """Saved for backward: x (4 B per fp32 element-step), the checkpoints of a long sequence
+    (one membrane per 16 steps) and O(T·C) statistics, never h."""
+    C, shape = 3, (T, 2, 3, 4, 4)
+    net = functional.fuse_norm_neurons(nn.Sequential(make_norm("tab", T, C, 2), neuron.LIFNode(step_mode="m")))
+    functional.set_backend(net, "triton")
+    x = torch.randn(shape, device=DEVICE).requires_grad_()
+    kept = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in kept:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    elems = x.numel()
+    checkpoints = (math.ceil(T / 16) - 1) * elems // T * 4
+    assert sum(storages.values()) <= 4 * elems + checkpoints + 16 * T * C * 8, storages
