@@ -4,8 +4,9 @@ The blocks SNNs are built of, each in training, multi-step ``[T, N, C, H, W]``, 
 LIF, MPBN-LIF, TEBN, and norm → LIF for BatchNorm, tdBN, TEBN, BNTT and TAB. Each block
 runs once per library on the same input:
 
-* **snnorm**: its modules with ``set_backend(net, "triton")`` (a layer with no kernel stays
-  on the torch backend; the row's note names it);
+* **snnorm**: its modules, each norm → LIF pair fused (``functional.fuse_norm_neurons``), with
+  ``set_backend(net, "triton")`` (a layer with no kernel stays on the torch backend; the
+  row's note names it);
 * **spikingjelly**: its ``activation_based.layer`` norms (torch) and its own Triton LIF
   kernels (``spikingjelly._ops.lif.triton``), which spikingjelly runs only on CUDA: on a
   CPU they run here under the Triton interpreter through :func:`spikingjelly_triton_lif`,
@@ -176,13 +177,16 @@ def build(block: str, library: str, shape) -> tuple[nn.Module | None, str]:
     if library != "snnorm":
         return net, "torch layers + spikingjelly's Triton LIF" if block != "mpbn_lif" else "torch (no kernel)"
     from snnorm import functional
+    from snnorm.fusion import FusedNormNeuron
 
+    functional.fuse_norm_neurons(net)
     with warnings.catch_warnings():  # set_backend warns naming the layers that keep torch: the note says it
         warnings.simplefilter("ignore")
         functional.set_backend(net, "triton")
+    if isinstance(net[0], FusedNormNeuron):
+        return net, "triton, norm → LIF fused" if net[0].fused_kernel_applies() else "fused, composition"
     on_torch = [type(m).__name__ for m in net if getattr(m, "backend", "torch") != "triton"]
-    note = "triton" if not on_torch else f"triton; on torch: {', '.join(on_torch)}"
-    return net, note
+    return net, "triton" if not on_torch else f"triton; on torch: {', '.join(on_torch)}"
 
 
 def _reset(net: nn.Module) -> None:

@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of every Triton kernel configuration snnorm launches (no GPU).
 
 1. **Capture.** The public ops of the triton backend (``snnorm.backends.get_ops("triton")``:
-   lif, mpbn_lif, mpbn_lif_folded, tebn, tab, batch_norm_seq, bntt — forward and backward through
+   lif, mpbn_lif, mpbn_lif_folded, tebn, tab, batch_norm_seq, bntt, norm_lif — forward and backward through
    autograd) run on a grid of realistic shapes, dtypes and mode flags, on *meta* tensors that report device
    ``cuda`` (so every launcher takes its GPU path: GPU tiling, bf16 stores, SM count of an
    H100). ``JITFunction.run`` — the JIT's launch/compile step — is replaced by a recorder:
@@ -230,6 +230,7 @@ def scenarios(grid: str):
         "lif", "lif-soft-decay", "mpbn-train", "mpbn-train-soft-raw", "mpbn-train-noaffine",
         "mpbn-eval", "mpbn-folded", "mpbn-adapt-batch", "mpbn-adapt-running", "tebn-train", "tebn-eval",
         "tebn-noaffine", "tab-train", "tab-eval", "bn-train", "bn-eval", "bntt-train", "bntt-eval",
+        "norm-lif-train", "norm-lif-train-soft", "norm-lif-eval",
     ]
     if grid == "full":
         Ts, Ns, Cs = (1, 4, 8), (1, 32, 128), (3, 64, 256, 512)
@@ -260,10 +261,14 @@ def scenarios(grid: str):
         points += [(*resident, "bfloat16", m) for m in ("lif", "mpbn-train", "tebn-train", "tab-train", "bn-train",
                                                          "bntt-train")]
         points += [(*split, "bfloat16", "mpbn-train"), (*resident, "float16", "mpbn-train")]
+        # the fused norm → LIF backward keeps [SEG, BLOCK] tiles: its longest segment (T ≥ 16,
+        # checkpoints between segments) and a short one
+        points += [(T, 8, 16, (8, 8), dt, "norm-lif-train") for T in (3, 32) for dt in ("float32", "bfloat16")]
     else:
         raise ValueError(f"grid must be 'ci', 'wide' or 'full', got {grid!r}")
     for T, N, C, sp, dtype, mode in points:
-        batch_stats = ("mpbn-train", "mpbn-adapt", "tebn-train", "tebn-noaffine", "tab-train", "bn-train", "bntt-train")
+        batch_stats = ("mpbn-train", "mpbn-adapt", "tebn-train", "tebn-noaffine", "tab-train", "bn-train", "bntt-train",
+                       "norm-lif-train")
         if mode.startswith(batch_stats) and N * max(1, _prod(sp)) < 2:
             continue  # batch statistics need two values per channel
         yield (f"{mode} T{T} N{N} C{C} {'x'.join(map(str, sp)) or '-'} {dtype}", T, N, C, sp, dtype, mode)
@@ -282,7 +287,8 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     dtype = getattr(torch, dtype_name)
     pdt = torch.float32
     shape = (T, N, C, *sp)
-    grad = not mode.startswith(("mpbn-adapt",)) and mode not in ("tebn-eval", "tab-eval", "bn-eval", "bntt-eval")
+    grad = not mode.startswith(("mpbn-adapt",)) and mode not in ("tebn-eval", "tab-eval", "bn-eval", "bntt-eval",
+                                                                  "norm-lif-eval")
     x = make(shape, dtype, requires_grad=grad)
     v = make(shape[1:], dtype)
     th = make((C,), pdt, requires_grad=grad)
@@ -291,7 +297,7 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     from snnorm.params import AdaptParameters, BNStatistics, LIFParameters, MPBNParameters
 
     lif = LIFParameters(sg.Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
-    if mode in ("lif-soft-decay", "mpbn-train-soft-raw"):
+    if mode in ("lif-soft-decay", "mpbn-train-soft-raw", "norm-lif-train-soft"):
         lif = LIFParameters(sg.ATan(), tau=2.0, decay_input=True, v_reset=None, detach_reset=True)
     outs = []
     if mode.startswith("lif"):
@@ -313,6 +319,15 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
         ws = [make((C,), pdt, requires_grad=grad) for _ in range(T)]
         rms, rvs = [make((C,), pdt) for _ in range(T)], [make((C,), pdt) for _ in range(T)]
         outs = (ops.bntt(x, ws, rms, rvs, training=mode == "bntt-train", momentum=[0.1] * T, eps=[1e-5] * T),)
+    elif mode.startswith("norm-lif"):  # a norm and a LIF fused: TAB (per step, p², v0) or BN (soft) or TEBN (eval)
+        rule = {"norm-lif-train": "tab", "norm-lif-train-soft": "batch_norm", "norm-lif-eval": "tebn"}[mode]
+        rows = (T, C) if rule == "tab" else (C,)
+        nw, nb = make(rows, pdt, requires_grad=grad), make(rows, pdt, requires_grad=grad)
+        nrm, nrv = make(rows, pdt), make(rows, pdt)
+        p = make((T,), pdt, requires_grad=grad) if rule != "batch_norm" else None
+        v0 = make(shape[1:], dtype, requires_grad=grad) if rule == "tab" else 0.0
+        outs = ops.norm_lif(rule, x, v0, nw, nb, p, nrm, nrv, momentum=[0.1] * (T if rule == "tab" else 1), eps=1e-5,
+                            batch_stats=grad, threshold=1.0, neuron=lif)
     elif mode.startswith("bn-"):  # multi-step BatchNorm / tdBN
         outs = (ops.batch_norm_seq(x, w, b, rm, rv, training=mode == "bn-train", momentum=0.1, eps=1e-5),)
     else:

@@ -378,6 +378,11 @@ FLOOR = {
     ("bntt train", "fwd"): 12,
     ("bntt train", "bwd"): 20,
     ("bntt eval", "fwd"): 8,
+    # a norm and a LIF fused (DESIGN.md §8): partials and apply read x, spikes written; backward
+    # reads x, ∂s, writes ∂y, then reads ∂y, x and writes ∂x (the neuron recomputed, not saved)
+    ("norm_lif train", "fwd"): 12,
+    ("norm_lif train", "bwd"): 24,
+    ("norm_lif eval", "fwd"): 8,
 }
 
 
@@ -540,6 +545,38 @@ def _bntt(training: bool):
     return build
 
 
+def _norm_lif(rule: str, training: bool):
+    """The fused norm → LIF op (snnorm/kernels/norm_lif.py) for pipeline rule ``rule``:
+    ``[C]`` parameters (``batch_norm``, ``tebn``) or per step ``[T, C]`` (``bntt``, ``tab``)."""
+
+    def build(shape, dtype):
+        from snnorm.params import LIFParameters
+        from snnorm.surrogate import Sigmoid
+
+        T, C = shape[0], shape[2]
+        x, *_ = _inputs(shape, dtype, grad=training)
+        g = torch.Generator().manual_seed(1)
+        per_step = rule in ("bntt", "tab")
+        rows = (T, C) if per_step else (C,)
+        w = (1.0 + 0.2 * torch.randn(rows, generator=g)).to(dtype).requires_grad_(training)
+        b = None if rule == "bntt" else (0.1 * torch.randn(rows, generator=g)).to(dtype).requires_grad_(training)
+        rm = (0.1 * torch.randn(rows, generator=g)).to(dtype)
+        rv = (1.0 + 0.1 * torch.rand(rows, generator=g)).to(dtype)
+        p = torch.linspace(0.5, 1.5, T, dtype=dtype).requires_grad_(training) if rule in ("tebn", "tab") else None
+        momentum = [0.1] * (T if per_step else 1)
+        neuron = LIFParameters(Sigmoid(), tau=2.0, decay_input=True, v_reset=0.0)
+        ops = _ops()
+
+        def call():
+            s, _ = ops.norm_lif(rule, x, 0.0, w, b, p, rm, rv, momentum=momentum, eps=1e-5, batch_stats=training,
+                                threshold=1.0, neuron=neuron)
+            return s, [t for t in (x, w, b, p) if t is not None]
+
+        return call
+
+    return build
+
+
 # Paths by the shape that reaches them (what ran: the kernels column).
 RESIDENT = "resident: one program per channel (C ≥ 132, channel ≤ 2048)"
 PIPELINED, PIPELINED_SMALL = "pipelined, M > 8192", "pipelined, small M and C < 132"
@@ -563,6 +600,14 @@ CASES: tuple[Case, ...] = (
     Case("bn-eval", "batch_norm_seq eval", "running statistics", SMALL_M, _batch_norm_seq(False), False),
     Case("bntt-train", "bntt train", "per-step statistics", SMALL_M, _bntt(True), True),
     Case("bntt-eval", "bntt eval", "running statistics", SMALL_M, _bntt(False), False),
+    Case("norm-lif-bn-train", "norm_lif train", "BN → LIF fused, batch statistics", SMALL_M,
+         _norm_lif("batch_norm", True), True),
+    Case("norm-lif-tab-train", "norm_lif train", "TAB → LIF fused, prefix statistics", SMALL_M,
+         _norm_lif("tab", True), True),
+    Case("norm-lif-bntt-train", "norm_lif train", "BNTT → LIF fused, per-step statistics", SMALL_M,
+         _norm_lif("bntt", True), True),
+    Case("norm-lif-tebn-eval", "norm_lif eval", "TEBN → LIF fused, running statistics", SMALL_M,
+         _norm_lif("tebn", False), False),
 )
 
 

@@ -622,28 +622,6 @@ class MPBNLIFNode(MPBNBaseNode):
     "raw" for the MPBN paper's pre-BN state). See :class:`MPBNBaseNode` for the math.
     """
 
-    def __init__(
-        self,
-        tau: float = 2.0,
-        decay_input: bool = False,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        surrogate_function: surrogate_mod.SurrogateFunctionBase | None = None,
-        detach_reset: bool = False,
-        step_mode: str = "s",
-        store_v_seq: bool = False,
-        mpbn: bool = True,
-        out_features: int | None = None,
-        out_channels: int | None = None,
-        learnable_vth: bool = False,
-        bn_momentum: float = 0.1,
-        bn_decay_momentum: float = 0.94,
-        bn_min_momentum: float = 0.005,
-        backend: str = "torch",
-        carry: str = "normalized",
-    ):
-        super().__init__(
-            v_threshold, v_reset, surrogate_function, detach_reset, step_mode, store_v_seq, mpbn,
-            out_features, out_channels, learnable_vth, bn_momentum, bn_decay_momentum, bn_min_momentum,
-            backend, carry, tau=tau, decay_input=decay_input,
-        )
+    def __init__(self, tau: float = 2.0, decay_input: bool = False, *args, **kwargs):
+        # spikingjelly's positional order: tau, decay_input, then MPBNBaseNode's arguments in its order
+        super().__init__(*args, tau=tau, decay_input=decay_input, **kwargs)

@@ -39,6 +39,7 @@ T = traffic.SMALL_M[0]
 assert traffic.LARGE_M[0] == T == traffic.RESIDENT_M[0]
 STATE_IO = 8 / T
 TRAIN_FWD, TRAIN_BWD = 16 + STATE_IO, 24 + STATE_IO
+FUSED_FWD, FUSED_BWD, FUSED_EVAL = 12 + STATE_IO + 1, 24 + STATE_IO + 1, 8 + STATE_IO + 1
 BUDGETS = {
     "lif": {"fwd": (13.5, 1, 0.1), "bwd": (12.5, 1, 0.1)},  # 13.34 / 0.01, 12.03 / 0.04
     "mpbn-train-resident": {"fwd": (TRAIN_FWD, T + 2, 0.25), "bwd": (TRAIN_BWD, T + 2, 0.1)},  # 13.92 / 0.21, 12.50 / 0
@@ -61,6 +62,12 @@ BUDGETS = {
     # BNTT's torch ops: stacking the per-step γ_t and running statistics, copying the latter back
     "bntt-train": {"fwd": (12.5, 3, 0.25), "bwd": (20.5, 3, 0.1)},  # 12.23 / 0.16, 20.31 / 0.01
     "bntt-eval": {"fwd": (8.5, 1, 0.15)},  # 8.05 / 0.09
+    # issue 15: a norm and a LIF fused, ≤ 12 / 24 / 8 B plus the state I/O (8/T) and 1 B slack,
+    # ≤ 3 launches each way (TAB's prefix lives in the reduce kernel: no extra launch)
+    "norm-lif-bn-train": {"fwd": (FUSED_FWD, 3, 0.1), "bwd": (FUSED_BWD, 3, 0.1)},
+    "norm-lif-tab-train": {"fwd": (FUSED_FWD, 3, 0.1), "bwd": (FUSED_BWD, 3, 0.1)},
+    "norm-lif-bntt-train": {"fwd": (FUSED_FWD, 3, 0.1), "bwd": (FUSED_BWD, 3, 0.1)},
+    "norm-lif-tebn-eval": {"fwd": (FUSED_EVAL, 1, 0.1)},
 }
 # Rows over budget, each with its reason, as strict xfails (they fail once fixed; then delete
 # the entry). None today: issue 9's pipelined path brought the large-M rows within budget.

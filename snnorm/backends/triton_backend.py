@@ -649,6 +649,7 @@ else:
     def _norm_lif_setup_context(ctx, inputs, output):
         x, v0, weight, bias, p, mean, var, rule, eps, batch_stats, threshold, v_init, *args = inputs
         ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)  # an unused spike or membrane output sends None, not zeros
         ctx.save_for_backward(x, v0, weight, bias, p, mean, var, output[2])
         ctx.rule, ctx.eps, ctx.batch_stats, ctx.threshold, ctx.v_init = rule, eps, batch_stats, threshold, v_init
         ctx.lif = LIFKernelParameters.from_op_args(args)[0]

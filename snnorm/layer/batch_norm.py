@@ -171,7 +171,27 @@ class _TimestepBatchNorm3d(_TimestepBatchNormMixin, nn.BatchNorm3d):
 # -- BatchNorm with step modes --------------------------------------------------
 
 
-class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
+class _StepModeBatchNorm(_BatchNormMixin):
+    """torch's ``BatchNorm{1,2,3}d`` constructor (checked arguments) plus ``step_mode``; the
+    subclass names torch's class second in its bases."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        step_mode: str = "s",
+        device=None,
+        dtype=None,
+    ) -> None:
+        _check_bn_args(type(self).__name__, num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.step_mode = step_mode
+
+
+class BatchNorm1d(_StepModeBatchNorm, nn.BatchNorm1d):
     """:class:`torch.nn.BatchNorm1d` with step modes.
 
     's': ``[N, C]`` or ``[N, C, L]``, statistics over N(·L). 'm': ``[T, N, C]`` or
@@ -180,62 +200,17 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
 
     _sample_ndims = (2, 3)
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        step_mode: str = "s",
-        device=None,
-        dtype=None,
-    ) -> None:
-        _check_bn_args(type(self).__name__, num_features, eps, momentum)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.step_mode = step_mode
 
-
-class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
+class BatchNorm2d(_StepModeBatchNorm, nn.BatchNorm2d):
     """:class:`torch.nn.BatchNorm2d` with step modes: ``[N, C, H, W]`` ('s') or ``[T, N, C, H, W]`` ('m')."""
 
     _sample_ndims = (4,)
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        step_mode: str = "s",
-        device=None,
-        dtype=None,
-    ) -> None:
-        _check_bn_args(type(self).__name__, num_features, eps, momentum)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.step_mode = step_mode
 
-
-class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
+class BatchNorm3d(_StepModeBatchNorm, nn.BatchNorm3d):
     """:class:`torch.nn.BatchNorm3d` with step modes: ``[N, C, D, H, W]`` ('s') or ``[T, N, C, D, H, W]`` ('m')."""
 
     _sample_ndims = (5,)
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        step_mode: str = "s",
-        device=None,
-        dtype=None,
-    ) -> None:
-        _check_bn_args(type(self).__name__, num_features, eps, momentum)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.step_mode = step_mode
 
 
 # -- tdBN -----------------------------------------------------------------------
