@@ -35,6 +35,7 @@ __all__ = [
     "extract_memories",
     "load_memories",
     "to_functional_forward",
+    "make_state_dict_transparent",
 ]
 
 
@@ -380,11 +381,13 @@ def to_functional_forward(module: nn.Module, fn: Callable | None = None) -> Call
 
             return sequential_forward
 
-        def forward(*inputs, **kwargs):  # the chain above, with the states loaded instead
+        def chain_forward(*inputs, **kwargs):  # the chain above, with the states loaded instead
             outputs = inputs
             for index, child in enumerate(children):
                 outputs = _as_outputs(child(*outputs, **(kwargs if index == 0 else {})))
             return outputs
+
+        forward = chain_forward
 
     def fallback_forward(inputs: tuple, states: tuple, **kwargs):
         check_state_count(states)
@@ -398,3 +401,31 @@ def to_functional_forward(module: nn.Module, fn: Callable | None = None) -> Call
         return outputs, updated
 
     return fallback_forward
+
+
+def make_state_dict_transparent(wrapper: nn.Module, inner: str) -> None:
+    """Show the ``state_dict`` keys (and version metadata) of ``wrapper``'s child ``inner`` at
+    ``wrapper``'s own prefix, on save and on load, so a checkpoint saved with or without the
+    wrapper loads into either (:class:`snnorm.memopt.CheckpointModule`, the fused blocks of
+    :mod:`snnorm.fusion`). ``wrapper`` must hold no state of its own."""
+
+    def strip(module, state_dict, prefix, local_metadata):
+        head = prefix + inner + "."
+        for key in [k for k in state_dict if k.startswith(head)]:
+            state_dict[prefix + key[len(head):]] = state_dict.pop(key)
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None and head[:-1] in metadata:
+            metadata[prefix[:-1]] = metadata.pop(head[:-1])
+        return state_dict
+
+    def add(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # every key under the wrapper's prefix is its child's ("1." does not prefix "10.")
+        head = prefix + inner + "."
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(head)]:
+            state_dict[head + key[len(prefix):]] = state_dict.pop(key)
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[head[:-1]] = metadata[prefix[:-1]]
+
+    wrapper._register_state_dict_hook(strip)
+    wrapper._register_load_state_dict_pre_hook(add)

@@ -33,6 +33,7 @@ import torch.fx
 import torch.nn as nn
 
 from . import neuron as neuron_mod
+from .base import make_state_dict_transparent
 
 __all__ = ["FusedNormNeuron", "FusedNeuronSlot", "fuse_norm_neurons", "unfuse_norm_neurons", "fusable_norm"]
 
@@ -56,35 +57,14 @@ def _neuron_problem(module: nn.Module) -> Optional[str]:
 
 
 class _Transparent(nn.Module):
-    """Holds one module under ``self.inner_name`` and shows its ``state_dict`` keys (and
-    version metadata) at the wrapper's own prefix, on save and on load."""
+    """Holds one module under ``self.inner_name``, whose ``state_dict`` keys it shows at its own prefix."""
 
     inner_name: str
     traced_as_leaf = True  # torch.fx sees one call (snnorm.functional's tracer)
 
     def __init__(self) -> None:
         super().__init__()
-        self._register_state_dict_hook(_Transparent._strip_inner_prefix)
-        self._register_load_state_dict_pre_hook(self._add_inner_prefix)
-
-    @staticmethod
-    def _strip_inner_prefix(module, state_dict, prefix, local_metadata):
-        inner = prefix + module.inner_name + "."
-        for key in [k for k in state_dict if k.startswith(inner)]:
-            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
-        metadata = getattr(state_dict, "_metadata", None)
-        if metadata is not None and inner[:-1] in metadata:
-            metadata[prefix[:-1]] = metadata.pop(inner[:-1])
-        return state_dict
-
-    def _add_inner_prefix(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        # every key under this wrapper's prefix is its subtree's ("1." does not prefix "10.")
-        inner = prefix + self.inner_name + "."
-        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
-            state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
-        metadata = getattr(state_dict, "_metadata", None)
-        if metadata is not None and prefix[:-1] in metadata:
-            metadata[inner[:-1]] = metadata[prefix[:-1]]
+        make_state_dict_transparent(self, self.inner_name)
 
 
 class FusedNeuronSlot(_Transparent):

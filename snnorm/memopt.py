@@ -439,8 +439,9 @@ class CheckpointModule(nn.Module):
         self.chunks = chunks
         self.chunked_args = chunked_args
         self.time_dim = time_dim
-        self._register_state_dict_hook(_strip_prefix)
-        self._register_load_state_dict_pre_hook(_add_prefix)
+        from .base import make_state_dict_transparent  # (base imports this module)
+
+        make_state_dict_transparent(self, "module")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.chunks == 1:
@@ -479,20 +480,6 @@ class CheckpointModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"chunks={self.chunks}, chunked_args={self.chunked_args}, time_dim={self.time_dim}"
-
-
-def _strip_prefix(module, state_dict, prefix, local_metadata):
-    inner = prefix + "module."
-    for key in list(state_dict.keys()):
-        if key.startswith(inner):
-            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
-    return state_dict
-
-
-def _add_prefix(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    for key in list(state_dict.keys()):
-        if key.startswith(prefix) and not key.startswith(prefix + "module."):
-            state_dict[prefix + "module." + key[len(prefix):]] = state_dict.pop(key)
 
 
 def _cat_outputs(outputs: list, dim: int):

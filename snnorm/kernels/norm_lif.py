@@ -155,7 +155,8 @@ def _norm_lif_bwd_kernel(
     cc, offs, mask, step = _element_block(N, C, S, BLOCK_M)
     c_mask = cc < C
     block = tl.program_id(1)
-    x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
+    # 1/τ in the compute dtype (τ arrives as an fp32 scalar; fp64 keeps its digits)
+    x_scale, v_scale = dev.charge_grads(tl.cast(tau, ACC), DECAY_INPUT)
     gv = tl.zeros([BLOCK_M], ACC)
     if HAS_GV:
         gv = tl.load(gv_out_ptr + offs, mask=mask, other=0.0).to(ACC)
