@@ -17,7 +17,9 @@ import torch.nn as nn
 from devices import DEVICE
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from tolerances import MODULE_MAX_FLIP_SHARE, NORM_NEURON_FUSED
+from tolerances import (
+    MODULE_MAX_FLIP_SHARE, NORM_NEURON_FUSED, NORM_NEURON_FUSED_BF16_FLIPS, NORM_NEURON_FUSED_BF16_REL,
+)
 
 from snnorm import functional, layer, neuron, surrogate
 from snnorm.fusion import FusedNeuronSlot, FusedNormNeuron
@@ -334,3 +336,28 @@ def test_fused_block_saves_x_and_per_channel_values_only(T):
     elems = x.numel()
     checkpoints = (math.ceil(T / 16) - 1) * elems // T * 4
     assert sum(storages.values()) <= 4 * elems + checkpoints + 16 * T * C * 8, storages
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_bf16_input_fused_is_at_least_as_close_to_float64_as_the_torch_pair(kind):
+    """Mixed precision (bf16 activations, float32 norm): the fused block computes in fp32, so
+    against the float64 pair it must do no worse than twice the bf16 torch pair (flash-attention's
+    low-precision rule), spikes and ∂x."""
+    option = {"kind": "lif", "v_threshold": 1.0, "v_reset": 0.0, "detach_reset": False,
+              "surrogate_function": surrogate.ATan(), "tau": 2.0, "decay_input": True}
+    ref, fused = build_pair(kind, 4, 3, 2, option, F32, 0)
+    ref64, _ = build_pair(kind, 4, 3, 2, option, F64, 0)
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 4, 3, 5, 5)
+    x, g_s = (torch.randn(shape, generator=g) * 1.5 + 0.5), torch.randn(shape, generator=g)
+    g_v = torch.randn(shape[1:], generator=g)
+    bf = [t.to(DEVICE, torch.bfloat16) for t in (x, g_s, g_v)]
+    lowp, ours = run(ref, *bf, True), run(fused, *bf, True)
+    exact = run(ref64, *[t.to(DEVICE, F64) for t in (x, g_s, g_v)], True)
+    assert ours[0].dtype == lowp[0].dtype
+    assert (ours[0].double() != exact[0]).float().mean().item() <= NORM_NEURON_FUSED_BF16_FLIPS
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert rel(ours[2], exact[2]) <= 2 * rel(lowp[2], exact[2]) + NORM_NEURON_FUSED_BF16_REL, kind

@@ -126,7 +126,8 @@ def _norm_lif_fwd_kernel(
         h, xc = _norm_charge(x, v, mean, a, b, tau, v_reset, DECAY_INPUT)
         spike = h - threshold >= 0
         v = dev.reset(h, spike, threshold, v_reset, SOFT_RESET)
-        tl.store(s_ptr + t * step + offs, spike.to(s_ptr.dtype.element_ty), mask=mask)
+        # via the compute dtype: the interpreter cannot cast a bool block to bf16 directly
+        tl.store(s_ptr + t * step + offs, tl.where(spike, 1.0, 0.0).to(ACC).to(s_ptr.dtype.element_ty), mask=mask)
         if CHECKPOINT:
             if (t + 1) % SEG == 0:
                 if t + 1 < T:
