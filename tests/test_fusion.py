@@ -361,3 +361,24 @@ def test_bf16_input_fused_is_at_least_as_close_to_float64_as_the_torch_pair(kind
         return ((a.double() - b).norm() / b.norm()).item()
 
     assert rel(ours[2], exact[2]) <= 2 * rel(lowp[2], exact[2]) + NORM_NEURON_FUSED_BF16_REL, kind
+
+
+def test_memopt_checkpoint_of_a_fused_block_equals_eager_and_counts_once():
+    from snnorm import memopt
+
+    torch.manual_seed(0)
+    eager = functional.fuse_norm_neurons(_block("tebn", spatial=0))
+    functional.set_backend(eager, "triton")
+    ckpt = copy.deepcopy(eager)
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    results = []
+    for net, call in ((eager, lambda n, t: n(t)), (ckpt, lambda n, t: memopt.checkpoint(n, t))):
+        xr = x.clone().requires_grad_()
+        y = call(net, xr)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        results.append((y.detach(), xr.grad, [p.grad for p in net.parameters()], net.state_dict()))
+    (y0, g0, p0, s0), (y1, g1, p1, s1) = results
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert int(ckpt[1].norm.num_batches_tracked) == 1  # the recompute did not count again
