@@ -19,7 +19,8 @@ Measured per block (bytes and launches per element-step use T·N·C·H·W elemen
   meter) plus the bytes of every eager torch operation (its dispatch-mode meter: each
   input read and each output written once; views and allocations free); ``launches``:
   kernel launches plus torch operations (each is a launch on a GPU). Backward is
-  ``autograd.backward(y, ones)``: the gradients of the input and every parameter.
+  ``autograd.grad(y, ..., ones)``: the gradients of the input and every parameter (none
+  accumulated into a ``.grad``).
 * ``saved``: distinct storages autograd keeps for backward other than parameters and
   buffers (the block's input counts: a fused block must keep it).
 
@@ -206,8 +207,8 @@ def measure(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
     with traffic.meter() as fwd:
         y = net(x)
     grad = torch.ones_like(y)
-    with traffic.meter() as bwd:
-        torch.autograd.backward(y, grad, inputs=leaves)
+    with traffic.meter() as bwd:  # grad(), not backward(): no accumulation into .grad counted
+        torch.autograd.grad(y, [t for t in leaves if t.requires_grad], grad, allow_unused=True)
     _reset(net)
     saved = _saved_without_kept(net, x, kept)
     return {
