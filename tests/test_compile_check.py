@@ -107,11 +107,13 @@ def test_spilling_reports_spilled_configurations():
 @pytest.mark.slow
 @pytest.mark.timeout(1600)
 def test_oldest_supported_triton_compiles_every_configuration_without_spills(tmp_path):
-    # every kernel once (LIF, MPBN training on the resident and the pipelined path, TEBN, TAB), in fp32
-    # and bf16 — the whole CI grid again would double this check's CI time
+    # every kernel once (LIF, MPBN training on the resident and the pipelined path, TEBN, TAB, the
+    # fused norm → LIF over two segments), in fp32 and bf16 — the whole CI grid again would double
+    # this check's CI time
     extra = os.environ["SNNORM_COMPILE_CHECK_PYTHONPATH"]
     only = ("lif T4 N32 C64 8x8 float32,mpbn-train T4 N32 C64 8x8,mpbn-train T4 N32 C64 32x32 float32,"
-            "mpbn-train T4 N32 C256 8x8 float32,tebn-train T4 N32 C64 8x8,tab-train T4 N32 C64 8x8")
+            "mpbn-train T4 N32 C256 8x8 float32,tebn-train T4 N32 C64 8x8,tab-train T4 N32 C64 8x8,"
+            "norm-lif-train T32 N8 C16 8x8")
     out, rows = _run_check(tmp_path, extra, "--only", only)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     import triton
