@@ -169,7 +169,7 @@ def _block(kind="tebn", T=4, C=3, spatial=2):
         layer.Conv2d(2, C, 3, padding=1, bias=False, step_mode="m") if spatial else nn.Identity(),
         make_norm(kind, T, C, spatial),
         neuron.LIFNode(step_mode="m"),
-    )
+    ).to(DEVICE)
 
 
 def test_sequential_pair_fuses_in_place_and_keeps_state_dict_keys():
@@ -201,7 +201,7 @@ def test_checkpoints_load_both_ways(kind):
 def test_torch_backend_runs_the_exact_composition_and_unfuse_restores_the_modules():
     torch.manual_seed(0)
     net = _block("bntt")
-    x = torch.randn(4, 2, 2, 5, 5)
+    x = torch.randn(4, 2, 2, 5, 5, device=DEVICE)
     expected = net(x)
     functional.reset_net(net)
     norm, sn = net[1], net[2]
@@ -245,7 +245,7 @@ def test_a_neuron_option_without_kernel_stays_with_a_warning():
 def test_slot_refuses_a_tensor_its_norm_did_not_make():
     net = functional.fuse_norm_neurons(_block("bn", spatial=0))
     with pytest.raises(RuntimeError, match="unfuse_norm_neurons"):
-        net[2](torch.zeros(4, 2, 3))
+        net[2](torch.zeros(4, 2, 3, device=DEVICE))
 
 
 def test_state_functions_and_deepcopy_act_on_the_pair():
@@ -253,7 +253,7 @@ def test_state_functions_and_deepcopy_act_on_the_pair():
     net = functional.fuse_norm_neurons(_block("tab"))
     functional.set_backend(net, "triton")
     assert net[1].norm.backend == "triton" and net[2].neuron.backend == "triton"
-    x = torch.randn(4, 2, 2, 5, 5)
+    x = torch.randn(4, 2, 2, 5, 5, device=DEVICE)
     net(x[:2].repeat(2, 1, 1, 1, 1))
     clone = copy.deepcopy(net)  # mid-sequence
     assert clone[1].neuron is clone[2].neuron and clone[2].neuron is not net[2].neuron
@@ -273,7 +273,7 @@ def test_state_functions_and_deepcopy_act_on_the_pair():
 def test_running_statistics_update_once_per_call():
     net = functional.fuse_norm_neurons(_block("bn", spatial=0))
     functional.set_backend(net, "triton")
-    net(torch.randn(4, 2, 3))
+    net(torch.randn(4, 2, 3, device=DEVICE))
     assert int(net[1].norm.num_batches_tracked) == 1
 
 
@@ -282,9 +282,9 @@ def test_bad_input_is_refused_before_any_state_moves():
     functional.set_backend(net, "triton")
     before = copy.deepcopy(net.state_dict())
     with pytest.raises(ValueError, match="temporal length"):
-        net(torch.randn(3, 2, 3))  # T=3 into a T=4 TEBN
+        net(torch.randn(3, 2, 3, device=DEVICE))  # T=3 into a T=4 TEBN
     with pytest.raises(ValueError, match="channels"):
-        net(torch.randn(4, 2, 5))
+        net(torch.randn(4, 2, 5, device=DEVICE))
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -293,7 +293,7 @@ def test_torch_compile_fullgraph_runs_the_fused_op():
     torch.manual_seed(0)
     net = functional.fuse_norm_neurons(_block("tebn", spatial=0))
     functional.set_backend(net, "triton")
-    x = torch.randn(4, 2, 3)
+    x = torch.randn(4, 2, 3, device=DEVICE)
     eager = net(x)
     functional.reset_net(net)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
@@ -307,9 +307,9 @@ def test_fused_ops_pass_opcheck(batch_stats):
 
     lif = LIFParameters(surrogate.Sigmoid()).for_kernel("sigmoid", 4.0)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 2, 4, 5, dtype=F64, generator=g, requires_grad=True)
-    w = (1 + torch.rand(4, dtype=F64, generator=g)).requires_grad_()
-    b = torch.rand(4, dtype=F64, generator=g).requires_grad_()
+    x = torch.randn(3, 2, 4, 5, dtype=F64, generator=g).to(DEVICE).requires_grad_()
+    w = (1 + torch.rand(4, dtype=F64, generator=g)).to(DEVICE).requires_grad_()
+    b = torch.rand(4, dtype=F64, generator=g).to(DEVICE).requires_grad_()
     mean, var = x.detach().mean((0, 1, 3)), x.detach().var((0, 1, 3), unbiased=False)
     args = (x, None, w, b, None, mean, var, "batch_norm", 1e-5, batch_stats, 0.5, 0.0, *lif.to_op_args(), True)
     torch.library.opcheck(torch.ops.snnorm.norm_lif, args)
@@ -320,7 +320,7 @@ def test_fused_block_saves_x_and_per_channel_values_only(T):
     """Saved for backward: x (4 B per fp32 element-step), the checkpoints of a long sequence
     (one membrane per 16 steps) and O(T·C) statistics, never h."""
     C, shape = 3, (T, 2, 3, 4, 4)
-    net = functional.fuse_norm_neurons(nn.Sequential(make_norm("tab", T, C, 2), neuron.LIFNode(step_mode="m")))
+    net = functional.fuse_norm_neurons(nn.Sequential(make_norm("tab", T, C, 2), neuron.LIFNode(step_mode="m")).to(DEVICE))
     functional.set_backend(net, "triton")
     x = torch.randn(shape, device=DEVICE).requires_grad_()
     kept = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
@@ -375,7 +375,7 @@ def test_memopt_checkpoint_of_a_fused_block_equals_eager_and_counts_once():
     for net, call in ((eager, lambda n, t: n(t)), (ckpt, lambda n, t: memopt.checkpoint(n, t))):
         xr = x.clone().requires_grad_()
         y = call(net, xr)
-        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape))
         results.append((y.detach(), xr.grad, [p.grad for p in net.parameters()], net.state_dict()))
     (y0, g0, p0, s0), (y1, g1, p1, s1) = results
     assert torch.equal(y0, y1) and torch.equal(g0, g1)
