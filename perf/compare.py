@@ -24,8 +24,9 @@ Measured per block (bytes and launches per element-step use T·N·C·H·W elemen
 * ``saved``: distinct storages autograd keeps for backward other than parameters and
   buffers (the block's input counts: a fused block must keep it).
 
-No timing here: on a CPU the interpreter's time says nothing about a GPU. On a GPU the
-same CLI counts nothing (the meter needs the interpreter) and says so.
+On a CPU nothing is timed: the interpreter's time says nothing about a GPU. On a GPU the
+CLI times instead (ms per training step, ``--time``; the meter needs the interpreter) and
+writes ``compare_time.csv``: the bytes are the same on every device.
 
 Run: ``python -m perf.compare [--shape T N C H W] [--out CSV]``; ``perf.report`` puts the
 table in ``perf/RESULTS.md``.
@@ -36,7 +37,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import statistics
 import sys
+import time
 import types
 import warnings
 from pathlib import Path
@@ -240,28 +243,63 @@ def _saved_without_kept(net: nn.Module, x: torch.Tensor, kept) -> float:
     return float(sum(storages.values()))
 
 
-def run(shape=DEFAULT_SHAPE, blocks=BLOCKS, log: Callable[[str], None] = print) -> list[dict]:
-    """Rows (``COLUMNS``) for every block and library on one input of ``shape``."""
-    if not traffic.interpreting():
+def time_step(net: nn.Module, x: torch.Tensor, reps: int = 20) -> float:
+    """Median wall time (ms) of one training step of ``net`` (forward, then ∂ of the input and
+    parameters), after 3 warm-up steps; CUDA is synchronised around each step."""
+    leaves = [t for t in (x, *net.parameters()) if t.requires_grad]
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+    def step():
+        _reset(net)
+        y = net(x)
+        torch.autograd.grad(y, leaves, torch.ones_like(y), allow_unused=True)
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def run(shape=DEFAULT_SHAPE, blocks=BLOCKS, log: Callable[[str], None] = print, timing: bool | None = None,
+        device: str | None = None, reps: int = 20) -> list[dict]:
+    """Rows (``COLUMNS``) for every block and library on one input of ``shape``.
+
+    Under the Triton interpreter (a CPU): bytes, launches and saved bytes (:func:`measure`).
+    With ``timing`` (the default on CUDA, where nothing can be counted): ms per training step
+    (:func:`time_step`), metric ``ms_step``.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    timing = device.type == "cuda" if timing is None else timing
+    if not timing and not traffic.interpreting():
         raise RuntimeError(
             "perf.compare counts bytes with the Triton interpreter's meter: run it on a CPU "
-            "(TRITON_INTERPRET=1 is set here when no CUDA device is visible)"
+            "(TRITON_INTERPRET=1 is set here when no CUDA device is visible), or time with --time"
         )
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=g) * 1.5 + 0.5).requires_grad_()
+    x = (torch.randn(shape, generator=g) * 1.5 + 0.5).to(device).requires_grad_()
     rows = []
     for block in blocks:
         for library in LIBRARIES:
             torch.manual_seed(0)
             net, note = build(block, library, shape)
+            row = dict(block=block, library=library, shape=H.shape_str(shape), note=note)
             if net is None:
-                rows.append(dict(block=block, library=library, shape=H.shape_str(shape), metric="absent",
-                                 value="", note=note))
+                rows.append(dict(row, metric="absent", value=""))
+                continue
+            net = net.to(device)
+            if timing:
+                ms = time_step(net, x, reps)
+                rows.append(dict(row, metric="ms_step", value=f"{ms:.4g}"))
+                log(f"{block:9s} {library:12s} {ms:8.3f} ms per training step  [{note}]")
                 continue
             values = measure(net, x)
-            for metric in METRICS:
-                rows.append(dict(block=block, library=library, shape=H.shape_str(shape), metric=metric,
-                                 value=f"{values[metric]:.4g}", note=note))
+            rows += [dict(row, metric=metric, value=f"{values[metric]:.4g}") for metric in METRICS]
             log(f"{block:9s} {library:12s} fwd {values['fwd_bytes']:6.2f} B ({values['fwd_launches']:4.0f}) "
                 f"bwd {values['bwd_bytes']:6.2f} B ({values['bwd_launches']:4.0f}) "
                 f"saved {values['saved_bytes']:5.2f} B  [{note}]")
@@ -336,12 +374,17 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", type=int, nargs=5, default=list(DEFAULT_SHAPE), metavar=("T", "N", "C", "H", "W"))
     p.add_argument("--blocks", nargs="*", default=list(BLOCKS), choices=BLOCKS)
-    p.add_argument("--out", default=str(H.RESULTS_DIR / CSV_NAME))
+    p.add_argument("--out", default=None, help="CSV (default: perf/results/compare.csv, or compare_time.csv timing)")
+    p.add_argument("--time", action="store_true", help="time training steps instead of counting (default on CUDA)")
     args = p.parse_args(argv)
-    rows = run(tuple(args.shape), args.blocks)
-    out = Path(args.out)
+    timing = args.time or torch.cuda.is_available()
+    rows = run(tuple(args.shape), args.blocks, timing=timing)
+    # bytes are device-independent (perf/results/); times belong to the device (perf/results/<device>/)
+    out = Path(args.out) if args.out else (H.results_path(H.environment(), "compare_time") if timing
+                                           else H.RESULTS_DIR / CSV_NAME)
     write_csv(rows, out)
-    print("\n".join(markdown(out)))
+    if not timing:
+        print("\n".join(markdown(out)))
     print(f"\nwrote {out}")
     return rows
 

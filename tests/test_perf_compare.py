@@ -76,3 +76,9 @@ def test_report_section_renders_the_table(rows):
     assert lines[0].startswith("## Side by side with spikingjelly")
     body = [line for line in lines if line.startswith("| ") and not line.startswith("| block")]
     assert [line.split(" | ")[0][2:] for line in body] == list(compare.BLOCKS)
+
+
+def test_timing_mode_times_every_library():
+    rows = compare.run(SHAPE, blocks=("bn_lif",), log=lambda line: None, timing=True, reps=2)
+    assert {r["library"] for r in rows} == set(compare.LIBRARIES)
+    assert all(r["metric"] == "ms_step" and float(r["value"]) > 0 for r in rows)
