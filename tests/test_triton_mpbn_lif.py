@@ -28,8 +28,6 @@ from snnorm.backends import torch_backend as ref
 pytest.importorskip("triton")
 from snnorm.backends import triton_backend as K  # noqa: E402
 from snnorm.kernels import _common  # noqa: E402
-from snnorm.kernels import lif as lif_kernels  # noqa: E402
-from snnorm.kernels import mpbn_lif_adapt as adapt_kernels  # noqa: E402
 from snnorm.kernels import mpbn_lif_train as train_kernels  # noqa: E402
 from snnorm.params import AdaptParameters, BNKernelParameters, BNStatistics, LIFParameters, MPBNParameters  # noqa: E402
 
@@ -436,16 +434,16 @@ def _op_args(kind):
     th = torch.full((2,), 0.3, requires_grad=True)
     flags = LIF.for_kernel("sigmoid", 4.0).to_op_args()
     if kind == "lif":
-        return lif_kernels.lif_elementwise_op, (x, v, th, None, None, None, None, None, *flags, 0, False, True, torch.float32)
+        return K.lif_elementwise_op, (x, v, th, None, None, None, None, None, *flags, 0, False, True, torch.float32)
     if kind == "eval":
         mu = torch.randn(2, generator=g)
         r = torch.rand(2, generator=g).add(0.5).requires_grad_()
         b = torch.randn(2, generator=g, requires_grad=True)
-        return lif_kernels.lif_elementwise_op, (x, v, th, mu, r, b, None, None, *flags, 1, True, True, torch.float32)
+        return K.lif_elementwise_op, (x, v, th, mu, r, b, None, None, *flags, 1, True, True, torch.float32)
     if kind == "train":
         w = torch.rand(2, generator=g).add(0.5).requires_grad_()
         b = torch.randn(2, generator=g, requires_grad=True)
-        return train_kernels.mpbn_lif_train_op, (x, v, w, b, torch.zeros(2), torch.ones(2), th, *BNKernelParameters(1e-5, 0.1, 0).to_op_args(), *flags, True, True, torch.float32)
+        return K.mpbn_lif_train_op, (x, v, w, b, torch.zeros(2), torch.ones(2), th, *BNKernelParameters(1e-5, 0.1, 0).to_op_args(), *flags, True, True, torch.float32)
     raise AssertionError(kind)
 
 
@@ -466,7 +464,7 @@ def test_opcheck_adapt_forward():
             torch.tensor([0.3, 0.2], dtype=torch.float64), True, 1e-5, *LIF.for_kernel("sigmoid", 4.0).to_op_args(), True,
             torch.float32)
     args = _on_device(args)
-    torch.library.opcheck(adapt_kernels.mpbn_lif_adapt_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(K.mpbn_lif_adapt_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiles_fullgraph():
@@ -498,9 +496,9 @@ def test_compiles_fullgraph():
 @pytest.mark.parametrize(
     "name, signature",
     [
-        ("lif_elementwise", lif_kernels.LIF_FWD), ("lif_elementwise_bwd", lif_kernels.LIF_BWD),
-        ("mpbn_lif_train", train_kernels.TRAIN_FWD), ("mpbn_lif_train_bwd", train_kernels.TRAIN_BWD),
-        ("mpbn_lif_adapt", adapt_kernels.ADAPT_FWD),
+        ("lif_elementwise", K.LIF_FWD), ("lif_elementwise_bwd", K.LIF_BWD),
+        ("mpbn_lif_train", K.TRAIN_FWD), ("mpbn_lif_train_bwd", K.TRAIN_BWD),
+        ("mpbn_lif_adapt", K.ADAPT_FWD),
     ],
 )
 def test_op_schemas_carry_the_bundle_fields_in_order(name, signature):

@@ -18,6 +18,7 @@ from snnorm import neuron  # noqa: E402
 from snnorm import surrogate as sg  # noqa: E402
 from snnorm.backends import get_ops  # noqa: E402
 from snnorm.backends import torch_backend as ref  # noqa: E402
+from snnorm.backends import triton_backend as K  # noqa: E402
 from snnorm.functional import set_backend  # noqa: E402
 from snnorm.kernels import lif as lif_kernels  # noqa: E402
 from snnorm.kernels import mpbn_lif_train as train_kernels  # noqa: E402
@@ -43,11 +44,11 @@ def test_lif_backward_without_final_membrane_gradient(shape):
     v = torch.zeros(shape[1:])
     th = torch.full((shape[2],), 0.4)
     lif = LIF_K.to_op_args()
-    _, _, h = lif_kernels.lif_elementwise_op(x, v, th, None, None, None, None, None, *lif, 0, False, True, torch.float32)
+    _, _, h = K.lif_elementwise_op(x, v, th, None, None, None, None, None, *lif, 0, False, True, torch.float32)
     gs = torch.randn(shape, generator=g)
     flags = (*lif, 0, False, True)
-    without = lif_kernels.lif_elementwise_bwd_op(gs, None, h, torch.float32, th, None, None, None, None, None, *flags)
-    zeros = lif_kernels.lif_elementwise_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, th, None, None, None, None, None, *flags)
+    without = K.lif_elementwise_bwd_op(gs, None, h, torch.float32, th, None, None, None, None, None, *flags)
+    zeros = K.lif_elementwise_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, th, None, None, None, None, None, *flags)
     for a, b in zip(without, zeros):
         torch.testing.assert_close(a, b, **EXACT)
 
@@ -61,11 +62,11 @@ def test_mpbn_lif_resident_backward_without_final_membrane_gradient(shape):
     w, b, th = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g), torch.full((C,), 0.4)
     lif = LIF._replace(surrogate=sg.ATan()).for_kernel("atan", 2.0).to_op_args()
     bn = BNKernelParameters(1e-5, 0.1, 0).to_op_args()
-    _, _, h, mean, rstd, _, _ = train_kernels.mpbn_lif_train_op(x, v, w, b, None, None, th, *bn, *lif, True, True, torch.float32)
+    _, _, h, mean, rstd, _, _ = K.mpbn_lif_train_op(x, v, w, b, None, None, th, *bn, *lif, True, True, torch.float32)
     cfg = (*lif, True, True)
     gs = torch.randn(shape, generator=g)
-    without = train_kernels.mpbn_lif_train_bwd_op(gs, None, h, torch.float32, mean, rstd, w, b, th, *cfg)
-    zeros = train_kernels.mpbn_lif_train_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, mean, rstd, w, b, th, *cfg)
+    without = K.mpbn_lif_train_bwd_op(gs, None, h, torch.float32, mean, rstd, w, b, th, *cfg)
+    zeros = K.mpbn_lif_train_bwd_op(gs, torch.zeros(shape[1:]), h, torch.float32, mean, rstd, w, b, th, *cfg)
     for a, b_ in zip(without, zeros):
         torch.testing.assert_close(a, b_, **EXACT)
 

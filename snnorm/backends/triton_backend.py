@@ -6,7 +6,9 @@ signature and semantics of its twin in :mod:`snnorm.backends.torch_backend`; thi
 reads one-for-one against it. The ops here only adapt arguments (the parameter bundles
 of :mod:`snnorm.params` to their plain-value twins — the surrogate resolved to its kernel
 name and α —, threshold tensors, output dtype, the running-statistics copy-back) and call
-the custom ops of ``snnorm/kernels/<op>.py``:
+the custom ops (``snnorm::*``), which are registered in this file (schemas, fake kernels,
+autograd) around the launchers of ``snnorm/kernels/<module>.py``; ``kernels/`` holds only
+the ``@triton.jit`` kernels and their launchers:
 
 ===================  ==============================================================
 op                   kernels
@@ -14,7 +16,8 @@ op                   kernels
 ``lif``              ``kernels/lif.py`` (FIRE_RAW)
 ``mpbn_lif``         ``kernels/mpbn_lif_train.py`` (batch statistics) or
                      ``kernels/lif.py`` (FIRE_NORMALISED, running statistics)
-``mpbn_lif_folded``  ``kernels/lif.py`` (FIRE_FOLDED) or ``kernels/mpbn_lif_adapt.py``
+``mpbn_lif_folded``  ``kernels/lif.py`` (FIRE_FOLDED) or ``kernels/mpbn_lif_train.py``
+                     (``snnorm::mpbn_lif_adapt``: per-step statistics, adapt != "none")
 ``tebn``, ``tab``,   ``kernels/bn_pipeline.py`` (one statistics pipeline; rules
 ``batch_norm_seq``,  ``tebn``, ``tab``, ``batch_norm``, ``bntt``)
 ``bntt``
@@ -70,9 +73,6 @@ try:
 
     from ..kernels import _lif_device as _dev
     from ..kernels._common import acc_torch_dtype, check_device
-    from ..kernels.lif import lif_elementwise_op
-    from ..kernels.mpbn_lif_adapt import mpbn_lif_adapt_op
-    from ..kernels.mpbn_lif_train import mpbn_lif_train_op
 except ImportError:  # pragma: no cover - exercised only without triton
     pass
 
@@ -139,6 +139,244 @@ def _check_batch_size(x_seq: Tensor) -> None:
     # the same rule (and message) as torch.nn.functional.batch_norm in training
     if x_seq.shape[1] * (x_seq[0, 0, 0].numel()) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x_seq.shape[1:])}")
+
+
+# ==================================================================================
+# The LIF / MPBN-LIF ops (kernels/lif.py, kernels/mpbn_lif_train.py)
+# ==================================================================================
+# The kernel modules launch; here the torch.library ops (with fake kernels, so they trace
+# under torch.compile(fullgraph=True)) and their autograd, which the op-table functions
+# ``lif``, ``mpbn_lif``, ``mpbn_lif_folded`` below call:
+#
+# * ``snnorm::lif_elementwise`` / ``_bwd``: plain LIF (FIRE_RAW), MPBN with running
+#   statistics (FIRE_NORMALISED), folded threshold (FIRE_FOLDED), differentiable;
+# * ``snnorm::mpbn_lif_train`` / ``_bwd``: MPBN-LIF with batch statistics, differentiable;
+#   the running statistics come back as new tensors (the op is functional);
+# * ``snnorm::mpbn_lif_adapt``: folded MPBN-LIF with test-time threshold modulation
+#   (Zhao et al., arXiv 2505.05375) on the batch-statistics kernels, per step t
+#   μ, σ² = batch statistics of h (adapt="batch") or μ ← (1 − m_t)μ + m_t·mean (adapt="running"),
+#   s = Θ(sign(γ)(h − θ')), θ' = μ + (θ − β)·√(σ² + ε)/γ; forward only.
+
+try:
+    from ..kernels import lif as _lk
+    from ..kernels import mpbn_lif_train as _mt
+    from ..kernels._common import op_signature
+except ImportError:  # pragma: no cover - exercised only without triton
+    pass
+else:
+    #: per-channel tensors of the elementwise modes: θ, then μ, γ·rstd, β (NORM) and θ', sign(γ) (FIRE_FOLDED)
+    _FIRE_TENSORS = "Tensor th, Tensor? mu, Tensor? r, Tensor? beta, Tensor? thf, Tensor? sgn"
+
+    #: ``snnorm::lif_elementwise(x, v, <fire tensors>, <LIFKernelParameters>, fire, carry_norm, save_h, out_dtype)``
+    LIF_FWD = op_signature(
+        "Tensor x, Tensor v", _FIRE_TENSORS, LIFKernelParameters, "int fire, bool carry_norm, bool save_h, ScalarType out_dtype",
+        returns="(Tensor, Tensor, Tensor)",
+    )
+    #: ``snnorm::lif_elementwise_bwd(gs, gv, h, gx_dtype, <fire tensors>, <LIFKernelParameters>, fire, carry_norm, need_gv0)``
+    LIF_BWD = op_signature(
+        "Tensor? gs, Tensor? gv, Tensor h, ScalarType gx_dtype", _FIRE_TENSORS, LIFKernelParameters,
+        "int fire, bool carry_norm, bool need_gv0",
+        returns="(Tensor, Tensor, Tensor)",
+    )
+
+    @torch.library.custom_op("snnorm::lif_elementwise", mutates_args=(), schema=LIF_FWD.schema)
+    def lif_elementwise_op(x, v, th, mu, r, beta, thf, sgn, *args):
+        """(spikes, v_T, saved h) for plain LIF (FIRE_RAW), MPBN eval (FIRE_NORMALISED), folded threshold (FIRE_FOLDED).
+
+        Arguments: see ``LIF_FWD``; call with ``*lif.to_op_args()`` in the bundle's place.
+        """
+        lif, (fire, carry_norm, save_h, out_dtype) = LIFKernelParameters.from_op_args(args)
+        return _lk.launch_lif_fwd(x, v, th, mu, r, beta, thf, sgn, out_dtype, lif, fire, carry_norm, save_h)
+
+    @lif_elementwise_op.register_fake
+    def _(x, v, th, mu, r, beta, thf, sgn, *args):
+        _, (fire, carry_norm, save_h, out_dtype) = LIFKernelParameters.from_op_args(args)
+        h = x.new_empty(x.shape if save_h else (0,), dtype=acc_torch_dtype(out_dtype))
+        return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[1:], dtype=out_dtype), h
+
+    @torch.library.custom_op("snnorm::lif_elementwise_bwd", mutates_args=(), schema=LIF_BWD.schema)
+    def lif_elementwise_bwd_op(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, *args):
+        """(∂x, ∂v0 (empty unless need_gv0), [4, C] per-channel sums: Σgĥ, Σgĥ·(h − μ), ∂θ, ∂θ'); gs / gv None read as zeros."""
+        lif, (fire, carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
+        return _lk.launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif, fire, carry_norm, need_gv0)
+
+    @lif_elementwise_bwd_op.register_fake
+    def _(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, *args):
+        _, (fire, carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
+        return h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)), h.new_empty((4, h.shape[2]))
+
+    def _lif_setup(ctx, inputs, output):
+        x, v, th, mu, r, beta, thf, sgn, *args = inputs
+        lif, (fire, carry_norm, save_h, _) = LIFKernelParameters.from_op_args(args)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros tensor to read
+        ctx.missing_h = not save_h
+        if save_h:
+            ctx.save_for_backward(output[2], th, mu, r, beta, thf, sgn)
+        ctx.cfg = (*lif.to_op_args(), fire, carry_norm)
+        ctx.dtypes = (x.dtype, v.dtype)
+
+    def _lif_backward(ctx, gs, gv, gh_unused):
+        if ctx.missing_h:
+            raise RuntimeError(
+                "snnorm::lif_elementwise was called with save_h=False (no gradient was expected) but a backward pass was requested"
+            )
+        h, th, mu, r, beta, thf, sgn = ctx.saved_tensors
+        need_gv0 = ctx.needs_input_grad[1]  # a broadcast initial state (the default) needs none: not written
+        gx, gv0, sums = lif_elementwise_bwd_op(gs, gv, h, ctx.dtypes[0], th, mu, r, beta, thf, sgn, *ctx.cfg, need_gv0)
+        g_beta, g_r, g_th, g_thf = sums.unbind(0)
+
+        def cast(g, like):
+            return None if like is None else g.to(like.dtype)
+
+        g_mu = None if mu is None else (-(g_beta * r.to(g_beta.dtype))).to(mu.dtype)
+        return LIF_FWD.grads(
+            gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None, cast(g_th, th),
+            g_mu, cast(g_r, r), cast(g_beta, beta), cast(g_thf, thf),
+        )
+
+    def no_double_backward(op: str):
+        """An autograd formula for a backward op that names the limit instead of torch's internal error."""
+
+        def backward(ctx, *grads):
+            raise NotImplementedError(
+                f"snnorm triton {op}: double backward (differentiating a gradient taken with create_graph=True) "
+                "is not supported by the fused kernels; use the torch backend (snnorm.functional.set_backend(net, 'torch')) "
+                "for higher-order gradients"
+            )
+
+        return backward
+
+    lif_elementwise_op.register_autograd(_lif_backward, setup_context=_lif_setup)
+    lif_elementwise_bwd_op.register_autograd(no_double_backward("lif"), setup_context=lambda ctx, inputs, output: None)
+
+    #: ``snnorm::mpbn_lif_train(x, v, weight, bias, running_mean, running_var, th, <BNKernelParameters>,
+    #: <LIFKernelParameters>, carry_norm, save, out_dtype)``
+    TRAIN_FWD = op_signature(
+        "Tensor x, Tensor v, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor th",
+        BNKernelParameters, LIFKernelParameters, "bool carry_norm, bool save, ScalarType out_dtype",
+        returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    )
+    #: ``snnorm::mpbn_lif_train_bwd(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, <LIFKernelParameters>,
+    #: carry_norm, need_gv0)``
+    TRAIN_BWD = op_signature(
+        "Tensor? gs, Tensor? gv, Tensor h, ScalarType gx_dtype, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+        "Tensor th", LIFKernelParameters, "bool carry_norm, bool need_gv0",
+        returns="(Tensor, Tensor, Tensor, Tensor, Tensor)",
+    )
+
+    @torch.library.custom_op("snnorm::mpbn_lif_train", mutates_args=(), schema=TRAIN_FWD.schema)
+    def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
+        """MPBN-LIF with batch statistics: (spikes, v_T, saved h, mean [T, C], rstd [T, C],
+        updated running mean, updated running var). Arguments: see ``TRAIN_FWD``.
+
+        Functional (autograd needs that): the running statistics come back as new tensors
+        (empty when None) and the op-table adaptor copies them into the buffers.
+        """
+        bn, args = BNKernelParameters.from_op_args(args)
+        lif, (carry_norm, save, out_dtype) = LIFKernelParameters.from_op_args(args)
+        acc = acc_torch_dtype(out_dtype)
+        rm_new = running_mean.to(acc, copy=True) if running_mean is not None else None
+        rv_new = running_var.to(acc, copy=True) if running_var is not None else None
+        s, v_out, h, mean, rstd, _, _ = _mt.launch_batch_stats_fwd(
+            x, v, weight, bias, rm_new, rv_new, th, None, None, None, out_dtype,
+            lif=lif, bn=bn, stats=_dev.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
+        )
+        if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
+            rm_new, rv_new = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+        return s, v_out, h, mean, rstd, rm_new, rv_new
+
+    @mpbn_lif_train_op.register_fake
+    def _(x, v, weight, bias, running_mean, running_var, th, *args):
+        _, args = BNKernelParameters.from_op_args(args)
+        _, (carry_norm, save, out_dtype) = LIFKernelParameters.from_op_args(args)
+        acc = acc_torch_dtype(out_dtype)
+        T, C = x.shape[0], x.shape[2]
+        return (
+            x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[1:], dtype=out_dtype),
+            x.new_empty(x.shape if save else (0,), dtype=acc),
+            x.new_empty((T, C) if save else (0,), dtype=acc), x.new_empty((T, C) if save else (0,), dtype=acc),
+            x.new_empty((0,) if running_mean is None else running_mean.shape, dtype=acc),
+            x.new_empty((0,) if running_var is None else running_var.shape, dtype=acc),
+        )
+
+    @torch.library.custom_op("snnorm::mpbn_lif_train_bwd", mutates_args=(), schema=TRAIN_BWD.schema)
+    def mpbn_lif_train_bwd_op(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *args):
+        """(∂x, ∂v0 (empty unless need_gv0), ∂γ, ∂β, ∂θ) of MPBN-LIF training; gs / gv None read as zeros."""
+        lif, (carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
+        return _mt.launch_train_bwd(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, lif=lif, carry_norm=carry_norm, need_gv0=need_gv0)
+
+    @mpbn_lif_train_bwd_op.register_fake
+    def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *args):
+        _, (carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
+        C = h.shape[2]
+        return (
+            h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)),
+            h.new_empty((C,)), h.new_empty((C,)), h.new_empty((C,)),
+        )
+
+    def _train_setup(ctx, inputs, output):
+        x, v, weight, bias, rm, rv, th, *args = inputs
+        _, args = BNKernelParameters.from_op_args(args)
+        lif, (carry_norm, save, _) = LIFKernelParameters.from_op_args(args)
+        _, _, h, mean, rstd, _, _ = output
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros tensor to read
+        ctx.missing_h = not save
+        if save:
+            ctx.save_for_backward(h, mean, rstd, weight, bias, th)
+        ctx.cfg = (*lif.to_op_args(), carry_norm)
+        ctx.dtypes = (x.dtype, v.dtype)
+
+    def _train_backward(ctx, gs, gv, gh, gmean, grstd, grm, grv):
+        if ctx.missing_h:
+            raise RuntimeError("snnorm::mpbn_lif_train was called with save=False (no gradient was expected) but a backward pass was requested")
+        h, mean, rstd, weight, bias, th = ctx.saved_tensors
+        need_gv0 = ctx.needs_input_grad[1]  # a broadcast initial state (the default) needs none: not written
+        gx, gv0, gw, gb, gth = mpbn_lif_train_bwd_op(gs, gv, h, ctx.dtypes[0], mean, rstd, weight, bias, th, *ctx.cfg, need_gv0)
+        return TRAIN_FWD.grads(
+            gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None,
+            None if weight is None else gw.to(weight.dtype), None if bias is None else gb.to(bias.dtype),
+            None, None, gth.to(th.dtype),
+        )
+
+    mpbn_lif_train_op.register_autograd(_train_backward, setup_context=_train_setup)
+    mpbn_lif_train_bwd_op.register_autograd(no_double_backward("mpbn_lif"), setup_context=lambda ctx, inputs, output: None)
+
+    #: ``snnorm::mpbn_lif_adapt(x, v, mu, sigma2, gamma, beta, th, mom, running, eps, <LIFKernelParameters>,
+    #: carry_norm, out_dtype)``; the LIF bundle's detach_reset, surrogate and α are unused (forward only)
+    ADAPT_FWD = op_signature(
+        "Tensor x, Tensor v, Tensor mu, Tensor sigma2, Tensor gamma, Tensor beta, Tensor th, Tensor mom, bool running, "
+        "float eps", LIFKernelParameters, "bool carry_norm, ScalarType out_dtype",
+        returns="(Tensor, Tensor, Tensor, Tensor)",
+    )
+
+    @torch.library.custom_op("snnorm::mpbn_lif_adapt", mutates_args=(), schema=ADAPT_FWD.schema)
+    def mpbn_lif_adapt_op(x, v, mu, sigma2, gamma, beta, th, mom, running, eps, *args):
+        """(spikes, v_T, μ_T, σ²_T). Forward only. Arguments: see ``ADAPT_FWD``."""
+        lif, (carry_norm, out_dtype) = LIFKernelParameters.from_op_args(args)
+        stats = _dev.STATS_FOLD_RUNNING if running else _dev.STATS_FOLD_BATCH
+        s, v_out, _, _, _, mu_out, s2_out = _mt.launch_batch_stats_fwd(
+            x, v, gamma, beta, None, None, th, mu, sigma2, mom, out_dtype,
+            lif=lif, bn=BNKernelParameters(float(eps), None, 0), stats=stats.value, carry_norm=carry_norm, save=False,
+        )
+        return s, v_out, mu_out, s2_out
+
+    @mpbn_lif_adapt_op.register_fake
+    def _(x, v, mu, sigma2, gamma, beta, th, mom, running, eps, *args):
+        _, (carry_norm, out_dtype) = LIFKernelParameters.from_op_args(args)
+        C = x.shape[2]
+        acc = acc_torch_dtype(out_dtype)
+        return (
+            x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[1:], dtype=out_dtype),
+            x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc),
+        )
+
+    def _adapt_backward(ctx, *grads):
+        raise NotImplementedError(
+            "snnorm triton mpbn_lif_folded: backward through test-time threshold adaptation (adapt='batch'/'running') "
+            "is not implemented; use the torch backend, or adapt='none', to differentiate through a folded MPBN-LIF"
+        )
+
+    mpbn_lif_adapt_op.register_autograd(_adapt_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # ----------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ Backward, reverse time loop with the spike recomputed from the saved h::
 
 Layouts: ``x`` / spikes ``[T, N, C, S]`` (spatial dims merged; strided views, no copy),
 ``v`` ``[N, C, S]``, per-channel tensors ``[C]``. Grid (tiles per channel, C).
+
+This module holds the kernels and their launchers (:func:`launch_lif_fwd`,
+:func:`launch_lif_bwd`); the ops ``snnorm::lif_elementwise`` / ``_bwd`` that call them (schemas,
+fake kernels, autograd) are registered in :mod:`snnorm.backends.triton_backend`.
 """
 
 from __future__ import annotations
@@ -25,11 +29,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from . import _lif_device as dev
 from ..params import LIFKernelParameters
-from ._common import acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, num_warps, op_signature, store_dtype
+from ._common import acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, num_warps, store_dtype
 
 #: elements per program
 BLOCK = 1024
@@ -187,7 +190,7 @@ def _modes(fire: int, carry_norm: bool) -> dict:
     return dict(FIRE=fire, NORM=(fire == dev.FIRE_NORMALISED.value) or carry_norm, CARRY_NORM=carry_norm)
 
 
-def _launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelParameters, fire, carry_norm, save_h):
+def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelParameters, fire, carry_norm, save_h):
     T, N, C = x.shape[:3]
     x4, v3 = as_ncs(x, 1), as_ncs(v0, 0)
     S = x4.shape[3]
@@ -210,7 +213,7 @@ def _launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelP
     return s.to(out_dtype), v_out.to(out_dtype), h
 
 
-def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKernelParameters, fire, carry_norm, need_gv0):
+def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKernelParameters, fire, carry_norm, need_gv0):
     T, N, C = h.shape[:3]
     h4 = as_ncs(h, 1)
     S = h4.shape[3]
@@ -232,101 +235,3 @@ def _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKern
         num_warps=num_warps(tiles.block),
     )
     return gx.to(gx_dtype), gv0, part.sum(dim=1)
-
-
-# ----------------------------------------------------------------------------------
-# op registration (torch.library custom ops: torch.compile and opcheck friendly)
-# ----------------------------------------------------------------------------------
-
-#: per-channel tensors of the elementwise modes: θ, then μ, γ·rstd, β (NORM) and θ', sign(γ) (FIRE_FOLDED)
-_FIRE_TENSORS = "Tensor th, Tensor? mu, Tensor? r, Tensor? beta, Tensor? thf, Tensor? sgn"
-
-#: ``snnorm::lif_elementwise(x, v, <fire tensors>, <LIFKernelParameters>, fire, carry_norm, save_h, out_dtype)``
-LIF_FWD = op_signature(
-    "Tensor x, Tensor v", _FIRE_TENSORS, LIFKernelParameters, "int fire, bool carry_norm, bool save_h, ScalarType out_dtype",
-    returns="(Tensor, Tensor, Tensor)",
-)
-#: ``snnorm::lif_elementwise_bwd(gs, gv, h, gx_dtype, <fire tensors>, <LIFKernelParameters>, fire, carry_norm, need_gv0)``
-LIF_BWD = op_signature(
-    "Tensor? gs, Tensor? gv, Tensor h, ScalarType gx_dtype", _FIRE_TENSORS, LIFKernelParameters,
-    "int fire, bool carry_norm, bool need_gv0",
-    returns="(Tensor, Tensor, Tensor)",
-)
-
-
-@torch.library.custom_op("snnorm::lif_elementwise", mutates_args=(), schema=LIF_FWD.schema)
-def lif_elementwise_op(x, v, th, mu, r, beta, thf, sgn, *args):
-    """(spikes, v_T, saved h) for plain LIF (FIRE_RAW), MPBN eval (FIRE_NORMALISED), folded threshold (FIRE_FOLDED).
-
-    Arguments: see ``LIF_FWD``; call with ``*lif.to_op_args()`` in the bundle's place.
-    """
-    lif, (fire, carry_norm, save_h, out_dtype) = LIFKernelParameters.from_op_args(args)
-    return _launch_lif_fwd(x, v, th, mu, r, beta, thf, sgn, out_dtype, lif, fire, carry_norm, save_h)
-
-
-@lif_elementwise_op.register_fake
-def _(x, v, th, mu, r, beta, thf, sgn, *args):
-    _, (fire, carry_norm, save_h, out_dtype) = LIFKernelParameters.from_op_args(args)
-    h = x.new_empty(x.shape if save_h else (0,), dtype=acc_torch_dtype(out_dtype))
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[1:], dtype=out_dtype), h
-
-
-@torch.library.custom_op("snnorm::lif_elementwise_bwd", mutates_args=(), schema=LIF_BWD.schema)
-def lif_elementwise_bwd_op(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, *args):
-    """(∂x, ∂v0 (empty unless need_gv0), [4, C] per-channel sums: Σgĥ, Σgĥ·(h − μ), ∂θ, ∂θ'); gs / gv None read as zeros."""
-    lif, (fire, carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
-    return _launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif, fire, carry_norm, need_gv0)
-
-
-@lif_elementwise_bwd_op.register_fake
-def _(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, *args):
-    _, (fire, carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
-    return h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)), h.new_empty((4, h.shape[2]))
-
-
-def _setup(ctx, inputs, output):
-    x, v, th, mu, r, beta, thf, sgn, *args = inputs
-    lif, (fire, carry_norm, save_h, _) = LIFKernelParameters.from_op_args(args)
-    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros tensor to read
-    ctx.missing_h = not save_h
-    if save_h:
-        ctx.save_for_backward(output[2], th, mu, r, beta, thf, sgn)
-    ctx.cfg = (*lif.to_op_args(), fire, carry_norm)
-    ctx.dtypes = (x.dtype, v.dtype)
-
-
-def _backward(ctx, gs, gv, gh_unused):
-    if ctx.missing_h:
-        raise RuntimeError(
-            "snnorm::lif_elementwise was called with save_h=False (no gradient was expected) but a backward pass was requested"
-        )
-    h, th, mu, r, beta, thf, sgn = ctx.saved_tensors
-    need_gv0 = ctx.needs_input_grad[1]  # a broadcast initial state (the default) needs none: not written
-    gx, gv0, sums = lif_elementwise_bwd_op(gs, gv, h, ctx.dtypes[0], th, mu, r, beta, thf, sgn, *ctx.cfg, need_gv0)
-    g_beta, g_r, g_th, g_thf = sums.unbind(0)
-
-    def cast(g, like):
-        return None if like is None else g.to(like.dtype)
-
-    g_mu = None if mu is None else (-(g_beta * r.to(g_beta.dtype))).to(mu.dtype)
-    return LIF_FWD.grads(
-        gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None, cast(g_th, th),
-        g_mu, cast(g_r, r), cast(g_beta, beta), cast(g_thf, thf),
-    )
-
-
-def no_double_backward(op: str):
-    """An autograd formula for a backward op that names the limit instead of torch's internal error."""
-
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"snnorm triton {op}: double backward (differentiating a gradient taken with create_graph=True) "
-            "is not supported by the fused kernels; use the torch backend (snnorm.functional.set_backend(net, 'torch')) "
-            "for higher-order gradients"
-        )
-
-    return backward
-
-
-lif_elementwise_op.register_autograd(_backward, setup_context=_setup)
-lif_elementwise_bwd_op.register_autograd(no_double_backward("lif"), setup_context=lambda ctx, inputs, output: None)

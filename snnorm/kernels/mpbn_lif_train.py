@@ -1,5 +1,8 @@
-r"""MPBN-LIF with batch statistics (training): the ``snnorm::mpbn_lif_train`` op, and the
-batch-statistics forward that the adaptive folded op (``mpbn_lif_adapt.py``) shares.
+r"""MPBN-LIF with batch statistics (training): the kernels and launchers behind the
+``snnorm::mpbn_lif_train`` op (:func:`launch_batch_stats_fwd`, :func:`launch_train_bwd`), and
+the batch-statistics forward that the adaptive folded op ``snnorm::mpbn_lif_adapt`` shares
+(its statistics modes STATS_FOLD_BATCH / STATS_FOLD_RUNNING). Both ops (schemas, fake
+kernels, autograd) are registered in :mod:`snnorm.backends.triton_backend`.
 
 Per channel c and step t (Guo et al., "Membrane Potential Batch Normalization for Spiking
 Neural Networks", ICCV 2023, arXiv 2308.08359)::
@@ -63,10 +66,9 @@ from torch import Tensor
 from ..params import BNKernelParameters, LIFKernelParameters
 from . import _lif_device as dev
 from ._common import (
-    Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, next_pow2, num_warps, op_signature,
+    Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, next_pow2, num_warps,
     store_dtype,
 )
-from .lif import no_double_backward
 
 #: a channel of at most this many (padded) elements per step may take the resident path
 RESIDENT_MAX_M = 2048
@@ -536,108 +538,3 @@ def launch_train_bwd(
             num_warps=pipelined_warps(tiles.block), **flags,
         )
     return gx.to(gx_dtype), gv0, gw, gb, pth.sum(dim=0)
-
-
-# ----------------------------------------------------------------------------------
-# op registration (torch.library custom ops: torch.compile and opcheck friendly)
-# ----------------------------------------------------------------------------------
-
-
-#: ``snnorm::mpbn_lif_train(x, v, weight, bias, running_mean, running_var, th, <BNKernelParameters>,
-#: <LIFKernelParameters>, carry_norm, save, out_dtype)``
-TRAIN_FWD = op_signature(
-    "Tensor x, Tensor v, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor th",
-    BNKernelParameters, LIFKernelParameters, "bool carry_norm, bool save, ScalarType out_dtype",
-    returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
-#: ``snnorm::mpbn_lif_train_bwd(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, <LIFKernelParameters>,
-#: carry_norm, need_gv0)``
-TRAIN_BWD = op_signature(
-    "Tensor? gs, Tensor? gv, Tensor h, ScalarType gx_dtype, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-    "Tensor th", LIFKernelParameters, "bool carry_norm, bool need_gv0",
-    returns="(Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
-
-
-@torch.library.custom_op("snnorm::mpbn_lif_train", mutates_args=(), schema=TRAIN_FWD.schema)
-def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
-    """MPBN-LIF with batch statistics: (spikes, v_T, saved h, mean [T, C], rstd [T, C],
-    updated running mean, updated running var). Arguments: see ``TRAIN_FWD``.
-
-    Functional (autograd needs that): the running statistics come back as new tensors
-    (empty when None) and the op-table adaptor copies them into the buffers.
-    """
-    bn, args = BNKernelParameters.from_op_args(args)
-    lif, (carry_norm, save, out_dtype) = LIFKernelParameters.from_op_args(args)
-    acc = acc_torch_dtype(out_dtype)
-    rm_new = running_mean.to(acc, copy=True) if running_mean is not None else None
-    rv_new = running_var.to(acc, copy=True) if running_var is not None else None
-    s, v_out, h, mean, rstd, _, _ = launch_batch_stats_fwd(
-        x, v, weight, bias, rm_new, rv_new, th, None, None, None, out_dtype,
-        lif=lif, bn=bn, stats=dev.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
-    )
-    if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
-        rm_new, rv_new = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    return s, v_out, h, mean, rstd, rm_new, rv_new
-
-
-@mpbn_lif_train_op.register_fake
-def _(x, v, weight, bias, running_mean, running_var, th, *args):
-    _, args = BNKernelParameters.from_op_args(args)
-    _, (carry_norm, save, out_dtype) = LIFKernelParameters.from_op_args(args)
-    acc = acc_torch_dtype(out_dtype)
-    T, C = x.shape[0], x.shape[2]
-    return (
-        x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[1:], dtype=out_dtype),
-        x.new_empty(x.shape if save else (0,), dtype=acc),
-        x.new_empty((T, C) if save else (0,), dtype=acc), x.new_empty((T, C) if save else (0,), dtype=acc),
-        x.new_empty((0,) if running_mean is None else running_mean.shape, dtype=acc),
-        x.new_empty((0,) if running_var is None else running_var.shape, dtype=acc),
-    )
-
-
-@torch.library.custom_op("snnorm::mpbn_lif_train_bwd", mutates_args=(), schema=TRAIN_BWD.schema)
-def mpbn_lif_train_bwd_op(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *args):
-    """(∂x, ∂v0 (empty unless need_gv0), ∂γ, ∂β, ∂θ) of MPBN-LIF training; gs / gv None read as zeros."""
-    lif, (carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
-    return launch_train_bwd(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, lif=lif, carry_norm=carry_norm, need_gv0=need_gv0)
-
-
-@mpbn_lif_train_bwd_op.register_fake
-def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *args):
-    _, (carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
-    C = h.shape[2]
-    return (
-        h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)),
-        h.new_empty((C,)), h.new_empty((C,)), h.new_empty((C,)),
-    )
-
-
-def _setup(ctx, inputs, output):
-    x, v, weight, bias, rm, rv, th, *args = inputs
-    _, args = BNKernelParameters.from_op_args(args)
-    lif, (carry_norm, save, _) = LIFKernelParameters.from_op_args(args)
-    _, _, h, mean, rstd, _, _ = output
-    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros tensor to read
-    ctx.missing_h = not save
-    if save:
-        ctx.save_for_backward(h, mean, rstd, weight, bias, th)
-    ctx.cfg = (*lif.to_op_args(), carry_norm)
-    ctx.dtypes = (x.dtype, v.dtype)
-
-
-def _backward(ctx, gs, gv, gh, gmean, grstd, grm, grv):
-    if ctx.missing_h:
-        raise RuntimeError("snnorm::mpbn_lif_train was called with save=False (no gradient was expected) but a backward pass was requested")
-    h, mean, rstd, weight, bias, th = ctx.saved_tensors
-    need_gv0 = ctx.needs_input_grad[1]  # a broadcast initial state (the default) needs none: not written
-    gx, gv0, gw, gb, gth = mpbn_lif_train_bwd_op(gs, gv, h, ctx.dtypes[0], mean, rstd, weight, bias, th, *ctx.cfg, need_gv0)
-    return TRAIN_FWD.grads(
-        gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None,
-        None if weight is None else gw.to(weight.dtype), None if bias is None else gb.to(bias.dtype),
-        None, None, gth.to(th.dtype),
-    )
-
-
-mpbn_lif_train_op.register_autograd(_backward, setup_context=_setup)
-mpbn_lif_train_bwd_op.register_autograd(no_double_backward("mpbn_lif"), setup_context=lambda ctx, inputs, output: None)
