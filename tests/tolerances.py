@@ -318,7 +318,10 @@ PEER_KERNEL_FP32 = dict(rtol=1e-6, atol=1e-6)
 #: |triton − ref64| ≤ rtol·(1 + max|ref64|) (the TEBN rule: the same kernels)
 BN_PIPELINE_RTOL = {F64: 1e-10, F32: 2e-5}
 #: bf16/fp16: |triton − ref64| ≤ 2·|torch_lowp − ref64| + atol·(1 + max|ref64|)
-BN_PIPELINE_LOWP_ATOL = {F16: 1e-3, BF16: 8e-3}
+BN_PIPELINE_LOWP_ATOL = {F16: 1e-3, BF16: 8e-3,
+                         # fp32 too (the torch backend in fp32 as lowp): a step of BNTT may hold 2 values
+                         # per channel, whose σ from 2 samples amplifies both backends' rounding alike
+                         F32: 2e-5}
 #: BN/tdBN/BNTT modules, triton against torch backend in the same dtype (fp32): relative max-norm
 BN_MODULE_REL = {F32: 1e-5, F64: 1e-12}
 
