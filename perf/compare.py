@@ -213,7 +213,9 @@ def measure(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
     with traffic.meter() as bwd:  # grad(), not backward(): no accumulation into .grad counted
         torch.autograd.grad(y, [t for t in leaves if t.requires_grad], grad, allow_unused=True)
     _reset(net)
-    saved = _saved_without_kept(net, x, kept)
+    # distinct storages saved, x's included (a fused block must keep it), parameters' and buffers' not
+    saved = H.saved_tensor_bytes(lambda: net(x), exclude=kept)["new"]
+    _reset(net)
     return {
         "fwd_bytes": (fwd.bytes + fwd.torch_bytes) / elems,
         "bwd_bytes": (bwd.bytes + bwd.torch_bytes) / elems,
@@ -221,26 +223,6 @@ def measure(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
         "bwd_launches": bwd.launches + bwd.torch_calls,
         "saved_bytes": saved / elems,
     }
-
-
-def _saved_without_kept(net: nn.Module, x: torch.Tensor, kept) -> float:
-    """Distinct storages saved for backward by ``net(x)``, the input's included, the
-    parameters' and buffers' not."""
-    storages: dict[int, int] = {}
-    excluded = {t.untyped_storage().data_ptr() for t in kept}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            if st.data_ptr() not in excluded:
-                storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(x)
-    del out
-    _reset(net)
-    return float(sum(storages.values()))
 
 
 def time_step(net: nn.Module, x: torch.Tensor, reps: int = 20) -> float:

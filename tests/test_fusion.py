@@ -21,6 +21,7 @@ from tolerances import (
     MODULE_MAX_FLIP_SHARE, NORM_NEURON_FUSED, NORM_NEURON_FUSED_BF16_FLIPS, NORM_NEURON_FUSED_BF16_REL,
 )
 
+from perf.harness import saved_tensor_bytes
 from snnorm import functional, layer, neuron, surrogate
 from snnorm.fusion import FusedNeuronSlot, FusedNormNeuron
 
@@ -323,19 +324,11 @@ def test_fused_block_saves_x_and_per_channel_values_only(T):
     net = functional.fuse_norm_neurons(nn.Sequential(make_norm("tab", T, C, 2), neuron.LIFNode(step_mode="m")).to(DEVICE))
     functional.set_backend(net, "triton")
     x = torch.randn(shape, device=DEVICE).requires_grad_()
-    kept = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-    storages = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in kept:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x)
+    # distinct storages saved, x's included, parameters' and buffers' not
+    saved = saved_tensor_bytes(lambda: net(x), exclude=[*net.parameters(), *net.buffers()])["new"]
     elems = x.numel()
     checkpoints = (math.ceil(T / 16) - 1) * elems // T * 4
-    assert sum(storages.values()) <= 4 * elems + checkpoints + 16 * T * C * 8, storages
+    assert saved <= 4 * elems + checkpoints + 16 * T * C * 8, saved
 
 
 @pytest.mark.parametrize("kind", NORM_KINDS)

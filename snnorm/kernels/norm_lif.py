@@ -217,11 +217,11 @@ def _block_m(M: int, device: torch.device) -> int:
     return min(next_pow2(M), GPU_BLOCK_M if device.type == "cuda" else INTERPRETER_BLOCK_M)
 
 
-def _common_flags(r: NormRule, weight, bias, p, v0, lif, acc) -> dict:
-    _, lif_flags = dev.lif_kernel_args(lif)
+def _norm_flags(r: NormRule, weight, bias, p, v0, acc) -> dict:
+    """The constexprs both kernels take besides the neuron's (``dev.lif_kernel_args``)."""
     return dict(
         PER_STEP=r.per_step, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_V0=v0 is not None, ACC=acc_dtype(acc), **lif_flags,
+        HAS_V0=v0 is not None, ACC=acc_dtype(acc),
     )
 
 
@@ -249,12 +249,12 @@ def launch_norm_lif_forward(
     if x.numel() == 0:
         return spikes, v_out, ckpt
     block_m = _block_m(N * S, x.device)
-    scalars, _ = dev.lif_kernel_args(lif)
+    scalars, lif_flags = dev.lif_kernel_args(lif)
     _norm_lif_fwd_kernel[(C, triton.cdiv(N * S, block_m))](
         x4, spikes, contiguous_or_none(v0), v_out, ckpt if n_ckpt else None, mean, var,
         contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
         T, N, C, S, float(eps), float(threshold), float(v_init), *scalars,
-        CHECKPOINT=n_ckpt > 0, SEG=seg, BLOCK_M=block_m, **_common_flags(r, weight, bias, p, v0, lif, acc),
+        CHECKPOINT=n_ckpt > 0, SEG=seg, BLOCK_M=block_m, **_norm_flags(r, weight, bias, p, v0, acc), **lif_flags,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return spikes, v_out, ckpt
@@ -286,7 +286,7 @@ def launch_norm_lif_backward(
     if x.numel() > 0:
         seg = segment_length(T)
         scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
-        flags = {**_common_flags(r, weight, bias, p, v0, lif, acc), **lif_flags}
+        flags = {**_norm_flags(r, weight, bias, p, v0, acc), **lif_flags}
         _norm_lif_bwd_kernel[(C, pps)](
             contiguous_or_none(grad_s), contiguous_or_none(grad_v), x4, contiguous_or_none(v0),
             ckpt if ckpt.numel() else None, grad_y, grad_v0, part_a, part_b, mean, var,
