@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..params import AdaptParameters, BNStatistics, LIFParameters, MPBNParameters
+from .sync import StatsSync, combine_rank_partials, synced_statistics
 
 def channel_view(value, like: torch.Tensor):
     """A float stays a float; a [C] tensor becomes [1, C, 1, ...] to broadcast with ``like``."""
@@ -77,6 +78,8 @@ def mpbn_lif(
     neuron: LIFParameters,
     norm: MPBNParameters,
     stats: BNStatistics,
+    *,
+    sync: StatsSync | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LIF with batch-normalised membrane (MPBN, Guo et al., ICCV 2023, arXiv 2308.08359).
 
@@ -91,7 +94,8 @@ def mpbn_lif(
     are updated in place at every step with factor ``stats.momentum`` (or
     1/(batches_tracked + t + 1) when it is None, torch's cumulative average), unbiased
     variance. In eval μ, σ² are the running statistics. The caller counts
-    ``num_batches_tracked`` (+T).
+    ``num_batches_tracked`` (+T). With ``sync`` (training) the statistics of H[t] pool every
+    rank's batch: one gather per step (:func:`synced_norm`, grouping "each").
     """
     th = channel_view(threshold, x_seq[0])
     use_batch_stats = stats.training or running_mean is None
@@ -99,7 +103,12 @@ def mpbn_lif(
     for t, x in enumerate(x_seq):
         h = lif_charge(x, v, neuron)
         factor = stats.momentum if stats.momentum is not None else 1.0 / (stats.batches_tracked + t + 1)
-        h_hat = F.batch_norm(h, running_mean, running_var, weight, bias, use_batch_stats, factor, norm.eps)
+        if sync is not None and use_batch_stats:
+            running = (running_mean.view(1, -1), running_var.view(1, -1)) if running_mean is not None else (None, None)
+            h_hat = synced_norm("each", h.unsqueeze(0), weight, bias, *running, None, momentum=[factor],
+                                eps=norm.eps, sync=sync)[0][0].to(h.dtype)
+        else:
+            h_hat = F.batch_norm(h, running_mean, running_var, weight, bias, use_batch_stats, factor, norm.eps)
         s = neuron.surrogate(h_hat - th)
         v = lif_reset(h_hat if norm.carry == "normalized" else h, s, th, neuron)
         spikes.append(s)
@@ -182,15 +191,20 @@ def tebn(
     training: bool,
     momentum: float,
     eps: float,
+    sync: StatsSync | None = None,
 ) -> torch.Tensor:
     """Temporal effective BN (Duan et al., NeurIPS 2022): y[t] = p[t]·(γ x̂[t] + β).
 
     x̂ uses statistics shared over T·N·spatial (batch statistics in training or without
     running stats, running statistics in eval); running stats are updated in place with
-    factor ``momentum`` (resolved by the caller). ``scale`` is p, shape [T].
+    factor ``momentum`` (resolved by the caller). ``scale`` is p, shape [T]. With ``sync``
+    (training) the statistics pool every rank's batch (:func:`synced_norm`).
     """
-    T, N = x_seq.shape[:2]
     use_batch_stats = training or running_mean is None
+    if sync is not None and use_batch_stats:
+        y, _ = synced_norm("all", x_seq, weight, bias, running_mean, running_var, scale, momentum=[momentum], eps=eps,
+                           sync=sync)
+        return y.to(torch.promote_types(x_seq.dtype, scale.dtype))
     y = F.batch_norm(x_seq.flatten(0, 1), running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
     y = y.view(x_seq.shape)
     return y * scale.view(-1, *([1] * (y.dim() - 1)))
@@ -244,20 +258,24 @@ def chan_prefix(
 
 
 def update_accumulated_running_stats(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
+    running_mean,
+    running_var,
     count: torch.Tensor,
     mean: torch.Tensor,
     m2: torch.Tensor,
     momentum: Sequence[float],
 ) -> None:
-    """TAB's per-step running statistics, in place: r_μ[t] ← (1 − m_t)·r_μ[t] + m_t·μ_t and
-    r_σ²[t] ← (1 − m_t)·r_σ²[t] + m_t·M2_t/(n_t − 1) (unbiased, as torch's BN)."""
+    """Running statistics per statistics row, in place: r_μ[t] ← (1 − m_t)·r_μ[t] + m_t·μ_t and
+    r_σ²[t] ← (1 − m_t)·r_σ²[t] + m_t·M2_t/(n_t − 1) (unbiased, as torch's BN).
+
+    ``running_mean``/``running_var``: a ``[rows, C]`` tensor or a sequence of ``rows`` ``[C]``
+    buffers (BNTT's steps); ``count`` ``[rows]``, ``mean``, ``m2`` ``[rows, C]``."""
     with torch.no_grad():
-        factor = mean.new_tensor(list(momentum)).unsqueeze(1)
-        unbiased = m2 / (count - 1).unsqueeze(1)
-        running_mean.mul_(1 - factor).add_((factor * mean).to(running_mean.dtype))
-        running_var.mul_(1 - factor).add_((factor * unbiased).to(running_var.dtype))
+        for t, (r_mean, r_var) in enumerate(zip(running_mean, running_var)):
+            factor = float(momentum[t])
+            unbiased = m2[t] / (count[t] - 1)
+            r_mean.mul_(1 - factor).add_((factor * mean[t]).to(r_mean.dtype))
+            r_var.mul_(1 - factor).add_((factor * unbiased).to(r_var.dtype))
 
 
 def tab_scale_shape(x_seq: torch.Tensor) -> tuple[int, ...]:
@@ -277,6 +295,7 @@ def tab(
     momentum: Sequence[float],
     eps: float,
     prefix: tuple | None = None,
+    sync: StatsSync | None = None,
 ) -> tuple[torch.Tensor, tuple | None]:
     """Temporal accumulated BN (TAB; Jiang et al., ICLR 2024), O(T).
 
@@ -298,8 +317,17 @@ def tab(
     (count, mean [C], M2 [C]) holds the statistics of steps 0..t0−1 (``(0, None, None)``
     at t0 = 0); returns ``(y, prefix')`` with the statistics after the chunk (differentiable,
     so the next step's gradient reaches these steps), or ``(y, prefix)`` unchanged when
-    running statistics normalise.
+    running statistics normalise. With ``sync`` (batch statistics) each step's partials
+    pool every rank's batch before the prefix combination (:func:`synced_norm`).
     """
+    if sync is not None and (training or running_mean is None):
+        track = training and running_mean is not None
+        y, (count, mean, m2) = synced_norm(
+            "prefix", x_seq, weight, bias, running_mean if track else None, running_var if track else None, p * p,
+            momentum=momentum, eps=eps, sync=sync, prefix=prefix,
+        )
+        state = None if prefix is None else (float(count[-1]), mean[-1], m2[-1])
+        return y.to(torch.promote_types(x_seq.dtype, p.dtype)), state
     if training or running_mean is None:
         n, step_mean, step_m2 = tab_step_stats(x_seq)
         count, mean, m2 = chan_prefix(n, step_mean, step_m2, prefix)
@@ -314,15 +342,68 @@ def tab(
 
 def tab_apply(x_seq, weight, bias, mean, var, p, eps: float) -> torch.Tensor:
     """y_t = p_t²·(γ_t (x_t − μ_t)/√(σ²_t + ε) + β_t) with per-step ``[T, C]`` μ, σ², γ, β."""
-    p2 = (p * p).unsqueeze(1)
-    scale = p2 * torch.rsqrt(var + eps)  # p_t² γ_t / √(σ²_t + ε) per (t, c)
+    return scale_apply(x_seq, weight, bias, mean, var, p * p, eps).to(torch.promote_types(x_seq.dtype, p.dtype))
+
+
+def scale_apply(x_seq, weight, bias, mean, var, s, eps) -> torch.Tensor:
+    """y_t = s_t·(γ (x_t − μ)/√(σ² + ε) + β): the pipeline's coefficient and apply stages.
+
+    μ, σ², γ, β have one row ``[C]`` (shared by every step) or T rows ``[T, C]``; ``s`` is the
+    per-step scale ``[T]`` or None (1); ``eps`` a float or a ``[rows, 1]`` tensor. Centred
+    first (x − μ), so it stays precise when |μ| ≫ σ. Returns the statistics' dtype."""
+    T, C = x_seq.shape[0], x_seq.shape[2]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [rows, C] → broadcastable over [T, N, C, *]
+        return t.reshape(-1, 1, C, *([1] * (x_seq.dim() - 3)))
+
+    scale = torch.rsqrt(var.reshape(-1, C) + eps)
+    shift = bias.reshape(-1, C) if bias is not None else None
+    if s is not None:
+        scale = s.view(T, 1) * scale
+        shift = s.view(T, 1) * shift if shift is not None else None
     if weight is not None:
-        scale = scale * weight
-    shape = tab_scale_shape(x_seq)
-    y = (x_seq.to(mean.dtype) - mean.view(shape)) * scale.view(shape)  # μ first: precise when |μ| ≫ σ
-    if bias is not None:
-        y = y + (p2 * bias).view(shape)
-    return y.to(torch.promote_types(x_seq.dtype, p.dtype))
+        scale = scale * weight.reshape(-1, C)
+    y = (x_seq.to(mean.dtype) - rows(mean)) * rows(scale)
+    return y + rows(shift) if shift is not None else y
+
+
+def synced_norm(
+    grouping: str,
+    x_seq: torch.Tensor,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    s,
+    *,
+    momentum: Sequence[float],
+    eps,
+    sync: StatsSync,
+    prefix: tuple | None = None,
+):
+    """A batch-statistics norm whose statistics pool every rank's batch (training).
+
+    The per-step partials of ``x_seq`` are gathered over ``sync``'s group and combined in
+    rank order (:func:`snnorm.backends.sync.synced_statistics`), then reduced over the
+    grouping: ``"all"`` steps (one row ``[C]``), ``"each"`` step (``[T, C]``) or the
+    ``"prefix"`` 0..t (continuing ``prefix`` as :func:`chan_prefix`). The running
+    statistics (``[rows, C]`` tensors or per-row sequences, or None) are updated in place
+    with the global count; y = s_t·(γ x̂ + β) (:func:`scale_apply`). Returns
+    (y, (count [rows], μ, M2)).
+    """
+    count, mean, m2 = synced_statistics(sync, x_seq)
+    if grouping == "all":  # the steps' partials combined like ranks': one row
+        count, mean, m2 = combine_rank_partials(count.view(-1, 1), mean.unsqueeze(1), m2.unsqueeze(1))
+    elif grouping == "prefix":
+        count, mean, m2 = chan_prefix(float(count[0]), mean, m2, prefix)
+    elif grouping != "each":
+        raise ValueError(f"synced_norm: unknown grouping {grouping!r}; expected 'all', 'each' or 'prefix'")
+    var = m2 / count.to(m2.dtype).unsqueeze(1)
+    if running_mean is not None:
+        if isinstance(running_mean, torch.Tensor):
+            running_mean, running_var = running_mean.view(-1, mean.shape[1]), running_var.view(-1, mean.shape[1])
+        update_accumulated_running_stats(running_mean, running_var, count, mean, m2, momentum)
+    return scale_apply(x_seq, weight, bias, mean, var, s, eps), (count, mean, m2)
 
 
 def load_ops():
@@ -347,15 +428,21 @@ def batch_norm_seq(
     training: bool,
     momentum: float,
     eps: float,
+    sync: StatsSync | None = None,
 ) -> torch.Tensor:
     """Multi-step BatchNorm 1d/2d/3d and tdBN: y = γ (x − μ)/√(σ² + ε) + β with one μ, σ²
     per channel over T·N·spatial (T folded into the batch).
 
     Batch statistics in training or without running statistics (the running statistics,
     if given, updated in place with factor ``momentum``, resolved by the caller, and the
-    unbiased variance); running statistics in eval. ``F.batch_norm`` on ``[T·N, C, *]``.
+    unbiased variance); running statistics in eval. ``F.batch_norm`` on ``[T·N, C, *]``; with
+    ``sync`` (batch statistics) the statistics pool every rank's batch (:func:`synced_norm`).
     """
     use_batch_stats = training or running_mean is None
+    if sync is not None and use_batch_stats:
+        y, _ = synced_norm("all", x_seq, weight, bias, running_mean, running_var, None, momentum=[momentum], eps=eps,
+                           sync=sync)
+        return y.to(x_seq.dtype)
     y = F.batch_norm(x_seq.flatten(0, 1), running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
     return y.view(x_seq.shape)
 
@@ -369,6 +456,7 @@ def bntt(
     training: bool,
     momentum: Sequence[float],
     eps: Sequence[float],
+    sync: StatsSync | None = None,
 ) -> torch.Tensor:
     """BN through time (BNTT; Kim & Panda 2021): y[t] = γ_t (x[t] − μ_t)/√(σ_t² + ε_t).
 
@@ -376,8 +464,17 @@ def bntt(
     statistics in training or without running statistics, step t's running statistics in
     eval). Per-step lists of T entries: ``weights`` (γ_t ``[C]`` or None),
     ``running_means``/``running_vars`` (step t's buffers, updated in place with factor
-    ``momentum[t]``, or None), ``eps``.
+    ``momentum[t]``, or None), ``eps``. With ``sync`` (batch statistics) each step's
+    statistics pool every rank's batch (:func:`synced_norm`, grouping "each").
     """
+    tracked = all(r is not None for r in running_means) and all(r is not None for r in running_vars)
+    if sync is not None and (training or not tracked):
+        weight = torch.stack(list(weights)) if all(w is not None for w in weights) else None
+        eps_rows = torch.tensor([float(e) for e in eps], dtype=torch.promote_types(x_seq.dtype, torch.float32),
+                                device=x_seq.device).view(-1, 1)
+        y, _ = synced_norm("each", x_seq, weight, None, running_means if training and tracked else None,
+                           running_vars, None, momentum=momentum, eps=eps_rows, sync=sync)
+        return y.to(x_seq.dtype)
     ys = []
     for t, x in enumerate(x_seq):
         use_batch_stats = training or running_means[t] is None
