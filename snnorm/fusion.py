@@ -114,15 +114,13 @@ class FusedNormNeuron(_Transparent):
     def fused_kernel_applies(self) -> bool:
         """Whether a call runs the fused triton op now (else the composition): both modules
         multi-step on the triton backend, the neuron's surrogate has a kernel, and the
-        norm is one the pipeline runs as it stands (not synchronised across processes; a
-        BNTT whose steps all have the same ε)."""
+        norm is one the pipeline runs as it stands (a BNTT whose steps all have the same
+        ε). A norm synchronised across ranks stays fused: its statistics gather in the op."""
         norm, neuron = self.norm, self.neuron
         if not (norm.step_mode == neuron.step_mode == "m" and norm.backend == neuron.backend == "triton"):
             return False
-        from .distributed import is_synchronized
-
         bns = norm._bns() if hasattr(norm, "_bns") else (norm,)
-        if len({float(bn.eps) for bn in bns}) > 1 or any(is_synchronized(m) for m in norm.modules()):
+        if len({float(bn.eps) for bn in bns}) > 1:
             return False
         return neuron.ops.norm_lif_kernel(neuron.lif_parameters) is not None
 
@@ -143,7 +141,7 @@ class FusedNormNeuron(_Transparent):
         spikes, neuron.v = neuron.ops.norm_lif(
             plan.rule, x, v, plan.weight, plan.bias, plan.p, plan.running_mean, plan.running_var,
             momentum=plan.momentum, eps=plan.eps, batch_stats=plan.batch_stats, threshold=neuron.v_threshold,
-            neuron=neuron.lif_parameters,
+            neuron=neuron.lif_parameters, sync=plan.sync,
         )
         if plan.commit is not None:
             plan.commit()

@@ -30,7 +30,7 @@ from ._checks import (
 from .backends.torch_backend import folded_threshold
 from .base import MemoryModule
 from .layer._checks import check_device, check_dtype, check_sequence, check_tensor
-from .layer._bn_state import check_batch_values, resolve_running_stats, uses_batch_stats
+from .layer._bn_state import check_batch_values, resolve_running_stats, stats_sync, uses_batch_stats
 from .memopt import should_update_running_stats
 from .params import CARRY_MODES, AdaptParameters, BNStatistics, LIFParameters, MPBNParameters
 
@@ -255,12 +255,14 @@ class BatchStatsNorm(MembraneNorm):
         bn = node.vbn
         # one statistic per timestep, over N·spatial of H[t] (the shape of x[t]); checked
         # before the batches are counted, so a rejected call moves nothing
-        check_batch_values(node, x_seq[0], batch_stats=uses_batch_stats(bn), over="at each timestep")
+        batch_stats = uses_batch_stats(bn)
+        check_batch_values(node, x_seq[0], batch_stats=batch_stats, over="at each timestep")
+        sync = stats_sync(node, x_seq, channel_dim=2, batch_stats=batch_stats)
         stats = resolve_running_stats(node, bn, steps=x_seq.shape[0])
         return node.ops.mpbn_lif(
             x_seq, v, bn.weight, bn.bias, stats.mean, stats.var, self.threshold(node),
             node.lif_parameters, MPBNParameters(bn.eps, node.carry),
-            BNStatistics(node.training, bn.momentum, stats.batches_before),
+            BNStatistics(node.training, bn.momentum, stats.batches_before), sync=sync,
         )
 
 

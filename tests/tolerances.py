@@ -82,6 +82,8 @@ AUTOCAST_TAB_BUFFERS = dict(atol=1e-2, rtol=1e-2)
 
 # --- data-parallel (fp64) against one process on the concatenated batch -----------------------
 DISTRIBUTED_FP64 = dict(atol=1e-10, rtol=1e-9)
+#: the same for a float32 network of norms (no spikes to flip): the issue's 1e-5
+DISTRIBUTED_FP32 = dict(atol=1e-5, rtol=1e-5)
 #: global statistics of float32 shards at mean 1e4 (resolution ~1e-3): |Δmean|, max relative |Δvar|
 DISTRIBUTED_LARGE_MEAN_FP32_MEAN = 1e-2
 DISTRIBUTED_LARGE_MEAN_FP32_VAR_REL = 1e-3

@@ -102,9 +102,7 @@ class StatsSync:
 
             out = funcol.all_gather_tensor_autograd(values, 0, self.group)
             return funcol.wait_tensor(out).view(self.world, -1)
-        out = values.new_empty((self.world, values.numel()))
-        dist.all_gather_into_tensor(out, values, group=self.group)
-        return out
+        return self._all_gather(values.reshape(-1))
 
     def all_reduce(self, values: Tensor) -> Tensor:
         """Σ over ranks of ``values`` (a new tensor; not differentiable: the triton backward's sums)."""
@@ -117,10 +115,8 @@ class StatsSync:
         """One small all-gather of ``dims`` (e.g. T, C): SyncShapeError, on every rank, naming
         each rank's values when they differ (instead of a hang or a silent mix later)."""
         local = torch.tensor(list(dims.values()), dtype=torch.int64, device=self._device())
-        everyone = local.new_empty((self.world, local.numel()))
         _record("all_gather", local)
-        dist.all_gather_into_tensor(everyone, local, group=self.group)
-        rows = everyone.tolist()
+        rows = self._all_gather(local).tolist()
         if any(row != rows[0] for row in rows):
             per_rank = "; ".join(
                 f"rank {r}: " + ", ".join(f"{k}={v}" for k, v in zip(dims, row)) for r, row in enumerate(rows)
@@ -129,6 +125,13 @@ class StatsSync:
                 f"{what}: the ranks of its process group must agree on {', '.join(dims)} to synchronise batch "
                 f"statistics, got {per_rank}"
             )
+
+    def _all_gather(self, flat: Tensor) -> Tensor:
+        """``[K]`` → ``[world, K]`` (the c10d call: gloo wants a flat output)."""
+        out = flat.new_empty(self.world * flat.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
+        gather(out, flat, group=self.group)
+        return out.view(self.world, -1)
 
     def _device(self) -> torch.device:
         # nccl collectives need CUDA tensors, gloo CPU ones

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import check_eps, check_momentum
+from ..backends.sync import StatsSync
 from ..memopt import should_update_running_stats
 from ._checks import check_device, check_dtype, check_ndim, check_sequence, check_size, check_tensor, check_time_steps
 
@@ -38,6 +39,7 @@ __all__ = [
     "reference_tensor",
     "check_bn_input",
     "check_batch_values",
+    "stats_sync",
     "resolve_running_stats",
     "NormPlan",
 ]
@@ -234,3 +236,22 @@ class NormPlan(NamedTuple):
     eps: float
     batch_stats: bool
     commit: Optional[Callable[[], None]] = None
+    sync: Optional[StatsSync] = None
+
+
+def stats_sync(module: nn.Module, x: torch.Tensor, *, channel_dim: int, batch_stats: bool) -> Optional[StatsSync]:
+    """The cross-rank hook a forward of ``module`` hands its op, or None (statistics of this
+    rank's batch alone).
+
+    A hook only for a layer converted by :func:`snnorm.convert_sync_batchnorm` (its
+    ``stats_sync`` attribute), in training with batch statistics, inside an initialised
+    process group of more than one rank (eval never communicates, as torch's
+    ``SyncBatchNorm``). Call it after the input checks and before the batch is counted:
+    it raises where running alone would silently train on a fraction of the batch, and on
+    a layer's first synchronised call the ranks compare T and C (:class:`SyncShapeError`).
+    """
+    target = module.__dict__.get("stats_sync")
+    if target is None or not (batch_stats and module.training):
+        return None
+    T = x.shape[0] if channel_dim == 2 else 1
+    return target.hook(module, T=T, C=x.shape[channel_dim])

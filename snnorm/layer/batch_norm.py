@@ -44,7 +44,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import base
 from .._checks import check_eps, check_finite, check_momentum, check_positive_int
 from ..memopt import check_stateful_recompute
-from ._bn_state import NormPlan, check_batch_values, check_bn_input, resolve_running_stats, uses_batch_stats
+from ..backends import torch_backend
+from ._bn_state import (
+    NormPlan, check_batch_values, check_bn_input, resolve_running_stats, stats_sync, uses_batch_stats,
+)
 
 __all__ = [
     "BatchNorm1d",
@@ -77,12 +80,22 @@ def _check_bn_args(owner, num_features, eps, momentum, name: str = "num_features
     check_momentum(owner, momentum)
 
 
-def batch_norm(bn: _BatchNorm, x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+def batch_norm(bn: _BatchNorm, x: torch.Tensor, channel_dim: int = 1, owner: Optional[nn.Module] = None) -> torch.Tensor:
     """torch's ``_BatchNorm.forward`` with the checkpointing guard, on ``[N, C, *]``, or on a
-    sequence ``[T, N, C, *]`` (``channel_dim=2``) with statistics over T·N·spatial."""
+    sequence ``[T, N, C, *]`` (``channel_dim=2``) with statistics over T·N·spatial.
+
+    When ``owner`` (default ``bn``; BNTT for its step BNs) is synchronised across ranks, the
+    batch statistics pool every rank's batch (the torch backend's ``batch_norm_seq``)."""
     over = "over T·N·spatial" if channel_dim == 2 else ""
-    check_batch_values(bn, x, batch_stats=uses_batch_stats(bn), channel_dim=channel_dim, over=over)
+    batch_stats = uses_batch_stats(bn)
+    check_batch_values(bn, x, batch_stats=batch_stats, channel_dim=channel_dim, over=over)
+    sync = stats_sync(owner if owner is not None else bn, x, channel_dim=channel_dim, batch_stats=batch_stats)
     stats = resolve_running_stats(bn)
+    if sync is not None:
+        seq = x if channel_dim == 2 else x.unsqueeze(0)
+        y = torch_backend.batch_norm_seq(seq, bn.weight, bn.bias, stats.mean, stats.var, training=True,
+                                         momentum=stats.factor, eps=bn.eps, sync=sync)
+        return y.view(x.shape)
     flat = x.flatten(0, 1) if channel_dim == 2 else x
     y = F.batch_norm(flat, stats.mean, stats.var, bn.weight, bn.bias, uses_batch_stats(bn), stats.factor, bn.eps)
     return y.view(x.shape)
@@ -125,9 +138,10 @@ class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
         self._check_bn_input(x_seq, multi=True)
         batch_stats = uses_batch_stats(self)
         check_batch_values(self, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
+        sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=batch_stats)
         stats = resolve_running_stats(self)
         return NormPlan("batch_norm", self.weight, self.bias, None, stats.mean, stats.var, stats.factors, self.eps,
-                        batch_stats)
+                        batch_stats, sync=sync)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         multi = self.step_mode == "m"
@@ -137,7 +151,7 @@ class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
         plan = self.statistics_plan(x)
         return self.ops.batch_norm_seq(
             x, plan.weight, plan.bias, plan.running_mean, plan.running_var, training=self.training,
-            momentum=plan.momentum[0], eps=plan.eps,
+            momentum=plan.momentum[0], eps=plan.eps, sync=plan.sync,
         )
 
     def extra_repr(self) -> str:
@@ -264,10 +278,6 @@ class _ThresholdDependentBatchNormBase(_BatchNormMixin, _BatchNorm):
         if alpha is not None and v_th is not None:  # None only while _BatchNorm.__init__ runs
             nn.init.constant_(self.weight, alpha * v_th)
 
-    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        self._check_bn_input(x_seq, multi=True)
-        return batch_norm(self, x_seq, channel_dim=2)
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={self.alpha}, v_th={self.v_th}"
 
@@ -343,15 +353,16 @@ class _TemporalEffectiveBatchNormBase(_BatchNormMixin, _BatchNorm):
         self._check_bn_input(x_seq, multi=True, T=self.T)
         batch_stats = uses_batch_stats(self)
         check_batch_values(self, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
+        sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=batch_stats)
         stats = resolve_running_stats(self)
         return NormPlan("tebn", self.weight, self.bias, self.scale, stats.mean, stats.var, stats.factors, self.eps,
-                        batch_stats)
+                        batch_stats, sync=sync)
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         plan = self.statistics_plan(x_seq)
         return self.ops.tebn(
             x_seq, plan.weight, plan.bias, plan.running_mean, plan.running_var, plan.p, training=self.training,
-            momentum=plan.momentum[0], eps=plan.eps,
+            momentum=plan.momentum[0], eps=plan.eps, sync=plan.sync,
         )
 
     def extra_repr(self) -> str:
@@ -423,12 +434,14 @@ class _ThroughTimeBase(base.MemoryModule):
         module's name before any timestep's BN counts its batch)."""
         check_batch_values(self, x, batch_stats=uses_batch_stats(bn), over="at each timestep")
 
-    def _step_statistics(self, x_seq: torch.Tensor) -> list:
-        """Each step's running statistics (as each step's BN would resolve them: its buffers,
-        its counter, its factor), after the one-value check; the input checks have run."""
+    def _step_statistics(self, x_seq: torch.Tensor):
+        """(each step's running statistics, as each step's BN would resolve them: its buffers,
+        its counter, its factor; the cross-rank hook or None), after the one-value check; the
+        input checks have run."""
         bns = self._bns()
         self._check_step_values(bns[0], x_seq[0])
-        return [resolve_running_stats(bn) for bn in bns]
+        sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=uses_batch_stats(bns[0]))
+        return [resolve_running_stats(bn) for bn in bns], sync
 
     def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
         """Multi-step: μ_t, σ²_t of each step alone (pipeline rule ``bntt``), the steps' γ_t
@@ -437,7 +450,7 @@ class _ThroughTimeBase(base.MemoryModule):
         Every input check first, then each step's batch is counted."""
         self._check_sequence_start(x_seq)
         bns = self._bns()
-        stats = self._step_statistics(x_seq)
+        stats, sync = self._step_statistics(x_seq)
         tracked = all(s.mean is not None for s in stats)
         mean = torch.stack([s.mean for s in stats]) if tracked else None
         var = torch.stack([s.var for s in stats]) if tracked else None
@@ -453,7 +466,7 @@ class _ThroughTimeBase(base.MemoryModule):
 
         eps = {float(bn.eps) for bn in bns}
         return NormPlan("bntt", weight, None, None, mean, var, [s.factor for s in stats], eps.pop() if len(eps) == 1
-                        else None, uses_batch_stats(bns[0]), commit)
+                        else None, uses_batch_stats(bns[0]), commit, sync)
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         check_stateful_recompute(self)  # a plain checkpoint would restart from the advanced t
@@ -464,8 +477,9 @@ class _ThroughTimeBase(base.MemoryModule):
                 f"{type(self).__name__} has T={self.T} timesteps (its temporal length) and has already processed all of them "
                 f"(t={self.t}); call reset() (snnorm.functional.reset_net) before the next sequence"
             )
-        self._check_step_values(self._bns()[t], x)
-        y = self._bns()[t](x)
+        bn = self._bns()[t]
+        self._check_step_values(bn, x)
+        y = batch_norm(bn, x, owner=self)  # the step's BN, synchronised with this module
         self.t = t
         return y
 
@@ -483,17 +497,10 @@ class _ThroughTimeBase(base.MemoryModule):
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_sequence_start(x_seq)
         bns = self._bns()
-        from ..distributed import is_synchronized  # (imports this module)
-
-        if any(is_synchronized(bn) for bn in bns):  # a synchronised step BN all-reduces in its own forward
-            self._check_step_values(bns[0], x_seq[0])
-            y_seq = torch.stack([bn(x) for bn, x in zip(bns, x_seq)])
-            self.t = self.T - 1
-            return y_seq
-        stats = self._step_statistics(x_seq)
+        stats, sync = self._step_statistics(x_seq)
         y_seq = self.ops.bntt(
             x_seq, [bn.weight for bn in bns], [s.mean for s in stats], [s.var for s in stats],
-            training=bns[0].training, momentum=[s.factor for s in stats], eps=[bn.eps for bn in bns],
+            training=bns[0].training, momentum=[s.factor for s in stats], eps=[bn.eps for bn in bns], sync=sync,
         )
         self.t = self.T - 1
         return y_seq
@@ -729,6 +736,7 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
     # -- forward -------------------------------------------------------------------
     def _tab(self, x_seq: torch.Tensor, t0: int, prefix):
         window = slice(t0, t0 + x_seq.shape[0])
+        sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=uses_batch_stats(self))
         stats = resolve_running_stats(self, window=window)
         return self.ops.tab(
             x_seq,
@@ -741,6 +749,7 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
             momentum=stats.factors,
             eps=self.eps,
             prefix=prefix,
+            sync=sync,
         )
 
     def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
@@ -748,9 +757,11 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
         (pipeline rule ``tab``). Every input check first, then every step is counted."""
         self._check_input(x_seq, multi=True)
         self._check_first_step(x_seq[0])
+        batch_stats = uses_batch_stats(self)
+        sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=batch_stats)
         stats = resolve_running_stats(self, window=slice(0, x_seq.shape[0]))
         return NormPlan("tab", self.weight, self.bias, self.p, stats.mean, stats.var, stats.factors, self.eps,
-                        uses_batch_stats(self))
+                        batch_stats, sync=sync)
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_input(x_seq, multi=True)
