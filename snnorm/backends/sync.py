@@ -100,7 +100,9 @@ class StatsSync:
         if torch.is_grad_enabled() and values.requires_grad:
             import torch.distributed._functional_collectives as funcol
 
-            out = funcol.all_gather_tensor_autograd(values, 0, self.group)
+            # renamed in torch 2.12 (the device machine has 2.11)
+            gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+            out = gather(values, 0, self.group)
             return funcol.wait_tensor(out).view(self.world, -1)
         return self._all_gather(values.reshape(-1))
 
