@@ -239,6 +239,26 @@ def _mismatch_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _compile_worker(rank: int, world: int, port: int, out_dir: str, backend: str) -> None:
+    """torch.compile of a synchronised TEBN → BN network: graph breaks, and the compiled
+    result against eager."""
+    _init(rank, world, port)
+    try:
+        net = convert_sync_batchnorm(_prepare(
+            nn.Sequential(layer.TemporalEffectiveBatchNorm2d(T, 4), layer.BatchNorm2d(4, step_mode="m")), backend))
+        x = torch.randn(T, 2 + rank, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+        eager = net.double()(x)  # also the one-off T/C check, outside the compiled region
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(net)(x)
+        compiled = torch.compile(net, backend="aot_eager", fullgraph=True)(x.requires_grad_())
+        compiled.sum().backward()
+        torch.save({"breaks": explained.graph_break_count, "reasons": [str(r.reason) for r in explained.break_reasons],
+                    "error": (compiled.detach() - eager).abs().max().item(), "grad": x.grad.abs().sum().item()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -400,6 +420,19 @@ def test_global_statistics_are_stable_at_large_mean():
         assert (mean.double() - ref_mean).abs().max() < DISTRIBUTED_LARGE_MEAN_FP32_MEAN  # float32 resolution at 1e4 is ~1e-3
         # the variance (≈1) survives a mean of 1e4: raw Σx² in float32 would lose it entirely
         assert ((var.double() - ref_var).abs() / ref_var).max() < DISTRIBUTED_LARGE_MEAN_FP32_VAR_REL
+
+
+@pytest.mark.slow  # two processes (gloo) and dynamo
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_traces_a_synchronised_network_without_graph_breaks(backend):
+    """The collectives trace (functional collectives on torch, inside the custom ops on
+    triton): no graph break, fullgraph compiles, and the compiled network computes eager's
+    result on every rank (backward included)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    for res in _run_two_ranks(_compile_worker, backend):
+        assert res["breaks"] == 0, res["reasons"]
+        assert res["error"] <= DISTRIBUTED_FP64["atol"] and res["grad"] > 0
 
 
 @pytest.mark.slow  # two processes (gloo)
