@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -62,6 +60,8 @@ def build(kind: str, T: int, C: int, backend: str) -> torch.nn.Module:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, grid: str, backends: list) -> None:
+    """One rank: every layer of the grid, two training steps each; its (backend, shape,
+    layer, collective log of the second step) tuples saved for the parent."""
     import torch.distributed as dist
 
     from snnorm import functional
@@ -89,22 +89,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, grid: str, backends:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(grid: str, backends: list) -> list:
-    """Both ranks' (backend, shape, layer, collective log) tuples."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(2, _free_port(), out_dir, grid, backends), nprocs=2, join=True,
-                           start_method="spawn")
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny shape")
@@ -120,7 +104,7 @@ def main(argv=None) -> list[dict]:
         pass
     env = H.environment("cpu")
     rec = H.Recorder(env)
-    ranks = run(grid, backends)
+    ranks = H.run_ranks(_worker, grid, backends)
     if ranks[0] != ranks[1]:  # N differs between the ranks; the collectives must not
         raise RuntimeError("the two ranks issued different collectives")
     rec.log(f"[{NAME}] 2 gloo ranks (N and N+1 samples), {env.device_name}; bytes per layer per training step")

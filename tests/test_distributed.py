@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import tempfile
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from tolerances import (
     DISTRIBUTED_FP32,
@@ -31,6 +27,7 @@ from tolerances import (
 )
 
 import snnorm
+from perf.harness import free_port, run_ranks
 from snnorm import functional, layer, neuron
 from snnorm.distributed import convert_sync_batchnorm, is_synchronized, revert_sync_batchnorm
 
@@ -259,26 +256,11 @@ def _compile_worker(rank: int, world: int, port: int, out_dir: str, backend: str
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_ranks(worker, *args) -> list:
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(worker, args=(2, _free_port(), out_dir, *args), nprocs=2, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"2-process gloo run did not finish within {TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:  # only the workers this test started
-                if p.is_alive():
-                    p.kill()
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    try:
+        return run_ranks(worker, *args, world=2, timeout_s=TIMEOUT_S)
+    except TimeoutError as err:
+        pytest.fail(str(err))
 
 
 def _reference(name: str, backend: str) -> dict:
@@ -473,7 +455,7 @@ def test_without_process_group_synced_modules_are_exactly_the_originals():
 def test_world_size_one_group_computes_like_the_originals():
     assert not dist.is_initialized()
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
         timeout=datetime.timedelta(seconds=30),
     )
     try:
