@@ -889,7 +889,7 @@ else:
     NORM_LIF_FWD = op_signature(
         "Tensor x, Tensor? v0, Tensor? weight, Tensor? bias, Tensor? p, Tensor mean, Tensor var, str rule, "
         "float eps, bool batch_stats, float threshold, float v_init", LIFKernelParameters,
-        'bool checkpoint, str group=""', returns="(Tensor, Tensor, Tensor)",
+        'bool checkpoint, str group', returns="(Tensor, Tensor, Tensor)",
     )
     #: ``snnorm::norm_lif_backward(∂s, ∂v_T, x, v0, checkpoints, γ, β, p, μ, σ², rule, eps, batch_stats,
     #: threshold, v_init, <LIFKernelParameters>, need_dx, need_dv0, group) -> (∂x, ∂v0, ∂γ, ∂β, ∂p)``;
@@ -897,7 +897,7 @@ else:
     NORM_LIF_BWD = op_signature(
         "Tensor? grad_s, Tensor? grad_v, Tensor x, Tensor? v0, Tensor ckpt, Tensor? weight, Tensor? bias, "
         "Tensor? p, Tensor mean, Tensor var, str rule, float eps, bool batch_stats, float threshold, float v_init",
-        LIFKernelParameters, 'bool need_dx, bool need_dv0, str group=""',
+        LIFKernelParameters, 'bool need_dx, bool need_dv0, str group',
         returns="(Tensor, Tensor, Tensor, Tensor, Tensor)",
     )
 
