@@ -67,11 +67,12 @@ def REDUCE_BYTES(T: int, C: int) -> int:
 
 @pytest.fixture(scope="module")
 def sync():
-    """A gloo group of one rank (this process): the synchronised paths with W = 1."""
+    """A group of one rank (this process; gloo, nccl on a GPU): the synchronised paths with W = 1."""
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1,
+        backend = "nccl" if DEVICE.type == "cuda" else "gloo"  # gloo's all-gather takes CPU tensors
+        dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1,
                                 timeout=datetime.timedelta(seconds=60))
         try:
             yield StatsSync(dist.group.WORLD)
@@ -307,3 +308,17 @@ def test_two_simulated_ranks_equal_the_concatenated_batch(rule, n_local):
                               *args[4:])
     for what, got, want in (("dw", dw0, own[1]), ("db", db0, own[2]), ("dp", dp0, own[3])):
         torch.testing.assert_close(got, want, **REORDERED_FP64, msg=lambda m, what=what: f"{rule}: {what}: {m}")
+
+
+def test_synced_ops_pass_opcheck(sync):
+    """The ops with a group name: schema, fake kernels and autograd registration hold."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 4, dtype=F64, generator=g).to(DEVICE)
+    w, b = (1 + torch.rand(5, dtype=F64, generator=g)).to(DEVICE), torch.rand(5, dtype=F64, generator=g).to(DEVICE)
+    rm, rv = torch.zeros(5, dtype=F64, device=DEVICE), torch.ones(5, dtype=F64, device=DEVICE)
+    group = sync.group_name
+    torch.library.opcheck(torch.ops.snnorm.bn_stats.default, (x, rm, rv, [0.1], "batch_norm", group))
+    mean, var = torch.ops.snnorm.bn_stats(x, None, None, [0.1], "batch_norm", group)
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    torch.library.opcheck(torch.ops.snnorm.bn_apply.default, (xg, wg, bg, mean, var, None, EPS, "batch_norm", True,
+                                                               group))

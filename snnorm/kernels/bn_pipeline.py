@@ -50,6 +50,17 @@ Backward, with g = ∂L/∂y and x̂ = (x − μ)·r, r = 1/√(σ² + ε), k_t 
    (constant statistics: U = V = 0);
 3. ``_bwd_dx_kernel``: ∂x elementwise. fp32 traffic: g and x read twice, ∂x written (20 B).
 
+Synchronised statistics (several ranks, :mod:`snnorm.backends.sync`; this module takes the
+collectives as callables): :func:`launch_stats` with ``gather`` reduces its partials per
+step (stage 2 with the EACH grouping, M2 stored as is, no running update), gathers every
+rank's (n_t, μ_t, M2_t) and runs stage 2 on the W·T rank partials (each step's W together,
+in rank order) with the rule's grouping: the running statistics see the global count.
+The backward with ``all_reduce`` sums A, B per step and all-reduces them with the local
+count (one packed tensor); the coefficient kernel runs on the local sums for ∂γ, ∂β, ∂p
+(per rank, as DistributedDataParallel expects) and on the global sums, M the global
+count, for ∂μ, ∂σ² and U, V. Each stage moves O(T·C) values; without the callables
+nothing changes.
+
 Everything is fp32 (fp64 for fp64 input); partials are reduced in a fixed order (no float
 atomics), so results are deterministic. Absent tensors (γ, β, p, running statistics) reach
 the kernels as None with a ``HAS_*`` flag. This module launches kernels only; the
@@ -339,7 +350,9 @@ def _bwd_coef_kernel(
     (the all-reduce's result: no host round trip).
     """
     if COUNT_FROM_PTR:
-        M = tl.load(count_ptr).to(ACC_DTYPE)
+        m_step = tl.load(count_ptr).to(ACC_DTYPE)
+    else:
+        m_step = M  # a new name: M may be a specialised constexpr, never rebound to a tensor
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     # accumulators exist only where their grouping uses them (static ifs): a dead
@@ -391,10 +404,10 @@ def _bwd_coef_kernel(
             tl.store(grad_var_ptr + row, grad_var, mask=c_mask)
             if BATCH_STATS:
                 if GROUPING == 1:
-                    tl.store(coef_u_ptr + row, grad_mean / M, mask=c_mask)
-                    tl.store(coef_v_ptr + row, 2.0 * grad_var / M, mask=c_mask)
+                    tl.store(coef_u_ptr + row, grad_mean / m_step, mask=c_mask)
+                    tl.store(coef_v_ptr + row, 2.0 * grad_var / m_step, mask=c_mask)
                 else:
-                    n_t = (t + 1).to(ACC_DTYPE) * M  # M may be a specialised constant 1
+                    n_t = (t + 1).to(ACC_DTYPE) * m_step  # M may be a specialised constant 1
                     v = 2.0 * grad_var / n_t
                     r_sum += grad_mean / n_t
                     v_sum += v
@@ -407,7 +420,7 @@ def _bwd_coef_kernel(
         tl.store(grad_mean_ptr + c, r_sum, mask=c_mask)
         tl.store(grad_var_ptr + c, v_sum, mask=c_mask)
         if BATCH_STATS:
-            n = (tl.zeros((), ACC_DTYPE) + T) * M  # T, M may be specialised constants (1)
+            n = (tl.zeros((), ACC_DTYPE) + T) * m_step  # T, M may be specialised constants (1)
             tl.store(coef_u_ptr + c, r_sum / n, mask=c_mask)
             tl.store(coef_v_ptr + c, 2.0 * v_sum / n, mask=c_mask)
 
