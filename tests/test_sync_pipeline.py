@@ -212,7 +212,7 @@ def run_norm_lif(backend_norm, rule: str, case: dict, sync, dtype, neuron) -> di
     spikes, final membrane, ∂x, ∂γ, ∂β, ∂p, running statistics (loss Σ ∂s·s + Σ v_T)."""
     x, w, b, p = (_leaf(case[k], dtype) for k in ("x", "w", "b", "p"))
     rm, rv = (case[k].to(DEVICE, dtype).clone() for k in ("rm", "rv"))
-    momentum, T = case["momentum"], x.shape[0]
+    momentum = case["momentum"]
     if backend_norm is None:
         s, v = triton_backend.norm_lif(rule, x, 0.0, w, b, p, rm, rv, momentum=momentum, eps=EPS, batch_stats=True,
                                        threshold=1.0, neuron=neuron, sync=sync)
