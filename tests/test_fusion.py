@@ -312,7 +312,7 @@ def test_fused_ops_pass_opcheck(batch_stats):
     w = (1 + torch.rand(4, dtype=F64, generator=g)).to(DEVICE).requires_grad_()
     b = torch.rand(4, dtype=F64, generator=g).to(DEVICE).requires_grad_()
     mean, var = x.detach().mean((0, 1, 3)), x.detach().var((0, 1, 3), unbiased=False)
-    args = (x, None, w, b, None, mean, var, "batch_norm", 1e-5, batch_stats, 0.5, 0.0, *lif.to_op_args(), True)
+    args = (x, None, w, b, None, mean, var, "batch_norm", 1e-5, batch_stats, 0.5, 0.0, *lif.to_op_args(), True, "")
     torch.library.opcheck(torch.ops.snnorm.norm_lif, args)
 
 

@@ -326,6 +326,9 @@ BN_PIPELINE_LOWP_ATOL = {F16: 1e-3, BF16: 8e-3,
                          F32: 2e-5}
 #: BN/tdBN/BNTT modules, triton against torch backend in the same dtype (fp32): relative max-norm
 BN_MODULE_REL = {F32: 1e-5, F64: 1e-12}
+#: fp32 synchronised pipeline at world size 1 against the local one: the same values reduced in
+#: another order (per step, then over the steps' rank partials; gradient sums through fp64)
+SYNCED_VS_LOCAL_FP32 = dict(rtol=1e-5, atol=1e-6)
 
 # --- fused norm → neuron blocks (snnorm.fusion) against the unfused torch pair -----------
 #: membranes, gradients and running statistics; spikes are compared exactly (fp64) or by

@@ -30,6 +30,7 @@ first time: the triton backend never falls back silently.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Callable
@@ -78,6 +79,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
 from ..params import AdaptParameters, BNKernelParameters, BNStatistics, LIFKernelParameters, LIFParameters, MPBNParameters
 from . import torch_backend
+from .sync import StatsSync, gather_step_partials, synced_statistics
 
 
 # ----------------------------------------------------------------------------------
@@ -532,11 +534,34 @@ def mpbn_lif_folded(
 #   backward includes the path through x's own statistics, otherwise it returns ∂L/∂μ,
 #   ∂L/∂σ² for the caller's autograd (TAB's single-step continuation);
 # * ``snnorm::bn_apply_backward``.
+#
+# Synchronised batch statistics (backends/sync.py): ``group`` names the process group (""
+# = local; a ProcessGroup cannot be an op argument), resolved inside the real kernels by
+# ``StatsSync.from_name``. bn_stats gathers every rank's per-step partials between the
+# partials and the reduce kernel; bn_apply_backward all-reduces the per-step gradient sums
+# between the backward's reduce and coefficient kernels: one collective of O(T·C) values
+# per stage, never O(elements).
 
 try:
     from ..kernels import bn_pipeline as _bnp
 except ImportError:  # pragma: no cover - exercised only without triton
     pass
+
+
+def _gather(group: str):
+    """The pipeline's ``gather`` callable of the group named ``group``, or None for ``""``."""
+    sync = StatsSync.from_name(group)
+    return None if sync is None else functools.partial(gather_step_partials, sync)
+
+
+def _all_reduce(group: str):
+    """The pipeline's ``all_reduce`` callable of the group named ``group``, or None for ``""``."""
+    sync = StatsSync.from_name(group)
+    return None if sync is None else sync.all_reduce
+
+
+def _group_name(sync: StatsSync | None) -> str:
+    return "" if sync is None else sync.group_name
 
 
 @torch.library.custom_op("snnorm::bn_stats", mutates_args=("running_mean", "running_var"))
@@ -546,14 +571,16 @@ def _bn_stats_op(
     running_var: Tensor | None,
     momentum: list[float],
     rule: str,
+    group: str = "",
 ) -> tuple[Tensor, Tensor]:
-    """(μ, biased σ²) of the rule's grouping; running statistics updated (one factor per row)."""
+    """(μ, biased σ²) of the rule's grouping; running statistics updated (one factor per row).
+    With ``group`` the statistics pool every rank's batch (one all-gather)."""
     check_device(rule, x)
-    return _bnp.launch_stats(_bnp.rule(rule), x, running_mean, running_var, momentum)
+    return _bnp.launch_stats(_bnp.rule(rule), x, running_mean, running_var, momentum, _gather(group))
 
 
 @_bn_stats_op.register_fake
-def _(x, running_mean, running_var, momentum, rule):
+def _(x, running_mean, running_var, momentum, rule, group=""):
     shape = _bnp.stats_shape(_bnp.rule(rule), x.shape[0], x.shape[2])
     acc = acc_torch_dtype(x.dtype)
     return x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)
@@ -570,14 +597,16 @@ def _bn_apply_op(
     eps: float,
     rule: str,
     batch_stats: bool,
+    group: str = "",
 ) -> Tensor:
-    """y = s_t·(γ (x − μ)/√(σ² + ε) + β) with the given statistics (the rule's layout)."""
+    """y = s_t·(γ (x − μ)/√(σ² + ε) + β) with the given statistics (the rule's layout).
+    ``group`` (synchronised statistics) reaches only the backward."""
     check_device(rule, x)
     return _bnp.launch_apply(_bnp.rule(rule), x, weight, bias, mean, var, p, eps)
 
 
 @_bn_apply_op.register_fake
-def _(x, weight, bias, mean, var, p, eps, rule, batch_stats):
+def _(x, weight, bias, mean, var, p, eps, rule, batch_stats, group=""):
     return torch.empty_like(x, dtype=_bnp.out_dtype(x, p), memory_format=torch.contiguous_format)
 
 
@@ -595,16 +624,20 @@ def _bn_apply_backward_op(
     batch_stats: bool,
     need_dx: bool,
     need_sums: bool,
+    group: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(∂x, ∂γ, ∂β, ∂p, ∂μ, ∂σ²); ∂x empty unless ``need_dx`` (custom ops cannot return None)."""
+    """(∂x, ∂γ, ∂β, ∂p, ∂μ, ∂σ²); ∂x empty unless ``need_dx`` (custom ops cannot return None).
+    With ``group`` ∂x's statistics terms (and ∂μ, ∂σ²) use every rank's sums (one all-reduce);
+    ∂γ, ∂β, ∂p stay this rank's."""
     check_device(rule, x)
     return _bnp.launch_backward(
-        _bnp.rule(rule), grad_y, x, weight, bias, mean, var, p, eps, batch_stats, need_dx, need_sums
+        _bnp.rule(rule), grad_y, x, weight, bias, mean, var, p, eps, batch_stats, need_dx, need_sums,
+        _all_reduce(group),
     )
 
 
 @_bn_apply_backward_op.register_fake
-def _(grad_y, x, weight, bias, mean, var, p, eps, rule, batch_stats, need_dx, need_sums):
+def _(grad_y, x, weight, bias, mean, var, p, eps, rule, batch_stats, need_dx, need_sums, group=""):
     acc = acc_torch_dtype(x.dtype)
     shape = _bnp.stats_shape(_bnp.rule(rule), x.shape[0], x.shape[2])
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
@@ -613,16 +646,16 @@ def _(grad_y, x, weight, bias, mean, var, p, eps, rule, batch_stats, need_dx, ne
 
 
 def _bn_apply_setup_context(ctx, inputs, output):
-    x, weight, bias, mean, var, p, eps, rule, batch_stats = inputs
+    x, weight, bias, mean, var, p, eps, rule, batch_stats, group = inputs
     ctx.save_for_backward(x, weight, bias, mean, var, p)
-    ctx.eps, ctx.rule, ctx.batch_stats = eps, rule, batch_stats
+    ctx.eps, ctx.rule, ctx.batch_stats, ctx.group = eps, rule, batch_stats, group
 
 
 def _bn_apply_backward(ctx, grad_y):
     x, weight, bias, mean, var, p = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dw, db, dp, dmean, dvar = torch.ops.snnorm.bn_apply_backward(
-        grad_y, x, weight, bias, mean, var, p, ctx.eps, ctx.rule, ctx.batch_stats, need[0], any(need[1:6])
+        grad_y, x, weight, bias, mean, var, p, ctx.eps, ctx.rule, ctx.batch_stats, need[0], any(need[1:6]), ctx.group
     )
     return (
         dx if need[0] else None,
@@ -631,6 +664,7 @@ def _bn_apply_backward(ctx, grad_y):
         dmean.to(mean.dtype) if need[3] else None,  # only when (mean, var) carry their own graph
         dvar.to(var.dtype) if need[4] else None,
         dp.to(p.dtype) if need[5] else None,
+        None,
         None,
         None,
         None,
@@ -660,19 +694,25 @@ def _single_value_error(x_seq: Tensor) -> ValueError:
     return ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x_seq.shape)}")
 
 
-def _shared_statistics_norm(rule: str, x_seq, weight, bias, running_mean, running_var, p, training, momentum, eps):
-    """Grouping ALL (multi-step BN, tdBN, TEBN): one μ, σ² per channel over T·N·spatial."""
+def _shared_statistics_norm(rule: str, x_seq, weight, bias, running_mean, running_var, p, training, momentum, eps,
+                            sync: StatsSync | None):
+    """Grouping ALL (multi-step BN, tdBN, TEBN): one μ, σ² per channel over T·N·spatial.
+
+    With ``sync`` the batch statistics pool every rank's batch (a rank's own batch may
+    then hold one value, or none, as the torch reference allows)."""
     use_batch_stats = training or running_mean is None
+    group = _group_name(sync) if use_batch_stats else ""
     if use_batch_stats:
-        if _values_per_channel(x_seq, x_seq.shape[0]) == 1:  # raised before any update
+        if not group and _values_per_channel(x_seq, x_seq.shape[0]) == 1:  # raised before any update
             raise _single_value_error(x_seq)
         track = training and running_mean is not None
         mean, var = torch.ops.snnorm.bn_stats(
-            x_seq.detach(), running_mean if track else None, running_var if track else None, [float(momentum)], rule
+            x_seq.detach(), running_mean if track else None, running_var if track else None, [float(momentum)], rule,
+            group,
         )
     else:
         mean, var = running_mean, running_var
-    return torch.ops.snnorm.bn_apply(x_seq, weight, bias, mean, var, p, float(eps), rule, use_batch_stats)
+    return torch.ops.snnorm.bn_apply(x_seq, weight, bias, mean, var, p, float(eps), rule, use_batch_stats, group)
 
 
 def tebn(
@@ -686,12 +726,13 @@ def tebn(
     training: bool,
     momentum: float,
     eps: float,
+    sync: StatsSync | None = None,
 ) -> Tensor:
     """TEBN (see :func:`snnorm.backends.torch_backend.tebn`): y[t] = p[t]·(γ x̂[t] + β), rule ``tebn``."""
     _check_sequence_arg("tebn", x_seq)
     check_device("tebn", x_seq, weight, bias, running_mean, running_var, scale)
     return _shared_statistics_norm("tebn", x_seq, weight, bias, running_mean, running_var, scale, training, momentum,
-                                   eps)
+                                   eps, sync)
 
 
 def batch_norm_seq(
@@ -704,12 +745,13 @@ def batch_norm_seq(
     training: bool,
     momentum: float,
     eps: float,
+    sync: StatsSync | None = None,
 ) -> Tensor:
     """Multi-step BN / tdBN (see :func:`snnorm.backends.torch_backend.batch_norm_seq`), rule ``batch_norm``."""
     _check_sequence_arg("batch_norm_seq", x_seq)
     check_device("batch_norm_seq", x_seq, weight, bias, running_mean, running_var)
     return _shared_statistics_norm("batch_norm", x_seq, weight, bias, running_mean, running_var, None, training,
-                                   momentum, eps)
+                                   momentum, eps, sync)
 
 
 def tab(
@@ -724,13 +766,15 @@ def tab(
     momentum,
     eps: float,
     prefix: tuple | None = None,
+    sync: StatsSync | None = None,
 ) -> tuple[Tensor, tuple | None]:
     """TAB (see :func:`snnorm.backends.torch_backend.tab`), rule ``tab``.
 
     A whole sequence (``prefix=None``) runs on the pipeline. A continuation (single-step
     mode, ``prefix`` given) gets its statistics from the torch reference's differentiable
     helpers (a step's worth of data; the returned prefix must carry the gradient to the
-    earlier steps) and the fused apply, whose backward hands ∂L/∂μ, ∂L/∂σ² to them.
+    earlier steps) and the fused apply, whose backward hands ∂L/∂μ, ∂L/∂σ² to them; with
+    ``sync`` those helpers are the reference's synchronised ones (a differentiable gather).
     """
     _check_sequence_arg("tab", x_seq)
     check_device("tab", x_seq)
@@ -739,23 +783,28 @@ def tab(
         y = torch.ops.snnorm.bn_apply(x_seq, weight, bias, running_mean, running_var, p, float(eps), "tab", False)
         return y, prefix
     if prefix is not None:
-        n, step_mean, step_m2 = torch_backend.tab_step_stats(x_seq)
+        if sync is not None:
+            n_steps, step_mean, step_m2 = synced_statistics(sync, x_seq)
+            n = float(n_steps[0])
+        else:
+            n, step_mean, step_m2 = torch_backend.tab_step_stats(x_seq)
         count, mean, m2 = torch_backend.chan_prefix(n, step_mean, step_m2, prefix)
         if training and running_mean is not None:
             torch_backend.update_accumulated_running_stats(running_mean, running_var, count, mean, m2, momentum)
-        var = m2 / count.unsqueeze(1)
+        var = m2 / count.to(m2.dtype).unsqueeze(1)
         y = torch.ops.snnorm.bn_apply(x_seq, weight, bias, mean, var, p, float(eps), "tab", False)
         return y, (float(count[-1]), mean[-1], m2[-1])
-    if _values_per_channel(x_seq, 1) < 2:
+    group = _group_name(sync)
+    if not group and _values_per_channel(x_seq, 1) < 2:
         # F.batch_norm's rule (and exception type) at step 0, raised before any update; an
         # empty batch has no statistics either
         raise _single_value_error(x_seq)
     track = training and running_mean is not None
     mean, var = torch.ops.snnorm.bn_stats(
         x_seq.detach(), running_mean if track else None, running_var if track else None,
-        [float(m) for m in momentum], "tab",
+        [float(m) for m in momentum], "tab", group,
     )
-    y = torch.ops.snnorm.bn_apply(x_seq, weight, bias, mean, var, p, float(eps), "tab", True)
+    y = torch.ops.snnorm.bn_apply(x_seq, weight, bias, mean, var, p, float(eps), "tab", True, group)
     return y, None
 
 
@@ -768,6 +817,7 @@ def bntt(
     training: bool,
     momentum,
     eps,
+    sync: StatsSync | None = None,
 ) -> Tensor:
     """BNTT (see :func:`snnorm.backends.torch_backend.bntt`): y[t] = γ_t x̂_t, rule ``bntt``.
 
@@ -791,26 +841,29 @@ def bntt(
                 RuntimeWarning, stacklevel=2,
             )
         return torch_backend.bntt(x_seq, weights, running_means, running_vars, training=training, momentum=momentum,
-                                  eps=eps)
+                                  eps=eps, sync=sync)
     tracked = all(r is not None for r in running_means) and all(r is not None for r in running_vars)
     weight = torch.stack(list(weights)) if all(w is not None for w in weights) else None
     check_device("bntt", x_seq, weight, *(running_means if tracked else ()), *(running_vars if tracked else ()))
     use_batch_stats = training or not tracked
+    group = _group_name(sync) if use_batch_stats else ""
     if not use_batch_stats:
         mean, var = torch.stack(list(running_means)), torch.stack(list(running_vars))
     else:
-        if _values_per_channel(x_seq, 1) == 1:  # raised before any update
+        if not group and _values_per_channel(x_seq, 1) == 1:  # raised before any update
             raise _single_value_error(x_seq[0])
         track = training and tracked
         r_mean = torch.stack(list(running_means)) if track else None
         r_var = torch.stack(list(running_vars)) if track else None
-        mean, var = torch.ops.snnorm.bn_stats(x_seq.detach(), r_mean, r_var, [float(m) for m in momentum], "bntt")
+        mean, var = torch.ops.snnorm.bn_stats(x_seq.detach(), r_mean, r_var, [float(m) for m in momentum], "bntt",
+                                              group)
         if track:  # the op updated the stacked copies: move them into the per-step buffers
             with torch.no_grad():
                 for t in range(T):
                     running_means[t].copy_(r_mean[t])
                     running_vars[t].copy_(r_var[t])
-    return torch.ops.snnorm.bn_apply(x_seq, weight, None, mean, var, None, float(eps[0]), "bntt", use_batch_stats)
+    return torch.ops.snnorm.bn_apply(x_seq, weight, None, mean, var, None, float(eps[0]), "bntt", use_batch_stats,
+                                     group)
 
 
 #: the op-table entries of this section (load_ops adds them)
@@ -831,24 +884,26 @@ except ImportError:  # pragma: no cover - exercised only without triton
     pass
 else:
     #: ``snnorm::norm_lif(x, v0, γ, β, p, μ, σ², rule, eps, batch_stats, threshold, v_init,
-    #: <LIFKernelParameters>, checkpoint) -> (s, v_T, checkpoints)``
+    #: <LIFKernelParameters>, checkpoint, group) -> (s, v_T, checkpoints)``; ``group`` (the
+    #: synchronising process group's name, "" = local) reaches only the backward
     NORM_LIF_FWD = op_signature(
         "Tensor x, Tensor? v0, Tensor? weight, Tensor? bias, Tensor? p, Tensor mean, Tensor var, str rule, "
-        "float eps, bool batch_stats, float threshold, float v_init", LIFKernelParameters, "bool checkpoint",
-        returns="(Tensor, Tensor, Tensor)",
+        "float eps, bool batch_stats, float threshold, float v_init", LIFKernelParameters,
+        'bool checkpoint, str group', returns="(Tensor, Tensor, Tensor)",
     )
     #: ``snnorm::norm_lif_backward(∂s, ∂v_T, x, v0, checkpoints, γ, β, p, μ, σ², rule, eps, batch_stats,
-    #: threshold, v_init, <LIFKernelParameters>, need_dx, need_dv0) -> (∂x, ∂v0, ∂γ, ∂β, ∂p)``
+    #: threshold, v_init, <LIFKernelParameters>, need_dx, need_dv0, group) -> (∂x, ∂v0, ∂γ, ∂β, ∂p)``;
+    #: with ``group`` ∂x's statistics terms use every rank's gradient sums (one all-reduce)
     NORM_LIF_BWD = op_signature(
         "Tensor? grad_s, Tensor? grad_v, Tensor x, Tensor? v0, Tensor ckpt, Tensor? weight, Tensor? bias, "
         "Tensor? p, Tensor mean, Tensor var, str rule, float eps, bool batch_stats, float threshold, float v_init",
-        LIFKernelParameters, "bool need_dx, bool need_dv0",
+        LIFKernelParameters, 'bool need_dx, bool need_dv0, str group',
         returns="(Tensor, Tensor, Tensor, Tensor, Tensor)",
     )
 
     @torch.library.custom_op("snnorm::norm_lif", mutates_args=(), schema=NORM_LIF_FWD.schema)
     def _norm_lif_op(x, v0, weight, bias, p, mean, var, rule, eps, batch_stats, threshold, v_init, *args):
-        lif, (checkpoint,) = LIFKernelParameters.from_op_args(args)
+        lif, (checkpoint, _group) = LIFKernelParameters.from_op_args(args)
         check_device("norm_lif", x, v0, weight, bias, p, mean, var)
         return _nl.launch_norm_lif_forward(
             _bnp.rule(rule), x, v0, weight, bias, p, mean, var, eps, threshold, v_init, lif, checkpoint
@@ -856,7 +911,7 @@ else:
 
     @_norm_lif_op.register_fake
     def _(x, v0, weight, bias, p, mean, var, rule, eps, batch_stats, threshold, v_init, *args):
-        _, (checkpoint,) = LIFKernelParameters.from_op_args(args)
+        _, (checkpoint, _group) = LIFKernelParameters.from_op_args(args)
         T, N, C = x.shape[:3]
         dtype = _bnp.out_dtype(x, p)
         n_ckpt = (-(-T // _nl.segment_length(T)) - 1) if checkpoint else 0
@@ -868,16 +923,16 @@ else:
     @torch.library.custom_op("snnorm::norm_lif_backward", mutates_args=(), schema=NORM_LIF_BWD.schema)
     def _norm_lif_backward_op(grad_s, grad_v, x, v0, ckpt, weight, bias, p, mean, var, rule, eps, batch_stats,
                               threshold, v_init, *args):
-        lif, (need_dx, need_dv0) = LIFKernelParameters.from_op_args(args)
+        lif, (need_dx, need_dv0, group) = LIFKernelParameters.from_op_args(args)
         dx, dv0, dw, db, dp = _nl.launch_norm_lif_backward(
             _bnp.rule(rule), grad_s, grad_v, x, v0, ckpt, weight, bias, p, mean, var, eps, batch_stats, threshold,
-            v_init, lif, need_dx, need_dv0,
+            v_init, lif, need_dx, need_dv0, _all_reduce(group),
         )
         return dx, dv0 if dv0 is not None else x.new_empty(0), dw, db, dp  # custom ops return no None
 
     @_norm_lif_backward_op.register_fake
     def _(grad_s, grad_v, x, v0, ckpt, weight, bias, p, mean, var, rule, eps, batch_stats, threshold, v_init, *args):
-        _, (need_dx, need_dv0) = LIFKernelParameters.from_op_args(args)
+        _, (need_dx, need_dv0, _group) = LIFKernelParameters.from_op_args(args)
         acc = acc_torch_dtype(x.dtype)
         shape = _bnp.stats_shape(_bnp.rule(rule), x.shape[0], x.shape[2])
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
@@ -890,14 +945,14 @@ else:
         ctx.set_materialize_grads(False)  # an unused spike or membrane output sends None, not zeros
         ctx.save_for_backward(x, v0, weight, bias, p, mean, var, output[2])
         ctx.rule, ctx.eps, ctx.batch_stats, ctx.threshold, ctx.v_init = rule, eps, batch_stats, threshold, v_init
-        ctx.lif = LIFKernelParameters.from_op_args(args)[0]
+        ctx.lif, (_checkpoint, ctx.group) = LIFKernelParameters.from_op_args(args)
 
     def _norm_lif_backward(ctx, grad_s, grad_v, _grad_ckpt):
         x, v0, weight, bias, p, mean, var, ckpt = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dv0, dw, db, dp = torch.ops.snnorm.norm_lif_backward(
             grad_s, grad_v, x, v0, ckpt, weight, bias, p, mean, var, ctx.rule, ctx.eps, ctx.batch_stats,
-            ctx.threshold, ctx.v_init, *ctx.lif.to_op_args(), need[0], need[1],
+            ctx.threshold, ctx.v_init, *ctx.lif.to_op_args(), need[0], need[1], ctx.group,
         )
         return NORM_LIF_FWD.grads(
             dx if need[0] else None,
@@ -931,6 +986,7 @@ def norm_lif(
     batch_stats: bool,
     threshold: float,
     neuron: LIFParameters,
+    sync: StatsSync | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A batch-statistics norm (pipeline rule ``rule``) and an IF/LIF neuron, fused: (spikes,
     final membrane) as ``lif(norm(x_seq), v)`` computes them (kernels/norm_lif.py).
@@ -938,21 +994,23 @@ def norm_lif(
     ``v``: the initial membrane, a float (every element) or a tensor of shape
     ``x_seq.shape[1:]``. With ``batch_stats`` the batch's statistics normalise and the running
     statistics (if given) are updated in place with ``momentum`` (one factor per statistics
-    row); else the running statistics normalise.
+    row); else the running statistics normalise. With ``sync`` (and ``batch_stats``) the
+    statistics pool every rank's batch: one all-gather forward, one all-reduce backward.
     """
     _check_sequence_arg("norm_lif", x_seq)
     lif_k = norm_lif_kernel(neuron)
     if lif_k is None:
         raise ValueError(f"norm_lif: no kernel for the surrogate {type(neuron.surrogate).__name__}")
+    group = _group_name(sync) if batch_stats else ""
     if batch_stats:
         mean, var = torch.ops.snnorm.bn_stats(x_seq.detach(), running_mean, running_var,
-                                              [float(m) for m in momentum], rule)
+                                              [float(m) for m in momentum], rule, group)
     else:
         mean, var = running_mean, running_var
     v0, v_init = (v.expand(x_seq.shape[1:]), 0.0) if isinstance(v, Tensor) else (None, float(v))
     checkpoint = _wants_grad(x_seq, v0, weight, bias, p)
     spikes, v_out, _ = torch.ops.snnorm.norm_lif(
         x_seq, v0, weight, bias, p, mean, var, rule, float(eps), bool(batch_stats), float(threshold), v_init,
-        *lif_k.to_op_args(), checkpoint,
+        *lif_k.to_op_args(), checkpoint, group,
     )
     return spikes, v_out

@@ -119,7 +119,9 @@ def chan_merge(count, mean, m2, count_b, mean_b, m2_b):
     """Chan et al.'s pairwise formula: the (count, mean, M2) of the union of two sets."""
     total = count + count_b
     delta = mean_b - mean
-    frac = count_b / total
+    # counts are whole numbers: max(total, 1) is total unless both sets are empty (a rank
+    # with no batch in a synchronised reduce), where the union stays empty instead of 0/0
+    frac = count_b / tl.maximum(total, 1.0)
     return total, mean + delta * frac, m2 + (m2_b + delta * delta * count * frac)
 
 
@@ -136,7 +138,8 @@ def combine_partials(
     A chunk of partials is combined at once with the multi-way formula
     n = Σ n_p, μ = Σ n_p μ_p / n, M2 = Σ M2_p + Σ n_p (μ_p − μ)² (vectorised sums over a
     [BLOCK_P, BLOCK_C] tile); chunks merge in order with Chan's pairwise formula. Every
-    sum has a fixed shape and order: deterministic. Every partial holds ≥ 1 element.
+    sum has a fixed shape and order: deterministic. A partial may hold 0 elements (a rank
+    with an empty batch, gathered by a synchronised reduce): it adds nothing.
     """
     count = tl.zeros((), ACC_DTYPE)
     mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
@@ -154,7 +157,7 @@ def combine_partials(
         # Σ n_p μ_p would lose the digits of a small spread around a large mean.
         ref = tl.load(part_mean_ptr + p0 * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
         dev = tl.where(mask, mean_p - ref[None, :], 0.0)
-        shift = tl.sum(n_p[:, None] * dev, axis=0) / count_b
+        shift = tl.sum(n_p[:, None] * dev, axis=0) / tl.maximum(count_b, 1.0)  # 0 for a chunk of empty partials
         d = tl.where(mask, dev - shift[None, :], 0.0)  # μ_p − μ_b
         m2_b = tl.sum(m2_p, axis=0) + tl.sum(n_p[:, None] * d * d, axis=0)
         count, mean, m2 = chan_merge(count, mean, m2, count_b, ref + shift, m2_b)

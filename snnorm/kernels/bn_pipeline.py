@@ -50,6 +50,17 @@ Backward, with g = ∂L/∂y and x̂ = (x − μ)·r, r = 1/√(σ² + ε), k_t 
    (constant statistics: U = V = 0);
 3. ``_bwd_dx_kernel``: ∂x elementwise. fp32 traffic: g and x read twice, ∂x written (20 B).
 
+Synchronised statistics (several ranks, :mod:`snnorm.backends.sync`; this module takes the
+collectives as callables): :func:`launch_stats` with ``gather`` reduces its partials per
+step (stage 2 with the EACH grouping, M2 stored as is, no running update), gathers every
+rank's (n_t, μ_t, M2_t) and runs stage 2 on the W·T rank partials (each step's W together,
+in rank order) with the rule's grouping: the running statistics see the global count.
+The backward with ``all_reduce`` sums A, B per step and all-reduces them with the local
+count (one packed tensor); the coefficient kernel runs on the local sums for ∂γ, ∂β, ∂p
+(per rank, as DistributedDataParallel expects) and on the global sums, M the global
+count, for ∂μ, ∂σ² and U, V. Each stage moves O(T·C) values; without the callables
+nothing changes.
+
 Everything is fp32 (fp64 for fp64 input); partials are reduced in a fixed order (no float
 atomics), so results are deterministic. Absent tensors (γ, β, p, running statistics) reach
 the kernels as None with a ``HAS_*`` flag. This module launches kernels only; the
@@ -58,7 +69,7 @@ the kernels as None with a ``HAS_*`` flag. This module launches kernels only; th
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -185,19 +196,20 @@ def _stats_reduce_kernel(
     part_m2_ptr,  # [G·PPG, C]
     part_count_ptr,  # [G·PPG]
     mean_ptr,  # [G, C] out: μ of each statistics row
-    var_ptr,  # [G, C] out: biased σ²
+    var_ptr,  # [G, C] out: biased σ² (M2 itself with STORE_M2)
     running_mean_ptr,  # [G, C] updated in place when UPDATE_RUNNING (else None)
     running_var_ptr,  # [G, C] updated in place (unbiased) when UPDATE_RUNNING (else None)
     momentum_ptr,  # [G] per-row factors with PER_ROW_MOMENTUM (else None)
     momentum,  # the factor of every row without PER_ROW_MOMENTUM (an fp32 scalar)
     G, PPG, C,
     PREFIX_MERGE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, PER_ROW_MOMENTUM: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    STORE_M2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Stage 2: the partials of each group combined (vectorised chunks, Chan between
     chunks); with PREFIX_MERGE each group is merged into the triple of the groups before
     it. Row g's statistics are stored and its running statistics updated. Groups run in
-    order with fixed shapes: deterministic."""
+    order with fixed shapes: deterministic. STORE_M2 stores M2 instead of σ² = M2/n (the
+    per-step partials a synchronised reduce gathers: no M2 = σ²·n round trip)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     count = tl.zeros((), ACC_DTYPE)
@@ -214,7 +226,10 @@ def _stats_reduce_kernel(
             count, mean, m2 = count_g, mean_g, m2_g
         row = g * C + c
         tl.store(mean_ptr + row, mean, mask=c_mask)
-        tl.store(var_ptr + row, m2 / count, mask=c_mask)
+        if STORE_M2:
+            tl.store(var_ptr + row, m2, mask=c_mask)
+        else:
+            tl.store(var_ptr + row, m2 / count, mask=c_mask)
         if UPDATE_RUNNING:
             if PER_ROW_MOMENTUM:
                 m = tl.load(momentum_ptr + g).to(ACC_DTYPE)
@@ -317,9 +332,11 @@ def _bwd_coef_kernel(
     coef_g_ptr,  # [T, C] out: k_t r_t
     coef_u_ptr,  # statistics rows, out: U when BATCH_STATS (else None)
     coef_v_ptr,  # statistics rows, out: V when BATCH_STATS (else None)
+    count_ptr,  # [1] the values per (t, c) of every rank together with COUNT_FROM_PTR (else None)
     T, PPS, C, M, eps,
     GROUPING: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BATCH_STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BATCH_STATS: tl.constexpr, COUNT_FROM_PTR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """Backward stage 2: every per-(t, c) number, one program per block of channels.
 
@@ -327,7 +344,15 @@ def _bwd_coef_kernel(
     last prefix mean μ_ref = μ_{T−1}: R_s = Σ ∂L/∂μ_t / n_t, V_s = Σ v_t,
     W_s = Σ v_t (μ_t − μ_ref), U_s = R_s + (μ_s − μ_ref)·V_s − W_s (prefix means differ
     from μ_ref by about σ: nothing cancels when |μ| ≫ σ).
+
+    M is the values per (t, c) a statistics row pools per step: N·S, or with
+    COUNT_FROM_PTR (synchronised statistics) every rank's together, read from the device
+    (the all-reduce's result: no host round trip).
     """
+    if COUNT_FROM_PTR:
+        m_step = tl.load(count_ptr).to(ACC_DTYPE)
+    else:
+        m_step = M  # a new name: M may be a specialised constexpr, never rebound to a tensor
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     # accumulators exist only where their grouping uses them (static ifs): a dead
@@ -379,10 +404,10 @@ def _bwd_coef_kernel(
             tl.store(grad_var_ptr + row, grad_var, mask=c_mask)
             if BATCH_STATS:
                 if GROUPING == 1:
-                    tl.store(coef_u_ptr + row, grad_mean / M, mask=c_mask)
-                    tl.store(coef_v_ptr + row, 2.0 * grad_var / M, mask=c_mask)
+                    tl.store(coef_u_ptr + row, grad_mean / m_step, mask=c_mask)
+                    tl.store(coef_v_ptr + row, 2.0 * grad_var / m_step, mask=c_mask)
                 else:
-                    n_t = (t + 1).to(ACC_DTYPE) * M  # M may be a specialised constant 1
+                    n_t = (t + 1).to(ACC_DTYPE) * m_step  # M may be a specialised constant 1
                     v = 2.0 * grad_var / n_t
                     r_sum += grad_mean / n_t
                     v_sum += v
@@ -395,7 +420,7 @@ def _bwd_coef_kernel(
         tl.store(grad_mean_ptr + c, r_sum, mask=c_mask)
         tl.store(grad_var_ptr + c, v_sum, mask=c_mask)
         if BATCH_STATS:
-            n = (tl.zeros((), ACC_DTYPE) + T) * M  # T, M may be specialised constants (1)
+            n = (tl.zeros((), ACC_DTYPE) + T) * m_step  # T, M may be specialised constants (1)
             tl.store(coef_u_ptr + c, r_sum / n, mask=c_mask)
             tl.store(coef_v_ptr + c, 2.0 * v_sum / n, mask=c_mask)
 
@@ -448,44 +473,36 @@ COEF_CHUNK = 256
 COEF_WARPS = 1
 
 
-def launch_stats(
-    r: NormRule,
-    x: torch.Tensor,
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    momentum: Sequence[float],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stages 1–2: (μ, biased σ²) in :func:`stats_shape`; running statistics updated in place.
+#: ``gather(count [T], mean [T, C], m2 [T, C])`` → every rank's ``([W, T], [W, T, C], [W, T, C])``
+#: in rank order (:func:`snnorm.backends.sync.gather_step_partials` bound to a group)
+Gather = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+#: ``all_reduce(t)`` → Σ over ranks of ``t`` (a new tensor)
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
-    ``momentum`` has one factor per statistics row (1 under ALL, T otherwise). An empty
-    batch gives μ = 0, σ² = 1 and updates nothing (as ``F.batch_norm``).
-    """
-    x4, T, N, C, S = as_tncs(x)
-    acc = acc_torch_dtype(x.dtype)
-    shape = stats_shape(r, T, C)
-    if x.numel() == 0:
-        return x.new_zeros(shape, dtype=acc), x.new_ones(shape, dtype=acc)
-    part_mean, part_m2, part_count, geo = launch_partial_stats(x4, T, N, C, S, acc)
-    rows = T if r.per_step else 1
-    mean = torch.empty(shape, dtype=acc, device=x.device)
-    var = torch.empty(shape, dtype=acc, device=x.device)
+
+def _reduce(
+    part_mean, part_m2, part_count, rows: int, per_group: int, C: int, prefix: bool, running_mean, running_var,
+    momentum: Sequence[float], store_m2: bool, acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``_stats_reduce_kernel`` launch over ``rows`` groups of ``per_group`` partials:
+    ``[rows, C]`` (μ, σ² or M2); running statistics updated in place when given."""
+    device = part_mean.device
+    mean = torch.empty(rows, C, dtype=acc, device=device)
+    var = torch.empty(rows, C, dtype=acc, device=device)
     update = running_mean is not None and running_var is not None
-    if update and len(momentum) != rows:
-        raise ValueError(f"{r.name} statistics: expected {rows} momentum factor(s), got {len(momentum)}")
     # the kernel updates contiguous buffers in place; a strided one goes through a copy
     r_mean = contiguous_or_none(running_mean) if update else None
     r_var = contiguous_or_none(running_var) if update else None
     # One factor for every row (the usual case) goes as a scalar: no host-to-device copy.
     # Triton passes Python floats as fp32, so fp64 keeps the tensor.
     per_row = update and (len(set(momentum)) > 1 or acc == torch.float64)
-    factors = torch.tensor(list(momentum), dtype=acc, device=x.device) if per_row else None
+    factors = torch.tensor(list(momentum), dtype=acc, device=device) if per_row else None
     momentum0 = float(momentum[0]) if update else 0.0
-    per_group = geo.parts // rows
-    block_p, block_c = combine_tiles(per_group, C, x.device.type != "cuda")
+    block_p, block_c = combine_tiles(per_group, C, device.type != "cuda")
     _stats_reduce_kernel[(triton.cdiv(C, block_c),)](
         part_mean, part_m2, part_count, mean, var, r_mean, r_var, factors, momentum0,
         rows, per_group, C,
-        PREFIX_MERGE=r.grouping == PREFIX, UPDATE_RUNNING=update, PER_ROW_MOMENTUM=per_row,
+        PREFIX_MERGE=prefix, UPDATE_RUNNING=update, PER_ROW_MOMENTUM=per_row, STORE_M2=store_m2,
         BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=4,
     )
     if update and r_mean.data_ptr() != running_mean.data_ptr():
@@ -493,6 +510,57 @@ def launch_stats(
     if update and r_var.data_ptr() != running_var.data_ptr():
         running_var.copy_(r_var)
     return mean, var
+
+
+def launch_stats(
+    r: NormRule,
+    x: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: Sequence[float],
+    gather: Optional[Gather] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stages 1–2: (μ, biased σ²) in :func:`stats_shape`; running statistics updated in place.
+
+    ``momentum`` has one factor per statistics row (1 under ALL, T otherwise). An empty
+    batch gives μ = 0, σ² = 1 and updates nothing (as ``F.batch_norm``).
+
+    With ``gather`` (synchronised statistics) the local partials are first reduced per
+    step (EACH, no update) to (n_t, μ_t, M2_t), every rank's are gathered (one collective
+    of O(T·C) values; an empty local batch sends n_t = 0, which adds nothing), and the
+    W·T rank partials, each step's W together in rank order, enter the reduce over the
+    rule's grouping: the statistics and the running update use the global count.
+    """
+    x4, T, N, C, S = as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    shape = stats_shape(r, T, C)
+    rows = T if r.per_step else 1
+    update = running_mean is not None and running_var is not None
+    if update and len(momentum) != rows:
+        raise ValueError(f"{r.name} statistics: expected {rows} momentum factor(s), got {len(momentum)}")
+    if gather is None:
+        if x.numel() == 0:
+            return x.new_zeros(shape, dtype=acc), x.new_ones(shape, dtype=acc)
+        part_mean, part_m2, part_count, geo = launch_partial_stats(x4, T, N, C, S, acc)
+        mean, var = _reduce(part_mean, part_m2, part_count, rows, geo.parts // rows, C, r.grouping == PREFIX,
+                            running_mean, running_var, momentum, False, acc)
+        return mean.view(shape), var.view(shape)
+    if x.numel() == 0:
+        step_mean = torch.zeros(T, C, dtype=acc, device=x.device)
+        step_m2 = torch.zeros(T, C, dtype=acc, device=x.device)
+    else:
+        part_mean, part_m2, part_count, geo = launch_partial_stats(x4, T, N, C, S, acc)
+        step_mean, step_m2 = _reduce(part_mean, part_m2, part_count, T, geo.parts // T, C, False, None, None, (),
+                                     True, acc)
+    counts, means, m2s = gather(torch.full((T,), float(N * S), dtype=acc, device=x.device), step_mean, step_m2)
+    W = counts.shape[0]
+    # [W, T, ·] → [T·W, ·]: each step's rank partials consecutive (the reduce's groups)
+    g_count = counts.to(acc).t().reshape(T * W).contiguous()
+    g_mean = means.to(acc).transpose(0, 1).reshape(T * W, C).contiguous()
+    g_m2 = m2s.to(acc).transpose(0, 1).reshape(T * W, C).contiguous()
+    mean, var = _reduce(g_mean, g_m2, g_count, rows, T * W // rows, C, r.grouping == PREFIX, running_mean,
+                        running_var, momentum, False, acc)
+    return mean.view(shape), var.view(shape)
 
 
 def out_dtype(x: torch.Tensor, p: Optional[torch.Tensor]) -> torch.dtype:
@@ -521,7 +589,7 @@ def launch_apply(
 
 def launch_backward(
     r: NormRule, grad_y: torch.Tensor, x: torch.Tensor, weight, bias, mean: torch.Tensor, var: torch.Tensor, p,
-    eps: float, batch_stats: bool, need_dx: bool, need_sums: bool,
+    eps: float, batch_stats: bool, need_dx: bool, need_sums: bool, all_reduce: Optional[AllReduce] = None,
 ):
     """(∂x, ∂γ, ∂β, ∂p, ∂μ, ∂σ²); all but ∂x in the accumulation dtype, γ/β/μ/σ² in the
     statistics' layout, ∂p ``[T]`` (zeros without a scale).
@@ -529,6 +597,7 @@ def launch_backward(
     Three launches: the partial sums (skipped when neither the statistics' path nor any
     parameter needs them: ``need_sums`` False and constant statistics), every per-(t, c)
     coefficient, ∂x (when ``need_dx``). An unneeded ∂x comes back empty (numel 0).
+    ``all_reduce``: synchronised statistics (:func:`launch_backward_from_sums`).
     """
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
@@ -551,23 +620,18 @@ def launch_backward(
         _bwd_reduce_kernel[geo.grid](*args, **red_flags, **tile_constexprs(geo))
         part_a, part_b = args[4:6]
     return launch_backward_from_sums(r, part_a, part_b, grad_y, x, weight, bias, mean, var, p, eps, batch_stats,
-                                     need_dx)
+                                     need_dx, all_reduce)
 
 
-def launch_backward_from_sums(
-    r: NormRule, part_a: torch.Tensor, part_b: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, weight, bias,
-    mean: torch.Tensor, var: torch.Tensor, p, eps: float, batch_stats: bool, need_dx: bool,
+def _coefficients(
+    r: NormRule, part_a, part_b, T: int, C: int, mean, var, weight, bias, p, eps: float, batch_stats: bool, M: int,
+    count: Optional[torch.Tensor],
 ):
-    """Backward stages 2–3 from the per-(t, c) partial sums ``part_a`` (Σ g) and ``part_b``
-    (Σ g·x̂), ``[T·PPS, C]`` with each step's PPS rows together: what :func:`launch_backward`
-    returns. The fused norm → LIF backward (:mod:`snnorm.kernels.norm_lif`) makes its sums
-    itself, with ∂y, and enters here."""
-    x4, T, N, C, S = as_tncs(x)
-    acc = acc_torch_dtype(x.dtype)
-    dev = x.device
-    mean, var = mean.contiguous(), var.contiguous()
-    flags = dict(ACC_DTYPE=acc_dtype(acc))
-    batch_stats = batch_stats and x.numel() > 0  # no element: no statistics path (and no 0/0 in U, V)
+    """One ``_bwd_coef_kernel`` launch on the sums ``[T·PPS, C]``: (∂γ, ∂β, ∂p, ∂μ, ∂σ², k r,
+    U, V), U and V None without ``batch_stats``. ``count`` (a ``[1]`` device tensor) replaces
+    the per-step count M when given."""
+    dev = part_a.device
+    acc = part_a.dtype
     tc = dict(dtype=acc, device=dev)
     per_step = part_a.shape[0] // T
     shape = stats_shape(r, T, C)
@@ -582,13 +646,59 @@ def launch_backward_from_sums(
     part_dp = torch.empty(c_blocks, T, **tc) if r.scale != NONE else None
     _bwd_coef_kernel[(c_blocks,)](
         part_a, part_b, mean, var, contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
-        dw, db, part_dp, grad_mean, grad_var, coef_g, coef_u, coef_v,
-        T, per_step, C, N * S, float(eps),
+        dw, db, part_dp, grad_mean, grad_var, coef_g, coef_u, coef_v, count,
+        T, per_step, C, M, float(eps),
         GROUPING=r.grouping, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BATCH_STATS=batch_stats, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=COEF_WARPS, **flags,
+        BATCH_STATS=batch_stats, COUNT_FROM_PTR=count is not None, BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=COEF_WARPS, ACC_DTYPE=acc_dtype(acc),
     )
     # a fixed-shape reduction over channel blocks: deterministic
     dp = part_dp.sum(0) if part_dp is not None else torch.zeros(T, **tc)
+    return dw, db, dp, grad_mean, grad_var, coef_g, coef_u, coef_v
+
+
+#: the all-reduce's wire dtype: the count is exact, fp32 sums convert exactly
+SUMS_WIRE_DTYPE = torch.float64
+
+
+def launch_backward_from_sums(
+    r: NormRule, part_a: torch.Tensor, part_b: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, weight, bias,
+    mean: torch.Tensor, var: torch.Tensor, p, eps: float, batch_stats: bool, need_dx: bool,
+    all_reduce: Optional[AllReduce] = None,
+):
+    """Backward stages 2–3 from the per-(t, c) partial sums ``part_a`` (Σ g) and ``part_b``
+    (Σ g·x̂), ``[T·PPS, C]`` with each step's PPS rows together: what :func:`launch_backward`
+    returns. The fused norm → LIF backward (:mod:`snnorm.kernels.norm_lif`) makes its sums
+    itself, with ∂y, and enters here.
+
+    With ``all_reduce`` (synchronised batch statistics) the sums are summed per step
+    (A_t, B_t ``[T, C]``) and, with the local count N·S, all-reduced as one packed tensor
+    (O(T·C) values). The coefficient kernel runs twice: on the local sums for ∂γ, ∂β, ∂p
+    (per rank: DistributedDataParallel averages parameter gradients, as for torch's
+    ``SyncBatchNorm``), and on the global sums with the global count for ∂μ, ∂σ² and ∂x's
+    U, V, since every rank's loss reaches x through the shared statistics.
+    """
+    x4, T, N, C, S = as_tncs(x)
+    acc = acc_torch_dtype(x.dtype)
+    dev = x.device
+    mean, var = mean.contiguous(), var.contiguous()
+    synced = all_reduce is not None and batch_stats
+    # no element: no statistics path (and no 0/0 in U, V); a synchronised rank still joins the collective
+    batch_stats = batch_stats and (x.numel() > 0 or synced)
+    common = (T, C, mean, var, weight, bias, p, eps)
+    if not synced:
+        dw, db, dp, grad_mean, grad_var, coef_g, coef_u, coef_v = _coefficients(
+            r, part_a, part_b, *common, batch_stats, N * S, None)
+    else:
+        sums = torch.stack((part_a, part_b)).view(2, T, -1, C).sum(2)  # [2, T, C]: A_t, B_t
+        packed = torch.cat((sums.reshape(-1).to(SUMS_WIRE_DTYPE),
+                            torch.full((1,), float(N * S), dtype=SUMS_WIRE_DTYPE, device=dev)))
+        total = all_reduce(packed)
+        global_sums = total[:-1].view(2, T, C).to(acc)
+        count = total[-1:].to(acc)
+        dw, db, dp, *_ = _coefficients(r, part_a, part_b, *common, False, N * S, None)
+        _, _, _, grad_mean, grad_var, coef_g, coef_u, coef_v = _coefficients(
+            r, global_sums[0], global_sums[1], *common, True, 1, count)
     if not need_dx:
         dx = x.new_empty(0)  # not needed: no full-size allocation
     elif x.numel() == 0:
@@ -600,7 +710,7 @@ def launch_backward_from_sums(
             head = (g4, x4, dx, mean, coef_g, coef_u, coef_v, N, C, S)
         else:  # constant statistics: ∂x = k r g
             head = (g4, None, dx, None, coef_g, None, None, N, C, S)
-        dx_flags = dict(PER_STEP=r.per_step, BATCH_STATS=batch_stats, **flags)
+        dx_flags = dict(PER_STEP=r.per_step, BATCH_STATS=batch_stats, ACC_DTYPE=acc_dtype(acc))
         geo = fitted_geometry(_bwd_dx_kernel, T, N, C, S, dev, x.dtype, lambda g: (*head, *slice_args(g)), dx_flags)
         _bwd_dx_kernel[geo.grid](*head, *slice_args(geo), **dx_flags, **tile_constexprs(geo))
     return dx, dw, db, dp, grad_mean, grad_var

@@ -264,12 +264,14 @@ def launch_norm_lif_backward(
     r: NormRule, grad_s: Optional[torch.Tensor], grad_v: Optional[torch.Tensor], x: torch.Tensor,
     v0: Optional[torch.Tensor], ckpt: torch.Tensor, weight, bias, p, mean: torch.Tensor, var: torch.Tensor,
     eps: float, batch_stats: bool, threshold: float, v_init: float, lif, need_dx: bool, need_dv0: bool,
+    all_reduce=None,
 ):
     """(∂x, ∂v0, ∂γ, ∂β, ∂p) of the fused block; ∂γ, ∂β, ∂p in the accumulation dtype.
 
     ``grad_s``/``grad_v`` may be None (no gradient reached the spikes / the final
     membrane). Three launches: the recompute-and-BPTT kernel (∂y and its per-(t, c) sums),
-    then the pipeline's coefficient and ∂x kernels.
+    then the pipeline's coefficient and ∂x kernels. ``all_reduce``: synchronised batch
+    statistics (:func:`snnorm.kernels.bn_pipeline.launch_backward_from_sums`).
     """
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
@@ -299,6 +301,6 @@ def launch_norm_lif_backward(
     elif need_dv0:
         grad_v0.zero_() if grad_v is None else grad_v0.copy_(grad_v)
     dx, dw, db, dp, _, _ = launch_backward_from_sums(
-        r, part_a, part_b, grad_y.view(x.shape), x, weight, bias, mean, var, p, eps, batch_stats, need_dx,
+        r, part_a, part_b, grad_y.view(x.shape), x, weight, bias, mean, var, p, eps, batch_stats, need_dx, all_reduce,
     )
     return dx, grad_v0, dw, db, dp
