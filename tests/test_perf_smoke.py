@@ -140,3 +140,22 @@ def test_match_selects_points_and_names_the_csv(tmp_path):
     shapes = {r["shape"] for r in rows if r["metric"] == "ms_median"}
     assert shapes == {"1x2x4x4x4"}
     assert (tmp_path / "tebn.1x2x4x4x4.csv").exists() and not (tmp_path / "tebn.csv").exists()
+
+
+@pytest.mark.slow  # two processes (gloo), the triton backend interpreted
+def test_sync_volume_counts_one_collective_per_layer_pass(tmp_path):
+    from perf import sync_volume
+
+    rows = sync_volume.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "sync_volume.smoke.csv").exists()
+    value = {(r["provider"], r["kernel"], r["metric"]): r["value"] for r in rows}
+    T, _, C = sync_volume.SHAPES["smoke"][0][:3]
+    providers = {r["provider"] for r in rows}
+    for provider in providers:
+        for layer in sync_volume.LAYERS:
+            gathers = value[(provider, layer, "all_gathers")]
+            # one gather per forward (MPBN-LIF: one per step), of T + 2·T·C float64 values in all
+            assert gathers == (T if layer == "mpbn_lif" else 1)
+            assert value[(provider, layer, "all_gather_bytes")] == 8 * (T + 2 * T * C)
+            reduces = value[(provider, layer, "all_reduces")]
+            assert reduces == (0 if provider == harness.SNNORM_TORCH else gathers)
