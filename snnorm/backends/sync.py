@@ -102,9 +102,9 @@ class StatsSync:
 
             out = funcol.all_gather_tensor_autograd(values, 0, self.group)
             return funcol.wait_tensor(out).view(self.world, -1)
-        out = values.new_empty((self.world, values.numel()))
+        out = values.new_empty(self.world * values.numel())  # flat: gloo refuses a [world, K] output
         dist.all_gather_into_tensor(out, values, group=self.group)
-        return out
+        return out.view(self.world, -1)
 
     def all_reduce(self, values: Tensor) -> Tensor:
         """Σ over ranks of ``values`` (a new tensor; not differentiable: the triton backward's sums)."""
@@ -117,10 +117,10 @@ class StatsSync:
         """One small all-gather of ``dims`` (e.g. T, C): SyncShapeError, on every rank, naming
         each rank's values when they differ (instead of a hang or a silent mix later)."""
         local = torch.tensor(list(dims.values()), dtype=torch.int64, device=self._device())
-        everyone = local.new_empty((self.world, local.numel()))
+        everyone = local.new_empty(self.world * local.numel())  # flat: gloo refuses a [world, K] output
         _record("all_gather", local)
         dist.all_gather_into_tensor(everyone, local, group=self.group)
-        rows = everyone.tolist()
+        rows = everyone.view(self.world, -1).tolist()
         if any(row != rows[0] for row in rows):
             per_rank = "; ".join(
                 f"rank {r}: " + ", ".join(f"{k}={v}" for k, v in zip(dims, row)) for r, row in enumerate(rows)
