@@ -10,6 +10,13 @@ statistics, both carries, fp64 and fp32, on a shape whose unsynchronised run tak
 resident path and on one tiled into uneven pipelined tiles. The collective meter
 (:func:`snnorm.backends.sync.count_collectives`) checks one collective per step each way
 carrying 1 + 2C float64 values, whatever N and the spatial size.
+
+World size 1 cannot tell the global statistics from the local ones, so the launchers are
+also run with the exchange of two identical ranks (gather: this rank's partials twice;
+all-reduce: twice the sums): the oracle is one unsynchronised run on the batch
+concatenated with itself — same spikes, mean and rstd, running variance with the
+unbiased factor of the global count 2M, ∂x the concatenated run's, and ∂γ, ∂β, ∂θ half
+of it (each rank keeps its own sums; DistributedDataParallel averages them).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from devices import DEVICE, ON_GPU
+from devices import DEVICE, ON_GPU, SLOW_ON_CPU
 from tolerances import (
     EXACT, REORDERED_FP64, TRITON_FP64_WITH_FP32_SCALARS, TRITON_VS_TORCH_FP32, TRITON_VS_TORCH_GRAD_FP32,
     comparable_entries, comparable_mask, op_tolerance,
@@ -28,14 +35,16 @@ pytest.importorskip("triton")
 from snnorm import surrogate as sg  # noqa: E402
 from snnorm.backends import torch_backend as ref  # noqa: E402
 from snnorm.backends import triton_backend as K  # noqa: E402
-from snnorm.backends.sync import WIRE_DTYPE, StatsSync, count_collectives  # noqa: E402
+from snnorm.backends.sync import WIRE_DTYPE, StatsSync, combine_rank_partials, count_collectives  # noqa: E402
 from snnorm.kernels import mpbn_lif_train as train_kernels  # noqa: E402
-from snnorm.params import BNStatistics, LIFParameters, MPBNParameters  # noqa: E402
+from snnorm.params import BNKernelParameters, BNStatistics, LIFParameters, MPBNParameters  # noqa: E402
 
 LIF = LIFParameters(sg.Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
 TRAIN = BNStatistics(training=True, momentum=0.1, batches_tracked=0)
-#: C = 132 channels of 4·2·2 elements: one program per channel fills an H100, the resident path
-RESIDENT = (3, 4, 132, 2, 2)
+#: 4·2·2 elements a channel: the resident path unsynchronised (C = 3 programs when
+#: MIN_PROGRAMS is lowered to 1, as the interpreter affords; H100 is C = 132, as is)
+RESIDENT = (3, 4, 3, 2, 2)
+H100_RESIDENT = (3, 4, 132, 2, 2)
 #: a channel of 8·40 elements over three pipelined tiles of 128, 128 and 64 elements
 TILED = (3, 8, 2, 5, 8)
 #: the gradients the op returns, by leaf
@@ -129,12 +138,18 @@ def _count_launches(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("carry", ["normalized", "raw"])
-@pytest.mark.parametrize("shape", [RESIDENT, TILED], ids=["resident-shape", "tiled"])
+@pytest.mark.parametrize(
+    "shape",
+    [RESIDENT, TILED, pytest.param(H100_RESIDENT, marks=SLOW_ON_CPU)],  # 132 programs a launch: ~20 s interpreted
+    ids=["resident-shape", "tiled", "h100-resident-shape"],
+)
 def test_synced_equals_torch_synced_and_unsynced(sync, monkeypatch, shape, carry, dtype):
     T, N, C = shape[:3]
     S = shape[3] * shape[4]
+    if shape == RESIDENT:
+        monkeypatch.setattr(train_kernels, "MIN_PROGRAMS", 1)
     resident = train_kernels.uses_resident_path(N, C, S)
-    assert resident == (shape == RESIDENT)
+    assert resident == (shape != TILED)
     inp = _inputs(shape)
     log = _count_launches(monkeypatch)
 
@@ -199,3 +214,38 @@ def test_op_without_group_is_the_unsynchronised_op():
     assert collectives == []
     for a, b_ in zip(default, named):
         torch.testing.assert_close(a, b_, **EXACT)
+
+
+@pytest.mark.parametrize("carry_norm", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("shape", [TILED, RESIDENT], ids=["tiled", "resident-shape"])
+def test_two_identical_ranks_equal_the_doubled_batch(shape, carry_norm):
+    T, N, C = shape[:3]
+    inp = {k: t.to(DEVICE) for k, t in _inputs(shape, seed=4).items()}
+    lif, bn = LIF.for_kernel("sigmoid", 4.0), BNKernelParameters(1e-5, 0.1, 0)
+
+    def two_ranks(count, mean, m2):  # rank 1 sent the same partials
+        return combine_rank_partials(*(torch.stack([t, t]) for t in (count, mean, m2)))
+
+    def run(x, v, gs, gv, sync_stats=None, sync_sums=None):
+        rm = torch.linspace(-0.2, 0.2, C, dtype=torch.float64, device=DEVICE)
+        rv = torch.linspace(0.8, 1.2, C, dtype=torch.float64, device=DEVICE)
+        s, v_out, h, mean, rstd, _, _ = train_kernels.launch_batch_stats_fwd(
+            x, v, inp["weight"], inp["bias"], rm, rv, inp["th"], None, None, None, torch.float64,
+            lif=lif, bn=bn, stats=0, carry_norm=carry_norm, save=True, sync_stats=sync_stats,
+        )
+        gx, gv0, gw, gb, gth = train_kernels.launch_train_bwd(
+            gs, gv, h, torch.float64, mean, rstd, inp["weight"], inp["bias"], inp["th"], lif=lif, carry_norm=carry_norm,
+            sync_sums=sync_sums,
+        )
+        return dict(s=s, v_out=v_out, mean=mean, rstd=rstd, running_mean=rm, running_var=rv, gx=gx, gv0=gv0, gw=gw,
+                    gb=gb, gth=gth)
+
+    got = run(inp["x"], inp["v"], inp["gs"], inp["gv"], two_ranks, lambda sums: 2 * sums)
+    twice = run(*(torch.cat([inp[k], inp[k]], dim=d) for k, d in (("x", 1), ("v", 0), ("gs", 1), ("gv", 0))))
+    mine = dict(s=twice["s"][:, :N], v_out=twice["v_out"][:N], gx=twice["gx"][:, :N], gv0=twice["gv0"][:N],
+                **{k: twice[k] / 2 for k in ("gw", "gb", "gth")},  # this rank's half of the sums
+                **{k: twice[k] for k in ("mean", "rstd", "running_mean", "running_var")})
+    for key, want in mine.items():
+        torch.testing.assert_close(got[key], want, **REORDERED_FP64, msg=lambda m: f"{key}: {m}")
+    alone = run(inp["x"], inp["v"], inp["gs"], inp["gv"])  # the check can fail: one rank's M − 1 differs
+    assert not torch.allclose(alone["running_var"], got["running_var"], **REORDERED_FP64)
