@@ -177,8 +177,9 @@ def test_synced_equals_torch_synced_and_unsynced(sync, monkeypatch, shape, carry
                       TRITON_FP64_WITH_FP32_SCALARS)
         _assert_agree("triton synced vs triton alone", got, plain, dtype, REORDERED_FP64, REORDERED_FP64)
     else:
-        _assert_agree("triton synced vs torch synced", got, want, dtype, TRITON_VS_TORCH_FP32, TRITON_VS_TORCH_GRAD_FP32)
-        _assert_agree("triton synced vs triton alone", got, plain, dtype, TRITON_VS_TORCH_FP32, TRITON_VS_TORCH_GRAD_FP32)
+        tols = (TRITON_VS_TORCH_FP32, TRITON_VS_TORCH_GRAD_FP32)
+        _assert_agree("triton synced vs torch synced", got, want, dtype, *tols)
+        _assert_agree("triton synced vs triton alone", got, plain, dtype, *tols)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 3, 7, 3), (2, 9, 3, 4, 17), (2, 2, 3, 1, 1)])
@@ -249,3 +250,18 @@ def test_two_identical_ranks_equal_the_doubled_batch(shape, carry_norm):
         torch.testing.assert_close(got[key], want, **REORDERED_FP64, msg=lambda m: f"{key}: {m}")
     alone = run(inp["x"], inp["v"], inp["gs"], inp["gv"])  # the check can fail: one rank's M − 1 differs
     assert not torch.allclose(alone["running_var"], got["running_var"], **REORDERED_FP64)
+
+
+def test_synced_forward_without_gradient_equals_the_training_forward(sync):
+    # no autograd: h is not saved (a two-row ping-pong); the exchange reads only the partials
+    inp = _inputs(TILED, seed=5)
+    got = _run(K, inp, torch.float64, "raw", sync)
+    x, v = inp["x"].to(DEVICE), inp["v"].to(DEVICE)
+    rm = torch.linspace(-0.2, 0.2, TILED[2], dtype=torch.float64, device=DEVICE)
+    rv = torch.linspace(0.8, 1.2, TILED[2], dtype=torch.float64, device=DEVICE)
+    with torch.no_grad(), count_collectives() as collectives:
+        s, v_out = K.mpbn_lif(x, v, inp["weight"].to(DEVICE), inp["bias"].to(DEVICE), rm, rv, inp["th"].to(DEVICE), LIF,
+                              MPBNParameters(eps=1e-5, carry="raw"), TRAIN, sync=sync)
+    assert [kind for kind, _ in collectives] == ["all_gather"] * TILED[0]
+    for key, value in dict(s=s, v_out=v_out, running_mean=rm, running_var=rv).items():
+        torch.testing.assert_close(value, got[key], **EXACT, msg=lambda m: f"{key}: {m}")

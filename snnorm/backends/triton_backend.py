@@ -491,7 +491,8 @@ def mpbn_lif(
         s, v_out, _, _, _, rm_new, rv_new = mpbn_lif_train_op(
             x_seq, v, weight, bias, running_mean if track else None, running_var if track else None, th,
             *bn_k.to_op_args(), *lif_k.to_op_args(), carry_norm,
-            _wants_grad(x_seq, v, weight, bias, th), _out_dtype(x_seq, v, threshold), "" if sync is None else sync.group_name,
+            _wants_grad(x_seq, v, weight, bias, th), _out_dtype(x_seq, v, threshold),
+            "" if sync is None else sync.group_name,
         )
         if track:  # the op is functional; the buffers move here, as F.batch_norm moves them in place
             with torch.no_grad():

@@ -520,7 +520,9 @@ def launch_batch_stats_fwd(
     momentum = 0.0 if bn.momentum is None else float(bn.momentum)
     scalars = (*lif_scalars, float(bn.eps), momentum, int(bn.batches_tracked))
     if sync_stats is not None and adapt:
-        raise ValueError(f"launch_batch_stats_fwd: synchronised statistics are for training (stats=STATS_TRAIN), got stats={stats}")
+        raise ValueError(
+            f"launch_batch_stats_fwd: synchronised statistics are for training (stats=STATS_TRAIN), got stats={stats}"
+        )
 
     if sync_stats is None and uses_resident_path(N, C, S):
         tiles = resident_tiling(N, S)
@@ -558,7 +560,7 @@ def launch_batch_stats_fwd(
             *scalars, FIRST=t == -1, LAST=t == T - 1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
             BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), num_warps=pipelined_warps(tiles.block), **flags,
         )
-        if synced and t + 1 < T:  # step t + 1 is charged: its statistics over every rank, before the launch that applies it
+        if synced and t + 1 < T:  # step t + 1 is charged: its statistics over every rank, before it is applied
             n, mu_, m2_ = sync_stats(*local_step_statistics(counts, pmean[t + 1], pm2[t + 1]))
             glob[t + 1] = torch.cat([n.reshape(1), mu_.reshape(C), m2_.reshape(C)]).to(SYNC_DTYPE)
     if adapt:
