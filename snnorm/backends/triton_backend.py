@@ -79,7 +79,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
 from ..params import AdaptParameters, BNKernelParameters, BNStatistics, LIFKernelParameters, LIFParameters, MPBNParameters
 from . import torch_backend
-from .sync import StatsSync, gather_step_partials, synced_statistics
+from .sync import StatsSync, combine_rank_partials, gather_step_partials, synced_statistics
 
 
 # ----------------------------------------------------------------------------------
@@ -251,20 +251,42 @@ else:
     lif_elementwise_op.register_autograd(_lif_backward, setup_context=_lif_setup)
     lif_elementwise_bwd_op.register_autograd(no_double_backward("lif"), setup_context=lambda ctx, inputs, output: None)
 
+    #: the process group whose ranks pool their batch statistics, by name (a ProcessGroup cannot
+    #: be an op argument; :meth:`StatsSync.from_name` resolves it inside); "" = this rank alone
+    _SYNC_GROUP = 'str group=""'
+
+    def _split_group(rest: tuple, n: int) -> tuple[tuple, str]:
+        """(the ``n`` values before ``group``, group): the dispatcher leaves out a trailing
+        argument that equals its default, so the op sees ``group`` only when it is not ""."""
+        return tuple(rest[:n]), (rest[n] if len(rest) > n else "")
+
     #: ``snnorm::mpbn_lif_train(x, v, weight, bias, running_mean, running_var, th, <BNKernelParameters>,
-    #: <LIFKernelParameters>, carry_norm, save, out_dtype)``
+    #: <LIFKernelParameters>, carry_norm, save, out_dtype, group="")``
     TRAIN_FWD = op_signature(
         "Tensor x, Tensor v, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor th",
-        BNKernelParameters, LIFKernelParameters, "bool carry_norm, bool save, ScalarType out_dtype",
+        BNKernelParameters, LIFKernelParameters, "bool carry_norm, bool save, ScalarType out_dtype", _SYNC_GROUP,
         returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     )
     #: ``snnorm::mpbn_lif_train_bwd(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, <LIFKernelParameters>,
-    #: carry_norm, need_gv0)``
+    #: carry_norm, need_gv0, group="")``
     TRAIN_BWD = op_signature(
         "Tensor? gs, Tensor? gv, Tensor h, ScalarType gx_dtype, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-        "Tensor th", LIFKernelParameters, "bool carry_norm, bool need_gv0",
+        "Tensor th", LIFKernelParameters, "bool carry_norm, bool need_gv0", _SYNC_GROUP,
         returns="(Tensor, Tensor, Tensor, Tensor, Tensor)",
     )
+
+    def _step_stats_sync(group: str):
+        """The forward's per-step exchange for the group named ``group`` (None for ""): this rank's
+        (count [1], mean [1, C], M2 [1, C]) → every rank's, gathered and combined in rank order."""
+        sync = StatsSync.from_name(group)
+        if sync is None:
+            return None
+        return lambda count, mean, m2: combine_rank_partials(*gather_step_partials(sync, count, mean, m2))
+
+    def _sums_sync(group: str):
+        """The backward's per-step all-reduce of (M, A, B) for the group named ``group`` (None for "")."""
+        sync = StatsSync.from_name(group)
+        return None if sync is None else sync.all_reduce
 
     @torch.library.custom_op("snnorm::mpbn_lif_train", mutates_args=(), schema=TRAIN_FWD.schema)
     def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
@@ -272,16 +294,20 @@ else:
         updated running mean, updated running var). Arguments: see ``TRAIN_FWD``.
 
         Functional (autograd needs that): the running statistics come back as new tensors
-        (empty when None) and the op-table adaptor copies them into the buffers.
+        (empty when None) and the op-table adaptor copies them into the buffers. With a
+        ``group`` the statistics of every step pool the batches of the group's ranks (one
+        all-gather per step between the pipelined launches; mean and rstd are the global ones).
         """
         bn, args = BNKernelParameters.from_op_args(args)
-        lif, (carry_norm, save, out_dtype) = LIFKernelParameters.from_op_args(args)
+        lif, rest = LIFKernelParameters.from_op_args(args)
+        (carry_norm, save, out_dtype), group = _split_group(rest, 3)
         acc = acc_torch_dtype(out_dtype)
         rm_new = running_mean.to(acc, copy=True) if running_mean is not None else None
         rv_new = running_var.to(acc, copy=True) if running_var is not None else None
         s, v_out, h, mean, rstd, _, _ = _mt.launch_batch_stats_fwd(
             x, v, weight, bias, rm_new, rv_new, th, None, None, None, out_dtype,
             lif=lif, bn=bn, stats=_dev.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
+            sync_stats=_step_stats_sync(group),
         )
         if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
             rm_new, rv_new = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
@@ -290,7 +316,8 @@ else:
     @mpbn_lif_train_op.register_fake
     def _(x, v, weight, bias, running_mean, running_var, th, *args):
         _, args = BNKernelParameters.from_op_args(args)
-        _, (carry_norm, save, out_dtype) = LIFKernelParameters.from_op_args(args)
+        _, rest = LIFKernelParameters.from_op_args(args)
+        (carry_norm, save, out_dtype), _ = _split_group(rest, 3)
         acc = acc_torch_dtype(out_dtype)
         T, C = x.shape[0], x.shape[2]
         return (
@@ -303,13 +330,20 @@ else:
 
     @torch.library.custom_op("snnorm::mpbn_lif_train_bwd", mutates_args=(), schema=TRAIN_BWD.schema)
     def mpbn_lif_train_bwd_op(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *args):
-        """(∂x, ∂v0 (empty unless need_gv0), ∂γ, ∂β, ∂θ) of MPBN-LIF training; gs / gv None read as zeros."""
-        lif, (carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
-        return _mt.launch_train_bwd(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, lif=lif, carry_norm=carry_norm, need_gv0=need_gv0)
+        """(∂x, ∂v0 (empty unless need_gv0), ∂γ, ∂β, ∂θ) of MPBN-LIF training; gs / gv None read as zeros.
+        With a ``group``, ∂x and ∂v0 take the per-step sums of every rank (one all-reduce per step);
+        ∂γ, ∂β, ∂θ stay this rank's."""
+        lif, rest = LIFKernelParameters.from_op_args(args)
+        (carry_norm, need_gv0), group = _split_group(rest, 2)
+        return _mt.launch_train_bwd(
+            gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, lif=lif, carry_norm=carry_norm, need_gv0=need_gv0,
+            sync_sums=_sums_sync(group),
+        )
 
     @mpbn_lif_train_bwd_op.register_fake
     def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *args):
-        _, (carry_norm, need_gv0) = LIFKernelParameters.from_op_args(args)
+        _, rest = LIFKernelParameters.from_op_args(args)
+        (carry_norm, need_gv0), _ = _split_group(rest, 2)
         C = h.shape[2]
         return (
             h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)),
@@ -319,13 +353,15 @@ else:
     def _train_setup(ctx, inputs, output):
         x, v, weight, bias, rm, rv, th, *args = inputs
         _, args = BNKernelParameters.from_op_args(args)
-        lif, (carry_norm, save, _) = LIFKernelParameters.from_op_args(args)
+        lif, rest = LIFKernelParameters.from_op_args(args)
+        (carry_norm, save, _), group = _split_group(rest, 3)
         _, _, h, mean, rstd, _, _ = output
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros tensor to read
         ctx.missing_h = not save
         if save:
             ctx.save_for_backward(h, mean, rstd, weight, bias, th)
         ctx.cfg = (*lif.to_op_args(), carry_norm)
+        ctx.group = group
         ctx.dtypes = (x.dtype, v.dtype)
 
     def _train_backward(ctx, gs, gv, gh, gmean, grstd, grm, grv):
@@ -333,7 +369,9 @@ else:
             raise RuntimeError("snnorm::mpbn_lif_train was called with save=False (no gradient was expected) but a backward pass was requested")
         h, mean, rstd, weight, bias, th = ctx.saved_tensors
         need_gv0 = ctx.needs_input_grad[1]  # a broadcast initial state (the default) needs none: not written
-        gx, gv0, gw, gb, gth = mpbn_lif_train_bwd_op(gs, gv, h, ctx.dtypes[0], mean, rstd, weight, bias, th, *ctx.cfg, need_gv0)
+        gx, gv0, gw, gb, gth = mpbn_lif_train_bwd_op(
+            gs, gv, h, ctx.dtypes[0], mean, rstd, weight, bias, th, *ctx.cfg, need_gv0, ctx.group,
+        )
         return TRAIN_FWD.grads(
             gx.to(ctx.dtypes[0]), gv0.to(ctx.dtypes[1]) if need_gv0 else None,
             None if weight is None else gw.to(weight.dtype), None if bias is None else gb.to(bias.dtype),
@@ -421,21 +459,29 @@ def mpbn_lif(
     neuron: LIFParameters,
     norm: MPBNParameters,
     stats: BNStatistics,
+    *,
+    sync: StatsSync | None = None,
 ) -> tuple[Tensor, Tensor]:
     """MPBN-LIF (see :func:`snnorm.backends.torch_backend.mpbn_lif`), fused.
 
     Batch statistics (training, or no running statistics): ``snnorm::mpbn_lif_train``, whose
-    updated running statistics are copied back into the buffers here. Running statistics
-    (eval): the elementwise kernel with ĥ = (h − μ)·γ/√(σ² + ε) + β.
+    updated running statistics are copied back into the buffers here; with ``sync`` the op
+    gets its group's name and pools every rank's batch at each step (the pipelined kernels,
+    one all-gather per step forward and one all-reduce per step backward). Running
+    statistics (eval, never synchronised): the elementwise kernel with
+    ĥ = (h − μ)·γ/√(σ² + ε) + β.
     """
     lif_k = _kernel_lif(neuron, "mpbn_lif")
     if lif_k is None:
-        return torch_backend.mpbn_lif(x_seq, v, weight, bias, running_mean, running_var, threshold, neuron, norm, stats)
+        return torch_backend.mpbn_lif(
+            x_seq, v, weight, bias, running_mean, running_var, threshold, neuron, norm, stats, sync=sync,
+        )
     v = _membrane(x_seq, v, "mpbn_lif")
     th = _threshold_tensor(threshold, x_seq)
     carry_norm = norm.carry == "normalized"
     if stats.training or running_mean is None:
-        _check_batch_size(x_seq)
+        if sync is None:  # synchronised, the count that matters is every rank's (as the torch backend)
+            _check_batch_size(x_seq)
         if weight is None and bias is not None:
             weight = torch.ones_like(bias)
         if bias is None and weight is not None:
@@ -447,6 +493,7 @@ def mpbn_lif(
             x_seq, v, weight, bias, running_mean if track else None, running_var if track else None, th,
             *bn_k.to_op_args(), *lif_k.to_op_args(), carry_norm,
             _wants_grad(x_seq, v, weight, bias, th), _out_dtype(x_seq, v, threshold),
+            "" if sync is None else sync.group_name,
         )
         if track:  # the op is functional; the buffers move here, as F.batch_norm moves them in place
             with torch.no_grad():

@@ -32,6 +32,19 @@ Two paths (:func:`uses_resident_path`):
   element-step (32 with the raw carry, which also passes the bypass gradient). Partials
   combine with the multi-way Chan formula in one fixed order (deterministic).
 
+Synchronised batch statistics (``sync_stats`` / ``sync_sums``, the op's process-group name;
+:mod:`snnorm.backends.sync`): always the pipelined path. The resident path runs the whole
+T loop inside one launch, so there is no point between two steps where the host could
+exchange statistics with the other ranks. Between the launch that charges step t and the
+one that finishes it, the host combines step t's P tile partials to one (count, mean, M2)
+per channel and exchanges it (one all-gather + Chan in rank order); the finishing launch
+(``SYNCED``) reads the global count M and (mean, M2) from a ``[T, 1 + 2C]`` float64 buffer
+instead of combining its partials, and normalises and updates the running statistics
+(M2/(M − 1)) with them. Backward likewise: between the launch that forms step t's partial
+A, B and the one that applies it, one all-reduce of (M, A [C], B [C]); ∂h takes the global
+sums, ∂γ, ∂β this rank's. One collective of 1 + 2C float64 values per step each way,
+whatever N and the spatial size; without a sync nothing changes.
+
 Choosing the path (so that the GPU fills and nothing spills, ``ptxas -v`` on sm_80/sm_90):
 the resident path needs a padded channel ≤ RESIDENT_MAX_M = 2048 elements (8 warps, 8
 fp32 elements a thread: ≤ 128 registers in fp32, ≤ 230 in fp64, no spills; at 8192
@@ -56,7 +69,7 @@ fp64 tensors agree with an fp64 reference to ~1e-7 only.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -260,6 +273,7 @@ def _mpbn_lif_pipelined_fwd_kernel(
     mean_ptr, rstd_ptr,  # [T, C] out (tile 0)
     mu_hist_ptr, s2_hist_ptr,  # [T + 1, C] adaptive state: reads row t, tile 0 writes row t + 1
     mom_ptr,  # [T] adaptation momentum per step (STATS_FOLD_RUNNING)
+    sync_ptr,  # [T, 1 + 2C] float64 (SYNCED): every rank's (count, mean, M2) of each step
     t,  # the step this launch finishes (−1 on the FIRST launch, which only charges step 0)
     N, C, S, S_TILES, P,
     stride_x_t, stride_x_n, stride_x_c, stride_x_s,
@@ -267,7 +281,7 @@ def _mpbn_lif_pipelined_fwd_kernel(
     tau, v_reset, eps, momentum, batches_tracked,
     STATS: tl.constexpr, HAS_AFFINE: tl.constexpr, TRACK: tl.constexpr, USE_MOMENTUM: tl.constexpr,
     CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, SAVE: tl.constexpr,
-    V0_SCALAR: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    V0_SCALAR: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -283,9 +297,15 @@ def _mpbn_lif_pipelined_fwd_kernel(
     else:  # finish step t: normalise, fire, reset
         ti = dev.index(t, INDEX_64)
         h_row = ti if SAVE else ti % 2
-        mean, m2 = dev.combine_partials(
-            pmean_ptr + ti * P * C, pm2_ptr + ti * P * C, c, C, P, N, S, S_TILES, BLOCK_N, BLOCK_S, BLOCK_P, ACC,
-        )
+        if SYNCED:  # the statistics of every rank's batch, combined on the host between the launches
+            row = sync_ptr + ti * (1 + 2 * C)
+            M = tl.load(row).to(ACC)
+            mean = tl.load(row + 1 + c).to(ACC)
+            m2 = tl.load(row + 1 + C + c).to(ACC)
+        else:
+            mean, m2 = dev.combine_partials(
+                pmean_ptr + ti * P * C, pm2_ptr + ti * P * C, c, C, P, N, S, S_TILES, BLOCK_N, BLOCK_S, BLOCK_P, ACC,
+            )
         th = tl.load(th_ptr + c).to(ACC)
         gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_AFFINE, ACC)
         adapt: tl.constexpr = STATS != dev.STATS_TRAIN
@@ -341,6 +361,7 @@ def _mpbn_lif_pipelined_bwd_kernel(
     pa_ptr, pb_ptr,  # [T, P, C] partial Σ gŷ, Σ gŷ·x̂ per tile
     pth_ptr,  # [P, C] −∂θ per tile, accumulated over the launches
     gw_ptr, gb_ptr,  # [C] out, accumulated by tile 0
+    sync_ptr,  # [T, 1 + 2C] float64 (SYNCED): every rank's (count, A, B) of each step
     t,  # the step this launch forms (after applying step t + 1); −1 on the LAST launch
     T, N, C, S, S_TILES, P,
     stride_g_t, stride_g_n, stride_g_c, stride_g_s,
@@ -348,7 +369,7 @@ def _mpbn_lif_pipelined_bwd_kernel(
     tau, v_reset, alpha,
     HAS_AFFINE: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr,
-    NEED_GV0: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    NEED_GV0: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -373,7 +394,14 @@ def _mpbn_lif_pipelined_bwd_kernel(
         h = tl.load(h_ptr + tp * step + o_off, mask=mask, other=0.0).to(ACC)
         g_hat = tl.load(ghat_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC)
         xhat = (h - mean) * rstd
-        gh = gamma * rstd * (g_hat - a_sum / M - xhat * (b_sum / M))
+        # ∂h takes the sums and count of every rank's batch; ∂γ, ∂β below stay this rank's (DDP averages them)
+        a_h, b_h, m_h = a_sum, b_sum, M
+        if SYNCED:
+            row = sync_ptr + tp * (1 + 2 * C)
+            m_h = tl.load(row).to(ACC)
+            a_h = tl.load(row + 1 + c).to(ACC)
+            b_h = tl.load(row + 1 + C + c).to(ACC)
+        gh = gamma * rstd * (g_hat - a_h / m_h - xhat * (b_h / m_h))
         if not CARRY_NORM:
             gh += tl.load(gdir_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC)
         x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
@@ -421,14 +449,53 @@ def _strides(t: Optional[Tensor], dims: int) -> tuple:
     return t.stride() if t is not None else (0,) * dims
 
 
+#: ``(count [1], mean [1, C], M2 [1, C])`` of one step on this rank → the same over every rank
+#: (float64; e.g. an all-gather and Chan's combination in rank order)
+StepStatsSync = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+#: a float64 vector → its sum over every rank (an all-reduce)
+SumsSync = Callable[[Tensor], Tensor]
+
+#: the host-side values of a step between two synchronised launches: float64 (counts exact)
+SYNC_DTYPE = torch.float64
+
+
+def tile_counts(tiles: Tiling, N: int, S: int, device) -> Tensor:
+    """Elements per tile ``[P]`` (float64), as the kernels' ``tile_count`` counts them."""
+    p = torch.arange(tiles.P, device=device)
+    rows = (N - (p // tiles.S_TILES) * tiles.BLOCK_N).clamp(max=tiles.BLOCK_N)
+    cols = (S - (p % tiles.S_TILES) * tiles.BLOCK_S).clamp(max=tiles.BLOCK_S)
+    return (rows * cols).to(SYNC_DTYPE)
+
+
+def local_step_statistics(counts: Tensor, pmean: Tensor, pm2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One step's P tile partials ``[P, C]`` (``counts`` ``[P]``) combined with the multi-way
+    Chan formula, in float64: n = Σ n_p, μ = Σ n_p μ_p / n, M2 = Σ M2_p + Σ n_p (μ_p − μ)².
+    Returns ``count [1]``, ``mean [1, C]``, ``M2 [1, C]``."""
+    n_p = counts.unsqueeze(1)
+    pmean, pm2 = pmean.to(SYNC_DTYPE), pm2.to(SYNC_DTYPE)
+    n = counts.sum()
+    mean = (n_p * pmean).sum(dim=0) / n
+    m2 = pm2.sum(dim=0) + (n_p * (pmean - mean) ** 2).sum(dim=0)
+    return n.view(1), mean.view(1, -1), m2.view(1, -1)
+
+
 def launch_batch_stats_fwd(
     x, v0, weight, bias, running_mean, running_var, th, mu, s2, mom, out_dtype, *,
     lif: LIFKernelParameters, bn: BNKernelParameters, stats: int, carry_norm: bool, save: bool,
+    sync_stats: Optional[StepStatsSync] = None,
 ):
     """Forward with batch statistics: training (STATS_TRAIN) or an adaptive fold (STATS_FOLD_*).
 
     ``bn``: ε and the running-statistics factor (its momentum and batches_tracked are read
     only when running statistics are given).
+
+    ``sync_stats`` (training only): every step's statistics pool every rank's batch. Always
+    the pipelined path — the resident one runs the whole T loop in one launch, with no point
+    between steps where the host could exchange statistics. After the launch that charges
+    step t, its P tile partials are combined here (:func:`local_step_statistics`, float64)
+    and handed to ``sync_stats`` (one collective, 1 + 2C values); the next launch (SYNCED)
+    finishes step t with the returned global (count, mean, M2) instead of its own partials,
+    and normalises and updates the running statistics with the global count M.
 
     Returns spikes, v_T, saved h ([T, ...] compute dtype, or empty), mean and rstd
     ([T, C]; empty unless saved) and the adapted μ, σ² ([C]; empty in training).
@@ -452,8 +519,12 @@ def launch_batch_stats_fwd(
     )
     momentum = 0.0 if bn.momentum is None else float(bn.momentum)
     scalars = (*lif_scalars, float(bn.eps), momentum, int(bn.batches_tracked))
+    if sync_stats is not None and adapt:
+        raise ValueError(
+            f"launch_batch_stats_fwd: synchronised statistics are for training (stats=STATS_TRAIN), got stats={stats}"
+        )
 
-    if uses_resident_path(N, C, S):
+    if sync_stats is None and uses_resident_path(N, C, S):
         tiles = resident_tiling(N, S)
         h = torch.empty(x.shape if save else (0,), dtype=acc, device=dev_)
         mean = torch.empty((T, C) if save else (0,), dtype=acc, device=dev_)
@@ -478,13 +549,20 @@ def launch_batch_stats_fwd(
     if adapt:
         mu_hist = torch.cat([mu.to(acc).view(1, C), torch.empty((T, C), dtype=acc, device=dev_)])
         s2_hist = torch.cat([s2.to(acc).view(1, C), torch.empty((T, C), dtype=acc, device=dev_)])
+    synced = sync_stats is not None
+    if synced:  # per step: the global count, mean [C], M2 [C]
+        glob = torch.empty((T, 1 + 2 * C), dtype=SYNC_DTYPE, device=dev_)
+        counts = tile_counts(tiles, N, S, dev_)
     for t in range(-1, T):
         _mpbn_lif_pipelined_fwd_kernel[(P, C)](
             x4, v3, h, s, v_out, pmean, pm2, weight, bias, th, running_mean, running_var, mean, rstd,
-            mu_hist, s2_hist, mom, t, N, C, S, tiles.S_TILES, P, *x4.stride(), *v3.stride(), *scalars,
-            FIRST=t == -1, LAST=t == T - 1, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, BLOCK_P=min(next_pow2(P), MAX_BLOCK_P),
-            num_warps=pipelined_warps(tiles.block), **flags,
+            mu_hist, s2_hist, mom, glob if synced else None, t, N, C, S, tiles.S_TILES, P, *x4.stride(), *v3.stride(),
+            *scalars, FIRST=t == -1, LAST=t == T - 1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), num_warps=pipelined_warps(tiles.block), **flags,
         )
+        if synced and t + 1 < T:  # step t + 1 is charged: its statistics over every rank, before it is applied
+            n, mu_, m2_ = sync_stats(*local_step_statistics(counts, pmean[t + 1], pm2[t + 1]))
+            glob[t + 1] = torch.cat([n.reshape(1), mu_.reshape(C), m2_.reshape(C)]).to(SYNC_DTYPE)
     if adapt:
         mu_out, s2_out = mu_hist[T].clone(), s2_hist[T].clone()  # own storage: op outputs must not be views
     if not save:
@@ -495,7 +573,17 @@ def launch_batch_stats_fwd(
 
 def launch_train_bwd(
     gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *, lif: LIFKernelParameters, carry_norm: bool, need_gv0: bool = True,
+    sync_sums: Optional[SumsSync] = None,
 ):
+    """Backward of MPBN-LIF training: (∂x, ∂v0, ∂γ, ∂β, ∂θ).
+
+    ``sync_sums`` (the forward was synchronised): always the pipelined path. After the launch
+    that forms step t's partial sums, they are summed here into this rank's
+    (M, A = Σ gŷ, B = Σ gŷ·x̂) and handed to ``sync_sums`` (one all-reduce, 1 + 2C values);
+    the launch that applies step t uses the global M, A, B in
+    ∂h = γ·rstd·(gŷ − A/M − x̂·B/M), whereas ∂γ += B and ∂β += A keep this rank's sums
+    (DistributedDataParallel averages parameter gradients, as for torch's SyncBatchNorm).
+    """
     T, N, C = h.shape[:3]
     h4 = as_ncs(h, 1)
     S = h4.shape[3]
@@ -513,7 +601,8 @@ def launch_train_bwd(
         NEED_GV0=need_gv0, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc), **lif_flags,
     )
     strides = (*_strides(g4, 4), *_strides(gv3, 3))
-    if uses_resident_path(N, C, S):
+    synced = sync_sums is not None
+    if not synced and uses_resident_path(N, C, S):
         tiles = resident_tiling(N, S)
         gth = torch.empty(C, dtype=acc, device=dev_)
         _mpbn_lif_resident_bwd_kernel[(C,)](
@@ -530,11 +619,17 @@ def launch_train_bwd(
     pa = torch.empty((T, P, C), dtype=acc, device=dev_)
     pb = torch.empty((T, P, C), dtype=acc, device=dev_)
     pth = torch.empty((P, C), dtype=acc, device=dev_)
+    if synced:  # per step: the global count, A [C], B [C]
+        glob = torch.empty((T, 1 + 2 * C), dtype=SYNC_DTYPE, device=dev_)
+        count = torch.full((1,), float(N * S), dtype=SYNC_DTYPE, device=dev_)
     for t in range(T - 1, -2, -1):
         _mpbn_lif_pipelined_bwd_kernel[(P, C)](
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
-            t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
-            FIRST=t == T - 1, LAST=t == -1, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, BLOCK_P=min(next_pow2(P), MAX_BLOCK_P),
-            num_warps=pipelined_warps(tiles.block), **flags,
+            glob if synced else None, t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
+            FIRST=t == T - 1, LAST=t == -1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), num_warps=pipelined_warps(tiles.block), **flags,
         )
+        if synced and t >= 0:  # step t's sums over every rank, before the launch that applies it
+            local = torch.cat([count, pa[t].to(SYNC_DTYPE).sum(dim=0), pb[t].to(SYNC_DTYPE).sum(dim=0)])
+            glob[t] = sync_sums(local).to(SYNC_DTYPE)
     return gx.to(gx_dtype), gv0, gw, gb, pth.sum(dim=0)
