@@ -39,7 +39,7 @@ DRY_SHAPES = [(2, 2, 4, 4, 4)]
 COMPILE_NOTE = "gpu_check compiles at the first fp32 point only (time budget); perf.bench_* --full compiles every point"
 TEST_FILES = [
     "tests/test_triton_mpbn_lif.py", "tests/test_triton_tebn.py", "tests/test_triton_bn.py", "tests/test_fusion.py",
-    "tests/test_backend_agreement.py",
+    "tests/test_backend_agreement.py", "tests/test_sync_pipeline.py", "tests/test_sync_mpbn.py",
     "tests/test_layer_tebn_backends.py", "tests/test_compile.py::test_every_layer_compiles_fullgraph_train_and_eval[triton]",
     "tests/test_autocast.py::test_triton_backend_under_autocast",
 ]
