@@ -203,20 +203,6 @@ def test_eval_with_running_statistics_never_syncs(sync):
         torch.testing.assert_close(got[key], plain[key], **EXACT)
 
 
-def test_op_without_group_is_the_unsynchronised_op():
-    # "" (the default) resolves to no hook: same kernels, same results, bit for bit
-    inp = _inputs(TILED, seed=3)
-    x, v = inp["x"].float().to(DEVICE), inp["v"].float().to(DEVICE)
-    w, b, th = (inp[k].float().to(DEVICE) for k in ("weight", "bias", "th"))
-    args = (x, v, w, b, None, None, th, 1e-5, 0.1, 0, *LIF.for_kernel("sigmoid", 4.0), True, True, torch.float32)
-    with count_collectives() as collectives:
-        default = K.mpbn_lif_train_op(*args)
-        named = K.mpbn_lif_train_op(*args, "")
-    assert collectives == []
-    for a, b_ in zip(default, named):
-        torch.testing.assert_close(a, b_, **EXACT)
-
-
 @pytest.mark.parametrize("carry_norm", [True, False], ids=["normalized", "raw"])
 @pytest.mark.parametrize("shape", [TILED, RESIDENT], ids=["tiled", "resident-shape"])
 def test_two_identical_ranks_equal_the_doubled_batch(shape, carry_norm):

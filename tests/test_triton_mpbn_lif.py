@@ -443,7 +443,7 @@ def _op_args(kind):
     if kind == "train":
         w = torch.rand(2, generator=g).add(0.5).requires_grad_()
         b = torch.randn(2, generator=g, requires_grad=True)
-        return K.mpbn_lif_train_op, (x, v, w, b, torch.zeros(2), torch.ones(2), th, *BNKernelParameters(1e-5, 0.1, 0).to_op_args(), *flags, True, True, torch.float32)
+        return K.mpbn_lif_train_op, (x, v, w, b, torch.zeros(2), torch.ones(2), th, *BNKernelParameters(1e-5, 0.1, 0).to_op_args(), *flags, True, True, torch.float32, "")
     raise AssertionError(kind)
 
 

@@ -89,6 +89,33 @@ from .sync import StatsSync, combine_rank_partials, gather_step_partials, synced
 _WARNED: set = set()
 
 
+# the collectives a synchronised op needs, from its group's name (a ProcessGroup cannot be an
+# op argument; "" = this rank alone): each returns None for ""
+
+
+def _group_name(sync: StatsSync | None) -> str:
+    return "" if sync is None else sync.group_name
+
+
+def _gather(group: str):
+    """The pipeline's ``gather``: this rank's per-step partials → every rank's, in rank order."""
+    sync = StatsSync.from_name(group)
+    return None if sync is None else functools.partial(gather_step_partials, sync)
+
+
+def _combined_gather(group: str):
+    """MPBN-LIF's per-step exchange: this rank's (count [1], mean [1, C], M2 [1, C]) → every
+    rank's, gathered and combined in rank order."""
+    gather = _gather(group)
+    return None if gather is None else (lambda count, mean, m2: combine_rank_partials(*gather(count, mean, m2)))
+
+
+def _all_reduce(group: str):
+    """The backward's all-reduce (Σ over ranks) of its per-step gradient sums."""
+    sync = StatsSync.from_name(group)
+    return None if sync is None else sync.all_reduce
+
+
 def _kernel_surrogate(surrogate: Callable, op: str) -> tuple[str, float] | None:
     """(kernel name, α) of ``surrogate``, or None (warned once per op and reason) when no kernel has it."""
     spec = surrogate.kernel_spec() if hasattr(surrogate, "kernel_spec") else None
@@ -252,41 +279,24 @@ else:
     lif_elementwise_bwd_op.register_autograd(no_double_backward("lif"), setup_context=lambda ctx, inputs, output: None)
 
     #: the process group whose ranks pool their batch statistics, by name (a ProcessGroup cannot
-    #: be an op argument; :meth:`StatsSync.from_name` resolves it inside); "" = this rank alone
-    _SYNC_GROUP = 'str group=""'
-
-    def _split_group(rest: tuple, n: int) -> tuple[tuple, str]:
-        """(the ``n`` values before ``group``, group): the dispatcher leaves out a trailing
-        argument that equals its default, so the op sees ``group`` only when it is not ""."""
-        return tuple(rest[:n]), (rest[n] if len(rest) > n else "")
+    #: be an op argument; :meth:`StatsSync.from_name` resolves it inside); "" = this rank alone.
+    #: Required: the dispatcher would leave out a trailing argument equal to its default.
+    _SYNC_GROUP = "str group"
 
     #: ``snnorm::mpbn_lif_train(x, v, weight, bias, running_mean, running_var, th, <BNKernelParameters>,
-    #: <LIFKernelParameters>, carry_norm, save, out_dtype, group="")``
+    #: <LIFKernelParameters>, carry_norm, save, out_dtype, group)``
     TRAIN_FWD = op_signature(
         "Tensor x, Tensor v, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor th",
         BNKernelParameters, LIFKernelParameters, "bool carry_norm, bool save, ScalarType out_dtype", _SYNC_GROUP,
         returns="(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     )
     #: ``snnorm::mpbn_lif_train_bwd(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, <LIFKernelParameters>,
-    #: carry_norm, need_gv0, group="")``
+    #: carry_norm, need_gv0, group)``
     TRAIN_BWD = op_signature(
         "Tensor? gs, Tensor? gv, Tensor h, ScalarType gx_dtype, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
         "Tensor th", LIFKernelParameters, "bool carry_norm, bool need_gv0", _SYNC_GROUP,
         returns="(Tensor, Tensor, Tensor, Tensor, Tensor)",
     )
-
-    def _step_stats_sync(group: str):
-        """The forward's per-step exchange for the group named ``group`` (None for ""): this rank's
-        (count [1], mean [1, C], M2 [1, C]) → every rank's, gathered and combined in rank order."""
-        sync = StatsSync.from_name(group)
-        if sync is None:
-            return None
-        return lambda count, mean, m2: combine_rank_partials(*gather_step_partials(sync, count, mean, m2))
-
-    def _sums_sync(group: str):
-        """The backward's per-step all-reduce of (M, A, B) for the group named ``group`` (None for "")."""
-        sync = StatsSync.from_name(group)
-        return None if sync is None else sync.all_reduce
 
     @torch.library.custom_op("snnorm::mpbn_lif_train", mutates_args=(), schema=TRAIN_FWD.schema)
     def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
@@ -299,15 +309,14 @@ else:
         all-gather per step between the pipelined launches; mean and rstd are the global ones).
         """
         bn, args = BNKernelParameters.from_op_args(args)
-        lif, rest = LIFKernelParameters.from_op_args(args)
-        (carry_norm, save, out_dtype), group = _split_group(rest, 3)
+        lif, (carry_norm, save, out_dtype, group) = LIFKernelParameters.from_op_args(args)
         acc = acc_torch_dtype(out_dtype)
         rm_new = running_mean.to(acc, copy=True) if running_mean is not None else None
         rv_new = running_var.to(acc, copy=True) if running_var is not None else None
         s, v_out, h, mean, rstd, _, _ = _mt.launch_batch_stats_fwd(
             x, v, weight, bias, rm_new, rv_new, th, None, None, None, out_dtype,
             lif=lif, bn=bn, stats=_dev.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
-            sync_stats=_step_stats_sync(group),
+            sync_stats=_combined_gather(group),
         )
         if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
             rm_new, rv_new = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
@@ -316,8 +325,7 @@ else:
     @mpbn_lif_train_op.register_fake
     def _(x, v, weight, bias, running_mean, running_var, th, *args):
         _, args = BNKernelParameters.from_op_args(args)
-        _, rest = LIFKernelParameters.from_op_args(args)
-        (carry_norm, save, out_dtype), _ = _split_group(rest, 3)
+        _, (carry_norm, save, out_dtype, _) = LIFKernelParameters.from_op_args(args)
         acc = acc_torch_dtype(out_dtype)
         T, C = x.shape[0], x.shape[2]
         return (
@@ -333,17 +341,15 @@ else:
         """(∂x, ∂v0 (empty unless need_gv0), ∂γ, ∂β, ∂θ) of MPBN-LIF training; gs / gv None read as zeros.
         With a ``group``, ∂x and ∂v0 take the per-step sums of every rank (one all-reduce per step);
         ∂γ, ∂β, ∂θ stay this rank's."""
-        lif, rest = LIFKernelParameters.from_op_args(args)
-        (carry_norm, need_gv0), group = _split_group(rest, 2)
+        lif, (carry_norm, need_gv0, group) = LIFKernelParameters.from_op_args(args)
         return _mt.launch_train_bwd(
             gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, lif=lif, carry_norm=carry_norm, need_gv0=need_gv0,
-            sync_sums=_sums_sync(group),
+            sync_sums=_all_reduce(group),
         )
 
     @mpbn_lif_train_bwd_op.register_fake
     def _(gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *args):
-        _, rest = LIFKernelParameters.from_op_args(args)
-        (carry_norm, need_gv0), _ = _split_group(rest, 2)
+        _, (carry_norm, need_gv0, _) = LIFKernelParameters.from_op_args(args)
         C = h.shape[2]
         return (
             h.new_empty(h.shape, dtype=gx_dtype), h.new_empty(h.shape[1:] if need_gv0 else (0,)),
@@ -353,8 +359,7 @@ else:
     def _train_setup(ctx, inputs, output):
         x, v, weight, bias, rm, rv, th, *args = inputs
         _, args = BNKernelParameters.from_op_args(args)
-        lif, rest = LIFKernelParameters.from_op_args(args)
-        (carry_norm, save, _), group = _split_group(rest, 3)
+        lif, (carry_norm, save, _, group) = LIFKernelParameters.from_op_args(args)
         _, _, h, mean, rstd, _, _ = output
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros tensor to read
         ctx.missing_h = not save
@@ -593,22 +598,6 @@ try:
     from ..kernels import bn_pipeline as _bnp
 except ImportError:  # pragma: no cover - exercised only without triton
     pass
-
-
-def _gather(group: str):
-    """The pipeline's ``gather`` callable of the group named ``group``, or None for ``""``."""
-    sync = StatsSync.from_name(group)
-    return None if sync is None else functools.partial(gather_step_partials, sync)
-
-
-def _all_reduce(group: str):
-    """The pipeline's ``all_reduce`` callable of the group named ``group``, or None for ``""``."""
-    sync = StatsSync.from_name(group)
-    return None if sync is None else sync.all_reduce
-
-
-def _group_name(sync: StatsSync | None) -> str:
-    return "" if sync is None else sync.group_name
 
 
 @torch.library.custom_op("snnorm::bn_stats", mutates_args=("running_mean", "running_var"))
