@@ -5,8 +5,8 @@ TEBN, BNTT, TAB, MPBN-LIF and a fused TEBN → LIF block — for two steps, on t
 backend and (interpreted on a machine without CUDA) the triton backend, and count every
 collective of the second step (the first adds the layer's one-off T/C check) with
 :func:`snnorm.backends.sync.count_collectives`: how many all-gathers (forward partials)
-and all-reduces (backward gradient sums; the torch backend's backward goes through the
-autograd of the gather and is not counted), and their bytes, per layer per step. The
+and backward reductions (triton: an all-reduce of the gradient sums; torch: the
+reduce-scatter that is the autograd of its gather), and their bytes, per layer per step. The
 sizes are counted, not timed, so they do not depend on the machine. Two shapes with
 different N·spatial show that the bytes depend on T and C only.
 
@@ -113,11 +113,11 @@ def main(argv=None) -> list[dict]:
         T, C = shape[0], shape[2]
         provider = f"snnorm-{backend}"
         gathers = [b for k, b in log if k == "all_gather"]
-        reduces = [b for k, b in log if k == "all_reduce"]
+        reduces = [b for k, b in log if k in ("all_reduce", "reduce_scatter")]
         total = sum(gathers) + sum(reduces)
         shape_s = H.shape_str(shape)
         for metric, value in (("all_gathers", len(gathers)), ("all_gather_bytes", sum(gathers)),
-                              ("all_reduces", len(reduces)), ("all_reduce_bytes", sum(reduces)),
+                              ("backward_reduces", len(reduces)), ("backward_reduce_bytes", sum(reduces)),
                               ("bytes", total), ("bytes_per_TC", total / (T * C))):
             rec.add(kind, provider, "train_step", shape_s, "fp32", metric, value,
                     "per rank per step; counted, not timed")

@@ -47,7 +47,9 @@ _METERS: list[list] = []
 @contextlib.contextmanager
 def count_collectives() -> Iterator[list]:
     """Records every collective the hook issues in this process as ``(kind, bytes)`` into the
-    yielded list (perf/ and the O(T·C) test read it)."""
+    yielded list (perf/ and the O(T·C) test read it): ``all_gather`` (the bytes this rank
+    contributes), ``all_reduce``, and ``reduce_scatter`` (the backward of a differentiable
+    gather: the gradient of every rank's rows)."""
     log: list = []
     _METERS.append(log)
     try:
@@ -102,8 +104,10 @@ class StatsSync:
 
             # renamed in torch 2.12 (the device machine has 2.11)
             gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-            out = gather(values, 0, self.group)
-            return funcol.wait_tensor(out).view(self.world, -1)
+            out = funcol.wait_tensor(gather(values, 0, self.group)).view(self.world, -1)
+            if _METERS:  # its backward reduce-scatters the gradient of every rank's rows
+                out.register_hook(lambda grad: _record("reduce_scatter", grad))
+            return out
         return self._all_gather(values.reshape(-1))
 
     def all_reduce(self, values: Tensor) -> Tensor:
