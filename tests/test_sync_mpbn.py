@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from devices import DEVICE, ON_GPU, SLOW_ON_CPU
+from devices import DEVICE, SLOW_ON_CPU
 from tolerances import (
     EXACT, REORDERED_FP64, TRITON_FP64_WITH_FP32_SCALARS, TRITON_VS_TORCH_FP32, TRITON_VS_TORCH_GRAD_FP32,
     comparable_entries, comparable_mask, op_tolerance,
@@ -35,7 +34,7 @@ pytest.importorskip("triton")
 from snnorm import surrogate as sg  # noqa: E402
 from snnorm.backends import torch_backend as ref  # noqa: E402
 from snnorm.backends import triton_backend as K  # noqa: E402
-from snnorm.backends.sync import WIRE_DTYPE, StatsSync, combine_rank_partials, count_collectives  # noqa: E402
+from snnorm.backends.sync import WIRE_DTYPE, combine_rank_partials, count_collectives  # noqa: E402
 from snnorm.kernels import mpbn_lif_train as train_kernels  # noqa: E402
 from snnorm.params import BNKernelParameters, BNStatistics, LIFParameters, MPBNParameters  # noqa: E402
 
@@ -49,19 +48,6 @@ H100_RESIDENT = (3, 4, 132, 2, 2)
 TILED = (3, 8, 2, 5, 8)
 #: the gradients the op returns, by leaf
 LEAVES = ("x", "v", "weight", "bias", "th")
-
-
-@pytest.fixture(scope="module")
-def sync(tmp_path_factory):
-    if dist.is_initialized():
-        raise RuntimeError("test_sync_mpbn needs its own process group but one is already initialised in this process")
-    store = tmp_path_factory.mktemp("gloo") / "store"
-    backend = "cpu:gloo,cuda:nccl" if ON_GPU else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        yield StatsSync(dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
 
 
 def _inputs(shape, seed=0):

@@ -17,9 +17,7 @@ between the backward's reduce and coefficient kernels. Here, in one process:
 
 from __future__ import annotations
 
-import datetime
 import os
-import tempfile
 
 import pytest
 import torch
@@ -39,7 +37,7 @@ import torch.distributed as dist  # noqa: E402
 from perf import traffic  # noqa: E402
 from snnorm.backends import torch_backend  # noqa: E402
 from snnorm.backends import triton_backend  # noqa: E402
-from snnorm.backends.sync import StatsSync, count_collectives  # noqa: E402
+from snnorm.backends.sync import count_collectives  # noqa: E402
 from snnorm.kernels import bn_pipeline as bnp  # noqa: E402
 from snnorm.params import LIFParameters  # noqa: E402
 from snnorm.surrogate import Sigmoid  # noqa: E402
@@ -63,21 +61,6 @@ def GATHER_BYTES(T: int, C: int) -> int:
 def REDUCE_BYTES(T: int, C: int) -> int:
     return 8 * (2 * T * C + 1)
 
-
-
-@pytest.fixture(scope="module")
-def sync():
-    """A group of one rank (this process; gloo, nccl on a GPU): the synchronised paths with W = 1."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    with tempfile.TemporaryDirectory() as tmp:
-        backend = "nccl" if DEVICE.type == "cuda" else "gloo"  # gloo's all-gather takes CPU tensors
-        dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1,
-                                timeout=datetime.timedelta(seconds=60))
-        try:
-            yield StatsSync(dist.group.WORLD)
-        finally:
-            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------- cases
@@ -180,7 +163,8 @@ def test_synced_tab_continuation(sync, dtype):
     with count_collectives() as log:
         got = run_norm(triton_backend, "tab", case, sync, dtype, steps=True)
     T, C = case["x"].shape[0], case["x"].shape[2]
-    assert log == [("all_gather", GATHER_BYTES(1, C))] * T, log  # one gather per step, O(C)
+    # one gather per step forward, O(C), and its reduce-scatter (W = 1: the same size) backward
+    assert log == [("all_gather", GATHER_BYTES(1, C))] * T + [("reduce_scatter", GATHER_BYTES(1, C))] * T, log
     ref64 = run_norm(torch_backend, "tab", case, sync, F64, steps=True)
     compare(f"tab steps {dtype} triton+sync vs torch+sync", got, ref64, rtol=BN_PIPELINE_RTOL[dtype])
     whole = run_norm(triton_backend, "tab", case, sync, dtype)
