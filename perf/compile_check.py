@@ -231,6 +231,9 @@ def scenarios(grid: str):
         "mpbn-eval", "mpbn-folded", "mpbn-adapt-batch", "mpbn-adapt-running", "tebn-train", "tebn-eval",
         "tebn-noaffine", "tab-train", "tab-eval", "bn-train", "bn-eval", "bntt-train", "bntt-eval",
         "norm-lif-train", "norm-lif-train-soft", "norm-lif-eval",
+        # synchronised across ranks (a stand-in hook of one rank: the SYNCED / STORE_M2 /
+        # COUNT_FROM_PTR kernel variants and the extra reduce and coefficient launches)
+        "bn-train-sync", "tab-train-sync", "mpbn-train-sync", "norm-lif-train-sync",
     ]
     if grid == "full":
         Ts, Ns, Cs = (1, 4, 8), (1, 32, 128), (3, 64, 256, 512)
@@ -264,6 +267,10 @@ def scenarios(grid: str):
         # the fused norm → LIF backward keeps [SEG, BLOCK] tiles: its longest segment (T ≥ 16,
         # checkpoints between segments) and a short one
         points += [(T, 8, 16, (8, 8), dt, "norm-lif-train") for T in (3, 32) for dt in ("float32", "bfloat16")]
+        # synchronised: MPBN-LIF always pipelined (also where it would be resident), the pipeline's
+        # synced reduce and coefficient variants
+        points += [(*shape, "float32", "mpbn-train-sync") for shape in (split, wide_c)]
+        points += [(*resident, "bfloat16", m) for m in ("bn-train-sync", "mpbn-train-sync")]
     else:
         raise ValueError(f"grid must be 'ci', 'wide' or 'full', got {grid!r}")
     for T, N, C, sp, dtype, mode in points:
@@ -281,8 +288,25 @@ def _prod(xs):
     return p
 
 
+class _CaptureSync:
+    """A stand-in cross-rank hook of one rank (:class:`snnorm.backends.sync.StatsSync`'s
+    interface) that works on meta tensors: the capture needs the synchronised launches, not
+    a process group."""
+
+    world, rank, group_name = 1, 0, "compile-check"
+
+    def gather(self, values):
+        return values.reshape(1, -1)
+
+    def all_reduce(self, values):
+        return values.clone()
+
+
 def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     import torch
+
+    sync = _CaptureSync() if mode.endswith("-sync") else None
+    mode = mode.removesuffix("-sync")
 
     dtype = getattr(torch, dtype_name)
     pdt = torch.float32
@@ -306,7 +330,8 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
         norm = MPBNParameters(eps=1e-5, carry="raw" if mode.endswith("raw") else "normalized")
         stats = BNStatistics(training=mode != "mpbn-eval", momentum=0.1, batches_tracked=0)
         affine = mode != "mpbn-train-noaffine"
-        outs = ops.mpbn_lif(x, v, w if affine else None, b if affine else None, rm, rv, th, lif, norm, stats)
+        outs = ops.mpbn_lif(x, v, w if affine else None, b if affine else None, rm, rv, th, lif, norm, stats,
+                            sync=sync)
     elif mode.startswith(("mpbn-folded", "mpbn-adapt")):
         adapt = {"mpbn-folded": "none", "mpbn-adapt-batch": "batch", "mpbn-adapt-running": "running"}[mode]
         adapt = AdaptParameters(mode=adapt, momentum=0.1, decay=0.9, min_momentum=0.01)
@@ -314,7 +339,8 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     elif mode.startswith("tab"):  # per-step γ, β and running statistics [T, C]
         tw, tb = make((T, C), pdt, requires_grad=grad), make((T, C), pdt, requires_grad=grad)
         trm, trv, p = make((T, C), pdt), make((T, C), pdt), make((T,), pdt, requires_grad=grad)
-        outs = (ops.tab(x, tw, tb, trm, trv, p, training=mode == "tab-train", momentum=[0.1] * T, eps=1e-5)[0],)
+        outs = (ops.tab(x, tw, tb, trm, trv, p, training=mode == "tab-train", momentum=[0.1] * T, eps=1e-5,
+                        sync=sync)[0],)
     elif mode.startswith("bntt"):  # per-step γ_t (no β) and running statistics
         ws = [make((C,), pdt, requires_grad=grad) for _ in range(T)]
         rms, rvs = [make((C,), pdt) for _ in range(T)], [make((C,), pdt) for _ in range(T)]
@@ -327,9 +353,9 @@ def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
         p = make((T,), pdt, requires_grad=grad) if rule != "batch_norm" else None
         v0 = make(shape[1:], dtype, requires_grad=grad) if rule == "tab" else 0.0
         outs = ops.norm_lif(rule, x, v0, nw, nb, p, nrm, nrv, momentum=[0.1] * (T if rule == "tab" else 1), eps=1e-5,
-                            batch_stats=grad, threshold=1.0, neuron=lif)
+                            batch_stats=grad, threshold=1.0, neuron=lif, sync=sync)
     elif mode.startswith("bn-"):  # multi-step BatchNorm / tdBN
-        outs = (ops.batch_norm_seq(x, w, b, rm, rv, training=mode == "bn-train", momentum=0.1, eps=1e-5),)
+        outs = (ops.batch_norm_seq(x, w, b, rm, rv, training=mode == "bn-train", momentum=0.1, eps=1e-5, sync=sync),)
     else:
         p = make((T,), pdt, requires_grad=grad)
         affine = mode != "tebn-noaffine"
@@ -355,10 +381,15 @@ def capture(grid: str = "ci", only: str | None = None) -> dict:
         ops = backends.get_ops("triton")
     finally:
         torch.cuda.is_available = available
+    from snnorm.backends.sync import StatsSync
+
     launches: dict = {}
     current = [""]
     failures = []
-    with _device_lie(SM_COUNT) as make, _recording(launches, current):
+    from_name = StatsSync.from_name  # the ops resolve their group by name: give them the stand-in
+    StatsSync.from_name = staticmethod(lambda name: _CaptureSync() if name == _CaptureSync.group_name else None)
+    with contextlib.ExitStack() as restore, _device_lie(SM_COUNT) as make, _recording(launches, current):
+        restore.callback(setattr, StatsSync, "from_name", staticmethod(from_name))
         for name, T, N, C, sp, dtype, mode in scenarios(grid):
             if only and not any(part in name for part in only.split(",")):
                 continue
