@@ -23,6 +23,7 @@ import pytest
 import torch
 from devices import DEVICE
 from tolerances import (
+    BN_PIPELINE_LOWP_ATOL,
     BN_PIPELINE_RTOL,
     EXACT,
     NORM_NEURON_FUSED,
@@ -153,6 +154,22 @@ def test_synced_op_equals_torch_synced_and_local(sync, rule, dtype):
     # the per-step reduce before the gather, the grouping reduce after; coefficients on local and global sums
     assert launches == {"stats_partial_kernel": 1, "_stats_reduce_kernel": 2, "_apply_kernel": 1,
                         "_bwd_reduce_kernel": 1, "_bwd_coef_kernel": 2, "_bwd_dx_kernel": 1}, launches
+
+
+@pytest.mark.parametrize("rule", ["batch_norm", "tebn", "bntt", "tab"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_synced_op_in_low_precision(sync, rule, dtype):
+    """fp16/bf16 tensors (computed in fp32 inside): triton with ``sync`` against the float64
+    torch reference with ``sync``, by the 2×-torch-in-the-same-precision rule."""
+    case = make_case(rule, dtype)
+    got = run_norm(triton_backend, rule, case, sync, dtype)
+    lowp = run_norm(torch_backend, rule, case, sync, dtype)
+    ref64 = run_norm(torch_backend, rule, case, sync, F64)
+    assert got.keys() == ref64.keys()
+    for k in got:
+        assert got[k].dtype == dtype, f"{rule} {k}: {got[k].dtype}"
+        assert_close_to_reference(f"{rule} {dtype} synced {k}", got[k], ref64[k], lowp=lowp[k],
+                                  lowp_atol=BN_PIPELINE_LOWP_ATOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
