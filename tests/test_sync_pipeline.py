@@ -17,9 +17,12 @@ between the backward's reduce and coefficient kernels. Here, in one process:
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch
 from devices import DEVICE
 from tolerances import (
@@ -154,6 +157,21 @@ def test_synced_op_equals_torch_synced_and_local(sync, rule, dtype):
     # the per-step reduce before the gather, the grouping reduce after; coefficients on local and global sums
     assert launches == {"stats_partial_kernel": 1, "_stats_reduce_kernel": 2, "_apply_kernel": 1,
                         "_bwd_reduce_kernel": 1, "_bwd_coef_kernel": 2, "_bwd_dx_kernel": 1}, launches
+
+
+@settings(max_examples=max(12, settings.default.max_examples))
+@given(rule=st.sampled_from(["batch_norm", "tebn", "bntt", "tab"]), dtype=st.sampled_from([F64, F32]),
+       T=st.integers(1, 5), N=st.integers(1, 4), C=st.sampled_from([1, 2, 3, 5, 7]),
+       spatial=st.lists(st.sampled_from([1, 2, 3, 5]), max_size=2), seed=st.integers(0, 2**16))
+def test_synced_op_matches_torch_synced_on_any_shape(sync, rule, dtype, T, N, C, spatial, seed):
+    """Property: on drawn shapes (odd C, T = 1, no spatial dims, one sample) the triton op
+    with ``sync`` equals the float64 torch reference with ``sync``."""
+    per_step = N * math.prod(spatial)
+    assume(per_step >= 2 if rule in ("bntt", "tab") else T * per_step >= 2)  # batch statistics need 2 values
+    case = make_case(rule, dtype, N=N, seed=seed, T=T, C=C, spatial=tuple(spatial))
+    got = run_norm(triton_backend, rule, case, sync, dtype)
+    ref64 = run_norm(torch_backend, rule, case, sync, F64)
+    compare(f"{rule} {dtype} T{T} N{N} C{C} {spatial}", got, ref64, rtol=BN_PIPELINE_RTOL[dtype])
 
 
 @pytest.mark.parametrize("rule", ["batch_norm", "tebn", "bntt", "tab"])
