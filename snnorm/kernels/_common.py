@@ -84,6 +84,11 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+#: what synchronised launchers hand the cross-rank collectives (and keep between launches):
+#: float64, so counts are exact and fp32 statistics and sums convert without rounding
+SYNC_DTYPE = torch.float64
+
+
 def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -89,7 +89,7 @@ from ._bn_tiles import (
     tile_constexprs,
     tile_offsets,
 )
-from ._common import acc_dtype, acc_torch_dtype
+from ._common import SYNC_DTYPE, acc_dtype, acc_torch_dtype
 
 __all__ = [
     "ALL", "EACH", "PREFIX", "NONE", "LINEAR", "SQUARE", "NormRule", "RULES", "rule",
@@ -657,10 +657,6 @@ def _coefficients(
     return dw, db, dp, grad_mean, grad_var, coef_g, coef_u, coef_v
 
 
-#: the all-reduce's wire dtype: the count is exact, fp32 sums convert exactly
-SUMS_WIRE_DTYPE = torch.float64
-
-
 def launch_backward_from_sums(
     r: NormRule, part_a: torch.Tensor, part_b: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, weight, bias,
     mean: torch.Tensor, var: torch.Tensor, p, eps: float, batch_stats: bool, need_dx: bool,
@@ -691,8 +687,8 @@ def launch_backward_from_sums(
             r, part_a, part_b, *common, batch_stats, N * S, None)
     else:
         sums = torch.stack((part_a, part_b)).view(2, T, -1, C).sum(2)  # [2, T, C]: A_t, B_t
-        packed = torch.cat((sums.reshape(-1).to(SUMS_WIRE_DTYPE),
-                            torch.full((1,), float(N * S), dtype=SUMS_WIRE_DTYPE, device=dev)))
+        packed = torch.cat((sums.reshape(-1).to(SYNC_DTYPE),
+                            torch.full((1,), float(N * S), dtype=SYNC_DTYPE, device=dev)))
         total = all_reduce(packed)
         global_sums = total[:-1].view(2, T, C).to(acc)
         count = total[-1:].to(acc)

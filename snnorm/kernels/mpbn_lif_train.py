@@ -79,7 +79,7 @@ from torch import Tensor
 from ..params import BNKernelParameters, LIFKernelParameters
 from . import _lif_device as dev
 from ._common import (
-    Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, next_pow2, num_warps,
+    SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, next_pow2, num_warps,
     store_dtype,
 )
 
@@ -454,9 +454,6 @@ def _strides(t: Optional[Tensor], dims: int) -> tuple:
 StepStatsSync = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 #: a float64 vector → its sum over every rank (an all-reduce)
 SumsSync = Callable[[Tensor], Tensor]
-
-#: the host-side values of a step between two synchronised launches: float64 (counts exact)
-SYNC_DTYPE = torch.float64
 
 
 def tile_counts(tiles: Tiling, N: int, S: int, device) -> Tensor:
