@@ -11,6 +11,7 @@ differ (3 and 5 samples), so the counts must travel with the partials.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import warnings
@@ -149,6 +150,7 @@ def _prepare(net: nn.Module, backend: str) -> nn.Module:
 def _train(net: nn.Module, module: nn.Module, lo: int, hi: int, dtype, meter_first: bool = False) -> dict:
     """STEPS SGD steps of ``module`` (``net`` itself or its DDP wrapper) on rows lo..hi of
     each batch, then one eval call; per step the output, gradients and state."""
+    from perf.traffic import meter as traffic_meter
     from snnorm.backends.sync import count_collectives
 
     opt = torch.optim.SGD(module.parameters(), lr=LR)
@@ -156,7 +158,8 @@ def _train(net: nn.Module, module: nn.Module, lo: int, hi: int, dtype, meter_fir
     for step in range(STEPS):
         functional.reset_net(net)
         opt.zero_grad()
-        with count_collectives() as log, _maybe_meter(meter_first and step == 0) as traffic:
+        meter = traffic_meter() if meter_first and step == 0 else contextlib.nullcontext()
+        with count_collectives() as log, meter as traffic:
             out = module(make_batch(step).to(dtype)[:, lo:hi])
             shard_loss(out.double(), step, lo, hi).backward()
         if traffic is not None:
@@ -169,24 +172,6 @@ def _train(net: nn.Module, module: nn.Module, lo: int, hi: int, dtype, meter_fir
     with torch.no_grad():
         record["eval_out"] = module(make_batch(STEPS).to(dtype)[:, lo:hi])
     return record
-
-
-class _maybe_meter:
-    """perf.traffic's kernel meter (launches per kernel) when asked, else nothing."""
-
-    def __init__(self, on: bool) -> None:
-        self.on, self.ctx = on, None
-
-    def __enter__(self):
-        if not self.on:
-            return None
-        from perf import traffic
-
-        self.ctx = traffic.meter()
-        return self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx is not None else False
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -209,7 +194,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str, sabota
             record[name] = _train(net, ddp, lo, hi, dtype, meter_first=backend == "triton" and name == "spiking")
         if sabotage == "none":
             # stability: mean/std = 1e4 in float32; global statistics vs float64 over the whole batch
-            from snnorm.backends.sync import StatsSync, synced_statistics
+            from snnorm.backends.sync import StatsSync
+            from snnorm.backends.torch_backend import synced_statistics
 
             g = torch.Generator().manual_seed(7)
             big = (torch.randn(sum(SHARDS), 3, 17, generator=g, dtype=torch.float64) + 1e4).float()

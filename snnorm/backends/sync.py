@@ -8,7 +8,7 @@ synchronised layer moves O(T·C) values per stage, never O(elements), and one ho
 every norm on both backends:
 
 * the torch backend combines the gathered partials with differentiable torch ops
-  (:func:`synced_statistics`); the gather's backward sums every rank's gradient of this
+  (:func:`snnorm.backends.torch_backend.synced_statistics`); the gather's backward sums every rank's gradient of this
   rank's slice, so ∂x includes the path through the statistics of every rank's batch;
 * the triton backend passes the group's name into its ``torch.library`` ops, which gather
   between the partials and the reduce kernel and all-reduce the gradient sums between the
@@ -35,8 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["StatsSync", "SyncShapeError", "gather_step_partials", "combine_rank_partials", "synced_statistics",
-           "count_collectives"]
+__all__ = ["StatsSync", "SyncShapeError", "gather_step_partials", "combine_rank_partials", "count_collectives"]
 
 #: the wire dtype of partials and gradient sums: counts are exact, fp32/fp16 values convert exactly
 WIRE_DTYPE = torch.float64
@@ -174,21 +173,3 @@ def combine_rank_partials(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tens
         s = s + m2[r] + delta * delta * w_ab
         n = total
     return n, mu, s
-
-
-def synced_statistics(sync: StatsSync, x_seq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-step statistics of ``x_seq`` ``[T, N, C, *]`` over the batches of every rank:
-    ``count [T]`` (float64), ``mean``, ``m2`` ``[T, C]`` (float32 at least). Differentiable in
-    ``x_seq`` (the torch backend's path; the grouping reduce comes after)."""
-    acc = torch.promote_types(x_seq.dtype, torch.float32)
-    x = x_seq.to(acc)
-    T, N, C = x.shape[:3]
-    dims = (1, *range(3, x.dim()))
-    n = x.numel() // max(T * C, 1)
-    if n > 0:
-        mean = x.mean(dim=dims)
-        m2 = ((x - mean.view(T, 1, C, *([1] * (x.dim() - 3)))) ** 2).sum(dim=dims)
-    else:  # an empty batch on this rank: nothing to add
-        mean = m2 = x.new_zeros((T, C)) + 0.0 * x.sum()
-    count = torch.full((T,), float(n), dtype=WIRE_DTYPE, device=x.device)
-    return combine_rank_partials(*gather_step_partials(sync, count, mean, m2))

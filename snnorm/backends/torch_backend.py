@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..params import AdaptParameters, BNStatistics, LIFParameters, MPBNParameters
-from .sync import StatsSync, combine_rank_partials, synced_statistics
+from .sync import StatsSync, combine_rank_partials, gather_step_partials
 
 def channel_view(value, like: torch.Tensor):
     """A float stays a float; a [C] tensor becomes [1, C, 1, ...] to broadcast with ``like``."""
@@ -214,14 +214,29 @@ def tab_step_stats(x_seq: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor
     """Per-step partial statistics of ``x_seq`` ``[T, N, C, *]``: (n, mean [T, C], M2 [T, C]).
 
     n = N·spatial values per (t, c); M2 = Σ (x − mean)², computed in float32 at least
-    (float64 for float64 input). Differentiable in ``x_seq``.
+    (float64 for float64 input). Differentiable in ``x_seq``. An empty batch (n = 0) gives
+    mean = M2 = 0: a partial that adds nothing when combined.
     """
     acc = torch.promote_types(x_seq.dtype, torch.float32)
     x = x_seq.to(acc)
+    n = x.numel() // max(x.shape[0] * x.shape[2], 1)
+    if n == 0:
+        zeros = x.new_zeros((x.shape[0], x.shape[2])) + 0.0 * x.sum()  # keeps x in the graph
+        return 0, zeros, zeros
     dims = (1, *range(3, x.dim()))  # N and spatial: per (t, c)
     mean = x.mean(dim=dims)
     m2 = ((x - mean.view(tab_scale_shape(x))) ** 2).sum(dim=dims)
-    return x.numel() // max(x.shape[0] * x.shape[2], 1), mean, m2
+    return n, mean, m2
+
+
+def synced_statistics(sync: StatsSync, x_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-step statistics of ``x_seq`` ``[T, N, C, *]`` over the batches of every rank:
+    ``count [T]`` (float64), ``mean``, ``m2`` ``[T, C]`` (float32 at least). This rank's
+    partials (:func:`tab_step_stats`) gathered and combined in rank order; differentiable in
+    ``x_seq`` (the grouping reduce comes after)."""
+    n, mean, m2 = tab_step_stats(x_seq)
+    count = torch.full((x_seq.shape[0],), float(n), dtype=torch.float64, device=x_seq.device)
+    return combine_rank_partials(*gather_step_partials(sync, count, mean, m2))
 
 
 def chan_prefix(
@@ -384,7 +399,7 @@ def synced_norm(
     """A batch-statistics norm whose statistics pool every rank's batch (training).
 
     The per-step partials of ``x_seq`` are gathered over ``sync``'s group and combined in
-    rank order (:func:`snnorm.backends.sync.synced_statistics`), then reduced over the
+    rank order (:func:`synced_statistics`), then reduced over the
     grouping: ``"all"`` steps (one row ``[C]``), ``"each"`` step (``[T, C]``) or the
     ``"prefix"`` 0..t (continuing ``prefix`` as :func:`chan_prefix`). The running
     statistics (``[rows, C]`` tensors or per-row sequences, or None) are updated in place

@@ -79,7 +79,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
 from ..params import AdaptParameters, BNKernelParameters, BNStatistics, LIFKernelParameters, LIFParameters, MPBNParameters
 from . import torch_backend
-from .sync import StatsSync, combine_rank_partials, gather_step_partials, synced_statistics
+from .sync import StatsSync, combine_rank_partials, gather_step_partials
 
 
 # ----------------------------------------------------------------------------------
@@ -820,7 +820,7 @@ def tab(
         return y, prefix
     if prefix is not None:
         if sync is not None:
-            n_steps, step_mean, step_m2 = synced_statistics(sync, x_seq)
+            n_steps, step_mean, step_m2 = torch_backend.synced_statistics(sync, x_seq)
             n = float(n_steps[0])
         else:
             n, step_mean, step_m2 = torch_backend.tab_step_stats(x_seq)
