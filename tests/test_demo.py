@@ -54,10 +54,12 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     for acc in _accuracies(results):
         assert isinstance(acc, float) and 0.0 <= acc <= 1.0, acc
 
+    assert results["logits"]["eval"].shape == results["logits"]["folded"].shape == (fold["n"], demo.NUM_CLASSES)
     assert out.is_file() and results["plot"] == str(out)
     assert out.read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
     assert "predictions changed: 0 of" in printed
+    assert printed.count("<- best") == 1  # the best adaptation, named on its own line
     assert str(out.resolve()) in printed
 
 
@@ -167,10 +169,15 @@ def test_progress_bar_only_on_a_terminal(terminal, monkeypatch, capsys):
         assert drawn == ""
 
 
-def _synthetic_results():
-    history = {"train_loss": [1.0, 0.5, 0.3, 0.2], "train_acc": [0.6, 0.92, 0.95, 0.97],
-               "test_acc": [0.55, 0.9, 0.93, 0.94], "batch_loss": [1.2, 0.8, 0.6, 0.4, 0.35, 0.3, 0.25, 0.2],
-               "spike_rate": [{"lif1": 0.2, "lif2": 0.1}] * 4}
+def _synthetic_results(epochs: int = 30):
+    # a first epoch far below the rest: the accuracy panel must show it, not clip it
+    train_acc = [0.6] + [min(1.0, 0.9 + 0.01 * e) for e in range(1, epochs)]
+    test_acc = [0.55] + [min(0.98, 0.88 + 0.01 * e) for e in range(1, epochs)]
+    history = {"train_loss": [1.0 / (e + 1) for e in range(epochs)], "train_acc": train_acc, "test_acc": test_acc,
+               "batch_loss": [1.2 / (i + 1) for i in range(2 * epochs)],
+               "spike_rate": [{"lif1": 0.2, "lif2": 0.1}] * epochs}
+    torch.manual_seed(0)
+    logits = torch.randn(360, 10)
     results = {
         "config": {"norm": "tebn", "T": 4},
         "fold": {"acc_before": 0.94, "acc_after": 0.94, "changed": 0, "n": 360, "max_logit_diff": 3e-7},
@@ -178,28 +185,61 @@ def _synthetic_results():
                 "acc_online_batch_stats": 0.64, "rates_clean": {"lif1": 0.2, "lif2": 0.1},
                 "rates_corrupted_before": {"lif1": 0.25, "lif2": 0.12},
                 "rates_corrupted_after": {"lif1": 0.21, "lif2": 0.11}},
+        "logits": {"eval": logits, "folded": logits + 3e-7},
     }
     return history, results
 
 
-def test_figure_zooms_accuracy_starts_rates_at_zero_and_shows_fold_and_both_adaptations():
+def _panel(axes: dict, words: str):
+    return next(ax for title, ax in axes.items() if words in title)
+
+
+def test_figure_shows_every_epoch_the_fold_agreement_and_explained_adaptations():
     import matplotlib.pyplot as plt
 
     history, results = _synthetic_results()
     fig = demo.make_figure(history, results)
     try:
         axes = {ax.get_title(): ax for ax in fig.axes}
-        accuracy = next(ax for title, ax in axes.items() if title.startswith("accuracy"))
-        low, high = accuracy.get_ylim()
-        assert 0.8 <= low <= 0.9 and high <= 1.02  # zoomed on the converged epochs, not [0, 1]
+        # accuracy: every epoch, no point outside the axes (epoch 1 at 0.55 included), no claim of a zoom
+        accuracy = _panel(axes, "accuracy per epoch")
+        assert "zoom" not in accuracy.get_title() and "all 30" in accuracy.get_title()
+        (y_low, y_high), (x_low, x_high) = accuracy.get_ylim(), accuracy.get_xlim()
+        for line in accuracy.get_lines():
+            xs, ys = line.get_xdata(), line.get_ydata()
+            assert all(x_low <= x <= x_high for x in xs) and all(y_low <= y <= y_high for y in ys)
+        assert len(accuracy.get_lines()[0].get_xdata()) == 30
         rates = [ax for title, ax in axes.items() if "spike rate" in title]
         assert len(rates) == 2 and all(ax.get_ylim()[0] == 0 for ax in rates)
-        fold = next(ax for title, ax in axes.items() if title.startswith("fold check"))
+        # fold check: the agreement (logits against logits, counts in words), not two equal bars
+        fold = _panel(axes, "fold check")
         assert "predictions changed 0 of 360" in fold.get_title() and "3.0e-07" in fold.get_title()
-        adaptation = next(ax for title, ax in axes.items() if "threshold modulation" in title)
+        assert not fold.patches and len(fold.collections[0].get_offsets()) == 3600
+        box = " ".join(t.get_text() for t in fold.texts)
+        assert "predictions changed: 0 of 360" in box and "max |Δlogit|: 3.0e-07" in box
+        # adaptation: an axis from 0, the best number in the title, every bar explained
+        adaptation = _panel(axes, "threshold modulation")
+        assert adaptation.get_ylim()[0] == 0 and adaptation.get_ylim()[1] >= 1.0
         labels = [t.get_text() for t in adaptation.get_xticklabels()]
         assert any("running stats" in t for t in labels) and any("per-batch" in t for t in labels)
         heights = sorted(round(p.get_height(), 6) for p in adaptation.patches)
         assert heights == sorted([0.94, 0.5, 0.56, 0.54, 0.64])
+        assert "best: 0.640 (per-batch stats, online)" in adaptation.get_title()
+        explained = " ".join(t.get_text() for legend in fig.legends for t in legend.get_texts())
+        for word in ("online:", "after:", "corrupted:", "clean:", "per-batch stats, online:"):
+            assert word in explained
+    finally:
+        plt.close(fig)
+
+
+def test_figure_without_logits_still_draws_the_fold_counts():
+    import matplotlib.pyplot as plt
+
+    history, results = _synthetic_results(epochs=2)
+    del results["logits"]
+    fig = demo.make_figure(history, results)
+    try:
+        fold = _panel({ax.get_title(): ax for ax in fig.axes}, "fold check")
+        assert "predictions changed: 0 of 360" in " ".join(t.get_text() for t in fold.texts)
     finally:
         plt.close(fig)
