@@ -499,3 +499,15 @@ def test_memopt_checkpoint_of_a_fused_block_equals_eager_and_counts_once():
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
     assert int(ckpt[1].num_batches_tracked) == 1  # the recompute did not count again
+
+
+def test_a_dropped_fused_network_is_freed():
+    """The norm and neuron reach each other only through the block: a cycle the collector frees."""
+    import gc
+    import weakref
+
+    net = functional.fuse_norm_neurons(_block("bn", spatial=0))
+    refs = [weakref.ref(m) for m in (net[1], net[2], fused_block(net[1]))]
+    del net
+    gc.collect()
+    assert all(r() is None for r in refs)
