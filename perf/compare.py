@@ -181,14 +181,14 @@ def build(block: str, library: str, shape) -> tuple[nn.Module | None, str]:
     if library != "snnorm":
         return net, "torch layers + spikingjelly's Triton LIF" if block != "mpbn_lif" else "torch (no kernel)"
     from snnorm import functional
-    from snnorm.fusion import FusedNormNeuron
+    from snnorm.fusion import fused_block
 
     functional.fuse_norm_neurons(net)
     with warnings.catch_warnings():  # set_backend warns naming the layers that keep torch: the note says it
         warnings.simplefilter("ignore")
         functional.set_backend(net, "triton")
-    if isinstance(net[0], FusedNormNeuron):
-        return net, "triton, norm → LIF fused" if net[0].fused_kernel_applies() else "fused, composition"
+    if fused_block(net[0]) is not None:
+        return net, "triton, norm → LIF fused" if fused_block(net[0]).fused_kernel_applies() else "fused, composition"
     on_torch = [type(m).__name__ for m in net if getattr(m, "backend", "torch") != "triton"]
     return net, "triton" if not on_torch else f"triton; on torch: {', '.join(on_torch)}"
 

@@ -9,6 +9,7 @@ final membrane, every gradient and the running statistics are compared.
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import pytest
@@ -23,7 +24,7 @@ from tolerances import (
 
 from perf.harness import saved_tensor_bytes
 from snnorm import functional, layer, neuron, surrogate
-from snnorm.fusion import FusedNeuronSlot, FusedNormNeuron
+from snnorm.fusion import FusedBlock, fusable_norm, fused_block
 
 F32, F64 = torch.float32, torch.float64
 NORM_KINDS = ("bn", "tdbn", "tebn", "bntt", "bntt_snntorch", "tab")
@@ -102,7 +103,7 @@ def run(net: nn.Sequential, x: torch.Tensor, g_s: torch.Tensor, g_v: torch.Tenso
     functional.reset_net(net)
     xr = x.clone().requires_grad_()
     spikes = net(xr)
-    v = net[1].neuron.v if isinstance(net[1], FusedNeuronSlot) else net[1].v
+    v = net[1].v
     loss = (spikes * g_s).sum() + (v * g_v).sum() if isinstance(v, torch.Tensor) else (spikes * g_s).sum()
     params = [p for p in net.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [xr, *params], allow_unused=True)
@@ -152,7 +153,7 @@ def assert_matches(ref_out, fused_out, dtype, what: str) -> None:
 )
 def test_fused_triton_block_matches_the_unfused_torch_pair(kind, option, T, N, C, spatial, train, dtype, seed):
     ref, fused = build_pair(kind, T, C, spatial, option, dtype, seed)
-    assert fused[0].fused_kernel_applies()
+    assert fused_block(fused[0]).fused_kernel_applies()
     g = torch.Generator().manual_seed(seed)
     shape = (T, N, C, 3, 3) if spatial else (T, N, C)
     x = (torch.randn(shape, generator=g, dtype=F64) * 1.5 + 0.5).to(DEVICE, dtype)
@@ -173,14 +174,53 @@ def _block(kind="tebn", T=4, C=3, spatial=2):
     ).to(DEVICE)
 
 
-def test_sequential_pair_fuses_in_place_and_keeps_state_dict_keys():
-    net = _block()
-    keys = list(net.state_dict())
+def _names(net: nn.Module):
+    """Every name a network shows, each with the object (or the value) at it."""
+    return {
+        "parameters": [(n, p) for n, p in net.named_parameters()],
+        "buffers": [(n, b) for n, b in net.named_buffers()],
+        "modules": [(n, m, type(m)) for n, m in net.named_modules()],
+        "state_dict": list(net.state_dict(keep_vars=True).items()),
+    }
+
+
+def _assert_same_names(before, after) -> None:
+    for what in before:
+        assert [e[0] for e in after[what]] == [e[0] for e in before[what]], what
+        for a, b in zip(before[what], after[what]):
+            if what == "state_dict":  # some norms build entries on the fly (TAB's per-step views)
+                assert torch.equal(a[1], b[1]), (what, a[0])
+            else:
+                assert all(x is y for x, y in zip(a[1:], b[1:])), (what, a[0])
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_fusing_keeps_every_name_object_and_type(kind):
+    net = _block(kind)
+    before = _names(net)
+    norm, sn = net[1], net[2]
     out = functional.fuse_norm_neurons(net)
     assert out is net
-    assert isinstance(net[1], FusedNormNeuron) and isinstance(net[2], FusedNeuronSlot)
-    assert list(net.state_dict()) == keys
-    assert functional.fuse_norm_neurons(net) is net and isinstance(net[1], FusedNormNeuron)  # twice: no change
+    _assert_same_names(before, _names(net))  # parameters, buffers, modules, state_dict: names and objects
+    assert type(net[1]) is type(norm) and type(net[2]) is neuron.LIFNode
+    block = fused_block(net[1])
+    assert isinstance(block, FusedBlock) and block is fused_block(net[2])
+    assert block.norm is norm and block.neuron is sn
+    assert repr(net) == repr(_block(kind))  # the printed tree is the unfused one
+    assert functional.fuse_norm_neurons(net) is net and fused_block(net[1]) is block  # twice: no change
+    _assert_same_names(before, _names(net))
+
+
+def test_unfuse_restores_the_modules_exactly():
+    net = _block("bntt")
+    dicts = [dict(m.__dict__) for m in net]
+    functional.fuse_norm_neurons(net)
+    assert "forward" in net[1].__dict__ and "forward" in net[2].__dict__
+    assert functional.unfuse_norm_neurons(net) is net
+    assert fused_block(net[1]) is None and fused_block(net[2]) is None
+    for m, d in zip(net, dicts):
+        assert m.__dict__.keys() == d.keys() and all(m.__dict__[k] is v for k, v in d.items())
+    functional.unfuse_norm_neurons(net)  # twice: no change
 
 
 @pytest.mark.parametrize("kind", NORM_KINDS)
@@ -207,10 +247,59 @@ def test_torch_backend_runs_the_exact_composition_and_unfuse_restores_the_module
     functional.reset_net(net)
     norm, sn = net[1], net[2]
     functional.fuse_norm_neurons(net)
-    assert not net[1].fused_kernel_applies()  # torch backend: the composition
+    assert not fused_block(net[1]).fused_kernel_applies()  # torch backend: the composition
     assert torch.equal(net(x), expected)
     functional.unfuse_norm_neurons(net)
     assert net[1] is norm and net[2] is sn
+    functional.reset_net(net)
+    assert torch.equal(net(x), expected)
+
+
+def _no_decay_groups(net: nn.Module, norm_names: set[str]):
+    """AdamW groups by parameter name: no weight decay on the norms' parameters."""
+    named = list(net.named_parameters())
+    is_norm = [n.rpartition(".")[0] in norm_names for n, _ in named]
+    return [
+        {"params": [p for (n, p), k in zip(named, is_norm) if not k], "weight_decay": 0.1},
+        {"params": [p for (n, p), k in zip(named, is_norm) if k], "weight_decay": 0.0},
+    ], [n for (n, _), k in zip(named, is_norm) if k]
+
+
+def test_an_optimizer_built_by_name_before_fusing_still_matches_and_trains():
+    """Parameter groups selected by name (no weight decay on norms) before fusing: after
+    fusing the same names select the same parameters, and training the fused triton net
+    gives the parameters and running statistics of the unfused torch net trained alike."""
+    torch.manual_seed(0)
+    ref = _block("tebn", T=3, C=3).double()
+    randomise(ref, 2)
+    norm_names = {n for n, m in ref.named_modules() if fusable_norm(m)}
+    assert norm_names == {"1"}
+    net = copy.deepcopy(ref)
+    groups, no_decay = _no_decay_groups(net, norm_names)
+    assert no_decay == ["1.weight", "1.bias", "1.scale"]
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    functional.fuse_norm_neurons(net)
+    with pytest.warns(UserWarning, match="keep their backend"):  # the conv
+        functional.set_backend(net, "triton")
+    assert fused_block(net[1]).fused_kernel_applies()
+    regrouped, no_decay_after = _no_decay_groups(net, norm_names)  # the same selection, by name, after fusing
+    assert no_decay_after == no_decay
+    for group, again in zip(opt.param_groups, regrouped):
+        assert [id(p) for p in group["params"]] == [id(p) for p in again["params"]]
+    ref_opt = torch.optim.AdamW(_no_decay_groups(ref, norm_names)[0], lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = torch.randn(3, 2, 2, 4, 4, generator=g, dtype=F64).to(DEVICE) * 1.5 + 0.5
+        for model, optim in ((ref, ref_opt), (net, opt)):
+            functional.reset_net(model)
+            optim.zero_grad()
+            model(x).sum().backward()
+            optim.step()
+    tol = NORM_NEURON_FUSED[F64]
+    for (n, a), (n2, b) in zip(ref.state_dict().items(), net.state_dict().items()):
+        assert n == n2
+        torch.testing.assert_close(b, a, **tol, msg=lambda m, n=n: f"{n}: {m}")
+    assert int(net[1].num_batches_tracked) == 2
 
 
 class _Graph(nn.Module):
@@ -230,39 +319,56 @@ class _Graph(nn.Module):
 
 def test_graph_pairs_fuse_and_a_norm_with_two_users_stays_with_a_warning():
     net = functional.fuse_norm_neurons(_Graph(False))
-    assert isinstance(net.bn, FusedNormNeuron) and isinstance(net.sn, FusedNeuronSlot)
+    assert fused_block(net.bn) is not None and fused_block(net.bn) is fused_block(net.sn)
+    assert [n for n, _ in net.named_parameters()] == ["bn.weight", "bn.bias"]
     with pytest.warns(UserWarning, match="other users"):
         net = functional.fuse_norm_neurons(_Graph(True))
-    assert isinstance(net.bn, layer.BatchNorm1d)
+    assert fused_block(net.bn) is None and "forward" not in net.bn.__dict__
 
 
 def test_a_neuron_option_without_kernel_stays_with_a_warning():
     net = nn.Sequential(layer.BatchNorm1d(3, step_mode="m"), neuron.LIFNode(step_mode="m", store_v_seq=True))
     with pytest.warns(UserWarning, match="store_v_seq"):
         functional.fuse_norm_neurons(net)
-    assert isinstance(net[0], layer.BatchNorm1d)
+    assert fused_block(net[0]) is None and fused_block(net[1]) is None
 
 
-def test_slot_refuses_a_tensor_its_norm_did_not_make():
+def test_a_module_with_its_own_instance_forward_stays_with_a_warning():
+    net = nn.Sequential(layer.BatchNorm1d(3, step_mode="m"), neuron.LIFNode(step_mode="m"))
+    own = net[1].forward
+    net[1].forward = own  # a user's patch
+    with pytest.warns(UserWarning, match="instance-level forward"):
+        functional.fuse_norm_neurons(net)
+    assert fused_block(net[0]) is None and net[1].__dict__["forward"] is own
+
+
+def test_the_neuron_refuses_a_tensor_its_norm_did_not_make():
     net = functional.fuse_norm_neurons(_block("bn", spatial=0))
     with pytest.raises(RuntimeError, match="unfuse_norm_neurons"):
         net[2](torch.zeros(4, 2, 3, device=DEVICE))
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    s = net[1](x)  # the norm alone returns the block's spikes, which the neuron passes on once
+    assert net[2](s) is s
+    with pytest.raises(RuntimeError, match="did not just produce"):
+        net[2](s)
 
 
 def test_state_functions_and_deepcopy_act_on_the_pair():
     torch.manual_seed(0)
     net = functional.fuse_norm_neurons(_block("tab"))
     functional.set_backend(net, "triton")
-    assert net[1].norm.backend == "triton" and net[2].neuron.backend == "triton"
+    assert net[1].backend == "triton" and net[2].backend == "triton"
     x = torch.randn(4, 2, 2, 5, 5, device=DEVICE)
     net(x[:2].repeat(2, 1, 1, 1, 1))
     clone = copy.deepcopy(net)  # mid-sequence
-    assert clone[1].neuron is clone[2].neuron and clone[2].neuron is not net[2].neuron
-    assert torch.equal(clone[2].neuron.v, net[2].neuron.v)
+    block = fused_block(clone[1])
+    assert block is fused_block(clone[2]) and block is not fused_block(net[1])
+    assert block.norm is clone[1] and block.neuron is clone[2] and clone[2] is not net[2]
+    assert torch.equal(clone[2].v, net[2].v)
     functional.reset_net(net)
-    assert net[2].neuron.v == 0.0
+    assert net[2].v == 0.0
     functional.set_step_mode(net, "s")  # single-step: the composition, step by step
-    assert not net[1].fused_kernel_applies()
+    assert not fused_block(net[1]).fused_kernel_applies()
     functional.reset_net(net)
     steps = torch.stack([net(x[t]) for t in range(4)])
     ref = _block("tab")
@@ -271,11 +377,29 @@ def test_state_functions_and_deepcopy_act_on_the_pair():
     assert torch.equal(steps, torch.stack([ref(x[t]) for t in range(4)]))
 
 
+def test_a_deep_copy_and_a_saved_whole_model_run_fused_on_their_own_modules():
+    torch.manual_seed(0)
+    net = functional.fuse_norm_neurons(_block("bn", spatial=0))
+    functional.set_backend(net, "triton")
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(net), torch.load(buffer, weights_only=False)]
+    expected = net(x)
+    for other in copies:
+        block = fused_block(other[1])
+        assert block.norm is other[1] and block.neuron is other[2] and block.fused_kernel_applies()
+        assert torch.equal(other(x), expected)
+        assert int(other[1].num_batches_tracked) == 1 and int(net[1].num_batches_tracked) == 1
+        assert torch.equal(other[2].v, net[2].v)
+
+
 def test_running_statistics_update_once_per_call():
     net = functional.fuse_norm_neurons(_block("bn", spatial=0))
     functional.set_backend(net, "triton")
     net(torch.randn(4, 2, 3, device=DEVICE))
-    assert int(net[1].norm.num_batches_tracked) == 1
+    assert int(net[1].num_batches_tracked) == 1
 
 
 def test_bad_input_is_refused_before_any_state_moves():
@@ -374,4 +498,16 @@ def test_memopt_checkpoint_of_a_fused_block_equals_eager_and_counts_once():
     assert torch.equal(y0, y1) and torch.equal(g0, g1)
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
-    assert int(ckpt[1].norm.num_batches_tracked) == 1  # the recompute did not count again
+    assert int(ckpt[1].num_batches_tracked) == 1  # the recompute did not count again
+
+
+def test_a_dropped_fused_network_is_freed():
+    """The norm and neuron reach each other only through the block: a cycle the collector frees."""
+    import gc
+    import weakref
+
+    net = functional.fuse_norm_neurons(_block("bn", spatial=0))
+    refs = [weakref.ref(m) for m in (net[1], net[2], fused_block(net[1]))]
+    del net
+    gc.collect()
+    assert all(r() is None for r in refs)
