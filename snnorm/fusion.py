@@ -172,7 +172,7 @@ def _graph_pairs(net: nn.Module) -> Optional[list[tuple[str, str, Optional[str]]
     """(norm, neuron, why not) for each neuron called on a norm's output in the graph torch.fx
     traces: ``why not`` is None when each is called once and the neuron is the norm's only
     user. None when ``net`` cannot be traced."""
-    from .functional import _trace
+    from ._fx import _trace
 
     try:
         graph_module = _trace(net)

@@ -1,4 +1,4 @@
-"""The shared BN bookkeeping (snnorm.layer._bn_state): running statistics and the
+"""The shared BN bookkeeping (snnorm._bn_state): running statistics and the
 one-value-per-channel rule, on their own and against torch's BatchNorm."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from snnorm import layer
-from snnorm.layer._bn_state import check_batch_values, resolve_running_stats, uses_batch_stats
+from snnorm._bn_state import check_batch_values, resolve_running_stats, uses_batch_stats
 from snnorm.memopt import gc_1st_forward
 
 C = 3

@@ -13,7 +13,7 @@ membrane BN (one statistic per step):
   after it counted the batch).
 * :func:`resolve_running_stats` — the running buffers and momentum factors to hand the
   op, counting the batch in ``num_batches_tracked``; throw-away copies where
-  :func:`snnorm.memopt.should_update_running_stats` says no (a checkpoint recompute).
+  :func:`snnorm._recompute.should_update_running_stats` says no (a checkpoint recompute).
 
 The running update the op then performs, with the factor m resolved here::
 
@@ -28,10 +28,12 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .._checks import check_eps, check_momentum
-from ..backends.sync import StatsSync
-from ..memopt import should_update_running_stats
-from ._checks import check_device, check_dtype, check_ndim, check_sequence, check_size, check_tensor, check_time_steps
+from ._checks import (
+    check_device, check_dtype, check_eps, check_momentum, check_ndim, check_sequence, check_size, check_tensor,
+    check_time_steps,
+)
+from ._recompute import should_update_running_stats
+from .backends.sync import StatsSync
 
 __all__ = [
     "RunningStats",
@@ -79,7 +81,7 @@ def check_bn_input(
     ``x`` is one step ``[N, C, *spatial]`` (``multi=False``; ``sample_ndims`` lists the
     accepted dims) or a sequence ``[T, N, C, *spatial]`` with T ≥ 1 (``multi=True``; one dim
     more), with ``num_features`` channels. Its device and dtype must fit
-    (:func:`snnorm.layer._checks.check_dtype`) the tensors of ``module`` and of every BN in
+    (:func:`snnorm._checks.check_dtype`) the tensors of ``module`` and of every BN in
     ``bns`` (BNTT: every timestep's BN, so a sequence cannot fail half-way), whose ``eps``
     and ``momentum`` (plain attributes a user may have reassigned) must be valid; ``bns``
     empty means ``module`` itself. With ``T`` a sequence must have exactly T steps.
