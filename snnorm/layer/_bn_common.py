@@ -32,7 +32,8 @@ def batch_norm(bn: _BatchNorm, x: torch.Tensor, channel_dim: int = 1, owner: Opt
     sequence ``[T, N, C, *]`` (``channel_dim=2``) with statistics over T·N·spatial.
 
     When ``owner`` (default ``bn``; BNTT for its step BNs) is synchronised across ranks, the
-    batch statistics pool every rank's batch (the torch backend's ``batch_norm_seq``)."""
+    batch statistics pool every rank's batch (the torch backend's ``batch_norm_seq``).
+    The batch is counted in ``num_batches_tracked`` only once the op has returned."""
     over = "over T·N·spatial" if channel_dim == 2 else ""
     batch_stats = uses_batch_stats(bn)
     check_batch_values(bn, x, batch_stats=batch_stats, channel_dim=channel_dim, over=over)
@@ -42,9 +43,10 @@ def batch_norm(bn: _BatchNorm, x: torch.Tensor, channel_dim: int = 1, owner: Opt
         seq = x if channel_dim == 2 else x.unsqueeze(0)
         y = torch_backend.batch_norm_seq(seq, bn.weight, bn.bias, stats.mean, stats.var, training=True,
                                          momentum=stats.factor, eps=bn.eps, sync=sync)
-        return y.view(x.shape)
-    flat = x.flatten(0, 1) if channel_dim == 2 else x
-    y = F.batch_norm(flat, stats.mean, stats.var, bn.weight, bn.bias, uses_batch_stats(bn), stats.factor, bn.eps)
+    else:
+        flat = x.flatten(0, 1) if channel_dim == 2 else x
+        y = F.batch_norm(flat, stats.mean, stats.var, bn.weight, bn.bias, batch_stats, stats.factor, bn.eps)
+    stats.commit()
     return y.view(x.shape)
 
 

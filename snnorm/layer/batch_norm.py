@@ -101,14 +101,14 @@ class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
 
     def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
         """Multi-step: one μ, σ² per channel over T·N·spatial (pipeline rule ``batch_norm``).
-        Every input check first, then the batch is counted."""
+        Every input check first; ``commit`` counts the batch once the op has run."""
         self._check_bn_input(x_seq, multi=True)
         batch_stats = uses_batch_stats(self)
         check_batch_values(self, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
         sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=batch_stats)
         stats = resolve_running_stats(self)
         return NormPlan("batch_norm", self.weight, self.bias, None, stats.mean, stats.var, stats.factors, self.eps,
-                        batch_stats, sync=sync)
+                        batch_stats, stats.commit, sync)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         multi = self.step_mode == "m"
@@ -116,10 +116,12 @@ class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
             self._check_bn_input(x, multi)
             return batch_norm(self, x)
         plan = self.statistics_plan(x)
-        return self.ops.batch_norm_seq(
+        y = self.ops.batch_norm_seq(
             x, plan.weight, plan.bias, plan.running_mean, plan.running_var, training=self.training,
             momentum=plan.momentum[0], eps=plan.eps, sync=plan.sync,
         )
+        plan.commit()  # counted only once the op has succeeded
+        return y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", step_mode={self.step_mode}"
@@ -292,21 +294,23 @@ class _TemporalEffectiveBatchNormBase(_BatchNormMixin, _BatchNorm):
 
     def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
         """One μ, σ² per channel over T·N·spatial, scaled by p[t] (pipeline rule ``tebn``).
-        Every input check first, then the batch is counted."""
+        Every input check first; ``commit`` counts the batch once the op has run."""
         self._check_bn_input(x_seq, multi=True, T=self.T)
         batch_stats = uses_batch_stats(self)
         check_batch_values(self, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
         sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=batch_stats)
         stats = resolve_running_stats(self)
         return NormPlan("tebn", self.weight, self.bias, self.scale, stats.mean, stats.var, stats.factors, self.eps,
-                        batch_stats, sync=sync)
+                        batch_stats, stats.commit, sync)
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         plan = self.statistics_plan(x_seq)
-        return self.ops.tebn(
+        y_seq = self.ops.tebn(
             x_seq, plan.weight, plan.bias, plan.running_mean, plan.running_var, plan.p, training=self.training,
             momentum=plan.momentum[0], eps=plan.eps, sync=plan.sync,
         )
+        plan.commit()  # counted only once the op has succeeded
+        return y_seq
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", T={self.T}, backend={self.backend}"

@@ -83,8 +83,8 @@ class _ThroughTimeBase(base.MemoryModule):
     def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
         """Multi-step: μ_t, σ²_t of each step alone (pipeline rule ``bntt``), the steps' γ_t
         and running statistics stacked ``[T, C]``; ``commit`` copies the updated running
-        statistics back into the steps' buffers and advances ``t`` to the sequence's end.
-        Every input check first, then each step's batch is counted."""
+        statistics back into the steps' buffers, counts each step's batch and advances ``t``
+        to the sequence's end. Every input check first."""
         self._check_sequence_start(x_seq)
         bns = self._bns()
         stats, sync = self._step_statistics(x_seq)
@@ -99,6 +99,8 @@ class _ThroughTimeBase(base.MemoryModule):
                     for t, s in enumerate(stats):
                         s.mean.copy_(mean[t])
                         s.var.copy_(var[t])
+            for s in stats:
+                s.commit()
             self.t = self.T - 1
 
         eps = {float(bn.eps) for bn in bns}
@@ -139,6 +141,8 @@ class _ThroughTimeBase(base.MemoryModule):
             x_seq, [bn.weight for bn in bns], [s.mean for s in stats], [s.var for s in stats],
             training=bns[0].training, momentum=[s.factor for s in stats], eps=[bn.eps for bn in bns], sync=sync,
         )
+        for s in stats:  # counted, and t advanced, only once the op has succeeded
+            s.commit()
         self.t = self.T - 1
         return y_seq
 

@@ -137,7 +137,7 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
         window = slice(t0, t0 + x_seq.shape[0])
         sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=uses_batch_stats(self))
         stats = resolve_running_stats(self, window=window)
-        return self.ops.tab(
+        result = self.ops.tab(
             x_seq,
             None if self.weight is None else self.weight[window],
             None if self.bias is None else self.bias[window],
@@ -150,17 +150,20 @@ class _TemporalAccumulatedBatchNormBase(base.MemoryModule):
             prefix=prefix,
             sync=sync,
         )
+        stats.commit()  # counted only once the op has succeeded
+        return result
 
     def statistics_plan(self, x_seq: torch.Tensor) -> NormPlan:
         """Multi-step: step t normalised with the statistics of steps 0..t, scaled by p_t²
-        (pipeline rule ``tab``). Every input check first, then every step is counted."""
+        (pipeline rule ``tab``). Every input check first; ``commit`` counts every step once the
+        op has run."""
         self._check_input(x_seq, multi=True)
         self._check_first_step(x_seq[0])
         batch_stats = uses_batch_stats(self)
         sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=batch_stats)
         stats = resolve_running_stats(self, window=slice(0, x_seq.shape[0]))
         return NormPlan("tab", self.weight, self.bias, self.p, stats.mean, stats.var, stats.factors, self.eps,
-                        batch_stats, sync=sync)
+                        batch_stats, stats.commit, sync)
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         self._check_input(x_seq, multi=True)

@@ -9,9 +9,11 @@ or 0 for soft reset::
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.nn as nn
 
 from .. import surrogate as surrogate_mod
 from .._checks import check_bool, check_finite, check_sequence, check_tau, check_tensor, check_threshold
@@ -19,6 +21,31 @@ from ..base import MemoryModule
 from ..params import LIFParameters
 
 __all__ = ["BaseNode", "IFNode", "LIFNode"]
+
+
+@contextlib.contextmanager
+def _buffers_restored_on_error(module: nn.Module):
+    """On an exception, put every buffer of ``module`` (and its submodules) back as it was.
+
+    For a forward that runs its op once per step (``store_v_seq``): a step's op updates
+    running statistics and counters (the MPBN neuron) only once it succeeded, but the steps
+    before a failing one have already done so. The membrane needs nothing: it is assigned
+    after the loop.
+    """
+    saved = [
+        (m, name, buf, buf.detach().clone())
+        for m in module.modules()
+        for name, buf in m._buffers.items()
+        if buf is not None
+    ]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for m, name, buf, value in saved:
+                m._buffers[name] = buf
+                buf.copy_(value)
+        raise
 
 
 class BaseNode(MemoryModule):
@@ -116,10 +143,11 @@ class BaseNode(MemoryModule):
         v = self._initial_membrane(x_seq[0])
         if self.store_v_seq:  # one op call per step so every V[t] is kept
             spikes, v_seq = [], []
-            for t in range(x_seq.shape[0]):
-                s, v = self._run(x_seq[t : t + 1], v)
-                spikes.append(s)
-                v_seq.append(v)
+            with _buffers_restored_on_error(self):  # a step that fails undoes the steps before it
+                for t in range(x_seq.shape[0]):
+                    s, v = self._run(x_seq[t : t + 1], v)
+                    spikes.append(s)
+                    v_seq.append(v)
             self.v_seq = torch.stack(v_seq)
             spike_seq = torch.cat(spikes)
         else:

@@ -91,11 +91,13 @@ class BatchStatsNorm(MembraneNorm):
         check_batch_values(node, x_seq[0], batch_stats=batch_stats, over="at each timestep")
         sync = stats_sync(node, x_seq, channel_dim=2, batch_stats=batch_stats)
         stats = resolve_running_stats(node, bn, steps=x_seq.shape[0])
-        return node.ops.mpbn_lif(
+        result = node.ops.mpbn_lif(
             x_seq, v, bn.weight, bn.bias, stats.mean, stats.var, self.threshold(node),
             node.lif_parameters, MPBNParameters(bn.eps, node.carry),
             BNStatistics(node.training, bn.momentum, stats.batches_before), sync=sync,
         )
+        stats.commit()  # the steps are counted only once the op has succeeded
+        return result
 
 
 class FoldedThresholdNorm(MembraneNorm):
