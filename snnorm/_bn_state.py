@@ -172,9 +172,8 @@ class RunningStats(NamedTuple):
 
     def commit(self) -> None:
         """Count this forward's batches in ``num_batches_tracked`` (after its op succeeded)."""
-        if self.counter is not None:
-            with torch.no_grad():
-                self.counter.add_(self.count)
+        if self.counter is not None:  # a buffer (or a view of one): no autograd history
+            self.counter.add_(self.count)
 
 
 def resolve_running_stats(

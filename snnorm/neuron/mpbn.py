@@ -223,7 +223,7 @@ class MPBNBaseNode(BaseNode):
     restart the decay.
 
     Inputs per step: ``[N, C]``, ``[N, C, L]`` or ``[N, C, H, W]``; multi-step adds T
-    first. The input dtype follows the dtype policy of :mod:`snnorm.layer._checks`.
+    first. The input dtype follows the dtype policy of :mod:`snnorm._checks`.
     """
 
     supported_backends = ("torch", "triton")
