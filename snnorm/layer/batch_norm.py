@@ -46,7 +46,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import base
 from .._bn_state import NormPlan, check_batch_values, resolve_running_stats, stats_sync, uses_batch_stats
 from .._checks import check_finite, check_positive_int
-from ._bn_common import _check_bn_args, _GuardedBatchNormMixin, batch_norm
+from ._bn_common import (  # noqa: F401  (the per-step BNs stay importable here: pickles name them so)
+    _check_bn_args,
+    _GuardedBatchNormMixin,
+    _TimestepBatchNorm1d,
+    _TimestepBatchNorm2d,
+    _TimestepBatchNorm3d,
+    batch_norm,
+)
 from .bntt import (  # noqa: F401  (BNTT: its own module; every name stays importable from here)
     BatchNormThroughTime1d,
     BatchNormThroughTime2d,
