@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from . import backends, memopt
+from . import backends
+from ._recompute import check_stateful_recompute
 
 __all__ = [
     "StepModule",
@@ -253,7 +254,7 @@ class MemoryModule(nn.Module, StepModule):
     def forward(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
             # a plain torch.utils.checkpoint recompute would restart from the wrong state
-            memopt.check_stateful_recompute(self)
+            check_stateful_recompute(self)
         if self.step_mode == "s":
             return self.single_step_forward(*args, **kwargs)
         return self.multi_step_forward(*args, **kwargs)

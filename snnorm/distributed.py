@@ -65,16 +65,18 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .backends.sync import StatsSync
-from .layer import batch_norm as _bn
+from .layer.batch_norm import _BatchNormMixin
+from .layer.bntt import _ThroughTimeBase
+from .layer.tab import _TemporalAccumulatedBatchNormBase
 from .neuron import MPBNBaseNode
 
 __all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm", "is_synchronized", "SyncGroup"]
 
 #: the layers whose batch statistics synchronise (BNTT's per-step BNs through their BNTT)
 SYNCABLE = (
-    _bn._BatchNormMixin,  # BatchNorm1d/2d/3d, tdBN, TEBN
-    _bn._ThroughTimeBase,  # BNTT, BatchNormTT
-    _bn._TemporalAccumulatedBatchNormBase,  # TAB
+    _BatchNormMixin,  # BatchNorm1d/2d/3d, tdBN, TEBN
+    _ThroughTimeBase,  # BNTT, BatchNormTT
+    _TemporalAccumulatedBatchNormBase,  # TAB
     MPBNBaseNode,
 )
 
@@ -158,7 +160,7 @@ def _targets(net: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     def visit(name: str, module: nn.Module) -> None:
         if isinstance(module, SYNCABLE):
             targets.append((name, module))
-            if isinstance(module, (MPBNBaseNode, _bn._ThroughTimeBase)):
+            if isinstance(module, (MPBNBaseNode, _ThroughTimeBase)):
                 return  # their inner BNs hold parameters and buffers; the layer synchronises them
         elif isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
             plain.append(f"{name or '<root>'} ({type(module).__name__})")

@@ -40,13 +40,14 @@ import torch.fx
 import torch.nn as nn
 
 from . import neuron as neuron_mod
+from ._fx import _trace
 
 __all__ = ["FusedBlock", "fused_block", "fuse_norm_neurons", "unfuse_norm_neurons", "fusable_norm"]
 
 
 def fusable_norm(module: nn.Module) -> bool:
     """A batch-statistics norm the statistics pipeline runs: it gives a
-    :class:`snnorm.layer._bn_state.NormPlan` for a sequence (``statistics_plan``)."""
+    :class:`snnorm._bn_state.NormPlan` for a sequence (``statistics_plan``)."""
     return callable(getattr(module, "statistics_plan", None))
 
 
@@ -184,8 +185,6 @@ def _graph_pairs(net: nn.Module) -> Optional[list[tuple[str, str, Optional[str]]
     """(norm, neuron, why not) for each neuron called on a norm's output in the graph torch.fx
     traces: ``why not`` is None when each is called once and the neuron is the norm's only
     user. None when ``net`` cannot be traced."""
-    from .functional import _trace  # the one import of the fx helpers (snnorm._fx once they move)
-
     try:
         graph_module = _trace(net)
     except Exception:  # dynamic control flow and the like: fx cannot trace every forward

@@ -1,4 +1,4 @@
-"""The shared BN bookkeeping (snnorm.layer._bn_state): running statistics and the
+"""The shared BN bookkeeping (snnorm._bn_state): running statistics and the
 one-value-per-channel rule, on their own and against torch's BatchNorm."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from snnorm import layer
-from snnorm.layer._bn_state import check_batch_values, resolve_running_stats, uses_batch_stats
+from snnorm._bn_state import check_batch_values, resolve_running_stats, uses_batch_stats
 from snnorm.memopt import gc_1st_forward
 
 C = 3
@@ -24,6 +24,8 @@ def test_shared_counter_counts_every_step_with_cumulative_factors():
     assert stats.mean is bn.running_mean and stats.var is bn.running_var
     assert stats.factors == [1 / 3, 1 / 4, 1 / 5]
     assert stats.batches_before == 2
+    assert bn.num_batches_tracked.item() == 2  # counted by commit(), once the op has run
+    stats.commit()
     assert bn.num_batches_tracked.item() == 5
 
 
@@ -31,6 +33,7 @@ def test_shared_counter_with_momentum():
     bn = _bn(momentum=0.25, counted=7)
     stats = resolve_running_stats(bn, steps=2)
     assert stats.factors == [0.25, 0.25] and stats.batches_before == 0
+    stats.commit()
     assert bn.num_batches_tracked.item() == 9
     with pytest.raises(ValueError, match="one momentum factor, got 2"):
         stats.factor
@@ -40,6 +43,7 @@ def test_window_counts_each_step_once():
     tab = layer.TemporalAccumulatedBatchNorm1d(4, C, momentum=None)
     tab.num_batches_tracked.copy_(torch.tensor([1, 2, 3, 4]))
     stats = resolve_running_stats(tab, window=slice(1, 3))
+    stats.commit()
     assert tab.num_batches_tracked.tolist() == [1, 3, 4, 4]
     assert stats.factors == [1 / 3, 1 / 4]
     # views of the per-step buffers, so the op's in-place update lands in the module
@@ -50,6 +54,7 @@ def test_eval_reads_the_buffers_and_counts_nothing():
     bn = _bn(counted=3).eval()
     stats = resolve_running_stats(bn)
     assert stats.mean is bn.running_mean and stats.factor == 0.1
+    stats.commit()
     assert bn.num_batches_tracked.item() == 3
 
 
@@ -57,6 +62,7 @@ def test_no_update_gives_throw_away_copies():
     bn = _bn(counted=3)
     with gc_1st_forward():
         stats = resolve_running_stats(bn)
+    stats.commit()
     assert stats.mean is not bn.running_mean and torch.equal(stats.mean, bn.running_mean)
     assert stats.var is not bn.running_var and torch.equal(stats.var, bn.running_var)
     assert bn.num_batches_tracked.item() == 3

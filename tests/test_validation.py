@@ -1,6 +1,6 @@
 """A rejected call changes nothing, and constructors validate — across every module class.
 
-* dtype policy (snnorm/layer/_checks.py): input dtype = parameter dtype, or float16/
+* dtype policy (snnorm/_checks.py): input dtype = parameter dtype, or float16/
   bfloat16 into float32; anything else a TypeError before any state moves, the same on
   the torch and the triton backend;
 * device, eps and momentum are checked before ``num_batches_tracked`` or a running

@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
 
-from .. import base, functional
-from ._checks import check_device, check_ndim, check_sequence, check_size, check_tensor
+from .. import _steps, base
+from .._checks import check_device, check_ndim, check_sequence, check_size, check_tensor
 
 __all__ = [
     "Conv1d",
@@ -472,7 +472,7 @@ class SeqToANNContainer(nn.Sequential, base.MultiStepModule):
             check_ndim(self, x_seq, (2,))
         check_sequence(self, x_seq)
         _check_children_single_step(self)
-        return functional.seq_to_ann_forward(x_seq, super().forward)
+        return _steps.seq_to_ann_forward(x_seq, super().forward)
 
 
 class MultiStepContainer(nn.Sequential, base.MultiStepModule):
@@ -493,4 +493,4 @@ class MultiStepContainer(nn.Sequential, base.MultiStepModule):
             check_ndim(self, x_seq, (2,))
         check_sequence(self, x_seq)
         _check_children_single_step(self)
-        return functional.multi_step_forward(x_seq, super().forward)
+        return _steps.multi_step_forward(x_seq, super().forward)

@@ -7,10 +7,12 @@ import math
 import torch
 import torch.nn as nn
 
-from .. import base, functional
-from .._checks import check_eps, check_positive_int, check_unit_interval
-from ..memopt import check_stateful_recompute
-from ._checks import check_device, check_dtype, check_ndim, check_sequence, check_size, check_tensor
+from .. import _steps, base
+from .._checks import (
+    check_device, check_dtype, check_eps, check_ndim, check_positive_int, check_sequence, check_size, check_tensor,
+    check_unit_interval,
+)
+from .._recompute import check_stateful_recompute
 
 __all__ = ["GroupNorm", "NeuNorm", "neunorm_step"]
 
@@ -24,7 +26,17 @@ class GroupNorm(nn.GroupNorm, base.StepModule):
     with μ_g, σ_g² over the channels of group g and all spatial positions of one sample
     (no batch statistics, so train and eval agree). 's': ``[N, C, *]``; 'm':
     ``[T, N, C, *]``, each (t, n) normalised on its own (T folded into the batch).
+
+    ``eps`` must be > 0: μ_g, σ_g² are computed from the input, like batch statistics, and a
+    group whose values are all equal (a silent region of a spike map) has σ_g² = 0, so
+    ε = 0 would divide by zero. Refused in the constructor and, since ``eps`` is a plain
+    attribute, again by every forward before it computes anything.
     """
+
+    _EPS_REASON = (
+        "GroupNorm normalises with statistics computed from the input (per sample and group), and a "
+        "group of equal values (e.g. no spikes) has variance 0, so eps = 0 divides by zero"
+    )
 
     def __init__(
         self,
@@ -39,7 +51,7 @@ class GroupNorm(nn.GroupNorm, base.StepModule):
         owner = type(self).__name__
         check_positive_int(owner, "num_groups", num_groups)
         check_positive_int(owner, "num_channels", num_channels)
-        check_eps(owner, eps)
+        check_eps(owner, eps, batch_stats=True, reason=self._EPS_REASON)
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.step_mode = step_mode
 
@@ -53,9 +65,9 @@ class GroupNorm(nn.GroupNorm, base.StepModule):
         check_size(self, x, 1 + multi, self.num_channels, "channels")
         check_device(self, x, self.weight)
         check_dtype(self, x, self.weight)
-        check_eps(self, self.eps)
+        check_eps(self, self.eps, batch_stats=True, reason=self._EPS_REASON)
         if multi:
-            return functional.seq_to_ann_forward(x, super().forward)
+            return _steps.seq_to_ann_forward(x, super().forward)
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -23,9 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.common_types import _size_2_t
 
-from .. import functional
-from .._checks import check_eps, check_positive_int
-from ._checks import check_dtype
+from .. import _steps
+from .._checks import check_dtype, check_eps, check_positive_int
 from .containers import Conv2d, Linear
 
 __all__ = ["WSConv2d", "WSLinear", "standardize_weight"]
@@ -99,7 +98,7 @@ class WSConv2d(Conv2d):
         weight, bias = _for_input(x, self.get_weight(), self.bias)
         if self.step_mode == "s":
             return self._conv_forward(x, weight, bias)
-        return functional.seq_to_ann_forward(x, lambda y: self._conv_forward(y, weight, bias))
+        return _steps.seq_to_ann_forward(x, lambda y: self._conv_forward(y, weight, bias))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gain={self.gain is not None}, eps={self.eps}"

@@ -1,197 +1,29 @@
-"""Spiking neurons: IF, LIF and the MPBN LIF neuron (spikingjelly ``activation_based.neuron`` API).
-
-Every neuron keeps its membrane ``v`` as a memory (``reset_net`` restores it) and runs
-its math through the op table of its backend (``snnorm.backends``); the ``torch``
-backend is the reference, ``triton`` the fused kernels.
-
-LIF (spikingjelly numerics), with v_r = v_reset, or 0 for soft reset::
-
-    decay_input:      H[t] = V[t-1] + (X[t] − (V[t-1] − v_r)) / τ
-    not decay_input:  H[t] = V[t-1] − (V[t-1] − v_r) / τ + X[t]
-    S[t] = Θ(H[t] − V_th)                                  (Θ(0) = 1)
-    V[t] = S[t]·v_reset + (1 − S[t])·H[t]   (hard)   or   H[t] − S[t]·V_th   (soft)
-
-MPBN (Guo et al., "Membrane Potential Batch Normalization for Spiking Neural Networks",
-ICCV 2023, arXiv 2308.08359) normalises H[t] with a per-channel BN before firing; see
-:class:`MPBNLIFNode`.
+r"""The MPBN neuron (Guo et al., "Membrane Potential Batch Normalization for Spiking
+Neural Networks", ICCV 2023, arXiv 2308.08359): a LIF neuron whose membrane H[t] is
+batch-normalised before it fires, Ĥ[t] = BN(H[t]), S[t] = Θ(Ĥ[t] − V_th), and the
+strategies (:class:`MembraneNorm`) for what happens to H: nothing, the BN, or the BN
+folded into a per-channel threshold θ′.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
-from . import surrogate as surrogate_mod
-from ._checks import (
-    check_bool, check_eps, check_finite, check_momentum, check_positive_int, check_tau, check_unit_interval,
+from .. import surrogate as surrogate_mod
+from .._bn_state import check_batch_values, resolve_running_stats, stats_sync, uses_batch_stats
+from .._checks import (
+    check_bool, check_device, check_dtype, check_eps, check_momentum, check_positive_int, check_tau,
+    check_unit_interval,
 )
-from .backends.torch_backend import folded_threshold
-from .base import MemoryModule
-from .layer._checks import check_device, check_dtype, check_sequence, check_tensor
-from .layer._bn_state import check_batch_values, resolve_running_stats, stats_sync, uses_batch_stats
-from .memopt import should_update_running_stats
-from .params import CARRY_MODES, AdaptParameters, BNStatistics, LIFParameters, MPBNParameters
+from .._recompute import should_update_running_stats
+from ..backends.torch_backend import folded_threshold
+from ..params import CARRY_MODES, AdaptParameters, BNStatistics, MPBNParameters
+from .lif import BaseNode
 
 __all__ = [
-    "BaseNode", "IFNode", "LIFNode", "MPBNBaseNode", "MPBNLIFNode",
-    "MembraneNorm", "NoMembraneNorm", "BatchStatsNorm", "FoldedThresholdNorm",
+    "MPBNBaseNode", "MPBNLIFNode", "MembraneNorm", "NoMembraneNorm", "BatchStatsNorm", "FoldedThresholdNorm",
 ]
-
-
-class BaseNode(MemoryModule):
-    """Base class of spiking neurons with membrane ``v`` (registered memory).
-
-    Subclasses implement :meth:`_run`, which maps ``x_seq [T, N, ...]`` and the membrane
-    ``v [N, ...]`` to ``(spike_seq, v)`` through the backend's ops, passing the neuron's
-    constants as one :class:`~snnorm.params.LIFParameters` (:attr:`lif_parameters`). The
-    charge is LIF's with ``tau`` and ``decay_input``; here τ = ∞, an IF charge
-    H = V + X, which LIF-type subclasses override. Single-step mode
-    runs a sequence of one step. The membrane starts at ``v_reset`` (0 for soft reset)
-    and must keep its shape until :meth:`reset`: a batch-size change mid-sequence is
-    an error, not a silent re-initialisation.
-    """
-
-    #: the charge's constants (class defaults: IF, H = V + X; LIF-type neurons set their own)
-    tau: float = math.inf
-    decay_input: bool = False
-
-    def __init__(
-        self,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        surrogate_function: surrogate_mod.SurrogateFunctionBase | None = None,
-        detach_reset: bool = False,
-        step_mode: str = "s",
-        backend: str = "torch",
-        store_v_seq: bool = False,
-    ):
-        super().__init__()
-        owner = type(self).__name__
-        self.v_threshold = check_finite(owner, "v_threshold", v_threshold)
-        self.v_reset = None if v_reset is None else check_finite(owner, "v_reset", v_reset)
-        self.detach_reset = check_bool(owner, "detach_reset", detach_reset)
-        self.store_v_seq = check_bool(owner, "store_v_seq", store_v_seq)
-        if surrogate_function is None:
-            surrogate_function = surrogate_mod.Sigmoid()
-        if not callable(surrogate_function):
-            raise TypeError(f"{owner}: surrogate_function must be callable, got {surrogate_function!r}")
-        self.surrogate_function = surrogate_function
-        self.register_memory("v", 0.0 if self.v_reset is None else self.v_reset)
-        self.v_seq = None
-        self.step_mode = step_mode
-        self.backend = backend
-
-    # -- input checks and state --------------------------------------------------
-    def _check_input(self, x: torch.Tensor, multi_step: bool) -> None:
-        check_tensor(self, x)
-        if multi_step and x.dim() < 2:
-            raise ValueError(
-                f"{type(self).__name__} (step_mode='m'): expected input [T, N, ...], got shape {tuple(x.shape)}"
-            )
-        if multi_step:
-            check_sequence(self, x)
-
-    def _initial_membrane(self, x_step: torch.Tensor) -> torch.Tensor:
-        v = self.v
-        if isinstance(v, torch.Tensor):
-            if v.shape != x_step.shape:
-                raise ValueError(
-                    f"{type(self).__name__}: membrane state has shape {tuple(v.shape)} but this "
-                    f"step's input has shape {tuple(x_step.shape)}; the batch (or feature) shape "
-                    "changed in the middle of a sequence. Call snnorm.functional.reset_net(net) "
-                    "between sequences."
-                )
-            return v.to(device=x_step.device, dtype=x_step.dtype)
-        return torch.full_like(x_step, float(v))
-
-    def reset(self) -> None:
-        super().reset()
-        self.v_seq = None
-
-    @property
-    def lif_parameters(self) -> LIFParameters:
-        """The neuron's charge, reset and surrogate as the one bundle the ops take."""
-        return LIFParameters(self.surrogate_function, self.tau, self.decay_input, self.v_reset, self.detach_reset)
-
-    # -- forward -------------------------------------------------------------------
-    def _run(self, x_seq: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        self._check_input(x_seq, multi_step=True)
-        v = self._initial_membrane(x_seq[0])
-        if self.store_v_seq:  # one op call per step so every V[t] is kept
-            spikes, v_seq = [], []
-            for t in range(x_seq.shape[0]):
-                s, v = self._run(x_seq[t : t + 1], v)
-                spikes.append(s)
-                v_seq.append(v)
-            self.v_seq = torch.stack(v_seq)
-            spike_seq = torch.cat(spikes)
-        else:
-            spike_seq, v = self._run(x_seq, v)
-        self.v = v
-        return spike_seq
-
-    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, multi_step=False)
-        spike_seq, v = self._run(x.unsqueeze(0), self._initial_membrane(x))
-        self.v = v
-        if self.store_v_seq:
-            self.v_seq = v.unsqueeze(0) if self.v_seq is None else torch.cat([self.v_seq, v.unsqueeze(0)])
-        return spike_seq[0]
-
-    def extra_repr(self) -> str:
-        return (
-            f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
-            f"step_mode={self.step_mode}, backend={self.backend}"
-        )
-
-
-class LIFNode(BaseNode):
-    """Leaky integrate-and-fire neuron (charge, fire, reset as in the module docstring).
-
-    ``tau`` > 1 (an int is accepted); ``decay_input`` True by default as spikingjelly.
-    """
-
-    supported_backends = ("torch", "triton")
-
-    def __init__(
-        self,
-        tau: float = 2.0,
-        decay_input: bool = True,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        surrogate_function: surrogate_mod.SurrogateFunctionBase | None = None,
-        detach_reset: bool = False,
-        step_mode: str = "s",
-        backend: str = "torch",
-        store_v_seq: bool = False,
-    ):
-        tau = check_tau(type(self).__name__, tau)
-        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, store_v_seq)
-        self.tau = tau
-        self.decay_input = check_bool(self, "decay_input", decay_input)
-
-    def _run(self, x_seq, v):
-        return self.ops.lif(x_seq, v, self.v_threshold, self.lif_parameters)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", tau={self.tau}, decay_input={self.decay_input}"
-
-
-class IFNode(BaseNode):
-    """Integrate-and-fire neuron: H[t] = V[t-1] + X[t], then fire and reset as LIF.
-
-    Runs on the LIF op with the base class's τ = ∞ (no decay input), which is exactly V + X.
-    """
-
-    supported_backends = ("torch", "triton")
-
-    def _run(self, x_seq, v):
-        return self.ops.lif(x_seq, v, self.v_threshold, self.lif_parameters)
 
 
 # --------------------------------------------------------------------------------------
@@ -259,11 +91,13 @@ class BatchStatsNorm(MembraneNorm):
         check_batch_values(node, x_seq[0], batch_stats=batch_stats, over="at each timestep")
         sync = stats_sync(node, x_seq, channel_dim=2, batch_stats=batch_stats)
         stats = resolve_running_stats(node, bn, steps=x_seq.shape[0])
-        return node.ops.mpbn_lif(
+        result = node.ops.mpbn_lif(
             x_seq, v, bn.weight, bn.bias, stats.mean, stats.var, self.threshold(node),
             node.lif_parameters, MPBNParameters(bn.eps, node.carry),
             BNStatistics(node.training, bn.momentum, stats.batches_before), sync=sync,
         )
+        stats.commit()  # the steps are counted only once the op has succeeded
+        return result
 
 
 class FoldedThresholdNorm(MembraneNorm):
@@ -389,7 +223,7 @@ class MPBNBaseNode(BaseNode):
     restart the decay.
 
     Inputs per step: ``[N, C]``, ``[N, C, L]`` or ``[N, C, H, W]``; multi-step adds T
-    first. The input dtype follows the dtype policy of :mod:`snnorm.layer._checks`.
+    first. The input dtype follows the dtype policy of :mod:`snnorm._checks`.
     """
 
     supported_backends = ("torch", "triton")

@@ -12,8 +12,9 @@ membrane BN (one statistic per step):
   (torch's "Expected more than 1 value per channel when training", raised by torch only
   after it counted the batch).
 * :func:`resolve_running_stats` — the running buffers and momentum factors to hand the
-  op, counting the batch in ``num_batches_tracked``; throw-away copies where
-  :func:`snnorm.memopt.should_update_running_stats` says no (a checkpoint recompute).
+  op, and (:meth:`RunningStats.commit`, called once the op has returned) the count of the
+  batch in ``num_batches_tracked``; throw-away copies where
+  :func:`snnorm._recompute.should_update_running_stats` says no (a checkpoint recompute).
 
 The running update the op then performs, with the factor m resolved here::
 
@@ -28,10 +29,12 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .._checks import check_eps, check_momentum
-from ..backends.sync import StatsSync
-from ..memopt import should_update_running_stats
-from ._checks import check_device, check_dtype, check_ndim, check_sequence, check_size, check_tensor, check_time_steps
+from ._checks import (
+    check_device, check_dtype, check_eps, check_momentum, check_ndim, check_sequence, check_size, check_tensor,
+    check_time_steps,
+)
+from ._recompute import should_update_running_stats
+from .backends.sync import StatsSync
 
 __all__ = [
     "RunningStats",
@@ -79,7 +82,7 @@ def check_bn_input(
     ``x`` is one step ``[N, C, *spatial]`` (``multi=False``; ``sample_ndims`` lists the
     accepted dims) or a sequence ``[T, N, C, *spatial]`` with T ≥ 1 (``multi=True``; one dim
     more), with ``num_features`` channels. Its device and dtype must fit
-    (:func:`snnorm.layer._checks.check_dtype`) the tensors of ``module`` and of every BN in
+    (:func:`snnorm._checks.check_dtype`) the tensors of ``module`` and of every BN in
     ``bns`` (BNTT: every timestep's BN, so a sequence cannot fail half-way), whose ``eps``
     and ``momentum`` (plain attributes a user may have reassigned) must be valid; ``bns``
     empty means ``module`` itself. With ``T`` a sequence must have exactly T steps.
@@ -142,15 +145,23 @@ class RunningStats(NamedTuple):
     (training); throw-away copies in a recompute; None when batch statistics normalise and
     nothing is updated. ``factors``: the momentum factor of every step the forward updates
     (one for a BN, T for TAB's per-step statistics or the MPBN neuron's steps).
-    ``batches_before``: the shared ``num_batches_tracked`` before this forward counted it,
+    ``batches_before``: the shared ``num_batches_tracked`` before this forward counts it,
     when the factors are cumulative (``momentum is None``), for an op that derives them
     itself as 1/(batches_before + t + 1) (``mpbn_lif``); 0 otherwise.
+
+    The batches are counted by :meth:`commit`, which the forward calls **after** its op
+    returned: a forward whose op fails (a kernel that cannot launch, an out-of-memory
+    error) leaves ``num_batches_tracked`` where it was, as it leaves the running statistics
+    the op did not write. ``counter`` (the counter, or the view of the steps it counts) and
+    ``count`` (how many batches it adds) say what :meth:`commit` does; None: nothing to count.
     """
 
     mean: Optional[torch.Tensor]
     var: Optional[torch.Tensor]
     factors: list[float]
     batches_before: int = 0
+    counter: Optional[torch.Tensor] = None
+    count: int = 0
 
     @property
     def factor(self) -> float:
@@ -158,6 +169,11 @@ class RunningStats(NamedTuple):
         if len(self.factors) != 1:
             raise ValueError(f"RunningStats.factor: expected one momentum factor, got {len(self.factors)}")
         return self.factors[0]
+
+    def commit(self) -> None:
+        """Count this forward's batches in ``num_batches_tracked`` (after its op succeeded)."""
+        if self.counter is not None:  # a buffer (or a view of one): no autograd history
+            self.counter.add_(self.count)
 
 
 def resolve_running_stats(
@@ -176,13 +192,14 @@ def resolve_running_stats(
       checkpoint recompute, ``gc_1st_forward``): throw-away copies of the buffers, so batch
       statistics still normalise, the real buffers stay put and the op saves the same
       tensors as the first forward (non-reentrant checkpointing checks that);
-    * else the buffers themselves, and the forward's batches are counted first.
+    * else the buffers themselves, and the forward's batches are counted by
+      :meth:`RunningStats.commit` once the op has run (nothing is counted here).
 
     Counting: with ``window`` (a ``slice(t0, t1)``) the buffers are per step (TAB: ``[T, C]``
     and a counter per step) and steps t0..t1−1 count once each on their own counter,
-    m_t = 1/n_t. Without it one counter counts ``steps`` batches (one BN: 1; the MPBN
-    neuron: one per timestep), m_k = 1/(n + k) for k = 1..steps, n the count before.
-    With ``momentum`` set, m = momentum at every step.
+    m_t = 1/n_t with n_t the count including this batch. Without it one counter counts
+    ``steps`` batches (one BN: 1; the MPBN neuron: one per timestep), m_k = 1/(n + k) for
+    k = 1..steps, n the count before. With ``momentum`` set, m = momentum at every step.
     """
     bn = module if bn is None else bn
     if window is not None:
@@ -203,27 +220,26 @@ def resolve_running_stats(
         return RunningStats(mean, var, factors)
     if window is not None:
         tracked = tracked[window]
-        tracked.add_(1)
         if momentum is None:  # cumulative moving average, per step
-            factors = [1.0 / float(n) for n in tracked.tolist()]
-        return RunningStats(mean, var, factors)
-    tracked.add_(steps)
+            factors = [1.0 / float(n + 1) for n in tracked.tolist()]
+        return RunningStats(mean, var, factors, counter=tracked, count=1)
     if momentum is None:  # cumulative moving average (reading the counter syncs: only here)
-        before = int(tracked) - steps
-        return RunningStats(mean, var, [1.0 / (before + k) for k in range(1, steps + 1)], before)
-    return RunningStats(mean, var, factors)
+        before = int(tracked)
+        return RunningStats(mean, var, [1.0 / (before + k) for k in range(1, steps + 1)], before, tracked, steps)
+    return RunningStats(mean, var, factors, counter=tracked, count=steps)
 
 
 class NormPlan(NamedTuple):
     """What a batch-statistics norm's multi-step forward hands the statistics pipeline
-    (:mod:`snnorm.kernels.bn_pipeline`), after its checks and its batch counting.
+    (:mod:`snnorm.kernels.bn_pipeline`), after its checks; the batch is counted by ``commit``.
 
     ``rule`` names the pipeline rule (``batch_norm``, ``bntt``, ``tebn``, ``tab``); ``weight``,
     ``bias``, ``running_mean``, ``running_var`` are in the rule's layout (``[C]``, or
     ``[T, C]`` per step); ``p`` is the per-step scale ``[T]`` (TEBN, TAB) or None;
     ``momentum`` one factor per statistics row; ``batch_stats`` whether the batch's
     statistics normalise (else the running ones). ``commit``, if any, runs after the op
-    (BNTT: its stacked running statistics go back into the steps' buffers).
+    succeeded: it counts the batch in ``num_batches_tracked`` (and, for BNTT, copies the
+    stacked running statistics back into the steps' buffers), so a failed op changes nothing.
     """
 
     rule: str
