@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from ._availability import HAVE_TRITON, require_triton, triton_unavailable_reason
 
+__all__ = ["HAVE_TRITON", "triton_unavailable_reason", "load_ops"]
+
 if HAVE_TRITON:  # a machine without triton imports the package; load_ops says why it cannot run
     from ._adaptors import _WARNED  # noqa: F401  (the warned-once keys; tests reset them)
     from .bn_pipeline import STATISTICS_OPS, batch_norm_seq, bntt, tab, tebn
@@ -40,10 +42,13 @@ if HAVE_TRITON:  # a machine without triton imports the package; load_ops says w
     )
     from .norm_lif import norm_lif, norm_lif_kernel
 
-__all__ = [
-    "triton_unavailable_reason", "load_ops", "lif", "mpbn_lif", "mpbn_lif_folded", "batch_norm_seq", "tebn", "tab",
-    "bntt", "norm_lif", "norm_lif_kernel",
-]
+    __all__ += [
+        # the op table
+        "lif", "mpbn_lif", "mpbn_lif_folded", "batch_norm_seq", "tebn", "tab", "bntt", "norm_lif", "norm_lif_kernel",
+        # the custom ops and their signatures, for tests (opcheck) and tools
+        "lif_elementwise_op", "lif_elementwise_bwd_op", "LIF_FWD", "LIF_BWD", "mpbn_lif_train_op",
+        "mpbn_lif_train_bwd_op", "mpbn_lif_adapt_op", "TRAIN_FWD", "TRAIN_BWD", "ADAPT_FWD",
+    ]
 
 
 def load_ops():
