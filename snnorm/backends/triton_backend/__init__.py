@@ -6,24 +6,21 @@ in :mod:`snnorm.backends.torch_backend`. The files mirror ``kernels/`` one for o
 registers the custom ops (``snnorm::*``: schema, fake kernel, autograd) around its kernel
 file's launchers and holds the op-table functions that adapt the arguments and call them:
 
-=================  =========================  ===================================================
-file               kernels                    op-table functions
-=================  =========================  ===================================================
-``lif.py``         ``kernels/lif.py``         ``lif``
-``mpbn_lif.py``    ``kernels/mpbn_lif_train`` ``mpbn_lif``, ``mpbn_lif_folded`` (eval and folded
-                                              without adaptation: the ``lif.py`` op)
-``bn_pipeline.py`` ``kernels/bn_pipeline.py`` ``batch_norm_seq``, ``tebn``, ``bntt``, ``tab``
-``norm_lif.py``    ``kernels/norm_lif.py``    ``norm_lif`` (a norm and an IF/LIF neuron fused)
-=================  =========================  ===================================================
+=====================  =========================  ===================================================
+file                   kernels                    op-table functions
+=====================  =========================  ===================================================
+``lif_ops.py``         ``kernels/lif.py``         ``lif``
+``mpbn_lif_ops.py``    ``kernels/mpbn_lif_train`` ``mpbn_lif``, ``mpbn_lif_folded`` (eval and folded
+                                                  without adaptation: the ``lif_ops.py`` op)
+``bn_pipeline_ops.py`` ``kernels/bn_pipeline.py`` ``batch_norm_seq``, ``tebn``, ``bntt``, ``tab``
+``norm_lif_ops.py``    ``kernels/norm_lif.py``    ``norm_lif`` (a norm and an IF/LIF neuron fused)
+=====================  =========================  ===================================================
 
 ``_availability.py`` says whether the backend runs here; ``_adaptors.py`` holds what the op
 files share. What the kernels cannot run (a surrogate with no kernel, e.g. a user-defined
 one or ``spiking=False``) runs on the torch backend's op, with a RuntimeWarning the first
 time: the triton backend never falls back silently. No op has a double backward: a
 gradient taken with ``create_graph=True`` raises NotImplementedError when differentiated.
-
-The op-table functions shadow the submodules of the same name (``triton_backend.lif`` is
-the function); import a submodule's other names with ``from .lif import ...``.
 """
 
 from __future__ import annotations
@@ -34,13 +31,13 @@ __all__ = ["HAVE_TRITON", "triton_unavailable_reason", "load_ops"]
 
 if HAVE_TRITON:  # a machine without triton imports the package; load_ops says why it cannot run
     from ._adaptors import _WARNED  # noqa: F401  (the warned-once keys; tests reset them)
-    from .bn_pipeline import STATISTICS_OPS, batch_norm_seq, bntt, tab, tebn
-    from .lif import LIF_BWD, LIF_FWD, lif, lif_elementwise_bwd_op, lif_elementwise_op
-    from .mpbn_lif import (
+    from .bn_pipeline_ops import STATISTICS_OPS, batch_norm_seq, bntt, tab, tebn
+    from .lif_ops import LIF_BWD, LIF_FWD, lif, lif_elementwise_bwd_op, lif_elementwise_op
+    from .mpbn_lif_ops import (
         ADAPT_FWD, TRAIN_BWD, TRAIN_FWD, mpbn_lif, mpbn_lif_adapt_op, mpbn_lif_folded, mpbn_lif_train_bwd_op,
         mpbn_lif_train_op,
     )
-    from .norm_lif import norm_lif, norm_lif_kernel
+    from .norm_lif_ops import norm_lif, norm_lif_kernel
 
     __all__ += [
         # the op table

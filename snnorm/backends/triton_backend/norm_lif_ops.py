@@ -18,7 +18,7 @@ from ...kernels._common import acc_torch_dtype, check_device, op_signature
 from ...params import LIFKernelParameters, LIFParameters
 from ..sync import StatsSync
 from ._adaptors import all_reduce, check_sequence_arg, group_name, kernel_lif, refuse_double_backward, wants_grad
-from .bn_pipeline import bn_stats_op
+from .bn_pipeline_ops import bn_stats_op
 
 #: ``snnorm::norm_lif(x, v0, γ, β, p, μ, σ², rule, eps, batch_stats, threshold, v_init,
 #: <LIFKernelParameters>, checkpoint, group) -> (s, v_T, checkpoints)``; ``group`` (the

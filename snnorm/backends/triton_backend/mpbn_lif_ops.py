@@ -8,7 +8,7 @@ r"""MPBN-LIF ops over ``kernels/mpbn_lif_train.py`` and the op-table ``mpbn_lif`
   θ' = μ + (θ − β)·√(σ² + ε)/γ; forward only.
 
 Running statistics (eval) and the folded threshold without adaptation run on
-``snnorm::lif_elementwise`` (:mod:`.lif`).
+``snnorm::lif_elementwise`` (:mod:`.lif_ops`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ._adaptors import (
     all_reduce, check_batch_size, combined_gather, group_name, kernel_lif, membrane, refuse_double_backward,
     register_refusal, result_dtype, threshold_tensor, wants_grad,
 )
-from .lif import lif_elementwise_op
+from .lif_ops import lif_elementwise_op
 
 #: the process group whose ranks pool their batch statistics, by name (a ProcessGroup cannot
 #: be an op argument; :meth:`StatsSync.from_name` resolves it inside); "" = this rank alone.
