@@ -9,5 +9,6 @@ Triton kernels behind ``snnorm.functional.set_backend(net, "triton")``.
 from . import backends, base, functional, memopt, neuron, surrogate  # noqa: F401
 from . import layer  # noqa: F401
 from .distributed import convert_sync_batchnorm  # noqa: F401
+from .porting import convert_spikingjelly  # noqa: F401
 
 __version__ = "0.1.0"
