@@ -234,10 +234,17 @@ def set_backend(net: nn.Module, backend: str, instance: type | tuple[type, ...] 
 # -- norm → neuron fusion (snnorm.fusion) ------------------------------------------------
 
 
-def fuse_norm_neurons(net: nn.Module) -> nn.Module:
+def fuse_norm_neurons(net: nn.Module, example_input=None) -> nn.Module:
     """Fuse every batch-statistics norm with the IF/LIF neuron that alone consumes its
-    output, in place; returns ``net``. See :func:`snnorm.fusion.fuse_norm_neurons`."""
-    return _fusion.fuse_norm_neurons(net)
+    output, in place; returns ``net``. What stays apart is said in a warning; ``example_input``
+    reads a network torch.fx cannot trace by a run. See :func:`snnorm.fusion.fuse_norm_neurons`."""
+    return _fusion.fuse_norm_neurons(net, example_input)
+
+
+def fusion_report(net: nn.Module, example_input=None) -> "_fusion.FusionReport":
+    """What :func:`fuse_norm_neurons` fuses in ``net``, what it leaves apart and why (``net``
+    unchanged). See :func:`snnorm.fusion.fusion_report`."""
+    return _fusion.fusion_report(net, example_input)
 
 
 def unfuse_norm_neurons(net: nn.Module) -> nn.Module:

@@ -32,23 +32,80 @@ hooks on the neuron see the spikes pass.
 
 from __future__ import annotations
 
+import sys
 import warnings
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.fx
 import torch.nn as nn
 
+from . import layer
 from . import neuron as neuron_mod
-from ._fx import _trace
+from ._bn_state import NormPlan, check_batch_values, resolve_running_stats, stats_sync, uses_batch_stats
+from ._dataflow import record_handoffs
+from ._fx import _StepModuleLeafTracer, _trace
+from ._steps import seq_to_ann_forward
 
 __all__ = ["FusedBlock", "fused_block", "fuse_norm_neurons", "unfuse_norm_neurons", "fusable_norm"]
 
 
 def fusable_norm(module: nn.Module) -> bool:
     """A batch-statistics norm the statistics pipeline runs: it gives a
-    :class:`snnorm._bn_state.NormPlan` for a sequence (``statistics_plan``)."""
-    return callable(getattr(module, "statistics_plan", None))
+    :class:`snnorm._bn_state.NormPlan` for a sequence (``statistics_plan``), or it is a
+    ``SeqToANNContainer`` that ends in a BatchNorm (:func:`container_batch_norm`)."""
+    return callable(getattr(module, "statistics_plan", None)) or container_batch_norm(module) is not None
+
+
+# -- a BatchNorm in a SeqToANNContainer ----------------------------------------------------------
+
+#: a BN that sees [T·N, C, *spatial] with T folded into the batch: torch's, or snnorm's single-step one
+_FOLDED_BNS = {
+    nn.BatchNorm1d: (3, 4), nn.BatchNorm2d: (5,), nn.BatchNorm3d: (6,),  # sequence dims [T, N, C, *spatial]
+}
+_SNNORM_SINGLE_STEP_BNS = (
+    layer.BatchNorm1d, layer.BatchNorm2d, layer.BatchNorm3d,
+    layer.ThresholdDependentBatchNorm1d, layer.ThresholdDependentBatchNorm2d, layer.ThresholdDependentBatchNorm3d,
+)
+
+
+def _is_seq_to_ann(module: nn.Module) -> bool:
+    if isinstance(module, layer.SeqToANNContainer):
+        return True
+    sj_layer = sys.modules.get("spikingjelly.activation_based.layer")
+    return sj_layer is not None and isinstance(module, sj_layer.SeqToANNContainer)
+
+
+def container_batch_norm(module: nn.Module) -> Optional[nn.Module]:
+    """The BatchNorm that ends ``module`` when ``module`` is a ``SeqToANNContainer`` (snnorm's or
+    spikingjelly's), else None. The container folds T into the batch, so the BN's statistics
+    over T·N·spatial are exactly a multi-step BN's: ``SeqToANNContainer(Conv2d, BatchNorm2d)``
+    and spikingjelly's Spikformer idiom ``SeqToANNContainer(Conv1d, BatchNorm1d)`` on
+    ``[T, N, D, L]`` fuse with the neuron after them like a multi-step BN."""
+    if not _is_seq_to_ann(module) or len(module) == 0:
+        return None
+    bn = module[-1]
+    if type(bn) in _FOLDED_BNS or (isinstance(bn, _SNNORM_SINGLE_STEP_BNS) and bn.step_mode == "s"):
+        return bn
+    return None
+
+
+def _folded_bn_plan(bn: nn.Module, x_seq: torch.Tensor) -> NormPlan:
+    """The multi-step plan (rule ``batch_norm``) of a BN that runs on ``x_seq`` with T folded into
+    the batch; every check first, the batch counted by ``commit``."""
+    dims = next(d for cls, d in _FOLDED_BNS.items() if isinstance(bn, cls))
+    if x_seq.dim() not in dims or x_seq.shape[2] != bn.num_features:
+        raise ValueError(
+            f"{type(bn).__name__}({bn.num_features}) at the end of a SeqToANNContainer expects its input as "
+            f"[T, N, {bn.num_features}, ...] with {' or '.join(map(str, dims))} dims; got {tuple(x_seq.shape)}"
+        )
+    batch_stats = uses_batch_stats(bn)
+    check_batch_values(bn, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
+    sync = stats_sync(bn, x_seq, channel_dim=2, batch_stats=batch_stats)
+    stats = resolve_running_stats(bn)
+    return NormPlan("batch_norm", bn.weight, bn.bias, None, stats.mean, stats.var, stats.factors, bn.eps,
+                    batch_stats, stats.commit, sync)
 
 
 def _neuron_problem(module: nn.Module) -> Optional[str]:
@@ -93,11 +150,12 @@ class FusedBlock:
         whose steps all have the same ε). A norm synchronised across ranks stays fused: its
         statistics gather in the op."""
         norm, neuron = self.norm, self.neuron
-        if not (norm.step_mode == neuron.step_mode == "m" and norm.backend == neuron.backend == "triton"):
+        if neuron.step_mode != "m" or neuron.backend != "triton" or neuron.store_v_seq:
             return False
-        if neuron.store_v_seq:
+        folded = container_batch_norm(norm)  # a container runs multi-step; its BN follows the neuron's backend
+        if folded is None and not (norm.step_mode == "m" and norm.backend == "triton"):
             return False
-        bns = norm._bns() if hasattr(norm, "_bns") else (norm,)
+        bns = (folded,) if folded is not None else norm._bns() if hasattr(norm, "_bns") else (norm,)
         if len({float(bn.eps) for bn in bns}) > 1:
             return False
         return neuron.ops.norm_lif_kernel(neuron.lif_parameters) is not None
@@ -128,10 +186,16 @@ class FusedBlock:
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         norm, neuron = self.norm, self.neuron
-        # every check before any state moves: the neuron's, then the norm's (its plan counts the batch)
+        # every check before any state moves: the neuron's and the norm's (its plan counts the batch on commit)
+        folded = container_batch_norm(norm)
+        if folded is not None:  # the container's other (stateless) modules first, T folded into the batch
+            head = list(norm)[:-1]
+            x = seq_to_ann_forward(x, head) if head else x
+            plan = _folded_bn_plan(folded, x)
         neuron._check_input(x, multi_step=True)
         v = neuron.v if not isinstance(neuron.v, torch.Tensor) else neuron._initial_membrane(x[0])
-        plan = norm.statistics_plan(x)
+        if folded is None:
+            plan = norm.statistics_plan(x)
         spikes, neuron.v = neuron.ops.norm_lif(
             plan.rule, x, v, plan.weight, plan.bias, plan.p, plan.running_mean, plan.running_var,
             momentum=plan.momentum, eps=plan.eps, batch_stats=plan.batch_stats, threshold=neuron.v_threshold,
@@ -167,29 +231,31 @@ def _unmark(block: FusedBlock) -> None:
 # -- finding the pairs -------------------------------------------------------------------------
 
 
-def _sequential_pairs(net: nn.Module) -> list[tuple[str, str, None]]:
-    """(norm, neuron, None) for adjacent modules of every nn.Sequential in ``net``."""
-    pairs = []
-    for name, module in net.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.named_children())
-        for (a_name, a), (b_name, b) in zip(children, children[1:]):
-            if fusable_norm(a) and isinstance(b, neuron_mod.BaseNode):
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + a_name, prefix + b_name, None))
-    return pairs
+@dataclass
+class FusionReport:
+    """What :func:`fuse_norm_neurons` does to a network (module names as in ``named_modules``).
+
+    ``fused``: the norm → neuron pairs that run as one block; ``apart``: each norm whose output
+    feeds a neuron but that stays apart from it, with why; ``unread``: each module whose forward
+    neither torch.fx could trace nor a run of an example input read, so pairs inside it may be
+    missing (its children's own forwards are still read).
+    """
+
+    fused: list[tuple[str, str]] = field(default_factory=list)
+    apart: list[tuple[str, str, str]] = field(default_factory=list)
+    unread: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.fused)} norm → neuron pair(s) fused"]
+        lines += [f"  left apart: {norm} → {neuron}: {why}" for norm, neuron, why in self.apart]
+        lines += [f"  not read: {name}: {why}" for name, why in self.unread]
+        return "\n".join(lines)
 
 
-def _graph_pairs(net: nn.Module) -> Optional[list[tuple[str, str, Optional[str]]]]:
-    """(norm, neuron, why not) for each neuron called on a norm's output in the graph torch.fx
-    traces: ``why not`` is None when each is called once and the neuron is the norm's only
-    user. None when ``net`` cannot be traced."""
-    try:
-        graph_module = _trace(net)
-    except Exception:  # dynamic control flow and the like: fx cannot trace every forward
-        return None
-    modules = dict(net.named_modules())
+def _traced_pairs(graph_module: torch.fx.GraphModule, prefix: str) -> list[tuple[str, str, Optional[str]]]:
+    """(norm, neuron, why not) for each neuron called on a norm's output in one traced graph: ``why
+    not`` is None when each is called once and the neuron is the norm's only user."""
+    modules = dict(graph_module.named_modules())
     calls: dict[str, int] = {}
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
@@ -208,7 +274,56 @@ def _graph_pairs(net: nn.Module) -> Optional[list[tuple[str, str, Optional[str]]
             why = "the norm's output has other users"
         elif calls[norm_node.target] != 1 or calls[node.target] != 1:
             why = "a module of the pair is called at several places"
-        pairs.append((norm_node.target, node.target, why))
+        pairs.append((prefix + norm_node.target, prefix + node.target, why))
+    return pairs
+
+
+def _sequential_pairs(module: nn.Sequential, prefix: str) -> list[tuple[str, str, None]]:
+    """(norm, neuron, None) for adjacent children of an nn.Sequential: it hands each output on alone."""
+    children = list(module.named_children())
+    return [(prefix + a_name, prefix + b_name, None) for (a_name, a), (b_name, b) in zip(children, children[1:])
+            if fusable_norm(a) and isinstance(b, neuron_mod.BaseNode)]
+
+
+def _read_pairs(net: nn.Module, report: FusionReport) -> list[tuple[str, str, Optional[str]]]:
+    """Pairs from torch.fx: the whole network's graph, or, where a forward cannot be traced
+    (it branches on a tensor, as spikingjelly's attention does on ``x.ndim``), the graphs of its
+    children, recursively; an untraceable nn.Sequential still gives its adjacent pairs."""
+    leaf = _StepModuleLeafTracer()
+    pairs: list[tuple[str, str, Optional[str]]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        try:
+            pairs.extend(_traced_pairs(_trace(module), prefix))
+            return
+        except Exception as error:  # dynamic control flow and the like: fx cannot trace every forward
+            report.unread.append((prefix.rstrip(".") or "(the network)", f"torch.fx cannot trace "
+                                  f"{type(module).__name__}.forward ({type(error).__name__}); pass example_input= "
+                                  "to fuse_norm_neurons to read it by a run"))
+        if isinstance(module, nn.Sequential):
+            pairs.extend(_sequential_pairs(module, prefix))
+        for name, child in module.named_children():
+            if not leaf.is_leaf_module(child, prefix + name):
+                visit(child, f"{prefix}{name}.")
+
+    visit(net, "")
+    return pairs
+
+
+def _run_pairs(net: nn.Module, example_input: Any) -> list[tuple[str, str, Optional[str]]]:
+    """Pairs from one run of ``example_input`` through a copy of ``net`` (:mod:`snnorm._dataflow`)."""
+    handoffs = record_handoffs(net, example_input, watched=fusable_norm)
+    modules = dict(net.named_modules())
+    pairs = []
+    for norm, consumer in handoffs.pairs:
+        if not isinstance(modules[consumer], neuron_mod.BaseNode):
+            continue
+        why = None
+        if norm in handoffs.other_users:
+            why = "the norm's output has other users"
+        elif handoffs.calls.get(norm) != 1 or handoffs.calls.get(consumer) != 1:
+            why = "a module of the pair is called at several places"
+        pairs.append((norm, consumer, why))
     return pairs
 
 
@@ -224,39 +339,66 @@ def _instance_forward_problem(module: nn.Module, partner: nn.Module) -> Optional
     return None
 
 
-def fuse_norm_neurons(net: nn.Module) -> nn.Module:
-    """Pair every batch-statistics norm with the IF/LIF neuron that alone consumes its
-    output, in place (module docstring), and return ``net``. Every parameter, buffer and
-    module keeps its name and object.
-
-    Pairs are found in the graph torch.fx traces (step modules are leaves), or, where
-    ``net`` cannot be traced, between adjacent modules of its ``nn.Sequential``\\ s. A pair
-    that cannot fuse is left alone with a warning saying why: a norm whose output has
-    other users, a module called at several places, a neuron option the fused kernel
-    lacks (``store_v_seq``), a neuron that is not IF/LIF, a module with an instance-level
-    ``forward`` of its own. Fusing a fused network changes nothing.
+def fusion_report(net: nn.Module, example_input: Any = None) -> FusionReport:
+    """What :func:`fuse_norm_neurons` finds in ``net`` (and leaves ``net`` as it is): the pairs
+    it fuses or has fused, each norm → neuron it leaves apart and why, and the forwards it
+    could not read. ``example_input`` (a tensor or a tuple of arguments): read the network by
+    one run of it on a copy instead of by torch.fx.
 
     :raises TypeError: ``net`` is not an ``nn.Module``.
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"fuse_norm_neurons expects an nn.Module, got {type(net).__name__}")
-    found = _graph_pairs(net)
-    if found is None:
-        found = _sequential_pairs(net)
-    reasons = []
+    report = FusionReport()
+    found = _run_pairs(net, example_input) if example_input is not None else _read_pairs(net, report)
+    places: dict[int, int] = {}
+    for _, module in net.named_modules(remove_duplicate=False):
+        places[id(module)] = places.get(id(module), 0) + 1
+    seen = set()
     for norm_name, neuron_name, why in found:
+        if (norm_name, neuron_name) in seen:
+            continue
+        seen.add((norm_name, neuron_name))
         norm, neuron = net.get_submodule(norm_name), net.get_submodule(neuron_name)
         block = fused_block(norm)
         if block is not None and block is fused_block(neuron):
-            continue  # fused already
+            report.fused.append((norm_name, neuron_name))  # fused already
+            continue
+        if why is None and (places[id(norm)] > 1 or places[id(neuron)] > 1):
+            why = "a module of the pair is registered at several places"
         why = why or _neuron_problem(neuron) or _instance_forward_problem(norm, neuron) \
             or _instance_forward_problem(neuron, norm)
-        if why is not None:
-            reasons.append(f"{norm_name} → {neuron_name}: {why}")
-            continue
-        _mark(FusedBlock(norm, neuron))
-    if reasons:
-        warnings.warn("fuse_norm_neurons left these pairs unfused: " + "; ".join(reasons), stacklevel=2)
+        if why is None:
+            report.fused.append((norm_name, neuron_name))
+        else:
+            report.apart.append((norm_name, neuron_name, why))
+    return report
+
+
+def fuse_norm_neurons(net: nn.Module, example_input: Any = None) -> nn.Module:
+    """Pair every batch-statistics norm with the IF/LIF neuron that alone consumes its
+    output, in place (module docstring), and return ``net``. Every parameter, buffer and
+    module keeps its name and object.
+
+    Pairs are found in the graph torch.fx traces (step modules are leaves; a forward it cannot
+    trace is read through its children's), or, with ``example_input``, by one run of it
+    through a copy of ``net`` (networks that branch on a tensor's shape, like spikingjelly's
+    attention blocks). A ``SeqToANNContainer`` that ends in a BatchNorm counts as a multi-step
+    BN (:func:`container_batch_norm`). What stays apart is said in one warning: a norm whose
+    output has other users, a module called or registered at several places, a neuron option
+    the fused kernel lacks (``store_v_seq``), a neuron that is not IF/LIF, a module with an
+    instance-level ``forward`` of its own, and forwards that could not be read.
+    :func:`fusion_report` gives the same as a value. Fusing a fused network changes nothing.
+
+    :raises TypeError: ``net`` is not an ``nn.Module``.
+    """
+    report = fusion_report(net, example_input)
+    for norm_name, neuron_name in report.fused:
+        norm, neuron = net.get_submodule(norm_name), net.get_submodule(neuron_name)
+        if fused_block(norm) is None:
+            _mark(FusedBlock(norm, neuron))
+    if report.apart or report.unread:
+        warnings.warn(f"fuse_norm_neurons: {report}", stacklevel=2)
     return net
 
 
