@@ -9,7 +9,7 @@ between the backward's reduce and coefficient kernels. Here, in one process:
   the TAB continuation, the fused norm → LIF op): the triton backend with ``sync`` must equal
   the torch backend with ``sync`` (the reference, run in float64 on the same rounded inputs)
   and the unsynchronised triton result; exactly one collective per stage, of O(T·C) bytes
-  (the same for two batch sizes), and the kernels really ran (perf.traffic's meter);
+  (the same for two batch sizes), and the kernels really ran (perf.tools.meter);
 * the launchers with hand-made collectives simulate two ranks of uneven (or empty)
   batches: the synchronised statistics, running statistics and ∂x equal the local
   pipeline's on the concatenated batch, while ∂γ, ∂β, ∂p stay the rank's own.
@@ -38,7 +38,7 @@ from tolerances import (
 pytest.importorskip("triton")
 import torch.distributed as dist  # noqa: E402
 
-from perf import traffic  # noqa: E402
+from perf.tools import meter  # noqa: E402
 from snnorm.backends import torch_backend  # noqa: E402
 from snnorm.backends import triton_backend  # noqa: E402
 from snnorm.backends.sync import count_collectives  # noqa: E402
@@ -142,7 +142,7 @@ def local_tol(dtype):
 @pytest.mark.parametrize("rule", RULES)
 def test_synced_op_equals_torch_synced_and_local(sync, rule, dtype):
     case = make_case(rule, dtype)
-    with traffic.meter() as m, count_collectives() as log:
+    with meter() as m, count_collectives() as log:
         got = run_norm(triton_backend, rule, case, sync, dtype)
     ref64 = run_norm(torch_backend, rule, case, sync, F64)  # the same (rounded) inputs, in float64
     compare(f"{rule} {dtype} triton+sync vs torch+sync", got, ref64, rtol=BN_PIPELINE_RTOL[dtype])
@@ -220,7 +220,7 @@ def test_collective_bytes_do_not_depend_on_the_batch(sync):
 def test_eval_and_no_sync_issue_no_collective(sync):
     case = make_case("batch_norm", F32)
     x = case["x"].to(DEVICE)
-    with count_collectives() as log, traffic.meter() as m:
+    with count_collectives() as log, meter() as m:
         triton_backend.batch_norm_seq(x, None, None, case["rm"].to(DEVICE), case["rv"].to(DEVICE), training=False,
                                       momentum=0.1, eps=EPS, sync=sync)
     assert log == [] and m.launches == 1, (log, m.breakdown())
@@ -252,7 +252,7 @@ def run_norm_lif(backend_norm, rule: str, case: dict, sync, dtype, neuron) -> di
 def test_synced_norm_lif_equals_torch_pair_and_local(sync, rule, dtype):
     neuron = LIFParameters(Sigmoid(), tau=2.0, decay_input=True, v_reset=0.0)
     case = make_case(rule, dtype)
-    with traffic.meter() as m, count_collectives() as log:
+    with meter() as m, count_collectives() as log:
         got = run_norm_lif(None, rule, case, sync, dtype, neuron)
     T, C = case["x"].shape[0], case["x"].shape[2]
     assert log == [("all_gather", GATHER_BYTES(T, C)), ("all_reduce", REDUCE_BYTES(T, C))], log
