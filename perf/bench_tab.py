@@ -31,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf import tools  # noqa: E402
-from perf.bench_tebn import MODES, bytes_per_element_step  # noqa: E402
+from perf.bench_tebn import MODES, bytes_per_element_step, per_step_state  # noqa: E402
 from perf.tools import QuadraticTAB, run_on_tncs  # noqa: E402
 
 QUADRATIC = "official-quadratic"
@@ -50,14 +50,8 @@ def grid(name: str):
 def tab_state(T: int, C: int, seed: int) -> dict:
     """An official-layout state_dict with non-trivial parameters and statistics."""
     g = torch.Generator().manual_seed(seed)
-    state = {"p": (torch.rand(T, generator=g) + 0.5).view(T, 1, 1, 1, 1)}
-    for t in range(T):
-        state[f"bn_list.{t}.weight"] = torch.rand(C, generator=g) + 0.5
-        state[f"bn_list.{t}.bias"] = (torch.rand(C, generator=g) - 0.5) * 0.4
-        state[f"bn_list.{t}.running_mean"] = torch.randn(C, generator=g) * 0.5
-        state[f"bn_list.{t}.running_var"] = torch.rand(C, generator=g) * 1.5 + 0.5
-        state[f"bn_list.{t}.num_batches_tracked"] = torch.tensor(10)
-    return state
+    p = (torch.rand(T, generator=g) + 0.5).view(T, 1, 1, 1, 1)
+    return {"p": p, **per_step_state(T, C, g, bias=True)}
 
 
 def make_tab(provider: str, T: int, C: int, state: dict, device, dtype):

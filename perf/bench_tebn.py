@@ -80,15 +80,22 @@ def tebn_extras(m, mode):
 # -- BNTT ---------------------------------------------------------------------------------
 
 
-def bntt_state(T: int, C: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
+def per_step_state(T: int, C: int, g: torch.Generator, bias: bool) -> dict:
+    """``bn_list.{t}.*`` of T per-step BatchNorms (BNTT's and the official TAB's layout):
+    γ_t > 0, β_t (``bias``), running statistics; drawn from ``g``."""
     state = {}
     for t in range(T):
         state[f"bn_list.{t}.weight"] = torch.rand(C, generator=g) + 0.5
+        if bias:
+            state[f"bn_list.{t}.bias"] = (torch.rand(C, generator=g) - 0.5) * 0.4
         state[f"bn_list.{t}.running_mean"] = torch.randn(C, generator=g) * 0.5
         state[f"bn_list.{t}.running_var"] = torch.rand(C, generator=g) * 1.5 + 0.5
         state[f"bn_list.{t}.num_batches_tracked"] = torch.tensor(10)
     return state
+
+
+def bntt_state(T: int, C: int, seed: int) -> dict:
+    return per_step_state(T, C, torch.Generator().manual_seed(seed), bias=False)
 
 
 def make_bntt(provider: str, T: int, C: int, state: dict, device, dtype):
