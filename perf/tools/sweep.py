@@ -135,10 +135,10 @@ class Session(NamedTuple):
     """What every sweep's ``main`` sets up before its grid loop."""
 
     args: argparse.Namespace
-    env: "Env"
+    env: Env
     grid_name: str
-    rec: "Recorder"
-    budget: "TimingBudget"
+    rec: Recorder
+    budget: TimingBudget
 
 
 def start_session(doc: str, kernel: str, argv=None) -> Session:
@@ -163,8 +163,8 @@ def default_providers(session: Session, shape, dt: str) -> dict:
 
 
 def run_sweep(doc: str, kernel: str, grid: Callable[[str], Iterable[GridPoint]],
-          run_point: Callable[[Session, tuple, torch.dtype, dict], object], argv=None,
-          providers: Callable[[Session, tuple, str], dict] = default_providers) -> Session:
+              run_point: Callable[[Session, tuple, torch.dtype, dict], object], argv=None,
+              providers: Callable[[Session, tuple, str], dict] = default_providers) -> Session:
     """The ``main`` of a timing sweep: parse the command line (``doc``'s first line is the
     help), run ``run_point(session, shape, dtype, providers)`` at every point of
     ``grid(grid name)`` that ``--match`` selects, record the load at both ends and write
