@@ -30,7 +30,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf import harness as H  # noqa: E402
+from perf import tools  # noqa: E402
 
 KERNEL = "mpbn_lif"
 MODES = ("train_fwd", "train_fwdbwd", "eval_fwd", "folded_fwd")
@@ -93,7 +93,7 @@ def reference_state(C: int, seed: int) -> dict:
 
 def make_module(provider: str, C: int, state: dict, device, dtype) -> tuple[torch.nn.Module, callable]:
     """(module, reset function) for ``provider``, loaded with ``state``."""
-    if provider == H.SPIKINGJELLY:
+    if provider == tools.SPIKINGJELLY:
         from spikingjelly.activation_based import functional as sjf
         from spikingjelly.activation_based import neuron as sjn
 
@@ -103,7 +103,7 @@ def make_module(provider: str, C: int, state: dict, device, dtype) -> tuple[torc
         from snnorm import functional as snf
         from snnorm.neuron import MPBNLIFNode
 
-        backend = "triton" if provider == H.SNNORM_TRITON else "torch"
+        backend = "triton" if provider == tools.SNNORM_TRITON else "torch"
         m = MPBNLIFNode(tau=2.0, out_channels=C, step_mode="m", backend=backend)
         reset = snf.reset_net
     m.load_state_dict(state)
@@ -112,7 +112,7 @@ def make_module(provider: str, C: int, state: dict, device, dtype) -> tuple[torc
 
 def fold(module: torch.nn.Module, provider: str) -> None:
     module.eval()
-    if provider == H.SPIKINGJELLY:
+    if provider == tools.SPIKINGJELLY:
         module.re_parameterize_v_threshold(normalize_residual=True)
     else:
         module.re_parameterize_v_threshold()
@@ -128,70 +128,26 @@ def extras(module, mode):
     return out
 
 
-def run_point(rec, env, shape, dtype, providers, budget, seed=0):
-    T, N, C, Hh, W = shape
+def run_point(session, shape, dtype, providers, seed=0):
+    """Every mode at one grid point ([T, N, C, H, W] in ``dtype``)."""
+    C = shape[2]
     state = reference_state(C, seed)
-    H.seed_all(seed)
-    x = torch.randn(shape, device=env.device).to(dtype).requires_grad_()
-    g = torch.randn(shape, device=env.device).to(dtype)
-    x_eval = x.detach()
-    numel = x.numel()
-    copy_gbps = H.copy_bandwidth_gbps(env, numel, dtype, budget) if env.is_cuda else None
-    if H.SNNORM_COMPILE in providers and not isinstance(providers[H.SNNORM_COMPILE], str):
-        H.reset_compiler()
+    point = tools.start_point(session, shape, dtype, providers, seed=seed)
 
-    cache: dict = {}  # (provider, kind) -> (module, callable, reset): train modes share one compile
+    def make(provider, kind):
+        m, reset = make_module(provider, C, state, session.env.device, dtype)
+        if kind == "folded":
+            fold(m, provider)
+        else:
+            m.train(kind == "train")
+        return m, m, reset
 
-    def module_for(provider, kind):
-        key = (provider, kind)
-        if key not in cache:
-            base = H.SNNORM_TORCH if provider == H.SNNORM_COMPILE else provider
-            m, reset = make_module(base, C, state, env.device, dtype)
-            if kind == "train":
-                m.train()
-            elif kind == "eval":
-                m.eval()
-            else:
-                fold(m, base)
-            call = H.compile_module(m) if provider == H.SNNORM_COMPILE else m
-            cache[key] = (m, call, reset)
-        return cache[key]
-
-    for mode in MODES:
-        kind = "train" if mode.startswith("train") else mode.split("_")[0]
-        builders = {}
-        for provider, avail in providers.items():
-            if isinstance(avail, str):
-                builders[provider] = avail
-                continue
-
-            def build(provider=provider, kind=kind, mode=mode):
-                m, call, reset = module_for(provider, kind)
-                return H.ModuleRunner(
-                    m, call, x if kind == "train" else x_eval, g, mode, reset=reset,
-                    state=state if kind == "train" else None, extras=extras, out_key="spikes",
-                )
-
-            builders[provider] = build
-        H.bench_case(
-            rec, kernel=KERNEL, mode=mode, shape=H.shape_str(shape), dtype=dtype, builders=builders,
-            reference=H.SNNORM_TORCH, budget=budget, bytes_moved=bytes_per_element_step(mode, dtype) * numel,
-            copy_gbps=copy_gbps,
-        )
+    point.modes(KERNEL, MODES, tools.Modules(make), providers, bytes_per_element_step, state=state, extras=extras,
+                out_key="spikes")
 
 
 def main(argv=None) -> list[dict]:
-    args, env, name, rec, budget = H.start_session(__doc__, KERNEL, argv)
-    for cls, shape, dt in grid(name):
-        if not H.selected(args, f"{cls} {H.shape_str(shape)} {dt}"):
-            continue
-        rec.log(f" {cls} {H.shape_str(shape)} {dt}")
-        run_point(rec, env, shape, H.DTYPES[dt], H.providers_for(env, args, H.compile_here(name, shape, dt, args.compile_all)), budget)
-    H.record_load(rec, KERNEL, "end")
-    path = H.results_path(env, H.csv_name(args, KERNEL), args.out)
-    rec.write_csv(path)
-    rec.log(f"[{KERNEL}] {len(rec.rows)} rows -> {path}")
-    return rec.rows
+    return tools.run_sweep(__doc__, KERNEL, grid, run_point, argv).rec.rows
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf import harness as H  # noqa: E402
+from perf import tools  # noqa: E402
 from perf.bench_mpbn_lif import DTYPES, SIZES, T_SWEEP_AT, T_VALUES, grid  # noqa: E402,F401
 
 MODES = ("train_fwd", "train_fwdbwd", "eval_fwd")
@@ -57,7 +57,7 @@ def tebn_state(T: int, C: int, seed: int) -> dict:
 
 
 def make_tebn(provider: str, T: int, C: int, state: dict, device, dtype):
-    if provider == H.SPIKINGJELLY:
+    if provider == tools.SPIKINGJELLY:
         from spikingjelly.activation_based import layer as sjl
 
         m = sjl.TemporalEffectiveBatchNorm2d(T, C)
@@ -65,7 +65,7 @@ def make_tebn(provider: str, T: int, C: int, state: dict, device, dtype):
         from snnorm import layer
 
         m = layer.TemporalEffectiveBatchNorm2d(T, C)
-        m.backend = "triton" if provider == H.SNNORM_TRITON else "torch"
+        m.backend = "triton" if provider == tools.SNNORM_TRITON else "torch"
     m.load_state_dict(state)
     return m.to(device=device, dtype=dtype)
 
@@ -80,19 +80,26 @@ def tebn_extras(m, mode):
 # -- BNTT ---------------------------------------------------------------------------------
 
 
-def bntt_state(T: int, C: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
+def per_step_state(T: int, C: int, g: torch.Generator, bias: bool) -> dict:
+    """``bn_list.{t}.*`` of T per-step BatchNorms (BNTT's and the official TAB's layout):
+    γ_t > 0, β_t (``bias``), running statistics; drawn from ``g``."""
     state = {}
     for t in range(T):
         state[f"bn_list.{t}.weight"] = torch.rand(C, generator=g) + 0.5
+        if bias:
+            state[f"bn_list.{t}.bias"] = (torch.rand(C, generator=g) - 0.5) * 0.4
         state[f"bn_list.{t}.running_mean"] = torch.randn(C, generator=g) * 0.5
         state[f"bn_list.{t}.running_var"] = torch.rand(C, generator=g) * 1.5 + 0.5
         state[f"bn_list.{t}.num_batches_tracked"] = torch.tensor(10)
     return state
 
 
+def bntt_state(T: int, C: int, seed: int) -> dict:
+    return per_step_state(T, C, torch.Generator().manual_seed(seed), bias=False)
+
+
 def make_bntt(provider: str, T: int, C: int, state: dict, device, dtype):
-    if provider == H.SPIKINGJELLY:
+    if provider == tools.SPIKINGJELLY:
         from spikingjelly.activation_based import functional as sjf
         from spikingjelly.activation_based import layer as sjl
 
@@ -120,74 +127,29 @@ def bntt_extras(m, mode):
 # -- one grid point -------------------------------------------------------------------------
 
 
-def run_point(rec, env, shape, dtype, providers, budget, seed=0):
-    T, N, C, Hh, W = shape
-    H.seed_all(seed)
-    x = (torch.randn(shape, device=env.device) * 1.5 + 0.3).to(dtype).requires_grad_()
-    g = torch.randn(shape, device=env.device).to(dtype)
-    numel = x.numel()
-    copy_gbps = H.copy_bandwidth_gbps(env, numel, dtype, budget) if env.is_cuda else None
-    if not isinstance(providers.get(H.SNNORM_COMPILE), str):
-        H.reset_compiler()
+def run_point(session, shape, dtype, providers, seed=0):
+    """TEBN in every mode, and BNTT's reference rows (snnorm's module against spikingjelly's,
+    same byte model), at one grid point."""
+    T, C, device = shape[0], shape[2], session.env.device
+    point = tools.start_point(session, shape, dtype, providers, seed=seed, scale=1.5, shift=0.3)
     tstate, bstate = tebn_state(T, C, seed), bntt_state(T, C, seed)
-    cache = {}
 
-    def tebn_module(provider, train):
-        key = (provider, train)
-        if key not in cache:
-            base = H.SNNORM_TORCH if provider == H.SNNORM_COMPILE else provider
-            m = make_tebn(base, T, C, tstate, env.device, dtype).train(train)
-            cache[key] = (m, H.compile_module(m) if provider == H.SNNORM_COMPILE else m)
-        return cache[key]
+    def tebn(provider, kind):
+        m = make_tebn(provider, T, C, tstate, device, dtype).train(kind == "train")
+        return m, m, None
 
-    for mode in MODES:
-        train = mode.startswith("train")
-        xin = x if train else x.detach()
-        builders = {}
-        for provider, avail in providers.items():
-            if isinstance(avail, str):
-                builders[provider] = avail
-                continue
+    def bntt(provider, kind):
+        m, reset = make_bntt(provider, T, C, bstate, device, dtype)
+        return m.train(kind == "train"), m, reset
 
-            def build(provider=provider, train=train, mode=mode, xin=xin):
-                m, call = tebn_module(provider, train)
-                return H.ModuleRunner(m, call, xin, g, mode, state=tstate if train else None, extras=tebn_extras)
-
-            builders[provider] = build
-        bytes_moved = bytes_per_element_step(mode, dtype) * numel
-        H.bench_case(
-            rec, kernel="tebn", mode=mode, shape=H.shape_str(shape), dtype=dtype, builders=builders,
-            reference=H.SNNORM_TORCH, budget=budget, bytes_moved=bytes_moved, copy_gbps=copy_gbps,
-        )
-
-        # BNTT reference rows: snnorm's module against spikingjelly's, same byte model
-        builders = {}
-        for provider in (H.SNNORM_TORCH, H.SPIKINGJELLY):
-            def build(provider=provider, train=train, mode=mode, xin=xin):
-                m, reset = make_bntt(provider, T, C, bstate, env.device, dtype)
-                m.train(train)
-                return H.ModuleRunner(m, m, xin, g, mode, reset=reset, state=bstate if train else None,
-                                      extras=bntt_extras)
-
-            builders[provider] = build
-        H.bench_case(
-            rec, kernel="bntt", mode=mode, shape=H.shape_str(shape), dtype=dtype, builders=builders,
-            reference=H.SNNORM_TORCH, budget=budget, bytes_moved=bytes_moved, copy_gbps=copy_gbps,
-        )
+    point.modes("tebn", MODES, tools.Modules(tebn), providers, bytes_per_element_step, state=tstate,
+                extras=tebn_extras)
+    point.modes("bntt", MODES, tools.Modules(bntt), dict.fromkeys((tools.SNNORM_TORCH, tools.SPIKINGJELLY), True),
+                bytes_per_element_step, state=bstate, extras=bntt_extras)
 
 
 def main(argv=None) -> list[dict]:
-    args, env, name, rec, budget = H.start_session(__doc__, "tebn", argv)
-    for cls, shape, dt in grid(name):
-        if not H.selected(args, f"{cls} {H.shape_str(shape)} {dt}"):
-            continue
-        rec.log(f" {cls} {H.shape_str(shape)} {dt}")
-        run_point(rec, env, shape, H.DTYPES[dt], H.providers_for(env, args, H.compile_here(name, shape, dt, args.compile_all)), budget)
-    H.record_load(rec, "tebn", "end")
-    path = H.results_path(env, H.csv_name(args, "tebn"), args.out)
-    rec.write_csv(path)
-    rec.log(f"[tebn] {len(rec.rows)} rows -> {path}")
-    return rec.rows
+    return tools.run_sweep(__doc__, "tebn", grid, run_point, argv).rec.rows
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf import harness as H  # noqa: E402
+from perf import tools  # noqa: E402
 
 KERNEL = "train_step"
 CLASSES = 10
@@ -55,7 +55,7 @@ def compile_here(name: str, T: int, compile_all: bool) -> bool:
 def make_net(provider: str, T: int, widths) -> tuple[nn.Module, callable]:
     """(network, reset function) of ``provider``'s library."""
     w1, w2 = widths
-    if provider == H.SPIKINGJELLY:
+    if provider == tools.SPIKINGJELLY:
         from spikingjelly.activation_based import functional as fn
         from spikingjelly.activation_based import layer as L
         from spikingjelly.activation_based import neuron as Nn
@@ -75,12 +75,12 @@ def make_net(provider: str, T: int, widths) -> tuple[nn.Module, callable]:
         L.Flatten(step_mode=m),
         L.Linear(w2, CLASSES, step_mode=m),
     )
-    if provider == H.SNNORM_TRITON:
+    if provider == tools.SNNORM_TRITON:
         fn.set_backend(net, "triton")
     return net, fn.reset_net
 
 
-class StepRunner(H.Runner):
+class StepRunner(tools.Runner):
     def __init__(self, net, call, reset, state, x, labels):
         self.net, self.call, self.reset, self.state = net, call, reset, state
         self.x, self.labels = x, labels
@@ -113,53 +113,49 @@ class StepRunner(H.Runner):
         self.opt.step()
 
 
-def run_point(rec, env, T, N, HW, widths, dtype, providers, budget, seed=0):
-    H.seed_all(seed)
-    ref_net, _ = make_net(H.SNNORM_TORCH, T, widths)
+def grid(name: str):
+    """(widths label, [T, N, 3, H, W], dtype) points of a grid."""
+    spec = GRID[name]
+    for dt in spec["dtypes"]:
+        for T, N, HW in spec["points"]:
+            yield f"w{spec['widths'][0]}", (T, N, 3, HW, HW), dt
+
+
+def run_point(session, shape, dtype, providers, seed=0):
+    """One training step per provider, same weights and inputs."""
+    env, (T, N, _, HW, _) = session.env, shape
+    widths = GRID[session.grid_name]["widths"]
+    tools.seed_all(seed)
+    ref_net, _ = make_net(tools.SNNORM_TORCH, T, widths)
     state = {k: v.clone() for k, v in ref_net.state_dict().items()}
-    shape = (T, N, 3, HW, HW)
     x = torch.randn(shape, device=env.device).to(dtype)
     labels = torch.randint(0, CLASSES, (N,), device=env.device)
-    if not isinstance(providers.get(H.SNNORM_COMPILE), str):
-        H.reset_compiler()
-    builders = {}
-    for provider, avail in providers.items():
-        if isinstance(avail, str):
-            builders[provider] = avail
-            continue
+    if providers.get(tools.SNNORM_COMPILE, False) is True:
+        tools.reset_compiler()
 
-        def build(provider=provider):
-            base = H.SNNORM_TORCH if provider == H.SNNORM_COMPILE else provider
-            net, reset = make_net(base, T, widths)
-            net.load_state_dict(state)
-            net = net.to(device=env.device, dtype=dtype).train()
-            call = H.compile_module(net) if provider == H.SNNORM_COMPILE else net
-            return StepRunner(net, call, reset, state, x, labels)
+    def build(provider):
+        base = tools.SNNORM_TORCH if provider == tools.SNNORM_COMPILE else provider
+        net, reset = make_net(base, T, widths)
+        net.load_state_dict(state)
+        net = net.to(device=env.device, dtype=dtype).train()
+        call = tools.compile_module(net) if provider == tools.SNNORM_COMPILE else net
+        return StepRunner(net, call, reset, state, x, labels)
 
-        builders[provider] = build
-    H.bench_case(
-        rec, kernel=KERNEL, mode="train_step", shape=H.shape_str(shape), dtype=dtype, builders=builders,
-        reference=H.SNNORM_TORCH, budget=budget,
+    tools.bench_case(session.rec, kernel=KERNEL, mode="train_step", shape=tools.shape_str(shape), dtype=dtype,
+                     builders=tools.builders_for(providers, build), reference=tools.SNNORM_TORCH,
+                     budget=session.budget)
+
+
+def providers(session, shape, dt):
+    """The quick grid compiles T = 4 only."""
+    return tools.providers_for(
+        session.env, session.args, compile_here(session.grid_name, shape[0], session.args.compile_all),
+        "quick grid compiles T=4 only (about a minute per point on CPU); --full compiles every point",
     )
 
 
 def main(argv=None) -> list[dict]:
-    args, env, name, rec, budget = H.start_session(__doc__, KERNEL, argv)
-    spec = GRID[name]
-    for dt in spec["dtypes"]:
-        for T, N, HW in spec["points"]:
-            if not H.selected(args, f"w{spec['widths'][0]} {H.shape_str((T, N, 3, HW, HW))} {dt}"):
-                continue
-            rec.log(f" T={T} N={N} {HW}x{HW} widths {spec['widths']} {dt}")
-            run_point(rec, env, T, N, HW, spec["widths"], H.DTYPES[dt], H.providers_for(
-                env, args, compile_here(name, T, args.compile_all),
-                "quick grid compiles T=4 only (about a minute per point on CPU); --full compiles every point",
-            ), budget)
-    H.record_load(rec, KERNEL, "end")
-    path = H.results_path(env, H.csv_name(args, KERNEL), args.out)
-    rec.write_csv(path)
-    rec.log(f"[{KERNEL}] {len(rec.rows)} rows -> {path}")
-    return rec.rows
+    return tools.run_sweep(__doc__, KERNEL, grid, run_point, argv, providers=providers).rec.rows
 
 
 if __name__ == "__main__":

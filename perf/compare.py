@@ -15,7 +15,7 @@ runs once per library on the same input:
 
 Measured per block (bytes and launches per element-step use T·N·C·H·W elements):
 
-* ``fwd`` / ``bwd``: bytes every kernel loads and stores (:mod:`perf.traffic`'s interpreter
+* ``fwd`` / ``bwd``: bytes every kernel loads and stores (:func:`perf.tools.meter`, the interpreter
   meter) plus the bytes of every eager torch operation (its dispatch-mode meter: each
   input read and each output written once; views and allocations free); ``launches``:
   kernel launches plus torch operations (each is a launch on a GPU). Backward is
@@ -56,8 +56,8 @@ if not torch.cuda.is_available():  # before anything imports triton
 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from perf import harness as H  # noqa: E402
-from perf import traffic  # noqa: E402
+from perf import tools  # noqa: E402
+
 
 #: DESIGN.md §4's side-by-side shape: T=4, N=8, C=32, 16×16
 DEFAULT_SHAPE = (4, 8, 32, 16, 16)
@@ -207,14 +207,14 @@ def measure(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
     leaves = [x, *net.parameters()]
     kept = [*net.parameters(), *net.buffers()]
     _reset(net)
-    with traffic.meter() as fwd:
+    with tools.meter() as fwd:
         y = net(x)
     grad = torch.ones_like(y)
-    with traffic.meter() as bwd:  # grad(), not backward(): no accumulation into .grad counted
+    with tools.meter() as bwd:  # grad(), not backward(): no accumulation into .grad counted
         torch.autograd.grad(y, [t for t in leaves if t.requires_grad], grad, allow_unused=True)
     _reset(net)
     # distinct storages saved, x's included (a fused block must keep it), parameters' and buffers' not
-    saved = H.saved_tensor_bytes(lambda: net(x), exclude=kept)["new"]
+    saved = tools.saved_tensor_bytes(lambda: net(x), exclude=kept)["new"]
     _reset(net)
     return {
         "fwd_bytes": (fwd.bytes + fwd.torch_bytes) / elems,
@@ -258,7 +258,7 @@ def run(shape=DEFAULT_SHAPE, blocks=BLOCKS, log: Callable[[str], None] = print, 
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timing = device.type == "cuda" if timing is None else timing
-    if not timing and not traffic.interpreting():
+    if not timing and not tools.interpreting():
         raise RuntimeError(
             "perf.compare counts bytes with the Triton interpreter's meter: run it on a CPU "
             "(TRITON_INTERPRET=1 is set here when no CUDA device is visible), or time with --time"
@@ -270,7 +270,7 @@ def run(shape=DEFAULT_SHAPE, blocks=BLOCKS, log: Callable[[str], None] = print, 
         for library in LIBRARIES:
             torch.manual_seed(0)
             net, note = build(block, library, shape)
-            row = dict(block=block, library=library, shape=H.shape_str(shape), note=note)
+            row = dict(block=block, library=library, shape=tools.shape_str(shape), note=note)
             if net is None:
                 rows.append(dict(row, metric="absent", value=""))
                 continue
@@ -362,8 +362,8 @@ def main(argv=None) -> list[dict]:
     timing = args.time or torch.cuda.is_available()
     rows = run(tuple(args.shape), args.blocks, timing=timing)
     # bytes are device-independent (perf/results/); times belong to the device (perf/results/<device>/)
-    out = Path(args.out) if args.out else (H.results_path(H.environment(), "compare_time") if timing
-                                           else H.RESULTS_DIR / CSV_NAME)
+    out = Path(args.out) if args.out else (tools.results_path(tools.environment(), "compare_time") if timing
+                                           else tools.RESULTS_DIR / CSV_NAME)
     write_csv(rows, out)
     if not timing:
         print("\n".join(markdown(out)))

@@ -6,7 +6,7 @@ if carried as a wheel, see perf/README.md), from the working tree:
 1. the triton tests on CUDA (tests/devices.py picks the GPU) with the bounded hypothesis
    profile "gpu-quick", as a pytest subprocess with a 180 s timeout -> ``tests.log``;
 2. the core benchmark points against the torch backend, ``torch.compile`` of it,
-   spikingjelly (when importable) and a same-size device copy, through perf/harness.py:
+   spikingjelly (when importable) and a same-size device copy, through perf/tools/runner.py:
    MPBN-LIF train fwd(+bwd), eval, folded and TEBN train fwd(+bwd), eval (then TAB, against
    the official O(T²) algorithm, in the time left) at
    (T=4, N=64, C=128, 32×32), (T=4, N=128, C=256, 8×8), (T=8, N=32, C=64, 56×56), fp32 and
@@ -90,33 +90,34 @@ def run_benchmarks(out: Path, log: Log, dry: bool, deadline_s: float) -> list[di
     import torch
 
     from perf import bench_mpbn_lif, bench_tab, bench_tebn
-    from perf import harness as H
+    from perf import tools
 
-    env = H.environment("cpu" if dry else None)
-    rec = H.Recorder(env, verbose=False)
-    budget = H.TimingBudget(seconds=0.02, min_reps=2, max_reps=3, warmup=1, warmup_ms=5, rep_ms=10) if dry else H.TimingBudget()
+    env = tools.environment("cpu" if dry else None)
+    rec = tools.Recorder(env, verbose=False)
+    budget = tools.TimingBudget(seconds=0.02, min_reps=2, max_reps=3, warmup=1, warmup_ms=5, rep_ms=10) if dry else tools.TimingBudget()
     args = argparse.Namespace(no_compile=dry)  # dry: inductor on a CPU takes minutes
+    session = tools.Session(args, env, "gpu_check", rec, budget)
     shapes = DRY_SHAPES if dry else SHAPES
     dtypes = ("fp32",) if dry else DTYPES
     # the issue's core points first (MPBN-LIF, TEBN), then TAB, so TAB never takes their time
     groups = ((("mpbn_lif", bench_mpbn_lif), ("tebn", bench_tebn)), (("tab", bench_tab),))
     points = [(dt, shape, b) for group in groups for dt in dtypes for shape in shapes for b in group]
     for dt, shape, (name, bench) in points:
-        label = f"{name} {H.shape_str(shape)} {dt}"
+        label = f"{name} {tools.shape_str(shape)} {dt}"
         if log.elapsed() > deadline_s:
-            rec.add(name, "-", "-", H.shape_str(shape), dt, "skipped", None, "gpu_check time budget spent")
+            rec.add(name, "-", "-", tools.shape_str(shape), dt, "skipped", None, "gpu_check time budget spent")
             log(f"bench: {label}: skipped (time budget)")
             continue
         t = time.monotonic()
         # inductor takes 10-60 s per shape and mode: torch.compile at the first fp32 point only
         compile_point = not dry and dt == "fp32" and shape == shapes[0] and bench is not bench_tab
         # TAB: no spikingjelly; the official O(T²) algorithm instead
-        providers_for = bench_tab.providers if bench is bench_tab else H.providers_for
+        providers_for = bench_tab.providers if bench is bench_tab else tools.providers_for
         providers = providers_for(env, args, compile_point=compile_point, compile_note=COMPILE_NOTE)
         try:
-            bench.run_point(rec, env, shape, H.DTYPES[dt], providers, budget)
+            bench.run_point(session, shape, tools.DTYPES[dt], providers)
         except Exception as err:  # a failing point is a row, and the rest still runs
-            rec.add(name, "-", "-", H.shape_str(shape), dt, "error", None, f"{type(err).__name__}: {err}"[:300])
+            rec.add(name, "-", "-", tools.shape_str(shape), dt, "error", None, f"{type(err).__name__}: {err}"[:300])
         if env.is_cuda:
             torch.cuda.empty_cache()
         log(f"bench: {label}: {time.monotonic() - t:.1f}s")
@@ -143,7 +144,7 @@ def run_compile_check(out: Path, log: Log, timeout_s: int) -> str:
 def table(rows: list[dict]) -> str:
     """ms (median) per provider and the triton kernel's share of a same-size copy's bandwidth."""
     from perf import bench_tab
-    from perf import harness as H
+    from perf import tools
 
     cells: dict = {}
     copy: dict = {}
@@ -151,11 +152,11 @@ def table(rows: list[dict]) -> str:
         key = (r["kernel"], r["mode"], r["shape"], r["dtype"])
         if r["metric"] == "ms_median" and r["value"] not in ("", None):
             cells.setdefault(key, {})[r["provider"]] = float(r["value"])
-        elif r["metric"] == "frac_of_copy" and r["provider"] == H.SNNORM_TRITON and r["value"] not in ("", None):
+        elif r["metric"] == "frac_of_copy" and r["provider"] == tools.SNNORM_TRITON and r["value"] not in ("", None):
             copy[key] = float(r["value"])
         elif r["metric"] == "error":
             cells.setdefault(key, {})[r["provider"] + "!"] = r["note"]
-    provs = [H.SNNORM_TRITON, H.SNNORM_TORCH, H.SNNORM_COMPILE, H.SPIKINGJELLY, bench_tab.QUADRATIC]
+    provs = [tools.SNNORM_TRITON, tools.SNNORM_TORCH, tools.SNNORM_COMPILE, tools.SPIKINGJELLY, bench_tab.QUADRATIC]
     head = f"{'kernel':9} {'mode':13} {'shape':16} {'dt':5} " + " ".join(f"{p[-12:]:>12}" for p in provs) + "  copy-frac"
     lines = [head, "-" * len(head)]
     for key in sorted(cells):

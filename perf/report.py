@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -17,21 +16,22 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf import harness as H  # noqa: E402
-from perf import compare, sync_volume, traffic  # noqa: E402
+from perf import tools  # noqa: E402
+from perf import compare, sync_volume  # noqa: E402
 from perf.bench_tab import QUADRATIC  # noqa: E402
+from perf.tools import traffic  # noqa: E402
 
 KERNEL_TITLES = {
     "mpbn_lif": "MPBN-LIF",
     "tebn": "TEBN",
     "bntt": "BNTT (reference row: a different op, snnorm vs spikingjelly)",
     "train_step": "Training step (conv SNN, TEBN + MPBN-LIF)",
-    "tab": "TAB (against the official code's O(T²) algorithm, perf/tab_baseline.py)",
+    "tab": "TAB (against the official code's O(T²) algorithm, perf/tools/tab_baseline.py)",
 }
-PROVIDERS = (H.SNNORM_TORCH, H.SNNORM_COMPILE, H.SNNORM_TRITON, H.SPIKINGJELLY)
+PROVIDERS = (tools.SNNORM_TORCH, tools.SNNORM_COMPILE, tools.SNNORM_TRITON, tools.SPIKINGJELLY)
 TIMED_PROVIDERS = PROVIDERS + (QUADRATIC,)  # the kernel tables' columns, when present
-SNNORM_FAST = (H.SNNORM_TORCH, H.SNNORM_TRITON)
-LINESTYLES = {H.SNNORM_TORCH: "-", H.SNNORM_COMPILE: "--", H.SNNORM_TRITON: "-.", H.SPIKINGJELLY: ":"}
+SNNORM_FAST = (tools.SNNORM_TORCH, tools.SNNORM_TRITON)
+LINESTYLES = {tools.SNNORM_TORCH: "-", tools.SNNORM_COMPILE: "--", tools.SNNORM_TRITON: "-.", tools.SPIKINGJELLY: ":"}
 
 
 def _dims(shape: str) -> list[int]:
@@ -81,7 +81,7 @@ def load(results_dir: Path) -> dict[str, list[dict]]:
     for d in sorted(p for p in results_dir.iterdir() if p.is_dir() and p.name != "compile"):  # compile/: not a device
         rows = []
         for f in sorted(d.glob("*.csv")):
-            for r in H.read_csv(f):
+            for r in tools.read_csv(f):
                 r["source"] = f.stem.split(".")[0]  # <kernel>.<match>.csv from split runs
                 rows.append(r)
         if rows:
@@ -114,7 +114,7 @@ def plots(slug: str, table: Table, out_dir: Path) -> list[str]:
                 dims = _dims(k[2])
                 if not dims:
                     continue
-                for prov in (H.SNNORM_TORCH, H.SNNORM_TRITON, H.SNNORM_COMPILE):
+                for prov in (tools.SNNORM_TORCH, tools.SNNORM_TRITON, tools.SNNORM_COMPILE):
                     s = table.get(k, prov, "speedup_vs_spikingjelly")
                     if s is None or math.isnan(s):
                         continue
@@ -191,9 +191,9 @@ def kernel_section(table: Table, kernel: str) -> list[str]:
     for mode, ks in by_mode.items():
         head = ["shape [T,N,C,H,W]", "dtype"] + [f"{p} ms (IQR)" for p in present]
         speed_cols = [(p, "speedup_vs_spikingjelly", f"{p.replace('snnorm-', '')} vs sj")
-                      for p in present if p != H.SPIKINGJELLY and H.SPIKINGJELLY in present]
+                      for p in present if p != tools.SPIKINGJELLY and tools.SPIKINGJELLY in present]
         speed_cols += [(p, "speedup_vs_compile", f"{p.replace('snnorm-', '')} vs compile")
-                       for p in SNNORM_FAST if p in present and H.SNNORM_COMPILE in present]
+                       for p in SNNORM_FAST if p in present and tools.SNNORM_COMPILE in present]
         speed_cols += [(p, "speedup_vs_quadratic", f"{p.replace('snnorm-', '')} vs O(T²)")
                        for p in present if p.startswith("snnorm-") and QUADRATIC in present]
         head += [c[2] for c in speed_cols]
@@ -230,7 +230,7 @@ def kernel_section(table: Table, kernel: str) -> list[str]:
 
 
 def saved_section(table: Table) -> list[str]:
-    keys = [k for k in table.idx if table.get(k, H.SNNORM_TORCH, "saved_new_per_elem") is not None]
+    keys = [k for k in table.idx if table.get(k, tools.SNNORM_TORCH, "saved_new_per_elem") is not None]
     if not keys:
         return []
     keys.sort(key=lambda k: (k[0], k[3], _numel(k[2])))
@@ -262,7 +262,7 @@ def goals_section(table: Table, is_cuda: bool) -> list[str]:
     lines = ["### Goals", "", "| goal | status |", "|---|---|"]
     # CPU goal: the torch backend no slower than spikingjelly at the same shapes
     for kernel in ("mpbn_lif", "tebn", "train_step"):
-        sp = [(k, table.get(k, H.SNNORM_TORCH, "speedup_vs_spikingjelly")) for k in table.keys(kernel)]
+        sp = [(k, table.get(k, tools.SNNORM_TORCH, "speedup_vs_spikingjelly")) for k in table.keys(kernel)]
         sp = [(k, s) for k, s in sp if s is not None]
         if not sp:
             continue
@@ -282,7 +282,7 @@ def goals_section(table: Table, is_cuda: bool) -> list[str]:
         ("mpbn_lif", "folded_fwd", "frac_of_copy", 0.8, "MPBN-LIF folded at ≥ 80% of copy bandwidth"),
     ]
     for kernel, mode, metric, target, text in gpu_goals:
-        vals = [(k, table.get(k, H.SNNORM_TRITON, metric)) for k in table.keys(kernel) if k[1] == mode]
+        vals = [(k, table.get(k, tools.SNNORM_TRITON, metric)) for k in table.keys(kernel) if k[1] == mode]
         vals = [(k, v) for k, v in vals if v is not None]
         if not is_cuda:
             status = "not measured: no GPU for this device's run (CPU results)"
@@ -354,8 +354,8 @@ def device_section(slug: str, rows, results_dir: Path, rel_root: Path) -> list[s
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--results", default=str(H.RESULTS_DIR))
-    p.add_argument("--out", default=str(H.PERF_DIR / "RESULTS.md"))
+    p.add_argument("--results", default=str(tools.RESULTS_DIR))
+    p.add_argument("--out", default=str(tools.PERF_DIR / "RESULTS.md"))
     args = p.parse_args(argv)
     results_dir, out = Path(args.results), Path(args.out)
     data = load(results_dir)
@@ -383,7 +383,7 @@ def main(argv=None) -> Path:
 
 def compile_section(folder: Path) -> list[str]:
     """The ahead-of-time compile check's summary (perf/compile_check.py), one table per CSV."""
-    from perf import compile_check
+    from perf.tools import compile_check
 
     files = sorted(folder.glob("compile_*.csv")) if folder.is_dir() else []
     if not files:

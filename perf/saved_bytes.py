@@ -1,7 +1,7 @@
 """Bytes saved for backward by MPBN-LIF (training) and TEBN (training), per provider.
 
 Measured with ``torch.autograd.graph.saved_tensors_hooks`` around one training forward
-(see :func:`perf.harness.saved_tensor_bytes`): ``saved_total`` sums every saved tensor,
+(see :func:`perf.tools.saved_tensor_bytes`): ``saved_total`` sums every saved tensor,
 ``saved_unique`` counts distinct storages, ``saved_new`` leaves out the storages of the
 input and the parameters (which the caller keeps anyway): the memory that backward keeps
 alive because of this layer. ``saved_new_per_elem`` divides it by T·N·C·H·W.
@@ -29,7 +29,7 @@ if not torch.cuda.is_available():  # before anything imports triton
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf import harness as H  # noqa: E402
+from perf import tools  # noqa: E402
 from perf.bench_mpbn_lif import make_module as make_mpbn  # noqa: E402
 from perf.bench_mpbn_lif import reference_state as mpbn_state  # noqa: E402
 from perf.bench_tebn import make_tebn, tebn_state  # noqa: E402
@@ -46,19 +46,19 @@ DTYPES = {"smoke": ("fp32",), "quick": ("fp32", "bf16"), "full": ("fp32", "bf16"
 
 def _build(kernel, provider, shape, dtype, device):
     T, N, C, Hh, W = shape
-    base = H.SNNORM_TORCH if provider == H.SNNORM_COMPILE else provider
+    base = tools.SNNORM_TORCH if provider == tools.SNNORM_COMPILE else provider
     if kernel == "mpbn_lif":
         m, reset = make_mpbn(base, C, mpbn_state(C, 0), device, dtype)
     else:
         m, reset = make_tebn(base, T, C, tebn_state(T, C, 0), device, dtype), None
     m.train()
-    call = H.compile_module(m) if provider == H.SNNORM_COMPILE else m
+    call = tools.compile_module(m) if provider == tools.SNNORM_COMPILE else m
     return m, call, reset
 
 
 def measure(rec, env, kernel, provider, shape, dtype):
-    dt = H.dtype_name(dtype)
-    add = lambda metric, value, note="": rec.add(kernel, provider, "train_fwd", H.shape_str(shape), dt, metric, value, note)  # noqa: E731
+    dt = tools.dtype_name(dtype)
+    add = lambda metric, value, note="": rec.add(kernel, provider, "train_fwd", tools.shape_str(shape), dt, metric, value, note)  # noqa: E731
     try:
         m, call, reset = _build(kernel, provider, shape, dtype, env.device)
         x = torch.randn(shape, device=env.device).to(dtype).requires_grad_()
@@ -68,18 +68,18 @@ def measure(rec, env, kernel, provider, shape, dtype):
                 reset(m)
             return call(x)
 
-        if provider == H.SNNORM_COMPILE:
-            H.reset_compiler()
+        if provider == tools.SNNORM_COMPILE:
+            tools.reset_compiler()
             fwd().sum().backward()  # compile outside the hooks
-        res = H.saved_tensor_bytes(fwd, exclude=[x, *m.parameters(), *m.buffers()])
+        res = tools.saved_tensor_bytes(fwd, exclude=[x, *m.parameters(), *m.buffers()])
     except Exception as err:
-        add("error", None, f"saved-bytes measurement failed: {H._short(err)}")
-        rec.log(f"  {kernel} {provider} {H.shape_str(shape)} {dt}: ERROR {H._short(err)}")
+        add("error", None, f"saved-bytes measurement failed: {tools.short_error(err)}")
+        rec.log(f"  {kernel} {provider} {tools.shape_str(shape)} {dt}: ERROR {tools.short_error(err)}")
         return
     numel = x.numel()
     note = "Triton interpreter on CPU (bytes do not depend on the device)" if (
-        provider == H.SNNORM_TRITON and not env.is_cuda) else ""
-    if provider == H.SNNORM_COMPILE and res["count"] == 0:
+        provider == tools.SNNORM_TRITON and not env.is_cuda) else ""
+    if provider == tools.SNNORM_COMPILE and res["count"] == 0:
         note = "compiled graph: the hooks saw no saved tensor (AOTAutograd saves inside the graph)"
     add("saved_total_bytes", res["total"], note)
     add("saved_unique_bytes", res["unique"], note)
@@ -87,48 +87,39 @@ def measure(rec, env, kernel, provider, shape, dtype):
     add("saved_count", res["count"], note)
     add("saved_new_per_elem", res["new"] / numel, note)
     add("input_bytes", numel * x.element_size())
-    rec.log(f"  {kernel} {provider} {H.shape_str(shape)} {dt}: new {res['new'] / numel:.2f} B/elem-step, "
+    rec.log(f"  {kernel} {provider} {tools.shape_str(shape)} {dt}: new {res['new'] / numel:.2f} B/elem-step, "
             f"total {res['total'] / numel:.2f}, {int(res['count'])} tensors {note}")
 
 
-def providers(env, args) -> dict:
-    out = {H.SNNORM_TORCH: True, H.SPIKINGJELLY: True}
-    if not args.no_compile:
-        out[H.SNNORM_COMPILE] = True
-    from snnorm.backends import BackendUnavailableError, get_ops
-
-    try:
-        get_ops("triton")
-        out[H.SNNORM_TRITON] = True
-    except (BackendUnavailableError, ImportError) as err:
-        out[H.SNNORM_TRITON] = f"triton backend unavailable: {H._short(err)}"
+def providers(session, shape, dt) -> dict:
+    """Every provider, the triton one also on a CPU (under the interpreter); the quick grid
+    compiles at one point only (one compiled measurement answers whether the hooks see it)."""
+    out = {tools.SNNORM_TORCH: True, tools.SPIKINGJELLY: True}
+    grid = SHAPES[session.grid_name]
+    if not session.args.no_compile and (session.grid_name != "quick" or (shape == grid[1] and dt == "fp32")):
+        out[tools.SNNORM_COMPILE] = True
+    out[tools.SNNORM_TRITON] = tools.triton_unavailable() or True
     return out
 
 
-def main(argv=None) -> list[dict]:
-    args = H.common_argparser(__doc__.splitlines()[0]).parse_args(argv)
-    H.apply_threads(args)
-    env = H.environment(args.device)
-    name = H.grid_name(args)
-    rec = H.Recorder(env, verbose=not args.quiet)
-    rec.log(f"[{NAME}] {env.device_name}, grid {name}")
-    provs = providers(env, args)
+def grid(name: str):
     for dt in DTYPES[name]:
         for shape in SHAPES[name]:
-            if not H.selected(args, f"- {H.shape_str(shape)} {dt}"):
-                continue
-            for kernel in ("mpbn_lif", "tebn"):
-                for provider, avail in provs.items():
-                    if isinstance(avail, str):
-                        rec.add(kernel, provider, "train_fwd", H.shape_str(shape), dt, "skipped", None, avail)
-                        continue
-                    if provider == H.SNNORM_COMPILE and name == "quick" and (shape != SHAPES[name][1] or dt != "fp32"):
-                        continue  # one compiled measurement is enough on CPU (it answers whether hooks see it)
-                    measure(rec, env, kernel, provider, shape, H.DTYPES[dt])
-    path = H.results_path(env, H.csv_name(args, NAME), args.out)
-    rec.write_csv(path)
-    rec.log(f"[{NAME}] {len(rec.rows)} rows -> {path}")
-    return rec.rows
+            yield "-", shape, dt
+
+
+def run_point(session, shape, dtype, providers):
+    for kernel in ("mpbn_lif", "tebn"):
+        for provider, avail in providers.items():
+            if isinstance(avail, str):
+                session.rec.add(kernel, provider, "train_fwd", tools.shape_str(shape), tools.dtype_name(dtype),
+                                "skipped", None, avail)
+            else:
+                measure(session.rec, session.env, kernel, provider, shape, dtype)
+
+
+def main(argv=None) -> list[dict]:
+    return tools.run_sweep(__doc__, NAME, grid, run_point, argv, providers=providers).rec.rows
 
 
 if __name__ == "__main__":

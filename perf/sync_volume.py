@@ -31,7 +31,7 @@ if not torch.cuda.is_available():  # before anything imports triton
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf import harness as H  # noqa: E402
+from perf import tools  # noqa: E402
 
 NAME = "sync_volume"
 #: per-rank [T, N, C, H, W]: the second shape has 4× the elements per (t, c) of the first
@@ -95,7 +95,7 @@ def section(results_dir: Path) -> list[str]:
     if not path.exists():
         return []
     cells: dict = {}
-    for row in H.read_csv(path):
+    for row in tools.read_csv(path):
         cells.setdefault((row["provider"], row["kernel"]), {}).setdefault(row["metric"], {})[row["shape"]] = row["value"]
     shapes = sorted({shape for metrics in cells.values() for shape in metrics["bytes"]})
     lines = [
@@ -133,9 +133,9 @@ def main(argv=None) -> list[dict]:
         backends.append("triton")
     except ImportError:
         pass
-    env = H.environment("cpu")
-    rec = H.Recorder(env)
-    ranks = H.run_ranks(_worker, grid, backends)
+    env = tools.environment("cpu")
+    rec = tools.Recorder(env)
+    ranks = tools.run_ranks(_worker, grid, backends)
     if ranks[0] != ranks[1]:  # N differs between the ranks; the collectives must not
         raise RuntimeError("the two ranks issued different collectives")
     rec.log(f"[{NAME}] 2 gloo ranks (N and N+1 samples), {env.device_name}; bytes per layer per training step")
@@ -146,14 +146,14 @@ def main(argv=None) -> list[dict]:
         gathers = [b for k, b in log if k == "all_gather"]
         reduces = [b for k, b in log if k in ("all_reduce", "reduce_scatter")]
         total = sum(gathers) + sum(reduces)
-        shape_s = H.shape_str(shape)
+        shape_s = tools.shape_str(shape)
         for metric, value in (("all_gathers", len(gathers)), ("all_gather_bytes", sum(gathers)),
                               ("backward_reduces", len(reduces)), ("backward_reduce_bytes", sum(reduces)),
                               ("bytes", total), ("bytes_per_TC", total / (T * C))):
             rec.add(kind, provider, "train_step", shape_s, "fp32", metric, value,
                     "per rank per step; counted, not timed")
         rec.log(f"{backend:8} {shape_s:14} {kind:16} {len(gathers):7d} {len(reduces):7d} {total:7d} {total / (T * C):8.1f}")
-    path = (args.out or H.RESULTS_DIR) / f"{NAME}{'.smoke' if args.smoke else ''}.csv"
+    path = (args.out or tools.RESULTS_DIR) / f"{NAME}{'.smoke' if args.smoke else ''}.csv"
     rec.write_csv(path)
     rec.log(f"[{NAME}] {len(rec.rows)} rows -> {path}")
     return rec.rows

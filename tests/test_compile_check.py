@@ -1,5 +1,5 @@
-"""The ahead-of-time compile check (perf/compile_check.py): every configuration the launchers
-choose compiles for sm_90 and sm_80 without register spills (``ptxas -v``), and the
+"""The ahead-of-time compile check (perf/tools/compile_check.py, ``python -m perf.compile_check``):
+every configuration the launchers choose compiles for sm_90 and sm_80 without register spills (``ptxas -v``), and the
 capture reaches every kernel.
 
 The check runs in a subprocess: triton picks the interpreter at import time, and the
@@ -45,7 +45,7 @@ def _run_check(tmp_path: Path, extra_path: str | None = None, *args: str) -> tup
 def _assert_no_spills(rows: list[dict]) -> None:
     """Issue 9: no configuration a launcher chooses spills registers to local memory."""
     sys.path.insert(0, str(ROOT))
-    from perf.compile_check import spilling
+    from perf.tools import spilling
 
     spills = [f"{r['kernel']} {r['target']} num_warps={r['num_warps']} {r['spill_stores']}/{r['spill_loads']} B: {r['config']}"
               for r in spilling(rows)]
@@ -91,7 +91,7 @@ def test_every_launched_configuration_compiles_for_sm90_and_sm80_without_spills(
 
 def test_spilling_reports_spilled_configurations():
     sys.path.insert(0, str(ROOT))
-    from perf.compile_check import spilling, summary
+    from perf.tools import spilling, summary
 
     rows = [
         dict(kernel="m:k", target="sm_90", config="a", status="ok", registers="40", spill_stores="0", spill_loads="0", shared_bytes="0"),

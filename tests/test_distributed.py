@@ -28,7 +28,7 @@ from tolerances import (
 )
 
 import snnorm
-from perf.harness import free_port, run_ranks
+from perf.tools import free_port, run_ranks
 from snnorm import functional, layer, neuron
 from snnorm.distributed import convert_sync_batchnorm, is_synchronized, revert_sync_batchnorm
 
@@ -150,7 +150,7 @@ def _prepare(net: nn.Module, backend: str) -> nn.Module:
 def _train(net: nn.Module, module: nn.Module, lo: int, hi: int, dtype, meter_first: bool = False) -> dict:
     """STEPS SGD steps of ``module`` (``net`` itself or its DDP wrapper) on rows lo..hi of
     each batch, then one eval call; per step the output, gradients and state."""
-    from perf.traffic import meter as traffic_meter
+    from perf.tools import meter as traffic_meter
     from snnorm.backends.sync import count_collectives
 
     opt = torch.optim.SGD(module.parameters(), lr=LR)

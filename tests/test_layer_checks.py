@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from snnorm import functional, layer
 
-from module_zoo import assert_unchanged, snapshot
+from helpers import assert_unchanged, rejects, snapshot  # noqa: F401
 
 T, N, C = 4, 3, 5
 
@@ -23,17 +23,6 @@ def _sj_layer():
     return pytest.importorskip(
         "spikingjelly.activation_based.layer", reason="spikingjelly 2.0.0 shows the peer defect being fixed"
     )
-
-
-def rejects(module, x, exc, *patterns):
-    """``module(x)`` raises ``exc`` whose message contains every pattern; nothing changes."""
-    before = snapshot(module)
-    with pytest.raises(exc) as info:
-        module(x)
-    for pattern in patterns:
-        assert pattern in str(info.value), f"{pattern!r} not in message: {info.value}"
-    assert_unchanged(module, before)
-    return str(info.value)
 
 
 def trained(module, x):

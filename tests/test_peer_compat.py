@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from snnorm import base, functional, layer, memopt, neuron
 
-from module_zoo import NORM_CASES, assert_unchanged, snapshot, with_backends
+from helpers import NORM_CASES, assert_unchanged, snapshot, with_backends
 from tolerances import REORDERED_FP64, TEBN_MODULE_REL
 
 sj_layer = pytest.importorskip("spikingjelly.activation_based.layer", reason="spikingjelly 2.0.0 is the oracle")

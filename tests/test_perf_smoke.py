@@ -1,7 +1,7 @@
 """Smoke tests of the perf sweeps: each script's main on a tiny grid, in-process.
 
 They check that rows come out in the long format, that every provider that ran agreed
-with the reference (snnorm-torch) before being timed, that the harness turns a failing
+with the reference (snnorm-torch) before being timed, that the shared runner (perf.tools.runner) turns a failing
 or disagreeing provider into an error row instead of timing it, and that the report
 renders. No timing is asserted (CI machines are shared and slow).
 """
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from perf import bench_mpbn_lif, bench_tebn, bench_train_step, harness, report, saved_bytes
+from perf import bench_mpbn_lif, bench_tebn, bench_train_step, report, saved_bytes, tools
 
 SMOKE = ["--smoke", "--no-compile", "--quiet", "--threads", "0"]
 
@@ -21,7 +21,7 @@ SMOKE = ["--smoke", "--no-compile", "--quiet", "--threads", "0"]
 def _check_rows(rows, kernels, modes):
     assert rows, "no rows produced"
     for row in rows:
-        assert tuple(row) == harness.COLUMNS
+        assert tuple(row) == tools.COLUMNS
     errors = [r for r in rows if r["metric"] == "error"]
     assert not errors, errors
     agree = [r for r in rows if r["metric"] == "agree"]
@@ -29,12 +29,12 @@ def _check_rows(rows, kernels, modes):
     for kernel in kernels:
         for mode in modes:
             timed = {r["provider"] for r in rows if r["kernel"] == kernel and r["mode"] == mode and r["metric"] == "ms_median"}
-            assert {harness.SNNORM_TORCH, harness.SPIKINGJELLY} <= timed, (kernel, mode, timed)
+            assert {tools.SNNORM_TORCH, tools.SPIKINGJELLY} <= timed, (kernel, mode, timed)
             for r in rows:
                 if r["kernel"] == kernel and r["mode"] == mode and r["metric"] == "ms_median":
                     assert r["value"] > 0 and math.isfinite(r["value"])
     # the spikingjelly agreement is checked on the tensors that matter, not just the output
-    assert any(r["provider"] == harness.SPIKINGJELLY for r in agree)
+    assert any(r["provider"] == tools.SPIKINGJELLY for r in agree)
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +66,14 @@ def test_train_step_smoke(out_dir):
 
 def test_saved_bytes_smoke(out_dir):
     rows = saved_bytes.main(SMOKE + ["--out", str(out_dir)])
-    assert all(tuple(r) == harness.COLUMNS for r in rows)
+    assert all(tuple(r) == tools.COLUMNS for r in rows)
     new = {(r["kernel"], r["provider"]): r["value"] for r in rows if r["metric"] == "saved_new_bytes"}
     inp = {r["kernel"]: r["value"] for r in rows if r["metric"] == "input_bytes"}
     for kernel in ("mpbn_lif", "tebn"):
         # the reference MPBN-LIF keeps several [T, N, C, H, W] tensors for backward
-        assert new[(kernel, harness.SNNORM_TORCH)] > 0
-        assert new[(kernel, harness.SPIKINGJELLY)] > 0
-    assert new[("mpbn_lif", harness.SNNORM_TORCH)] >= inp["mpbn_lif"]
+        assert new[(kernel, tools.SNNORM_TORCH)] > 0
+        assert new[(kernel, tools.SPIKINGJELLY)] > 0
+    assert new[("mpbn_lif", tools.SNNORM_TORCH)] >= inp["mpbn_lif"]
 
 
 def test_report_renders(out_dir):
@@ -85,7 +85,7 @@ def test_report_renders(out_dir):
     assert list(out_dir.glob("*.png"))
 
 
-class _Fixed(harness.Runner):
+class _Fixed(tools.Runner):
     def __init__(self, value, calls):
         self.value, self.calls = value, calls
 
@@ -96,43 +96,43 @@ class _Fixed(harness.Runner):
         self.calls.append(1)
 
 
-def test_harness_error_rows_and_no_timing_for_disagreeing_provider():
-    env = harness.environment("cpu")
-    rec = harness.Recorder(env, verbose=False)
+def test_runner_error_rows_and_no_timing_for_disagreeing_provider():
+    env = tools.environment("cpu")
+    rec = tools.Recorder(env, verbose=False)
     calls_ref, calls_bad = [], []
 
     def boom():
         raise RuntimeError("compile exploded")
 
-    timings = harness.bench_case(
+    timings = tools.bench_case(
         rec, kernel="k", mode="m", shape="1x1x1x1x1", dtype=torch.float32,
         builders={
-            harness.SNNORM_TORCH: lambda: _Fixed(1.0, calls_ref),
-            harness.SPIKINGJELLY: lambda: _Fixed(1.5, calls_bad),  # disagrees
-            harness.SNNORM_COMPILE: boom,  # fails to build
-            harness.SNNORM_TRITON: "no CUDA",
+            tools.SNNORM_TORCH: lambda: _Fixed(1.0, calls_ref),
+            tools.SPIKINGJELLY: lambda: _Fixed(1.5, calls_bad),  # disagrees
+            tools.SNNORM_COMPILE: boom,  # fails to build
+            tools.SNNORM_TRITON: "no CUDA",
         },
-        reference=harness.SNNORM_TORCH,
-        budget=harness.TimingBudget(seconds=0.0, min_reps=2, max_reps=2, warmup=1),
+        reference=tools.SNNORM_TORCH,
+        budget=tools.TimingBudget(seconds=0.0, min_reps=2, max_reps=2, warmup=1),
     )
-    assert set(timings) == {harness.SNNORM_TORCH}
+    assert set(timings) == {tools.SNNORM_TORCH}
     assert calls_ref and not calls_bad
     by = {(r["provider"], r["metric"]): r for r in rec.rows}
-    assert by[(harness.SPIKINGJELLY, "agree")]["value"] == 0.0
-    assert "disagrees" in by[(harness.SPIKINGJELLY, "error")]["note"]
-    assert "compile exploded" in by[(harness.SNNORM_COMPILE, "error")]["note"]
-    assert by[(harness.SNNORM_TRITON, "skipped")]["note"] == "no CUDA"
+    assert by[(tools.SPIKINGJELLY, "agree")]["value"] == 0.0
+    assert "disagrees" in by[(tools.SPIKINGJELLY, "error")]["note"]
+    assert "compile exploded" in by[(tools.SNNORM_COMPILE, "error")]["note"]
+    assert by[(tools.SNNORM_TRITON, "skipped")]["note"] == "no CUDA"
 
 
 def test_compare_counts_flipped_spikes():
-    tol = harness.TOLERANCES[torch.float32]
+    tol = tools.TOLERANCES[torch.float32]
     ref = {"spikes": torch.zeros(1000)}
     few = torch.zeros(1000)
     few[0] = 1.0  # 1e-3 flipped: within 2e-3
     many = torch.zeros(1000)
     many[:10] = 1.0
-    assert harness.compare(ref, {"spikes": few}, tol)[0]
-    assert not harness.compare(ref, {"spikes": many}, tol)[0]
+    assert tools.compare(ref, {"spikes": few}, tol)[0]
+    assert not tools.compare(ref, {"spikes": many}, tol)[0]
 
 
 def test_match_selects_points_and_names_the_csv(tmp_path):

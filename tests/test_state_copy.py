@@ -24,7 +24,7 @@ from tolerances import EXACT, FOLDED_INPUT_MARGIN_FP32, FOLDED_THRESHOLD_FP32
 from snnorm import functional, layer, memopt, neuron
 from snnorm.backends.torch_backend import folded_threshold
 
-from module_zoo import NORM_CASES, C, H, N, T, W, with_backends
+from helpers import NORM_CASES, C, H, N, T, W, with_backends
 
 
 def _call_or_error(module, x):

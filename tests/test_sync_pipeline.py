@@ -9,7 +9,7 @@ between the backward's reduce and coefficient kernels. Here, in one process:
   the TAB continuation, the fused norm → LIF op): the triton backend with ``sync`` must equal
   the torch backend with ``sync`` (the reference, run in float64 on the same rounded inputs)
   and the unsynchronised triton result; exactly one collective per stage, of O(T·C) bytes
-  (the same for two batch sizes), and the kernels really ran (perf.traffic's meter);
+  (the same for two batch sizes), and the kernels really ran (perf.tools.meter);
 * the launchers with hand-made collectives simulate two ranks of uneven (or empty)
   batches: the synchronised statistics, running statistics and ∂x equal the local
   pipeline's on the concatenated batch, while ∂γ, ∂β, ∂p stay the rank's own.
@@ -17,6 +17,7 @@ between the backward's reduce and coefficient kernels. Here, in one process:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -25,6 +26,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 import torch
 from devices import DEVICE
+from helpers import norm_case
 from tolerances import (
     BN_PIPELINE_LOWP_ATOL,
     BN_PIPELINE_RTOL,
@@ -38,7 +40,7 @@ from tolerances import (
 pytest.importorskip("triton")
 import torch.distributed as dist  # noqa: E402
 
-from perf import traffic  # noqa: E402
+from perf.tools import meter  # noqa: E402
 from snnorm.backends import torch_backend  # noqa: E402
 from snnorm.backends import triton_backend  # noqa: E402
 from snnorm.backends.sync import count_collectives  # noqa: E402
@@ -70,20 +72,10 @@ def REDUCE_BYTES(T: int, C: int) -> int:
 # ------------------------------------------------------------------------- cases
 
 
-def make_case(rule: str, dtype, N: int = 3, seed: int = 0, T: int = 3, C: int = 5, spatial=(4,)):
-    """Inputs of one training call: x [T, N, C, *spatial] (mean away from 0), ∂L/∂y, γ, β
-    (None for BNTT), p (TEBN, TAB), running statistics, one momentum per statistics row."""
-    g = torch.Generator().manual_seed(seed)
-    rows = (T, C) if rule in ("bntt", "tab") else (C,)
-    x = (0.5 + 2.0 * torch.randn(T, N, C, *spatial, generator=g, dtype=F64)).to(dtype)
-    grad = torch.randn(T, N, C, *spatial, generator=g, dtype=F64).to(dtype)
-    w = (1.0 + 0.3 * torch.randn(rows, generator=g, dtype=F64)).to(dtype)
-    b = None if rule == "bntt" else (0.2 * torch.randn(rows, generator=g, dtype=F64)).to(dtype)
-    p = torch.linspace(0.6, 1.4, T, dtype=F64).to(dtype) if rule in ("tebn", "tab") else None
-    rm = (0.1 * torch.randn(rows, generator=g, dtype=F64)).to(dtype)
-    rv = (1.0 + 0.2 * torch.rand(rows, generator=g, dtype=F64)).to(dtype)
-    momentum = [0.1 + 0.1 * t for t in range(T)] if len(rows) == 2 else [0.1]
-    return dict(x=x, grad=grad, w=w, b=b, p=p, rm=rm, rv=rv, momentum=momentum)
+#: one training call's inputs (x, ∂L/∂y, γ, β, p, running statistics, momentum): helpers.norm_case
+#: on [T, N, C, *spatial] = [3, 3, 5, 4] unless a test says otherwise, x's mean away from 0
+SHAPE = (3, 3, 5, 4)
+case_of = functools.partial(norm_case, mean_shift=0.5)
 
 
 def _leaf(t, dtype):
@@ -141,8 +133,8 @@ def local_tol(dtype):
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("rule", RULES)
 def test_synced_op_equals_torch_synced_and_local(sync, rule, dtype):
-    case = make_case(rule, dtype)
-    with traffic.meter() as m, count_collectives() as log:
+    case = case_of(rule, SHAPE, 0, dtype=dtype)
+    with meter() as m, count_collectives() as log:
         got = run_norm(triton_backend, rule, case, sync, dtype)
     ref64 = run_norm(torch_backend, rule, case, sync, F64)  # the same (rounded) inputs, in float64
     compare(f"{rule} {dtype} triton+sync vs torch+sync", got, ref64, rtol=BN_PIPELINE_RTOL[dtype])
@@ -168,7 +160,7 @@ def test_synced_op_matches_torch_synced_on_any_shape(sync, rule, dtype, T, N, C,
     with ``sync`` equals the float64 torch reference with ``sync``."""
     per_step = N * math.prod(spatial)
     assume(per_step >= 2 if rule in ("bntt", "tab") else T * per_step >= 2)  # batch statistics need 2 values
-    case = make_case(rule, dtype, N=N, seed=seed, T=T, C=C, spatial=tuple(spatial))
+    case = case_of(rule, (T, N, C, *spatial), seed, dtype=dtype)
     got = run_norm(triton_backend, rule, case, sync, dtype)
     ref64 = run_norm(torch_backend, rule, case, sync, F64)
     compare(f"{rule} {dtype} T{T} N{N} C{C} {spatial}", got, ref64, rtol=BN_PIPELINE_RTOL[dtype])
@@ -179,7 +171,7 @@ def test_synced_op_matches_torch_synced_on_any_shape(sync, rule, dtype, T, N, C,
 def test_synced_op_in_low_precision(sync, rule, dtype):
     """fp16/bf16 tensors (computed in fp32 inside): triton with ``sync`` against the float64
     torch reference with ``sync``, by the 2×-torch-in-the-same-precision rule."""
-    case = make_case(rule, dtype)
+    case = case_of(rule, SHAPE, 0, dtype=dtype)
     got = run_norm(triton_backend, rule, case, sync, dtype)
     lowp = run_norm(torch_backend, rule, case, sync, dtype)
     ref64 = run_norm(torch_backend, rule, case, sync, F64)
@@ -194,7 +186,7 @@ def test_synced_op_in_low_precision(sync, rule, dtype):
 def test_synced_tab_continuation(sync, dtype):
     """TAB one step at a time with ``sync``: the reference's differentiable gather gives the
     statistics, the kernel applies; equal to the whole synced sequence and to the torch one."""
-    case = make_case("tab", dtype)
+    case = case_of("tab", SHAPE, 0, dtype=dtype)
     with count_collectives() as log:
         got = run_norm(triton_backend, "tab", case, sync, dtype, steps=True)
     T, C = case["x"].shape[0], case["x"].shape[2]
@@ -210,7 +202,7 @@ def test_collective_bytes_do_not_depend_on_the_batch(sync):
     """O(T·C) per stage: the same collectives, byte for byte, for N·S = 6 and 40."""
     logs = []
     for N, spatial in ((2, (3,)), (5, (2, 4))):
-        case = make_case("tebn", F32, N=N, spatial=spatial)
+        case = case_of("tebn", (3, N, 5, *spatial), 0, dtype=F32)
         with count_collectives() as log:
             run_norm(triton_backend, "tebn", case, sync, F32)
         logs.append(log)
@@ -218,9 +210,9 @@ def test_collective_bytes_do_not_depend_on_the_batch(sync):
 
 
 def test_eval_and_no_sync_issue_no_collective(sync):
-    case = make_case("batch_norm", F32)
+    case = case_of("batch_norm", SHAPE, 0, dtype=F32)
     x = case["x"].to(DEVICE)
-    with count_collectives() as log, traffic.meter() as m:
+    with count_collectives() as log, meter() as m:
         triton_backend.batch_norm_seq(x, None, None, case["rm"].to(DEVICE), case["rv"].to(DEVICE), training=False,
                                       momentum=0.1, eps=EPS, sync=sync)
     assert log == [] and m.launches == 1, (log, m.breakdown())
@@ -251,8 +243,8 @@ def run_norm_lif(backend_norm, rule: str, case: dict, sync, dtype, neuron) -> di
 @pytest.mark.parametrize("rule", ["batch_norm", "tab"])
 def test_synced_norm_lif_equals_torch_pair_and_local(sync, rule, dtype):
     neuron = LIFParameters(Sigmoid(), tau=2.0, decay_input=True, v_reset=0.0)
-    case = make_case(rule, dtype)
-    with traffic.meter() as m, count_collectives() as log:
+    case = case_of(rule, SHAPE, 0, dtype=dtype)
+    with meter() as m, count_collectives() as log:
         got = run_norm_lif(None, rule, case, sync, dtype, neuron)
     T, C = case["x"].shape[0], case["x"].shape[2]
     assert log == [("all_gather", GATHER_BYTES(T, C)), ("all_reduce", REDUCE_BYTES(T, C))], log
@@ -301,7 +293,7 @@ def test_two_simulated_ranks_equal_the_concatenated_batch(rule, n_local):
     are those of the concatenated batch (under the sum of both ranks' losses); ∂γ, ∂β, ∂p
     are rank 0's own (∂ of its loss alone), as DistributedDataParallel expects."""
     r = bnp.rule(rule)
-    case0, case1 = make_case(rule, F64, N=n_local, seed=1), make_case(rule, F64, N=3, seed=2)
+    case0, case1 = case_of(rule, (3, n_local, 5, 4), 1, dtype=F64), case_of(rule, SHAPE, 2, dtype=F64)
     x0, x1 = case0["x"].to(DEVICE), case1["x"].to(DEVICE)
     g0, g1 = case0["grad"].to(DEVICE), case1["grad"].to(DEVICE)
     w, b, p = (case0[k].to(DEVICE) if case0[k] is not None else None for k in ("w", "b", "p"))

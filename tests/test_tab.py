@@ -1,6 +1,6 @@
 """TAB (temporal accumulated BN, Jiang et al., ICLR 2024): the layer and the torch op.
 
-The oracle is the O(T²) restatement of the official code (perf/tab_baseline.py: one
+The oracle is the O(T²) restatement of the official code (perf/tools/tab_baseline.py: one
 BatchNorm3d per step over the growing block x[0..t]); snnorm's O(T) op, built on prefix
 statistics, must give the same outputs, gradients (∂x, ∂γ_t, ∂β_t, ∂p) and per-step
 running statistics, over several training steps and in eval: float64 to ~1e-12, float32
@@ -16,7 +16,7 @@ from tolerances import (
     TAB_NOT_PER_STEP_GAP, TAB_PREFIX_MEAN_FP64, TAB_PREFIX_VAR_FP64, TAB_REORDERED_FP64, TAB_VS_OFFICIAL_REL,
 )
 
-from perf.tab_baseline import QuadraticTAB, run_on_tncs
+from perf.tools import QuadraticTAB, run_on_tncs
 from snnorm import functional, layer
 from snnorm.backends import torch_backend
 

@@ -1,8 +1,8 @@
 """Memory-traffic budgets of the Triton kernels, counted under the interpreter (issue 9).
 
-:func:`perf.traffic.meter` counts the bytes every kernel loads and stores and its
+:func:`perf.tools.meter` counts the bytes every kernel loads and stores and its
 launches; here each op of the triton backend runs once per case of
-:data:`perf.traffic.CASES` (fp32, shapes that reach every launcher path) and must stay
+:data:`perf.tools.traffic.CASES` (fp32, shapes that reach every launcher path) and must stay
 within its budget. MPBN-LIF training has the issue's targets at every shape; every other
 op and path is held at today's count rounded up slightly, so that a change that moves
 more bytes or launches more kernels fails here. ``python -m perf.traffic`` prints the
@@ -21,9 +21,9 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from perf import traffic  # noqa: E402
+from perf.tools import interpreting, meter, traffic, traffic_meter  # noqa: E402
 
-if not traffic.interpreting():
+if not interpreting():
     pytest.skip("the traffic meter counts kernels run by the Triton interpreter (TRITON_INTERPRET=1)",
                 allow_module_level=True)
 
@@ -167,8 +167,8 @@ def test_meter_counts_a_hand_written_kernel():
     scale = torch.tensor([2.0], dtype=torch.float64)
     count = torch.zeros(block, dtype=torch.int32)
     flags = torch.arange(block) % 3 == 0
-    with traffic.meter() as outer:
-        with traffic.meter() as inner:
+    with meter() as outer:
+        with meter() as inner:
             _scaled_copy_kernel[(triton.cdiv(n, block),)](x, y, scale, n, BLOCK=block)
         _scaled_copy_kernel[(triton.cdiv(n, block),)](x, y, scale, n, BLOCK=block)
         _count_kernel[(1,)](count, flags, 50, BLOCK=block)
@@ -195,7 +195,7 @@ def test_meter_counts_torch_operations_outside_kernels():
     x = torch.randn(10, 8)
     y = torch.empty(80, dtype=torch.float16)
     scale = torch.tensor([2.0], dtype=torch.float64)
-    with traffic.meter() as m:
+    with meter() as m:
         flat = x.view(-1)  # a view: nothing moves
         buf = torch.empty_like(flat)  # an allocation: nothing moves
         buf.copy_(flat)  # reads 80·4, writes 80·4
@@ -219,14 +219,14 @@ def test_meter_restores_the_interpreter():
     from triton.runtime.interpreter import GridExecutor, InterpreterBuilder
 
     before = (InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store, GridExecutor.__call__)
-    with traffic.meter():
+    with meter():
         assert InterpreterBuilder.create_masked_load is not before[0]
     after = (InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store, GridExecutor.__call__)
     assert after == before
 
 
 def test_meter_refuses_compiled_kernels(monkeypatch):
-    monkeypatch.setattr(traffic, "interpreting", lambda: False)
+    monkeypatch.setattr(traffic_meter, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        with traffic.meter():
+        with meter():
             pass

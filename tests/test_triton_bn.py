@@ -20,8 +20,9 @@ import warnings
 
 import pytest
 import torch
-from devices import DEVICE, SIZES
-from hypothesis import assume, given, settings
+from devices import DEVICE
+from helpers import LOWP, norm_case, norm_params
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import BN_MODULE_REL, BN_PIPELINE_LOWP_ATOL, BN_PIPELINE_RTOL, assert_close_to_reference
 
@@ -35,8 +36,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
 
 EPS = 1e-5
-LOWP = (torch.float16, torch.bfloat16)
 OPS = ("batch_norm_seq", "bntt")
+RULE = {"batch_norm_seq": "batch_norm", "bntt": "bntt"}  # helpers.norm_case's name of each op's rule
 
 
 # ------------------------------------------------------------------------- helpers
@@ -85,39 +86,22 @@ def run(op_name, backend, case, cast=None):
     return [y, dx, *dparams], running
 
 
-def make_case(op_name, params, gen):
-    T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift, training = params
-    shape = (T, N, C, *spatial)
-    if noncontig:  # a [N, T, ...] tensor seen as [T, N, ...]: non-contiguous input and grad
-        x = (torch.randn((N, T, *shape[2:]), generator=gen) * 2 + mean_shift).transpose(0, 1)
-        g = torch.randn((N, T, *shape[2:]), generator=gen).transpose(0, 1)
-    else:
-        x = torch.randn(shape, generator=gen) * 2 + mean_shift
-        g = torch.randn(shape, generator=gen)
-    # parameters and running statistics in param_dtype: float32 with a bf16 input is mixed precision
-    dev = lambda t: t.to(device=DEVICE, dtype=param_dtype) if t is not None else None  # noqa: E731
+def op_args(op_name, params, seed):
+    """(x, parameters, running statistics, ∂L/∂y, training, momentum) of one call of ``op_name``,
+    from :func:`helpers.norm_case` (``params``: its arguments and ``training``). BNTT takes
+    per-step lists: γ_t (or None each) and the running statistics of every step."""
+    params = dict(params)
+    training = params.pop("training")
+    case = norm_case(RULE[op_name], seed=seed, **params)
+    T = case["x"].shape[0]
     if op_name == "batch_norm_seq":
-        w = torch.randn(C, generator=gen) if affine in ("both", "weight") else None
-        b = torch.randn(C, generator=gen) if affine in ("both", "bias") else None
-        params_ = [w, b]
-        running = [torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5] if has_running else [None, None]
-        momentum = 0.1
-    else:  # BNTT: γ_t per step (or none), per-step running statistics and factors
-        params_ = [torch.randn(C, generator=gen) if affine != "none" else None for _ in range(T)]
-        if has_running:
-            running = [torch.randn(C, generator=gen) for _ in range(T)] + [torch.rand(C, generator=gen) + 0.5
-                                                                          for _ in range(T)]
-        else:
-            running = [None] * (2 * T)
-        momentum = [0.1 + 0.05 * t for t in range(T)]  # different per step (cumulative averages differ)
-    x = x.to(device=DEVICE, dtype=dtype)  # keeps the non-contiguous strides
-    g = g.to(device=DEVICE, dtype=dtype)
-    return x, [dev(p) for p in params_], [dev(r) for r in running], g, training, momentum
+        return case["x"], [case["w"], case["b"]], [case["rm"], case["rv"]], case["grad"], training, case["momentum"][0]
+    steps = lambda t: list(t.unbind(0)) if t is not None else [None] * T  # noqa: E731
+    return case["x"], steps(case["w"]), steps(case["rm"]) + steps(case["rv"]), case["grad"], training, case["momentum"]
 
 
 def check_case(op_name, params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    case = make_case(op_name, params, gen)
+    case = op_args(op_name, params, seed)
     dtype = case[0].dtype
     ours, ours_running = run(op_name, triton_backend, case)
     ref, ref_running = run(op_name, torch_backend, case, cast=torch.float64)
@@ -126,42 +110,17 @@ def check_case(op_name, params, seed):
     names = ["y", "dx"] + [f"dparam{i}" for i in range(len(ours) - 2)]
     for i, (name, o, r) in enumerate(zip(names, ours, ref)):
         if o is not None and dtype not in LOWP:
-            expect = dtype if i < 2 else params[5]  # y, ∂x in x's dtype; parameter gradients in theirs
+            expect = dtype if i < 2 else params.get("param_dtype") or dtype  # y, ∂x in x's dtype; parameters' in theirs
             assert o.dtype == expect, f"{name}: dtype {o.dtype}, expected {expect}"
         compare(dtype, name, o, r, lowp[i] if lowp is not None else None)
     for i, (o, r) in enumerate(zip(ours_running, ref_running)):
         compare(dtype, f"running[{i}]", o, r, lowp_running[i] if lowp is not None else None)
-    training = params[-1]
-    if not training:
+    if not params["training"]:
         for o, r0 in zip(ours_running, case[2]):
             assert o is None or torch.equal(o, r0), "eval must not touch the running statistics"
 
 
-# ----------------------------------------------------------------------- strategies
-
-
-@st.composite
-def cases(draw, dtypes, op_name):
-    if SIZES.gpu:  # the wide GPU pools (tests/devices.py)
-        T, N, C, *spatial = draw(SIZES.shapes(min_per_channel=2))
-        spatial = tuple(spatial)
-    else:  # prime C and odd spatial sizes reach the interpreter's masks and tile loops
-        T = draw(st.integers(1, 6))
-        N = draw(st.integers(1, 5))
-        C = draw(st.sampled_from([1, 2, 3, 5, 7, 11]))
-        spatial = tuple(draw(st.lists(st.sampled_from([1, 2, 3, 5, 7]), min_size=0, max_size=2)))
-    dtype = draw(st.sampled_from(dtypes))
-    param_dtype = draw(st.sampled_from([dtype, torch.float32])) if dtype in LOWP else dtype
-    affine = draw(st.sampled_from(["both", "none", "weight", "bias"] if op_name == "batch_norm_seq" else
-                                  ["weight", "none"]))
-    has_running = draw(st.booleans())
-    noncontig = draw(st.booleans())
-    mean_shift = draw(st.sampled_from([0.0, 3.0, -20.0]))
-    training = draw(st.booleans())
-    per_step = N * math.prod(spatial)
-    # batch statistics need two values per channel (per step for BNTT): tested apart
-    assume(not (training or not has_running) or (per_step if op_name == "bntt" else T * per_step) >= 2)
-    return T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift, training
+# ----------------------------------------------------------------------- properties
 
 
 PROPERTY_SETTINGS = settings(max_examples=max(20, settings.default.max_examples))
@@ -171,14 +130,14 @@ PROPERTY_SETTINGS = settings(max_examples=max(20, settings.default.max_examples)
 @PROPERTY_SETTINGS
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_matches_torch_fp32_fp64(op_name, data, seed):
-    check_case(op_name, data.draw(cases([torch.float32, torch.float64], op_name)), seed)
+    check_case(op_name, data.draw(norm_params(RULE[op_name], [torch.float32, torch.float64])), seed)
 
 
 @pytest.mark.parametrize("op_name", OPS)
 @PROPERTY_SETTINGS
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_matches_torch_bf16(op_name, data, seed):
-    check_case(op_name, data.draw(cases([torch.bfloat16], op_name)), seed)
+    check_case(op_name, data.draw(norm_params(RULE[op_name], [torch.bfloat16])), seed)
 
 
 @pytest.mark.parametrize("op_name", OPS)
@@ -186,8 +145,8 @@ def test_matches_torch_bf16(op_name, data, seed):
 @pytest.mark.parametrize("shape", [(1, 4, 3), (1, 3, 5, 7, 3), (4, 3, 7), (3, 2, 5, 3, 7)])
 def test_fixed_cases(op_name, training, shape):
     """T = 1, [T, N, C] and [T, N, C, H, W] with prime sizes, every mode: on every CI run."""
-    params = (shape[0], shape[1], shape[2], shape[3:], torch.float64, torch.float64,
-              "both" if op_name == "batch_norm_seq" else "weight", True, False, 2.0, training)
+    params = dict(shape=shape, dtype=torch.float64, affine="both" if op_name == "batch_norm_seq" else "weight",
+                  mean_shift=2.0, training=training)
     check_case(op_name, params, seed=3)
 
 
@@ -201,10 +160,10 @@ def test_tiling_and_partials(monkeypatch, op_name):
     monkeypatch.setitem(bn_tiles.TUNING, "programs", 3 * T * c_blocks)
     geo = bn_tiles.geometry(T, N, C, math.prod(spatial), torch.device(DEVICE))
     assert geo.parts >= 2 * T, geo
-    params = (T, N, C, spatial, torch.float64, torch.float64, "both" if op_name == "batch_norm_seq" else "weight",
-              True, False, 5.0, True)
+    params = dict(shape=(T, N, C, *spatial), dtype=torch.float64,
+                  affine="both" if op_name == "batch_norm_seq" else "weight", mean_shift=5.0, training=True)
     check_case(op_name, params, seed=1)
-    case = make_case(op_name, params, torch.Generator().manual_seed(1))
+    case = op_args(op_name, params, seed=1)
     first, second = run(op_name, triton_backend, case), run(op_name, triton_backend, case)
     for a, b in zip(first[0] + first[1], second[0] + second[1]):
         assert a is None or torch.equal(a, b), "two runs differ: the reductions are not deterministic"

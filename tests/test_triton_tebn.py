@@ -15,7 +15,8 @@ import sys
 
 import pytest
 import torch
-from devices import DEVICE, SIZES
+from devices import DEVICE
+from helpers import LOWP, norm_case, norm_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import LARGE_MEAN_FP32_OUTPUT, LARGE_MEAN_FP32_VAR_REL, TEBN_LOWP_ATOL, TEBN_RTOL, assert_close_to_reference
@@ -30,7 +31,6 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
 
 MOMENTUM, EPS = 0.1, 1e-5
-LOWP = (torch.float16, torch.bfloat16)
 
 # Largest errors seen by the tests, per (dtype, quantity), printed at the end of the run.
 MAX_ERR: dict = {}
@@ -83,32 +83,19 @@ def compare(dtype, what, ours, ref64, lowp=None):
         _record(dtype, f"{what} err/torch_err", rel * (1.0 + ref64.abs().max().item()) / max(torch_err, 1e-30))
 
 
-def make_case(draw_or_params, gen):
-    """Tensors for one case (all in ``dtype``, or fp32 parameters with low-precision x)."""
-    T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift = draw_or_params
-    shape = (T, N, C, *spatial)
-    if noncontig:  # a [N, T, ...] tensor seen as [T, N, ...]: non-contiguous input and grad
-        x = (torch.randn((N, T, *shape[2:]), generator=gen) * 2 + mean_shift).transpose(0, 1)
-        g = torch.randn((N, T, *shape[2:]), generator=gen).transpose(0, 1)
-    else:
-        x = torch.randn(shape, generator=gen) * 2 + mean_shift
-        g = torch.randn(shape, generator=gen)
-    w = torch.randn(C, generator=gen) if affine in ("both", "weight") else None
-    b = torch.randn(C, generator=gen) if affine in ("both", "bias") else None
-    p = torch.rand(T, generator=gen) * 2 - 0.5
-    rm = torch.randn(C, generator=gen) if has_running else None
-    rv = torch.rand(C, generator=gen) + 0.5 if has_running else None
-    out_dtype = param_dtype
-    cast = lambda t, d: t.to(device=DEVICE, dtype=d) if t is not None else None  # noqa: E731
-    # keep non-contiguity through the dtype/device cast
-    x = x.to(device=DEVICE, dtype=dtype)
-    g = g.to(device=DEVICE, dtype=torch.promote_types(dtype, out_dtype))
-    return x, cast(w, param_dtype), cast(b, param_dtype), cast(rm, param_dtype), cast(rv, param_dtype), cast(p, param_dtype), g
+def tebn_args(params, seed):
+    """(x, γ, β, running mean, running var, p, ∂L/∂y) of :func:`helpers.norm_case` for TEBN; the
+    gradient in the output's dtype (x's promoted with the parameters')."""
+    grad_dtype = torch.promote_types(params["dtype"], params.get("param_dtype") or params["dtype"])
+    case = norm_case("tebn", seed=seed, grad_dtype=grad_dtype, **params)
+    return tuple(case[k] for k in ("x", "w", "b", "rm", "rv", "p", "grad"))
 
 
-def check_case(params, training, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x, w, b, rm, rv, p, g = make_case(params, gen)
+def check_case(params, seed):
+    """``params``: :func:`helpers.norm_params`' draw (norm_case's arguments and ``training``)."""
+    params = dict(params)
+    training = params.pop("training")
+    x, w, b, rm, rv, p, g = tebn_args(params, seed)
     dtype = x.dtype
     ours = run_op(tebn_mod.tebn, x, w, b, rm, rv, p, g, training)
     ref = run_op(torch_backend.tebn, to64(x), to64(w), to64(b), to64(rm), to64(rv), to64(p), to64(g), training)
@@ -129,55 +116,30 @@ def check_case(params, training, seed):
         assert torch.equal(ours[2], rm) and torch.equal(ours[3], rv), "eval must not touch the running stats"
 
 
-# ----------------------------------------------------------------------- strategies
-
-SPATIAL_SIZES = st.sampled_from([1, 2, 3, 5, 7])
-
-
-@st.composite
-def cases(draw, dtypes):
-    if SIZES.gpu:  # the wide GPU pools (tests/devices.py)
-        T, N, C, *spatial = draw(SIZES.shapes())
-        spatial = tuple(spatial)
-    else:  # C = 11 and three spatial dims reach the interpreter's channel blocks and tile loops
-        T = draw(st.integers(1, 8))
-        N = draw(st.integers(1, 5))
-        C = draw(st.sampled_from([1, 2, 3, 5, 7, 11]))
-        spatial = tuple(draw(st.lists(SPATIAL_SIZES, min_size=0, max_size=3)))
-    dtype = draw(st.sampled_from(dtypes))
-    param_dtype = draw(st.sampled_from([dtype, torch.float32])) if dtype in LOWP else dtype
-    affine = draw(st.sampled_from(["both", "none", "weight", "bias"]))
-    has_running = draw(st.booleans())
-    noncontig = draw(st.booleans())
-    mean_shift = draw(st.sampled_from([0.0, 3.0, -20.0]))
-    training = draw(st.booleans())
-    if (training or not has_running) and T * N * math.prod(spatial) == 1:
-        N = 2  # batch statistics need two values per channel (see test_single_value_rejected)
-    return (T, N, C, spatial, dtype, param_dtype, affine, has_running, noncontig, mean_shift), training
-
+# ----------------------------------------------------------------------- properties
 
 # at least 20 examples each (the CPU profile's 12 leave corners out); the GPU profile's 200 stay
 PROPERTY_SETTINGS = settings(max_examples=max(20, settings.default.max_examples))
 
 
 @PROPERTY_SETTINGS
-@given(case=cases([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
-def test_matches_torch_fp32_fp64(case, seed):
-    check_case(*case, seed)
+@given(params=norm_params("tebn", [torch.float32, torch.float64], max_T=8, max_spatial_dims=3),
+       seed=st.integers(0, 2**16))
+def test_matches_torch_fp32_fp64(params, seed):
+    check_case(params, seed)
 
 
 @PROPERTY_SETTINGS
-@given(case=cases(list(LOWP)), seed=st.integers(0, 2**16))
-def test_matches_torch_lowp(case, seed):
-    check_case(*case, seed)
+@given(params=norm_params("tebn", list(LOWP), max_T=8, max_spatial_dims=3), seed=st.integers(0, 2**16))
+def test_matches_torch_lowp(params, seed):
+    check_case(params, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 def test_fixed_4d_cases(dtype, training):
     """A fixed [T, N, C, H, W] case per dtype and mode, so every corner runs on every CI run."""
-    params = (4, 3, 5, (3, 7), dtype, dtype, "both", True, False, 1.0)
-    check_case(params, training, seed=7)
+    check_case(dict(shape=(4, 3, 5, 3, 7), dtype=dtype, mean_shift=1.0, training=training), seed=7)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 9), (2, 2, 3, 6, 3)])
@@ -191,8 +153,7 @@ def test_tiling_and_partials(monkeypatch, shape):
     assert geo.parts == 2 * T and geo.BLOCK_N * geo.BLOCK_C * geo.BLOCK_S <= 8
     tiles_per_prog = (geo.n_per_prog // geo.BLOCK_N) * (geo.s_per_prog // geo.BLOCK_S)
     assert tiles_per_prog > 1
-    params = (T, N, C, shape[3:], torch.float64, torch.float64, "both", True, False, 5.0)
-    x, w, b, rm, rv, p, g = make_case(params, torch.Generator().manual_seed(1))
+    x, w, b, rm, rv, p, g = tebn_args(dict(shape=shape, dtype=torch.float64, mean_shift=5.0), seed=1)
     first = run_op(tebn_mod.tebn, x, w, b, rm, rv, p, g, True)
     ref = run_op(torch_backend.tebn, x, w, b, rm, rv, p, g, True)
     for name, o, r in zip(("y", "dx", "dweight", "dbias", "dscale"), [first[0], *first[1]], [ref[0], *ref[1]]):

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from snnorm import functional, layer, neuron, surrogate
 
-from module_zoo import NORM_CASES, WRAPPER_CASES, C, Case, assert_unchanged, snapshot, with_backends
+from helpers import NORM_CASES, WRAPPER_CASES, C, Case, assert_unchanged, rejects, snapshot, with_backends  # noqa: F401
 
 PARAM_CASES = [case for case in NORM_CASES if case.has_params]
 
@@ -29,16 +29,6 @@ def trained(case: Case, backend: str = "torch") -> nn.Module:
     module = case.build(backend)
     module(case.input())
     return module
-
-
-def rejects(module, x, exc, *patterns) -> str:
-    before = snapshot(module)
-    with pytest.raises(exc) as info:
-        module(x)
-    for pattern in patterns:
-        assert pattern in str(info.value), f"{pattern!r} not in: {info.value}"
-    assert_unchanged(module, before)
-    return str(info.value)
 
 
 # -- dtype policy ----------------------------------------------------------------------------

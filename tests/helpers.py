@@ -1,20 +1,35 @@
-"""Every snnorm module class, built small, with an input that fits it: the catalogue the
-class-wide tests (validation, dtype policy, empty sequences, deepcopy) run over.
+"""What the tests share: the module catalogue, the "a rejected call changes nothing" checks,
+random inputs of the batch-statistics norms and the hypothesis strategies that draw them.
 
-Also ``snapshot`` / ``assert_unchanged``: what a call could change (state_dict tensors,
-memories, the MPBN adaptation momentum), to check that a rejected call changed nothing.
+* :data:`NORM_CASES` / :data:`WRAPPER_CASES`: every snnorm module class, built small, with an
+  input that fits it (the class-wide tests: validation, dtype policy, empty sequences,
+  deepcopy run over them); :func:`with_backends` makes their pytest params.
+* :func:`snapshot`, :func:`assert_unchanged`, :func:`rejects`: what a call could change
+  (state_dict tensors, memories, the MPBN adaptation momentum), and that a rejected call
+  raised the expected error and changed none of it.
+* :func:`norm_case`: one call's random inputs for a batch-statistics norm (BN/tdBN, TEBN,
+  BNTT, TAB); :func:`norm_params`: the hypothesis strategy that draws its arguments.
+
+Where the tests run is tests/devices.py (imported by conftest.py before triton is), the
+tolerances are tests/tolerances.py.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 import torch.nn as nn
+from devices import DEVICE, SIZES
+from hypothesis import strategies as st
 
 from snnorm import functional, layer, neuron
+
+# ------------------------------------------------------------------------ the module catalogue
 
 T, N, C, H, W = 2, 3, 4, 3, 3
 
@@ -117,12 +132,10 @@ WRAPPER_CASES = [
 
 def with_backends(cases):
     """pytest params ``(case, backend)`` for every backend each case runs on."""
-    import pytest
-
     return [pytest.param(case, backend, id=f"{case.name}-{backend}") for case in cases for backend in case.backends]
 
 
-# -- what a call could change ------------------------------------------------------------
+# ------------------------------------------------------------------- a rejected call changes nothing
 
 
 def snapshot(module: nn.Module):
@@ -148,3 +161,95 @@ def assert_unchanged(module, before):
             assert torch.equal(now, value), f"memory {key} changed by a rejected call"
         else:
             assert now == value, f"memory {key} changed by a rejected call: {value!r} -> {now!r}"
+
+
+def rejects(module, x, exc, *patterns) -> str:
+    """``module(x)`` raises ``exc`` whose message contains every pattern, and nothing that a call
+    could change has changed; returns the message."""
+    before = snapshot(module)
+    with pytest.raises(exc) as info:
+        module(x)
+    for pattern in patterns:
+        assert pattern in str(info.value), f"{pattern!r} not in message: {info.value}"
+    assert_unchanged(module, before)
+    return str(info.value)
+
+
+# --------------------------------------------------------------- random inputs of the norms
+
+#: the batch-statistics norms: statistics per channel over all steps (BN/tdBN, TEBN with its
+#: per-step scale p) or per step (BNTT: γ_t and no β; TAB: prefix statistics, γ_t, β_t, p_t)
+NORM_RULES = ("batch_norm", "tebn", "bntt", "tab")
+PER_STEP_RULES = ("bntt", "tab")
+
+
+def norm_case(rule: str, shape, seed: int, *, dtype=torch.float32, param_dtype=None, grad_dtype=None,
+              affine: str = "both", running: bool = True, noncontig: bool = False, mean_shift: float = 0.0,
+              device=DEVICE) -> dict:
+    """Random inputs of one call of the norm ``rule`` on ``shape`` = [T, N, C, *spatial].
+
+    ``x = 2·randn + mean_shift`` and the upstream gradient ``grad`` (``noncontig``: a
+    [N, T, ...] tensor seen as [T, N, ...]) in ``dtype`` (``grad_dtype``, default ``dtype``);
+    in ``param_dtype`` (default ``dtype``; float32 with a bf16 input is mixed precision) the
+    parameters and running statistics, per channel ``[C]`` or per step and channel ``[T, C]``
+    (:data:`PER_STEP_RULES`): ``w`` (γ) and ``b`` (β; never for BNTT) as ``affine`` says
+    (``both``, ``weight``, ``bias``, ``none``), ``p`` ([T], TEBN and TAB), ``rm``/``rv`` when
+    ``running``, and ``momentum``, one factor per statistics row (per step: 0.1 + 0.05·t).
+    Keys: x, grad, w, b, p, rm, rv, momentum (absent tensors are None).
+    """
+    if rule not in NORM_RULES:
+        raise ValueError(f"rule must be one of {NORM_RULES}, got {rule!r}")
+    gen = torch.Generator().manual_seed(seed)
+    T, N, C, *spatial = shape
+    if noncontig:
+        x = (torch.randn((N, T, C, *spatial), generator=gen) * 2 + mean_shift).transpose(0, 1)
+        grad = torch.randn((N, T, C, *spatial), generator=gen).transpose(0, 1)
+    else:
+        x = torch.randn(shape, generator=gen) * 2 + mean_shift
+        grad = torch.randn(shape, generator=gen)
+    rows = (T, C) if rule in PER_STEP_RULES else (C,)
+    w = torch.randn(rows, generator=gen) if affine in ("both", "weight") else None
+    b = torch.randn(rows, generator=gen) if affine in ("both", "bias") and rule != "bntt" else None
+    p = torch.rand(T, generator=gen) * 2 - 0.5 if rule in ("tebn", "tab") else None
+    rm = torch.randn(rows, generator=gen) if running else None
+    rv = torch.rand(rows, generator=gen) + 0.5 if running else None
+    momentum = [0.1 + 0.05 * t for t in range(T)] if rule in PER_STEP_RULES else [0.1]
+    cast = lambda t, d: None if t is None else t.to(device=device, dtype=d)  # noqa: E731 (keeps the strides)
+    param_dtype = param_dtype or dtype
+    return dict(x=cast(x, dtype), grad=cast(grad, grad_dtype or dtype), w=cast(w, param_dtype), b=cast(b, param_dtype),
+                p=cast(p, param_dtype), rm=cast(rm, param_dtype), rv=cast(rv, param_dtype), momentum=momentum)
+
+
+LOWP = (torch.float16, torch.bfloat16)
+
+
+@st.composite
+def norm_params(draw, rule: str, dtypes, max_T: int = 6, max_spatial_dims: int = 2) -> dict:
+    """The keyword arguments of :func:`norm_case` (``shape`` included) and ``training``.
+
+    On the CPU prime C (up to 11) and odd spatial sizes reach the interpreter's masks and tile
+    loops; on a GPU the wide pools of tests/devices.py. A low-precision ``dtype`` draws float32
+    or its own ``param_dtype``. Batch statistics (training, or no running statistics) get at
+    least two values per channel (per step for BNTT): one value is rejected, tested apart.
+    """
+    if SIZES.gpu:
+        T, N, C, *spatial = draw(SIZES.shapes(min_per_channel=2))
+    else:
+        T = draw(st.integers(1, max_T))
+        N = draw(st.integers(1, 5))
+        C = draw(st.sampled_from([1, 2, 3, 5, 7, 11]))
+        spatial = draw(st.lists(st.sampled_from([1, 2, 3, 5, 7]), min_size=0, max_size=max_spatial_dims))
+    dtype = draw(st.sampled_from(dtypes))
+    params = dict(
+        dtype=dtype,
+        param_dtype=draw(st.sampled_from([dtype, torch.float32])) if dtype in LOWP else dtype,
+        affine=draw(st.sampled_from(["weight", "none"] if rule == "bntt" else ["both", "none", "weight", "bias"])),
+        running=draw(st.booleans()),
+        noncontig=draw(st.booleans()),
+        mean_shift=draw(st.sampled_from([0.0, 3.0, -20.0])),
+        training=draw(st.booleans()),
+    )
+    per_channel = N * math.prod(spatial) * (1 if rule == "bntt" else T)
+    if (params["training"] or not params["running"]) and per_channel < 2:
+        N = 2
+    return dict(shape=(T, N, C, *spatial), **params)
