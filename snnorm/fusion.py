@@ -319,10 +319,10 @@ def _run_pairs(net: nn.Module, example_input: Any) -> list[tuple[str, str, Optio
         if not isinstance(modules[consumer], neuron_mod.BaseNode):
             continue
         why = None
-        if norm in handoffs.other_users:
-            why = "the norm's output has other users"
-        elif handoffs.calls.get(norm) != 1 or handoffs.calls.get(consumer) != 1:
+        if handoffs.calls.get(norm) != 1 or handoffs.calls.get(consumer) != 1:
             why = "a module of the pair is called at several places"
+        elif norm in handoffs.other_users:
+            why = "the norm's output has other users"
         pairs.append((norm, consumer, why))
     return pairs
 

@@ -43,7 +43,7 @@ cd "$(dirname "$0")/.."
 python3 -c "import torch" 2>/dev/null || pip_install torch==2.13.0
 pip_install -e ".[test,triton,demo,perf]"
 # the oracles' own runtime imports, then the oracles themselves without their dependencies
-pip_install loguru tqdm packaging scipy
+pip_install loguru tqdm packaging scipy h5py  # h5py: spikingjelly's model zoo (tests/test_porting.py)
 pip_install --no-deps spikingjelly==2.0.0 snntorch==1.0.0
 # the oldest triton snnorm supports (pyproject: triton>=3.6), in its own folder beside the main one:
 # tests/test_compile_check.py compiles every kernel configuration with it too

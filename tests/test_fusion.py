@@ -22,7 +22,7 @@ from tolerances import (
     MODULE_MAX_FLIP_SHARE, NORM_NEURON_FUSED, NORM_NEURON_FUSED_BF16_FLIPS, NORM_NEURON_FUSED_BF16_REL,
 )
 
-from perf.harness import saved_tensor_bytes
+from perf.tools import saved_tensor_bytes
 from snnorm import functional, layer, neuron, surrogate
 from snnorm.fusion import FusedBlock, fusable_norm, fused_block
 

@@ -1,6 +1,10 @@
-"""snnorm.convert_spikingjelly takes over a network built from spikingjelly 2.0.0's modules:
-the same tensors, names and keys, the same outputs, gradients and running statistics as the
-spikingjelly network (float64), a warning for what stays, and nothing twice."""
+"""Taking over a network built from spikingjelly 2.0.0's modules.
+
+``snnorm.convert_spikingjelly`` keeps the tensors, names and keys and computes what the
+spikingjelly network computes (float64: outputs, gradients, running statistics), warns
+once for what stays and does nothing twice. Then ``fuse_norm_neurons`` pairs every norm
+with its neuron, torch BNs inside ``SeqToANNContainer`` included, says what stays apart,
+and on the triton backend the fused network still equals spikingjelly's."""
 
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402
 
 import snnorm  # noqa: E402
+from devices import DEVICE  # noqa: E402
 from snnorm import functional, layer, neuron, surrogate  # noqa: E402
+from snnorm.fusion import fused_block  # noqa: E402
 
 T = 3
 
@@ -56,12 +62,28 @@ def every_module_network() -> nn.Sequential:
     ).double()
 
 
-def converted_pair(build):
-    original = build()
+def converted_pair(build, fuse_with=None, stays=None):
+    """(spikingjelly's network, a converted copy); with ``fuse_with`` (an example input) the copy
+    is also fused, every pair, and runs on the triton backend. ``stays``: the warning that names
+    what conversion leaves (else every module must be taken over)."""
+    original = build().to(DEVICE)
     twin = copy.deepcopy(original)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every module of these networks is taken over
-        assert snnorm.convert_spikingjelly(twin) is twin
+    if stays is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert snnorm.convert_spikingjelly(twin) is twin
+    else:
+        with pytest.warns(UserWarning, match=stays):
+            assert snnorm.convert_spikingjelly(twin) is twin
+    if fuse_with is not None:
+        report = functional.fusion_report(twin, fuse_with)
+        assert not report.apart and report.fused, str(report)
+        functional.fuse_norm_neurons(twin, fuse_with)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convs and pools keep torch: said, and known
+            functional.set_backend(twin, "triton")
+        blocks = [fused_block(twin.get_submodule(norm)) for norm, _ in report.fused]
+        assert all(b is not None and b.fused_kernel_applies() for b in blocks)
     return original, twin
 
 
@@ -186,6 +208,135 @@ def test_snnorm_does_not_import_spikingjelly_unless_asked():
     assert done.stdout.strip() == "ok", done.stderr
 
 
+# -- fusing the converted network ------------------------------------------------------------
+
+
+class SpikformerStyleBlock(nn.Module):
+    """Spikformer's idioms: Conv1d(k=1) + BatchNorm1d in a SeqToANNContainer on [T, N, D, L]
+    before each LIF, an attention that branches on ``x.ndim`` (fx cannot trace it), an MLP."""
+
+    def __init__(self, dim=8, hidden=16):
+        super().__init__()
+        L, N = sj_layer, sj_neuron
+
+        def conv_bn(i, o):
+            return L.SeqToANNContainer(nn.Conv1d(i, o, 1, bias=False), nn.BatchNorm1d(o))
+
+        self.q, self.q_lif = conv_bn(dim, dim), N.LIFNode(step_mode="m", detach_reset=True)
+        self.k, self.k_lif = conv_bn(dim, dim), N.LIFNode(step_mode="m", detach_reset=True)
+        self.proj, self.proj_lif = conv_bn(dim, dim), N.LIFNode(step_mode="m", v_threshold=0.5)
+        self.fc1, self.fc1_lif = conv_bn(dim, hidden), N.LIFNode(step_mode="m")
+        self.fc2, self.fc2_lif = conv_bn(hidden, dim), N.LIFNode(step_mode="m")
+
+    def forward(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"expected [T, N, D, L], got {tuple(x.shape)}")
+        q, k = self.q_lif(self.q(x)), self.k_lif(self.k(x))
+        x = x + self.proj_lif(self.proj(q * k.mean(dim=3, keepdim=True)))
+        return x + self.fc2_lif(self.fc2(self.fc1_lif(self.fc1(x))))
+
+
+class ResidualBlock(nn.Module):
+    """spikingjelly's convnet idiom: SeqToANNContainer(Conv2d, BatchNorm2d) → LIF, twice, plus a shortcut."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        L, N = sj_layer, sj_neuron
+        self.conv1 = L.SeqToANNContainer(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.sn1 = N.LIFNode(step_mode="m", surrogate_function=sj_surrogate.ATan())
+        self.conv2 = nn.Sequential(L.Conv2d(c, c, 3, padding=1, bias=False, step_mode="m"),
+                                   L.BatchNorm2d(c, step_mode="m"))
+        self.sn2 = N.IFNode(step_mode="m", v_reset=None)
+
+    def forward(self, x):
+        return self.sn2(self.conv2(self.sn1(self.conv1(x)))) + x
+
+
+def test_a_torch_bn_in_a_container_fuses_and_equals_spikingjelly_on_triton():
+    torch.manual_seed(5)
+    x = (torch.randn(T, 2, 4, 5, 5, dtype=torch.float64) + 0.3).to(DEVICE)
+    original, twin = converted_pair(lambda: ResidualBlock().double(), fuse_with=x)
+    assert [(n, m) for n, m in functional.fusion_report(twin).fused] == [("conv1", "sn1"), ("conv2.1", "sn2")]
+    assert type(twin.conv1[1]) is nn.BatchNorm2d  # torch's BN stays torch's, keys and all
+    run_and_compare(original, twin, x)
+
+
+def test_a_spikformer_style_block_fuses_by_a_run_and_equals_spikingjelly_on_triton():
+    torch.manual_seed(6)
+    x = (torch.randn(T, 2, 8, 6, dtype=torch.float64) + 0.5).to(DEVICE)
+    build = lambda: SpikformerStyleBlock().double()  # noqa: E731
+    net = build()
+    snnorm.convert_spikingjelly(net)
+    report = functional.fusion_report(net)  # fx cannot trace it: said, and nothing fused
+    assert report.fused == [] and [name for name, _ in report.unread] == ["(the network)"]
+    assert "pass example_input=" in report.unread[0][1]
+    original, twin = converted_pair(build, fuse_with=x)
+    assert len(functional.fusion_report(twin, x).fused) == 5
+    run_and_compare(original, twin, x)
+
+
+class _Shared(nn.Module):
+    """A norm whose output is also added, a norm → neuron called twice, and a kept v_seq."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_a, self.sn_a = layer.BatchNorm1d(3, step_mode="m"), neuron.LIFNode(step_mode="m")
+        self.bn_b, self.sn_b = layer.BatchNorm1d(3, step_mode="m"), neuron.LIFNode(step_mode="m")
+        self.bn_c, self.sn_c = layer.BatchNorm1d(3, step_mode="m"), neuron.LIFNode(step_mode="m", store_v_seq=True)
+        self.bn_d, self.sn_d = layer.BatchNorm1d(3, step_mode="m"), neuron.LIFNode(step_mode="m")
+
+    def forward(self, x):
+        y = self.bn_a(x)
+        x = self.sn_a(y) + y
+        x = self.sn_b(self.bn_b(self.sn_b(self.bn_b(x))))
+        return self.sn_d(self.bn_d(self.sn_c(self.bn_c(x))))
+
+
+@pytest.mark.parametrize("by_run", [False, True], ids=["fx", "run"])
+def test_the_report_says_what_fused_and_why_the_rest_stayed_apart(by_run):
+    net = _Shared()
+    example = torch.randn(T, 2, 3) if by_run else None
+    report = functional.fusion_report(net, example)
+    assert report.fused == [("bn_d", "sn_d")] and report.unread == []
+    apart = {norm: why for norm, _, why in report.apart}
+    assert apart == {
+        "bn_a": "the norm's output has other users",
+        "bn_b": "a module of the pair is called at several places",
+        "bn_c": "store_v_seq=True keeps every step's membrane, which the fused kernel does not write",
+    }
+    with pytest.warns(UserWarning) as record:
+        functional.fuse_norm_neurons(net, example)
+    message = str(record[0].message)
+    assert "1 norm → neuron pair(s) fused" in message and "left apart: bn_a → sn_a" in message
+    assert fused_block(net.bn_d) is not None and fused_block(net.bn_a) is None
+    assert functional.fusion_report(net, example).fused == [("bn_d", "sn_d")]  # fused already: still listed
+
+
+class _Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.sn = layer.BatchNorm1d(3, step_mode="m"), neuron.LIFNode(step_mode="m")
+        self.alias = self.bn  # the same module at a second path (its forward never calls it)
+
+    def forward(self, x):
+        return self.sn(self.bn(x))
+
+
+def test_a_module_registered_twice_stays_apart():
+    report = functional.fusion_report(_Aliased())
+    assert report.fused == [] and "registered at several places" in report.apart[0][2]
+
+
+def test_a_container_bn_checks_its_input_before_any_state_moves():
+    net = nn.Sequential(layer.SeqToANNContainer(nn.Linear(4, 3), nn.BatchNorm1d(3)), neuron.LIFNode(step_mode="m"))
+    functional.fuse_norm_neurons(net)
+    functional.set_backend(net, "triton")
+    assert fused_block(net[0]).fused_kernel_applies()
+    with pytest.raises(ValueError, match=r"only one value per channel|expects its input"):
+        net(torch.randn(1, 1, 4))  # one value per channel: batch statistics are undefined
+    assert int(net[0][1].num_batches_tracked) == 0
+
+
 # -- spikingjelly's own model zoo ------------------------------------------------------------
 
 
@@ -203,33 +354,70 @@ def zoo():
     return types.SimpleNamespace(sew_resnet=sew_resnet, spikformer=spikformer)
 
 
-@pytest.mark.slow  # ~15 s of float64 ResNet-18 on 2 cores
-def test_sew_resnet18_from_the_zoo(zoo):
+@pytest.mark.slow  # float64 ResNet-18: 20 fused pairs, about a minute under the interpreter
+def test_sew_resnet18_from_the_zoo_converted_and_fused(zoo):
+    """The whole zoo network: every pair fuses, keys stay, and on triton (eval: the fused
+    kernels on running statistics) it equals spikingjelly's. Training through the same
+    zoo blocks on triton: the next test, at a width the interpreter affords."""
+
     def build():
         torch.manual_seed(0)
         net = zoo.sew_resnet.sew_resnet18(spiking_neuron=sj_neuron.LIFNode, cnf="ADD", num_classes=10).double()
         sj_functional.set_step_mode(net, "m")
+        for m in net.modules():  # running statistics away from their initial values
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+        return net.eval()
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 2, 3, 8, 8, dtype=torch.float64).to(DEVICE)
+    keys = list(build().state_dict())
+    original, twin = converted_pair(build, fuse_with=x)
+    assert len(functional.fusion_report(twin).fused) == 20  # every conv → BN → LIF of the network
+    assert sum(isinstance(m, layer.BatchNorm2d) for m in twin.modules()) == 20
+    assert list(twin.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), original(x), rtol=1e-12, atol=1e-12)
+
+
+def test_sew_resnet_blocks_from_the_zoo_train_fused_on_triton(zoo):
+    """The zoo's own SEW BasicBlocks (an identity one and a downsampling one) at width 4/8."""
+
+    def build():
+        torch.manual_seed(0)
+        L, N = sj_layer, sj_neuron
+        neuron_kw = dict(spiking_neuron=N.LIFNode, cnf="ADD")
+        down = nn.Sequential(L.Conv2d(4, 8, 1, stride=2, bias=False), L.BatchNorm2d(8), N.LIFNode())
+        net = nn.Sequential(
+            L.Conv2d(3, 4, 3, padding=1, bias=False), L.BatchNorm2d(4), N.LIFNode(),
+            zoo.sew_resnet.BasicBlock(4, 4, **neuron_kw),
+            zoo.sew_resnet.BasicBlock(4, 8, stride=2, downsample=down, **neuron_kw),
+        ).double()
+        sj_functional.set_step_mode(net, "m")
         return net
 
-    original, twin = converted_pair(build)
-    assert sum(isinstance(m, neuron.LIFNode) for m in twin.modules()) == 20
-    assert sum(isinstance(m, layer.BatchNorm2d) for m in twin.modules()) == 20
-    torch.manual_seed(3)
-    run_and_compare(original, twin, torch.randn(2, 2, 3, 16, 16, dtype=torch.float64), steps=1)
+    torch.manual_seed(7)
+    x = (torch.randn(T, 2, 3, 6, 6, dtype=torch.float64) + 0.4).to(DEVICE)
+    original, twin = converted_pair(build, fuse_with=x)
+    assert len(functional.fusion_report(twin).fused) == 6
+    run_and_compare(original, twin, x)
 
 
-def test_spikformer_block_from_the_zoo(zoo):
+@pytest.mark.slow  # ~20 s: the default run has the Spikformer-style block above
+def test_spikformer_block_from_the_zoo_converted_and_fused(zoo):
     def build():
         torch.manual_seed(0)
         block = zoo.spikformer.SpikformerBlock(dim=16, num_heads=2).double()
         sj_functional.set_step_mode(block, "m")
         return block
 
-    original = build()
-    twin = copy.deepcopy(original)
-    with pytest.warns(UserWarning, match="SpikingSelfAttention: snnorm has no counterpart"):
-        snnorm.convert_spikingjelly(twin)
-    assert sum(isinstance(m, neuron.LIFNode) for m in twin.modules()) == 5
-    assert sum(isinstance(m, layer.SeqToANNContainer) for m in twin.modules()) == 4
     torch.manual_seed(4)
-    run_and_compare(original, twin, torch.randn(2, 2, 16, 3, 3, dtype=torch.float64))
+    x = torch.randn(2, 2, 16, 3, 3, dtype=torch.float64).to(DEVICE)
+    keys = list(build().state_dict())
+    original, twin = converted_pair(build, fuse_with=x, stays="SpikingSelfAttention: snnorm has no counterpart")
+    assert sum(isinstance(m, neuron.LIFNode) for m in twin.modules()) == 5
+    # qkv, proj, fc1, fc2: each SeqToANNContainer(Conv1d, BatchNorm1d) with the LIF after it
+    assert [p for p, _ in functional.fusion_report(twin, x).fused] == [
+        "attn.qkv_conv_bn", "attn.proj_conv_bn", "mlp.fc1", "mlp.fc2"]
+    assert list(twin.state_dict()) == keys
+    run_and_compare(original, twin, x)
