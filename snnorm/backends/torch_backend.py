@@ -462,6 +462,19 @@ def batch_norm_seq(
     return y.view(x_seq.shape)
 
 
+def stack_steps(per_step: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """BNTT's T per-step tensors (γ_t or running statistics, each ``[C]``) as one ``[T, C]``
+    for the statistics pipeline; None when a step has none."""
+    return torch.stack(list(per_step)) if all(t is not None for t in per_step) else None
+
+
+@torch.no_grad()
+def unstack_steps(stacked: torch.Tensor, per_step: Sequence[torch.Tensor]) -> None:
+    """Copy the rows of a ``[T, C]`` stack the pipeline updated back into the per-step buffers."""
+    for t, target in enumerate(per_step):
+        target.copy_(stacked[t])
+
+
 def bntt(
     x_seq: torch.Tensor,
     weights: Sequence[torch.Tensor | None],
@@ -484,7 +497,7 @@ def bntt(
     """
     tracked = all(r is not None for r in running_means) and all(r is not None for r in running_vars)
     if sync is not None and (training or not tracked):
-        weight = torch.stack(list(weights)) if all(w is not None for w in weights) else None
+        weight = stack_steps(weights)
         eps_rows = torch.tensor([float(e) for e in eps], dtype=torch.promote_types(x_seq.dtype, torch.float32),
                                 device=x_seq.device).view(-1, 1)
         y, _ = synced_norm("each", x_seq, weight, None, running_means if training and tracked else None,

@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import base
 from .._bn_state import NormPlan, check_batch_values, check_bn_input, resolve_running_stats, stats_sync, uses_batch_stats
 from .._checks import check_positive_int
+from ..backends.torch_backend import stack_steps, unstack_steps
 from .._recompute import check_stateful_recompute
 from ._bn_common import _check_bn_args, _TimestepBatchNorm1d, _TimestepBatchNorm2d, _TimestepBatchNorm3d, batch_norm
 
@@ -88,17 +89,13 @@ class _ThroughTimeBase(base.MemoryModule):
         self._check_sequence_start(x_seq)
         bns = self._bns()
         stats, sync = self._step_statistics(x_seq)
-        tracked = all(s.mean is not None for s in stats)
-        mean = torch.stack([s.mean for s in stats]) if tracked else None
-        var = torch.stack([s.var for s in stats]) if tracked else None
-        weight = torch.stack([bn.weight for bn in bns]) if bns[0].weight is not None else None
+        mean, var = stack_steps([s.mean for s in stats]), stack_steps([s.var for s in stats])
+        weight = stack_steps([bn.weight for bn in bns])
 
         def commit() -> None:
-            if tracked and uses_batch_stats(bns[0]):
-                with torch.no_grad():
-                    for t, s in enumerate(stats):
-                        s.mean.copy_(mean[t])
-                        s.var.copy_(var[t])
+            if mean is not None and uses_batch_stats(bns[0]):
+                unstack_steps(mean, [s.mean for s in stats])
+                unstack_steps(var, [s.var for s in stats])
             for s in stats:
                 s.commit()
             self.t = self.T - 1

@@ -280,24 +280,22 @@ def bntt(
         return torch_backend.bntt(x_seq, weights, running_means, running_vars, training=training, momentum=momentum,
                                   eps=eps, sync=sync)
     tracked = all(r is not None for r in running_means) and all(r is not None for r in running_vars)
-    weight = torch.stack(list(weights)) if all(w is not None for w in weights) else None
+    weight = torch_backend.stack_steps(weights)
     check_device("bntt", x_seq, weight, *(running_means if tracked else ()), *(running_vars if tracked else ()))
     use_batch_stats = training or not tracked
     group = group_name(sync) if use_batch_stats else ""
     if not use_batch_stats:
-        mean, var = torch.stack(list(running_means)), torch.stack(list(running_vars))
+        mean, var = torch_backend.stack_steps(running_means), torch_backend.stack_steps(running_vars)
     else:
         if not group and values_per_channel(x_seq, 1) == 1:  # raised before any update
             raise single_value_error(x_seq[0])
         track = training and tracked
-        r_mean = torch.stack(list(running_means)) if track else None
-        r_var = torch.stack(list(running_vars)) if track else None
+        r_mean = torch_backend.stack_steps(running_means) if track else None
+        r_var = torch_backend.stack_steps(running_vars) if track else None
         mean, var = bn_stats_op(x_seq.detach(), r_mean, r_var, [float(m) for m in momentum], "bntt", group)
         if track:  # the op updated the stacked copies: move them into the per-step buffers
-            with torch.no_grad():
-                for t in range(T):
-                    running_means[t].copy_(r_mean[t])
-                    running_vars[t].copy_(r_var[t])
+            torch_backend.unstack_steps(r_mean, running_means)
+            torch_backend.unstack_steps(r_var, running_vars)
     return bn_apply_op(x_seq, weight, None, mean, var, None, float(eps[0]), "bntt", use_batch_stats, group)
 
 
