@@ -76,6 +76,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._welford import chan_combine
 from ..params import BNKernelParameters, LIFKernelParameters
 from . import _lif_device as dev
 from ._common import (
@@ -465,14 +466,11 @@ def tile_counts(tiles: Tiling, N: int, S: int, device) -> Tensor:
 
 
 def local_step_statistics(counts: Tensor, pmean: Tensor, pm2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One step's P tile partials ``[P, C]`` (``counts`` ``[P]``) combined with the multi-way
-    Chan formula, in float64: n = Σ n_p, μ = Σ n_p μ_p / n, M2 = Σ M2_p + Σ n_p (μ_p − μ)².
+    """One step's P tile partials ``[P, C]`` (``counts`` ``[P]``) combined in float64 with the
+    multi-way Chan formula (:func:`snnorm._welford.chan_combine`, centred on tile 0's mean):
+    n = Σ n_p, μ = Σ n_p μ_p / n, M2 = Σ M2_p + Σ n_p (μ_p − μ)².
     Returns ``count [1]``, ``mean [1, C]``, ``M2 [1, C]``."""
-    n_p = counts.unsqueeze(1)
-    pmean, pm2 = pmean.to(SYNC_DTYPE), pm2.to(SYNC_DTYPE)
-    n = counts.sum()
-    mean = (n_p * pmean).sum(dim=0) / n
-    m2 = pm2.sum(dim=0) + (n_p * (pmean - mean) ** 2).sum(dim=0)
+    n, mean, m2 = chan_combine(counts, pmean.to(SYNC_DTYPE), pm2.to(SYNC_DTYPE))
     return n.view(1), mean.view(1, -1), m2.view(1, -1)
 
 
