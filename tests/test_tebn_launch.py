@@ -17,7 +17,7 @@ import torch
 from tolerances import CHUNKED_STATS_REL
 
 pytest.importorskip("triton")
-from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
+from snnorm.kernels import _common as bn_tiles  # noqa: E402
 from snnorm.kernels import tebn as tebn_mod  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

@@ -14,15 +14,15 @@ differing only in a :class:`NormRule`: which steps' values a step's statistics p
 
 Forward stages (launches):
 
-1. **partials** (``_bn_tiles.stats_partial_kernel``): per (t, c) and program slice, the
+1. **partials** (``_stats_partial_kernel``): per (t, c) and program slice, the
    (count, mean, M2) of x, merged tile by tile with Chan's formula (never Σx²);
 2. **reduce** (``_stats_reduce_kernel``, one program per block of channels): the partials
    combined over the grouping — all of them (ALL), step t's (EACH), or step t's merged into
    the prefix of steps 0..t−1 (PREFIX) — giving μ, biased σ² per statistics row, and the
    running statistics updated here, once:
    ``r_μ ← (1 − m)·r_μ + m·μ``, ``r_σ² ← (1 − m)·r_σ² + m·M2/(n − 1)``;
-3. **coefficients** (:func:`step_coefficients`, the apply kernel's device function; the
-   backward coefficient kernel reads the same μ, r, γ, β and :func:`step_scale`) per
+3. **coefficients** (``_device.step_coefficients``, the apply kernel's device function; the
+   backward coefficient kernel reads the same μ, r, γ, β and ``_device.step_scale``) per
    (t, c): a = s_t·γ/√(σ² + ε), b = s_t·β, so that
    y = a·(x − μ) + b, which is a·x + (s_t·β − a·μ) evaluated centred: subtracting μ first
    keeps the digits when |μ| ≫ σ;
@@ -75,31 +75,45 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bn_tiles import (
+from ._common import (
+    COEF_WARPS,
+    REDUCE_WARPS,
+    STATS_WARPS,
+    SYNC_DTYPE,
+    acc_dtype,
+    acc_torch_dtype,
     as_tncs,
-    chan_merge,
-    channel_consts,
-    combine_partials,
     combine_tiles,
     contiguous_or_none,
     fitted_geometry,
-    launch_partial_stats,
-    program_slice,
     slice_args,
     tile_constexprs,
+)
+from ._device import (
+    GROUPING_ALL,
+    GROUPING_EACH,
+    GROUPING_PREFIX,
+    SCALE_LINEAR,
+    SCALE_NONE,
+    SCALE_SQUARE,
+    chan_merge,
+    channel_consts,
+    combine_partials,
+    program_slice,
+    step_coefficients,
+    step_scale,
     tile_offsets,
 )
-from ._common import SYNC_DTYPE, acc_dtype, acc_torch_dtype
 
 __all__ = [
     "ALL", "EACH", "PREFIX", "NONE", "LINEAR", "SQUARE", "NormRule", "RULES", "rule",
     "launch_stats", "launch_apply", "launch_backward", "launch_backward_from_sums", "stats_shape", "param_shape",
 ]
 
-#: groupings: which steps' values a statistics row pools
-ALL, EACH, PREFIX = 0, 1, 2
+#: groupings: which steps' values a statistics row pools (the host's ints of the kernels' named modes)
+ALL, EACH, PREFIX = GROUPING_ALL.value, GROUPING_EACH.value, GROUPING_PREFIX.value
 #: per-step output scale s_t: 1, p_t, p_t²
-NONE, LINEAR, SQUARE = 0, 1, 2
+NONE, LINEAR, SQUARE = SCALE_NONE.value, SCALE_LINEAR.value, SCALE_SQUARE.value
 
 
 class NormRule(NamedTuple):
@@ -143,51 +157,38 @@ param_shape = stats_shape  # γ, β have the statistics' layout
 
 
 # ----------------------------------------------------------------------------------------
-# Device functions
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def step_scale(p_ptr, t, SCALE: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """(s_t, ∂s_t/∂p_t) of step t: (1, 0), (p_t, 1) or (p_t², 2 p_t)."""
-    if SCALE == 0:
-        s = tl.full((), 1.0, ACC_DTYPE)
-        ds = tl.zeros((), ACC_DTYPE)
-    else:
-        p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
-        if SCALE == 1:
-            s = p_t
-            ds = tl.full((), 1.0, ACC_DTYPE)
-        else:
-            s = p_t * p_t
-            ds = 2.0 * p_t
-    return s, ds
-
-
-@triton.jit
-def step_coefficients(
-    t, c, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps,
-    PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
-    """Stage 3 for step t and a block of channels: (μ, r, a = s_t γ r, b = s_t β).
-
-    μ, σ², γ, β are read at row t of ``[T, C]`` tensors when PER_STEP, else from ``[C]``.
-    """
-    if PER_STEP:
-        offs = t * C + c
-    else:
-        offs = c
-    mean, rstd, gamma, beta = channel_consts(
-        mean_ptr, var_ptr, w_ptr, b_ptr, offs, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
-    )
-    s, ds = step_scale(p_ptr, t, SCALE, ACC_DTYPE)
-    return mean, rstd, s * gamma * rstd, s * beta
-
-
-# ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stats_partial_kernel(
+    x_ptr,  # [T, N, C, S] contiguous
+    part_mean_ptr,  # [P, C] out: mean of each program's slice
+    part_m2_ptr,  # [P, C] out: Σ (x − mean)² of each program's slice
+    part_count_ptr,  # [P] out: elements per channel in each program's slice
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Stage 1: per-program (count, mean, M2) of its slice, merged tile by tile (Chan)."""
+    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    count = tl.zeros((), ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            count_b = (tl.minimum(n_hi - n0, BLOCK_N) * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC_DTYPE)
+            mean_b = tl.sum(tl.sum(x, axis=2), axis=0) / count_b
+            d = tl.where(mask, x - mean_b[None, :, None], 0.0)
+            m2_b = tl.sum(tl.sum(d * d, axis=2), axis=0)
+            count, mean, m2 = chan_merge(count, mean, m2, count_b, mean_b, m2_b)
+    tl.store(part_mean_ptr + part * C + c, mean, mask=c_mask)
+    tl.store(part_m2_ptr + part * C + c, m2, mask=c_mask)
+    tl.store(part_count_ptr + part, count, mask=tl.program_id(0) == 0)
 
 
 @triton.jit
@@ -251,7 +252,7 @@ def _apply_kernel(
     var_ptr,  # [C] or [T, C]: biased batch variance or running variance
     w_ptr,  # γ ([C] or [T, C]), or None without HAS_WEIGHT
     b_ptr,  # β, or None without HAS_BIAS
-    p_ptr,  # [T], or None with SCALE == 0
+    p_ptr,  # [T], or None with SCALE_NONE
     N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
     PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -323,10 +324,10 @@ def _bwd_coef_kernel(
     var_ptr,
     w_ptr,  # γ in the statistics' layout, or None without HAS_WEIGHT
     b_ptr,  # β, or None without HAS_BIAS
-    p_ptr,  # [T], or None with SCALE == 0
+    p_ptr,  # [T], or None with SCALE_NONE
     dw_ptr,  # out: ∂L/∂γ in γ's layout
     db_ptr,  # out: ∂L/∂β in β's layout
-    part_dp_ptr,  # [C_BLOCKS, T] out: the block's share of ∂L/∂p_t (SCALE != 0)
+    part_dp_ptr,  # [C_BLOCKS, T] out: the block's share of ∂L/∂p_t (SCALE != SCALE_NONE)
     grad_mean_ptr,  # out: ∂L/∂μ per statistics row
     grad_var_ptr,  # out: ∂L/∂σ² per statistics row
     coef_g_ptr,  # [T, C] out: k_t r_t
@@ -359,10 +360,10 @@ def _bwd_coef_kernel(
     # loop-carried value cost triton 3.6 a local-memory spill
     r_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ ∂L/∂μ_t / n_t; ALL: Σ ∂L/∂μ|_t
     v_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ v_t; ALL: Σ ∂L/∂σ²|_t
-    if GROUPING == 0:
+    if GROUPING == GROUPING_ALL:
         dw_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ_t s_t B_t
         db_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ_t s_t A_t
-    if GROUPING == 2:
+    if GROUPING == GROUPING_PREFIX:
         if BATCH_STATS:
             mean_ref = tl.load(mean_ptr + (T - 1) * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
             w_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
@@ -377,7 +378,7 @@ def _bwd_coef_kernel(
             offs = p[:, None] * C + c[None, :]
             sum_a += tl.sum(tl.load(part_a_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
             sum_b += tl.sum(tl.load(part_b_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
-        if GROUPING != 0:
+        if GROUPING != GROUPING_ALL:
             row = t * C + c
         else:
             row = c
@@ -389,10 +390,10 @@ def _bwd_coef_kernel(
         grad_mean = -k * rstd * sum_a  # step t's share of ∂L/∂μ of the row it read
         grad_var = -0.5 * k * rstd * rstd * sum_b
         tl.store(coef_g_ptr + t * C + c, k * rstd, mask=c_mask)
-        if SCALE != 0:
+        if SCALE != SCALE_NONE:
             dp = ds * tl.sum(tl.where(c_mask, gamma * sum_b + beta * sum_a, 0.0), axis=0)
             tl.store(part_dp_ptr + tl.program_id(0) * T + t, dp)
-        if GROUPING == 0:
+        if GROUPING == GROUPING_ALL:
             dw_sum += s * sum_b
             db_sum += s * sum_a
             r_sum += grad_mean
@@ -403,7 +404,7 @@ def _bwd_coef_kernel(
             tl.store(grad_mean_ptr + row, grad_mean, mask=c_mask)
             tl.store(grad_var_ptr + row, grad_var, mask=c_mask)
             if BATCH_STATS:
-                if GROUPING == 1:
+                if GROUPING == GROUPING_EACH:
                     tl.store(coef_u_ptr + row, grad_mean / m_step, mask=c_mask)
                     tl.store(coef_v_ptr + row, 2.0 * grad_var / m_step, mask=c_mask)
                 else:
@@ -414,7 +415,7 @@ def _bwd_coef_kernel(
                     w_sum += v * (mean - mean_ref)
                     tl.store(coef_u_ptr + row, r_sum + (mean - mean_ref) * v_sum - w_sum, mask=c_mask)
                     tl.store(coef_v_ptr + row, v_sum, mask=c_mask)
-    if GROUPING == 0:
+    if GROUPING == GROUPING_ALL:
         tl.store(dw_ptr + c, dw_sum, mask=c_mask)
         tl.store(db_ptr + c, db_sum, mask=c_mask)
         tl.store(grad_mean_ptr + c, r_sum, mask=c_mask)
@@ -466,11 +467,9 @@ def _bwd_dx_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------
 
-#: partials × channels the backward coefficient kernel sums per chunk on a GPU, and its warps:
-#: its work is O(T·C·partials), so one warp costs nothing, and at 2–8 warps ptxas of triton
-#: 3.6 spilled 8–12 B in the PREFIX configurations (at 32–48 registers; perf/compile_check.py)
+#: partials × channels the backward coefficient kernel sums per chunk on a GPU (on
+#: ``_common.COEF_WARPS``, one warp: its work is O(T·C·partials))
 COEF_CHUNK = 256
-COEF_WARPS = 1
 
 
 #: ``gather(count [T], mean [T, C], m2 [T, C])`` → every rank's ``([W, T], [W, T, C], [W, T, C])``
@@ -478,6 +477,23 @@ COEF_WARPS = 1
 Gather = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 #: ``all_reduce(t)`` → Σ over ranks of ``t`` (a new tensor)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def launch_partial_stats(x4: torch.Tensor, T: int, N: int, C: int, S: int, acc: torch.dtype):
+    """Stage 1: per-(program slice, channel) partial statistics of ``x4`` [T, N, C, S]:
+    (count, mean, M2) rows for every part of every step, combined afterwards in a fixed order. Returns (part_mean [parts, C], part_m2 [parts, C], part_count [parts], geometry)."""
+
+    def partials(geo):
+        part_mean = torch.empty(geo.parts, C, dtype=acc, device=x4.device)
+        part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x4.device)
+        part_count = torch.empty(geo.parts, dtype=acc, device=x4.device)
+        return (x4, part_mean, part_m2, part_count, N, C, S, *slice_args(geo))
+
+    flags = dict(ACC_DTYPE=acc_dtype(acc))
+    geo = fitted_geometry(_stats_partial_kernel, T, N, C, S, x4.device, x4.dtype, partials, flags, num_warps=STATS_WARPS(0))
+    args = partials(geo)
+    _stats_partial_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
+    return (*args[1:4], geo)
 
 
 def _reduce(
@@ -503,7 +519,7 @@ def _reduce(
         part_mean, part_m2, part_count, mean, var, r_mean, r_var, factors, momentum0,
         rows, per_group, C,
         PREFIX_MERGE=prefix, UPDATE_RUNNING=update, PER_ROW_MOMENTUM=per_row, STORE_M2=store_m2,
-        BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=4,
+        BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=REDUCE_WARPS(block_p * block_c),
     )
     if update and r_mean.data_ptr() != running_mean.data_ptr():
         running_mean.copy_(r_mean)
@@ -599,6 +615,7 @@ def launch_backward(
     coefficient, ∂x (when ``need_dx``). An unneeded ∂x comes back empty (numel 0).
     ``all_reduce``: synchronised statistics (:func:`launch_backward_from_sums`).
     """
+    x = x.contiguous()  # once: launch_backward_from_sums reads the same copy (a view from here on)
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     dev = x.device
@@ -607,7 +624,8 @@ def launch_backward(
     if x.numel() == 0 or not (batch_stats or need_sums):  # no sums: A = B = 0
         part_a = part_b = torch.zeros(T, C, **tc)
     else:
-        g4 = grad_y.contiguous().view(T, N, C, S)
+        grad_y = grad_y.contiguous()  # likewise copied at most once
+        g4 = grad_y.view(T, N, C, S)
 
         def reduce_args(geo):
             part_a = torch.empty(geo.parts, C, **tc)
@@ -650,7 +668,7 @@ def _coefficients(
         T, per_step, C, M, float(eps),
         GROUPING=r.grouping, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BATCH_STATS=batch_stats, COUNT_FROM_PTR=count is not None, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=COEF_WARPS, ACC_DTYPE=acc_dtype(acc),
+        num_warps=COEF_WARPS(block_p * block_c), ACC_DTYPE=acc_dtype(acc),
     )
     # a fixed-shape reduction over channel blocks: deterministic
     dp = part_dp.sum(0) if part_dp is not None else torch.zeros(T, **tc)
