@@ -35,6 +35,7 @@ __all__ = [
     "interpreter_active",
     "device_error",
     "check_device",
+    "check_channel_args",
     "next_pow2",
     "acc_dtype",
     "acc_torch_dtype",
@@ -98,6 +99,38 @@ def check_device(op: str, *tensors) -> None:
             reason = device_error(t.device.type, interpreting)
             if reason is not None:
                 raise RuntimeError(f"snnorm triton op {op}: {reason}")
+
+
+#: a per-channel argument for :func:`check_channel_args`: (tensor or None, expected shape) or
+#: (tensor or None, expected shape, required)
+ChannelArg = tuple
+
+
+def check_channel_args(op: str, device: torch.device, **args: ChannelArg) -> None:
+    """Check a launcher's per-channel arguments before it allocates or writes anything.
+
+    Each keyword is an argument's name and ``(tensor, shape)`` or ``(tensor, shape, required)``:
+    a tensor must have exactly ``shape`` (``[C]``, ``[T, C]`` or ``[T]`` as the op expects), live
+    on ``device`` (the input's) and be floating point; None is an absent argument, refused
+    only when ``required``. Raises ValueError naming the argument, the expected and the
+    received shape (or device, or dtype): a kernel would otherwise read past a short vector
+    or silently use the first C values of a long one.
+    """
+    for name, spec in args.items():
+        t, shape = spec[0], tuple(int(s) for s in spec[1])
+        required = len(spec) > 2 and spec[2]
+        if t is None:
+            if required:
+                raise ValueError(f"{op}: {name} is required, expected a tensor of shape {list(shape)}")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor of shape {list(shape)}, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected the input's device {device}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
 
 
 def next_pow2(n: int) -> int:

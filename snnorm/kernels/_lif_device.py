@@ -15,3 +15,9 @@ from ._device import (  # noqa: F401
     SURROGATES,
     lif_kernel_args,
 )
+
+__all__ = [
+    "FIRE_FOLDED", "FIRE_NORMALISED", "FIRE_RAW", "STATS_FOLD_BATCH", "STATS_FOLD_RUNNING", "STATS_TRAIN",
+    "SURROGATE_ATAN", "SURROGATE_PIECEWISE_EXP", "SURROGATE_PIECEWISE_QUADRATIC", "SURROGATE_SIGMOID", "SURROGATES",
+    "lif_kernel_args",
+]

@@ -32,7 +32,9 @@ import triton.language as tl
 
 from . import _device as dev
 from ..params import LIFKernelParameters
-from ._common import acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, num_warps, store_dtype
+from ._common import (
+    acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, needs_int64, num_warps, store_dtype,
+)
 
 #: elements per program
 BLOCK = 1024
@@ -190,8 +192,19 @@ def _modes(fire: int, carry_norm: bool) -> dict:
     return dict(FIRE=fire, NORM=(fire == dev.FIRE_NORMALISED.value) or carry_norm, CARRY_NORM=carry_norm)
 
 
+def _check_fire_params(op: str, device, C: int, fire: int, carry_norm: bool, th, mu, r, beta, thf, sgn) -> None:
+    """θ always, μ, r, β with a normalised firing variable or carry, θ′, sign(γ) when folded: ``[C]``."""
+    norm = fire == dev.FIRE_NORMALISED.value or carry_norm
+    folded = fire == dev.FIRE_FOLDED.value
+    check_channel_args(
+        op, device, th=(th, (C,), True), mu=(mu, (C,), norm), r=(r, (C,), norm), beta=(beta, (C,), norm),
+        thf=(thf, (C,), folded), sgn=(sgn, (C,), folded),
+    )
+
+
 def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelParameters, fire, carry_norm, save_h):
     T, N, C = x.shape[:3]
+    _check_fire_params("lif", x.device, C, fire, carry_norm, th, mu, r, beta, thf, sgn)
     x4, v3 = as_ncs(x, 1), as_ncs(v0, 0)
     S = x4.shape[3]
     acc = acc_torch_dtype(out_dtype)
@@ -215,6 +228,7 @@ def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelPa
 
 def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKernelParameters, fire, carry_norm, need_gv0):
     T, N, C = h.shape[:3]
+    _check_fire_params("lif backward", h.device, C, fire, carry_norm, th, mu, r, beta, thf, sgn)
     h4 = as_ncs(h, 1)
     S = h4.shape[3]
     acc = h.dtype

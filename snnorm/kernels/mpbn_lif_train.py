@@ -80,7 +80,8 @@ from .._welford import chan_combine
 from ..params import BNKernelParameters, LIFKernelParameters
 from . import _device as dev
 from ._common import (
-    PIPELINED_WARPS, SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, next_pow2, num_warps,
+    PIPELINED_WARPS, SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, needs_int64,
+    next_pow2, num_warps,
     store_dtype,
 )
 
@@ -491,12 +492,18 @@ def launch_batch_stats_fwd(
     ([T, C]; empty unless saved) and the adapted μ, σ² ([C]; empty in training).
     """
     T, N, C = x.shape[:3]
+    adapt = stats != dev.STATS_TRAIN.value
+    check_channel_args(  # before anything is written (the running statistics are updated in place)
+        "mpbn_lif", x.device, th=(th, (C,), True), weight=(weight, (C,)), bias=(bias, (C,)),
+        running_mean=(running_mean, (C,), running_var is not None), running_var=(running_var, (C,), running_mean is not None),
+        mu=(mu, (C,), adapt), s2=(s2, (C,), adapt),
+        **({"mom": (mom, (T,), True)} if stats == dev.STATS_FOLD_RUNNING.value else {}),
+    )
     x4, v3 = as_ncs(x, 1), as_ncs(v0, 0)
     S = x4.shape[3]
     acc = acc_torch_dtype(out_dtype)
     dev_ = x.device
     st = store_dtype(out_dtype)
-    adapt = stats != dev.STATS_TRAIN.value
     s = torch.empty(x.shape, dtype=st, device=dev_)
     v_out = torch.empty(x.shape[1:], dtype=st, device=dev_)
     mu_out = torch.empty((C,) if adapt else (0,), dtype=acc, device=dev_)
@@ -575,6 +582,10 @@ def launch_train_bwd(
     (DistributedDataParallel averages parameter gradients, as for torch's SyncBatchNorm).
     """
     T, N, C = h.shape[:3]
+    check_channel_args(
+        "mpbn_lif backward", h.device, mean=(mean, (T, C), True), rstd=(rstd, (T, C), True), weight=(weight, (C,)),
+        bias=(bias, (C,)), th=(th, (C,), True),
+    )
     h4 = as_ncs(h, 1)
     S = h4.shape[3]
     g4 = as_ncs(gs, 1) if gs is not None else None

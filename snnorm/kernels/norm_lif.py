@@ -3,7 +3,7 @@
 A batch-statistics norm (a :class:`snnorm.kernels.bn_pipeline.NormRule`: multi-step BN /
 tdBN, BNTT, TEBN, TAB) followed by an IF/LIF neuron, per element (n, c, spatial), step t::
 
-    y_t = a_tc·(x_t − μ_row) + b_tc                    (the pipeline's coefficients, DESIGN.md §8)
+    y_t = a_tc·(x_t − μ_row) + b_tc                    (the pipeline's coefficients, bn_pipeline)
     h_t = charge(v_{t−1}, y_t);   s_t = Θ(h_t − θ);   v_t = reset(h_t, s_t)
 
 **Forward** (training): the pipeline's partials and reduce (``snnorm::bn_stats``) give μ, σ²
@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from . import _device as dev
-from ._common import NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_tncs, contiguous_or_none, next_pow2
-from .bn_pipeline import NormRule, launch_backward_from_sums, out_dtype
+from ._common import NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_tncs, check_channel_args, contiguous_or_none, next_pow2
+from .bn_pipeline import NormRule, check_params, launch_backward_from_sums, out_dtype
 
 __all__ = ["segment_length", "launch_norm_lif_forward", "launch_norm_lif_backward"]
 
@@ -208,6 +208,12 @@ def _norm_flags(r: NormRule, weight, bias, p, v0, acc) -> dict:
     )
 
 
+def _check(op: str, r: NormRule, x, v0, weight, bias, p, mean, var) -> None:
+    """The pipeline's per-channel arguments and the membrane ``v0`` ``[N, C, *spatial]`` (read contiguous)."""
+    check_params(op, r, x, weight, bias, mean, var, p)
+    check_channel_args(f"{op} ({r.name})", x.device, v0=(v0, tuple(x.shape[1:])))
+
+
 def launch_norm_lif_forward(
     r: NormRule, x: torch.Tensor, v0: Optional[torch.Tensor], weight, bias, p, mean: torch.Tensor,
     var: torch.Tensor, eps: float, threshold: float, v_init: float, lif, checkpoint: bool,
@@ -220,6 +226,7 @@ def launch_norm_lif_forward(
     a :class:`snnorm.params.LIFKernelParameters`. ``checkpoint`` keeps the membrane after
     every SEG-th step for a backward (an empty tensor otherwise, or when T ≤ SEG).
     """
+    _check("norm_lif", r, x, v0, weight, bias, p, mean, var)
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     mean, var = mean.to(acc).contiguous(), var.to(acc).contiguous()
@@ -256,6 +263,7 @@ def launch_norm_lif_backward(
     then the pipeline's coefficient and ∂x kernels. ``all_reduce``: synchronised batch
     statistics (:func:`snnorm.kernels.bn_pipeline.launch_backward_from_sums`).
     """
+    _check("norm_lif backward", r, x, v0, weight, bias, p, mean, var)
     x = x.contiguous()  # once: launch_backward_from_sums reads the same copy
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
