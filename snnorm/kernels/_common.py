@@ -42,7 +42,13 @@ __all__ = [
     "as_ncs",
     "needs_int64",
     "store_dtype",
-    "num_warps",
+    "LIF_WARPS",
+    "PIPELINED_WARPS",
+    "TILE_WARPS",
+    "STATS_WARPS",
+    "REDUCE_WARPS",
+    "COEF_WARPS",
+    "NORM_LIF_WARPS",
     "Tiling",
     "channel_tiling",
     "OpSignature",
@@ -221,11 +227,6 @@ COEF_WARPS = WarpRule(1, 1, 1)
 NORM_LIF_WARPS = WarpRule(1, 2, 2)
 
 
-def num_warps(block: int) -> int:
-    """Warps for a LIF tile of ``block`` elements (:data:`LIF_WARPS`)."""
-    return LIF_WARPS(block)
-
-
 class Tiling(NamedTuple):
     """How a channel's ``[N, S]`` elements split into ``[BLOCK_N, BLOCK_S]`` tiles (one per program)."""
 
@@ -325,14 +326,14 @@ def tile_elems(interp: bool) -> int:
 
 def geometry(
     T: int, N: int, C: int, S: int, device: torch.device, programs: Optional[int] = None,
-    num_warps: Optional[int] = None,
+    warps: WarpRule = TILE_WARPS,
 ) -> Geometry:
     """Tile sizes and the split of each (channel block, timestep) over about ``programs`` programs.
 
     ``programs`` is what fits on the device at once (:func:`fitted_geometry`); without it,
     one program under the interpreter (which pays per program) and
     FALLBACK_PROGRAMS_PER_SM per SM on a GPU. ``TUNING["programs"]`` overrides both.
-    ``num_warps`` overrides the tile's default warp count (for a kernel that spills with it).
+    ``warps``: the kernel's warp setting (:data:`TILE_WARPS` unless it spills with it).
     """
     interp = device.type != "cuda"
     tile = tile_elems(interp)
@@ -355,8 +356,7 @@ def geometry(
     n_per_prog = triton.cdiv(n_blocks, n_splits) * BLOCK_N
     s_splits = triton.cdiv(S, s_per_prog)  # no empty program
     n_splits = triton.cdiv(N, n_per_prog)
-    if num_warps is None:
-        num_warps = TILE_WARPS(BLOCK_N * BLOCK_C * BLOCK_S)
+    num_warps = warps(BLOCK_N * BLOCK_C * BLOCK_S)
     return Geometry(
         BLOCK_N, BLOCK_C, BLOCK_S, n_per_prog, s_per_prog, n_splits, s_splits, c_blocks,
         (c_blocks, T * n_splits, s_splits), T * n_splits * s_splits, num_warps,
@@ -431,21 +431,21 @@ def slice_args(geo: Geometry) -> tuple:
 
 def fitted_geometry(
     kernel, T: int, N: int, C: int, S: int, device: torch.device, dtype: torch.dtype,
-    args_for: Callable[[Geometry], tuple], constexprs: dict, num_warps: Optional[int] = None,
+    args_for: Callable[[Geometry], tuple], constexprs: dict, warps: WarpRule = TILE_WARPS,
 ) -> Geometry:
     """The geometry for launching ``kernel``: as many programs as the GPU holds at once.
 
     ``args_for(geo)`` gives the kernel's arguments for a geometry (used to compile it once).
     Under the interpreter, or with ``TUNING["programs"]`` set, the plain geometry.
     """
-    geo = geometry(T, N, C, S, device, num_warps=num_warps)
+    geo = geometry(T, N, C, S, device, warps=warps)
     if device.type != "cuda" or TUNING["programs"] is not None:
         return geo
     per_sm = programs_per_sm(kernel, lambda: args_for(geo), {**constexprs, **tile_constexprs(geo)}, device, dtype)
     if per_sm is None:
         return geo
     return geometry(T, N, C, S, device, programs=per_sm * device_props(device).multi_processor_count,
-                    num_warps=num_warps)
+                    warps=warps)
 
 
 def combine_tiles(P: int, C: int, interp: bool) -> tuple[int, int]:

@@ -33,7 +33,7 @@ import triton.language as tl
 from . import _device as dev
 from ..params import LIFKernelParameters
 from ._common import (
-    acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, needs_int64, num_warps, store_dtype,
+    LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, needs_int64, store_dtype,
 )
 
 #: elements per program
@@ -221,7 +221,7 @@ def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelPa
         *scalars,
         **_modes(fire, carry_norm), **lif_flags, SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
         BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(x4, v3, s), ACC_DTYPE=acc_dtype(out_dtype),
-        num_warps=num_warps(tiles.block),
+        num_warps=LIF_WARPS(tiles.block),
     )
     return s.to(out_dtype), v_out.to(out_dtype), h
 
@@ -245,7 +245,8 @@ def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKerne
         *(g4.stride() if g4 is not None else (0,) * 4), *(gv3.stride() if gv3 is not None else (0,) * 3),
         *scalars,
         **_modes(fire, carry_norm), **lif_flags, HAS_GS=gs is not None, HAS_GV=gv is not None,
-        NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3), ACC_DTYPE=acc_dtype(acc),
-        num_warps=num_warps(tiles.block),
+        NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3),
+        ACC_DTYPE=acc_dtype(acc),
+        num_warps=LIF_WARPS(tiles.block),
     )
     return gx.to(gx_dtype), gv0, part.sum(dim=1)

@@ -80,9 +80,8 @@ from .._welford import chan_combine
 from ..params import BNKernelParameters, LIFKernelParameters
 from . import _device as dev
 from ._common import (
-    PIPELINED_WARPS, SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, needs_int64,
-    next_pow2, num_warps,
-    store_dtype,
+    LIF_WARPS, PIPELINED_WARPS, SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args,
+    needs_int64, next_pow2, store_dtype,
 )
 
 #: a channel of at most this many (padded) elements per step may take the resident path
@@ -105,11 +104,6 @@ def resident_tiling(N: int, S: int) -> Tiling:
 def uses_resident_path(N: int, C: int, S: int) -> bool:
     """One program per channel when the channel fits in registers and C programs fill the GPU."""
     return resident_tiling(N, S).block <= RESIDENT_MAX_M and C >= MIN_PROGRAMS
-
-
-def pipelined_warps(block: int) -> int:
-    """Warps for a pipelined tile (:data:`snnorm.kernels._common.PIPELINED_WARPS`)."""
-    return PIPELINED_WARPS(block)
 
 
 def pipelined_tiling(N: int, C: int, S: int) -> Tiling:
@@ -143,9 +137,11 @@ def _mpbn_lif_resident_fwd_kernel(
     stride_x_t, stride_x_n, stride_x_c, stride_x_s,
     stride_v_n, stride_v_c, stride_v_s,
     tau, v_reset, eps, momentum, batches_tracked,
-    STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRACK: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+    STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRACK: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr,
     CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, SAVE: tl.constexpr,
-    V0_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    V0_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     c = dev.index(tl.program_id(0), INDEX_64)
     n, s, mask = dev.channel_tile(0, N, S, 1, BLOCK_N, BLOCK_S, INDEX_64)
@@ -202,7 +198,8 @@ def _mpbn_lif_resident_bwd_kernel(
     stride_g_t, stride_g_n, stride_g_c, stride_g_s,
     stride_gv_n, stride_gv_c, stride_gv_s,
     tau, v_reset, alpha,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    SOFT_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr,
     NEED_GV0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -276,7 +273,8 @@ def _mpbn_lif_pipelined_fwd_kernel(
     stride_x_t, stride_x_n, stride_x_c, stride_x_s,
     stride_v_n, stride_v_c, stride_v_s,
     tau, v_reset, eps, momentum, batches_tracked,
-    STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRACK: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+    STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRACK: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr,
     CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, SAVE: tl.constexpr,
     V0_SCALAR: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -334,7 +332,8 @@ def _mpbn_lif_pipelined_fwd_kernel(
         tl.store(vout_ptr + o_off, v.to(vout_ptr.dtype.element_ty), mask=mask)
     else:  # charge step t + 1 with v still in registers
         tn = dev.index(t + 1, INDEX_64)
-        x = tl.load(x_ptr + tn * stride_x_t + c * stride_x_c + n * stride_x_n + s * stride_x_s, mask=mask, other=0.0).to(ACC_DTYPE)
+        x_off = tn * stride_x_t + c * stride_x_c + n * stride_x_n + s * stride_x_s
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC_DTYPE)
         h = tl.where(mask, dev.charge(v, x, tau, v_r, DECAY_INPUT), 0.0)
         h_row = tn if SAVE else tn % 2
         tl.store(h_ptr + h_row * step + o_off, h.to(h_ptr.dtype.element_ty), mask=mask)
@@ -364,7 +363,8 @@ def _mpbn_lif_pipelined_bwd_kernel(
     stride_g_t, stride_g_n, stride_g_c, stride_g_s,
     stride_gv_n, stride_gv_c, stride_gv_s,
     tau, v_reset, alpha,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    SOFT_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr,
     NEED_GV0: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -381,7 +381,8 @@ def _mpbn_lif_pipelined_bwd_kernel(
     if FIRST:
         gv = zero
         if HAS_GV:
-            gv = tl.load(gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0).to(ACC_DTYPE)
+            gv_off = c * stride_gv_c + n * stride_gv_n + s * stride_gv_s
+            gv = tl.load(gvout_ptr + gv_off, mask=mask, other=0.0).to(ACC_DTYPE)
     else:  # apply step t + 1: its A, B are complete now
         tp = dev.index(t + 1, INDEX_64)
         a_sum = dev.sum_partials(pa_ptr + tp * P * C, c, C, P, BLOCK_P, ACC_DTYPE)
@@ -417,7 +418,8 @@ def _mpbn_lif_pipelined_bwd_kernel(
         h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
         gs = zero
         if HAS_GS:
-            gs = tl.load(gs_ptr + ti * stride_g_t + c * stride_g_c + n * stride_g_n + s * stride_g_s, mask=mask, other=0.0).to(ACC_DTYPE)
+            g_off = ti * stride_g_t + c * stride_g_c + n * stride_g_n + s * stride_g_s
+            gs = tl.load(gs_ptr + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
         mean = tl.load(mean_ptr + ti * C + c).to(ACC_DTYPE)
         rstd = tl.load(rstd_ptr + ti * C + c).to(ACC_DTYPE)
         xhat, g_hat, g_direct, gth = dev.bn_bwd_step(
@@ -495,7 +497,8 @@ def launch_batch_stats_fwd(
     adapt = stats != dev.STATS_TRAIN.value
     check_channel_args(  # before anything is written (the running statistics are updated in place)
         "mpbn_lif", x.device, th=(th, (C,), True), weight=(weight, (C,)), bias=(bias, (C,)),
-        running_mean=(running_mean, (C,), running_var is not None), running_var=(running_var, (C,), running_mean is not None),
+        running_mean=(running_mean, (C,), running_var is not None),
+        running_var=(running_var, (C,), running_mean is not None),
         mu=(mu, (C,), adapt), s2=(s2, (C,), adapt),
         **({"mom": (mom, (T,), True)} if stats == dev.STATS_FOLD_RUNNING.value else {}),
     )
@@ -510,7 +513,8 @@ def launch_batch_stats_fwd(
     s2_out = torch.empty((C,) if adapt else (0,), dtype=acc, device=dev_)
     lif_scalars, lif_flags = dev.lif_kernel_args(lif)
     flags = dict(
-        STATS=stats, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRACK=running_mean is not None, USE_MOMENTUM=bn.momentum is not None,
+        STATS=stats, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRACK=running_mean is not None,
+        USE_MOMENTUM=bn.momentum is not None,
         CARRY_NORM=carry_norm, SAVE=save, V0_SCALAR=v3.stride() == (0, 0, 0), INDEX_64=needs_int64(x4, v3, s),
         ACC_DTYPE=acc_dtype(out_dtype), **lif_flags,
     )
@@ -531,7 +535,7 @@ def launch_batch_stats_fwd(
             s, h if save else None, v_out, mean if save else None, rstd if save else None,
             mu_out if adapt else None, s2_out if adapt else None,
             T, N, C, S, *x4.stride(), *v3.stride(), *scalars,
-            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=num_warps(tiles.block), **flags,
+            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), **flags,
         )
         return s.to(out_dtype), v_out.to(out_dtype), h, mean, rstd, mu_out, s2_out
 
@@ -598,7 +602,8 @@ def launch_train_bwd(
     gb = torch.empty(C, dtype=acc, device=dev_)
     scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
     flags = dict(
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CARRY_NORM=carry_norm, HAS_GS=gs is not None, HAS_GV=gv is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CARRY_NORM=carry_norm, HAS_GS=gs is not None,
+        HAS_GV=gv is not None,
         NEED_GV0=need_gv0, INDEX_64=needs_int64(h4, g4, gv3), ACC_DTYPE=acc_dtype(acc), **lif_flags,
     )
     strides = (*_strides(g4, 4), *_strides(gv3, 3))
@@ -609,7 +614,7 @@ def launch_train_bwd(
         _mpbn_lif_resident_bwd_kernel[(C,)](
             g4, gv3, h4, mean, rstd, weight, bias, th, gx, gv0 if need_gv0 else None, gw, gb, gth,
             T, N, C, S, *strides, *scalars,
-            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=num_warps(tiles.block), **flags,
+            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), **flags,
         )
         return gx.to(gx_dtype), gv0, gw, gb, gth
 

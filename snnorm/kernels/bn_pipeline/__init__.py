@@ -26,7 +26,7 @@ The rules (:data:`RULES`; the ops ``snnorm::bn_*`` take one by name):
 
 Forward stages (launches):
 
-1. **partials** (``_stats_partial_kernel``): per (t, c) and program slice, the
+1. **partials** (``stats_partial_kernel``): per (t, c) and program slice, the
    (count, mean, M2) of x, merged tile by tile with Chan's formula (never Σx²);
 2. **reduce** (``_stats_reduce_kernel``, one program per block of channels): the partials
    combined over the grouping — all of them (ALL), step t's (EACH), or step t's merged into
@@ -102,7 +102,7 @@ from ._kernels import (
     _bwd_coef_kernel,
     _bwd_dx_kernel,
     _bwd_reduce_kernel,
-    _stats_partial_kernel,
+    stats_partial_kernel,
     _stats_reduce_kernel,
 )
 
@@ -185,7 +185,8 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 def launch_partial_stats(x4: torch.Tensor, T: int, N: int, C: int, S: int, acc: torch.dtype):
     """Stage 1: per-(program slice, channel) partial statistics of ``x4`` [T, N, C, S]:
-    (count, mean, M2) rows for every part of every step, combined afterwards in a fixed order. Returns (part_mean [parts, C], part_m2 [parts, C], part_count [parts], geometry)."""
+    (count, mean, M2) rows for every part of every step, combined afterwards in a fixed order.
+    Returns (part_mean [parts, C], part_m2 [parts, C], part_count [parts], geometry)."""
 
     def partials(geo):
         part_mean = torch.empty(geo.parts, C, dtype=acc, device=x4.device)
@@ -194,9 +195,10 @@ def launch_partial_stats(x4: torch.Tensor, T: int, N: int, C: int, S: int, acc: 
         return (x4, part_mean, part_m2, part_count, N, C, S, *slice_args(geo))
 
     flags = dict(ACC_DTYPE=acc_dtype(acc))
-    geo = fitted_geometry(_stats_partial_kernel, T, N, C, S, x4.device, x4.dtype, partials, flags, num_warps=STATS_WARPS(0))
+    geo = fitted_geometry(stats_partial_kernel, T, N, C, S, x4.device, x4.dtype, partials, flags,
+                          warps=STATS_WARPS)
     args = partials(geo)
-    _stats_partial_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
+    stats_partial_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
     return (*args[1:4], geo)
 
 

@@ -1,5 +1,5 @@
 """The statistics pipeline's kernels, stage by stage (the equations and the stages: the
-package docstring, :mod:`snnorm.kernels.bn_pipeline`). Forward: ``_stats_partial_kernel``
+package docstring, :mod:`snnorm.kernels.bn_pipeline`). Forward: ``stats_partial_kernel``
 (stage 1, partials), ``_stats_reduce_kernel`` (stage 2), ``_apply_kernel`` (stages 3–4);
 backward: ``_bwd_reduce_kernel``, ``_bwd_coef_kernel``, ``_bwd_dx_kernel``. Device
 functions and modes: :mod:`snnorm.kernels._device`."""
@@ -25,7 +25,7 @@ from .._device import (
 
 
 @triton.jit
-def _stats_partial_kernel(
+def stats_partial_kernel(
     x_ptr,  # [T, N, C, S] contiguous
     part_mean_ptr,  # [P, C] out: mean of each program's slice
     part_m2_ptr,  # [P, C] out: Σ (x − mean)² of each program's slice
