@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -189,3 +190,36 @@ def test_norm_lif_launchers_check_per_channel_arguments_and_the_membrane(rule, b
             r, torch.ones_like(x), None, x, args["v0"], torch.empty(0), args["weight"], args["bias"], args["p"],
             args["mean"], args["var"], 1e-5, True, 1.0, 0.0, LIF_K, True, True,
         )
+
+
+# --- no double copy ----------------------------------------------------------------------------
+
+
+class _CountCopies(TorchDispatchMode):
+    """Counts the copies a call makes of full-size tensors (``contiguous()`` of a strided view is
+    ``aten.clone``; a ``copy_`` into a new buffer counts too)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.copies = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default) and args[0].numel() == self.numel:
+            self.copies += 1
+        return out
+
+
+@pytest.mark.parametrize("rule", ["batch_norm", "tab"])
+def test_pipeline_backward_copies_a_strided_input_and_gradient_once_each(rule):
+    r = bnp.rule(rule)
+    x = torch.randn(T, N, C, W, H).transpose(3, 4)  # [T, N, C, H, W] whose H, W cannot merge: a copy
+    grad_y = torch.randn(T, N, C, W, H).transpose(3, 4)
+    shape = bnp.stats_shape(r, T, C)
+    p = torch.ones(T) if r.scale != bnp.NONE else None
+    mean, var = torch.zeros(shape), torch.ones(shape)
+    with _CountCopies(x.numel()) as counter:
+        dx = bnp.launch_backward(r, grad_y, x, torch.ones(shape), torch.zeros(shape), mean, var, p, 1e-5, True, True,
+                                 True)[0]
+    assert dx.shape == x.shape
+    assert counter.copies == 2, f"{counter.copies} full-size copies of x and ∂y (one each expected)"
