@@ -332,8 +332,9 @@ def _mpbn_lif_pipelined_fwd_kernel(
         tl.store(vout_ptr + o_off, v.to(vout_ptr.dtype.element_ty), mask=mask)
     else:  # charge step t + 1 with v still in registers
         tn = dev.index(t + 1, INDEX_64)
-        x_off = tn * stride_x_t + c * stride_x_c + n * stride_x_n + s * stride_x_s
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        x = tl.load(
+            x_ptr + tn * stride_x_t + c * stride_x_c + n * stride_x_n + s * stride_x_s, mask=mask, other=0.0
+        ).to(ACC_DTYPE)
         h = tl.where(mask, dev.charge(v, x, tau, v_r, DECAY_INPUT), 0.0)
         h_row = tn if SAVE else tn % 2
         tl.store(h_ptr + h_row * step + o_off, h.to(h_ptr.dtype.element_ty), mask=mask)
@@ -381,8 +382,9 @@ def _mpbn_lif_pipelined_bwd_kernel(
     if FIRST:
         gv = zero
         if HAS_GV:
-            gv_off = c * stride_gv_c + n * stride_gv_n + s * stride_gv_s
-            gv = tl.load(gvout_ptr + gv_off, mask=mask, other=0.0).to(ACC_DTYPE)
+            gv = tl.load(
+                gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0
+            ).to(ACC_DTYPE)
     else:  # apply step t + 1: its A, B are complete now
         tp = dev.index(t + 1, INDEX_64)
         a_sum = dev.sum_partials(pa_ptr + tp * P * C, c, C, P, BLOCK_P, ACC_DTYPE)
@@ -418,8 +420,9 @@ def _mpbn_lif_pipelined_bwd_kernel(
         h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
         gs = zero
         if HAS_GS:
-            g_off = ti * stride_g_t + c * stride_g_c + n * stride_g_n + s * stride_g_s
-            gs = tl.load(gs_ptr + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
+            gs = tl.load(
+                gs_ptr + ti * stride_g_t + c * stride_g_c + n * stride_g_n + s * stride_g_s, mask=mask, other=0.0
+            ).to(ACC_DTYPE)
         mean = tl.load(mean_ptr + ti * C + c).to(ACC_DTYPE)
         rstd = tl.load(rstd_ptr + ti * C + c).to(ACC_DTYPE)
         xhat, g_hat, g_direct, gth = dev.bn_bwd_step(
