@@ -19,9 +19,9 @@ from tolerances import TEBN_MODULE_REL, rel_err
 import snnorm
 from snnorm import backends, functional, layer, memopt
 
-KERNEL = Path(snnorm.__file__).parent / "kernels" / "tebn.py"
+KERNEL = Path(snnorm.__file__).parent / "kernels" / "bn_pipeline"
 pytestmark = pytest.mark.skipif(
-    not KERNEL.exists(), reason="snnorm/kernels/tebn.py (the Triton TEBN kernel) is not in this checkout"
+    not KERNEL.exists(), reason="snnorm/kernels/bn_pipeline (the Triton TEBN kernels) is not in this checkout"
 )
 
 T, N, C = 3, 2, 3

@@ -17,8 +17,8 @@ import torch
 from tolerances import CHUNKED_STATS_REL
 
 pytest.importorskip("triton")
-from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
-from snnorm.kernels import tebn as tebn_mod  # noqa: E402
+from snnorm.kernels import _common as bn_tiles  # noqa: E402
+from snnorm.kernels import bn_pipeline as bnp  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)
@@ -99,7 +99,7 @@ def _stats(x, monkeypatch, tile, splits):
     geo = bn_tiles.geometry(T, N, C, S, torch.device(DEVICE))
     rm = torch.zeros(C, dtype=x.dtype, device=x.device)
     rv = torch.ones_like(rm)
-    mean, var = tebn_mod._launch_tebn_stats(x, rm, rv, 1.0)
+    mean, var = bnp.launch_stats(bnp.RULES["tebn"], x, rm, rv, [1.0])
     return geo, (mean, var, rm, rv)
 
 

@@ -30,7 +30,7 @@ pytest.importorskip("triton")
 from snnorm import functional, layer  # noqa: E402
 from snnorm.backends import torch_backend  # noqa: E402
 from snnorm.backends import triton_backend  # noqa: E402
-from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
+from snnorm.kernels import _common as bn_tiles  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is off", allow_module_level=True)

@@ -24,7 +24,7 @@ from tolerances import assert_rel_close
 
 pytest.importorskip("triton")
 from snnorm.backends import torch_backend  # noqa: E402
-from snnorm.kernels import _bn_tiles as bn_tiles  # noqa: E402
+from snnorm.kernels import _common as bn_tiles  # noqa: E402
 from snnorm.backends import triton_backend as tebn_mod  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

@@ -161,15 +161,10 @@ def gather_step_partials(sync: StatsSync, count: Tensor, mean: Tensor, m2: Tenso
 def combine_rank_partials(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Chan's combination over the rank axis, in rank order: ``[W, T]``, ``[W, T, C]`` ×2 →
     ``count [T]`` (float64), ``mean``, ``m2`` ``[T, C]``. Differentiable in mean and m2; a
-    rank with an empty batch (count 0) adds nothing."""
+    rank with an empty batch (count 0) adds nothing (:func:`snnorm._welford.chan_merge`)."""
+    from .._welford import chan_merge
+
     n, mu, s = count[0], mean[0], m2[0]
     for r in range(1, count.shape[0]):
-        n_b = count[r]
-        total = n + n_b
-        w_b = torch.where(total > 0, n_b / total.clamp(min=1), 0.0).to(mu.dtype).unsqueeze(1)
-        w_ab = torch.where(total > 0, n * n_b / total.clamp(min=1), 0.0).to(mu.dtype).unsqueeze(1)
-        delta = mean[r] - mu
-        mu = mu + delta * w_b
-        s = s + m2[r] + delta * delta * w_ab
-        n = total
+        n, mu, s = chan_merge(n, mu, s, count[r], mean[r], m2[r])
     return n, mu, s

@@ -254,18 +254,17 @@ def chan_prefix(
         count' = count + n,   δ = mean_t − mean
         mean'  = mean + δ·n/count',   M2' = M2 + M2_t + δ²·count·n/count'
 
-    Differentiable in the partials and in ``prefix``.
+    Differentiable in the partials and in ``prefix``. The merge is :func:`snnorm._welford.chan_merge`.
     """
+    from .._welford import chan_merge
+
     count, run_mean, run_m2 = prefix if prefix is not None else (0, None, None)  # (0, None, None): empty
     counts, means, m2s = [], [], []
     for mean_t, m2_t in zip(mean, m2):
         if run_mean is None:
-            run_mean, run_m2 = mean_t, m2_t
+            count, run_mean, run_m2 = n, mean_t, m2_t
         else:
-            delta = mean_t - run_mean
-            run_mean = run_mean + delta * (n / (count + n))
-            run_m2 = run_m2 + m2_t + delta * delta * (count * n / (count + n))
-        count = count + n
+            count, run_mean, run_m2 = chan_merge(count, run_mean, run_m2, n, mean_t, m2_t)
         counts.append(float(count))
         means.append(run_mean)
         m2s.append(run_m2)

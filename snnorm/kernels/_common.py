@@ -1,15 +1,29 @@
-"""Helpers shared by the Triton kernel files: device checks, canonical views, sizes, tiles.
+"""Host-side helpers shared by the Triton kernel files: device checks, canonical views, sizes,
+the one warp rule (:class:`WarpRule` and its per-kernel settings) and the grids.
 
 Kernels address ``[T, N, C, *spatial]`` tensors through a ``[T, N, C, S]`` view with the
 spatial dims merged (:func:`as_ncs`) and pass every stride, so non-contiguous,
 channels-last and expanded (stride-0) inputs are read in place without a copy; only
-spatial dims that cannot merge (e.g. a transposed H, W) are copied.
+spatial dims that cannot merge (e.g. a transposed H, W) are copied. The statistics
+pipeline reads a contiguous view (:func:`as_tncs`).
+
+Grids. LIF and MPBN-LIF tile a channel's ``[N, S]`` per step (:func:`channel_tiling`, one
+channel per program). The statistics pipeline runs on a grid of ``[BLOCK_N, BLOCK_C,
+BLOCK_S]`` tiles (:func:`geometry`): program axis 0 is a block of channels, axis 1 a
+(timestep, slice of N) pair, axis 2 a slice of S; a program loops over its slice in tiles,
+so the partials of timestep t are rows ``t·P/T .. (t+1)·P/T − 1`` of the ``[P, C]`` partial
+tensors. On a GPU the slices are sized so that the grid is one wave: as many programs as
+the SMs hold at once, read from the compiled kernel's register count and shared memory
+(:func:`fitted_geometry`, :func:`resident_programs_per_sm`). Under the interpreter, one
+program per (channel block, timestep). :data:`TUNING` is a test hook that forces small
+tiles or many programs. The device side of the tiles is :mod:`snnorm.kernels._device`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Union
+import warnings
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import triton
@@ -21,17 +35,35 @@ __all__ = [
     "interpreter_active",
     "device_error",
     "check_device",
+    "check_channel_args",
     "next_pow2",
     "acc_dtype",
     "acc_torch_dtype",
     "as_ncs",
     "needs_int64",
     "store_dtype",
-    "num_warps",
+    "LIF_WARPS",
+    "PIPELINED_WARPS",
+    "TILE_WARPS",
+    "STATS_WARPS",
+    "REDUCE_WARPS",
+    "COEF_WARPS",
+    "NORM_LIF_WARPS",
     "Tiling",
     "channel_tiling",
     "OpSignature",
     "op_signature",
+    "WarpRule",
+    "TUNING",
+    "Geometry",
+    "geometry",
+    "fitted_geometry",
+    "resident_programs_per_sm",
+    "tile_constexprs",
+    "slice_args",
+    "combine_tiles",
+    "as_tncs",
+    "contiguous_or_none",
 ]
 
 
@@ -73,6 +105,38 @@ def check_device(op: str, *tensors) -> None:
             reason = device_error(t.device.type, interpreting)
             if reason is not None:
                 raise RuntimeError(f"snnorm triton op {op}: {reason}")
+
+
+#: a per-channel argument for :func:`check_channel_args`: (tensor or None, expected shape) or
+#: (tensor or None, expected shape, required)
+ChannelArg = tuple
+
+
+def check_channel_args(op: str, device: torch.device, **args: ChannelArg) -> None:
+    """Check a launcher's per-channel arguments before it allocates or writes anything.
+
+    Each keyword is an argument's name and ``(tensor, shape)`` or ``(tensor, shape, required)``:
+    a tensor must have exactly ``shape`` (``[C]``, ``[T, C]`` or ``[T]`` as the op expects), live
+    on ``device`` (the input's) and be floating point; None is an absent argument, refused
+    only when ``required``. Raises ValueError naming the argument, the expected and the
+    received shape (or device, or dtype): a kernel would otherwise read past a short vector
+    or silently use the first C values of a long one.
+    """
+    for name, spec in args.items():
+        t, shape = spec[0], tuple(int(s) for s in spec[1])
+        required = len(spec) > 2 and spec[2]
+        if t is None:
+            if required:
+                raise ValueError(f"{op}: {name} is required, expected a tensor of shape {list(shape)}")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor of shape {list(shape)}, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected the input's device {device}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
 
 
 def next_pow2(n: int) -> int:
@@ -125,9 +189,42 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def num_warps(block: int) -> int:
-    """Warps for a tile of ``block`` elements: 8 fp32 elements per thread, 1 to 8 warps."""
-    return max(1, min(8, block // 256))
+class WarpRule(NamedTuple):
+    """The one warp rule: ``num_warps = clamp(block // (32·per_thread), lo, hi)`` for a tile of
+    ``block`` elements. Each kernel family names its setting below (and why), so every
+    launch takes its warps from this table."""
+
+    per_thread: int  # elements a thread holds
+    lo: int  # fewest warps
+    hi: int  # most warps
+
+    def __call__(self, block: int) -> int:
+        return max(self.lo, min(self.hi, int(block) // (32 * self.per_thread)))
+
+
+#: LIF and resident MPBN-LIF tiles: 8 fp32 elements a thread, 1 to 8 warps
+LIF_WARPS = WarpRule(8, 1, 8)
+#: pipelined MPBN-LIF tiles: 4 elements a thread, 1 to 16 warps. At 8 a thread ptxas spilled
+#: 4–8 B on sm_80/sm_90: the backward at tile 512 on 2 warps with fp16/bf16 ∂x, both kernels
+#: at tile 2048 as [128, 16] on 8 warps (``perf/compile_check.py``); the tile stays the same
+PIPELINED_WARPS = WarpRule(4, 1, 16)
+#: the statistics pipeline's elementwise and reducing tiles: 8 warps from 2048 elements (8 a
+#: thread), else 4. At 4096 elements (16 a thread) the forward kernels spilled on sm_90 with
+#: bf16 inputs (triton 3.6) and 16 warps did not cure it; on 4 warps the backward reduction
+#: spilled up to 32 B
+TILE_WARPS = WarpRule(8, 4, 8)
+#: the pipeline's partial-statistics kernel: 4 warps. On 8 a few sm_80 tiles ([1, 32, 64],
+#: [8, 4, 64]) spill 8 B a thread; on 4 none of the compile check's configurations do
+STATS_WARPS = WarpRule(1, 4, 4)
+#: the pipeline's statistics reduce (one program per channel block): 4 warps
+REDUCE_WARPS = WarpRule(1, 4, 4)
+#: the pipeline's backward coefficient kernel: its work is O(T·C·partials), so one warp costs
+#: nothing, and at 2–8 warps ptxas of triton 3.6 spilled 8–12 B in the PREFIX configurations
+COEF_WARPS = WarpRule(1, 1, 1)
+#: the fused norm → LIF kernels: 2 warps for their GPU block of 128 elements (2 a thread, so
+#: with SEG = 16 the two [SEG, BLOCK_M] register tiles hold 32 values a thread each; ptxas
+#: spilled 8–24 B at 1 a thread on 4 and 8 warps and at 4 a thread on 8 warps)
+NORM_LIF_WARPS = WarpRule(1, 2, 2)
 
 
 class Tiling(NamedTuple):
@@ -179,3 +276,192 @@ def op_signature(*parts: Union[str, type], returns: str) -> OpSignature:
     fragments = [op_schema_fields(p) if isinstance(p, type) else p for p in parts]
     args = [a for fragment in fragments for a in fragment.split(",") if a.strip()]
     return OpSignature(f"({', '.join(a.strip() for a in args)}) -> {returns}", len(args))
+
+
+# ----------------------------------------------------------------------------------------
+# The statistics pipeline's grid: one wave of programs over [BLOCK_N, BLOCK_C, BLOCK_S] tiles
+# ----------------------------------------------------------------------------------------
+
+#: Test hook: force small tiles / many programs to exercise the tile loops and the
+#: partial combination under the interpreter. None keeps the defaults.
+TUNING: dict = {"tile_elems": None, "programs": None}
+
+#: Programs per SM when the compiled kernel's resources cannot be read (see programs_per_sm).
+FALLBACK_PROGRAMS_PER_SM = 8
+
+
+class Geometry(NamedTuple):
+    BLOCK_N: int
+    BLOCK_C: int
+    BLOCK_S: int
+    n_per_prog: int
+    s_per_prog: int
+    n_splits: int
+    s_splits: int
+    c_blocks: int
+    grid: tuple
+    parts: int  # P = T · n_splits · s_splits: partials per channel
+    num_warps: int
+
+
+_DEVICE_PROPS: dict = {}
+
+
+def device_props(device: torch.device):
+    """``torch.cuda.get_device_properties``, cached."""
+    if device not in _DEVICE_PROPS:
+        _DEVICE_PROPS[device] = torch.cuda.get_device_properties(device)
+    return _DEVICE_PROPS[device]
+
+
+def tile_elems(interp: bool) -> int:
+    """Elements per tile: large under the interpreter (which pays per tile), 2048 on a GPU.
+
+    2048 elements on 8 warps is 8 a thread: at 4096 (16 a thread) the forward kernels
+    spilled on sm_90 with bf16 inputs (triton 3.6, ``perf/compile_check.py``), and 16 warps
+    did not cure it. (On 4 warps the backward reduction spilled up to 32 B.)
+    """
+    return TUNING["tile_elems"] or (1 << 16 if interp else 2048)
+
+
+def geometry(
+    T: int, N: int, C: int, S: int, device: torch.device, programs: Optional[int] = None,
+    warps: WarpRule = TILE_WARPS,
+) -> Geometry:
+    """Tile sizes and the split of each (channel block, timestep) over about ``programs`` programs.
+
+    ``programs`` is what fits on the device at once (:func:`fitted_geometry`); without it,
+    one program under the interpreter (which pays per program) and
+    FALLBACK_PROGRAMS_PER_SM per SM on a GPU. ``TUNING["programs"]`` overrides both.
+    ``warps``: the kernel's warp setting (:data:`TILE_WARPS` unless it spills with it).
+    """
+    interp = device.type != "cuda"
+    tile = tile_elems(interp)
+    # Contiguous axis first: S when there is one, else the channel axis (S == 1).
+    BLOCK_S = min(next_pow2(S), tile if interp else 1024)
+    BLOCK_C = min(next_pow2(C), max(1, tile // BLOCK_S), 1 << 16 if interp else 64)
+    BLOCK_N = min(next_pow2(N), max(1, tile // (BLOCK_S * BLOCK_C)))
+    c_blocks = triton.cdiv(C, BLOCK_C)
+    n_blocks = triton.cdiv(N, BLOCK_N)
+    s_blocks = triton.cdiv(S, BLOCK_S)
+    if TUNING["programs"] is not None:
+        programs = TUNING["programs"]
+    elif programs is None:
+        programs = 1 if interp else FALLBACK_PROGRAMS_PER_SM * device_props(device).multi_processor_count
+    # Split each (channel block, t) over enough programs to fill the device.
+    want = max(1, triton.cdiv(programs, c_blocks * T))
+    s_splits = min(s_blocks, want)
+    n_splits = min(n_blocks, triton.cdiv(want, s_splits))
+    s_per_prog = triton.cdiv(s_blocks, s_splits) * BLOCK_S
+    n_per_prog = triton.cdiv(n_blocks, n_splits) * BLOCK_N
+    s_splits = triton.cdiv(S, s_per_prog)  # no empty program
+    n_splits = triton.cdiv(N, n_per_prog)
+    num_warps = warps(BLOCK_N * BLOCK_C * BLOCK_S)
+    return Geometry(
+        BLOCK_N, BLOCK_C, BLOCK_S, n_per_prog, s_per_prog, n_splits, s_splits, c_blocks,
+        (c_blocks, T * n_splits, s_splits), T * n_splits * s_splits, num_warps,
+    )
+
+
+def resident_programs_per_sm(
+    n_regs: int, num_warps: int, shared_bytes: int, *, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
+    shared_per_sm: int = 228 * 1024, max_blocks_per_sm: int = 32, warp_size: int = 32,
+) -> int:
+    """How many programs of a compiled kernel an SM holds at once (its occupancy).
+
+    Limited by threads, by registers (allocated per warp in units of 256) and by shared
+    memory; the defaults are sm_80/sm_90's limits. Programs beyond this wait for a slot,
+    so a grid of occupancy × SMs programs, each looping over its slice, fills the GPU in
+    one wave.
+    """
+    by_threads = threads_per_sm // (num_warps * warp_size)
+    regs_per_warp = triton.cdiv(n_regs * warp_size, 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps) if n_regs > 0 else by_threads
+    by_shared = shared_per_sm // shared_bytes if shared_bytes > 0 else max_blocks_per_sm
+    return max(1, min(by_threads, by_regs, by_shared, max_blocks_per_sm))
+
+
+#: Occupancy per (kernel, device, input dtype, constexprs); None when it could not be read.
+PROGRAMS_PER_SM: dict = {}
+
+
+def programs_per_sm(kernel, args_for, constexprs: dict, device: torch.device, dtype: torch.dtype) -> Optional[int]:
+    """Occupancy of ``kernel`` compiled for these constexprs (cached), or None if unknown.
+
+    On a cache miss, compiles without launching (``JITFunction.warmup`` on the arguments
+    ``args_for()``) and reads the register count and shared memory of the compiled
+    kernel. The key is the input dtype and the constexprs; it leaves out the other
+    pointers' dtypes, which barely change the register count.
+    """
+    key = (kernel.fn.__name__, device, dtype, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+    if key not in PROGRAMS_PER_SM:
+        try:
+            compiled = kernel.warmup(*args_for(), grid=(1,), **constexprs)
+            compiled._init_handles()  # loads the binary: fills n_regs
+            n_regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
+        except Exception as err:  # a triton without these attributes: keep the fixed default
+            warnings.warn(
+                f"snnorm triton: cannot read the register count of {kernel.fn.__name__} ({err!r}); "
+                f"sizing its grid at {FALLBACK_PROGRAMS_PER_SM} programs per SM",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            PROGRAMS_PER_SM[key] = None
+        else:
+            props = device_props(device)
+            PROGRAMS_PER_SM[key] = resident_programs_per_sm(
+                n_regs, constexprs["num_warps"], shared,
+                regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
+                threads_per_sm=getattr(props, "max_threads_per_multi_processor", 2048),
+                shared_per_sm=getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
+                warp_size=getattr(props, "warp_size", 32),
+            )
+    return PROGRAMS_PER_SM[key]
+
+
+def tile_constexprs(geo: Geometry) -> dict:
+    """The tile constexprs and num_warps of a launch."""
+    return dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
+
+
+def slice_args(geo: Geometry) -> tuple:
+    """The kernels' (N_PER_PROG, S_PER_PROG, N_SPLITS) arguments."""
+    return geo.n_per_prog, geo.s_per_prog, geo.n_splits
+
+
+def fitted_geometry(
+    kernel, T: int, N: int, C: int, S: int, device: torch.device, dtype: torch.dtype,
+    args_for: Callable[[Geometry], tuple], constexprs: dict, warps: WarpRule = TILE_WARPS,
+) -> Geometry:
+    """The geometry for launching ``kernel``: as many programs as the GPU holds at once.
+
+    ``args_for(geo)`` gives the kernel's arguments for a geometry (used to compile it once).
+    Under the interpreter, or with ``TUNING["programs"]`` set, the plain geometry.
+    """
+    geo = geometry(T, N, C, S, device, warps=warps)
+    if device.type != "cuda" or TUNING["programs"] is not None:
+        return geo
+    per_sm = programs_per_sm(kernel, lambda: args_for(geo), {**constexprs, **tile_constexprs(geo)}, device, dtype)
+    if per_sm is None:
+        return geo
+    return geometry(T, N, C, S, device, programs=per_sm * device_props(device).multi_processor_count,
+                    warps=warps)
+
+
+def combine_tiles(P: int, C: int, interp: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of a partials combine over P partials: a [BLOCK_P, BLOCK_C] tile per step."""
+    block_c = min(next_pow2(C), 1 << 16 if interp else 16)
+    block_p = min(next_pow2(P), max(2, tile_elems(interp) // block_c))
+    return block_p, block_c
+
+
+def contiguous_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t.contiguous()``, or None for an absent tensor (a kernel's None pointer)."""
+    return t.contiguous() if t is not None else None
+
+
+def as_tncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """Contiguous [T, N, C, S] view of a [T, N, C, *spatial] tensor, and T, N, C, S."""
+    T, N, C = x.shape[:3]
+    S = math.prod(x.shape[3:])
+    return x.contiguous().view(T, N, C, S), T, N, C, S

@@ -4,7 +4,7 @@ statistics (eval) and MPBN with the BN folded into the threshold (no adaptation)
 One launch per direction over all T; the membrane stays in registers through the T loop.
 Per channel c (v_r = v_reset, or 0 for soft reset)::
 
-    h = charge(v, x[t])                       (see _lif_device.charge)
+    h = charge(v, x[t])                       (see _device.charge)
     ĥ = (h − μ)·r + β,  r = γ/√(σ² + ε)       (FIRE_NORMALISED, or a normalised carry)
     z = h − θ | ĥ − θ | sign(γ)(h − θ'),  θ' = μ + (θ − β)√(σ² + ε)/γ
     s = Θ(z);  v = reset(ĥ if carry == "normalized" else h, s)
@@ -30,9 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _lif_device as dev
+from . import _device as dev
 from ..params import LIFKernelParameters
-from ._common import acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, num_warps, store_dtype
+from ._common import (
+    LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, needs_int64, store_dtype,
+)
 
 #: elements per program
 BLOCK = 1024
@@ -73,7 +75,7 @@ def _lif_fwd_kernel(
     tau, v_reset,
     FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
     SOFT_RESET: tl.constexpr, SAVE_H: tl.constexpr, V0_SCALAR: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     c = dev.index(tl.program_id(1), INDEX_64)
     n, s, mask = dev.channel_tile(tl.program_id(0), N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
@@ -82,14 +84,14 @@ def _lif_fwd_kernel(
     step = dev.index(C, INDEX_64) * N * S
 
     th, mu, r, beta, thf, sgn = dev.load_fire_params(
-        th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM, FIRE == dev.FIRE_FOLDED, ACC
+        th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM, FIRE == dev.FIRE_FOLDED, ACC_DTYPE
     )
-    v_r = tl.cast(v_reset, ACC)
+    v_r = tl.cast(v_reset, ACC_DTYPE)
 
-    v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC)
+    v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC_DTYPE)
     for t in range(T):
         ti = dev.index(t, INDEX_64)
-        x = tl.load(x_ptr + ti * stride_x_t + x_off, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + ti * stride_x_t + x_off, mask=mask, other=0.0).to(ACC_DTYPE)
         h = dev.charge(v, x, tau, v_r, DECAY_INPUT)
         z, u = _fire(h, th, mu, r, beta, thf, sgn, FIRE, NORM, CARRY_NORM)
         spike = z >= 0
@@ -116,7 +118,7 @@ def _lif_bwd_kernel(
     FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
     SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
     HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = dev.index(tl.program_id(1), INDEX_64)
@@ -126,25 +128,25 @@ def _lif_bwd_kernel(
     step = dev.index(C, INDEX_64) * N * S
 
     th, mu, r, beta, thf, sgn = dev.load_fire_params(
-        th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM, FIRE == dev.FIRE_FOLDED, ACC
+        th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM, FIRE == dev.FIRE_FOLDED, ACC_DTYPE
     )
-    v_r = tl.cast(v_reset, ACC)
+    v_r = tl.cast(v_reset, ACC_DTYPE)
     x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
 
-    zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC)
+    zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC_DTYPE)
     gv = zero
     if HAS_GV:
-        gv = tl.load(gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0).to(ACC)
+        gv = tl.load(gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0).to(ACC_DTYPE)
     acc_b = zero  # Σ gĥ
     acc_r = zero  # Σ gĥ·(h − μ)
     acc_th = zero
     acc_thf = zero
     for tt in range(T):
         ti = dev.index(T - 1 - tt, INDEX_64)
-        h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC)
+        h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
         gs = zero
         if HAS_GS:
-            gs = tl.load(gs_ptr + ti * stride_g_t + g_off, mask=mask, other=0.0).to(ACC)
+            gs = tl.load(gs_ptr + ti * stride_g_t + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
         z, u = _fire(h, th, mu, r, beta, thf, sgn, FIRE, NORM, CARRY_NORM)
         spike = z >= 0  # bit-identical to the forward: same saved h, same expression
         gu, gs_reset, gth_reset = dev.reset_bwd(gv, spike, u, th, v_r, SOFT_RESET, DETACH_RESET)
@@ -190,8 +192,19 @@ def _modes(fire: int, carry_norm: bool) -> dict:
     return dict(FIRE=fire, NORM=(fire == dev.FIRE_NORMALISED.value) or carry_norm, CARRY_NORM=carry_norm)
 
 
+def _check_fire_params(op: str, device, C: int, fire: int, carry_norm: bool, th, mu, r, beta, thf, sgn) -> None:
+    """θ always, μ, r, β with a normalised firing variable or carry, θ′, sign(γ) when folded: ``[C]``."""
+    norm = fire == dev.FIRE_NORMALISED.value or carry_norm
+    folded = fire == dev.FIRE_FOLDED.value
+    check_channel_args(
+        op, device, th=(th, (C,), True), mu=(mu, (C,), norm), r=(r, (C,), norm), beta=(beta, (C,), norm),
+        thf=(thf, (C,), folded), sgn=(sgn, (C,), folded),
+    )
+
+
 def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelParameters, fire, carry_norm, save_h):
     T, N, C = x.shape[:3]
+    _check_fire_params("lif", x.device, C, fire, carry_norm, th, mu, r, beta, thf, sgn)
     x4, v3 = as_ncs(x, 1), as_ncs(v0, 0)
     S = x4.shape[3]
     acc = acc_torch_dtype(out_dtype)
@@ -207,14 +220,15 @@ def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelPa
         *x4.stride(), *v3.stride(),
         *scalars,
         **_modes(fire, carry_norm), **lif_flags, SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
-        BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(x4, v3, s), ACC=acc_dtype(out_dtype),
-        num_warps=num_warps(tiles.block),
+        BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(x4, v3, s), ACC_DTYPE=acc_dtype(out_dtype),
+        num_warps=LIF_WARPS(tiles.block),
     )
     return s.to(out_dtype), v_out.to(out_dtype), h
 
 
 def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKernelParameters, fire, carry_norm, need_gv0):
     T, N, C = h.shape[:3]
+    _check_fire_params("lif backward", h.device, C, fire, carry_norm, th, mu, r, beta, thf, sgn)
     h4 = as_ncs(h, 1)
     S = h4.shape[3]
     acc = h.dtype
@@ -231,7 +245,8 @@ def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKerne
         *(g4.stride() if g4 is not None else (0,) * 4), *(gv3.stride() if gv3 is not None else (0,) * 3),
         *scalars,
         **_modes(fire, carry_norm), **lif_flags, HAS_GS=gs is not None, HAS_GV=gv is not None,
-        NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc),
-        num_warps=num_warps(tiles.block),
+        NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3),
+        ACC_DTYPE=acc_dtype(acc),
+        num_warps=LIF_WARPS(tiles.block),
     )
     return gx.to(gx_dtype), gv0, part.sum(dim=1)

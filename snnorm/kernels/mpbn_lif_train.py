@@ -76,11 +76,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._welford import chan_combine
 from ..params import BNKernelParameters, LIFKernelParameters
-from . import _lif_device as dev
+from . import _device as dev
 from ._common import (
-    SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, needs_int64, next_pow2, num_warps,
-    store_dtype,
+    LIF_WARPS, PIPELINED_WARPS, SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args,
+    needs_int64, next_pow2, store_dtype,
 )
 
 #: a channel of at most this many (padded) elements per step may take the resident path
@@ -105,16 +106,6 @@ def uses_resident_path(N: int, C: int, S: int) -> bool:
     return resident_tiling(N, S).block <= RESIDENT_MAX_M and C >= MIN_PROGRAMS
 
 
-def pipelined_warps(block: int) -> int:
-    """Warps for a pipelined tile: 4 elements a thread, 1 to 16 warps.
-
-    At 8 a thread (:func:`num_warps`) ptxas spilled 4–8 B on sm_80/sm_90: the backward at
-    tile 512 on 2 warps with fp16/bf16 ∂x, both kernels at tile 2048 as [128, 16] on 8 warps
-    (``perf/compile_check.py``). The tile, hence the bytes moved, stays the same.
-    """
-    return max(1, min(16, block // 128))
-
-
 def pipelined_tiling(N: int, C: int, S: int) -> Tiling:
     """The largest tile ≤ SPLIT_BLOCK that still gives MIN_PROGRAMS programs (down to SPLIT_MIN_BLOCK)."""
     block = SPLIT_BLOCK
@@ -132,7 +123,7 @@ def pipelined_tiling(N: int, C: int, S: int) -> Tiling:
 def _mpbn_lif_resident_fwd_kernel(
     x_ptr,  # [T, N, C, S] strided
     v0_ptr,  # [N, C, S] strided
-    w_ptr, b_ptr,  # [C] γ, β (HAS_AFFINE)
+    w_ptr, b_ptr,  # [C] γ, β (HAS_WEIGHT, HAS_BIAS)
     th_ptr,  # [C] threshold
     rm_ptr, rv_ptr,  # [C] running mean / var, updated in place (TRACK)
     mu_ptr, s2_ptr,  # [C] adaptive μ, σ² in (STATS != STATS_TRAIN)
@@ -146,9 +137,11 @@ def _mpbn_lif_resident_fwd_kernel(
     stride_x_t, stride_x_n, stride_x_c, stride_x_s,
     stride_v_n, stride_v_c, stride_v_s,
     tau, v_reset, eps, momentum, batches_tracked,
-    STATS: tl.constexpr, HAS_AFFINE: tl.constexpr, TRACK: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+    STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRACK: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr,
     CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, SAVE: tl.constexpr,
-    V0_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    V0_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     c = dev.index(tl.program_id(0), INDEX_64)
     n, s, mask = dev.channel_tile(0, N, S, 1, BLOCK_N, BLOCK_S, INDEX_64)
@@ -157,22 +150,22 @@ def _mpbn_lif_resident_fwd_kernel(
     step = dev.index(C, INDEX_64) * N * S
     M = N * S
 
-    th = tl.load(th_ptr + c).to(ACC)
-    gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_AFFINE, ACC)
-    rm = dev.load_channel(rm_ptr, c, TRACK, ACC)
-    rv = dev.load_channel(rv_ptr, c, TRACK, ACC)
-    mu = dev.load_channel(mu_ptr, c, STATS != dev.STATS_TRAIN, ACC)
-    s2 = dev.load_channel(s2_ptr, c, STATS != dev.STATS_TRAIN, ACC)
-    v_r = tl.cast(v_reset, ACC)
+    th = tl.load(th_ptr + c).to(ACC_DTYPE)
+    gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    rm = dev.load_channel(rm_ptr, c, TRACK, ACC_DTYPE)
+    rv = dev.load_channel(rv_ptr, c, TRACK, ACC_DTYPE)
+    mu = dev.load_channel(mu_ptr, c, STATS != dev.STATS_TRAIN, ACC_DTYPE)
+    s2 = dev.load_channel(s2_ptr, c, STATS != dev.STATS_TRAIN, ACC_DTYPE)
+    v_r = tl.cast(v_reset, ACC_DTYPE)
 
-    v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC)
+    v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC_DTYPE)
     for t in range(T):
         ti = dev.index(t, INDEX_64)
-        x = tl.load(x_ptr + ti * stride_x_t + x_off, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + ti * stride_x_t + x_off, mask=mask, other=0.0).to(ACC_DTYPE)
         h = tl.where(mask, dev.charge(v, x, tau, v_r, DECAY_INPUT), 0.0)
         mean, m2 = dev.tile_moments(h, mask, M)
-        mt = dev.load_channel(mom_ptr, t, STATS == dev.STATS_FOLD_RUNNING, ACC)
-        z, u, rstd, mu, s2 = dev.normalise_step(h, mean, m2, M, gamma, beta, th, eps, mu, s2, mt, STATS, CARRY_NORM, ACC)
+        mt = dev.load_channel(mom_ptr, t, STATS == dev.STATS_FOLD_RUNNING, ACC_DTYPE)
+        z, u, rstd, mu, s2 = dev.normalise_step(h, mean, m2, M, gamma, beta, th, eps, mu, s2, mt, STATS, CARRY_NORM, ACC_DTYPE)
         spike = z >= 0
         v = dev.reset(u, spike, th, v_r, SOFT_RESET)
         tl.store(s_ptr + ti * step + o_off, spike.to(s_ptr.dtype.element_ty), mask=mask)
@@ -205,9 +198,10 @@ def _mpbn_lif_resident_bwd_kernel(
     stride_g_t, stride_g_n, stride_g_c, stride_g_s,
     stride_gv_n, stride_gv_c, stride_gv_s,
     tau, v_reset, alpha,
-    HAS_AFFINE: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    SOFT_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr,
-    NEED_GV0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    NEED_GV0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     c = dev.index(tl.program_id(0), INDEX_64)
     n, s, mask = dev.channel_tile(0, N, S, 1, BLOCK_N, BLOCK_S, INDEX_64)
@@ -216,27 +210,27 @@ def _mpbn_lif_resident_bwd_kernel(
     step = dev.index(C, INDEX_64) * N * S
     M = N * S
 
-    th = tl.load(th_ptr + c).to(ACC)
-    gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_AFFINE, ACC)
-    v_r = tl.cast(v_reset, ACC)
+    th = tl.load(th_ptr + c).to(ACC_DTYPE)
+    gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    v_r = tl.cast(v_reset, ACC_DTYPE)
     x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
 
-    zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC)
+    zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC_DTYPE)
     gv = zero
     if HAS_GV:
-        gv = tl.load(gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0).to(ACC)
+        gv = tl.load(gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0).to(ACC_DTYPE)
     # per-channel sums as scalars (a [BLOCK] accumulator per sum would cost registers in the T loop)
     sum_w = tl.sum(tl.sum(zero, axis=1), axis=0)
     sum_b = sum_w
     sum_th = sum_w
     for tt in range(T):
         ti = dev.index(T - 1 - tt, INDEX_64)
-        h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC)
+        h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
         gs = zero
         if HAS_GS:
-            gs = tl.load(gs_ptr + ti * stride_g_t + g_off, mask=mask, other=0.0).to(ACC)
-        mean = tl.load(mean_ptr + ti * C + c).to(ACC)
-        rstd = tl.load(rstd_ptr + ti * C + c).to(ACC)
+            gs = tl.load(gs_ptr + ti * stride_g_t + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        mean = tl.load(mean_ptr + ti * C + c).to(ACC_DTYPE)
+        rstd = tl.load(rstd_ptr + ti * C + c).to(ACC_DTYPE)
         xhat, g_hat, g_direct, gth = dev.bn_bwd_step(
             h, gs, gv, mask, mean, rstd, gamma, beta, th, v_r, alpha, SOFT_RESET, DETACH_RESET, CARRY_NORM, SURROGATE,
         )
@@ -279,10 +273,11 @@ def _mpbn_lif_pipelined_fwd_kernel(
     stride_x_t, stride_x_n, stride_x_c, stride_x_s,
     stride_v_n, stride_v_c, stride_v_s,
     tau, v_reset, eps, momentum, batches_tracked,
-    STATS: tl.constexpr, HAS_AFFINE: tl.constexpr, TRACK: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+    STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRACK: tl.constexpr,
+    USE_MOMENTUM: tl.constexpr,
     CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, SAVE: tl.constexpr,
     V0_SCALAR: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = dev.index(tl.program_id(1), INDEX_64)
@@ -290,33 +285,33 @@ def _mpbn_lif_pipelined_fwd_kernel(
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
     M = N * S
-    v_r = tl.cast(v_reset, ACC)
+    v_r = tl.cast(v_reset, ACC_DTYPE)
 
     if FIRST:
-        v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC)
+        v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC_DTYPE)
     else:  # finish step t: normalise, fire, reset
         ti = dev.index(t, INDEX_64)
         h_row = ti if SAVE else ti % 2
         if SYNCED:  # the statistics of every rank's batch, combined on the host between the launches
             row = sync_ptr + ti * (1 + 2 * C)
-            M = tl.load(row).to(ACC)
-            mean = tl.load(row + 1 + c).to(ACC)
-            m2 = tl.load(row + 1 + C + c).to(ACC)
+            M = tl.load(row).to(ACC_DTYPE)
+            mean = tl.load(row + 1 + c).to(ACC_DTYPE)
+            m2 = tl.load(row + 1 + C + c).to(ACC_DTYPE)
         else:
-            mean, m2 = dev.combine_partials(
-                pmean_ptr + ti * P * C, pm2_ptr + ti * P * C, c, C, P, N, S, S_TILES, BLOCK_N, BLOCK_S, BLOCK_P, ACC,
+            mean, m2 = dev.combine_tile_partials(
+                pmean_ptr + ti * P * C, pm2_ptr + ti * P * C, c, C, P, N, S, S_TILES, BLOCK_N, BLOCK_S, BLOCK_P, ACC_DTYPE,
             )
-        th = tl.load(th_ptr + c).to(ACC)
-        gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_AFFINE, ACC)
+        th = tl.load(th_ptr + c).to(ACC_DTYPE)
+        gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
         adapt: tl.constexpr = STATS != dev.STATS_TRAIN
-        mu = tl.full([], 0.0, ACC)
-        s2 = tl.full([], 0.0, ACC)
+        mu = tl.full([], 0.0, ACC_DTYPE)
+        s2 = tl.full([], 0.0, ACC_DTYPE)
         if adapt:
-            mu = tl.load(mu_hist_ptr + ti * C + c).to(ACC)
-            s2 = tl.load(s2_hist_ptr + ti * C + c).to(ACC)
-        mt = dev.load_channel(mom_ptr, ti, STATS == dev.STATS_FOLD_RUNNING, ACC)
-        h = tl.load(h_ptr + h_row * step + o_off, mask=mask, other=0.0).to(ACC)
-        z, u, rstd, mu, s2 = dev.normalise_step(h, mean, m2, M, gamma, beta, th, eps, mu, s2, mt, STATS, CARRY_NORM, ACC)
+            mu = tl.load(mu_hist_ptr + ti * C + c).to(ACC_DTYPE)
+            s2 = tl.load(s2_hist_ptr + ti * C + c).to(ACC_DTYPE)
+        mt = dev.load_channel(mom_ptr, ti, STATS == dev.STATS_FOLD_RUNNING, ACC_DTYPE)
+        h = tl.load(h_ptr + h_row * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        z, u, rstd, mu, s2 = dev.normalise_step(h, mean, m2, M, gamma, beta, th, eps, mu, s2, mt, STATS, CARRY_NORM, ACC_DTYPE)
         spike = z >= 0
         v = dev.reset(u, spike, th, v_r, SOFT_RESET)
         tl.store(s_ptr + ti * step + o_off, spike.to(s_ptr.dtype.element_ty), mask=mask)
@@ -328,7 +323,7 @@ def _mpbn_lif_pipelined_fwd_kernel(
                 tl.store(s2_hist_ptr + (ti + 1) * C + c, s2)
             if TRACK:
                 rm, rv = dev.running_update(
-                    tl.load(rm_ptr + c).to(ACC), tl.load(rv_ptr + c).to(ACC), mean, m2, M, t, momentum, batches_tracked,
+                    tl.load(rm_ptr + c).to(ACC_DTYPE), tl.load(rv_ptr + c).to(ACC_DTYPE), mean, m2, M, t, momentum, batches_tracked,
                     USE_MOMENTUM,
                 )
                 tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty))
@@ -337,11 +332,13 @@ def _mpbn_lif_pipelined_fwd_kernel(
         tl.store(vout_ptr + o_off, v.to(vout_ptr.dtype.element_ty), mask=mask)
     else:  # charge step t + 1 with v still in registers
         tn = dev.index(t + 1, INDEX_64)
-        x = tl.load(x_ptr + tn * stride_x_t + c * stride_x_c + n * stride_x_n + s * stride_x_s, mask=mask, other=0.0).to(ACC)
+        x = tl.load(
+            x_ptr + tn * stride_x_t + c * stride_x_c + n * stride_x_n + s * stride_x_s, mask=mask, other=0.0
+        ).to(ACC_DTYPE)
         h = tl.where(mask, dev.charge(v, x, tau, v_r, DECAY_INPUT), 0.0)
         h_row = tn if SAVE else tn % 2
         tl.store(h_ptr + h_row * step + o_off, h.to(h_ptr.dtype.element_ty), mask=mask)
-        mean, m2 = dev.tile_moments(h, mask, dev.tile_count(pid, N, S, S_TILES, BLOCK_N, BLOCK_S).to(ACC))
+        mean, m2 = dev.tile_moments(h, mask, dev.tile_count(pid, N, S, S_TILES, BLOCK_N, BLOCK_S).to(ACC_DTYPE))
         slot = (tn * P + pid) * C + c
         tl.store(pmean_ptr + slot, mean)
         tl.store(pm2_ptr + slot, m2)
@@ -367,10 +364,11 @@ def _mpbn_lif_pipelined_bwd_kernel(
     stride_g_t, stride_g_n, stride_g_c, stride_g_s,
     stride_gv_n, stride_gv_c, stride_gv_s,
     tau, v_reset, alpha,
-    HAS_AFFINE: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    SOFT_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr,
     NEED_GV0: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = dev.index(tl.program_id(1), INDEX_64)
@@ -378,32 +376,34 @@ def _mpbn_lif_pipelined_bwd_kernel(
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
     M = N * S
-    gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_AFFINE, ACC)
-    zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC)
+    gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC_DTYPE)
 
     if FIRST:
         gv = zero
         if HAS_GV:
-            gv = tl.load(gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0).to(ACC)
+            gv = tl.load(
+                gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0
+            ).to(ACC_DTYPE)
     else:  # apply step t + 1: its A, B are complete now
         tp = dev.index(t + 1, INDEX_64)
-        a_sum = dev.sum_partials(pa_ptr + tp * P * C, c, C, P, BLOCK_P, ACC)
-        b_sum = dev.sum_partials(pb_ptr + tp * P * C, c, C, P, BLOCK_P, ACC)
-        mean = tl.load(mean_ptr + tp * C + c).to(ACC)
-        rstd = tl.load(rstd_ptr + tp * C + c).to(ACC)
-        h = tl.load(h_ptr + tp * step + o_off, mask=mask, other=0.0).to(ACC)
-        g_hat = tl.load(ghat_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC)
+        a_sum = dev.sum_partials(pa_ptr + tp * P * C, c, C, P, BLOCK_P, ACC_DTYPE)
+        b_sum = dev.sum_partials(pb_ptr + tp * P * C, c, C, P, BLOCK_P, ACC_DTYPE)
+        mean = tl.load(mean_ptr + tp * C + c).to(ACC_DTYPE)
+        rstd = tl.load(rstd_ptr + tp * C + c).to(ACC_DTYPE)
+        h = tl.load(h_ptr + tp * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        g_hat = tl.load(ghat_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
         xhat = (h - mean) * rstd
         # ∂h takes the sums and count of every rank's batch; ∂γ, ∂β below stay this rank's (DDP averages them)
         a_h, b_h, m_h = a_sum, b_sum, M
         if SYNCED:
             row = sync_ptr + tp * (1 + 2 * C)
-            m_h = tl.load(row).to(ACC)
-            a_h = tl.load(row + 1 + c).to(ACC)
-            b_h = tl.load(row + 1 + C + c).to(ACC)
+            m_h = tl.load(row).to(ACC_DTYPE)
+            a_h = tl.load(row + 1 + c).to(ACC_DTYPE)
+            b_h = tl.load(row + 1 + C + c).to(ACC_DTYPE)
         gh = gamma * rstd * (g_hat - a_h / m_h - xhat * (b_h / m_h))
         if not CARRY_NORM:
-            gh += tl.load(gdir_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC)
+            gh += tl.load(gdir_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
         x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
         tl.store(gx_ptr + tp * step + o_off, (gh * x_scale).to(gx_ptr.dtype.element_ty), mask=mask)
         gv = gh * v_scale
@@ -416,15 +416,17 @@ def _mpbn_lif_pipelined_bwd_kernel(
             tl.store(gv0_ptr + o_off, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
     else:  # form step t with ∂v in registers
         ti = dev.index(t, INDEX_64)
-        th = tl.load(th_ptr + c).to(ACC)
-        h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC)
+        th = tl.load(th_ptr + c).to(ACC_DTYPE)
+        h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
         gs = zero
         if HAS_GS:
-            gs = tl.load(gs_ptr + ti * stride_g_t + c * stride_g_c + n * stride_g_n + s * stride_g_s, mask=mask, other=0.0).to(ACC)
-        mean = tl.load(mean_ptr + ti * C + c).to(ACC)
-        rstd = tl.load(rstd_ptr + ti * C + c).to(ACC)
+            gs = tl.load(
+                gs_ptr + ti * stride_g_t + c * stride_g_c + n * stride_g_n + s * stride_g_s, mask=mask, other=0.0
+            ).to(ACC_DTYPE)
+        mean = tl.load(mean_ptr + ti * C + c).to(ACC_DTYPE)
+        rstd = tl.load(rstd_ptr + ti * C + c).to(ACC_DTYPE)
         xhat, g_hat, g_direct, gth = dev.bn_bwd_step(
-            h, gs, gv, mask, mean, rstd, gamma, beta, th, tl.cast(v_reset, ACC), alpha,
+            h, gs, gv, mask, mean, rstd, gamma, beta, th, tl.cast(v_reset, ACC_DTYPE), alpha,
             SOFT_RESET, DETACH_RESET, CARRY_NORM, SURROGATE,
         )
         tl.store(ghat_ptr + (ti % 2) * step + o_off, g_hat, mask=mask)
@@ -465,14 +467,11 @@ def tile_counts(tiles: Tiling, N: int, S: int, device) -> Tensor:
 
 
 def local_step_statistics(counts: Tensor, pmean: Tensor, pm2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One step's P tile partials ``[P, C]`` (``counts`` ``[P]``) combined with the multi-way
-    Chan formula, in float64: n = Σ n_p, μ = Σ n_p μ_p / n, M2 = Σ M2_p + Σ n_p (μ_p − μ)².
+    """One step's P tile partials ``[P, C]`` (``counts`` ``[P]``) combined in float64 with the
+    multi-way Chan formula (:func:`snnorm._welford.chan_combine`, centred on tile 0's mean):
+    n = Σ n_p, μ = Σ n_p μ_p / n, M2 = Σ M2_p + Σ n_p (μ_p − μ)².
     Returns ``count [1]``, ``mean [1, C]``, ``M2 [1, C]``."""
-    n_p = counts.unsqueeze(1)
-    pmean, pm2 = pmean.to(SYNC_DTYPE), pm2.to(SYNC_DTYPE)
-    n = counts.sum()
-    mean = (n_p * pmean).sum(dim=0) / n
-    m2 = pm2.sum(dim=0) + (n_p * (pmean - mean) ** 2).sum(dim=0)
+    n, mean, m2 = chan_combine(counts, pmean.to(SYNC_DTYPE), pm2.to(SYNC_DTYPE))
     return n.view(1), mean.view(1, -1), m2.view(1, -1)
 
 
@@ -498,21 +497,29 @@ def launch_batch_stats_fwd(
     ([T, C]; empty unless saved) and the adapted μ, σ² ([C]; empty in training).
     """
     T, N, C = x.shape[:3]
+    adapt = stats != dev.STATS_TRAIN.value
+    check_channel_args(  # before anything is written (the running statistics are updated in place)
+        "mpbn_lif", x.device, th=(th, (C,), True), weight=(weight, (C,)), bias=(bias, (C,)),
+        running_mean=(running_mean, (C,), running_var is not None),
+        running_var=(running_var, (C,), running_mean is not None),
+        mu=(mu, (C,), adapt), s2=(s2, (C,), adapt),
+        **({"mom": (mom, (T,), True)} if stats == dev.STATS_FOLD_RUNNING.value else {}),
+    )
     x4, v3 = as_ncs(x, 1), as_ncs(v0, 0)
     S = x4.shape[3]
     acc = acc_torch_dtype(out_dtype)
     dev_ = x.device
     st = store_dtype(out_dtype)
-    adapt = stats != dev.STATS_TRAIN.value
     s = torch.empty(x.shape, dtype=st, device=dev_)
     v_out = torch.empty(x.shape[1:], dtype=st, device=dev_)
     mu_out = torch.empty((C,) if adapt else (0,), dtype=acc, device=dev_)
     s2_out = torch.empty((C,) if adapt else (0,), dtype=acc, device=dev_)
     lif_scalars, lif_flags = dev.lif_kernel_args(lif)
     flags = dict(
-        STATS=stats, HAS_AFFINE=weight is not None, TRACK=running_mean is not None, USE_MOMENTUM=bn.momentum is not None,
+        STATS=stats, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRACK=running_mean is not None,
+        USE_MOMENTUM=bn.momentum is not None,
         CARRY_NORM=carry_norm, SAVE=save, V0_SCALAR=v3.stride() == (0, 0, 0), INDEX_64=needs_int64(x4, v3, s),
-        ACC=acc_dtype(out_dtype), **lif_flags,
+        ACC_DTYPE=acc_dtype(out_dtype), **lif_flags,
     )
     momentum = 0.0 if bn.momentum is None else float(bn.momentum)
     scalars = (*lif_scalars, float(bn.eps), momentum, int(bn.batches_tracked))
@@ -531,7 +538,7 @@ def launch_batch_stats_fwd(
             s, h if save else None, v_out, mean if save else None, rstd if save else None,
             mu_out if adapt else None, s2_out if adapt else None,
             T, N, C, S, *x4.stride(), *v3.stride(), *scalars,
-            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=num_warps(tiles.block), **flags,
+            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), **flags,
         )
         return s.to(out_dtype), v_out.to(out_dtype), h, mean, rstd, mu_out, s2_out
 
@@ -555,7 +562,7 @@ def launch_batch_stats_fwd(
             x4, v3, h, s, v_out, pmean, pm2, weight, bias, th, running_mean, running_var, mean, rstd,
             mu_hist, s2_hist, mom, glob if synced else None, t, N, C, S, tiles.S_TILES, P, *x4.stride(), *v3.stride(),
             *scalars, FIRST=t == -1, LAST=t == T - 1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), num_warps=pipelined_warps(tiles.block), **flags,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), num_warps=PIPELINED_WARPS(tiles.block), **flags,
         )
         if synced and t + 1 < T:  # step t + 1 is charged: its statistics over every rank, before it is applied
             n, mu_, m2_ = sync_stats(*local_step_statistics(counts, pmean[t + 1], pm2[t + 1]))
@@ -582,6 +589,10 @@ def launch_train_bwd(
     (DistributedDataParallel averages parameter gradients, as for torch's SyncBatchNorm).
     """
     T, N, C = h.shape[:3]
+    check_channel_args(
+        "mpbn_lif backward", h.device, mean=(mean, (T, C), True), rstd=(rstd, (T, C), True), weight=(weight, (C,)),
+        bias=(bias, (C,)), th=(th, (C,), True),
+    )
     h4 = as_ncs(h, 1)
     S = h4.shape[3]
     g4 = as_ncs(gs, 1) if gs is not None else None
@@ -594,8 +605,9 @@ def launch_train_bwd(
     gb = torch.empty(C, dtype=acc, device=dev_)
     scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
     flags = dict(
-        HAS_AFFINE=weight is not None, CARRY_NORM=carry_norm, HAS_GS=gs is not None, HAS_GV=gv is not None,
-        NEED_GV0=need_gv0, INDEX_64=needs_int64(h4, g4, gv3), ACC=acc_dtype(acc), **lif_flags,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CARRY_NORM=carry_norm, HAS_GS=gs is not None,
+        HAS_GV=gv is not None,
+        NEED_GV0=need_gv0, INDEX_64=needs_int64(h4, g4, gv3), ACC_DTYPE=acc_dtype(acc), **lif_flags,
     )
     strides = (*_strides(g4, 4), *_strides(gv3, 3))
     synced = sync_sums is not None
@@ -605,7 +617,7 @@ def launch_train_bwd(
         _mpbn_lif_resident_bwd_kernel[(C,)](
             g4, gv3, h4, mean, rstd, weight, bias, th, gx, gv0 if need_gv0 else None, gw, gb, gth,
             T, N, C, S, *strides, *scalars,
-            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=num_warps(tiles.block), **flags,
+            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), **flags,
         )
         return gx.to(gx_dtype), gv0, gw, gb, gth
 
@@ -624,7 +636,7 @@ def launch_train_bwd(
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             glob if synced else None, t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
             FIRST=t == T - 1, LAST=t == -1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), num_warps=pipelined_warps(tiles.block), **flags,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), num_warps=PIPELINED_WARPS(tiles.block), **flags,
         )
         if synced and t >= 0:  # step t's sums over every rank, before the launch that applies it
             local = torch.cat([count, pa[t].to(SYNC_DTYPE).sum(dim=0), pb[t].to(SYNC_DTYPE).sum(dim=0)])

@@ -3,7 +3,7 @@
 A batch-statistics norm (a :class:`snnorm.kernels.bn_pipeline.NormRule`: multi-step BN /
 tdBN, BNTT, TEBN, TAB) followed by an IF/LIF neuron, per element (n, c, spatial), step t::
 
-    y_t = a_tc·(x_t − μ_row) + b_tc                    (the pipeline's coefficients, DESIGN.md §8)
+    y_t = a_tc·(x_t − μ_row) + b_tc                    (the pipeline's coefficients, bn_pipeline)
     h_t = charge(v_{t−1}, y_t);   s_t = Θ(h_t − θ);   v_t = reset(h_t, s_t)
 
 **Forward** (training): the pipeline's partials and reduce (``snnorm::bn_stats``) give μ, σ²
@@ -43,21 +43,19 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _lif_device as dev
-from ._bn_tiles import as_tncs, contiguous_or_none
-from ._common import acc_dtype, acc_torch_dtype, next_pow2
-from .bn_pipeline import NormRule, launch_backward_from_sums, out_dtype, step_coefficients
+from . import _device as dev
+from ._common import NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_tncs, check_channel_args, contiguous_or_none, next_pow2
+from .bn_pipeline import NormRule, check_params, launch_backward_from_sums, out_dtype
 
 __all__ = ["segment_length", "launch_norm_lif_forward", "launch_norm_lif_backward"]
 
 #: the longest segment the backward keeps in registers ([SEG, BLOCK_M] tiles of h and x̂)
 MAX_SEGMENT = 16
-#: elements of a channel per program on a GPU, on NUM_WARPS warps: 2 a thread, so with
+#: elements of a channel per program on a GPU, on NORM_LIF_WARPS (2) warps: 2 a thread, so with
 #: SEG = 16 the two register tiles hold 32 values a thread each. ptxas spilled 8–24 B at
 #: 1 a thread (4 and 8 warps) and at 4 a thread (8 warps) for SEG = 16 on sm_80/sm_90, and
 #: at 2 a thread with 128 registers it spills nothing (perf/compile_check.py, triton 3.9)
 GPU_BLOCK_M = 128
-NUM_WARPS = 2
 #: under the interpreter, which pays per program: large blocks
 INTERPRETER_BLOCK_M = 1 << 14
 
@@ -68,27 +66,12 @@ def segment_length(T: int) -> int:
 
 
 @triton.jit
-def _element_block(N, C, S, BLOCK_M: tl.constexpr):
-    """This program's channel (as a one-element block), its elements' offsets at step 0
-    (int64, also their offsets in ``[N, C, S]`` membranes), their mask, and one step's stride."""
-    c = tl.program_id(0)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = m < N * S
-    n = m // S
-    s = m - n * S
-    offs = (n.to(tl.int64) * C + c) * S + s
-    step = (tl.zeros((), tl.int64) + N) * C * S  # N, C, S may be specialised constants
-    cc = c + tl.arange(0, 1)
-    return cc, offs, mask, step
-
-
-@triton.jit
 def _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0: tl.constexpr, BLOCK_M: tl.constexpr,
-                      ACC: tl.constexpr):
+                      ACC_DTYPE: tl.constexpr):
     if HAS_V0:
-        v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(ACC)
+        v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     else:
-        v = tl.full([BLOCK_M], v_init, ACC)
+        v = tl.full([BLOCK_M], v_init, ACC_DTYPE)
     return v
 
 
@@ -113,21 +96,21 @@ def _norm_lif_fwd_kernel(
     T, N, C, S, eps, threshold, v_init, tau, v_reset,
     PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_V0: tl.constexpr, CHECKPOINT: tl.constexpr, SEG: tl.constexpr,
-    DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
+    DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    cc, offs, mask, step = _element_block(N, C, S, BLOCK_M)
+    cc, offs, mask, step = dev.element_block(N, C, S, BLOCK_M)
     c_mask = cc < C
-    v = _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0, BLOCK_M, ACC)
+    v = _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0, BLOCK_M, ACC_DTYPE)
     for t in range(0, T):
-        mean, rstd, a, b = step_coefficients(
-            t, cc, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT, HAS_BIAS, ACC,
+        mean, rstd, a, b = dev.step_coefficients(
+            t, cc, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE,
         )
-        x = tl.load(x_ptr + t * step + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + t * step + offs, mask=mask, other=0.0).to(ACC_DTYPE)
         h, xc = _norm_charge(x, v, mean, a, b, tau, v_reset, DECAY_INPUT)
         spike = h - threshold >= 0
         v = dev.reset(h, spike, threshold, v_reset, SOFT_RESET)
         # via the compute dtype: the interpreter cannot cast a bool block to bf16 directly
-        tl.store(s_ptr + t * step + offs, tl.where(spike, 1.0, 0.0).to(ACC).to(s_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + t * step + offs, tl.where(spike, 1.0, 0.0).to(ACC_DTYPE).to(s_ptr.dtype.element_ty), mask=mask)
         if CHECKPOINT:
             if (t + 1) % SEG == 0:
                 if t + 1 < T:
@@ -151,36 +134,36 @@ def _norm_lif_bwd_kernel(
     PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_V0: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
     HAS_CKPT: tl.constexpr, SEG: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
-    SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
+    SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    cc, offs, mask, step = _element_block(N, C, S, BLOCK_M)
+    cc, offs, mask, step = dev.element_block(N, C, S, BLOCK_M)
     c_mask = cc < C
     block = tl.program_id(1)
     # 1/τ in the compute dtype (τ arrives as an fp32 scalar; fp64 keeps its digits)
-    x_scale, v_scale = dev.charge_grads(tl.cast(tau, ACC), DECAY_INPUT)
-    gv = tl.zeros([BLOCK_M], ACC)
+    x_scale, v_scale = dev.charge_grads(tl.cast(tau, ACC_DTYPE), DECAY_INPUT)
+    gv = tl.zeros([BLOCK_M], ACC_DTYPE)
     if HAS_GV:
-        gv = tl.load(gv_out_ptr + offs, mask=mask, other=0.0).to(ACC)
+        gv = tl.load(gv_out_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     row = tl.arange(0, SEG)[:, None]
     n_seg = tl.cdiv(T, SEG)
     for kk in range(0, n_seg):
         k = n_seg - 1 - kk
         t0 = k * SEG
-        v = _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0, BLOCK_M, ACC)
+        v = _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0, BLOCK_M, ACC_DTYPE)
         if HAS_CKPT:  # segments after the first start from the forward's checkpoints
             if k > 0:
-                v = tl.load(ckpt_ptr + (k - 1) * step + offs, mask=mask, other=0.0).to(ACC)
+                v = tl.load(ckpt_ptr + (k - 1) * step + offs, mask=mask, other=0.0).to(ACC_DTYPE)
         # the segment forward, as the forward kernel ran it: h_t and x̂_t into row j of the tiles
-        hs = tl.zeros([SEG, BLOCK_M], ACC)
-        x_hats = tl.zeros([SEG, BLOCK_M], ACC)
+        hs = tl.zeros([SEG, BLOCK_M], ACC_DTYPE)
+        x_hats = tl.zeros([SEG, BLOCK_M], ACC_DTYPE)
         for j in range(0, SEG):
             t = t0 + j
             if t < T:
-                mean, rstd, a, b = step_coefficients(
+                mean, rstd, a, b = dev.step_coefficients(
                     t, cc, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT,
-                    HAS_BIAS, ACC,
+                    HAS_BIAS, ACC_DTYPE,
                 )
-                x = tl.load(x_ptr + t * step + offs, mask=mask, other=0.0).to(ACC)
+                x = tl.load(x_ptr + t * step + offs, mask=mask, other=0.0).to(ACC_DTYPE)
                 h, xc = _norm_charge(x, v, mean, a, b, tau, v_reset, DECAY_INPUT)
                 v = dev.reset(h, h - threshold >= 0, threshold, v_reset, SOFT_RESET)
                 hs = tl.where(row == j, h[None, :], hs)
@@ -192,17 +175,17 @@ def _norm_lif_bwd_kernel(
             if t < T:
                 h = tl.sum(tl.where(row == j, hs, 0.0), axis=0)
                 x_hat = tl.sum(tl.where(row == j, x_hats, 0.0), axis=0)
-                gs = tl.zeros([BLOCK_M], ACC)
+                gs = tl.zeros([BLOCK_M], ACC_DTYPE)
                 if HAS_GS:
-                    gs = tl.load(gs_ptr + t * step + offs, mask=mask, other=0.0).to(ACC)
+                    gs = tl.load(gs_ptr + t * step + offs, mask=mask, other=0.0).to(ACC_DTYPE)
                 z = h - threshold
                 gu, gs_reset, gth = dev.reset_bwd(gv, z >= 0, h, threshold, v_reset, SOFT_RESET, DETACH_RESET)
                 gh = (gs + gs_reset) * dev.surrogate_grad(z, alpha, SURROGATE) + gu
                 gy = tl.where(mask, gh * x_scale, 0.0)
                 tl.store(gy_ptr + t * step + offs, gy, mask=mask)
                 part = (t * PPS + block) * C + cc
-                tl.store(part_a_ptr + part, tl.sum(gy, axis=0) + tl.zeros([1], ACC))
-                tl.store(part_b_ptr + part, tl.sum(gy * x_hat, axis=0) + tl.zeros([1], ACC))
+                tl.store(part_a_ptr + part, tl.sum(gy, axis=0) + tl.zeros([1], ACC_DTYPE))
+                tl.store(part_b_ptr + part, tl.sum(gy * x_hat, axis=0) + tl.zeros([1], ACC_DTYPE))
                 gv = gh * v_scale
     if NEED_GV0:
         tl.store(gv0_ptr + offs, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
@@ -221,8 +204,14 @@ def _norm_flags(r: NormRule, weight, bias, p, v0, acc) -> dict:
     """The constexprs both kernels take besides the neuron's (``dev.lif_kernel_args``)."""
     return dict(
         PER_STEP=r.per_step, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_V0=v0 is not None, ACC=acc_dtype(acc),
+        HAS_V0=v0 is not None, ACC_DTYPE=acc_dtype(acc),
     )
+
+
+def _check(op: str, r: NormRule, x, v0, weight, bias, p, mean, var) -> None:
+    """The pipeline's per-channel arguments and the membrane ``v0`` ``[N, C, *spatial]`` (read contiguous)."""
+    check_params(op, r, x, weight, bias, mean, var, p)
+    check_channel_args(f"{op} ({r.name})", x.device, v0=(v0, tuple(x.shape[1:])))
 
 
 def launch_norm_lif_forward(
@@ -237,6 +226,7 @@ def launch_norm_lif_forward(
     a :class:`snnorm.params.LIFKernelParameters`. ``checkpoint`` keeps the membrane after
     every SEG-th step for a backward (an empty tensor otherwise, or when T ≤ SEG).
     """
+    _check("norm_lif", r, x, v0, weight, bias, p, mean, var)
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     mean, var = mean.to(acc).contiguous(), var.to(acc).contiguous()
@@ -255,7 +245,7 @@ def launch_norm_lif_forward(
         contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
         T, N, C, S, float(eps), float(threshold), float(v_init), *scalars,
         CHECKPOINT=n_ckpt > 0, SEG=seg, BLOCK_M=block_m, **_norm_flags(r, weight, bias, p, v0, acc), **lif_flags,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        num_warps=NORM_LIF_WARPS(block_m), enable_fp_fusion=False,
     )
     return spikes, v_out, ckpt
 
@@ -273,6 +263,8 @@ def launch_norm_lif_backward(
     then the pipeline's coefficient and ∂x kernels. ``all_reduce``: synchronised batch
     statistics (:func:`snnorm.kernels.bn_pipeline.launch_backward_from_sums`).
     """
+    _check("norm_lif backward", r, x, v0, weight, bias, p, mean, var)
+    x = x.contiguous()  # once: launch_backward_from_sums reads the same copy
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     dev_ = x.device
@@ -296,7 +288,7 @@ def launch_norm_lif_backward(
             T, N, C, S, pps, float(eps), float(threshold), float(v_init), *scalars,
             HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_GV0=need_dv0, HAS_CKPT=ckpt.numel() > 0,
             SEG=seg, BLOCK_M=block_m,
-            **flags, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            **flags, num_warps=NORM_LIF_WARPS(block_m), enable_fp_fusion=False,
         )
     elif need_dv0:
         grad_v0.zero_() if grad_v is None else grad_v0.copy_(grad_v)

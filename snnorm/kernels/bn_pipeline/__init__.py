@@ -1,4 +1,4 @@
-"""One statistics pipeline for every batch-statistics norm (DESIGN.md §8).
+"""One statistics pipeline for every batch-statistics norm.
 
 Multi-step BatchNorm/tdBN, BNTT, TEBN and TAB are the same computation on a
 ``[T, N, C, *spatial]`` tensor (viewed as ``[T, N, C, S]``, M = N·S values per (t, c)),
@@ -11,18 +11,30 @@ differing only in a :class:`NormRule`: which steps' values a step's statistics p
     scale NONE: s_t = 1,  LINEAR: s_t = p_t (TEBN),  SQUARE: s_t = p_t² (TAB)
 
 γ, β (and the running statistics) are ``[C]`` under ALL and ``[T, C]`` (per step) otherwise.
+The rules (:data:`RULES`; the ops ``snnorm::bn_*`` take one by name):
+
+* ``batch_norm`` (ALL, NONE): multi-step BatchNorm 1d/2d/3d and tdBN;
+* ``bntt`` (EACH, NONE): BNTT, one BN per step;
+* ``tebn`` (ALL, LINEAR): TEBN (Duan et al., "Temporal Effective Batch Normalization in
+  Spiking Neural Networks", NeurIPS 2022): y[t] = p[t]·(γ x̂ + β) with statistics shared
+  over time, ∂L/∂p[t] = Σ over (n, c, spatial) of g·(γ x̂ + β);
+* ``tab`` (PREFIX, SQUARE): TAB (Jiang et al., "TAB: Temporal Accumulated Batch
+  Normalization in Spiking Neural Networks", ICLR 2024): y_t = p_t²·(γ_t x̂_t + β_t) with the
+  statistics of steps 0..t, in O(T) passes (step t's partials merged into the prefix with
+  Chan's formula) instead of the official code's O(T²), and the per-step running statistics
+  updated with M2_t/(n_t − 1).
 
 Forward stages (launches):
 
-1. **partials** (``_bn_tiles.stats_partial_kernel``): per (t, c) and program slice, the
+1. **partials** (``stats_partial_kernel``): per (t, c) and program slice, the
    (count, mean, M2) of x, merged tile by tile with Chan's formula (never Σx²);
 2. **reduce** (``_stats_reduce_kernel``, one program per block of channels): the partials
    combined over the grouping — all of them (ALL), step t's (EACH), or step t's merged into
    the prefix of steps 0..t−1 (PREFIX) — giving μ, biased σ² per statistics row, and the
    running statistics updated here, once:
    ``r_μ ← (1 − m)·r_μ + m·μ``, ``r_σ² ← (1 − m)·r_σ² + m·M2/(n − 1)``;
-3. **coefficients** (:func:`step_coefficients`, the apply kernel's device function; the
-   backward coefficient kernel reads the same μ, r, γ, β and :func:`step_scale`) per
+3. **coefficients** (``_device.step_coefficients``, the apply kernel's device function; the
+   backward coefficient kernel reads the same μ, r, γ, β and ``_device.step_scale``) per
    (t, c): a = s_t·γ/√(σ² + ε), b = s_t·β, so that
    y = a·(x − μ) + b, which is a·x + (s_t·β − a·μ) evaluated centred: subtracting μ first
    keeps the digits when |μ| ≫ σ;
@@ -50,16 +62,11 @@ Backward, with g = ∂L/∂y and x̂ = (x − μ)·r, r = 1/√(σ² + ε), k_t 
    (constant statistics: U = V = 0);
 3. ``_bwd_dx_kernel``: ∂x elementwise. fp32 traffic: g and x read twice, ∂x written (20 B).
 
-Synchronised statistics (several ranks, :mod:`snnorm.backends.sync`; this module takes the
-collectives as callables): :func:`launch_stats` with ``gather`` reduces its partials per
-step (stage 2 with the EACH grouping, M2 stored as is, no running update), gathers every
-rank's (n_t, μ_t, M2_t) and runs stage 2 on the W·T rank partials (each step's W together,
-in rank order) with the rule's grouping: the running statistics see the global count.
-The backward with ``all_reduce`` sums A, B per step and all-reduces them with the local
-count (one packed tensor); the coefficient kernel runs on the local sums for ∂γ, ∂β, ∂p
-(per rank, as DistributedDataParallel expects) and on the global sums, M the global
-count, for ∂μ, ∂σ² and U, V. Each stage moves O(T·C) values; without the callables
-nothing changes.
+Synchronised statistics (several ranks, :mod:`snnorm.backends.sync`; the collectives come
+as callables): :func:`launch_stats` with ``gather`` reduces, gathers and combines per-step
+(n_t, μ_t, M2_t) partials, so the statistics and the running update see the global count;
+the backward with ``all_reduce`` sums A, B over ranks (:func:`launch_backward_from_sums`).
+Each moves O(T·C) values; without the callables nothing changes.
 
 Everything is fp32 (fp64 for fp64 input); partials are reduced in a fixed order (no float
 atomics), so results are deterministic. Absent tensors (γ, β, p, running statistics) reach
@@ -73,33 +80,41 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import triton
-import triton.language as tl
 
-from ._bn_tiles import (
+from .._common import (
+    COEF_WARPS,
+    REDUCE_WARPS,
+    STATS_WARPS,
+    SYNC_DTYPE,
+    acc_dtype,
+    acc_torch_dtype,
     as_tncs,
-    chan_merge,
-    channel_consts,
-    combine_partials,
+    check_channel_args,
     combine_tiles,
     contiguous_or_none,
     fitted_geometry,
-    launch_partial_stats,
-    program_slice,
     slice_args,
     tile_constexprs,
-    tile_offsets,
 )
-from ._common import SYNC_DTYPE, acc_dtype, acc_torch_dtype
+from .._device import GROUPING_ALL, GROUPING_EACH, GROUPING_PREFIX, SCALE_LINEAR, SCALE_NONE, SCALE_SQUARE
+from ._kernels import (
+    _apply_kernel,
+    _bwd_coef_kernel,
+    _bwd_dx_kernel,
+    _bwd_reduce_kernel,
+    stats_partial_kernel,
+    _stats_reduce_kernel,
+)
 
 __all__ = [
     "ALL", "EACH", "PREFIX", "NONE", "LINEAR", "SQUARE", "NormRule", "RULES", "rule",
     "launch_stats", "launch_apply", "launch_backward", "launch_backward_from_sums", "stats_shape", "param_shape",
 ]
 
-#: groupings: which steps' values a statistics row pools
-ALL, EACH, PREFIX = 0, 1, 2
+#: groupings: which steps' values a statistics row pools (the host's ints of the kernels' named modes)
+ALL, EACH, PREFIX = GROUPING_ALL.value, GROUPING_EACH.value, GROUPING_PREFIX.value
 #: per-step output scale s_t: 1, p_t, p_t²
-NONE, LINEAR, SQUARE = 0, 1, 2
+NONE, LINEAR, SQUARE = SCALE_NONE.value, SCALE_LINEAR.value, SCALE_SQUARE.value
 
 
 class NormRule(NamedTuple):
@@ -142,335 +157,23 @@ def stats_shape(r: NormRule, T: int, C: int) -> tuple:
 param_shape = stats_shape  # γ, β have the statistics' layout
 
 
-# ----------------------------------------------------------------------------------------
-# Device functions
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def step_scale(p_ptr, t, SCALE: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """(s_t, ∂s_t/∂p_t) of step t: (1, 0), (p_t, 1) or (p_t², 2 p_t)."""
-    if SCALE == 0:
-        s = tl.full((), 1.0, ACC_DTYPE)
-        ds = tl.zeros((), ACC_DTYPE)
-    else:
-        p_t = tl.load(p_ptr + t).to(ACC_DTYPE)
-        if SCALE == 1:
-            s = p_t
-            ds = tl.full((), 1.0, ACC_DTYPE)
-        else:
-            s = p_t * p_t
-            ds = 2.0 * p_t
-    return s, ds
-
-
-@triton.jit
-def step_coefficients(
-    t, c, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps,
-    PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
-    """Stage 3 for step t and a block of channels: (μ, r, a = s_t γ r, b = s_t β).
-
-    μ, σ², γ, β are read at row t of ``[T, C]`` tensors when PER_STEP, else from ``[C]``.
-    """
-    if PER_STEP:
-        offs = t * C + c
-    else:
-        offs = c
-    mean, rstd, gamma, beta = channel_consts(
-        mean_ptr, var_ptr, w_ptr, b_ptr, offs, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
+def check_params(op: str, r: NormRule, x: torch.Tensor, weight, bias, mean, var, p) -> None:
+    """γ, β, μ, σ² in :func:`stats_shape` (μ, σ² required), p ``[T]`` (required with a scale)."""
+    T, C = x.shape[0], x.shape[2]
+    shape = stats_shape(r, T, C)
+    check_channel_args(
+        f"{op} ({r.name})", x.device, weight=(weight, shape), bias=(bias, shape), mean=(mean, shape, True),
+        var=(var, shape, True), p=(p, (T,), r.scale != NONE),
     )
-    s, ds = step_scale(p_ptr, t, SCALE, ACC_DTYPE)
-    return mean, rstd, s * gamma * rstd, s * beta
-
-
-# ----------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _stats_reduce_kernel(
-    part_mean_ptr,  # [G·PPG, C] partial means, PPG consecutive partials per group
-    part_m2_ptr,  # [G·PPG, C]
-    part_count_ptr,  # [G·PPG]
-    mean_ptr,  # [G, C] out: μ of each statistics row
-    var_ptr,  # [G, C] out: biased σ² (M2 itself with STORE_M2)
-    running_mean_ptr,  # [G, C] updated in place when UPDATE_RUNNING (else None)
-    running_var_ptr,  # [G, C] updated in place (unbiased) when UPDATE_RUNNING (else None)
-    momentum_ptr,  # [G] per-row factors with PER_ROW_MOMENTUM (else None)
-    momentum,  # the factor of every row without PER_ROW_MOMENTUM (an fp32 scalar)
-    G, PPG, C,
-    PREFIX_MERGE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, PER_ROW_MOMENTUM: tl.constexpr,
-    STORE_M2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """Stage 2: the partials of each group combined (vectorised chunks, Chan between
-    chunks); with PREFIX_MERGE each group is merged into the triple of the groups before
-    it. Row g's statistics are stored and its running statistics updated. Groups run in
-    order with fixed shapes: deterministic. STORE_M2 stores M2 instead of σ² = M2/n (the
-    per-step partials a synchronised reduce gathers: no M2 = σ²·n round trip)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    count = tl.zeros((), ACC_DTYPE)
-    mean = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    for g in range(0, G):
-        count_g, mean_g, m2_g = combine_partials(
-            part_mean_ptr, part_m2_ptr, part_count_ptr, g * PPG, (g + 1) * PPG, c, c_mask, C,
-            BLOCK_P, BLOCK_C, ACC_DTYPE,
-        )
-        if PREFIX_MERGE:
-            count, mean, m2 = chan_merge(count, mean, m2, count_g, mean_g, m2_g)
-        else:
-            count, mean, m2 = count_g, mean_g, m2_g
-        row = g * C + c
-        tl.store(mean_ptr + row, mean, mask=c_mask)
-        if STORE_M2:
-            tl.store(var_ptr + row, m2, mask=c_mask)
-        else:
-            tl.store(var_ptr + row, m2 / count, mask=c_mask)
-        if UPDATE_RUNNING:
-            if PER_ROW_MOMENTUM:
-                m = tl.load(momentum_ptr + g).to(ACC_DTYPE)
-            else:
-                m = momentum
-            r_mean = tl.load(running_mean_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
-            r_var = tl.load(running_var_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
-            r_mean = r_mean * (1.0 - m) + mean * m
-            r_var = r_var * (1.0 - m) + (m2 / (count - 1.0)) * m
-            tl.store(running_mean_ptr + row, r_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
-            tl.store(running_var_ptr + row, r_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
-
-
-@triton.jit
-def _apply_kernel(
-    x_ptr,  # [T, N, C, S] contiguous
-    y_ptr,  # [T, N, C, S] out
-    mean_ptr,  # [C] or [T, C]: batch or running mean
-    var_ptr,  # [C] or [T, C]: biased batch variance or running variance
-    w_ptr,  # γ ([C] or [T, C]), or None without HAS_WEIGHT
-    b_ptr,  # β, or None without HAS_BIAS
-    p_ptr,  # [T], or None with SCALE == 0
-    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
-    PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """Stage 4: y = a·(x − μ) + b over the program's slice of step t."""
-    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mean, rstd, a, b = step_coefficients(
-        t, c, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT, HAS_BIAS,
-        ACC_DTYPE,
-    )
-    mean3 = mean[None, :, None]
-    a3 = a[None, :, None]
-    b3 = b[None, :, None]
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            y = (x - mean3) * a3 + b3
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bwd_reduce_kernel(
-    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
-    x_ptr,  # [T, N, C, S] contiguous
-    mean_ptr,  # [C] or [T, C]
-    var_ptr,  # [C] or [T, C]
-    part_a_ptr,  # [P, C] out: Σ g over the program's slice
-    part_b_ptr,  # [P, C] out: Σ g·x̂ over the program's slice
-    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
-    PER_STEP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """Backward stage 1: per-(t, c) partial sums Σg and Σg·x̂ (x̂ with the row's μ, r)."""
-    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    if PER_STEP:
-        offs_c = t * C + c
-    else:
-        offs_c = c
-    mean, rstd, gamma, beta = channel_consts(
-        mean_ptr, var_ptr, None, None, offs_c, c_mask, eps, False, False, ACC_DTYPE
-    )
-    mean3 = mean[None, :, None]
-    rstd3 = rstd[None, :, None]
-    acc_g = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    acc_gx = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
-            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            # no mask needed: g is 0 on masked lanes (and the select spilled on sm_90, triton 3.6)
-            x_hat = (x - mean3) * rstd3
-            acc_g += tl.sum(tl.sum(g, axis=2), axis=0)
-            acc_gx += tl.sum(tl.sum(g * x_hat, axis=2), axis=0)
-    tl.store(part_a_ptr + part * C + c, acc_g, mask=c_mask)
-    tl.store(part_b_ptr + part * C + c, acc_gx, mask=c_mask)
-
-
-@triton.jit
-def _bwd_coef_kernel(
-    part_a_ptr,  # [T·PPS, C] Σ g of each program's slice (PPS per step, in order)
-    part_b_ptr,  # [T·PPS, C] Σ g·x̂ of each slice
-    mean_ptr,  # statistics rows: [C] (ALL) or [T, C]
-    var_ptr,
-    w_ptr,  # γ in the statistics' layout, or None without HAS_WEIGHT
-    b_ptr,  # β, or None without HAS_BIAS
-    p_ptr,  # [T], or None with SCALE == 0
-    dw_ptr,  # out: ∂L/∂γ in γ's layout
-    db_ptr,  # out: ∂L/∂β in β's layout
-    part_dp_ptr,  # [C_BLOCKS, T] out: the block's share of ∂L/∂p_t (SCALE != 0)
-    grad_mean_ptr,  # out: ∂L/∂μ per statistics row
-    grad_var_ptr,  # out: ∂L/∂σ² per statistics row
-    coef_g_ptr,  # [T, C] out: k_t r_t
-    coef_u_ptr,  # statistics rows, out: U when BATCH_STATS (else None)
-    coef_v_ptr,  # statistics rows, out: V when BATCH_STATS (else None)
-    count_ptr,  # [1] the values per (t, c) of every rank together with COUNT_FROM_PTR (else None)
-    T, PPS, C, M, eps,
-    GROUPING: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BATCH_STATS: tl.constexpr, COUNT_FROM_PTR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
-    """Backward stage 2: every per-(t, c) number, one program per block of channels.
-
-    Steps run backwards so that PREFIX's sums over t ≥ s are running sums, centred on the
-    last prefix mean μ_ref = μ_{T−1}: R_s = Σ ∂L/∂μ_t / n_t, V_s = Σ v_t,
-    W_s = Σ v_t (μ_t − μ_ref), U_s = R_s + (μ_s − μ_ref)·V_s − W_s (prefix means differ
-    from μ_ref by about σ: nothing cancels when |μ| ≫ σ).
-
-    M is the values per (t, c) a statistics row pools per step: N·S, or with
-    COUNT_FROM_PTR (synchronised statistics) every rank's together, read from the device
-    (the all-reduce's result: no host round trip).
-    """
-    if COUNT_FROM_PTR:
-        m_step = tl.load(count_ptr).to(ACC_DTYPE)
-    else:
-        m_step = M  # a new name: M may be a specialised constexpr, never rebound to a tensor
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    # accumulators exist only where their grouping uses them (static ifs): a dead
-    # loop-carried value cost triton 3.6 a local-memory spill
-    r_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ ∂L/∂μ_t / n_t; ALL: Σ ∂L/∂μ|_t
-    v_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # PREFIX: Σ v_t; ALL: Σ ∂L/∂σ²|_t
-    if GROUPING == 0:
-        dw_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ_t s_t B_t
-        db_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)  # Σ_t s_t A_t
-    if GROUPING == 2:
-        if BATCH_STATS:
-            mean_ref = tl.load(mean_ptr + (T - 1) * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
-            w_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
-    for i in range(0, T):
-        t = T - 1 - i
-        # A_t, B_t: step t's partials summed in fixed-shape chunks (deterministic)
-        sum_a = tl.zeros((BLOCK_C,), ACC_DTYPE)
-        sum_b = tl.zeros((BLOCK_C,), ACC_DTYPE)
-        for p0 in range(t * PPS, (t + 1) * PPS, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            mask = (p < (t + 1) * PPS)[:, None] & c_mask[None, :]
-            offs = p[:, None] * C + c[None, :]
-            sum_a += tl.sum(tl.load(part_a_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
-            sum_b += tl.sum(tl.load(part_b_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
-        if GROUPING != 0:
-            row = t * C + c
-        else:
-            row = c
-        mean, rstd, gamma, beta = channel_consts(
-            mean_ptr, var_ptr, w_ptr, b_ptr, row, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
-        )
-        s, ds = step_scale(p_ptr, t, SCALE, ACC_DTYPE)
-        k = s * gamma
-        grad_mean = -k * rstd * sum_a  # step t's share of ∂L/∂μ of the row it read
-        grad_var = -0.5 * k * rstd * rstd * sum_b
-        tl.store(coef_g_ptr + t * C + c, k * rstd, mask=c_mask)
-        if SCALE != 0:
-            dp = ds * tl.sum(tl.where(c_mask, gamma * sum_b + beta * sum_a, 0.0), axis=0)
-            tl.store(part_dp_ptr + tl.program_id(0) * T + t, dp)
-        if GROUPING == 0:
-            dw_sum += s * sum_b
-            db_sum += s * sum_a
-            r_sum += grad_mean
-            v_sum += grad_var
-        else:
-            tl.store(dw_ptr + row, s * sum_b, mask=c_mask)
-            tl.store(db_ptr + row, s * sum_a, mask=c_mask)
-            tl.store(grad_mean_ptr + row, grad_mean, mask=c_mask)
-            tl.store(grad_var_ptr + row, grad_var, mask=c_mask)
-            if BATCH_STATS:
-                if GROUPING == 1:
-                    tl.store(coef_u_ptr + row, grad_mean / m_step, mask=c_mask)
-                    tl.store(coef_v_ptr + row, 2.0 * grad_var / m_step, mask=c_mask)
-                else:
-                    n_t = (t + 1).to(ACC_DTYPE) * m_step  # M may be a specialised constant 1
-                    v = 2.0 * grad_var / n_t
-                    r_sum += grad_mean / n_t
-                    v_sum += v
-                    w_sum += v * (mean - mean_ref)
-                    tl.store(coef_u_ptr + row, r_sum + (mean - mean_ref) * v_sum - w_sum, mask=c_mask)
-                    tl.store(coef_v_ptr + row, v_sum, mask=c_mask)
-    if GROUPING == 0:
-        tl.store(dw_ptr + c, dw_sum, mask=c_mask)
-        tl.store(db_ptr + c, db_sum, mask=c_mask)
-        tl.store(grad_mean_ptr + c, r_sum, mask=c_mask)
-        tl.store(grad_var_ptr + c, v_sum, mask=c_mask)
-        if BATCH_STATS:
-            n = (tl.zeros((), ACC_DTYPE) + T) * m_step  # T, M may be specialised constants (1)
-            tl.store(coef_u_ptr + c, r_sum / n, mask=c_mask)
-            tl.store(coef_v_ptr + c, 2.0 * v_sum / n, mask=c_mask)
-
-
-@triton.jit
-def _bwd_dx_kernel(
-    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
-    x_ptr,  # [T, N, C, S] contiguous, or None without BATCH_STATS
-    dx_ptr,  # [T, N, C, S] out ∂L/∂x
-    mean_ptr,  # statistics rows, or None without BATCH_STATS
-    coef_g_ptr,  # [T, C] k_t r_t
-    coef_u_ptr,  # statistics rows: U, or None without BATCH_STATS
-    coef_v_ptr,  # statistics rows: V, or None without BATCH_STATS
-    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS,
-    PER_STEP: tl.constexpr, BATCH_STATS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """Backward stage 3: ∂x = k_t r_t·g + U + V·(x − μ) elementwise."""
-    t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    k_g = tl.load(coef_g_ptr + t * C + c, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
-    if BATCH_STATS:
-        if PER_STEP:
-            row = t * C + c
-        else:
-            row = c
-        mean3 = tl.load(mean_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
-        u3 = tl.load(coef_u_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
-        v3 = tl.load(coef_v_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
-            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            dx = g * k_g
-            if BATCH_STATS:  # the path through the statistics
-                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-                dx = dx + u3 + (x - mean3) * v3
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
 
-#: partials × channels the backward coefficient kernel sums per chunk on a GPU, and its warps:
-#: its work is O(T·C·partials), so one warp costs nothing, and at 2–8 warps ptxas of triton
-#: 3.6 spilled 8–12 B in the PREFIX configurations (at 32–48 registers; perf/compile_check.py)
+#: partials × channels the backward coefficient kernel sums per chunk on a GPU (on
+#: ``_common.COEF_WARPS``, one warp: its work is O(T·C·partials))
 COEF_CHUNK = 256
-COEF_WARPS = 1
 
 
 #: ``gather(count [T], mean [T, C], m2 [T, C])`` → every rank's ``([W, T], [W, T, C], [W, T, C])``
@@ -478,6 +181,25 @@ COEF_WARPS = 1
 Gather = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 #: ``all_reduce(t)`` → Σ over ranks of ``t`` (a new tensor)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def launch_partial_stats(x4: torch.Tensor, T: int, N: int, C: int, S: int, acc: torch.dtype):
+    """Stage 1: per-(program slice, channel) partial statistics of ``x4`` [T, N, C, S]:
+    (count, mean, M2) rows for every part of every step, combined afterwards in a fixed order.
+    Returns (part_mean [parts, C], part_m2 [parts, C], part_count [parts], geometry)."""
+
+    def partials(geo):
+        part_mean = torch.empty(geo.parts, C, dtype=acc, device=x4.device)
+        part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x4.device)
+        part_count = torch.empty(geo.parts, dtype=acc, device=x4.device)
+        return (x4, part_mean, part_m2, part_count, N, C, S, *slice_args(geo))
+
+    flags = dict(ACC_DTYPE=acc_dtype(acc))
+    geo = fitted_geometry(stats_partial_kernel, T, N, C, S, x4.device, x4.dtype, partials, flags,
+                          warps=STATS_WARPS)
+    args = partials(geo)
+    stats_partial_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
+    return (*args[1:4], geo)
 
 
 def _reduce(
@@ -503,7 +225,7 @@ def _reduce(
         part_mean, part_m2, part_count, mean, var, r_mean, r_var, factors, momentum0,
         rows, per_group, C,
         PREFIX_MERGE=prefix, UPDATE_RUNNING=update, PER_ROW_MOMENTUM=per_row, STORE_M2=store_m2,
-        BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=4,
+        BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=REDUCE_WARPS(block_p * block_c),
     )
     if update and r_mean.data_ptr() != running_mean.data_ptr():
         running_mean.copy_(r_mean)
@@ -531,9 +253,13 @@ def launch_stats(
     W·T rank partials, each step's W together in rank order, enter the reduce over the
     rule's grouping: the statistics and the running update use the global count.
     """
+    T, C = x.shape[0], x.shape[2]
+    shape = stats_shape(r, T, C)
+    check_channel_args(
+        f"stats ({r.name})", x.device, running_mean=(running_mean, shape), running_var=(running_var, shape)
+    )
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
-    shape = stats_shape(r, T, C)
     rows = T if r.per_step else 1
     update = running_mean is not None and running_var is not None
     if update and len(momentum) != rows:
@@ -572,6 +298,7 @@ def launch_apply(
     r: NormRule, x: torch.Tensor, weight, bias, mean: torch.Tensor, var: torch.Tensor, p, eps: float
 ) -> torch.Tensor:
     """Stages 3–4: y = s_t·(γ (x − μ)/√(σ² + ε) + β) in one elementwise pass."""
+    check_params("apply", r, x, weight, bias, mean, var, p)
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     y = torch.empty(x.shape, dtype=out_dtype(x, p), device=x.device)
@@ -599,6 +326,9 @@ def launch_backward(
     coefficient, ∂x (when ``need_dx``). An unneeded ∂x comes back empty (numel 0).
     ``all_reduce``: synchronised statistics (:func:`launch_backward_from_sums`).
     """
+    check_params("backward", r, x, weight, bias, mean, var, p)
+    check_channel_args(f"backward ({r.name})", x.device, grad_y=(grad_y, tuple(x.shape), True))
+    x = x.contiguous()  # once: launch_backward_from_sums reads the same copy (a view from here on)
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     dev = x.device
@@ -607,7 +337,8 @@ def launch_backward(
     if x.numel() == 0 or not (batch_stats or need_sums):  # no sums: A = B = 0
         part_a = part_b = torch.zeros(T, C, **tc)
     else:
-        g4 = grad_y.contiguous().view(T, N, C, S)
+        grad_y = grad_y.contiguous()  # likewise copied at most once
+        g4 = grad_y.view(T, N, C, S)
 
         def reduce_args(geo):
             part_a = torch.empty(geo.parts, C, **tc)
@@ -650,7 +381,7 @@ def _coefficients(
         T, per_step, C, M, float(eps),
         GROUPING=r.grouping, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BATCH_STATS=batch_stats, COUNT_FROM_PTR=count is not None, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=COEF_WARPS, ACC_DTYPE=acc_dtype(acc),
+        num_warps=COEF_WARPS(block_p * block_c), ACC_DTYPE=acc_dtype(acc),
     )
     # a fixed-shape reduction over channel blocks: deterministic
     dp = part_dp.sum(0) if part_dp is not None else torch.zeros(T, **tc)
@@ -674,6 +405,7 @@ def launch_backward_from_sums(
     ``SyncBatchNorm``), and on the global sums with the global count for ∂μ, ∂σ² and ∂x's
     U, V, since every rank's loss reaches x through the shared statistics.
     """
+    check_params("backward", r, x, weight, bias, mean, var, p)
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     dev = x.device
