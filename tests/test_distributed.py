@@ -559,9 +559,11 @@ def test_torch_converter_destroys_tebn_snnorm_keeps_it():
     assert torch.equal(y, ref(x))  # p[t] still scales each timestep
 
 
-def test_readme_documents_multi_process_training():
-    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
-    with open(readme, encoding="utf-8") as f:
+def test_the_docs_document_multi_process_training():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "docs", "distributed.md"), encoding="utf-8") as f:
         text = f.read()
-    assert "## Multi-process training" in text and "torchrun" in text and "convert_sync_batchnorm" in text
+    assert text.startswith("# Multi-process training") and "torchrun" in text and "convert_sync_batchnorm" in text
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        assert "docs/distributed.md" in f.read()  # and the README points there
     assert snnorm.convert_sync_batchnorm is convert_sync_batchnorm

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ...kernels import _lif_device as _dev
-from ...kernels._common import acc_torch_dtype, check_device
+from ...kernels import api as modes
+from ...kernels.api import acc_torch_dtype, check_device
 from ...params import LIFKernelParameters, LIFParameters
 from ..sync import StatsSync, combine_rank_partials, gather_step_partials
 
@@ -103,12 +103,12 @@ def all_reduce(group: str):
 def _kernel_surrogate(surrogate: Callable, op: str) -> tuple[str, float] | None:
     """(kernel name, α) of ``surrogate``, or None (warned once per op and reason) when no kernel has it."""
     spec = surrogate.kernel_spec() if hasattr(surrogate, "kernel_spec") else None
-    if spec is not None and spec[0] in _dev.SURROGATES:
+    if spec is not None and spec[0] in modes.SURROGATES:
         return spec[0], float(spec[1])
     if getattr(surrogate, "spiking", True) is False:
         reason = f"surrogate {type(surrogate).__name__}(spiking=False) (the kernels emit spikes, not the primitive)"
     else:
-        reason = f"surrogate {type(surrogate).__name__} (kernels exist for {sorted(_dev.SURROGATES)})"
+        reason = f"surrogate {type(surrogate).__name__} (kernels exist for {sorted(modes.SURROGATES)})"
     warn_once(
         (op, reason),
         f"snnorm triton {op}: no fused kernel for {reason}; this op runs on the torch backend (warned once)",

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ...kernels import bn_pipeline as _bnp
-from ...kernels._common import acc_torch_dtype, check_device, op_signature
+from ...kernels.api import acc_torch_dtype, check_device, op_signature
 from .. import torch_backend
 from ..sync import StatsSync
 from ._adaptors import (

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels import _lif_device as _dev
+from ...kernels import api as modes
 from ...kernels import lif as _lk
-from ...kernels._common import acc_torch_dtype, op_signature
+from ...kernels.api import acc_torch_dtype, op_signature
 from ...params import LIFKernelParameters, LIFParameters
 from .. import torch_backend
 from ._adaptors import kernel_lif, membrane, refuse_double_backward, result_dtype, threshold_tensor, wants_grad
@@ -111,7 +111,7 @@ def lif(x_seq: Tensor, v: Tensor, threshold, neuron: LIFParameters) -> tuple[Ten
     v = membrane(x_seq, v, "lif")
     th = threshold_tensor(threshold, x_seq)
     s, v_out, _ = lif_elementwise_op(
-        x_seq, v, th, None, None, None, None, None, *lif_k.to_op_args(), _dev.FIRE_RAW.value, False,
+        x_seq, v, th, None, None, None, None, None, *lif_k.to_op_args(), modes.FIRE_RAW.value, False,
         wants_grad(x_seq, v, th), result_dtype(x_seq, v, threshold),
     )
     return s, v_out

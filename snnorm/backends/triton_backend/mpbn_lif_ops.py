@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels import _lif_device as _dev
+from ...kernels import api as modes
 from ...kernels import mpbn_lif_train as _mt
-from ...kernels._common import acc_torch_dtype, op_signature
+from ...kernels.api import acc_torch_dtype, op_signature
 from ...params import AdaptParameters, BNKernelParameters, BNStatistics, LIFKernelParameters, LIFParameters, MPBNParameters
 from .. import torch_backend
 from ..sync import StatsSync
@@ -73,7 +73,7 @@ def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
     rv_new = running_var.to(acc, copy=True) if running_var is not None else None
     s, v_out, h, mean, rstd, _, _ = _mt.launch_batch_stats_fwd(
         x, v, weight, bias, rm_new, rv_new, th, None, None, None, out_dtype,
-        lif=lif, bn=bn, stats=_dev.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
+        lif=lif, bn=bn, stats=modes.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
         sync_stats=combined_gather(group),
     )
     if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
@@ -155,7 +155,7 @@ refuse_double_backward(mpbn_lif_train_bwd_op, "mpbn_lif")
 def mpbn_lif_adapt_op(x, v, mu, sigma2, gamma, beta, th, mom, running, eps, *args):
     """(spikes, v_T, μ_T, σ²_T). Forward only. Arguments: see ``ADAPT_FWD``."""
     lif, (carry_norm, out_dtype) = LIFKernelParameters.from_op_args(args)
-    stats = _dev.STATS_FOLD_RUNNING if running else _dev.STATS_FOLD_BATCH
+    stats = modes.STATS_FOLD_RUNNING if running else modes.STATS_FOLD_BATCH
     s, v_out, _, _, _, mu_out, s2_out = _mt.launch_batch_stats_fwd(
         x, v, gamma, beta, None, None, th, mu, sigma2, mom, out_dtype,
         lif=lif, bn=BNKernelParameters(float(eps), None, 0), stats=stats.value, carry_norm=carry_norm, save=False,
@@ -238,7 +238,7 @@ def mpbn_lif(
         r = weight * r
     beta = bias if bias is not None else torch.zeros_like(r)
     s, v_out, _ = lif_elementwise_op(
-        x_seq, v, th, running_mean, r, beta, None, None, *lif_k.to_op_args(), _dev.FIRE_NORMALISED.value,
+        x_seq, v, th, running_mean, r, beta, None, None, *lif_k.to_op_args(), modes.FIRE_NORMALISED.value,
         carry_norm, wants_grad(x_seq, v, th, r, beta), result_dtype(x_seq, v, threshold),
     )
     return s, v_out
@@ -293,7 +293,7 @@ def mpbn_lif_folded(
     r = gamma / std if carry_norm else None
     s, v_out, _ = lif_elementwise_op(
         x_seq, v, th, mu if carry_norm else None, r, beta if carry_norm else None, thf, sgn, *lif_k.to_op_args(),
-        _dev.FIRE_FOLDED.value, carry_norm, wants_grad(x_seq, v, th, thf, r, beta, mu),
+        modes.FIRE_FOLDED.value, carry_norm, wants_grad(x_seq, v, th, thf, r, beta, mu),
         result_dtype(x_seq, v, threshold, thf),
     )
     return s, v_out, mu, sigma2, adapt.momentum

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ...kernels import bn_pipeline as _bnp
 from ...kernels import norm_lif as _nl
-from ...kernels._common import acc_torch_dtype, check_device, op_signature
+from ...kernels.api import acc_torch_dtype, check_device, op_signature
 from ...params import LIFKernelParameters, LIFParameters
 from ..sync import StatsSync
 from ._adaptors import all_reduce, check_sequence_arg, group_name, kernel_lif, refuse_double_backward, wants_grad
