@@ -271,3 +271,18 @@ def stats_sync(module: nn.Module, x: torch.Tensor, *, channel_dim: int, batch_st
         return None
     T = x.shape[0] if channel_dim == 2 else 1
     return target.hook(module, T=T, C=x.shape[channel_dim])
+
+
+def shared_statistics_plan(
+    module: nn.Module, x_seq: torch.Tensor, rule: str = "batch_norm", p: Optional[torch.Tensor] = None
+) -> NormPlan:
+    """The plan of a norm with one μ, σ² per channel over T·N·spatial of ``x_seq``
+    ``[T, N, C, ...]`` (rule ``batch_norm``, or ``tebn`` with its per-step scale ``p``), once
+    the module has checked the input's shape: the batch's values, the cross-rank hook and the
+    running statistics, resolved before anything is counted (``commit`` counts)."""
+    batch_stats = uses_batch_stats(module)
+    check_batch_values(module, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
+    sync = stats_sync(module, x_seq, channel_dim=2, batch_stats=batch_stats)
+    stats = resolve_running_stats(module)
+    return NormPlan(rule, module.weight, module.bias, p, stats.mean, stats.var, stats.factors, module.eps,
+                    batch_stats, stats.commit, sync)

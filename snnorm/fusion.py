@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from . import layer
 from . import neuron as neuron_mod
-from ._bn_state import NormPlan, check_batch_values, resolve_running_stats, stats_sync, uses_batch_stats
+from ._bn_state import NormPlan, shared_statistics_plan
 from ._dataflow import record_handoffs
 from ._fx import _StepModuleLeafTracer, _trace
 from ._steps import seq_to_ann_forward
@@ -100,12 +100,7 @@ def _folded_bn_plan(bn: nn.Module, x_seq: torch.Tensor) -> NormPlan:
             f"{type(bn).__name__}({bn.num_features}) at the end of a SeqToANNContainer expects its input as "
             f"[T, N, {bn.num_features}, ...] with {' or '.join(map(str, dims))} dims; got {tuple(x_seq.shape)}"
         )
-    batch_stats = uses_batch_stats(bn)
-    check_batch_values(bn, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
-    sync = stats_sync(bn, x_seq, channel_dim=2, batch_stats=batch_stats)
-    stats = resolve_running_stats(bn)
-    return NormPlan("batch_norm", bn.weight, bn.bias, None, stats.mean, stats.var, stats.factors, bn.eps,
-                    batch_stats, stats.commit, sync)
+    return shared_statistics_plan(bn, x_seq)
 
 
 def _neuron_problem(module: nn.Module) -> Optional[str]:

@@ -44,7 +44,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import base
-from .._bn_state import NormPlan, check_batch_values, resolve_running_stats, stats_sync, uses_batch_stats
+from .._bn_state import NormPlan, shared_statistics_plan
 from .._checks import check_finite, check_positive_int
 from ._bn_common import (  # noqa: F401  (the per-step BNs stay importable here: pickles name them so)
     _check_bn_args,
@@ -110,12 +110,7 @@ class _BatchNormMixin(_GuardedBatchNormMixin, base.StepModule):
         """Multi-step: one μ, σ² per channel over T·N·spatial (pipeline rule ``batch_norm``).
         Every input check first; ``commit`` counts the batch once the op has run."""
         self._check_bn_input(x_seq, multi=True)
-        batch_stats = uses_batch_stats(self)
-        check_batch_values(self, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
-        sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=batch_stats)
-        stats = resolve_running_stats(self)
-        return NormPlan("batch_norm", self.weight, self.bias, None, stats.mean, stats.var, stats.factors, self.eps,
-                        batch_stats, stats.commit, sync)
+        return shared_statistics_plan(self, x_seq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         multi = self.step_mode == "m"
@@ -303,12 +298,7 @@ class _TemporalEffectiveBatchNormBase(_BatchNormMixin, _BatchNorm):
         """One μ, σ² per channel over T·N·spatial, scaled by p[t] (pipeline rule ``tebn``).
         Every input check first; ``commit`` counts the batch once the op has run."""
         self._check_bn_input(x_seq, multi=True, T=self.T)
-        batch_stats = uses_batch_stats(self)
-        check_batch_values(self, x_seq, batch_stats=batch_stats, channel_dim=2, over="over T·N·spatial")
-        sync = stats_sync(self, x_seq, channel_dim=2, batch_stats=batch_stats)
-        stats = resolve_running_stats(self)
-        return NormPlan("tebn", self.weight, self.bias, self.scale, stats.mean, stats.var, stats.factors, self.eps,
-                        batch_stats, stats.commit, sync)
+        return shared_statistics_plan(self, x_seq, "tebn", self.scale)
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         plan = self.statistics_plan(x_seq)
