@@ -332,9 +332,11 @@ def test_a_container_bn_checks_its_input_before_any_state_moves():
     functional.fuse_norm_neurons(net)
     functional.set_backend(net, "triton")
     assert fused_block(net[0]).fused_kernel_applies()
-    with pytest.raises(ValueError, match=r"only one value per channel|expects its input"):
+    with pytest.raises(ValueError, match="more than one value per channel"):
         net(torch.randn(1, 1, 4))  # one value per channel: batch statistics are undefined
-    assert int(net[0][1].num_batches_tracked) == 0
+    with pytest.raises(ValueError, match=r"expects its input as \[T, N, 3, \.\.\.\] with 3 or 4 dims; got \(4, 2, 2, 2, 3\)"):
+        net(torch.randn(4, 2, 2, 2, 4))  # [T, N, 2, 2, 3] after the Linear: no BatchNorm1d layout
+    assert int(net[0][1].num_batches_tracked) == 0 and isinstance(net[1].v, float)
 
 
 # -- spikingjelly's own model zoo ------------------------------------------------------------
