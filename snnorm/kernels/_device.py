@@ -95,6 +95,18 @@ def channel_tile(pid, N, S, S_TILES, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexp
 
 
 @triton.jit
+def tile_and_channel(P, INDEX_64: tl.constexpr):
+    """(tile, channel) of this program on a flat grid of P tiles per channel × C channels.
+
+    Everything on grid axis 0 (≤ 2³¹ − 1 programs; axes 1 and 2 stop at 65,535, which a
+    flattened feature map's channel count passes): program ``c·P + tile``, so consecutive
+    programs are the tiles of one channel, the order of a ``(P, C)`` grid."""
+    pid = tl.program_id(0)
+    c = pid // P
+    return pid - c * P, index(c, INDEX_64)
+
+
+@triton.jit
 def index(i, INDEX_64: tl.constexpr):
     """A scalar index (channel, step, program) in the offset type."""
     if INDEX_64:
@@ -420,17 +432,21 @@ def tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N: tl.constexp
 
 @triton.jit
 def element_block(N, C, S, BLOCK_M: tl.constexpr):
-    """Program (c, block)'s channel (as a one-element block), its elements' offsets at step 0
-    (int64, also their offsets in ``[N, C, S]`` membranes), their mask, and one step's stride."""
-    c = tl.program_id(0)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Program (c, block)'s block, channel (as a one-element block), its elements' offsets at
+    step 0 (int64, also their offsets in ``[N, C, S]`` membranes), their mask, and one step's
+    stride. The grid is flat on axis 0 (program ``block·C + c``: the order of a ``(C, blocks)``
+    grid), so neither C nor the blocks of N·S meet the 65,535 limit of axes 1 and 2."""
+    pid = tl.program_id(0)
+    block = pid // C
+    c = pid - block * C
+    m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = m < N * S
     n = m // S
     s = m - n * S
     offs = (n.to(tl.int64) * C + c) * S + s
     step = (tl.zeros((), tl.int64) + N) * C * S  # N, C, S may be specialised constants
     cc = c + tl.arange(0, 1)
-    return cc, offs, mask, step
+    return block, cc, offs, mask, step
 
 
 @triton.jit

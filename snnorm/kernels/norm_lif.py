@@ -30,8 +30,8 @@ fp32 bytes per element-step: forward 4 (partials read x) + 8 (x, s) + 4/T (v_T);
 backward 12 (x, ∂s, ∂y) + 12 (∂y, x, ∂x) + 8/T (∂v_T, ∂v0); launches 3 and 3.
 
 Layout: x ``[T, N, C, *spatial]`` made contiguous and viewed ``[T, N, C, S]``; a program
-takes one channel c and a block of BLOCK_M of its M = N·S elements (axis 0: c, axis 1:
-the block), so its partial sums are row ``t·PPS + block`` of ``[T·PPS, C]``, the order the
+takes one channel c and a block of BLOCK_M of its M = N·S elements (a flat grid on axis
+0, program block·C + c: no grid limit at any N·S or C), so its partial sums are row ``t·PPS + block`` of ``[T·PPS, C]``, the order the
 pipeline's coefficient kernel reads. Membranes are fp32 (fp64) in the kernels.
 """
 
@@ -44,7 +44,9 @@ import triton
 import triton.language as tl
 
 from . import _device as dev
-from ._common import NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_tncs, check_channel_args, contiguous_or_none, next_pow2
+from ._common import (
+    NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_tncs, check_channel_args, contiguous_or_none, launcher, next_pow2,
+)
 from .bn_pipeline import NormRule, check_params, launch_backward_from_sums, out_dtype
 
 __all__ = ["segment_length", "launch_norm_lif_forward", "launch_norm_lif_backward"]
@@ -98,7 +100,7 @@ def _norm_lif_fwd_kernel(
     HAS_V0: tl.constexpr, CHECKPOINT: tl.constexpr, SEG: tl.constexpr,
     DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    cc, offs, mask, step = dev.element_block(N, C, S, BLOCK_M)
+    block, cc, offs, mask, step = dev.element_block(N, C, S, BLOCK_M)
     c_mask = cc < C
     v = _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0, BLOCK_M, ACC_DTYPE)
     for t in range(0, T):
@@ -136,9 +138,8 @@ def _norm_lif_bwd_kernel(
     HAS_CKPT: tl.constexpr, SEG: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
     SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    cc, offs, mask, step = dev.element_block(N, C, S, BLOCK_M)
+    block, cc, offs, mask, step = dev.element_block(N, C, S, BLOCK_M)
     c_mask = cc < C
-    block = tl.program_id(1)
     # 1/τ in the compute dtype (τ arrives as an fp32 scalar; fp64 keeps its digits)
     x_scale, v_scale = dev.charge_grads(tl.cast(tau, ACC_DTYPE), DECAY_INPUT)
     gv = tl.zeros([BLOCK_M], ACC_DTYPE)
@@ -214,6 +215,7 @@ def _check(op: str, r: NormRule, x, v0, weight, bias, p, mean, var) -> None:
     check_channel_args(f"{op} ({r.name})", x.device, v0=(v0, tuple(x.shape[1:])))
 
 
+@launcher
 def launch_norm_lif_forward(
     r: NormRule, x: torch.Tensor, v0: Optional[torch.Tensor], weight, bias, p, mean: torch.Tensor,
     var: torch.Tensor, eps: float, threshold: float, v_init: float, lif, checkpoint: bool,
@@ -240,7 +242,7 @@ def launch_norm_lif_forward(
         return spikes, v_out, ckpt
     block_m = _block_m(N * S, x.device)
     scalars, lif_flags = dev.lif_kernel_args(lif)
-    _norm_lif_fwd_kernel[(C, triton.cdiv(N * S, block_m))](
+    _norm_lif_fwd_kernel[(C * triton.cdiv(N * S, block_m),)](
         x4, spikes, contiguous_or_none(v0), v_out, ckpt if n_ckpt else None, mean, var,
         contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
         T, N, C, S, float(eps), float(threshold), float(v_init), *scalars,
@@ -250,6 +252,7 @@ def launch_norm_lif_forward(
     return spikes, v_out, ckpt
 
 
+@launcher
 def launch_norm_lif_backward(
     r: NormRule, grad_s: Optional[torch.Tensor], grad_v: Optional[torch.Tensor], x: torch.Tensor,
     v0: Optional[torch.Tensor], ckpt: torch.Tensor, weight, bias, p, mean: torch.Tensor, var: torch.Tensor,
@@ -281,7 +284,7 @@ def launch_norm_lif_backward(
         seg = segment_length(T)
         scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
         flags = {**_norm_flags(r, weight, bias, p, v0, acc), **lif_flags}
-        _norm_lif_bwd_kernel[(C, pps)](
+        _norm_lif_bwd_kernel[(C * pps,)](
             contiguous_or_none(grad_s), contiguous_or_none(grad_v), x4, contiguous_or_none(v0),
             ckpt if ckpt.numel() else None, grad_y, grad_v0, part_a, part_b, mean, var,
             contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
