@@ -423,3 +423,43 @@ def test_device_vector_equals_torch_tensor():
     for values in ([0.1, 0.2, 0.1], [0.1] * 4, [0.3, 0.09, 0.081], []):
         for dtype in (torch.float32, torch.float64):
             assert torch.equal(device_vector(values, dtype, torch.device("cpu")), torch.tensor(values, dtype=dtype))
+
+
+def test_block_grid_splits_blocks_over_axes_1_and_2():
+    from snnorm.kernels._common import block_grid
+
+    assert block_grid(3, 10) == (3, 10, 1)
+    assert block_grid(3, 65535) == (3, 65535, 1)
+    for blocks in (65536, 131071, 10**7, 4 * 10**9):
+        c, b1, b2 = block_grid(5, blocks)
+        assert b1 <= AXIS12_MAX and b2 <= AXIS12_MAX and b1 * b2 >= blocks and (b1 - 1) * b2 < blocks
+
+
+def test_norm_lif_with_blocks_split_over_two_axes_equals_one_axis(monkeypatch, ops):
+    """The fused norm → LIF with its blocks split over grid axes 1 and 2 (an overshooting
+    B1·B2, forced here with a 2-program axis limit and 16-element blocks) equals the one-axis
+    grid: spikes, membrane and every gradient (the overshoot programs write nothing)."""
+    from snnorm import surrogate as sg
+    from snnorm.kernels import _common, norm_lif
+    from snnorm.params import LIFParameters
+
+    monkeypatch.setattr(norm_lif, "INTERPRETER_BLOCK_M", 16)
+    lif = LIFParameters(sg.Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
+    T, N, C = 3, 4, 2
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(T, N, C, 20, generator=g) * 2 + 0.5  # M = N·S = 80: 5 blocks of 16
+    w0, b0 = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+
+    def run():
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        rm, rv = torch.zeros(C), torch.ones(C)
+        s, v = ops.norm_lif("batch_norm", x, 0.0, w, b, None, rm, rv, momentum=[0.1], eps=1e-5, batch_stats=True,
+                            threshold=1.0, neuron=lif)
+        (s * torch.linspace(0.5, 1.5, s.numel()).view(s.shape)).sum().add(v.square().sum()).backward()
+        return s.detach(), v.detach(), x.grad, w.grad, b.grad, rm
+
+    one_axis = run()
+    monkeypatch.setattr(_common, "GRID_AXIS_MAX", 2)  # 5 blocks -> B2 = 3, B1 = 2: one program past the end
+    two_axes = run()
+    for a, b_ in zip(one_axis, two_axes):
+        assert torch.equal(a, b_)

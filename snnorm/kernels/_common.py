@@ -70,6 +70,8 @@ __all__ = [
     "as_tncs",
     "contiguous_or_none",
     "device_vector",
+    "GRID_AXIS_MAX",
+    "block_grid",
 ]
 
 
@@ -503,6 +505,18 @@ def fitted_geometry(
         return geo
     return geometry(T, N, C, S, device, programs=per_sm * device_props(device).multi_processor_count,
                     warps=warps)
+
+
+#: the most programs CUDA launches along grid axes 1 and 2 (axis 0: 2³¹ − 1)
+GRID_AXIS_MAX = 65535
+
+
+def block_grid(C: int, blocks: int) -> tuple[int, int, int]:
+    """Grid ``(C, B1, B2)`` for C channels × ``blocks`` blocks, every axis within CUDA's limits:
+    B2 = ⌈blocks / 65,535⌉, B1 = ⌈blocks / B2⌉ (B1·B2 ≥ blocks; a kernel masks the rest,
+    ``_device.block_index``). One block axis (B2 = 1) up to 65,535 blocks."""
+    b2 = triton.cdiv(blocks, GRID_AXIS_MAX)
+    return (C, triton.cdiv(blocks, b2), b2)
 
 
 def combine_tiles(P: int, C: int, interp: bool) -> tuple[int, int]:

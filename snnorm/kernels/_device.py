@@ -432,21 +432,27 @@ def tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N: tl.constexp
 
 @triton.jit
 def element_block(N, C, S, BLOCK_M: tl.constexpr):
-    """Program (c, block)'s block, channel (as a one-element block), its elements' offsets at
-    step 0 (int64, also their offsets in ``[N, C, S]`` membranes), their mask, and one step's
-    stride. The grid is flat on axis 0 (program ``block·C + c``: the order of a ``(C, blocks)``
-    grid), so neither C nor the blocks of N·S meet the 65,535 limit of axes 1 and 2."""
-    pid = tl.program_id(0)
-    block = pid // C
-    c = pid - block * C
-    m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Program (c, block)'s channel (as a one-element block), its elements' offsets at step 0
+    (int64, also their offsets in ``[N, C, S]`` membranes), their mask, and one step's stride.
+
+    Grid ``(C, B1, B2)`` (:func:`snnorm.kernels._common.block_grid`): the channel on axis 0
+    (≤ 2³¹ − 1), the block of N·S split over axes 1 and 2 (each ≤ 65,535), block =
+    ``pid1 + pid2·B1`` (:func:`block_index`); blocks past N·S (B1·B2 may overshoot) are masked."""
+    c = tl.program_id(0)
+    m = block_index() * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = m < N * S
     n = m // S
     s = m - n * S
     offs = (n.to(tl.int64) * C + c) * S + s
     step = (tl.zeros((), tl.int64) + N) * C * S  # N, C, S may be specialised constants
     cc = c + tl.arange(0, 1)
-    return block, cc, offs, mask, step
+    return cc, offs, mask, step
+
+
+@triton.jit
+def block_index():
+    """The block of a ``(C, B1, B2)`` grid's program: ``pid1 + pid2·B1``."""
+    return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
 
 
 @triton.jit
