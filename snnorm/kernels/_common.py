@@ -7,8 +7,14 @@ channels-last and expanded (stride-0) inputs are read in place without a copy; o
 spatial dims that cannot merge (e.g. a transposed H, W) are copied. The statistics
 pipeline reads a contiguous view (:func:`as_tncs`).
 
-Grids. LIF and MPBN-LIF tile a channel's ``[N, S]`` per step (:func:`channel_tiling`, one
-channel per program). The statistics pipeline runs on a grid of ``[BLOCK_N, BLOCK_C,
+Devices. Every launcher wears :func:`launcher`: its tensors on one device (ValueError
+otherwise) and the launches, the occupancy probe and the current stream on that device
+(``torch.cuda.device``), whichever device is current.
+
+Grids stay within CUDA's limits (axis 0 < 2³¹, axes 1 and 2 ≤ 65,535) at any shape: LIF and
+MPBN-LIF run P tiles × C channels flat on axis 0 (``_device.tile_and_channel``), the fused
+norm → LIF ``(C, B1, B2)`` (:func:`block_grid`). LIF and MPBN-LIF tile a channel's ``[N, S]``
+per step (:func:`channel_tiling`, one channel per program). The statistics pipeline runs on a grid of ``[BLOCK_N, BLOCK_C,
 BLOCK_S]`` tiles (:func:`geometry`): program axis 0 is a block of channels, axis 1 a
 (timestep, slice of N) pair, axis 2 a slice of S; a program loops over its slice in tiles,
 so the partials of timestep t are rows ``t·P/T .. (t+1)·P/T − 1`` of the ``[P, C]`` partial
