@@ -144,14 +144,16 @@ def _device_lie(sm_count: int):
 
     props = types.SimpleNamespace(multi_processor_count=sm_count, major=9, minor=0, name="compile-check",
                                   total_memory=80 << 30, max_shared_memory_per_block_optin=227 << 10)
-    saved = (torch.cuda.get_device_properties, getattr(torch.cuda._tls, "is_initializing", None))
+    saved = (torch.cuda.get_device_properties, getattr(torch.cuda._tls, "is_initializing", None), torch.cuda.device)
     torch.cuda.get_device_properties = lambda device=None: props
+    torch.cuda.device = lambda device: contextlib.nullcontext()  # the launchers' device guard: no GPU to enter
     torch.cuda._tls.is_initializing = True  # a factory asked for cuda must not initialise CUDA
     try:
         with Factories(), Dispatch():
             yield lambda shape, dtype, requires_grad=False, strides=None: _meta(torch, wrap, shape, dtype, requires_grad, strides)
     finally:
         torch.cuda.get_device_properties = saved[0]
+        torch.cuda.device = saved[2]
         if saved[1] is None:
             del torch.cuda._tls.is_initializing
 

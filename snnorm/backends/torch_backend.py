@@ -258,17 +258,19 @@ def chan_prefix(
     """
     from .._welford import chan_merge
 
-    count, run_mean, run_m2 = prefix if prefix is not None else (0, None, None)  # (0, None, None): empty
-    counts, means, m2s = [], [], []
+    count0, run_mean, run_m2 = prefix if prefix is not None else (0, None, None)  # (0, None, None): empty
+    count, means, m2s = count0, [], []
     for mean_t, m2_t in zip(mean, m2):
         if run_mean is None:
             count, run_mean, run_m2 = n, mean_t, m2_t
         else:
             count, run_mean, run_m2 = chan_merge(count, run_mean, run_m2, n, mean_t, m2_t)
-        counts.append(float(count))
         means.append(run_mean)
         m2s.append(run_m2)
-    return mean.new_tensor(counts), torch.stack(means), torch.stack(m2s)
+    # count after step t: count0 + n·(t + 1), exact in float64. Built on the device from a factory
+    # and arithmetic (``n`` and ``count0`` may be device scalars): no host read, no host copy
+    steps = torch.arange(1, mean.shape[0] + 1, dtype=torch.float64, device=mean.device)
+    return (steps * n + count0).to(mean.dtype), torch.stack(means), torch.stack(m2s)
 
 
 def update_accumulated_running_stats(

@@ -7,8 +7,14 @@ channels-last and expanded (stride-0) inputs are read in place without a copy; o
 spatial dims that cannot merge (e.g. a transposed H, W) are copied. The statistics
 pipeline reads a contiguous view (:func:`as_tncs`).
 
-Grids. LIF and MPBN-LIF tile a channel's ``[N, S]`` per step (:func:`channel_tiling`, one
-channel per program). The statistics pipeline runs on a grid of ``[BLOCK_N, BLOCK_C,
+Devices. Every launcher wears :func:`launcher`: its tensors on one device (ValueError
+otherwise) and the launches, the occupancy probe and the current stream on that device
+(``torch.cuda.device``), whichever device is current.
+
+Grids stay within CUDA's limits (axis 0 < 2³¹, axes 1 and 2 ≤ 65,535) at any shape: LIF and
+MPBN-LIF run P tiles × C channels flat on axis 0 (``_device.tile_and_channel``), the fused
+norm → LIF ``(C, B1, B2)`` (:func:`block_grid`). LIF and MPBN-LIF tile a channel's ``[N, S]``
+per step (:func:`channel_tiling`, one channel per program). The statistics pipeline runs on a grid of ``[BLOCK_N, BLOCK_C,
 BLOCK_S]`` tiles (:func:`geometry`): program axis 0 is a block of channels, axis 1 a
 (timestep, slice of N) pair, axis 2 a slice of S; a program loops over its slice in tiles,
 so the partials of timestep t are rows ``t·P/T .. (t+1)·P/T − 1`` of the ``[P, C]`` partial
@@ -21,6 +27,8 @@ tiles or many programs. The device side of the tiles is :mod:`snnorm.kernels._de
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
 from typing import Callable, NamedTuple, Optional, Union
@@ -35,6 +43,9 @@ __all__ = [
     "interpreter_active",
     "device_error",
     "check_device",
+    "common_device",
+    "device_guard",
+    "launcher",
     "check_channel_args",
     "next_pow2",
     "acc_dtype",
@@ -64,6 +75,9 @@ __all__ = [
     "combine_tiles",
     "as_tncs",
     "contiguous_or_none",
+    "device_vector",
+    "GRID_AXIS_MAX",
+    "block_grid",
 ]
 
 
@@ -97,14 +111,65 @@ def device_error(device_type: str, interpreting: bool) -> str | None:
     return f"got a tensor on device {device_type!r}; the Triton kernels run on 'cuda' (or 'cpu' under TRITON_INTERPRET=1)"
 
 
+def _tensors(values):
+    """The tensors among ``values``, looking one level into lists and tuples (BNTT's per-step buffers)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (t for t in v if isinstance(t, torch.Tensor))
+
+
+def common_device(op: str, *values) -> Optional[torch.device]:
+    """The one device of the tensors among ``values`` (None without tensors).
+
+    Raises ValueError naming the devices when they differ: a kernel launched on one device
+    with a pointer into another reads garbage (or, with peer access, races across streams)."""
+    devices = {t.device for t in _tensors(values)}
+    if len(devices) > 1:
+        raise ValueError(
+            f"snnorm triton op {op}: expected every tensor on one device, got tensors on "
+            f"{', '.join(sorted(str(d) for d in devices))}; move them to the input's device"
+        )
+    return next(iter(devices), None)
+
+
 def check_device(op: str, *tensors) -> None:
-    """Raise RuntimeError when the kernels cannot run on the tensors' device."""
+    """Refuse tensors the kernels cannot run on: RuntimeError for a device type without
+    kernels (a CPU tensor with the interpreter off, ``mps``, ...), ValueError for tensors on
+    different devices (:func:`common_device`). None and non-tensor values are skipped."""
     interpreting = interpreter_active()
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            reason = device_error(t.device.type, interpreting)
-            if reason is not None:
-                raise RuntimeError(f"snnorm triton op {op}: {reason}")
+    for t in _tensors(tensors):
+        reason = device_error(t.device.type, interpreting)
+        if reason is not None:
+            raise RuntimeError(f"snnorm triton op {op}: {reason}")
+    common_device(op, *tensors)
+
+
+def device_guard(device: Optional[torch.device]):
+    """``torch.cuda.device(device)`` for a CUDA device, else a no-op context.
+
+    Triton launches on the *current* CUDA device and its current stream, so a launch for
+    tensors on ``cuda:1`` while ``cuda:0`` is current (a ``torchrun`` script that never calls
+    ``torch.cuda.set_device``) must enter their device first."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launcher(fn: Callable) -> Callable:
+    """Decorate a launcher: every tensor argument on one device (ValueError otherwise, see
+    :func:`common_device`), and the launcher runs under that device (:func:`device_guard`),
+    so its launches, its occupancy probe and the current stream are the tensors' own. The one
+    place the kernels enter a device: every ``launch_*`` function of ``kernels/`` wears it."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with device_guard(common_device(fn.__name__, *args, *kwargs.values())):
+            return fn(*args, **kwargs)
+
+    run.enters_device = True
+    return run
 
 
 #: a per-channel argument for :func:`check_channel_args`: (tensor or None, expected shape) or
@@ -448,11 +513,37 @@ def fitted_geometry(
                     warps=warps)
 
 
+#: the most programs CUDA launches along grid axes 1 and 2 (axis 0: 2³¹ − 1)
+GRID_AXIS_MAX = 65535
+
+
+def block_grid(C: int, blocks: int) -> tuple[int, int, int]:
+    """Grid ``(C, B1, B2)`` for C channels × ``blocks`` blocks, every axis within CUDA's limits:
+    B2 = ⌈blocks / 65,535⌉, B1 = ⌈blocks / B2⌉ (B1·B2 ≥ blocks; a kernel masks the rest,
+    ``_device.block_index``). One block axis (B2 = 1) up to 65,535 blocks."""
+    b2 = triton.cdiv(blocks, GRID_AXIS_MAX)
+    return (C, triton.cdiv(blocks, b2), b2)
+
+
 def combine_tiles(P: int, C: int, interp: bool) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_C) of a partials combine over P partials: a [BLOCK_P, BLOCK_C] tile per step."""
     block_c = min(next_pow2(C), 1 << 16 if interp else 16)
     block_p = min(next_pow2(P), max(2, tile_elems(interp) // block_c))
     return block_p, block_c
+
+
+def device_vector(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, dtype, device)`` without a host-to-device copy: one fill with the
+    most common value, then one fill per element that differs (per-step momenta: usually one
+    value, at most T). A fill takes its value as a kernel argument, so this is safe inside a
+    CUDA-graph capture, where ``torch.tensor(list, device="cuda")`` is a synchronous copy."""
+    values = [float(v) for v in values]
+    common = max(set(values), key=values.count) if values else 0.0
+    out = torch.full((len(values),), common, dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        if v != common:
+            out[i].fill_(v)
+    return out
 
 
 def contiguous_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -95,6 +95,18 @@ def channel_tile(pid, N, S, S_TILES, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexp
 
 
 @triton.jit
+def tile_and_channel(P, INDEX_64: tl.constexpr):
+    """(tile, channel) of this program on a flat grid of P tiles per channel × C channels.
+
+    Everything on grid axis 0 (≤ 2³¹ − 1 programs; axes 1 and 2 stop at 65,535, which a
+    flattened feature map's channel count passes): program ``c·P + tile``, so consecutive
+    programs are the tiles of one channel, the order of a ``(P, C)`` grid."""
+    pid = tl.program_id(0)
+    c = pid // P
+    return pid - c * P, index(c, INDEX_64)
+
+
+@triton.jit
 def index(i, INDEX_64: tl.constexpr):
     """A scalar index (channel, step, program) in the offset type."""
     if INDEX_64:
@@ -421,9 +433,13 @@ def tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N: tl.constexp
 @triton.jit
 def element_block(N, C, S, BLOCK_M: tl.constexpr):
     """Program (c, block)'s channel (as a one-element block), its elements' offsets at step 0
-    (int64, also their offsets in ``[N, C, S]`` membranes), their mask, and one step's stride."""
+    (int64, also their offsets in ``[N, C, S]`` membranes), their mask, and one step's stride.
+
+    Grid ``(C, B1, B2)`` (:func:`snnorm.kernels._common.block_grid`): the channel on axis 0
+    (≤ 2³¹ − 1), the block of N·S split over axes 1 and 2 (each ≤ 65,535), block =
+    ``pid1 + pid2·B1`` (:func:`block_index`); blocks past N·S (B1·B2 may overshoot) are masked."""
     c = tl.program_id(0)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = block_index() * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = m < N * S
     n = m // S
     s = m - n * S
@@ -431,6 +447,12 @@ def element_block(N, C, S, BLOCK_M: tl.constexpr):
     step = (tl.zeros((), tl.int64) + N) * C * S  # N, C, S may be specialised constants
     cc = c + tl.arange(0, 1)
     return cc, offs, mask, step
+
+
+@triton.jit
+def block_index():
+    """The block of a ``(C, B1, B2)`` grid's program: ``pid1 + pid2·B1``."""
+    return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
 
 
 @triton.jit

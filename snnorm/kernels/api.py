@@ -4,7 +4,7 @@ for the ops' dtypes, device checks and schemas. Everything here is defined in th
 private modules (:mod:`snnorm.kernels._device`, :mod:`snnorm.kernels._common`); this is the
 one door to them from outside ``kernels/``."""
 
-from ._common import acc_torch_dtype, check_device, op_signature
+from ._common import acc_torch_dtype, check_device, device_vector, op_signature
 from ._device import (
     FIRE_FOLDED,
     FIRE_NORMALISED,
@@ -17,5 +17,5 @@ from ._device import (
 
 __all__ = [
     "FIRE_FOLDED", "FIRE_NORMALISED", "FIRE_RAW", "STATS_FOLD_BATCH", "STATS_FOLD_RUNNING", "STATS_TRAIN",
-    "SURROGATES", "acc_torch_dtype", "check_device", "op_signature",
+    "SURROGATES", "acc_torch_dtype", "check_device", "device_vector", "op_signature",
 ]

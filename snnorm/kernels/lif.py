@@ -17,7 +17,8 @@ Backward, reverse time loop with the spike recomputed from the saved h::
     as fp32 partials per program, summed afterwards (deterministic, no atomics).
 
 Layouts: ``x`` / spikes ``[T, N, C, S]`` (spatial dims merged; strided views, no copy),
-``v`` ``[N, C, S]``, per-channel tensors ``[C]``. Grid (tiles per channel, C).
+``v`` ``[N, C, S]``, per-channel tensors ``[C]``. Grid: P tiles per channel × C, flat on
+axis 0 (``dev.tile_and_channel``; axes 1 and 2 stop at 65,535 programs).
 
 This module holds the kernels and their launchers (:func:`launch_lif_fwd`,
 :func:`launch_lif_bwd`); the ops ``snnorm::lif_elementwise`` / ``_bwd`` that call them (schemas,
@@ -33,7 +34,8 @@ import triton.language as tl
 from . import _device as dev
 from ..params import LIFKernelParameters
 from ._common import (
-    LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, needs_int64, store_dtype,
+    LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, launcher, needs_int64,
+    store_dtype,
 )
 
 #: elements per program
@@ -69,7 +71,7 @@ def _lif_fwd_kernel(
     s_ptr,  # [T, N, C, S] contiguous out: spikes
     h_ptr,  # [T, N, C, S] contiguous out: pre-BN membrane (SAVE_H)
     vout_ptr,  # [N, C, S] contiguous out: final membrane
-    T, N, C, S, S_TILES,
+    T, N, C, S, S_TILES, P,
     stride_x_t, stride_x_n, stride_x_c, stride_x_s,
     stride_v_n, stride_v_c, stride_v_s,
     tau, v_reset,
@@ -77,8 +79,8 @@ def _lif_fwd_kernel(
     SOFT_RESET: tl.constexpr, SAVE_H: tl.constexpr, V0_SCALAR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    c = dev.index(tl.program_id(1), INDEX_64)
-    n, s, mask = dev.channel_tile(tl.program_id(0), N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
+    pid, c = dev.tile_and_channel(P, INDEX_64)
+    n, s, mask = dev.channel_tile(pid, N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
     x_off = c * stride_x_c + n * stride_x_n + s * stride_x_s
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
@@ -120,8 +122,7 @@ def _lif_bwd_kernel(
     HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c = dev.index(tl.program_id(1), INDEX_64)
+    pid, c = dev.tile_and_channel(P, INDEX_64)
     n, s, mask = dev.channel_tile(pid, N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
     g_off = c * stride_g_c + n * stride_g_n + s * stride_g_s
     o_off = (n * C + c) * S + s
@@ -202,6 +203,7 @@ def _check_fire_params(op: str, device, C: int, fire: int, carry_norm: bool, th,
     )
 
 
+@launcher
 def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelParameters, fire, carry_norm, save_h):
     T, N, C = x.shape[:3]
     _check_fire_params("lif", x.device, C, fire, carry_norm, th, mu, r, beta, thf, sgn)
@@ -214,9 +216,9 @@ def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelPa
     h = torch.empty(x.shape if save_h else (0,), dtype=acc, device=x.device)
     tiles = channel_tiling(N, S, BLOCK)
     scalars, lif_flags = dev.lif_kernel_args(lif)
-    _lif_fwd_kernel[(tiles.P, C)](
+    _lif_fwd_kernel[(tiles.P * C,)](
         x4, v3, th, mu, r, beta, thf, sgn, s, h if save_h else None, v_out,
-        T, N, C, S, tiles.S_TILES,
+        T, N, C, S, tiles.S_TILES, tiles.P,
         *x4.stride(), *v3.stride(),
         *scalars,
         **_modes(fire, carry_norm), **lif_flags, SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
@@ -226,6 +228,7 @@ def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelPa
     return s.to(out_dtype), v_out.to(out_dtype), h
 
 
+@launcher
 def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKernelParameters, fire, carry_norm, need_gv0):
     T, N, C = h.shape[:3]
     _check_fire_params("lif backward", h.device, C, fire, carry_norm, th, mu, r, beta, thf, sgn)
@@ -239,7 +242,7 @@ def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKerne
     g4 = as_ncs(gs, 1) if gs is not None else None
     gv3 = as_ncs(gv, 0) if gv is not None else None
     scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
-    _lif_bwd_kernel[(tiles.P, C)](
+    _lif_bwd_kernel[(tiles.P * C,)](
         g4, gv3, h4, th, mu, r, beta, thf, sgn, gx, gv0 if need_gv0 else None, part,
         T, N, C, S, tiles.S_TILES, tiles.P,
         *(g4.stride() if g4 is not None else (0,) * 4), *(gv3.stride() if gv3 is not None else (0,) * 3),

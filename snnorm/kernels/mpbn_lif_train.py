@@ -81,7 +81,7 @@ from ..params import BNKernelParameters, LIFKernelParameters
 from . import _device as dev
 from ._common import (
     LIF_WARPS, PIPELINED_WARPS, SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args,
-    needs_int64, next_pow2, store_dtype,
+    launcher, needs_int64, next_pow2, store_dtype,
 )
 
 #: a channel of at most this many (padded) elements per step may take the resident path
@@ -279,8 +279,7 @@ def _mpbn_lif_pipelined_fwd_kernel(
     V0_SCALAR: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c = dev.index(tl.program_id(1), INDEX_64)
+    pid, c = dev.tile_and_channel(P, INDEX_64)
     n, s, mask = dev.channel_tile(pid, N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
@@ -370,8 +369,7 @@ def _mpbn_lif_pipelined_bwd_kernel(
     NEED_GV0: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c = dev.index(tl.program_id(1), INDEX_64)
+    pid, c = dev.tile_and_channel(P, INDEX_64)
     n, s, mask = dev.channel_tile(pid, N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
@@ -475,6 +473,7 @@ def local_step_statistics(counts: Tensor, pmean: Tensor, pm2: Tensor) -> tuple[T
     return n.view(1), mean.view(1, -1), m2.view(1, -1)
 
 
+@launcher
 def launch_batch_stats_fwd(
     x, v0, weight, bias, running_mean, running_var, th, mu, s2, mom, out_dtype, *,
     lif: LIFKernelParameters, bn: BNKernelParameters, stats: int, carry_norm: bool, save: bool,
@@ -558,7 +557,7 @@ def launch_batch_stats_fwd(
         glob = torch.empty((T, 1 + 2 * C), dtype=SYNC_DTYPE, device=dev_)
         counts = tile_counts(tiles, N, S, dev_)
     for t in range(-1, T):
-        _mpbn_lif_pipelined_fwd_kernel[(P, C)](
+        _mpbn_lif_pipelined_fwd_kernel[(P * C,)](
             x4, v3, h, s, v_out, pmean, pm2, weight, bias, th, running_mean, running_var, mean, rstd,
             mu_hist, s2_hist, mom, glob if synced else None, t, N, C, S, tiles.S_TILES, P, *x4.stride(), *v3.stride(),
             *scalars, FIRST=t == -1, LAST=t == T - 1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
@@ -575,6 +574,7 @@ def launch_batch_stats_fwd(
     return s.to(out_dtype), v_out.to(out_dtype), h, mean, rstd, mu_out, s2_out
 
 
+@launcher
 def launch_train_bwd(
     gs, gv, h, gx_dtype, mean, rstd, weight, bias, th, *, lif: LIFKernelParameters, carry_norm: bool, need_gv0: bool = True,
     sync_sums: Optional[SumsSync] = None,
@@ -632,7 +632,7 @@ def launch_train_bwd(
         glob = torch.empty((T, 1 + 2 * C), dtype=SYNC_DTYPE, device=dev_)
         count = torch.full((1,), float(N * S), dtype=SYNC_DTYPE, device=dev_)
     for t in range(T - 1, -2, -1):
-        _mpbn_lif_pipelined_bwd_kernel[(P, C)](
+        _mpbn_lif_pipelined_bwd_kernel[(P * C,)](
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             glob if synced else None, t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
             FIRST=t == T - 1, LAST=t == -1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,

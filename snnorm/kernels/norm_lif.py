@@ -30,8 +30,8 @@ fp32 bytes per element-step: forward 4 (partials read x) + 8 (x, s) + 4/T (v_T);
 backward 12 (x, ∂s, ∂y) + 12 (∂y, x, ∂x) + 8/T (∂v_T, ∂v0); launches 3 and 3.
 
 Layout: x ``[T, N, C, *spatial]`` made contiguous and viewed ``[T, N, C, S]``; a program
-takes one channel c and a block of BLOCK_M of its M = N·S elements (axis 0: c, axis 1:
-the block), so its partial sums are row ``t·PPS + block`` of ``[T·PPS, C]``, the order the
+takes one channel c and a block of BLOCK_M of its M = N·S elements (grid (C, B1, B2): c on
+axis 0, the block split over axes 1 and 2, each within CUDA's limits at any N·S), so its partial sums are row ``t·PPS + block`` of ``[T·PPS, C]``, the order the
 pipeline's coefficient kernel reads. Membranes are fp32 (fp64) in the kernels.
 """
 
@@ -44,7 +44,10 @@ import triton
 import triton.language as tl
 
 from . import _device as dev
-from ._common import NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_tncs, check_channel_args, contiguous_or_none, next_pow2
+from ._common import (
+    NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_tncs, check_channel_args, contiguous_or_none, block_grid, launcher,
+    next_pow2,
+)
 from .bn_pipeline import NormRule, check_params, launch_backward_from_sums, out_dtype
 
 __all__ = ["segment_length", "launch_norm_lif_forward", "launch_norm_lif_backward"]
@@ -138,7 +141,6 @@ def _norm_lif_bwd_kernel(
 ):
     cc, offs, mask, step = dev.element_block(N, C, S, BLOCK_M)
     c_mask = cc < C
-    block = tl.program_id(1)
     # 1/τ in the compute dtype (τ arrives as an fp32 scalar; fp64 keeps its digits)
     x_scale, v_scale = dev.charge_grads(tl.cast(tau, ACC_DTYPE), DECAY_INPUT)
     gv = tl.zeros([BLOCK_M], ACC_DTYPE)
@@ -183,9 +185,11 @@ def _norm_lif_bwd_kernel(
                 gh = (gs + gs_reset) * dev.surrogate_grad(z, alpha, SURROGATE) + gu
                 gy = tl.where(mask, gh * x_scale, 0.0)
                 tl.store(gy_ptr + t * step + offs, gy, mask=mask)
+                block = dev.block_index()
                 part = (t * PPS + block) * C + cc
-                tl.store(part_a_ptr + part, tl.sum(gy, axis=0) + tl.zeros([1], ACC_DTYPE))
-                tl.store(part_b_ptr + part, tl.sum(gy * x_hat, axis=0) + tl.zeros([1], ACC_DTYPE))
+                p_mask = block + cc * 0 < PPS  # the grid's overshoot past the last block writes nothing
+                tl.store(part_a_ptr + part, tl.sum(gy, axis=0) + tl.zeros([1], ACC_DTYPE), mask=p_mask)
+                tl.store(part_b_ptr + part, tl.sum(gy * x_hat, axis=0) + tl.zeros([1], ACC_DTYPE), mask=p_mask)
                 gv = gh * v_scale
     if NEED_GV0:
         tl.store(gv0_ptr + offs, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
@@ -214,6 +218,7 @@ def _check(op: str, r: NormRule, x, v0, weight, bias, p, mean, var) -> None:
     check_channel_args(f"{op} ({r.name})", x.device, v0=(v0, tuple(x.shape[1:])))
 
 
+@launcher
 def launch_norm_lif_forward(
     r: NormRule, x: torch.Tensor, v0: Optional[torch.Tensor], weight, bias, p, mean: torch.Tensor,
     var: torch.Tensor, eps: float, threshold: float, v_init: float, lif, checkpoint: bool,
@@ -240,7 +245,7 @@ def launch_norm_lif_forward(
         return spikes, v_out, ckpt
     block_m = _block_m(N * S, x.device)
     scalars, lif_flags = dev.lif_kernel_args(lif)
-    _norm_lif_fwd_kernel[(C, triton.cdiv(N * S, block_m))](
+    _norm_lif_fwd_kernel[block_grid(C, triton.cdiv(N * S, block_m))](
         x4, spikes, contiguous_or_none(v0), v_out, ckpt if n_ckpt else None, mean, var,
         contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
         T, N, C, S, float(eps), float(threshold), float(v_init), *scalars,
@@ -250,6 +255,7 @@ def launch_norm_lif_forward(
     return spikes, v_out, ckpt
 
 
+@launcher
 def launch_norm_lif_backward(
     r: NormRule, grad_s: Optional[torch.Tensor], grad_v: Optional[torch.Tensor], x: torch.Tensor,
     v0: Optional[torch.Tensor], ckpt: torch.Tensor, weight, bias, p, mean: torch.Tensor, var: torch.Tensor,
@@ -281,7 +287,7 @@ def launch_norm_lif_backward(
         seg = segment_length(T)
         scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
         flags = {**_norm_flags(r, weight, bias, p, v0, acc), **lif_flags}
-        _norm_lif_bwd_kernel[(C, pps)](
+        _norm_lif_bwd_kernel[block_grid(C, pps)](
             contiguous_or_none(grad_s), contiguous_or_none(grad_v), x4, contiguous_or_none(v0),
             ckpt if ckpt.numel() else None, grad_y, grad_v0, part_a, part_b, mean, var,
             contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),

@@ -216,7 +216,7 @@ def tab(
     ``sync`` those helpers are the reference's synchronised ones (a differentiable gather).
     """
     check_sequence_arg("tab", x_seq)
-    check_device("tab", x_seq)
+    check_device("tab", x_seq, weight, bias, running_mean, running_var, p, *(prefix[1:] if prefix else ()))
     use_batch_stats = training or running_mean is None
     if not use_batch_stats:
         y = bn_apply_op(x_seq, weight, bias, running_mean, running_var, p, float(eps), "tab", False)
@@ -224,7 +224,7 @@ def tab(
     if prefix is not None:
         if sync is not None:
             n_steps, step_mean, step_m2 = torch_backend.synced_statistics(sync, x_seq)
-            n = float(n_steps[0])
+            n = n_steps[0]  # a device scalar (every rank's count): never read on the host
         else:
             n, step_mean, step_m2 = torch_backend.tab_step_stats(x_seq)
         count, mean, m2 = torch_backend.chan_prefix(n, step_mean, step_m2, prefix)
@@ -232,7 +232,9 @@ def tab(
             torch_backend.update_accumulated_running_stats(running_mean, running_var, count, mean, m2, momentum)
         var = m2 / count.to(m2.dtype).unsqueeze(1)
         y = bn_apply_op(x_seq, weight, bias, mean, var, p, float(eps), "tab", False)
-        return y, (float(count[-1]), mean[-1], m2[-1])
+        # the count after the chunk from the host's numbers (a device scalar when synchronised)
+        total = (prefix[0] if prefix is not None else 0) + n * x_seq.shape[0]
+        return y, (total if isinstance(total, Tensor) else float(total), mean[-1], m2[-1])
     group = group_name(sync)
     if not group and values_per_channel(x_seq, 1) < 2:
         # F.batch_norm's rule (and exception type) at step 0, raised before any update; an

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ...kernels import api as modes
 from ...kernels import lif as _lk
-from ...kernels.api import acc_torch_dtype, op_signature
+from ...kernels.api import acc_torch_dtype, check_device, op_signature
 from ...params import LIFKernelParameters, LIFParameters
 from .. import torch_backend
 from ._adaptors import kernel_lif, membrane, refuse_double_backward, result_dtype, threshold_tensor, wants_grad
@@ -101,6 +101,7 @@ refuse_double_backward(lif_elementwise_bwd_op, "lif")
 
 def lif(x_seq: Tensor, v: Tensor, threshold, neuron: LIFParameters) -> tuple[Tensor, Tensor]:
     """Plain LIF over T steps (see :func:`snnorm.backends.torch_backend.lif`), one fused kernel."""
+    check_device("lif", x_seq, v, threshold)
     lif_k = kernel_lif(neuron, "lif")
     if lif_k is None:
         return torch_backend.lif(x_seq, v, threshold, neuron)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ...kernels import api as modes
 from ...kernels import mpbn_lif_train as _mt
-from ...kernels.api import acc_torch_dtype, op_signature
+from ...kernels.api import acc_torch_dtype, check_device, device_vector, op_signature
 from ...params import AdaptParameters, BNKernelParameters, BNStatistics, LIFKernelParameters, LIFParameters, MPBNParameters
 from .. import torch_backend
 from ..sync import StatsSync
@@ -204,6 +204,7 @@ def mpbn_lif(
     statistics (eval, never synchronised): the elementwise kernel with
     ĥ = (h − μ)·γ/√(σ² + ε) + β.
     """
+    check_device("mpbn_lif", x_seq, v, weight, bias, running_mean, running_var, threshold)
     lif_k = kernel_lif(neuron, "mpbn_lif")
     if lif_k is None:
         return torch_backend.mpbn_lif(
@@ -271,6 +272,7 @@ def mpbn_lif_folded(
     "batch"/"running": ``snnorm::mpbn_lif_adapt``, per-step statistics, forward only
     (backward raises NotImplementedError).
     """
+    check_device("mpbn_lif_folded", x_seq, v, mu, sigma2, gamma, beta, threshold)
     lif_k = kernel_lif(neuron, "mpbn_lif_folded")
     if lif_k is None:
         return torch_backend.mpbn_lif_folded(x_seq, v, mu, sigma2, gamma, beta, threshold, neuron, norm, adapt)
@@ -280,7 +282,7 @@ def mpbn_lif_folded(
     if adapt.mode != "none" and x_seq[0, :, 0].numel() > 1:
         running = adapt.mode == "running"
         moms, m = _adapt_momenta(adapt, x_seq.shape[0])
-        mom = torch.tensor(moms, dtype=torch.float64, device=x_seq.device)
+        mom = device_vector(moms, torch.float64, x_seq.device)  # fills: no host-to-device copy
         s, v_out, mu_t, s2_t = mpbn_lif_adapt_op(
             x_seq, v, mu, sigma2, gamma, beta, th, mom, running, float(norm.eps), *lif_k.to_op_args(), carry_norm,
             result_dtype(x_seq, v, threshold, mu, sigma2, gamma, beta),

@@ -145,6 +145,7 @@ def norm_lif(
     statistics pool every rank's batch: one all-gather forward, one all-reduce backward.
     """
     check_sequence_arg("norm_lif", x_seq)
+    check_device("norm_lif", x_seq, v, weight, bias, p, running_mean, running_var)
     lif_k = norm_lif_kernel(neuron)
     if lif_k is None:
         raise ValueError(f"norm_lif: no kernel for the surrogate {type(neuron.surrogate).__name__}")

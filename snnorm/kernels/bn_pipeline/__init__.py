@@ -92,7 +92,9 @@ from .._common import (
     check_channel_args,
     combine_tiles,
     contiguous_or_none,
+    device_vector,
     fitted_geometry,
+    launcher,
     slice_args,
     tile_constexprs,
 )
@@ -183,6 +185,7 @@ Gather = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
+@launcher
 def launch_partial_stats(x4: torch.Tensor, T: int, N: int, C: int, S: int, acc: torch.dtype):
     """Stage 1: per-(program slice, channel) partial statistics of ``x4`` [T, N, C, S]:
     (count, mean, M2) rows for every part of every step, combined afterwards in a fixed order.
@@ -215,10 +218,10 @@ def _reduce(
     # the kernel updates contiguous buffers in place; a strided one goes through a copy
     r_mean = contiguous_or_none(running_mean) if update else None
     r_var = contiguous_or_none(running_var) if update else None
-    # One factor for every row (the usual case) goes as a scalar: no host-to-device copy.
-    # Triton passes Python floats as fp32, so fp64 keeps the tensor.
+    # One factor for every row (the usual case) goes as a scalar. Triton passes Python floats
+    # as fp32, so fp64 and differing factors go as a tensor built by fills (no host copy).
     per_row = update and (len(set(momentum)) > 1 or acc == torch.float64)
-    factors = torch.tensor(list(momentum), dtype=acc, device=device) if per_row else None
+    factors = device_vector(momentum, acc, device) if per_row else None
     momentum0 = float(momentum[0]) if update else 0.0
     block_p, block_c = combine_tiles(per_group, C, device.type != "cuda")
     _stats_reduce_kernel[(triton.cdiv(C, block_c),)](
@@ -234,6 +237,7 @@ def _reduce(
     return mean, var
 
 
+@launcher
 def launch_stats(
     r: NormRule,
     x: torch.Tensor,
@@ -294,6 +298,7 @@ def out_dtype(x: torch.Tensor, p: Optional[torch.Tensor]) -> torch.dtype:
     return x.dtype if p is None else torch.promote_types(x.dtype, p.dtype)
 
 
+@launcher
 def launch_apply(
     r: NormRule, x: torch.Tensor, weight, bias, mean: torch.Tensor, var: torch.Tensor, p, eps: float
 ) -> torch.Tensor:
@@ -314,6 +319,7 @@ def launch_apply(
     return y
 
 
+@launcher
 def launch_backward(
     r: NormRule, grad_y: torch.Tensor, x: torch.Tensor, weight, bias, mean: torch.Tensor, var: torch.Tensor, p,
     eps: float, batch_stats: bool, need_dx: bool, need_sums: bool, all_reduce: Optional[AllReduce] = None,
@@ -388,6 +394,7 @@ def _coefficients(
     return dw, db, dp, grad_mean, grad_var, coef_g, coef_u, coef_v
 
 
+@launcher
 def launch_backward_from_sums(
     r: NormRule, part_a: torch.Tensor, part_b: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor, weight, bias,
     mean: torch.Tensor, var: torch.Tensor, p, eps: float, batch_stats: bool, need_dx: bool,
