@@ -28,7 +28,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from perf.tools.compile_check import _CaptureSync, _run_scenario, scenarios  # noqa: E402
+from perf.tools import CaptureSync, run_scenario, scenarios  # noqa: E402
 
 AXIS0_MAX = 2**31 - 1
 AXIS12_MAX = 65535
@@ -142,7 +142,7 @@ class FakeGPU:
         monkeypatch.setattr(_common, "PROGRAMS_PER_SM", {})
         monkeypatch.setattr(_common, "_DEVICE_PROPS", {})
         monkeypatch.setattr(StatsSync, "from_name", staticmethod(
-            lambda name: _CaptureSync() if name == _CaptureSync.group_name else None))
+            lambda name: CaptureSync() if name == CaptureSync.group_name else None))
 
     def make(self, shape, dtype, requires_grad=False, strides=None, index=None):
         t = torch.empty(shape, dtype=dtype, device="meta") if strides is None else \
@@ -183,7 +183,7 @@ def test_every_launch_and_probe_runs_under_the_tensors_device(monkeypatch, ops):
     assert len(modes) >= 20
     for T, N, C, sp, dtype, mode in modes:
         before = len(gpu.launches)
-        gpu.run(lambda: _run_scenario(ops, sg, gpu.make, T, N, C, sp, dtype, mode))
+        gpu.run(lambda: run_scenario(ops, sg, gpu.make, T, N, C, sp, dtype, mode))
         assert len(gpu.launches) > before, f"{mode}: no launch captured"
         assert gpu.current == 0, f"{mode}: the current device was not restored"
     wrong = [(k, cur) for k, _, cur in gpu.launches if cur != 1]
@@ -278,7 +278,7 @@ def test_no_launch_exceeds_the_grid_limits(monkeypatch, ops, mode, T, N, C, sp):
     from snnorm import surrogate as sg
 
     gpu = FakeGPU(monkeypatch, index=0, current=0)
-    gpu.run(lambda: _run_scenario(ops, sg, gpu.make, T, N, C, sp, "float16", mode))
+    gpu.run(lambda: run_scenario(ops, sg, gpu.make, T, N, C, sp, "float16", mode))
     assert gpu.launches, "no launch captured"
     assert not _grid_violations(gpu.launches), _grid_violations(gpu.launches)
 
@@ -364,10 +364,10 @@ def test_no_host_synchronisation_inside_an_op(monkeypatch, ops, mode, dtype):
     from snnorm.backends.sync import StatsSync
 
     monkeypatch.setattr(StatsSync, "from_name", staticmethod(
-        lambda name: _CaptureSync() if name == _CaptureSync.group_name else None))
+        lambda name: CaptureSync() if name == CaptureSync.group_name else None))
     T, N, C, sp = 3, 2, 3, (2, 3)
     with HostSyncMeter() as meter:
-        _run_scenario(ops, sg, _cpu_make, T, N, C, sp, dtype, mode)
+        run_scenario(ops, sg, _cpu_make, T, N, C, sp, dtype, mode)
     assert not meter.events, f"{mode}: host synchronisation inside the op: {meter.events}"
 
 
@@ -393,7 +393,7 @@ def test_no_host_synchronisation_in_tab_single_step(monkeypatch, ops, synced):
     x0, x1 = _cpu_make((T, N, C, 4), torch.float32, True), _cpu_make((T + 1, N, C, 4), torch.float32, True)
     w, b = _cpu_make((2, C), torch.float32, True), _cpu_make((2, C), torch.float32, True)
     rm, rv, p = _cpu_make((2, C), torch.float32), _cpu_make((2, C), torch.float32), _cpu_make((2,), torch.float32, True)
-    sync = _CaptureSync() if synced else None
+    sync = CaptureSync() if synced else None
     with HostSyncMeter() as meter:
         y0, prefix = ops.tab(x0, w[:1], b[:1], rm[:1], rv[:1], p[:1], training=True, momentum=[0.1], eps=1e-5,
                              prefix=(0.0, torch.zeros(C), torch.zeros(C)), sync=sync)  # an empty prefix: step 0

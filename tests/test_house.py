@@ -151,3 +151,16 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     path = tmp_path / "probe.py"
     path.write_text(source)
     assert "snnorm.memopt" in _imports("snnorm.probe", path)
+
+
+def test_tests_use_only_perfs_public_tools():
+    """What tests and perf share lives in perf.tools; a test takes its public names, or runs a
+    sweep script as a whole (its smoke test), never a private name or a tool's inner module."""
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("perf"):
+                names = [alias.name for alias in node.names]
+                if node.module.startswith("perf.tools.") or any(n.startswith("_") for n in names):
+                    offenders.append(f"{path.name}:{node.lineno} from {node.module} import {', '.join(names)}")
+    assert not offenders, "\n".join(offenders)

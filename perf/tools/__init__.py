@@ -13,7 +13,8 @@ traffic              the traffic cases of snnorm's op table (``python -m perf.tr
 saved_meter          :func:`saved_tensor_bytes` (bytes autograd saves for backward)
 ranks                :func:`run_ranks`, :func:`free_port` (gloo processes on the CPU)
 compile_check        ahead-of-time compile check (``python -m perf.compile_check``):
-                     ``spilling``, ``summary``, ``summary_markdown``
+                     ``spilling``, ``summary``, ``summary_markdown``; ``scenarios``,
+                     ``run_scenario``, ``CaptureSync`` (one op-table call on meta tensors)
 tab_baseline         ``QuadraticTAB``, ``run_on_tncs``: the official O(T²) TAB algorithm
 record               environment, rows, CSVs, provider names (``SNNORM_TORCH`` …)
 agreement            ``TOLERANCES``, ``Tol``, ``compare``: does a provider agree before timing
@@ -35,7 +36,8 @@ _WHERE = {
     **dict.fromkeys(("meter", "Traffic", "KernelTraffic", "TorchOpTraffic", "interpreting"), "traffic_meter"),
     "saved_tensor_bytes": "saved_meter",
     **dict.fromkeys(("run_ranks", "free_port"), "ranks"),
-    **dict.fromkeys(("spilling", "summary", "summary_markdown"), "compile_check"),
+    **dict.fromkeys(("spilling", "summary", "summary_markdown", "scenarios", "run_scenario", "CaptureSync"),
+                    "compile_check"),
     **dict.fromkeys(("QuadraticTAB", "run_on_tncs"), "tab_baseline"),
     **dict.fromkeys(("COLUMNS", "SNNORM_TORCH", "SNNORM_COMPILE", "SNNORM_TRITON", "SPIKINGJELLY", "TORCH_COPY",
                      "PERF_DIR", "RESULTS_DIR", "DTYPES", "dtype_name", "slug", "Env", "environment", "Recorder",

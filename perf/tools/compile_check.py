@@ -290,7 +290,7 @@ def _prod(xs):
     return p
 
 
-class _CaptureSync:
+class CaptureSync:
     """A stand-in cross-rank hook of one rank (:class:`snnorm.backends.sync.StatsSync`'s
     interface) that works on meta tensors: the capture needs the synchronised launches, not
     a process group."""
@@ -304,10 +304,10 @@ class _CaptureSync:
         return values.clone()
 
 
-def _run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
+def run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     import torch
 
-    sync = _CaptureSync() if mode.endswith("-sync") else None
+    sync = CaptureSync() if mode.endswith("-sync") else None
     mode = mode.removesuffix("-sync")
 
     dtype = getattr(torch, dtype_name)
@@ -389,7 +389,7 @@ def capture(grid: str = "ci", only: str | None = None) -> dict:
     current = [""]
     failures = []
     from_name = StatsSync.from_name  # the ops resolve their group by name: give them the stand-in
-    StatsSync.from_name = staticmethod(lambda name: _CaptureSync() if name == _CaptureSync.group_name else None)
+    StatsSync.from_name = staticmethod(lambda name: CaptureSync() if name == CaptureSync.group_name else None)
     with contextlib.ExitStack() as restore, _device_lie(SM_COUNT) as make, _recording(launches, current):
         restore.callback(setattr, StatsSync, "from_name", staticmethod(from_name))
         for name, T, N, C, sp, dtype, mode in scenarios(grid):
@@ -397,7 +397,7 @@ def capture(grid: str = "ci", only: str | None = None) -> dict:
                 continue
             current[0] = name
             try:
-                _run_scenario(ops, sg, make, T, N, C, sp, dtype, mode)
+                run_scenario(ops, sg, make, T, N, C, sp, dtype, mode)
             except Exception as err:  # a launcher that cannot even be traced is a failure
                 failures.append((name, f"{type(err).__name__}: {err}"))
     if failures:
