@@ -37,8 +37,8 @@ def session(tmp_path, *, ci: bool, block: str | None = None, **env_extra):
         path.insert(0, str(shim.parent))
     env["PYTHONPATH"] = os.pathsep.join(path + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "-m", "slow or not slow",
-                           str(Path(__file__).relative_to(ROOT))],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                           "-m", "slow or not slow", str(Path(__file__).relative_to(ROOT))],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
