@@ -155,6 +155,9 @@ FOLDED_INPUT_MARGIN_FP32 = 1e-3
 FOLDED_MEMBRANE_FP32 = dict(rtol=1e-5, atol=1e-5)
 FOLDED_THRESHOLD_FP32 = dict(rtol=1e-6, atol=1e-6)
 #: the demo's max |logit change| when folding
+#: perf/bench_tab.py --smoke: max |Δ| between the official O(T²) TAB and snnorm-torch in fp32
+#: (outputs, gradients, running statistics of O(1); observed ≤ 1e-6)
+BENCH_TAB_SMOKE_MAX_ABS_ERR = 1e-4
 #: the demo learns (chance is 0.1 on 10 digits): the --quick run's 2 epochs reach 0.22 test
 #: accuracy (seed 0), the same configuration given 6 epochs 0.71 (seed 1: 0.76)
 DEMO_QUICK_MIN_TEST_ACC = 0.15
