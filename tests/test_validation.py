@@ -105,7 +105,8 @@ def test_bfloat16_into_float32_module_is_mixed_precision(case):
     assert y.dtype in (torch.bfloat16, torch.float32)
     reference = trained(case)
     functional.reset_net(reference)
-    _assert_same_values(y, reference(x.float()), DTYPE_POLICY_BF16_MIXED_REL, "bfloat16 input against its float32 values")
+    _assert_same_values(y, reference(x.float()), DTYPE_POLICY_BF16_MIXED_REL,
+                        "bfloat16 input against its float32 values")
 
 
 # -- device, eps, momentum -----------------------------------------------------------------
