@@ -145,7 +145,7 @@ def check_import(repo: Path) -> None:
 
 
 def run_pytest(repo: Path, tests: tuple[str, ...], timeout: float) -> tuple[int | None, str, float]:
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rN", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rf", *tests]
     start = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=repo, env=pytest_env(repo), capture_output=True, text=True, timeout=timeout)
