@@ -23,7 +23,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 # cpu: the default run through the Triton interpreter (tests/devices.py keeps shapes small);
@@ -35,6 +35,10 @@ settings.register_profile("cpu-long", max_examples=36, deadline=None, derandomiz
 settings.register_profile("gpu", max_examples=60, deadline=None, suppress_health_check=_SLOW_OK)
 # gpu-quick: what perf/gpu_check.py runs inside its time budget.
 settings.register_profile("gpu-quick", max_examples=15, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
+# mutation: this device's profile without shrinking (tests/mutation.py only needs to know
+# that a test fails, and shrinking through the interpreter costs a minute per mutant)
+settings.register_profile("mutation", settings.get_profile(DEFAULT_PROFILE),
+                          phases=(Phase.explicit, Phase.reuse, Phase.generate))
 settings.load_profile(os.environ.get("SNNORM_HYPOTHESIS_PROFILE", DEFAULT_PROFILE))
 
 #: modules whose absence makes test files skip; in CI each must import. Oracles first, then

@@ -133,6 +133,7 @@ def pytest_env(repo: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # a same-size mutant within the same second must not hit a stale .pyc
     env.pop("CI", None)
+    env["SNNORM_HYPOTHESIS_PROFILE"] = "mutation"  # tests/conftest.py: no shrinking of a failing example
     env["PYTHONPATH"] = os.pathsep.join([str(repo)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     return env
 
