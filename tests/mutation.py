@@ -98,6 +98,8 @@ MUTATIONS = [
              "spike = h - threshold >= 0", "spike = h - threshold > 0", tuple(EXACT)),
     Mutation("norm_lif_recompute_strictly_above", ">= turned into >", "snnorm/kernels/norm_lif.py",
              "v = dev.reset(h, h - threshold >= 0, threshold", "v = dev.reset(h, h - threshold > 0, threshold", tuple(EXACT)),
+    Mutation("norm_lif_bptt_strictly_above", ">= turned into >", "snnorm/kernels/norm_lif.py",
+             "dev.reset_bwd(gv, z >= 0, h, threshold", "dev.reset_bwd(gv, z > 0, h, threshold", tuple(EXACT)),
     Mutation("norm_lif_grad_drops_input_scale", "dropped factor", "snnorm/kernels/norm_lif.py",
              "gy = tl.where(mask, gh * x_scale, 0.0)", "gy = tl.where(mask, gh, 0.0)", tuple(FUSED)),
     Mutation("bn_running_var_biased", "biased variance", "snnorm/kernels/bn_pipeline/_kernels.py",
