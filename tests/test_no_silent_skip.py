@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ci_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE_ERROR = int(pytest.ExitCode.USAGE_ERROR)
@@ -47,8 +48,8 @@ def test_a_missing_oracle_fails_the_ci_run(tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == USAGE_ERROR, out
     assert MESSAGE in out and "cannot import snntorch" in out and "blocked by test_no_silent_skip" in out, out
-    # only what is missing is named
-    assert "cannot import spikingjelly" not in out and "cannot import triton" not in out, out
+    if not ci_problems():  # a complete environment otherwise: only what is missing is named
+        assert "cannot import spikingjelly" not in out and "cannot import triton" not in out, out
 
 
 def test_the_interpreter_switched_off_without_a_gpu_fails_the_ci_run(tmp_path):
