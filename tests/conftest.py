@@ -7,6 +7,12 @@ tests/devices.py decides where the Triton tests run (CUDA when present, else CPU
 the interpreter; ``SNNORM_TEST_DEVICE=cpu`` forces the CPU). TRITON_INTERPRET must be set
 before triton is first imported, so it is set here, before anything imports the kernels —
 and only when the tests will build CPU tensors: on a GPU the kernels must be compiled.
+
+Under ``CI=true`` (.ci/run sets it) nothing that the suite's verdict rests on may be missing:
+the numerical oracles (spikingjelly, snntorch, and h5py for spikingjelly's model zoo), the
+kernel dependency (triton) and, without a GPU, the Triton interpreter. The test files skip
+when one is absent (a developer's machine may lack an oracle); in CI that skip would turn a
+whole file green unseen, so the session stops with a message naming what is missing instead.
 """
 
 import os
@@ -17,7 +23,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 # cpu: the default run through the Triton interpreter (tests/devices.py keeps shapes small);
@@ -29,7 +35,63 @@ settings.register_profile("cpu-long", max_examples=36, deadline=None, derandomiz
 settings.register_profile("gpu", max_examples=60, deadline=None, suppress_health_check=_SLOW_OK)
 # gpu-quick: what perf/gpu_check.py runs inside its time budget.
 settings.register_profile("gpu-quick", max_examples=15, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
+# mutation: this device's profile without shrinking (tests/mutation.py only needs to know
+# that a test fails, and shrinking through the interpreter costs a minute per mutant)
+settings.register_profile("mutation", settings.get_profile(DEFAULT_PROFILE),
+                          phases=(Phase.explicit, Phase.reuse, Phase.generate))
 settings.load_profile(os.environ.get("SNNORM_HYPOTHESIS_PROFILE", DEFAULT_PROFILE))
+
+#: modules whose absence makes test files skip; in CI each must import. Oracles first, then
+#: the kernel dependency, then the demo's extra (tests/test_demo.py).
+CI_REQUIRED = {
+    "spikingjelly.activation_based": "oracle (tests/run.sh: pip install --no-deps spikingjelly==2.0.0)",
+    "snntorch": "oracle (tests/run.sh: pip install --no-deps snntorch==1.0.0)",
+    "h5py": "spikingjelly's model zoo imports it (tests/run.sh: pip install h5py)",
+    "triton": "kernel dependency (pip install -e '.[triton]')",
+    "sklearn": "the demo's extra (pip install -e '.[demo]')",
+    "matplotlib": "the demo's extra (pip install -e '.[demo]')",
+    "tqdm": "the demo's extra (pip install -e '.[demo]')",
+}
+
+
+def in_ci() -> bool:
+    """True when the environment says this is a CI run (``CI=true``, as .ci/run exports)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def ci_problems() -> list[str]:
+    """What would make test files skip quietly here: missing modules of :data:`CI_REQUIRED`,
+    the triton backend unavailable, or (no GPU) the Triton interpreter switched off."""
+    import importlib
+
+    problems = []
+    for name, why in CI_REQUIRED.items():
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # ImportError, or a broken install failing at import
+            problems.append(f"cannot import {name} ({why}): {type(err).__name__}: {err}")
+    if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+        problems.append(f"no GPU and TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}: "
+                        "the Triton kernel tests would skip (unset it or set TRITON_INTERPRET=1)")
+    if not any(p.startswith("cannot import triton") for p in problems):
+        from snnorm import backends
+
+        reason = backends.available_backends().get("triton")
+        if reason is not None:
+            problems.append(f"the triton backend is unavailable: {reason}")
+    return problems
+
+
+def pytest_sessionstart(session):
+    """Under ``CI=true``, stop before collecting when a skip would hide a file (see the
+    module docstring)."""
+    if not in_ci():
+        return
+    problems = ci_problems()
+    if problems:
+        lines = "\n  ".join(problems)
+        pytest.exit(f"CI=true and the test environment is incomplete; these tests would skip silently:\n  {lines}",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="module")

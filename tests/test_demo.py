@@ -3,13 +3,14 @@
 The demo is run in-process through ``snnorm.demo.main`` with tiny configurations.
 """
 
+import dataclasses
 import io
 import math
 import sys
 
 import pytest
 import torch
-from tolerances import DEMO_FOLD_MAX_LOGIT_DIFF
+from tolerances import DEMO_FOLD_MAX_LOGIT_DIFF, DEMO_LEARNED_MIN_TEST_ACC, DEMO_QUICK_MIN_TEST_ACC
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -53,6 +54,10 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert all(math.isfinite(loss) for loss in results["history"]["batch_loss"])
     for acc in _accuracies(results):
         assert isinstance(acc, float) and 0.0 <= acc <= 1.0, acc
+    # it learns: the loss falls and the held-out accuracy is above chance (1/10) after 2 epochs ...
+    history = results["history"]
+    assert history["train_loss"][-1] < history["train_loss"][0], history["train_loss"]
+    assert history["test_acc"][-1] >= DEMO_QUICK_MIN_TEST_ACC > 1 / demo.NUM_CLASSES, history["test_acc"]
 
     assert results["logits"]["eval"].shape == results["logits"]["folded"].shape == (fold["n"], demo.NUM_CLASSES)
     assert out.is_file() and results["plot"] == str(out)
@@ -61,6 +66,12 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert "predictions changed: 0 of" in printed
     assert printed.count("<- best") == 1  # the best adaptation, named on its own line
     assert str(out.resolve()) in printed
+
+    # ... and the same configuration given 6 epochs classifies most held-out digits
+    longer = dataclasses.replace(demo.parse_args(["--quick", "--no-progress", "--out", str(tmp_path / "six.png")]),
+                                 epochs=6)
+    learned = demo.main(cfg=longer)["history"]["test_acc"]
+    assert learned[-1] >= DEMO_LEARNED_MIN_TEST_ACC, learned
 
 
 @pytest.mark.slow  # the demo, twice

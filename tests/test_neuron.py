@@ -12,6 +12,8 @@ from tolerances import (
 
 from snnorm import functional, neuron, surrogate
 
+from helpers import assert_unchanged, snapshot  # noqa: I001
+
 sj = pytest.importorskip("spikingjelly.activation_based", reason="spikingjelly 2.0.0 is the numerical oracle")
 from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402
@@ -195,22 +197,68 @@ def test_fold_changes_nothing_in_eval(carry, v_reset, learnable, negative_gamma)
     torch.testing.assert_close(node.v, folded.v, **FOLDED_MEMBRANE_FP32)
 
 
+def _plain(value):
+    """A comparable copy of a plain attribute: an object as its type and its own plain attributes."""
+    if isinstance(value, (torch.Tensor, torch.nn.Module)):
+        return None
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return type(value).__qualname__, {k: _plain(v) for k, v in vars(value).items()}
+    return copy.deepcopy(value)
+
+
+def _plain_attributes(module: torch.nn.Module) -> dict:
+    """Every attribute of every submodule that is not a tensor, parameter, buffer or submodule
+    (flags such as fold_bn, carry, step_mode, the backend, the membrane-norm strategy), by
+    dotted name."""
+    out = {}
+    for name, m in module.named_modules():
+        for key, value in vars(m).items():
+            if key.startswith("_") or isinstance(value, (torch.Tensor, torch.nn.Module)):
+                continue
+            out[f"{name}.{key}"] = _plain(value)
+    return out
+
+
+def assert_refused_and_unchanged(node, call, exc, match) -> None:
+    """``call(node)`` raises ``exc`` matching ``match`` and changes nothing: the same
+    parameters, buffers and submodules (names, values, requires_grad), memories, plain
+    attributes and training flag, and the same spikes and membrane on a fresh sequence."""
+    before = copy.deepcopy(node)
+    snap = snapshot(node)
+    with pytest.raises(exc, match=match):
+        call(node)
+    assert_unchanged(node, snap)
+    for what in ("named_parameters", "named_buffers"):
+        now, then = dict(getattr(node, what)()), dict(getattr(before, what)())
+        assert now.keys() == then.keys(), f"{what} changed: {sorted(then)} -> {sorted(now)}"
+        for key in then:
+            assert torch.equal(now[key], then[key]) and now[key].requires_grad == then[key].requires_grad, key
+    assert [n for n, _ in node.named_modules()] == [n for n, _ in before.named_modules()]
+    assert _plain_attributes(node) == _plain_attributes(before)
+    assert node.training == before.training
+    x = torch.randn(4, 6, 5, 3, 3, generator=torch.Generator().manual_seed(3)) * 2 + 0.5  # trained_mpbn's shape
+    for m in (node, before):
+        functional.reset_net(m)
+    assert torch.equal(node(x), before(x)) and torch.equal(node.v, before.v)
+
+
 def test_fold_twice_and_impossible_folds_raise():
     node = trained_mpbn("normalized", 0.0, False, False)
-    with pytest.raises(ValueError, match="normalize_residual=False"):
-        node.re_parameterize_v_threshold(normalize_residual=False)
-    assert not node.fold_bn, "a rejected fold must change nothing"
+    assert_refused_and_unchanged(node, lambda n: n.re_parameterize_v_threshold(normalize_residual=False), ValueError,
+                                 "normalize_residual=False")
     node.re_parameterize_v_threshold(normalize_residual=True)
-    with pytest.raises(RuntimeError, match="already"):
-        node.re_parameterize_v_threshold()
+    assert_refused_and_unchanged(node, lambda n: n.re_parameterize_v_threshold(), RuntimeError, "already")
     raw = trained_mpbn("raw", 0.0, False, False)
-    with pytest.raises(ValueError, match="normalize_residual=True"):
-        raw.re_parameterize_v_threshold(normalize_residual=True)
+    assert_refused_and_unchanged(raw, lambda n: n.re_parameterize_v_threshold(normalize_residual=True), ValueError,
+                                 "normalize_residual=True")
     zero = trained_mpbn("normalized", 0.0, False, False)
     with torch.no_grad():
         zero.vbn.weight[2] = 0.0
-    with pytest.raises(ValueError, match=r"channels \[2\]"):
-        zero.re_parameterize_v_threshold()
+    assert_refused_and_unchanged(zero, lambda n: n.re_parameterize_v_threshold(), ValueError, r"channels \[2\]")
     with pytest.raises(ValueError, match="mpbn=False"):
         neuron.MPBNLIFNode(out_features=3, mpbn=False).re_parameterize_v_threshold()
 

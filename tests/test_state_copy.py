@@ -210,9 +210,21 @@ def test_loading_a_theta_prime_that_disagrees_is_an_error():
     fresh = folded_node(seed=2)
     fresh.load_state_dict(state)  # consistent: loads
     assert torch.equal(fresh.folded_v_threshold, node.folded_v_threshold)
-    state["folded_v_threshold"] = state["folded_v_threshold"] + 0.5
+    other = folded_node(seed=3)  # its own statistics: a failed load's effect shows
+    bad = dict(state, folded_v_threshold=state["folded_v_threshold"] + 0.5)
     with pytest.raises(RuntimeError, match="folded_v_threshold"):
-        fresh.load_state_dict(state)
+        other.load_state_dict(bad)
+    # after the failed load: the other tensors are loaded (torch's load_state_dict is not
+    # atomic), and the module is consistent with them, never with the rejected θ′: its saved
+    # θ′ is the one derived from them, and it fires exactly as the module they came from
+    after = other.state_dict()
+    assert after.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(after[key], value), f"{key} after the failed load"
+    x = torch.randn(T, N, C, H, W, generator=torch.Generator().manual_seed(5)) * 2 + 0.5
+    functional.reset_net(other)
+    functional.reset_net(node)
+    assert torch.equal(other(x), node(x)) and torch.equal(other.v, node.v)
 
 
 def test_theta_prime_formula_is_the_backend_spec():

@@ -209,13 +209,56 @@ def test_collective_bytes_do_not_depend_on_the_batch(sync):
     assert logs[0] == logs[1] == [("all_gather", GATHER_BYTES(3, 5)), ("all_reduce", REDUCE_BYTES(3, 5))], logs
 
 
-def test_eval_and_no_sync_issue_no_collective(sync):
+#: every c10d entry point a collective of snnorm could take (StatsSync's and any direct one)
+_C10D = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+         "reduce_scatter_tensor", "broadcast", "barrier")
+_FUNCOL = ("all_gather_tensor", "all_gather_tensor_autograd", "all_gather_single_autograd", "all_reduce",
+           "reduce_scatter_tensor")
+
+
+def record_c10d(monkeypatch) -> list:
+    """Every call into torch.distributed's collectives (and the functional ones), recorded by
+    name and passed on: below the hook's own count, so a collective issued without it shows."""
+    import torch.distributed._functional_collectives as funcol
+
+    calls: list = []
+
+    def recording(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for module, names in ((dist, _C10D), (funcol, _FUNCOL)):
+        for name in names:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, recording(f"{module.__name__}.{name}", getattr(module, name)))
+    return calls
+
+
+def test_eval_and_no_sync_issue_no_collective(sync, monkeypatch):
+    calls = record_c10d(monkeypatch)
+    # the recorder sees a synchronised call's collectives (else an empty list below proves nothing)
+    run_norm(triton_backend, "batch_norm", case_of("batch_norm", SHAPE, 0, dtype=F32), sync, F32)
+    assert calls, "the c10d recorder saw no collective of a synchronised training call"
+    calls.clear()
+
+    # eval with a sync: the running statistics, one launch, nothing exchanged
     case = case_of("batch_norm", SHAPE, 0, dtype=F32)
     x = case["x"].to(DEVICE)
     with count_collectives() as log, meter() as m:
         triton_backend.batch_norm_seq(x, None, None, case["rm"].to(DEVICE), case["rv"].to(DEVICE), training=False,
                                       momentum=0.1, eps=EPS, sync=sync)
-    assert log == [] and m.launches == 1, (log, m.breakdown())
+    assert log == [] and calls == [] and m.launches == 1, (log, calls, m.breakdown())
+
+    # training without a sync, forward and backward, every rule on both backends and the fused norm → LIF
+    neuron = LIFParameters(Sigmoid(), tau=2.0, decay_input=True, v_reset=0.0)
+    with count_collectives() as log:
+        for rule in RULES:
+            for backend in (torch_backend, triton_backend):
+                run_norm(backend, rule, case_of(rule, SHAPE, 0, dtype=F32), None, F32)
+        run_norm_lif(None, "batch_norm", case, None, F32, neuron)
+    assert log == [] and calls == [], (log, calls)
 
 
 def run_norm_lif(backend_norm, rule: str, case: dict, sync, dtype, neuron) -> dict:

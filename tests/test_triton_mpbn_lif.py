@@ -382,7 +382,60 @@ def test_backward_through_adaptive_fold_raises_not_implemented():
         s.sum().backward()
 
 
+_REFUSAL = """
+import torch
+from snnorm import backends, neuron
+from snnorm import surrogate as sg
+from snnorm.backends import triton_backend as K
+from snnorm.params import LIFParameters
+
+assert not torch.cuda.is_available()
+print("AVAILABLE", backends.available_backends()["triton"])
+lif = LIFParameters(sg.Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
+x, v = torch.randn(2, 3, 4), torch.zeros(3, 4)
+try:
+    K.lif(x, v, 0.5, lif)
+except RuntimeError as err:
+    print("OP RAISED", err)
+else:
+    print("OP RAN")
+node = neuron.LIFNode(step_mode="m")
+try:
+    node.backend = "triton"
+    node(x)
+except Exception as err:
+    print("MODULE RAISED", type(err).__name__, err)
+else:
+    print("MODULE RAN")
+"""
+
+
+@pytest.mark.slow  # a subprocess
 def test_cpu_tensor_without_interpreter_is_refused():
+    """No CUDA and TRITON_INTERPRET unset: the op refuses CPU tensors, naming the fix, and
+    neither the op nor a neuron on the triton backend runs (in a subprocess: the interpreter
+    is chosen when triton is first imported)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", _REFUSAL], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=240)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "OP RAISED" in out.stdout and "OP RAN" not in out.stdout, text
+    op_line = next(line for line in out.stdout.splitlines() if line.startswith("OP RAISED"))
+    assert "TRITON_INTERPRET=1" in op_line, op_line
+    assert "AVAILABLE None" not in out.stdout, text  # the backend says it cannot run here
+    assert "MODULE RAISED BackendUnavailableError" in out.stdout and "MODULE RAN" not in out.stdout, text
+
+
+def test_device_error_names_the_fix():
+    """The refusal's reason (kernels/_common.device_error), per device and interpreter state."""
     reason = _common.device_error("cpu", interpreting=False)
     assert reason is not None and "TRITON_INTERPRET=1" in reason
     assert _common.device_error("cpu", interpreting=True) is None

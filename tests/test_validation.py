@@ -19,6 +19,10 @@ import torch.nn as nn
 
 from snnorm import functional, layer, neuron, surrogate
 
+from tolerances import (  # noqa: I001
+    DTYPE_POLICY_BF16_MIXED_REL, DTYPE_POLICY_FP64_VS_FP32_REL, MODULE_MAX_FLIP_SHARE, TRITON_FP64_WITH_FP32_SCALARS,
+)
+
 from helpers import NORM_CASES, WRAPPER_CASES, C, Case, assert_unchanged, rejects, snapshot, with_backends  # noqa: F401
 
 PARAM_CASES = [case for case in NORM_CASES if case.has_params]
@@ -47,12 +51,37 @@ def test_float32_into_float64_module_is_rejected(case, backend):
     rejects(module, case.input(torch.float32), TypeError, "torch.float32", "torch.float64")
 
 
+def _is_spikes(y: torch.Tensor) -> bool:
+    return bool(((y == 0) | (y == 1)).all())
+
+
+def _assert_same_values(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None:
+    """Spikes: at most MODULE_MAX_FLIP_SHARE flipped; values: ‖got − want‖ ≤ rel·‖want‖."""
+    assert got.shape == want.shape, what
+    got, want = got.detach().double(), want.detach().double()
+    if _is_spikes(want):
+        flipped = (got != want).double().mean().item()
+        assert flipped <= MODULE_MAX_FLIP_SHARE, f"{what}: {flipped:.2%} of spikes differ"
+        return
+    err = (got - want).norm().item()
+    assert err <= rel * want.norm().item(), f"{what}: ‖Δ‖ = {err:.3e}, ‖want‖ = {want.norm().item():.3e}"
+
+
 @pytest.mark.parametrize("case, backend", with_backends(NORM_CASES))
 def test_matching_dtype_runs_on_every_backend(case, backend):
-    """float64 module + float64 input is within the policy: both backends compute it."""
-    module = case.build(backend).double()
-    y = module(case.input(torch.float64))
+    """float64 module + float64 input is within the policy: both backends compute it — the
+    same function as in float32 (to float32's precision), and on the triton backend the
+    torch backend's float64 values (to the kernels' fp32 scalars)."""
+    x32 = case.input()
+    y = case.build(backend).double()(x32.double())
     assert y.dtype == torch.float64
+    _assert_same_values(y, case.build("torch")(x32), DTYPE_POLICY_FP64_VS_FP32_REL, "float64 against float32")
+    if backend != "torch":
+        want = case.build("torch").double()(x32.double())
+        if _is_spikes(want):
+            assert torch.equal(y, want), "float64 spikes differ between the backends"
+        else:
+            torch.testing.assert_close(y, want, **TRITON_FP64_WITH_FP32_SCALARS)
 
 
 @pytest.mark.parametrize("case", [c for c in PARAM_CASES if "triton" in c.backends], ids=lambda c: c.name)
@@ -67,10 +96,17 @@ def test_backends_reject_the_same_dtypes(case):
 
 @pytest.mark.parametrize("case", PARAM_CASES, ids=lambda c: c.name)
 def test_bfloat16_into_float32_module_is_mixed_precision(case):
+    """bfloat16 input, float32 parameters: computed as the float32 module computes the same
+    (bf16-representable) values, up to bfloat16 rounding of the output and intermediates."""
     module = trained(case)
     functional.reset_net(module)  # BNTT: a new sequence
-    y = module(case.input(torch.bfloat16))
+    x = case.input(torch.bfloat16)
+    y = module(x)
     assert y.dtype in (torch.bfloat16, torch.float32)
+    reference = trained(case)
+    functional.reset_net(reference)
+    _assert_same_values(y, reference(x.float()), DTYPE_POLICY_BF16_MIXED_REL,
+                        "bfloat16 input against its float32 values")
 
 
 # -- device, eps, momentum -----------------------------------------------------------------
