@@ -12,7 +12,8 @@ otherwise) and the launches, the occupancy probe and the current stream on that 
 (``torch.cuda.device``), whichever device is current.
 
 Grids stay within CUDA's limits (axis 0 < 2³¹, axes 1 and 2 ≤ 65,535) at any shape: LIF and
-MPBN-LIF run P tiles × C channels flat on axis 0 (``_device.tile_and_channel``), the fused
+MPBN-LIF run P tiles × C channels as ``(P, C)``, or flat on axis 0 past 65,535 channels
+(:func:`tiles_grid`, ``_device.tile_and_channel``), the fused
 norm → LIF ``(C, B1, B2)`` (:func:`block_grid`). LIF and MPBN-LIF tile a channel's ``[N, S]``
 per step (:func:`channel_tiling`, one channel per program). The statistics pipeline runs on a grid of ``[BLOCK_N, BLOCK_C,
 BLOCK_S]`` tiles (:func:`geometry`): program axis 0 is a block of channels, axis 1 a
@@ -78,6 +79,7 @@ __all__ = [
     "device_vector",
     "GRID_AXIS_MAX",
     "block_grid",
+    "tiles_grid",
 ]
 
 
@@ -515,6 +517,14 @@ def fitted_geometry(
 
 #: the most programs CUDA launches along grid axes 1 and 2 (axis 0: 2³¹ − 1)
 GRID_AXIS_MAX = 65535
+
+
+def tiles_grid(P: int, C: int) -> tuple[tuple[int, ...], bool]:
+    """(grid, FLAT_GRID) of P tiles × C channels (``_device.tile_and_channel``): ``(P, C)``
+    while C fits axis 1, else ``(P·C,)`` on axis 0 (the flattened decode costs registers,
+    so the common case keeps the 2-D grid)."""
+    flat = C > GRID_AXIS_MAX
+    return ((P * C,) if flat else (P, C)), flat
 
 
 def block_grid(C: int, blocks: int) -> tuple[int, int, int]:

@@ -95,15 +95,19 @@ def channel_tile(pid, N, S, S_TILES, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexp
 
 
 @triton.jit
-def tile_and_channel(P, INDEX_64: tl.constexpr):
-    """(tile, channel) of this program on a flat grid of P tiles per channel × C channels.
+def tile_and_channel(P, FLAT_GRID: tl.constexpr, INDEX_64: tl.constexpr):
+    """(tile, channel) of this program on a grid of P tiles per channel × C channels.
 
-    Everything on grid axis 0 (≤ 2³¹ − 1 programs; axes 1 and 2 stop at 65,535, which a
-    flattened feature map's channel count passes): program ``c·P + tile``, so consecutive
-    programs are the tiles of one channel, the order of a ``(P, C)`` grid."""
+    A ``(P, C)`` grid while C fits axis 1 (≤ 65,535: the common case, and the code the
+    compile check has always seen); else FLAT_GRID, everything on axis 0 (≤ 2³¹ − 1
+    programs; a flattened feature map passes 65,535 channels): program ``c·P + tile``,
+    the same order. :func:`snnorm.kernels._common.tiles_grid` picks."""
     pid = tl.program_id(0)
-    c = pid // P
-    return pid - c * P, index(c, INDEX_64)
+    c = tl.program_id(1)
+    if FLAT_GRID:
+        c = pid // P
+        pid = pid - c * P
+    return pid, index(c, INDEX_64)
 
 
 @triton.jit

@@ -17,8 +17,8 @@ Backward, reverse time loop with the spike recomputed from the saved h::
     as fp32 partials per program, summed afterwards (deterministic, no atomics).
 
 Layouts: ``x`` / spikes ``[T, N, C, S]`` (spatial dims merged; strided views, no copy),
-``v`` ``[N, C, S]``, per-channel tensors ``[C]``. Grid: P tiles per channel × C, flat on
-axis 0 (``dev.tile_and_channel``; axes 1 and 2 stop at 65,535 programs).
+``v`` ``[N, C, S]``, per-channel tensors ``[C]``. Grid: P tiles per channel × C, ``(P, C)``,
+or flat on axis 0 past 65,535 channels (``_common.tiles_grid``).
 
 This module holds the kernels and their launchers (:func:`launch_lif_fwd`,
 :func:`launch_lif_bwd`); the ops ``snnorm::lif_elementwise`` / ``_bwd`` that call them (schemas,
@@ -35,7 +35,7 @@ from . import _device as dev
 from ..params import LIFKernelParameters
 from ._common import (
     LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, launcher, needs_int64,
-    store_dtype,
+    store_dtype, tiles_grid,
 )
 
 #: elements per program
@@ -78,8 +78,9 @@ def _lif_fwd_kernel(
     FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
     SOFT_RESET: tl.constexpr, SAVE_H: tl.constexpr, V0_SCALAR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
 ):
-    pid, c = dev.tile_and_channel(P, INDEX_64)
+    pid, c = dev.tile_and_channel(P, FLAT_GRID, INDEX_64)
     n, s, mask = dev.channel_tile(pid, N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
     x_off = c * stride_x_c + n * stride_x_n + s * stride_x_s
     o_off = (n * C + c) * S + s
@@ -121,8 +122,9 @@ def _lif_bwd_kernel(
     SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
     HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
 ):
-    pid, c = dev.tile_and_channel(P, INDEX_64)
+    pid, c = dev.tile_and_channel(P, FLAT_GRID, INDEX_64)
     n, s, mask = dev.channel_tile(pid, N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
     g_off = c * stride_g_c + n * stride_g_n + s * stride_g_s
     o_off = (n * C + c) * S + s
@@ -216,14 +218,15 @@ def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelPa
     h = torch.empty(x.shape if save_h else (0,), dtype=acc, device=x.device)
     tiles = channel_tiling(N, S, BLOCK)
     scalars, lif_flags = dev.lif_kernel_args(lif)
-    _lif_fwd_kernel[(tiles.P * C,)](
+    grid, flat = tiles_grid(tiles.P, C)
+    _lif_fwd_kernel[grid](
         x4, v3, th, mu, r, beta, thf, sgn, s, h if save_h else None, v_out,
         T, N, C, S, tiles.S_TILES, tiles.P,
         *x4.stride(), *v3.stride(),
         *scalars,
         **_modes(fire, carry_norm), **lif_flags, SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
         BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(x4, v3, s), ACC_DTYPE=acc_dtype(out_dtype),
-        num_warps=LIF_WARPS(tiles.block),
+        FLAT_GRID=flat, num_warps=LIF_WARPS(tiles.block),
     )
     return s.to(out_dtype), v_out.to(out_dtype), h
 
@@ -242,7 +245,8 @@ def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKerne
     g4 = as_ncs(gs, 1) if gs is not None else None
     gv3 = as_ncs(gv, 0) if gv is not None else None
     scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
-    _lif_bwd_kernel[(tiles.P * C,)](
+    grid, flat = tiles_grid(tiles.P, C)
+    _lif_bwd_kernel[grid](
         g4, gv3, h4, th, mu, r, beta, thf, sgn, gx, gv0 if need_gv0 else None, part,
         T, N, C, S, tiles.S_TILES, tiles.P,
         *(g4.stride() if g4 is not None else (0,) * 4), *(gv3.stride() if gv3 is not None else (0,) * 3),
@@ -250,6 +254,6 @@ def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKerne
         **_modes(fire, carry_norm), **lif_flags, HAS_GS=gs is not None, HAS_GV=gv is not None,
         NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3),
         ACC_DTYPE=acc_dtype(acc),
-        num_warps=LIF_WARPS(tiles.block),
+        FLAT_GRID=flat, num_warps=LIF_WARPS(tiles.block),
     )
     return gx.to(gx_dtype), gv0, part.sum(dim=1)

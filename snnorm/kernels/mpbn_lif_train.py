@@ -81,7 +81,7 @@ from ..params import BNKernelParameters, LIFKernelParameters
 from . import _device as dev
 from ._common import (
     LIF_WARPS, PIPELINED_WARPS, SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args,
-    launcher, needs_int64, next_pow2, store_dtype,
+    launcher, needs_int64, next_pow2, store_dtype, tiles_grid,
 )
 
 #: a channel of at most this many (padded) elements per step may take the resident path
@@ -278,8 +278,9 @@ def _mpbn_lif_pipelined_fwd_kernel(
     CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, SAVE: tl.constexpr,
     V0_SCALAR: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
 ):
-    pid, c = dev.tile_and_channel(P, INDEX_64)
+    pid, c = dev.tile_and_channel(P, FLAT_GRID, INDEX_64)
     n, s, mask = dev.channel_tile(pid, N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
@@ -368,8 +369,9 @@ def _mpbn_lif_pipelined_bwd_kernel(
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr,
     NEED_GV0: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SYNCED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
 ):
-    pid, c = dev.tile_and_channel(P, INDEX_64)
+    pid, c = dev.tile_and_channel(P, FLAT_GRID, INDEX_64)
     n, s, mask = dev.channel_tile(pid, N, S, S_TILES, BLOCK_N, BLOCK_S, INDEX_64)
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
@@ -556,12 +558,13 @@ def launch_batch_stats_fwd(
     if synced:  # per step: the global count, mean [C], M2 [C]
         glob = torch.empty((T, 1 + 2 * C), dtype=SYNC_DTYPE, device=dev_)
         counts = tile_counts(tiles, N, S, dev_)
+    grid, flat = tiles_grid(P, C)
     for t in range(-1, T):
-        _mpbn_lif_pipelined_fwd_kernel[(P * C,)](
+        _mpbn_lif_pipelined_fwd_kernel[grid](
             x4, v3, h, s, v_out, pmean, pm2, weight, bias, th, running_mean, running_var, mean, rstd,
             mu_hist, s2_hist, mom, glob if synced else None, t, N, C, S, tiles.S_TILES, P, *x4.stride(), *v3.stride(),
             *scalars, FIRST=t == -1, LAST=t == T - 1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), num_warps=PIPELINED_WARPS(tiles.block), **flags,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=PIPELINED_WARPS(tiles.block), **flags,
         )
         if synced and t + 1 < T:  # step t + 1 is charged: its statistics over every rank, before it is applied
             n, mu_, m2_ = sync_stats(*local_step_statistics(counts, pmean[t + 1], pm2[t + 1]))
@@ -631,12 +634,13 @@ def launch_train_bwd(
     if synced:  # per step: the global count, A [C], B [C]
         glob = torch.empty((T, 1 + 2 * C), dtype=SYNC_DTYPE, device=dev_)
         count = torch.full((1,), float(N * S), dtype=SYNC_DTYPE, device=dev_)
+    grid, flat = tiles_grid(P, C)
     for t in range(T - 1, -2, -1):
-        _mpbn_lif_pipelined_bwd_kernel[(P * C,)](
+        _mpbn_lif_pipelined_bwd_kernel[grid](
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             glob if synced else None, t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
             FIRST=t == T - 1, LAST=t == -1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), num_warps=PIPELINED_WARPS(tiles.block), **flags,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=PIPELINED_WARPS(tiles.block), **flags,
         )
         if synced and t >= 0:  # step t's sums over every rank, before the launch that applies it
             local = torch.cat([count, pa[t].to(SYNC_DTYPE).sum(dim=0), pb[t].to(SYNC_DTYPE).sum(dim=0)])
