@@ -50,5 +50,7 @@ pip_install --no-deps spikingjelly==2.0.0 snntorch==1.0.0
 OLD_TRITON_DIR="${SNNORM_OLD_TRITON_DIR:-$HOME/.cache/snnorm/triton-3.6.0}"
 [ -d "$OLD_TRITON_DIR/triton" ] || pip_install --no-deps --target "$OLD_TRITON_DIR" triton==3.6.0
 export SNNORM_COMPILE_CHECK_PYTHONPATH="$OLD_TRITON_DIR"
-# --durations=15: the 15 slowest tests, to keep the default run under 5 minutes on 2 cores
-python3 -m pytest -q --durations=15 "$@"
+# -n: one pytest worker per core (pytest-xdist; SNNORM_TEST_WORKERS overrides, 0 runs in this
+# process), the interpreter is single-threaded Python. --durations=15: the 15 slowest tests, to
+# keep the default run under 5 minutes on 2 cores
+python3 -m pytest -q -n "${SNNORM_TEST_WORKERS:-2}" --durations=15 "$@"

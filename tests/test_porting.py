@@ -382,6 +382,7 @@ def test_sew_resnet18_from_the_zoo_converted_and_fused(zoo):
         torch.testing.assert_close(twin(x), original(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # ~11 s: the default run trains the residual and Spikformer-style blocks above
 def test_sew_resnet_blocks_from_the_zoo_train_fused_on_triton(zoo):
     """The zoo's own SEW BasicBlocks (an identity one and a downsampling one) at width 4/8."""
 
