@@ -1,8 +1,10 @@
 """Norm → spiking neuron fusion (DESIGN.md §8): the block every SNN is built of, in one op.
 
 :func:`fuse_norm_neurons` finds each batch-statistics norm (multi-step BatchNorm1d/2d/3d,
-tdBN, TEBN, BNTT in spikingjelly's and snntorch's layouts, TAB) whose output feeds an
-IF/LIF neuron and nothing else, and marks the pair *in place*: both modules stay where
+tdBN, TEBN, BNTT in spikingjelly's and snntorch's layouts, TAB, and a torch BatchNorm at
+the end of a ``SeqToANNContainer``) whose output feeds an IF/LIF neuron and nothing else
+(read by torch.fx, or by one run of an example input: :func:`fusion_report` says what was
+found and why a pair stays apart), and marks the pair *in place*: both modules stay where
 they are, with their types, parameters, buffers and memories, and one :class:`FusedBlock`
 object (not a module: it adds no name) is installed as an instance-level ``forward`` of
 each:
@@ -48,7 +50,10 @@ from ._dataflow import record_handoffs
 from ._fx import _StepModuleLeafTracer, _trace
 from ._steps import seq_to_ann_forward
 
-__all__ = ["FusedBlock", "fused_block", "fuse_norm_neurons", "unfuse_norm_neurons", "fusable_norm"]
+__all__ = [
+    "FusedBlock", "FusionReport", "fused_block", "fuse_norm_neurons", "unfuse_norm_neurons", "fusion_report",
+    "fusable_norm", "container_batch_norm",
+]
 
 
 def fusable_norm(module: nn.Module) -> bool:
