@@ -215,7 +215,7 @@ class SpikformerStyleBlock(nn.Module):
     """Spikformer's idioms: Conv1d(k=1) + BatchNorm1d in a SeqToANNContainer on [T, N, D, L]
     before each LIF, an attention that branches on ``x.ndim`` (fx cannot trace it), an MLP."""
 
-    def __init__(self, dim=8, hidden=16):
+    def __init__(self, dim=4, hidden=8):
         super().__init__()
         L, N = sj_layer, sj_neuron
 
@@ -263,7 +263,7 @@ def test_a_torch_bn_in_a_container_fuses_and_equals_spikingjelly_on_triton():
 
 def test_a_spikformer_style_block_fuses_by_a_run_and_equals_spikingjelly_on_triton():
     torch.manual_seed(6)
-    x = (torch.randn(T, 2, 8, 6, dtype=torch.float64) + 0.5).to(DEVICE)
+    x = (torch.randn(2, 2, 4, 5, dtype=torch.float64) + 0.5).to(DEVICE)
     build = lambda: SpikformerStyleBlock().double()  # noqa: E731
     net = build()
     snnorm.convert_spikingjelly(net)
