@@ -28,81 +28,28 @@ import torch
 
 pytest.importorskip("triton")
 
-from perf.tools import CaptureSync, run_scenario, scenarios  # noqa: E402
+from perf.tools import CaptureSync, posing_as_cuda, run_scenario, scenarios  # noqa: E402
 
 AXIS0_MAX = 2**31 - 1
 AXIS12_MAX = 65535
-
-
-class _PosingMeta(torch.Tensor):
-    """A meta tensor that reports a CUDA device (the subclasses below pick which)."""
-
-    index = 0
-
-    @property
-    def device(self):
-        return torch.device("cuda", self.index)
-
-
-_POSING: dict = {}
-
-
-def _posing(index: int) -> type:
-    if index not in _POSING:
-        _POSING[index] = type(f"CudaMeta{index}", (_PosingMeta,), {"index": index})
-    return _POSING[index]
 
 
 class FakeGPU:
     """Meta tensors posing as ``cuda:<index>``, a tracked current device, and a launch recorder."""
 
     def __init__(self, monkeypatch, index: int = 1, current: int = 0, sm_count: int = 132):
-        from torch._library.custom_ops import OPDEFS
-        from torch.overrides import TorchFunctionMode
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_map
         from triton.runtime.interpreter import InterpretedFunction
 
         from snnorm.backends.sync import StatsSync
         from snnorm.kernels import _common
 
-        self.index, self.current = index, current
+        self.current = current
         self.launches: list = []  # (kernel, grid, current device at the launch)
         self.probes: list = []  # (kernel, current device) of each occupancy probe's compile
         self.props_asked: list = []  # the devices whose properties were read
         fake = self
 
-        def wrap(t, index=None):
-            if type(t) is torch.Tensor and t.device.type == "meta":
-                return t.as_subclass(_posing(fake.index if index is None else index))
-            return t
-
-        def unwrap(t):
-            return t.as_subclass(torch.Tensor) if isinstance(t, _PosingMeta) else t
-
-        def to_meta(kwargs):
-            dev = kwargs.get("device")
-            if dev is not None and torch.device(dev).type == "cuda":
-                kwargs["device"] = torch.device("meta")
-            return kwargs
-
-        class Factories(TorchFunctionMode):
-            def __torch_function__(self, func, types_, args=(), kwargs=None):
-                return tree_map(wrap, func(*args, **to_meta(dict(kwargs or {}))))
-
-        class Dispatch(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
-                kwargs = to_meta(dict(kwargs or {}))
-                opdef = OPDEFS.get(func._schema.name) if func.namespace == "snnorm" else None
-                if opdef is not None:  # a snnorm custom op: its real implementation (the launcher)
-                    with Factories(), Dispatch():
-                        out = opdef._init_fn(*tree_map(wrap, args), **tree_map(wrap, kwargs))
-                else:
-                    out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
-                return tree_map(wrap, out)
-
-        self._modes = (Factories, Dispatch)
-        self._wrap = wrap
+        self.make, self._enter = posing_as_cuda(index)
 
         class Device:  # torch.cuda.device, tracking the current device
             def __init__(self, device):
@@ -144,14 +91,8 @@ class FakeGPU:
         monkeypatch.setattr(StatsSync, "from_name", staticmethod(
             lambda name: CaptureSync() if name == CaptureSync.group_name else None))
 
-    def make(self, shape, dtype, requires_grad=False, strides=None, index=None):
-        t = torch.empty(shape, dtype=dtype, device="meta") if strides is None else \
-            torch.empty_strided(shape, strides, dtype=dtype, device="meta")
-        return self._wrap(t, index).requires_grad_(requires_grad)
-
     def run(self, fn):
-        Factories, Dispatch = self._modes
-        with Factories(), Dispatch():
+        with self._enter():
             return fn()
 
 

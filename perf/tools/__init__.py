@@ -14,7 +14,8 @@ saved_meter          :func:`saved_tensor_bytes` (bytes autograd saves for backwa
 ranks                :func:`run_ranks`, :func:`free_port` (gloo processes on the CPU)
 compile_check        ahead-of-time compile check (``python -m perf.compile_check``):
                      ``spilling``, ``summary``, ``summary_markdown``; ``scenarios``,
-                     ``run_scenario``, ``CaptureSync`` (one op-table call on meta tensors)
+                     ``run_scenario``, ``CaptureSync`` (one op-table call on meta tensors),
+                     ``posing_as_cuda`` (meta tensors that report a CUDA device)
 tab_baseline         ``QuadraticTAB``, ``run_on_tncs``: the official O(T²) TAB algorithm
 record               environment, rows, CSVs, provider names (``SNNORM_TORCH`` …)
 agreement            ``TOLERANCES``, ``Tol``, ``compare``: does a provider agree before timing
@@ -36,7 +37,8 @@ _WHERE = {
     **dict.fromkeys(("meter", "Traffic", "KernelTraffic", "TorchOpTraffic", "interpreting"), "traffic_meter"),
     "saved_tensor_bytes": "saved_meter",
     **dict.fromkeys(("run_ranks", "free_port"), "ranks"),
-    **dict.fromkeys(("spilling", "summary", "summary_markdown", "scenarios", "run_scenario", "CaptureSync"),
+    **dict.fromkeys(("spilling", "summary", "summary_markdown", "scenarios", "run_scenario", "CaptureSync",
+                     "posing_as_cuda"),
                     "compile_check"),
     **dict.fromkeys(("QuadraticTAB", "run_on_tncs"), "tab_baseline"),
     **dict.fromkeys(("COLUMNS", "SNNORM_TORCH", "SNNORM_COMPILE", "SNNORM_TRITON", "SPIKINGJELLY", "TORCH_COPY",

@@ -98,27 +98,49 @@ class _PointerArg:
         return self._ptr
 
 
-@contextlib.contextmanager
-def _device_lie(sm_count: int):
-    """Meta tensors that say they live on ``cuda``; factories asked for cuda make meta."""
+_POSING_CLASSES: dict = {}
+
+
+def _posing_class(index: int):
+    """The meta-tensor subclass that reports ``cuda:<index>`` as its device (one per index)."""
+    import torch
+
+    if not _POSING_CLASSES:
+        class PosingMeta(torch.Tensor):
+            index = 0
+
+            @property
+            def device(self):
+                return torch.device("cuda", self.index)
+
+        _POSING_CLASSES[None] = PosingMeta
+    if index not in _POSING_CLASSES:
+        _POSING_CLASSES[index] = type(f"CudaMeta{index}", (_POSING_CLASSES[None],), {"index": index})
+    return _POSING_CLASSES[index]
+
+
+def posing_as_cuda(index: int = 0):
+    """``(make, enter)`` for meta tensors that say they live on ``cuda:<index>``.
+
+    ``make(shape, dtype, requires_grad=False, strides=None, index=None)`` builds one (``index``
+    overrides the device index); ``enter()`` is a context in which factories asked for cuda
+    make such tensors and snnorm's custom ops run their real implementation (the launchers)
+    on them, while every other op's meta kernel sees plain meta tensors. No GPU, no memory."""
     import torch
     from torch._library.custom_ops import OPDEFS
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_map
 
-    class CudaMeta(torch.Tensor):
-        @property
-        def device(self):
-            return torch.device("cuda", 0)
+    base = _posing_class(None)
 
-    def wrap(t):
+    def wrap(t, at=None):
         if type(t) is torch.Tensor and t.device.type == "meta":
-            return t.as_subclass(CudaMeta)
+            return t.as_subclass(_posing_class(index if at is None else at))
         return t
 
     def unwrap(t):
-        return t.as_subclass(torch.Tensor) if isinstance(t, CudaMeta) else t
+        return t.as_subclass(torch.Tensor) if isinstance(t, base) else t
 
     def to_meta_device(kwargs):
         dev = kwargs.get("device")
@@ -128,8 +150,7 @@ def _device_lie(sm_count: int):
 
     class Factories(TorchFunctionMode):
         def __torch_function__(self, func, types_, args=(), kwargs=None):
-            kwargs = to_meta_device(dict(kwargs or {}))
-            return tree_map(wrap, func(*args, **kwargs))
+            return tree_map(wrap, func(*args, **to_meta_device(dict(kwargs or {}))))
 
     class Dispatch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
@@ -142,6 +163,28 @@ def _device_lie(sm_count: int):
                 out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
             return tree_map(wrap, out)
 
+    @contextlib.contextmanager
+    def enter():
+        with Factories(), Dispatch():
+            yield
+
+    def make(shape, dtype, requires_grad=False, strides=None, index=None):
+        if strides is None:
+            t = torch.empty(shape, dtype=dtype, device="meta")
+        else:
+            t = torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+        return wrap(t, index).requires_grad_(requires_grad)
+
+    return make, enter
+
+
+@contextlib.contextmanager
+def _device_lie(sm_count: int):
+    """Meta tensors that say they live on ``cuda``, a CUDA device with ``sm_count`` SMs, and no
+    device to enter (the launchers' guard): yields ``posing_as_cuda``'s ``make``."""
+    import torch
+
+    make, enter = posing_as_cuda(0)
     props = types.SimpleNamespace(multi_processor_count=sm_count, major=9, minor=0, name="compile-check",
                                   total_memory=80 << 30, max_shared_memory_per_block_optin=227 << 10)
     saved = (torch.cuda.get_device_properties, getattr(torch.cuda._tls, "is_initializing", None), torch.cuda.device)
@@ -149,21 +192,13 @@ def _device_lie(sm_count: int):
     torch.cuda.device = lambda device: contextlib.nullcontext()  # the launchers' device guard: no GPU to enter
     torch.cuda._tls.is_initializing = True  # a factory asked for cuda must not initialise CUDA
     try:
-        with Factories(), Dispatch():
-            yield lambda shape, dtype, requires_grad=False, strides=None: _meta(torch, wrap, shape, dtype, requires_grad, strides)
+        with enter():
+            yield make
     finally:
         torch.cuda.get_device_properties = saved[0]
         torch.cuda.device = saved[2]
         if saved[1] is None:
             del torch.cuda._tls.is_initializing
-
-
-def _meta(torch, wrap, shape, dtype, requires_grad, strides):
-    if strides is None:
-        t = torch.empty(shape, dtype=dtype, device="meta")
-    else:
-        t = torch.empty_strided(shape, strides, dtype=dtype, device="meta")
-    return wrap(t).requires_grad_(requires_grad)
 
 
 @contextlib.contextmanager
