@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from . import layer
 from . import neuron as neuron_mod
-from ._bn_state import NormPlan, shared_statistics_plan
+from ._bn_state import NormPlan, check_bn_input, shared_statistics_plan
 from ._dataflow import record_handoffs
 from ._fx import _StepModuleLeafTracer, _trace
 from ._steps import seq_to_ann_forward
@@ -67,7 +67,7 @@ def fusable_norm(module: nn.Module) -> bool:
 
 #: a BN that sees [T·N, C, *spatial] with T folded into the batch: torch's, or snnorm's single-step one
 _FOLDED_BNS = {
-    nn.BatchNorm1d: (3, 4), nn.BatchNorm2d: (5,), nn.BatchNorm3d: (6,),  # sequence dims [T, N, C, *spatial]
+    nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,),  # a sample's dims [N, C, *spatial]
 }
 _SNNORM_SINGLE_STEP_BNS = (
     layer.BatchNorm1d, layer.BatchNorm2d, layer.BatchNorm3d,
@@ -98,13 +98,10 @@ def container_batch_norm(module: nn.Module) -> Optional[nn.Module]:
 
 def _folded_bn_plan(bn: nn.Module, x_seq: torch.Tensor) -> NormPlan:
     """The multi-step plan (rule ``batch_norm``) of a BN that runs on ``x_seq`` with T folded into
-    the batch; every check first, the batch counted by ``commit``."""
-    dims = next(d for cls, d in _FOLDED_BNS.items() if isinstance(bn, cls))
-    if x_seq.dim() not in dims or x_seq.shape[2] != bn.num_features:
-        raise ValueError(
-            f"{type(bn).__name__}({bn.num_features}) at the end of a SeqToANNContainer expects its input as "
-            f"[T, N, {bn.num_features}, ...] with {' or '.join(map(str, dims))} dims; got {tuple(x_seq.shape)}"
-        )
+    the batch; every check a multi-step BN runs first (layout, channels, device, dtype, ε,
+    momentum), the batch counted by ``commit``."""
+    sample_ndims = next(d for cls, d in _FOLDED_BNS.items() if isinstance(bn, cls))
+    check_bn_input(bn, x_seq, multi=True, sample_ndims=sample_ndims, num_features=bn.num_features)
     return shared_statistics_plan(bn, x_seq)
 
 

@@ -334,8 +334,13 @@ def test_a_container_bn_checks_its_input_before_any_state_moves():
     assert fused_block(net[0]).fused_kernel_applies()
     with pytest.raises(ValueError, match="more than one value per channel"):
         net(torch.randn(1, 1, 4))  # one value per channel: batch statistics are undefined
-    with pytest.raises(ValueError, match=r"expects its input as \[T, N, 3, \.\.\.\] with 3 or 4 dims; got \(4, 2, 2, 2, 3\)"):
+    with pytest.raises(ValueError, match=r"expected x with shape \[T, N, C\] \(3-D\) or \[T, N, C, L\] \(4-D\), "
+                                         r"but got x with shape \(4, 2, 2, 2, 3\)"):
         net(torch.randn(4, 2, 2, 2, 4))  # [T, N, 2, 2, 3] after the Linear: no BatchNorm1d layout
+    net[0][1].eps = 0.0  # the checks of a multi-step BN: ε = 0 with batch statistics
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        net(torch.randn(4, 2, 4))
+    net[0][1].eps = 1e-5
     assert int(net[0][1].num_batches_tracked) == 0 and isinstance(net[1].v, float)
 
 
