@@ -18,14 +18,15 @@ stays as it is, and one warning names each such class and why. Modules of other 
 (torch's own ``nn.BatchNorm2d`` inside a ``SeqToANNContainer``, a user's block) stay; their
 spikingjelly children are converted. Calling it twice is harmless.
 
-spikingjelly is imported only here, only when this function is called.
+snnorm does not import spikingjelly, not even here: its modules are recognised by the module
+path of their class.
 """
 
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -81,14 +82,11 @@ def _surrogate(fn: nn.Module) -> nn.Module:
 
 
 def _mpbn_argument(old: nn.Module, name: str) -> Any:
-    vbn = getattr(old, "vbn", None)
-    if name == "mpbn":
-        return vbn is not None
-    if name == "out_channels":
-        return vbn.num_features if isinstance(vbn, nn.BatchNorm2d) else None
-    if name == "out_features":
-        return vbn.num_features if isinstance(vbn, nn.BatchNorm1d) else None
-    raise KeyError(name)
+    # spikingjelly's MPBN keeps only its membrane BN (``vbn``: BatchNorm2d for channels, 1d for features, or None)
+    vbn = old.vbn
+    return {"mpbn": vbn is not None,
+            "out_channels": vbn.num_features if isinstance(vbn, nn.BatchNorm2d) else None,
+            "out_features": vbn.num_features if isinstance(vbn, nn.BatchNorm1d) else None}[name]
 
 
 def _neunorm_argument(old: nn.Module, name: str) -> Any:
@@ -98,13 +96,22 @@ def _neunorm_argument(old: nn.Module, name: str) -> Any:
             "shared_across_channels": old.w.shape[0] == 1 and channels != 1}[name]
 
 
-# arguments a spikingjelly class does not keep as attributes, derived from what it keeps
+def _bntt_argument(old: nn.Module, name: str) -> Any:
+    return getattr(old.bn_list[0], name)  # the per-step BNs hold the BN options
+
+
+def _tebn_argument(old: nn.Module, name: str) -> Any:
+    return {"T": old.scale.shape[0]}[name]  # spikingjelly's TEBN keeps T only as len(scale)
+
+
+#: constructor arguments a spikingjelly class does not keep as attributes, derived from what it
+#: keeps (a KeyError: not derivable)
 _DERIVED = {
+    "MPBNLIFNode": _mpbn_argument,
     "NeuNorm": _neunorm_argument,
-    # BNTT: the per-step BNs hold the BN options
-    "BatchNormThroughTime1d": lambda old, name: getattr(old.bn_list[0], name),
-    "BatchNormThroughTime2d": lambda old, name: getattr(old.bn_list[0], name),
-    "BatchNormThroughTime3d": lambda old, name: getattr(old.bn_list[0], name),
+    **dict.fromkeys(("BatchNormThroughTime1d", "BatchNormThroughTime2d", "BatchNormThroughTime3d"), _bntt_argument),
+    **dict.fromkeys(("TemporalEffectiveBatchNorm1d", "TemporalEffectiveBatchNorm2d", "TemporalEffectiveBatchNorm3d"),
+                    _tebn_argument),
 }
 
 
@@ -114,21 +121,15 @@ def _argument(old: nn.Module, name: str, default: Any) -> Any:
         return default
     if name == "surrogate_function":
         return _surrogate(old.surrogate_function)
-    if name in ("mpbn", "out_channels", "out_features") and hasattr(old, "vbn"):
-        return _mpbn_argument(old, name)
-    if name == "T" and not hasattr(old, "T"):
-        scale = getattr(old, "scale", None)  # spikingjelly's TEBN keeps T only as len(scale)
-        if scale is None:
-            raise _CannotConvert("its number of time steps T is not recorded")
-        return scale.shape[0]
-    derive = _DERIVED.get(type(old).__name__)
-    if not hasattr(old, name) and derive is not None:
-        return derive(old, name)
     if hasattr(old, name):
         value = getattr(old, name)
         if isinstance(default, bool) and (value is None or isinstance(value, torch.Tensor)):
             return value is not None  # a flag the module keeps as an optional tensor (bias=, gain=)
         return value
+    try:
+        return _DERIVED[type(old).__name__](old, name)
+    except KeyError:
+        pass
     if default is inspect.Parameter.empty:
         raise _CannotConvert(f"it does not record the constructor argument {name!r}")
     return default
@@ -174,9 +175,8 @@ def _check_convertible(old: nn.Module) -> None:
 
 def _convert_one(old: nn.Module, target: type) -> nn.Module:
     _check_convertible(old)
-    if issubclass(target, nn.Sequential):  # containers: the same (already converted) children
-        new = target(*old.children())
-        new._modules = old._modules  # keep the child names ("0", "1", ...) and objects
+    if issubclass(target, nn.Sequential):  # containers: the same (already converted) children, same names
+        new = target(OrderedDict(old.named_children()))
     else:
         kwargs = {p.name: _argument(old, p.name, p.default) for p in _constructor_parameters(target)}
         try:
@@ -217,8 +217,6 @@ def convert_spikingjelly(net: nn.Module) -> nn.Module:
         raise TypeError(f"convert_spikingjelly expects an nn.Module, got {type(net).__name__}")
     if not any(_target(m) is not None for m in net.modules()):
         return net  # nothing of spikingjelly's in it (already converted, or never was)
-    if f"{_SJ}.neuron" not in sys.modules:
-        import spikingjelly.activation_based.neuron  # noqa: F401  (only now, and only if needed)
     left: dict[str, str] = {}
 
     def visit(parent: nn.Module) -> None:
