@@ -249,6 +249,16 @@ class FusionReport:
         return "\n".join(lines)
 
 
+def _handoff_problem(norm_calls: Optional[int], neuron_calls: Optional[int], shared: bool) -> Optional[str]:
+    """Why a norm that hands its output to a neuron cannot fuse with it, however the pair was
+    found (None: it can)."""
+    if norm_calls != 1 or neuron_calls != 1:
+        return "a module of the pair is called at several places"
+    if shared:
+        return "the norm's output has other users"
+    return None
+
+
 def _traced_pairs(graph_module: torch.fx.GraphModule, prefix: str) -> list[tuple[str, str, Optional[str]]]:
     """(norm, neuron, why not) for each neuron called on a norm's output in one traced graph: ``why
     not`` is None when each is called once and the neuron is the norm's only user."""
@@ -266,11 +276,7 @@ def _traced_pairs(graph_module: torch.fx.GraphModule, prefix: str) -> list[tuple
         norm_node = node.args[0]
         if norm_node.op != "call_module" or not fusable_norm(modules.get(norm_node.target)):
             continue
-        why = None
-        if len(norm_node.users) != 1:
-            why = "the norm's output has other users"
-        elif calls[norm_node.target] != 1 or calls[node.target] != 1:
-            why = "a module of the pair is called at several places"
+        why = _handoff_problem(calls[norm_node.target], calls[node.target], len(norm_node.users) != 1)
         pairs.append((prefix + norm_node.target, prefix + node.target, why))
     return pairs
 
@@ -315,11 +321,7 @@ def _run_pairs(net: nn.Module, example_input: Any) -> list[tuple[str, str, Optio
     for norm, consumer in handoffs.pairs:
         if not isinstance(modules[consumer], neuron_mod.BaseNode):
             continue
-        why = None
-        if handoffs.calls.get(norm) != 1 or handoffs.calls.get(consumer) != 1:
-            why = "a module of the pair is called at several places"
-        elif norm in handoffs.other_users:
-            why = "the norm's output has other users"
+        why = _handoff_problem(handoffs.calls.get(norm), handoffs.calls.get(consumer), norm in handoffs.other_users)
         pairs.append((norm, consumer, why))
     return pairs
 
