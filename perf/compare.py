@@ -296,7 +296,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
-def _read(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+def read_rows(path: Path) -> dict[tuple[str, str], dict[str, str]]:
     table: dict[tuple[str, str], dict[str, str]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -305,10 +305,10 @@ def _read(path: Path) -> dict[tuple[str, str], dict[str, str]]:
     return table
 
 
-def markdown(path: Path) -> list[str]:
-    """The side-by-side table: per block, each library's fwd + bwd bytes (launches) and
-    saved bytes, and spikingjelly's bytes over snnorm's."""
-    table = _read(path)
+def markdown(path: Path, blocks=BLOCKS) -> list[str]:
+    """The side-by-side table: per block of ``blocks``, each library's fwd + bwd bytes (launches)
+    and saved bytes, and spikingjelly's bytes over snnorm's."""
+    table = read_rows(path)
     lines = [
         "| block | snnorm fwd + bwd B (launches) | saved | spikingjelly fwd + bwd B (launches) | saved "
         "| spikingjelly / snnorm bytes | snnorm runs on |",
@@ -322,7 +322,7 @@ def markdown(path: Path) -> list[str]:
         fl, bl = float(e["fwd_launches"]), float(e["bwd_launches"])
         return f"{fb:.1f} + {bb:.1f} = **{fb + bb:.1f}** ({fl:.0f} + {bl:.0f})", f"{float(e['saved_bytes']):.1f}", fb + bb
 
-    for block in BLOCKS:
+    for block in blocks:
         ours, theirs = table.get((block, "snnorm")), table.get((block, "spikingjelly"))
         if ours is None:
             continue
@@ -337,7 +337,7 @@ def section(results_dir: Path) -> list[str]:
     path = Path(results_dir) / CSV_NAME
     if not path.exists():
         return []
-    shape = next(iter(_read(path).values()))["shape"]
+    shape = next(iter(read_rows(path).values()))["shape"]
     return [
         "## Side by side with spikingjelly 2.0.0 (counted under the Triton interpreter)",
         "",

@@ -17,7 +17,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf import tools  # noqa: E402
-from perf import compare, sync_volume  # noqa: E402
+from perf import compare, sync_volume, transformer  # noqa: E402
 from perf.bench_tab import QUADRATIC  # noqa: E402
 from perf.tools import traffic  # noqa: E402
 
@@ -374,6 +374,7 @@ def main(argv=None) -> Path:
         lines += device_section(slug, rows, results_dir, rel_root)
     lines += traffic.section(results_dir)  # device-independent: counted under the interpreter
     lines += compare.section(results_dir)
+    lines += transformer.section(results_dir)
     lines += sync_volume.section(results_dir)
     lines += compile_section(results_dir / "compile")
     out.write_text("\n".join(lines) + "\n")
