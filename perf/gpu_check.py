@@ -4,26 +4,33 @@ On a CUDA machine with no network (torch 2.11, triton 3.6, python 3.12; spikingj
 if carried as a wheel, see perf/README.md), from the working tree:
 
 1. the triton tests on CUDA (tests/devices.py picks the GPU) with the bounded hypothesis
-   profile "gpu-quick", as a pytest subprocess with a 180 s timeout -> ``tests.log``;
-2. the core benchmark points against the torch backend, ``torch.compile`` of it,
+   profile "gpu-quick", as a pytest subprocess with a 180 s timeout -> ``tests.log`` and
+   ``tests.xml`` (junit; at the timeout pytest is interrupted, not killed, so both keep what ran);
+2. the probes of what only a GPU confirms (:mod:`perf.gpu_probes`: CUDA-graph capture and replay
+   of every op, grids past CUDA's axis limits, a strided fp16 run past 2³¹ elements, a second
+   device, synchronised norms on a one-rank nccl group), 90 s -> ``probes.csv``, a row per probe
+   as it finishes;
+3. the core benchmark points against the torch backend, ``torch.compile`` of it,
    spikingjelly (when importable) and a same-size device copy, through perf/tools/runner.py:
    MPBN-LIF train fwd(+bwd), eval, folded and TEBN train fwd(+bwd), eval (then TAB, against
    the official O(T²) algorithm, in the time left) at
    (T=4, N=64, C=128, 32×32), (T=4, N=128, C=256, 8×8), (T=8, N=32, C=64, 56×56), fp32 and
    bf16 -> ``bench.csv`` (torch.compile at the first fp32 point only: inductor needs 10-60 s per
    shape and mode); points left when the time budget runs out are recorded as skipped;
-3. the compile-check summary (perf/compile_check.py, CI grid, all cores, 60 s timeout) ->
+4. the compile-check summary (perf/compile_check.py, CI grid, all cores, 60 s timeout) ->
    ``compile.log`` and ``compile/compile_ci_triton<version>.csv`` (run before the benchmarks);
-4. a short table, printed last -> ``summary.txt``; everything also goes to ``gpu_check.log``.
+5. a short table, printed last -> ``summary.txt``; everything also goes to ``gpu_check.log``.
 
 At most 8 files are written to OUTDIR. ``--dry`` runs the same code on tiny shapes, on the
-CPU through the Triton interpreter, with two tests (tests/test_gpu_check.py runs it in CI).
+CPU through the Triton interpreter, with two tests and the probes (what needs CUDA is a
+skipped row; tests/test_gpu_check.py runs it in CI).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,8 +44,12 @@ SHAPES = [(4, 64, 128, 32, 32), (4, 128, 256, 8, 8), (8, 32, 64, 56, 56)]
 DTYPES = ("fp32", "bf16")
 DRY_SHAPES = [(2, 2, 4, 4, 4)]
 COMPILE_NOTE = "gpu_check compiles at the first fp32 point only (time budget); perf.bench_* --full compiles every point"
+#: every file that launches kernels, the near-threshold draw and the NaN-poison pass included
 TEST_FILES = [
-    "tests/test_triton_mpbn_lif.py", "tests/test_triton_tebn.py", "tests/test_triton_bn.py", "tests/test_fusion.py",
+    "tests/test_triton_mpbn_lif.py", "tests/test_triton_mpbn_lif_paths.py", "tests/test_triton_tebn.py",
+    "tests/test_triton_bn.py", "tests/test_triton_tab.py", "tests/test_triton_row_norm.py", "tests/test_fusion.py",
+    "tests/test_layouts.py", "tests/test_near_threshold.py", "tests/test_poison.py", "tests/test_exact_threshold.py",
+    "tests/test_gpu_readiness.py",
     "tests/test_backend_agreement.py", "tests/test_sync_pipeline.py", "tests/test_sync_mpbn.py",
     "tests/test_layer_tebn_backends.py", "tests/test_compile.py::test_every_layer_compiles_fullgraph_train_and_eval[triton]",
     "tests/test_autocast.py::test_triton_backend_under_autocast",
@@ -72,13 +83,20 @@ def run_tests(out: Path, log: Log, dry: bool, timeout_s: int) -> str:
     else:
         env["SNNORM_HYPOTHESIS_PROFILE"] = "gpu-quick"
         targets = TEST_FILES
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x" if dry else "-rf", *targets]
+    targets = [t for t in targets if (ROOT / t.split("::")[0]).exists()]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x" if dry else "-rf",
+           f"--junitxml={out / 'tests.xml'}", *targets]
     log(f"tests: {' '.join(cmd[3:])} (timeout {timeout_s}s)")
     with open(out / "tests.log", "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:  # SIGINT: pytest stops, reports and writes the junit XML
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             rc = "timeout"
     lines = (out / "tests.log").read_text().strip().splitlines()
     summary = next((ln for ln in reversed(lines) if " passed" in ln or " failed" in ln or " error" in ln), "no summary")
@@ -173,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry", action="store_true", help="tiny shapes on CPU through the interpreter, two tests (CI)")
     p.add_argument("--budget-s", type=float, default=450.0, help="total wall-clock budget (default 7.5 min)")
     p.add_argument("--tests-timeout-s", type=int, default=180)
-    p.add_argument("--skip", default="", help="comma list of parts to leave out: tests,bench,compile")
+    p.add_argument("--skip", default="", help="comma list of parts to leave out: tests,probes,bench,compile")
     args = p.parse_args(argv)
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,15 +207,23 @@ def main(argv=None) -> int:
         log("no CUDA device: run with --dry on a CPU machine")
         return 2
     tests = run_tests(out, log, args.dry, 120 if args.dry else args.tests_timeout_s) if "tests" not in skip else "skipped"
+    probes_line, probes_failed = "skipped", 0
+    if "probes" not in skip:
+        from perf import gpu_probes
+
+        probes = gpu_probes.run(out, log, args.dry, deadline_s=log.elapsed() + 90)
+        probes_failed = probes.failures
+        probes_line = f"{len(probes.rows)} probes, {probes_failed} failed"
     compile_line = "skipped"
     if not args.dry and "compile" not in skip:
         compile_line = run_compile_check(out, log, timeout_s=60)
     rows = run_benchmarks(out, log, args.dry, deadline_s=args.budget_s - 20) if "bench" not in skip else []
-    text = table(rows) + f"\n\ntests: {tests}\ncompile check: {compile_line}\nwall: {log.elapsed():.0f}s\n"
+    text = table(rows) + f"\n\ntests: {tests}\nprobes: {probes_line}\ncompile check: {compile_line}\nwall: {log.elapsed():.0f}s\n"
     (out / "summary.txt").write_text(text)
     log("done; summary follows")
     print(text)
-    return 0 if tests.startswith("rc=0") or tests == "skipped" else 1
+    tests_ok = tests.startswith("rc=0") or tests == "skipped"
+    return 0 if tests_ok and probes_failed == 0 else 1
 
 
 if __name__ == "__main__":

@@ -31,3 +31,17 @@ def test_gpu_check_dry_run(tmp_path):
     # the short table comes last, after the log lines
     tail = out.stdout.strip().splitlines()
     assert any(line.startswith("kernel") for line in tail[-30:]) and tail[-1].startswith("wall:")
+
+
+@pytest.mark.slow
+def test_gpu_probes_dry_run_every_probe(tmp_path):
+    """The probes run on the CPU at tiny shapes: each either passes or says it needs CUDA."""
+    from perf import gpu_probes
+
+    probes = gpu_probes.run(tmp_path, log=lambda line: None, dry=True, deadline_s=600)
+    with open(tmp_path / "probes.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows == probes.rows and probes.failures == 0, [r for r in rows if r["status"] == "FAIL"]
+    assert {r["probe"] for r in rows} == {"graph", "grid", "index64", "device", "nccl"}
+    skipped = {r["probe"] for r in rows if r["status"] == "skipped"}
+    assert skipped == {"graph", "device"}, rows  # what needs CUDA, and nothing else
