@@ -22,7 +22,7 @@ from devices import DEVICE
 from hypothesis import given
 from hypothesis import strategies as st
 from test_fusion import NEURON_OPTIONS, assert_matches, make_neuron, run
-from tolerances import NORM_NEURON_FUSED
+from tolerances import MODULE_MAX_FLIP_SHARE, NORM_NEURON_FUSED
 
 from perf.tools import saved_tensor_bytes
 from snnorm import functional, layer, neuron, surrogate
@@ -244,7 +244,7 @@ def test_fused_triton_block_saves_x_and_per_row_values_only(T):
     saved = saved_tensor_bytes(lambda: net(x), exclude=[*net.parameters(), *net.buffers()])["new"]
     elems = x.numel()
     checkpoints = (math.ceil(T / 16) - 1) * elems // T * 4
-    assert saved <= 4 * elems + checkpoints + 4 * 8 * T * rows, saved
+    assert saved <= 4 * elems + checkpoints + 4 * 8 * T * rows, saved  # up to 4 fp64 values per row and step
 
 
 # ----------------------------------------------------- state functions, copies, compile: both backends
@@ -270,7 +270,10 @@ def test_reset_step_mode_and_deepcopy_mid_sequence(backend, kind):
     assert net[0].step_mode == "s" and not fused_block(net[0]).fused_kernel_applies()
     functional.reset_net(net)
     steps = torch.stack([net(x[t]) for t in range(4)])
-    assert torch.equal(steps, whole) if backend == "torch" else (steps != whole).float().mean() <= 0.01
+    if backend == "torch":
+        assert torch.equal(steps, whole)
+    else:  # the torch composition step by step against the fused op: spikes within rounding of V_th
+        assert (steps != whole).float().mean().item() <= MODULE_MAX_FLIP_SHARE
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
