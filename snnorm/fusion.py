@@ -31,8 +31,8 @@ charges, fires and resets the neuron (:func:`snnorm.backends.triton_backend.norm
 for a LayerNorm/RMSNorm one kernel that computes each row's statistics, normalises and runs
 the neuron (``row_norm_lif``): spikes and the final membrane are all it writes, and backward
 recomputes the neuron from x instead of saving h. Each kind of norm is one entry of
-:data:`_KINDS` (whether the kernel applies to it, and the fused call). Hooks registered on the norm run around the whole block;
-hooks on the neuron see the spikes pass.
+:data:`_KINDS` (whether the kernel applies to it, and the fused call). Hooks registered on
+the norm run around the whole block; hooks on the neuron see the spikes pass.
 """
 
 from __future__ import annotations
