@@ -2,7 +2,8 @@
 
 Drop-in replacements for spikingjelly's ``activation_based`` normalization layers
 (multi-step BatchNorm, tdBN, TEBN, BNTT, NeuNorm, GroupNorm, weight-standardized
-conv/linear) and the MPBN LIF neuron, with a reference ``torch`` backend and fused
+conv/linear) and the MPBN LIF neuron, plus the per-token LayerNorm and RMSNorm of spiking
+transformers, with a reference ``torch`` backend and fused
 Triton kernels behind ``snnorm.functional.set_backend(net, "triton")``.
 """
 

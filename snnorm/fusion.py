@@ -2,7 +2,8 @@
 
 :func:`fuse_norm_neurons` finds each batch-statistics norm (multi-step BatchNorm1d/2d/3d,
 tdBN, TEBN, BNTT in spikingjelly's and snntorch's layouts, TAB, and a torch BatchNorm at
-the end of a ``SeqToANNContainer``) whose output feeds an IF/LIF neuron and nothing else
+the end of a ``SeqToANNContainer``) and each per-token norm of a spiking transformer
+(snnorm's ``LayerNorm`` and ``RMSNorm``) whose output feeds an IF/LIF neuron and nothing else
 (read by torch.fx, or by one run of an example input: :func:`fusion_report` says what was
 found and why a pair stays apart), and marks the pair *in place*: both modules stay where
 they are, with their types, parameters, buffers and memories, and one :class:`FusedBlock`
@@ -26,10 +27,12 @@ What a fused block computes is what the pair computes: on the torch backend (or 
 step mode, a backend or an option the fused kernel lacks is in force) it runs the
 composition ``neuron(norm(x))`` of the classes' own forwards, which is the reference. On
 the triton backend, multi-step, it runs one statistics pipeline whose apply stage
-charges, fires and resets the neuron (:func:`snnorm.backends.triton_backend.norm_lif`):
-spikes and the final membrane are all it writes, and backward recomputes the neuron
-from x instead of saving h. Hooks registered on the norm run around the whole block;
-hooks on the neuron see the spikes pass.
+charges, fires and resets the neuron (:func:`snnorm.backends.triton_backend.norm_lif`), or
+for a LayerNorm/RMSNorm one kernel that computes each row's statistics, normalises and runs
+the neuron (``row_norm_lif``): spikes and the final membrane are all it writes, and backward
+recomputes the neuron from x instead of saving h. Each kind of norm is one entry of
+:data:`_KINDS` (whether the kernel applies to it, and the fused call). Hooks registered on
+the norm run around the whole block; hooks on the neuron see the spikes pass.
 """
 
 from __future__ import annotations
@@ -57,10 +60,12 @@ __all__ = [
 
 
 def fusable_norm(module: nn.Module) -> bool:
-    """A batch-statistics norm the statistics pipeline runs: it gives a
-    :class:`snnorm._bn_state.NormPlan` for a sequence (``statistics_plan``), or it is a
-    ``SeqToANNContainer`` that ends in a BatchNorm (:func:`container_batch_norm`)."""
-    return callable(getattr(module, "statistics_plan", None)) or container_batch_norm(module) is not None
+    """A norm a fused block runs (:data:`_KINDS`): a batch-statistics norm the statistics
+    pipeline runs (it gives a :class:`snnorm._bn_state.NormPlan` for a sequence,
+    ``statistics_plan``, or it is a ``SeqToANNContainer`` that ends in a BatchNorm,
+    :func:`container_batch_norm`), or a per-token norm (``LayerNorm``, ``RMSNorm``: it gives a
+    :class:`snnorm.layer.token_norms.RowNormPlan`, ``row_norm_plan``)."""
+    return _kind_of(module) is not None
 
 
 # -- a BatchNorm in a SeqToANNContainer ----------------------------------------------------------
@@ -114,75 +119,30 @@ def _neuron_problem(module: nn.Module) -> Optional[str]:
     return None
 
 
-# -- the block: the pair's two forwards ----------------------------------------------------------
+# -- the kinds of norm: whether the fused kernel applies to the norm as it stands, and the fused call --
 
 
-class FusedBlock:
-    """A fused norm → neuron pair, ``s = neuron(norm(x))`` as one block.
+class _StatisticsNorm:
+    """A batch-statistics norm: one statistics pipeline whose apply stage is the neuron
+    (:func:`snnorm.backends.triton_backend.norm_lif`)."""
 
-    Not a module: it is reached only through the instance-level ``forward`` it installs
-    on the norm (:meth:`run`) and on the neuron (:meth:`pass_on`), so it adds no name
-    to the network. Runs the fused kernel when both modules are multi-step on the
-    triton backend and the neuron's options have a kernel; otherwise the composition
-    (exact: the two classes' own forwards, called in order). Running statistics are
-    updated once either way.
-    """
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return callable(getattr(module, "statistics_plan", None)) or container_batch_norm(module) is not None
 
-    def __init__(self, norm: nn.Module, neuron: nn.Module) -> None:
-        self.norm = norm
-        self.neuron = neuron
-        self._pending: Optional[torch.Tensor] = None  # the spikes run() made, until pass_on takes them
-
-    def __getstate__(self) -> dict:
-        """deepcopy / pickling: the pending spikes are a transient of one call (and may
-        carry autograd history, which deepcopy refuses), so a copy starts without them."""
-        state = self.__dict__.copy()
-        state["_pending"] = None
-        return state
-
-    def fused_kernel_applies(self) -> bool:
-        """Whether a call runs the fused triton op now (else the composition): both modules
-        multi-step on the triton backend, the neuron's surrogate has a kernel and it keeps
-        no per-step membrane, and the norm is one the pipeline runs as it stands (a BNTT
-        whose steps all have the same ε). A norm synchronised across ranks stays fused: its
-        statistics gather in the op."""
-        norm, neuron = self.norm, self.neuron
-        if neuron.step_mode != "m" or neuron.backend != "triton" or neuron.store_v_seq:
-            return False
-        folded = container_batch_norm(norm)  # a container runs multi-step; its BN follows the neuron's backend
+    @staticmethod
+    def kernel_applies(norm: nn.Module) -> bool:
+        """Multi-step on the triton backend (a container runs multi-step; its BN follows the
+        neuron's backend), and one the pipeline runs as it stands (a BNTT whose steps all have
+        the same ε). A norm synchronised across ranks stays fused: its statistics gather in the op."""
+        folded = container_batch_norm(norm)
         if folded is None and not (norm.step_mode == "m" and norm.backend == "triton"):
             return False
         bns = (folded,) if folded is not None else norm._bns() if hasattr(norm, "_bns") else (norm,)
-        if len({float(bn.eps) for bn in bns}) > 1:
-            return False
-        return neuron.ops.norm_lif_kernel(neuron.lif_parameters) is not None
+        return len({float(bn.eps) for bn in bns}) == 1
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The norm's ``forward`` while fused: the neuron's spikes of ``norm(x)``."""
-        norm, neuron = self.norm, self.neuron
-        if self.fused_kernel_applies():
-            spikes = self._fused(x)
-        else:
-            spikes = type(neuron).forward(neuron, type(norm).forward(norm, x))
-        self._pending = spikes
-        return spikes
-
-    def pass_on(self, spikes: torch.Tensor) -> torch.Tensor:
-        """The neuron's ``forward`` while fused: the spikes its norm just made.
-
-        :raises RuntimeError: ``spikes`` is not the tensor the fused norm returned last.
-        """
-        pending, self._pending = self._pending, None
-        if spikes is not pending:
-            raise RuntimeError(
-                f"{type(self.neuron).__name__} is fused with the {type(self.norm).__name__} before it "
-                "(fuse_norm_neurons), but was called on a tensor that norm did not just produce; call "
-                "snnorm.functional.unfuse_norm_neurons(net) to run the modules apart"
-            )
-        return spikes
-
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        norm, neuron = self.norm, self.neuron
+    @staticmethod
+    def fused(norm: nn.Module, neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # every check before any state moves: the neuron's and the norm's (its plan counts the batch on commit)
         folded = container_batch_norm(norm)
         if folded is not None:  # the container's other (stateless) modules first, T folded into the batch
@@ -200,6 +160,109 @@ class FusedBlock:
         )
         if plan.commit is not None:
             plan.commit()
+        return spikes
+
+
+class _RowNorm:
+    """A per-token norm (LayerNorm, RMSNorm): each row's statistics in the kernel, per step, no
+    state (:func:`snnorm.backends.triton_backend.row_norm_lif`)."""
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return callable(getattr(module, "row_norm_plan", None))
+
+    @staticmethod
+    def kernel_applies(norm: nn.Module) -> bool:
+        """On the triton backend, in either step mode: a row's statistics are its own, so the
+        norm computes the same per step, and the input is the neuron's ``[T, N, ...]`` sequence."""
+        return norm.backend == "triton"
+
+    @staticmethod
+    def fused(norm: nn.Module, neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        plan = norm.row_norm_plan(x)  # every check first (a row norm holds no state to move)
+        neuron._check_input(x, multi_step=True)
+        v = neuron.v if not isinstance(neuron.v, torch.Tensor) else plan.rows(neuron._initial_membrane(x[0]))
+        spikes, v_out = neuron.ops.row_norm_lif(
+            plan.rows(x), v, plan.weight, plan.bias, eps=plan.eps, rms=plan.rms, threshold=neuron.v_threshold,
+            neuron=neuron.lif_parameters,
+        )
+        neuron.v = plan.unrows(v_out)
+        return plan.unrows(spikes)
+
+
+#: the kinds of norm a block fuses, each with ``matches``, ``kernel_applies`` and ``fused``
+_KINDS = (_StatisticsNorm, _RowNorm)
+
+
+def _kind_of(module: Optional[nn.Module]):
+    """The entry of :data:`_KINDS` that runs ``module``; None when it is no norm a block fuses."""
+    return next((kind for kind in _KINDS if module is not None and kind.matches(module)), None)
+
+
+# -- the block: the pair's two forwards ----------------------------------------------------------
+
+
+class FusedBlock:
+    """A fused norm → neuron pair, ``s = neuron(norm(x))`` as one block.
+
+    Not a module: it is reached only through the instance-level ``forward`` it installs
+    on the norm (:meth:`run`) and on the neuron (:meth:`pass_on`), so it adds no name
+    to the network. Runs the fused kernel when the neuron is multi-step on the triton
+    backend with options the kernel has, and the norm is as its kind needs
+    (:meth:`fused_kernel_applies`); otherwise the composition (exact: the two classes' own
+    forwards, called in order). Running statistics are updated once either way.
+    """
+
+    def __init__(self, norm: nn.Module, neuron: nn.Module) -> None:
+        self.norm = norm
+        self.neuron = neuron
+        self._pending: Optional[torch.Tensor] = None  # the spikes run() made, until pass_on takes them
+
+    def __getstate__(self) -> dict:
+        """deepcopy / pickling: the pending spikes are a transient of one call (and may
+        carry autograd history, which deepcopy refuses), so a copy starts without them."""
+        state = self.__dict__.copy()
+        state["_pending"] = None
+        return state
+
+    @property
+    def kind(self):
+        """How the fused op runs this block's norm: its entry of :data:`_KINDS`."""
+        return _kind_of(self.norm)
+
+    def fused_kernel_applies(self) -> bool:
+        """Whether a call runs the fused triton op now (else the composition): the neuron
+        multi-step on the triton backend, with a kernel for its surrogate and no per-step
+        membrane kept, and the norm as its kind needs (``kernel_applies`` of :data:`_KINDS`)."""
+        neuron = self.neuron
+        if neuron.step_mode != "m" or neuron.backend != "triton" or neuron.store_v_seq:
+            return False
+        if not self.kind.kernel_applies(self.norm):
+            return False
+        return neuron.ops.norm_lif_kernel(neuron.lif_parameters) is not None
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm's ``forward`` while fused: the neuron's spikes of ``norm(x)``."""
+        norm, neuron = self.norm, self.neuron
+        if self.fused_kernel_applies():
+            spikes = self.kind.fused(norm, neuron, x)
+        else:
+            spikes = type(neuron).forward(neuron, type(norm).forward(norm, x))
+        self._pending = spikes
+        return spikes
+
+    def pass_on(self, spikes: torch.Tensor) -> torch.Tensor:
+        """The neuron's ``forward`` while fused: the spikes its norm just made.
+
+        :raises RuntimeError: ``spikes`` is not the tensor the fused norm returned last.
+        """
+        pending, self._pending = self._pending, None
+        if spikes is not pending:
+            raise RuntimeError(
+                f"{type(self.neuron).__name__} is fused with the {type(self.norm).__name__} before it "
+                "(fuse_norm_neurons), but was called on a tensor that norm did not just produce; call "
+                "snnorm.functional.unfuse_norm_neurons(net) to run the modules apart"
+            )
         return spikes
 
     def __repr__(self) -> str:
@@ -375,8 +438,8 @@ def fusion_report(net: nn.Module, example_input: Any = None) -> FusionReport:
 
 
 def fuse_norm_neurons(net: nn.Module, example_input: Any = None) -> nn.Module:
-    """Pair every batch-statistics norm with the IF/LIF neuron that alone consumes its
-    output, in place (module docstring), and return ``net``. Every parameter, buffer and
+    """Pair every batch-statistics norm, LayerNorm and RMSNorm with the IF/LIF neuron that alone
+    consumes its output, in place (module docstring), and return ``net``. Every parameter, buffer and
     module keeps its name and object.
 
     Pairs are found in the graph torch.fx traces (step modules are leaves; a forward it cannot

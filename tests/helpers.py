@@ -94,6 +94,10 @@ NORM_CASES = [
          backends=BOTH),
     Case("BatchNormTT2d-s", lambda: layer.BatchNormTT2d(C, T), (N, C, H, W), multi_step=False),
     Case("GroupNorm-m", lambda: layer.GroupNorm(2, C, step_mode="m"), (T, N, C, H, W)),
+    Case("LayerNorm-m", lambda: layer.LayerNorm(C, step_mode="m"), (T, N, 5, C), backends=BOTH),
+    Case("LayerNorm-2d-s", lambda: layer.LayerNorm((H, W), bias=False), (N, C, H, W), multi_step=False),
+    Case("RMSNorm-m", lambda: layer.RMSNorm(C, eps=1e-6, step_mode="m"), (T, N, C), backends=BOTH),
+    Case("RMSNorm-s", lambda: layer.RMSNorm(C), (N, 5, C), multi_step=False),  # eps=None: torch's default
     Case("NeuNorm-m", lambda: layer.NeuNorm(C, H, W, step_mode="m"), (T, N, C, H, W)),
     Case("NeuNorm-s", lambda: layer.NeuNorm(C, H, W), (N, C, H, W), multi_step=False),
     Case("WSConv2d-m", lambda: layer.WSConv2d(C, C, 3, padding=1, step_mode="m"), (T, N, C, H, W)),

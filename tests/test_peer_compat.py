@@ -108,7 +108,8 @@ def _eps_modules(module: nn.Module):
     return [m for m in module.modules() if isinstance(getattr(m, "eps", None), float)]
 
 
-TRITON_CASES = [case for case in NORM_CASES if "triton" in case.backends and _eps_modules(case.make())]
+TRITON_CASES = [case for case in NORM_CASES if "triton" in case.backends and _eps_modules(case.make())
+                and not isinstance(case.make(), (layer.LayerNorm, layer.RMSNorm))]  # no running statistics: eps > 0
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.name)

@@ -425,7 +425,7 @@ def synced_norm(
 def load_ops():
     return {
         "lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn, "tab": tab,
-        "batch_norm_seq": batch_norm_seq, "bntt": bntt,
+        "batch_norm_seq": batch_norm_seq, "bntt": bntt, "row_norm": row_norm,
     }
 
 
@@ -511,3 +511,30 @@ def bntt(
             F.batch_norm(x, running_means[t], running_vars[t], weights[t], None, use_batch_stats, momentum[t], eps[t])
         )
     return torch.stack(ys)
+
+
+# ----------------------------------------------------------------------------------
+# per-token norms of spiking transformers (no batch statistics)
+# ----------------------------------------------------------------------------------
+
+
+def row_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *, eps: float, rms: bool
+) -> torch.Tensor:
+    r"""LayerNorm or RMSNorm of every row of ``x`` ``[..., D]`` over its last dim:
+
+    .. math::
+        \text{LayerNorm:}\ y = γ \frac{x − \mathrm{mean}_D(x)}{\sqrt{\mathrm{var}_D(x) + ε}} + β
+        \qquad \text{RMSNorm (rms):}\ y = γ \frac{x}{\sqrt{\mathrm{mean}_D(x^2) + ε}}
+
+    (Ba, Kiros & Hinton, "Layer Normalization", 2016; Zhang & Sennrich, "Root Mean Square Layer
+    Normalization", NeurIPS 2019), var_D biased; γ, β ``[D]`` or None (RMSNorm: ``bias`` None).
+    ``F.layer_norm`` / ``F.rms_norm``. A float16/bfloat16 ``x`` with float32 γ (mixed precision)
+    is computed in float32 and rounded once to x's dtype: what torch's modules compute, upcast
+    here because ``F.rms_norm`` warns on mixed dtypes (it cannot use its fused path).
+    """
+    shape = (x.shape[-1],)
+    mixed = weight is not None and weight.dtype != x.dtype
+    xc = x.to(weight.dtype) if mixed else x
+    y = F.rms_norm(xc, shape, weight, eps) if rms else F.layer_norm(xc, shape, weight, bias, eps)
+    return y.to(x.dtype)

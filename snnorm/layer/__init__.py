@@ -2,7 +2,8 @@
 
 A drop-in replacement for ``spikingjelly.activation_based.layer`` (2.0.0 constructor
 arguments and defaults, ``state_dict`` interchangeable), plus snntorch's
-``BatchNormTT1d/2d``. Porting means changing the import::
+``BatchNormTT1d/2d`` and the per-token norms of spiking transformers (``LayerNorm``,
+``RMSNorm``: torch's, with step modes and a triton backend). Porting means changing the import::
 
     from spikingjelly.activation_based import layer   ->   from snnorm import layer
 
@@ -17,6 +18,9 @@ from . import batch_norm, containers
 from .batch_norm import *  # noqa: F401,F403  (names listed in batch_norm.__all__)
 from .containers import *  # noqa: F401,F403  (names listed in containers.__all__)
 from .norms import GroupNorm, NeuNorm
+from .token_norms import LayerNorm, RMSNorm
 from .weight_standardization import WSConv2d, WSLinear
 
-__all__ = [*containers.__all__, *batch_norm.__all__, "GroupNorm", "NeuNorm", "WSConv2d", "WSLinear"]
+__all__ = [
+    *containers.__all__, *batch_norm.__all__, "GroupNorm", "NeuNorm", "LayerNorm", "RMSNorm", "WSConv2d", "WSLinear",
+]
