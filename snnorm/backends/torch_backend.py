@@ -425,8 +425,15 @@ def synced_norm(
 def load_ops():
     return {
         "lif": lif, "mpbn_lif": mpbn_lif, "mpbn_lif_folded": mpbn_lif_folded, "tebn": tebn, "tab": tab,
-        "batch_norm_seq": batch_norm_seq, "bntt": bntt,
+        "batch_norm_seq": batch_norm_seq, "bntt": bntt, "row_norm": row_norm,
     }
+
+
+def row_norm(x: torch.Tensor, weight, bias, *, eps: float, rms: bool) -> torch.Tensor:
+    """LayerNorm (``rms=False``) or RMSNorm of x over its last dimension (torch's own functions)."""
+    if rms:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 # ----------------------------------------------------------------------------------

@@ -400,5 +400,4 @@ def launch_row_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Opti
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
         num_warps=cfg.num_warps, enable_fp_fusion=False,
     )
-    sums = part.sum(dim=1)
-    return dx.to(x.dtype), sums[0], sums[1]
+    return dx.to(x.dtype), part[0].sum(dim=0), part[1].sum(dim=0)  # two tensors: an op's outputs may not alias

@@ -271,8 +271,9 @@ def launch_row_norm_lif_forward(
     dtype = out_dtype(x, v0)
     spikes = torch.empty(x.shape, dtype=store_dtype(dtype), device=x.device)
     v_out = torch.empty(x.shape[1:], dtype=store_dtype(dtype), device=x.device)
-    mean = torch.zeros((T, R), dtype=acc, device=x.device)
-    rstd = torch.zeros((T, R), dtype=acc, device=x.device)
+    alloc = torch.empty if x.numel() else torch.zeros  # the kernel writes every (t, row)
+    mean = alloc((T, R), dtype=acc, device=x.device)
+    rstd = alloc((T, R), dtype=acc, device=x.device)
     n_ckpt = checkpoint_count(T, D, x.device.type, save)
     ckpt = torch.empty((n_ckpt, R, D), dtype=acc, device=x.device)
     if x.numel() == 0:
@@ -338,5 +339,4 @@ def launch_row_norm_lif_backward(
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
         num_warps=cfg.num_warps, enable_fp_fusion=False,
     )
-    sums = part.sum(dim=1)
-    return dx.to(x.dtype), gv0, sums[0], sums[1]
+    return dx.to(x.dtype), gv0, part[0].sum(dim=0), part[1].sum(dim=0)  # two tensors: an op's outputs may not alias
