@@ -21,9 +21,11 @@ Statistics are two-pass in registers (exact), accumulated in fp32 (fp64 for fp64
 recomputes a reduction over x. fp32 bytes per element: forward 8 (x, y), backward 12
 (x, ∂y, ∂x), plus 8/D for (μ, rstd).
 
-**Wide rows** (D > :data:`MAX_D`): the ``_wide`` kernels loop over the row in chunks of
-:data:`WIDE_CHUNK` (forward: a pass for μ, one for σ², one to normalise; backward: one for
-the two row sums, one for ∂x), rereading x from memory: correct at any D, slower.
+**Wide rows** (D > :func:`one_pass_max_d`: :data:`MAX_D` = 8192 under the interpreter,
+:data:`GPU_MAX_D` on a GPU, where a wider row does not fit the registers of one CTA without
+spilling): the ``_wide`` kernels loop over the row in chunks of :data:`WIDE_CHUNK` (forward: a
+pass for μ, one for σ², one to normalise; backward: one for the two row sums, one for ∂x),
+rereading x from memory: correct at any D, slower.
 
 x is read through its strides (any ``[R, D]`` view: sliced, transposed, expanded) when the
 leading dimensions merge into rows, else from one copy (:func:`rows_view`); outputs are
@@ -45,12 +47,20 @@ from . import _device as dev
 from ._common import acc_dtype, acc_torch_dtype, check_channel_args, device_props, launcher, next_pow2, store_dtype
 
 __all__ = [
-    "MAX_D", "WIDE_CHUNK", "RowConfig", "row_config", "rows_view", "split_scalar", "check_row_args",
+    "MAX_D", "GPU_MAX_D", "GPU_FUSED_MAX_D", "WIDE_CHUNK", "one_pass_max_d", "RowConfig", "row_config", "rows_view", "split_scalar", "check_row_args",
     "launch_row_norm_forward", "launch_row_norm_backward",
 ]
 
 #: the widest row kept whole in registers (one pass); wider rows take the looped ``_wide`` path
 MAX_D = 8192
+#: ... on a GPU: the plain backward holds x, ∂y, x̂, γ·∂y, γ and two column-partial rows, 8 a
+#: thread each at 4096 on 16 warps; at 8192 (16 a thread) ptxas spilled 16–68 B (sm_80/sm_90,
+#: triton 3.9), so wider rows loop
+GPU_MAX_D = 4096
+#: ... for the fused norm → LIF kernels (row_norm_lif.py): their backward keeps the h and x̂
+#: segment tiles besides; at 2048 (4 a thread, 16 warps) ≤ 128 registers without spills, at
+#: 8192 (SEG = 1) it spilled 380–700 B. Wider rows run the row norm, then the LIF kernel
+GPU_FUSED_MAX_D = 2048
 #: the chunk of a wide row the ``_wide`` kernels hold at a time
 WIDE_CHUNK = 4096
 #: programs per SM of the persistent grid on a GPU
@@ -59,12 +69,13 @@ PROGRAMS_PER_SM = 4
 #: of up to this many elements, one program
 INTERPRETER_TILE = 1 << 14
 #: GPU tiles: BLOCK_D -> elements a thread holds of a [BLOCK_R, BLOCK_D] tile (rows ≤ 512 wide
-#: are stacked into a 512-element tile). num_warps = tile / (32 · this), at most 16; the fused
-#: backward keeps two [SEG, BLOCK_R, BLOCK_D] tiles of 32 // this values a thread each
+#: are stacked into a 512-element tile). num_warps = tile / (32 · this), at most 16 (a CTA's
+#: 512 threads: from D = 2048 a thread holds D / 512); the fused backward keeps two
+#: [SEG, BLOCK_R, BLOCK_D] tiles of 16 // this values a thread each
 #: (:func:`snnorm.kernels.row_norm_lif.segment_length`)
-GPU_PER_THREAD = {4096: 8, 8192: 16}
+GPU_PER_THREAD = {2048: 4, 4096: 8, 8192: 16}
 GPU_MIN_TILE = 512
-GPU_DEFAULT_PER_THREAD = 4
+GPU_DEFAULT_PER_THREAD = 2
 
 
 class RowConfig(NamedTuple):
@@ -76,18 +87,28 @@ class RowConfig(NamedTuple):
 
 
 def row_config(R: int, D: int, device: torch.device) -> RowConfig:
-    """The tile, warps and grid for R rows of D (D ≤ MAX_D: one tile per row block; wider: chunks)."""
-    block_d = next_pow2(min(D, WIDE_CHUNK) if D > MAX_D else D)
+    """The tile, warps and grid for R rows of D (one tile per row block up to
+    :func:`one_pass_max_d`; wider rows: chunks of WIDE_CHUNK)."""
+    wide = D > one_pass_max_d(device.type)
+    block_d = next_pow2(min(D, WIDE_CHUNK) if wide else D)
     n_rows = next_pow2(max(R, 1))
     if device.type != "cuda":
-        block_r = min(n_rows, max(1, INTERPRETER_TILE // block_d)) if D <= MAX_D else 1
+        block_r = min(n_rows, max(1, INTERPRETER_TILE // block_d)) if not wide else 1
         return RowConfig(block_r, block_d, 4, 0, 1)
-    block_r = min(n_rows, max(1, GPU_MIN_TILE // block_d)) if D <= MAX_D else 1
+    block_r = min(n_rows, max(1, GPU_MIN_TILE // block_d)) if not wide else 1
     per_thread = GPU_PER_THREAD.get(block_d, GPU_DEFAULT_PER_THREAD)
     warps = max(1, min(16, block_r * block_d // (32 * per_thread)))
     per_thread = max(1, block_r * block_d // (32 * warps))
     blocks = triton.cdiv(max(R, 1), block_r)
     return RowConfig(block_r, block_d, warps, per_thread, min(blocks, PROGRAMS_PER_SM * device_props(device).multi_processor_count))
+
+
+def one_pass_max_d(device_type: str, fused: bool = False) -> int:
+    """The widest row one tile holds: :data:`MAX_D` under the interpreter; on a GPU
+    :data:`GPU_MAX_D` (plain) or :data:`GPU_FUSED_MAX_D` (fused with a neuron), never above MAX_D."""
+    if device_type != "cuda":
+        return MAX_D
+    return min(MAX_D, GPU_FUSED_MAX_D if fused else GPU_MAX_D)
 
 
 def rows_view(t: torch.Tensor, lead: int) -> torch.Tensor:
@@ -265,7 +286,7 @@ def _row_norm_fwd_wide_kernel(
     pid = tl.program_id(0)
     eps = scalar(eps_hi, eps_lo, ACC_DTYPE)
     for blk in range(pid, tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
-        r, d, _, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)
+        r, d, first_mask, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)  # first chunk's mask: unused
         acc = tl.zeros([BLOCK_R], ACC_DTYPE)
         for c0 in range(0, D, BLOCK_D):  # Σ x (LayerNorm) or Σ x² (RMSNorm)
             mask = row_mask[:, None] & (c0 + d < D)
@@ -290,7 +311,7 @@ def _row_norm_fwd_wide_kernel(
             mask = row_mask[:, None] & (c0 + d < D)
             x = tl.load(x_ptr + r * sx_r + (c0 + d) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
             gamma, beta = load_affine_row(w_ptr, b_ptr, c0 + d, D, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
-            _, y = normalise(x, mean, rstd, gamma, beta, mask)
+            x_hat, y = normalise(x, mean, rstd, gamma, beta, mask)
             tl.store(y_ptr + r * D + c0 + d, y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + r, mean[:, None], mask=row_mask[:, None])
         tl.store(rstd_ptr + r, rstd[:, None], mask=row_mask[:, None])
@@ -306,7 +327,7 @@ def _row_norm_bwd_wide_kernel(
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     for blk in range(pid, tl.cdiv(R, BLOCK_R), P):
-        r, d, _, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)
+        r, d, first_mask, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)  # first chunk's mask: unused
         mean = tl.sum(tl.load(mean_ptr + r, mask=row_mask[:, None], other=0.0), axis=1)
         rstd = tl.sum(tl.load(rstd_ptr + r, mask=row_mask[:, None], other=0.0), axis=1)
         c1 = tl.zeros([BLOCK_R], ACC_DTYPE)
@@ -316,7 +337,7 @@ def _row_norm_bwd_wide_kernel(
             x = tl.load(x_ptr + r * sx_r + (c0 + d) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
             gy = tl.load(gy_ptr + r * sg_r + (c0 + d) * sg_d, mask=mask, other=0.0).to(ACC_DTYPE)
             gamma, beta = load_affine_row(w_ptr, w_ptr, c0 + d, D, HAS_WEIGHT, False, ACC_DTYPE)
-            x_hat, _ = normalise(x, mean, rstd, gamma, beta, mask)
+            x_hat, y_unused = normalise(x, mean, rstd, gamma, beta, mask)
             g = gy * gamma
             c1 += tl.sum(g, axis=1)
             c2 += tl.sum(g * x_hat, axis=1)
@@ -333,7 +354,7 @@ def _row_norm_bwd_wide_kernel(
                 x = tl.load(x_ptr + r * sx_r + (c0 + d) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
                 gy = tl.load(gy_ptr + r * sg_r + (c0 + d) * sg_d, mask=mask, other=0.0).to(ACC_DTYPE)
                 gamma, beta = load_affine_row(w_ptr, w_ptr, c0 + d, D, HAS_WEIGHT, False, ACC_DTYPE)
-                x_hat, _ = normalise(x, mean, rstd, gamma, beta, mask)
+                x_hat, y_unused = normalise(x, mean, rstd, gamma, beta, mask)
                 g = gy * gamma
                 if RMS:
                     dx = (g - x_hat * c2[:, None]) * rstd[:, None]
@@ -361,7 +382,7 @@ def launch_row_norm_forward(x: torch.Tensor, weight, bias, eps: float, rms: bool
     rstd = torch.empty(R, dtype=acc, device=x.device)
     if x.numel() > 0:
         cfg = row_config(R, D, x.device)
-        kernel = _row_norm_fwd_kernel if D <= MAX_D else _row_norm_fwd_wide_kernel
+        kernel = _row_norm_fwd_wide_kernel if D > one_pass_max_d(x.device.type) else _row_norm_fwd_kernel
         kernel[(cfg.programs,)](
             x2, weight, bias, y, mean, rstd, R, D, *x2.stride(), *split_scalar(eps),
             RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -391,7 +412,7 @@ def launch_row_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Opti
         z = torch.zeros(D, dtype=acc, device=x.device)
         return dx.to(x.dtype), z, z.clone()
     cfg = row_config(R, D, x.device)
-    wide = D > MAX_D
+    wide = D > one_pass_max_d(x.device.type)
     part = (torch.zeros if wide else torch.empty)((2, cfg.programs, D), dtype=acc, device=x.device)
     kernel = _row_norm_bwd_wide_kernel if wide else _row_norm_bwd_kernel
     kernel[(cfg.programs,)](

@@ -10,7 +10,7 @@ batch or time)::
 as in SpikeGPT (Zhu et al., 2023: LayerNorm before spiking neurons) and spiking LLMs (RMSNorm).
 
 **Forward** (:func:`_row_norm_lif_fwd_kernel`): a program owns ``[BLOCK_R, BLOCK_D]`` tiles
-(whole rows, D ≤ :data:`snnorm.kernels.row_norm.MAX_D`, read at call time) and, for each of its row blocks
+(whole rows, D ≤ :func:`snnorm.kernels.row_norm.one_pass_max_d`) and, for each of its row blocks
 (a persistent grid, as the plain row norm), runs all T steps with the membrane in registers:
 load x_t, the rows' μ_t and rstd_t in registers, normalise, charge, fire, reset, store the
 spikes. It writes only the spikes, the final membrane, μ_t and rstd_t per (t, row) and, for a
@@ -62,13 +62,14 @@ __all__ = ["MAX_SEGMENT", "segment_length", "launch_row_norm_lif_forward", "laun
 #: caps it at 32 values a thread per tile, :func:`segment_length`)
 MAX_SEGMENT = 16
 #: register values a thread gives each of the backward's two [SEG, BLOCK_R, BLOCK_D] tiles on a GPU
-GPU_SEGMENT_VALUES = 32
+GPU_SEGMENT_VALUES = 16
 
 
 def segment_length(T: int, D: int, device_type: str) -> int:
     """SEG, the steps between membrane checkpoints: T's power of two up to :data:`MAX_SEGMENT`;
-    on a GPU also ≤ 32 / (elements a thread holds of a row tile), so the backward's h and x̂
-    tiles stay at 32 registers a thread (D = 8192: SEG = 2)."""
+    on a GPU also ≤ 16 / (elements a thread holds of a row tile), so the backward's h and x̂
+    tiles stay at 16 registers a thread (D ≤ 1024: SEG ≤ 8; D = 8192: SEG = 1, a checkpoint
+    every step)."""
     seg = min(next_pow2(T), MAX_SEGMENT)
     if device_type == "cuda":
         per_thread = GPU_PER_THREAD.get(next_pow2(D), GPU_DEFAULT_PER_THREAD)
@@ -238,8 +239,9 @@ def _row_norm_lif_bwd_kernel(
 
 def _check(op: str, x: torch.Tensor, v0, weight, bias, rms: bool) -> None:
     check_row_args(op, x, weight, bias, rms, min_dim=2)
-    if x.shape[-1] > _rn.MAX_D:
-        raise ValueError(f"{op}: rows of D = {x.shape[-1]} > {_rn.MAX_D} do not fit one tile; "
+    limit = _rn.one_pass_max_d(x.device.type, fused=True)
+    if x.shape[-1] > limit:
+        raise ValueError(f"{op}: rows of D = {x.shape[-1]} > {limit} do not fit one tile; "
                          "normalise with the row norm op and run the neuron after it")
     if v0 is not None and tuple(v0.shape) != tuple(x.shape[1:]):
         raise ValueError(f"{op}: v0 must have shape {list(x.shape[1:])} (x_seq's without T), got {list(v0.shape)}")

@@ -58,7 +58,7 @@ if HAVE_TRITON:  # a machine without triton imports the package; load_ops says w
 
 
 def load_ops():
-    """The op table (:data:`snnorm.backends.OP_NAMES` and the fused ``norm_lif``); raises
+    """The op table (:data:`snnorm.backends.OP_NAMES` and the fused ``norm_lif``, ``row_norm_lif``); raises
     BackendUnavailableError (with the reason) where the backend cannot run."""
     require_triton()
     return {

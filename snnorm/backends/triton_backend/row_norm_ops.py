@@ -6,8 +6,9 @@ RMSNorm: y = γ·x/√(mean_D(x²) + ε). ``snnorm::row_norm`` gives y (x's dtyp
 ``F.layer_norm`` / ``F.rms_norm``) and saves the rows' μ, rstd for its backward;
 ``snnorm::row_norm_lif`` charges y into an IF/LIF neuron per step, h = charge(v, y_t),
 s = Θ(h − θ), v = reset(h, s), and gives only the spikes and the final membrane, equal to
-``torch_backend.lif(row_norm(x_seq), v, θ, neuron)``. Rows wider than
-:data:`snnorm.kernels.row_norm.MAX_D` take a second pass (``row_norm`` then the LIF op);
+``torch_backend.lif(row_norm(x_seq), v, θ, neuron)``. Rows wider than one tile
+(:func:`snnorm.kernels.row_norm.one_pass_max_d`: 8192 under the interpreter, 2048 on a GPU)
+take a second pass (``row_norm`` then the LIF op);
 a surrogate without a kernel runs the neuron on the torch backend (warned once).
 """
 
@@ -221,7 +222,7 @@ def row_norm_lif(
     lif_k = kernel_lif(neuron, "row_norm_lif")
     if lif_k is None:  # no kernel for the surrogate (warned once): the neuron on the torch backend
         return torch_backend.lif(row_norm(x_seq, weight, bias, eps=eps, rms=rms), v, threshold, neuron)
-    if x_seq.shape[-1] > _rn.MAX_D:  # wider than one tile: a second pass, the row norm then the neuron
+    if x_seq.shape[-1] > _rn.one_pass_max_d(x_seq.device.type, fused=True):  # wider than one tile: a second pass, the row norm then the neuron
         return triton_lif(row_norm(x_seq, weight, bias, eps=eps, rms=rms), v, threshold, neuron)
     save = wants_grad(x_seq, v0, weight, bias)
     spikes, v_out, *_ = row_norm_lif_op(
