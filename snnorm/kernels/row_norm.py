@@ -86,10 +86,10 @@ class RowConfig(NamedTuple):
     programs: int  # P, the persistent grid
 
 
-def row_config(R: int, D: int, device: torch.device) -> RowConfig:
+def row_config(R: int, D: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> RowConfig:
     """The tile, warps and grid for R rows of D (one tile per row block up to
     :func:`one_pass_max_d`; wider rows: chunks of WIDE_CHUNK)."""
-    wide = D > one_pass_max_d(device.type)
+    wide = D > one_pass_max_d(device.type, dtype=dtype)
     block_d = next_pow2(min(D, WIDE_CHUNK) if wide else D)
     n_rows = next_pow2(max(R, 1))
     if device.type != "cuda":
@@ -103,12 +103,14 @@ def row_config(R: int, D: int, device: torch.device) -> RowConfig:
     return RowConfig(block_r, block_d, warps, per_thread, min(blocks, PROGRAMS_PER_SM * device_props(device).multi_processor_count))
 
 
-def one_pass_max_d(device_type: str, fused: bool = False) -> int:
+def one_pass_max_d(device_type: str, fused: bool = False, dtype: Optional[torch.dtype] = None) -> int:
     """The widest row one tile holds: :data:`MAX_D` under the interpreter; on a GPU
-    :data:`GPU_MAX_D` (plain) or :data:`GPU_FUSED_MAX_D` (fused with a neuron), never above MAX_D."""
+    :data:`GPU_MAX_D` (plain) or :data:`GPU_FUSED_MAX_D` (fused with a neuron), halved for
+    fp64 (two registers a value: the fused backward spilled 44–330 B at 1024–2048), never above MAX_D."""
     if device_type != "cuda":
         return MAX_D
-    return min(MAX_D, GPU_FUSED_MAX_D if fused else GPU_MAX_D)
+    limit = GPU_FUSED_MAX_D if fused else GPU_MAX_D
+    return min(MAX_D, limit // 2 if dtype == torch.float64 else limit)
 
 
 def rows_view(t: torch.Tensor, lead: int) -> torch.Tensor:
@@ -381,8 +383,8 @@ def launch_row_norm_forward(x: torch.Tensor, weight, bias, eps: float, rms: bool
     mean = torch.empty(R, dtype=acc, device=x.device)
     rstd = torch.empty(R, dtype=acc, device=x.device)
     if x.numel() > 0:
-        cfg = row_config(R, D, x.device)
-        kernel = _row_norm_fwd_wide_kernel if D > one_pass_max_d(x.device.type) else _row_norm_fwd_kernel
+        cfg = row_config(R, D, x.device, x.dtype)
+        kernel = _row_norm_fwd_wide_kernel if D > one_pass_max_d(x.device.type, dtype=x.dtype) else _row_norm_fwd_kernel
         kernel[(cfg.programs,)](
             x2, weight, bias, y, mean, rstd, R, D, *x2.stride(), *split_scalar(eps),
             RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -411,8 +413,8 @@ def launch_row_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Opti
     if x.numel() == 0:
         z = torch.zeros(D, dtype=acc, device=x.device)
         return dx.to(x.dtype), z, z.clone()
-    cfg = row_config(R, D, x.device)
-    wide = D > one_pass_max_d(x.device.type)
+    cfg = row_config(R, D, x.device, x.dtype)
+    wide = D > one_pass_max_d(x.device.type, dtype=x.dtype)
     part = (torch.zeros if wide else torch.empty)((2, cfg.programs, D), dtype=acc, device=x.device)
     kernel = _row_norm_bwd_wide_kernel if wide else _row_norm_bwd_kernel
     kernel[(cfg.programs,)](

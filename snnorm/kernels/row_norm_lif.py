@@ -61,11 +61,14 @@ __all__ = ["MAX_SEGMENT", "segment_length", "launch_row_norm_lif_forward", "laun
 #: the longest segment the backward keeps in registers (under the interpreter; a GPU also
 #: caps it at 32 values a thread per tile, :func:`segment_length`)
 MAX_SEGMENT = 16
+#: the forward holds one row tile (no segment tiles): at most 8 warps. On 16 warps (D = 2048,
+#: fp32, RMSNorm, soft reset) ptxas spilled 8 B on sm_80 at 40 registers
+FWD_MAX_WARPS = 8
 #: register values a thread gives each of the backward's two [SEG, BLOCK_R, BLOCK_D] tiles on a GPU
 GPU_SEGMENT_VALUES = 16
 
 
-def segment_length(T: int, D: int, device_type: str) -> int:
+def segment_length(T: int, D: int, device_type: str, dtype: Optional[torch.dtype] = None) -> int:
     """SEG, the steps between membrane checkpoints: T's power of two up to :data:`MAX_SEGMENT`;
     on a GPU also ≤ 16 / (elements a thread holds of a row tile), so the backward's h and x̂
     tiles stay at 16 registers a thread (D ≤ 1024: SEG ≤ 8; D = 8192: SEG = 1, a checkpoint
@@ -73,13 +76,14 @@ def segment_length(T: int, D: int, device_type: str) -> int:
     seg = min(next_pow2(T), MAX_SEGMENT)
     if device_type == "cuda":
         per_thread = GPU_PER_THREAD.get(next_pow2(D), GPU_DEFAULT_PER_THREAD)
-        seg = min(seg, max(1, GPU_SEGMENT_VALUES // per_thread))
+        values = per_thread * (2 if dtype == torch.float64 else 1)  # fp64: two registers a value
+        seg = min(seg, max(1, GPU_SEGMENT_VALUES // values))
     return seg
 
 
-def checkpoint_count(T: int, D: int, device_type: str, save: bool) -> int:
+def checkpoint_count(T: int, D: int, device_type: str, save: bool, dtype: Optional[torch.dtype] = None) -> int:
     """Membrane checkpoints a forward keeps for its backward (after steps SEG, 2·SEG, … < T)."""
-    return triton.cdiv(T, segment_length(T, D, device_type)) - 1 if save and T > 0 else 0
+    return triton.cdiv(T, segment_length(T, D, device_type, dtype)) - 1 if save and T > 0 else 0
 
 
 @triton.jit
@@ -239,7 +243,7 @@ def _row_norm_lif_bwd_kernel(
 
 def _check(op: str, x: torch.Tensor, v0, weight, bias, rms: bool) -> None:
     check_row_args(op, x, weight, bias, rms, min_dim=2)
-    limit = _rn.one_pass_max_d(x.device.type, fused=True)
+    limit = _rn.one_pass_max_d(x.device.type, fused=True, dtype=x.dtype)
     if x.shape[-1] > limit:
         raise ValueError(f"{op}: rows of D = {x.shape[-1]} > {limit} do not fit one tile; "
                          "normalise with the row norm op and run the neuron after it")
@@ -276,23 +280,23 @@ def launch_row_norm_lif_forward(
     alloc = torch.empty if x.numel() else torch.zeros  # the kernel writes every (t, row)
     mean = alloc((T, R), dtype=acc, device=x.device)
     rstd = alloc((T, R), dtype=acc, device=x.device)
-    n_ckpt = checkpoint_count(T, D, x.device.type, save)
+    n_ckpt = checkpoint_count(T, D, x.device.type, save, x.dtype)
     ckpt = torch.empty((n_ckpt, R, D), dtype=acc, device=x.device)
     if x.numel() == 0:
         if v_out.numel():
             v_out.copy_(v0 if v0 is not None else torch.full_like(v_out, float(v_init)))
         return spikes.to(dtype), v_out.to(dtype), mean, rstd, ckpt
     v2 = rows_view(v0, 0) if v0 is not None else None
-    cfg = row_config(R, D, x.device)
+    cfg = row_config(R, D, x.device, x.dtype)
     scalars, flags = dev.lif_kernel_args(lif)
     _row_norm_lif_fwd_kernel[(cfg.programs,)](
         x3, v2, weight, bias, spikes, v_out, mean, rstd, ckpt if n_ckpt else None,
         T, R, D, *x3.stride(), *(v2.stride() if v2 is not None else (0, 0)),
         *_scalars((eps, threshold, v_init, *scalars)),
         RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_V0=v0 is not None,
-        CHECKPOINT=n_ckpt > 0, SEG=segment_length(T, D, x.device.type), **flags,
+        CHECKPOINT=n_ckpt > 0, SEG=segment_length(T, D, x.device.type, x.dtype), **flags,
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
-        num_warps=cfg.num_warps, enable_fp_fusion=False,
+        num_warps=min(cfg.num_warps, FWD_MAX_WARPS), enable_fp_fusion=False,
     )
     return spikes.to(dtype), v_out.to(dtype), mean, rstd, ckpt
 
@@ -319,11 +323,11 @@ def launch_row_norm_lif_backward(
             gv0.zero_() if grad_v is None else gv0.copy_(grad_v)
         z = torch.zeros(D, dtype=acc, device=x.device)
         return dx.to(x.dtype), gv0, z, z.clone()
-    seg = segment_length(T, D, x.device.type)
-    if ckpt.shape[0] != checkpoint_count(T, D, x.device.type, True):
+    seg = segment_length(T, D, x.device.type, x.dtype)
+    if ckpt.shape[0] != checkpoint_count(T, D, x.device.type, True, x.dtype):
         raise ValueError(f"row_norm_lif backward: {ckpt.shape[0]} membrane checkpoints, expected "
-                         f"{checkpoint_count(T, D, x.device.type, True)} (the forward ran without save=True?)")
-    cfg = row_config(R, D, x.device)
+                         f"{checkpoint_count(T, D, x.device.type, True, x.dtype)} (the forward ran without save=True?)")
+    cfg = row_config(R, D, x.device, x.dtype)
     part = torch.empty((2, cfg.programs, D), dtype=acc, device=x.device)
     v2 = rows_view(v0, 0) if v0 is not None else None
     g3 = rows_view(grad_s, 1) if grad_s is not None else None

@@ -144,7 +144,7 @@ def _(x, v0, weight, bias, eps, rms, threshold, v_init, *args):
     R = _rows(x, 1)
     acc = acc_torch_dtype(x.dtype)
     dtype = _rl.out_dtype(x, v0)
-    n_ckpt = _rl.checkpoint_count(T, D, x.device.type, save)
+    n_ckpt = _rl.checkpoint_count(T, D, x.device.type, save, x.dtype)
     return (
         torch.empty(x.shape, dtype=dtype, device=x.device), x.new_empty(x.shape[1:], dtype=dtype),
         x.new_empty((T, R), dtype=acc), x.new_empty((T, R), dtype=acc), x.new_empty((n_ckpt, R, D), dtype=acc),
@@ -222,7 +222,7 @@ def row_norm_lif(
     lif_k = kernel_lif(neuron, "row_norm_lif")
     if lif_k is None:  # no kernel for the surrogate (warned once): the neuron on the torch backend
         return torch_backend.lif(row_norm(x_seq, weight, bias, eps=eps, rms=rms), v, threshold, neuron)
-    if x_seq.shape[-1] > _rn.one_pass_max_d(x_seq.device.type, fused=True):  # wider than one tile: a second pass, the row norm then the neuron
+    if x_seq.shape[-1] > _rn.one_pass_max_d(x_seq.device.type, fused=True, dtype=x_seq.dtype):  # wider than one tile: a second pass, the row norm then the neuron
         return triton_lif(row_norm(x_seq, weight, bias, eps=eps, rms=rms), v, threshold, neuron)
     save = wants_grad(x_seq, v0, weight, bias)
     spikes, v_out, *_ = row_norm_lif_op(
