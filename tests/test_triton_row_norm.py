@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, note
+from hypothesis import given, note, settings
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
@@ -197,6 +197,10 @@ def _check_fused(cfg):
             assert_op_close(key, got_g[key], want_g[key], dtype)
 
 
+#: each draw runs a forward and a backward through the interpreter (~1 s) and the torch
+#: reference twice: half the profile's draws keep the file near 20 s (the fixed fp64 corners
+#: and checkpoint cases below cover what a short run may not draw)
+@settings(max_examples=max(4, settings.default.max_examples // 2))
 @given(configs())
 def test_row_norm_lif_matches_torch_composition(cfg):
     _check_fused(cfg)
@@ -217,7 +221,7 @@ def test_fp64_corners(corner):
     _check_fused(cfg)
 
 
-@pytest.mark.parametrize("T, seg", [(7, 2), (5, 4), (9, 16)])
+@pytest.mark.parametrize("T, seg", [(7, 2), (5, 4)])
 def test_checkpoints_fp64(T, seg):
     """T past SEG: the backward restarts segments from the forward's membrane checkpoints."""
     cfg = dict(dtype=F64, T=T, rows=(2, 3), D=5, layout="contiguous", rms=False, affine=True, v_kind="tensor",
@@ -245,6 +249,7 @@ def _run_plain(ops, x64, w64, b64, dtype, rms, layout, gy64):
     return [y, *torch.autograd.grad(y, leaves, gy64.to(DEVICE, y.dtype))]
 
 
+@settings(max_examples=max(4, settings.default.max_examples // 2))
 @given(configs(), st.booleans())
 def test_row_norm_matches_torch(cfg, wide):
     """y, ∂x, ∂γ, ∂β against F.layer_norm / F.rms_norm in fp64: fp64 to 1e-9, fp32 and fp16/bf16
@@ -337,6 +342,7 @@ def test_opcheck(kind):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.slow  # 8 s of dynamo; opcheck's fake-tensor test covers the fake kernels in the default run
 def test_compiles_fullgraph():
     x = torch.randn(3, 2, 6, device=DEVICE, requires_grad=True)
     w = torch.rand(6, device=DEVICE, requires_grad=True)
