@@ -184,16 +184,26 @@ def load_affine_row(w_ptr, b_ptr, d, D, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.c
 
 
 @triton.jit
+def row_mean(total, D, ACC_DTYPE: tl.constexpr):
+    """total / D, IEEE-rounded (fp32 ``/`` may be approximate on a GPU; μ and σ² reach the spikes)."""
+    if ACC_DTYPE == tl.float64:
+        m = total / D
+    else:
+        m = tl.div_rn(total, tl.zeros_like(total) + D)
+    return m
+
+
+@triton.jit
 def row_stats(x, mask, D, eps, RMS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """(μ, rstd) ``[BLOCK_R]`` of the rows of ``x`` (masked lanes hold 0): two-pass in registers."""
     if RMS:
-        ms = tl.sum(x * x, axis=1) / D
+        ms = row_mean(tl.sum(x * x, axis=1), D, ACC_DTYPE)
         mean = ms * 0.0
         rstd = dev.rstd_of(ms, eps, ACC_DTYPE)
     else:
-        mean = tl.sum(x, axis=1) / D
+        mean = row_mean(tl.sum(x, axis=1), D, ACC_DTYPE)
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = dev.rstd_of(tl.sum(xc * xc, axis=1) / D, eps, ACC_DTYPE)
+        rstd = dev.rstd_of(row_mean(tl.sum(xc * xc, axis=1), D, ACC_DTYPE), eps, ACC_DTYPE)
     return mean, rstd
 
 
@@ -299,16 +309,16 @@ def _row_norm_fwd_wide_kernel(
                 acc += tl.sum(x, axis=1)
         if RMS:
             mean = acc * 0.0
-            rstd = dev.rstd_of(acc / D, eps, ACC_DTYPE)
+            rstd = dev.rstd_of(row_mean(acc, D, ACC_DTYPE), eps, ACC_DTYPE)
         else:
-            mean = acc / D
+            mean = row_mean(acc, D, ACC_DTYPE)
             m2 = tl.zeros([BLOCK_R], ACC_DTYPE)
             for c0 in range(0, D, BLOCK_D):  # Σ (x − μ)²: the exact second pass
                 mask = row_mask[:, None] & (c0 + d < D)
                 x = tl.load(x_ptr + r * sx_r + (c0 + d) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
                 xc = tl.where(mask, x - mean[:, None], 0.0)
                 m2 += tl.sum(xc * xc, axis=1)
-            rstd = dev.rstd_of(m2 / D, eps, ACC_DTYPE)
+            rstd = dev.rstd_of(row_mean(m2, D, ACC_DTYPE), eps, ACC_DTYPE)
         for c0 in range(0, D, BLOCK_D):
             mask = row_mask[:, None] & (c0 + d < D)
             x = tl.load(x_ptr + r * sx_r + (c0 + d) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
