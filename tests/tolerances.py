@@ -351,3 +351,11 @@ NORM_NEURON_FUSED = {F64: dict(rtol=1e-9, atol=1e-9), F32: dict(rtol=1e-4, atol=
 #: that differ, and the rule ‖fused − ref64‖ ≤ 2·‖torch_bf16 − ref64‖ + this (norm-wise relative)
 NORM_NEURON_FUSED_BF16_FLIPS = 0.03
 NORM_NEURON_FUSED_BF16_REL = 1e-2
+
+# --- LayerNorm / RMSNorm over the last dimension (triton row_norm, row_norm_lif) -----------------
+#: fused row norm → LIF in fp64 against the float64 torch composition (issue 24's 1e-9)
+ROW_NORM_FP64 = dict(rtol=1e-9, atol=1e-9)
+#: the plain row norm against F.layer_norm / F.rms_norm in fp64: |triton − ref64| ≤ rtol·(1 + max|ref64|)
+ROW_NORM_RTOL = {F64: 1e-9, F32: 2e-5}
+#: fp16/bf16 row norm: |triton − ref64| ≤ 2·|torch_lowp − ref64| + atol·(1 + max|ref64|)
+ROW_NORM_LOWP_ATOL = {F16: 1e-3, BF16: 8e-3}

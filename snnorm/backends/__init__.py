@@ -27,7 +27,9 @@ __all__ = [
 ]
 
 #: The slots every backend fills. Signatures and math: see torch_backend.py.
-OP_NAMES: tuple[str, ...] = ("lif", "mpbn_lif", "mpbn_lif_folded", "tebn", "tab", "batch_norm_seq", "bntt")
+OP_NAMES: tuple[str, ...] = (
+    "lif", "mpbn_lif", "mpbn_lif_folded", "tebn", "tab", "batch_norm_seq", "bntt", "row_norm",
+)
 
 
 class BackendUnavailableError(RuntimeError):

@@ -14,6 +14,8 @@ file                   kernels                    op-table functions
                                                   without adaptation: the ``lif_ops.py`` op)
 ``bn_pipeline_ops.py`` ``kernels/bn_pipeline.py`` ``batch_norm_seq``, ``tebn``, ``bntt``, ``tab``
 ``norm_lif_ops.py``    ``kernels/norm_lif.py``    ``norm_lif`` (a norm and an IF/LIF neuron fused)
+``row_norm_ops.py``    ``kernels/row_norm.py``,   ``row_norm`` (LayerNorm / RMSNorm over the last
+                       ``kernels/row_norm_lif``   dimension), ``row_norm_lif`` (fused with IF/LIF)
 =====================  =========================  ===================================================
 
 ``_availability.py`` says whether the backend runs here; ``_adaptors.py`` holds what the op
@@ -38,18 +40,25 @@ if HAVE_TRITON:  # a machine without triton imports the package; load_ops says w
         mpbn_lif_train_op,
     )
     from .norm_lif_ops import norm_lif, norm_lif_kernel
+    from .row_norm_ops import (
+        ROW_NORM_BWD, ROW_NORM_FWD, ROW_NORM_LIF_BWD, ROW_NORM_LIF_FWD, row_norm, row_norm_backward_op, row_norm_lif,
+        row_norm_lif_backward_op, row_norm_lif_op, row_norm_op,
+    )
 
     __all__ += [
         # the op table
         "lif", "mpbn_lif", "mpbn_lif_folded", "batch_norm_seq", "tebn", "tab", "bntt", "norm_lif", "norm_lif_kernel",
+        "row_norm", "row_norm_lif",
         # the custom ops and their signatures, for tests (opcheck) and tools
         "lif_elementwise_op", "lif_elementwise_bwd_op", "LIF_FWD", "LIF_BWD", "mpbn_lif_train_op",
         "mpbn_lif_train_bwd_op", "mpbn_lif_adapt_op", "TRAIN_FWD", "TRAIN_BWD", "ADAPT_FWD",
+        "row_norm_op", "row_norm_backward_op", "row_norm_lif_op", "row_norm_lif_backward_op", "ROW_NORM_FWD",
+        "ROW_NORM_BWD", "ROW_NORM_LIF_FWD", "ROW_NORM_LIF_BWD",
     ]
 
 
 def load_ops():
-    """The op table (:data:`snnorm.backends.OP_NAMES` and the fused ``norm_lif``); raises
+    """The op table (:data:`snnorm.backends.OP_NAMES` and the fused ``norm_lif``, ``row_norm_lif``); raises
     BackendUnavailableError (with the reason) where the backend cannot run."""
     require_triton()
     return {
@@ -57,4 +66,6 @@ def load_ops():
         **STATISTICS_OPS,  # tebn, tab, batch_norm_seq, bntt
         # beyond the common slots: a norm and an IF/LIF neuron fused
         "norm_lif": norm_lif, "norm_lif_kernel": norm_lif_kernel,
+        "row_norm": row_norm,  # LayerNorm / RMSNorm over the last dimension (an OP_NAMES slot)
+        "row_norm_lif": row_norm_lif,  # ... fused with an IF/LIF neuron
     }
