@@ -429,13 +429,6 @@ def load_ops():
     }
 
 
-def row_norm(x: torch.Tensor, weight, bias, *, eps: float, rms: bool) -> torch.Tensor:
-    """LayerNorm (``rms=False``) or RMSNorm of x over its last dimension (torch's own functions)."""
-    if rms:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-
 # ----------------------------------------------------------------------------------
 # multi-step BatchNorm / tdBN and BNTT (the statistics pipeline's ALL and EACH groupings)
 # ----------------------------------------------------------------------------------
