@@ -71,11 +71,19 @@ def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
     acc = acc_torch_dtype(out_dtype)
     rm_new = running_mean.to(acc, copy=True) if running_mean is not None else None
     rv_new = running_var.to(acc, copy=True) if running_var is not None else None
+    sync_stats, steps = combined_gather(group), []
+    if sync_stats is not None and x[0, :, 0].numel() == 0:  # an empty rank: no program updates the running
+        exchange = sync_stats  # statistics, so the group's statistics of each step are kept for it here
+        sync_stats = lambda *partials: steps.append(exchange(*partials)) or steps[-1]  # noqa: E731
     s, v_out, h, mean, rstd, _, _ = _mt.launch_batch_stats_fwd(
         x, v, weight, bias, rm_new, rv_new, th, None, None, None, out_dtype,
         lif=lif, bn=bn, stats=modes.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
-        sync_stats=combined_gather(group),
+        sync_stats=sync_stats,
     )
+    if steps and rm_new is not None:  # the kernels' update, step by step on the one [C] buffer
+        factors = [bn.momentum if bn.momentum is not None else 1.0 / (bn.batches_tracked + t + 1) for t in range(len(steps))]
+        count, mu, m2 = (torch.cat(part) for part in zip(*steps))
+        torch_backend.update_accumulated_running_stats([rm_new] * len(steps), [rv_new] * len(steps), count, mu, m2, factors)
     if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
         rm_new, rv_new = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
     return s, v_out, h, mean, rstd, rm_new, rv_new
