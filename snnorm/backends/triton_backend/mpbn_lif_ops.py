@@ -80,10 +80,14 @@ def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
         lif=lif, bn=bn, stats=modes.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
         sync_stats=sync_stats,
     )
-    if steps and rm_new is not None:  # the kernels' update, step by step on the one [C] buffer
-        factors = [bn.momentum if bn.momentum is not None else 1.0 / (bn.batches_tracked + t + 1) for t in range(len(steps))]
-        count, mu, m2 = (torch.cat(part) for part in zip(*steps))
-        torch_backend.update_accumulated_running_stats([rm_new] * len(steps), [rv_new] * len(steps), count, mu, m2, factors)
+    for t, (n, mu, m2) in enumerate(steps if rm_new is not None else ()):
+        # the kernels' update (_device.running_update), with its factor f and 1 − f in fp32 as there
+        f = torch.full((), bn.momentum if bn.momentum is not None else bn.batches_tracked + t + 1.0, dtype=torch.float32,
+                       device=x.device)
+        f = f if bn.momentum is not None else 1.0 / f
+        keep, f = (1.0 - f).to(acc), f.to(acc)
+        rm_new.mul_(keep).add_(f * mu.reshape(-1).to(acc))
+        rv_new.mul_(keep).add_(f * (m2.reshape(-1).to(acc) / (n.reshape(()).to(acc) - 1)))
     if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
         rm_new, rv_new = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
     return s, v_out, h, mean, rstd, rm_new, rv_new
