@@ -101,46 +101,47 @@ def _outcome(fn) -> str:
         return f"{type(err).__name__}: {err}"
 
 
-def _empty_worker(rank: int, world: int, port: int, out_dir: str, cases: list) -> None:
+def _empty_cases(rank: int, cases: list) -> dict:
     """Per case (kind, backend, empty rank): one synchronised training call; the empty rank has 0 samples."""
     from snnorm.distributed import convert_sync_batchnorm
 
-    _init(rank, world, port)
-    try:
-        record = {}
-        for kind, backend, empty in cases:
-            net = convert_sync_batchnorm(build(kind, backend))
-            record[(kind, backend, empty)] = train_step(net, samples(0 if rank == empty else N))
-        torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    record = {}
+    for kind, backend, empty in cases:
+        net = convert_sync_batchnorm(build(kind, backend))
+        record[(kind, backend, empty)] = train_step(net, samples(0 if rank == empty else N))
+    return record
 
 
-def _error_worker(rank: int, world: int, port: int, out_dir: str, backend: str) -> None:
-    """An all-empty step, then a later change of T on rank 1; then the group still works."""
+def _error_cases(rank: int, backend: str) -> dict:
+    """An all-empty step, then a later change of T on one rank; then the group still works."""
     from snnorm import layer
     from snnorm.distributed import convert_sync_batchnorm
 
+    record = {}
+    bn = convert_sync_batchnorm(build("bn", backend))
+    record["all_empty"] = _outcome(lambda: bn(samples(0)))
+    record["tracked_after_empty"] = int(bn.num_batches_tracked)
+    tab = convert_sync_batchnorm(build("tab", backend))
+    record["tab_all_empty"] = _outcome(lambda: tab(samples(0)))
+    # step 1 agrees, step 2 rank 1 feeds T + 1 steps (MPBN: rank 0 does)
+    bn2 = convert_sync_batchnorm(layer.BatchNorm2d(C, step_mode="m").double())
+    record["step1"] = _outcome(lambda: bn2(samples(N)))
+    record["step2"] = _outcome(lambda: bn2(samples(N, T + rank).contiguous()))
+    record["tracked"] = int(bn2.num_batches_tracked)
+    mp = convert_sync_batchnorm(build("mpbn", backend))
+    record["mpbn_step1"] = _outcome(lambda: mp(samples(N)).sum().backward())
+    record["mpbn_step2"] = _outcome(lambda: mp(samples(N, T + 1 - rank)).sum().backward())
+    # no collective is left pending on either rank: the group still sums
+    one = torch.ones(1)
+    dist.all_reduce(one)
+    record["after"] = one.item()
+    return record
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, cases: list, error_backends: list) -> None:
     _init(rank, world, port)
     try:
-        record = {}
-        bn = convert_sync_batchnorm(build("bn", backend))
-        record["all_empty"] = _outcome(lambda: bn(samples(0)))
-        record["tracked_after_empty"] = int(bn.num_batches_tracked)
-        tab = convert_sync_batchnorm(build("tab", backend))
-        record["tab_all_empty"] = _outcome(lambda: tab(samples(0)))
-        # step 1 agrees (and checks as before), step 2 rank 1 feeds T + 1 steps
-        bn2 = convert_sync_batchnorm(layer.BatchNorm2d(C, step_mode="m").double())
-        record["step1"] = _outcome(lambda: bn2(samples(N)))
-        record["step2"] = _outcome(lambda: bn2(samples(N, T + rank).contiguous()))
-        record["tracked"] = int(bn2.num_batches_tracked)
-        mp = convert_sync_batchnorm(build("mpbn", backend))
-        record["mpbn_step1"] = _outcome(lambda: mp(samples(N)).sum().backward())
-        record["mpbn_step2"] = _outcome(lambda: mp(samples(N, T + 1 - rank)).sum().backward())
-        # no collective is left pending on either rank: the group still sums
-        one = torch.ones(1)
-        dist.all_reduce(one)
-        record["after"] = one.item()
+        record = {"empty": _empty_cases(rank, cases), "errors": {b: _error_cases(rank, b) for b in error_backends}}
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -185,33 +186,44 @@ def check_empty_rank(results: list, kind: str, backend: str, empty: int) -> None
 
 
 #: the default run: every layer on the torch backend and the triton layers with their own
-#: empty-rank paths (the statistics pipeline's BN and TAB, MPBN-LIF's pipelined kernels,
-#: the fused block), rank 0 empty; the slow test runs the rest and rank 1 empty
-QUICK = [(k, "torch", 0) for k in KINDS] + [(k, "triton", 0) for k in ("bn", "tab", "mpbn", "fused")]
+#: empty-rank paths (TAB's first-step check, MPBN-LIF's pipelined kernels, the fused block),
+#: rank 0 empty, and the errors on the torch backend; the slow run: the rest, rank 1 empty,
+#: and the errors on the triton backend
+QUICK = [(k, "torch", 0) for k in KINDS] + [(k, "triton", 0) for k in ("tab", "mpbn", "fused")]
 FULL = [(k, b, e) for b in ("torch", "triton") for e in (0, 1) for k in KINDS if (k, b, e) not in QUICK]
 
 
-def _skip_triton(cases) -> list:
+def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
-        return [c for c in cases if c[1] != "triton"]
-    return cases
+        return False
+    return True
+
+
+_RUNS: dict = {}
+
+
+def two_rank_run(slow: bool) -> tuple[list, list, list]:
+    """(cases, error backends, the two ranks' records): one spawn per configuration (cached)."""
+    if slow not in _RUNS:
+        cases = [c for c in (FULL if slow else QUICK) if c[1] == "torch" or _has_triton()]
+        errors = (["triton"] if _has_triton() else []) if slow else ["torch"]
+        _RUNS[slow] = (cases, errors, _two_ranks(_worker, cases, errors))
+    return _RUNS[slow]
 
 
 def test_an_empty_rank_equals_one_process_on_the_other_ranks_samples():
-    cases = _skip_triton(QUICK)
-    results = _two_ranks(_empty_worker, cases)
+    cases, _, results = two_rank_run(slow=False)
     for kind, backend, empty in cases:
-        check_empty_rank(results, kind, backend, empty)
+        check_empty_rank([r["empty"] for r in results], kind, backend, empty)
 
 
-@pytest.mark.slow  # two processes, 20 more layer calls interpreted
+@pytest.mark.slow  # two processes, 21 more layer calls interpreted
 def test_an_empty_rank_equals_one_process_every_layer_both_ranks():
-    cases = _skip_triton(FULL)
-    results = _two_ranks(_empty_worker, cases)
+    cases, _, results = two_rank_run(slow=True)
     for kind, backend, empty in cases:
-        check_empty_rank(results, kind, backend, empty)
+        check_empty_rank([r["empty"] for r in results], kind, backend, empty)
 
 
 def test_the_comparison_can_fail():
@@ -225,11 +237,7 @@ def test_the_comparison_can_fail():
         check_empty_rank(results, "bn", "torch", 0)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
-def test_all_empty_step_and_later_change_of_T_raise_on_every_rank(backend):
-    if backend == "triton":
-        pytest.importorskip("triton")
-    results = _two_ranks(_error_worker, backend)
+def check_errors(results: list) -> None:
     for rank, res in enumerate(results):
         for key in ("all_empty", "tab_all_empty"):
             assert res[key].startswith("ValueError: ") and "every rank of its process group has an empty batch" in \
@@ -241,3 +249,16 @@ def test_all_empty_step_and_later_change_of_T_raise_on_every_rank(backend):
             assert res[key].startswith("SyncShapeError: ") and ts in res[key], (rank, key, res[key])
         assert res["tracked"] == 1  # step 2 was refused before it was counted
         assert res["after"] == 2.0
+
+
+def test_all_empty_step_and_later_change_of_T_raise_on_every_rank():
+    _, errors, results = two_rank_run(slow=False)
+    check_errors([r["errors"]["torch"] for r in results])
+
+
+@pytest.mark.slow  # the slow run above
+def test_all_empty_step_and_later_change_of_T_raise_on_every_rank_triton():
+    if not _has_triton():
+        pytest.skip("triton is not installed")
+    _, errors, results = two_rank_run(slow=True)
+    check_errors([r["errors"]["triton"] for r in results])
