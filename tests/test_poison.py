@@ -69,7 +69,12 @@ CASES = {
                                             neuron.LIFNode(step_mode="m", v_threshold=0.4)), (T, N, C, H, W), True),
     "norm_lif bntt": (lambda: nn.Sequential(layer.BatchNormThroughTime2d(T, C, step_mode="m"),
                                             neuron.LIFNode(step_mode="m", v_threshold=0.4)), (T, N, C, H, W), True),
+    # MPBN-LIF's resident kernels (one program per channel; the test lowers the channel count they need)
+    "mpbn_lif train resident": (lambda: neuron.MPBNLIFNode(out_channels=C, step_mode="m", v_threshold=0.4),
+                                (T, N, C, H, W), True),
 }
+#: in the slow run only: a second case of an op (or path) the default run already covers
+SLOW = {"if", "mpbn_lif adapt running", "batch_norm_seq eval", "bntt eval", "norm_lif tebn", "norm_lif bntt"}
 
 
 def run_case(name: str) -> dict:
@@ -104,8 +109,13 @@ def _same(a, b) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)  # NaN is never equal
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_every_op_writes_every_element_it_allocates(name):
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
+def test_every_op_writes_every_element_it_allocates(name, monkeypatch):
+    if name.endswith("resident"):
+        from snnorm.kernels import mpbn_lif_train
+
+        monkeypatch.setattr(mpbn_lif_train, "MIN_PROGRAMS", 1)
+        assert mpbn_lif_train.uses_resident_path(N, C, H * W)
     plain = run_case(name)
     for key, value in plain.items():
         assert value is None or not (value.is_floating_point() and value.isnan().any()), f"{name} {key}: NaN without poison"
