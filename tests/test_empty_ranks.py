@@ -113,8 +113,9 @@ def _empty_cases(rank: int, cases: list) -> dict:
 
 
 def _error_cases(rank: int, backend: str) -> dict:
-    """An all-empty step, then a later change of T on one rank; then the group still works."""
-    from snnorm import layer
+    """An all-empty step, a later change of T on one rank, one value per channel over the group;
+    then the group still works."""
+    from snnorm import functional, layer
     from snnorm.distributed import convert_sync_batchnorm
 
     record = {}
@@ -131,6 +132,13 @@ def _error_cases(rank: int, backend: str) -> dict:
     mp = convert_sync_batchnorm(build("mpbn", backend))
     record["mpbn_step1"] = _outcome(lambda: mp(samples(N)).sum().backward())
     record["mpbn_step2"] = _outcome(lambda: mp(samples(N, T + 1 - rank)).sum().backward())
+    # one value per channel and step over the group (rank 0: 1 sample, rank 1: none): an error on
+    # both; one value on rank 0 but three over the group: it runs (the group's count decides)
+    bntt = convert_sync_batchnorm(layer.BatchNormThroughTime1d(T, C, step_mode="m").double())
+    functional.set_backend(bntt, backend)
+    g = torch.Generator().manual_seed(9)
+    record["one_value"] = _outcome(lambda: bntt(torch.randn(T, 1 - rank, C, generator=g, dtype=torch.float64)))
+    record["one_local"] = _outcome(lambda: bntt(torch.randn(T, 1 + rank, C, generator=g, dtype=torch.float64)))
     # no collective is left pending on either rank: the group still sums
     one = torch.ones(1)
     dist.all_reduce(one)
@@ -248,6 +256,9 @@ def check_errors(results: list) -> None:
         for key, ts in (("step2", "rank 0: T=3, C=4; rank 1: T=4, C=4"), ("mpbn_step2", "rank 0: T=4, C=4; rank 1: T=3")):
             assert res[key].startswith("SyncShapeError: ") and ts in res[key], (rank, key, res[key])
         assert res["tracked"] == 1  # step 2 was refused before it was counted
+        assert res["one_value"].startswith("ValueError: ") and "more than one value per channel, got 1 over the " \
+            "whole process group" in res["one_value"], (rank, res["one_value"])
+        assert res["one_local"] == "ran", (rank, res["one_local"])
         assert res["after"] == 2.0
 
 
