@@ -253,7 +253,8 @@ def check_errors(results: list) -> None:
         assert res["all_empty"] == results[0]["all_empty"]  # the same message on every rank
         assert res["tracked_after_empty"] == 0  # refused before the batch was counted
         assert res["step1"] == "ran" and res["mpbn_step1"] == "ran", res
-        for key, ts in (("step2", "rank 0: T=3, C=4; rank 1: T=4, C=4"), ("mpbn_step2", "rank 0: T=4, C=4; rank 1: T=3")):
+        for key, ts in (("step2", "rank 0: T=3, C=4; rank 1: T=4, C=4"),
+                        ("mpbn_step2", "rank 0: T=4, C=4; rank 1: T=3")):
             assert res[key].startswith("SyncShapeError: ") and ts in res[key], (rank, key, res[key])
         assert res["tracked"] == 1  # step 2 was refused before it was counted
         assert res["one_value"].startswith("ValueError: ") and "more than one value per channel, got 1 over the " \

@@ -49,7 +49,8 @@ def _trained(make) -> nn.Module:
 CASES = {
     "lif": (lambda: neuron.LIFNode(step_mode="m", v_threshold=0.4), (T, N, C, H, W), True),
     "if": (lambda: neuron.IFNode(step_mode="m", v_reset=None, v_threshold=0.4), (T, N, C), True),
-    "mpbn_lif train": (lambda: neuron.MPBNLIFNode(out_channels=C, step_mode="m", v_threshold=0.4), (T, N, C, H, W), True),
+    "mpbn_lif train": (lambda: neuron.MPBNLIFNode(out_channels=C, step_mode="m", v_threshold=0.4),
+                       (T, N, C, H, W), True),
     "mpbn_lif train N=0": (lambda: neuron.MPBNLIFNode(out_channels=C, step_mode="m"), (T, 0, C, H, W), True),
     "mpbn_lif eval": (lambda: _trained(lambda: neuron.MPBNLIFNode(out_channels=C, step_mode="m", v_threshold=0.4)),
                       (T, N, C, H, W), True),
@@ -118,7 +119,8 @@ def test_every_op_writes_every_element_it_allocates(name, monkeypatch):
         assert mpbn_lif_train.uses_resident_path(N, C, H * W)
     plain = run_case(name)
     for key, value in plain.items():
-        assert value is None or not (value.is_floating_point() and value.isnan().any()), f"{name} {key}: NaN without poison"
+        nan = value is not None and value.is_floating_point() and value.isnan().any()
+        assert not nan, f"{name} {key}: NaN without poison"
     fills = api.poisoned_allocations.__dict__.get("state", {}).get("fills", 0)
     with api.poisoned_allocations():
         poisoned = run_case(name)

@@ -82,9 +82,10 @@ def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
     )
     for t, (n, mu, m2) in enumerate(steps if rm_new is not None else ()):
         # the kernels' update (_device.running_update), with its factor f and 1 − f in fp32 as there
-        f = torch.full((), bn.momentum if bn.momentum is not None else bn.batches_tracked + t + 1.0, dtype=torch.float32,
+        cumulative = bn.momentum is None  # f = 1/(batches_tracked + t + 1)
+        f = torch.full((), bn.batches_tracked + t + 1.0 if cumulative else bn.momentum, dtype=torch.float32,
                        device=x.device)
-        f = f if bn.momentum is not None else 1.0 / f
+        f = 1.0 / f if cumulative else f
         keep, f = (1.0 - f).to(acc), f.to(acc)
         rm_new.mul_(keep).add_(f * mu.reshape(-1).to(acc))
         rv_new.mul_(keep).add_(f * (m2.reshape(-1).to(acc) / (n.reshape(()).to(acc) - 1)))
