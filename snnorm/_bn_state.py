@@ -126,6 +126,9 @@ def check_batch_values(
     """
     if not batch_stats:
         return
+    target = module.__dict__.get("stats_sync")
+    if target is not None and module.training and target.active(module):
+        return  # synchronised: the hook checks the count of every rank's batch (SyncGroup.hook)
     n = x.numel() // max(x.shape[channel_dim], 1)
     if n == 1 or (n == 0 and not empty_ok):
         where = f" {over}" if over else ""
@@ -264,13 +267,15 @@ def stats_sync(module: nn.Module, x: torch.Tensor, *, channel_dim: int, batch_st
     process group of more than one rank (eval never communicates, as torch's
     ``SyncBatchNorm``). Call it after the input checks and before the batch is counted:
     it raises where running alone would silently train on a fraction of the batch, and on
-    a layer's first synchronised call the ranks compare T and C (:class:`SyncShapeError`).
+    every synchronised call the ranks compare T, C and their counts (:class:`SyncShapeError`;
+    ValueError for an all-empty group).
     """
     target = module.__dict__.get("stats_sync")
     if target is None or not (batch_stats and module.training):
         return None
     T = x.shape[0] if channel_dim == 2 else 1
-    return target.hook(module, T=T, C=x.shape[channel_dim])
+    C = x.shape[channel_dim]
+    return target.hook(module, T=T, C=C, n=x.numel() // max(T * C, 1))
 
 
 def shared_statistics_plan(

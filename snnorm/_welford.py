@@ -73,6 +73,8 @@ def chan_combine(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Te
     0-dim tensor) and ``mean``, ``M2`` ``[*channels]``. Empty parts add nothing; all parts
     empty give (0, 0, 0) (the reference shift drops out: μ_0 + 0 is replaced by 0).
     """
+    if means.shape[0] == 0:  # no parts (no tile: an empty batch): the empty set
+        return counts.sum(), means.new_zeros(means.shape[1:]), m2s.new_zeros(m2s.shape[1:])
     n_p = counts.to(means.dtype).reshape(-1, *([1] * (means.dim() - 1)))
     n = n_p.sum(dim=0)
     ref = means[0]

@@ -38,9 +38,14 @@ checkpoints load both ways); :func:`revert_sync_batchnorm` removes it. Outside a
 initialised process group, with a group of one rank, and in eval mode a synchronised
 layer computes exactly what the original computes (as torch's ``SyncBatchNorm``, eval
 never communicates: running statistics, or each rank's own batch statistics for a layer
-without them, so evaluating on one rank alone cannot hang). On its first synchronised
-call a layer's ranks compare T and C in one small all-gather: a mismatch raises
-:class:`snnorm.backends.sync.SyncShapeError` on every rank instead of hanging. Folded MPBN
+without them, so evaluating on one rank alone cannot hang). At every synchronised call
+a layer's ranks first exchange a 4-value header (layer, T, C, samples) in one small
+all-gather: a mismatch of T or C at any step raises
+:class:`snnorm.backends.sync.SyncShapeError` on every rank instead of hanging, and a step
+where every rank's batch is empty raises ValueError on every rank. A rank with an empty
+batch (0 samples) still joins every collective and adds nothing: the group computes what
+one process computes on the other ranks' samples (outputs, gradients and running
+statistics), as torch's ``SyncBatchNorm``. Folded MPBN
 neurons (``re_parameterize_v_threshold``) have no BN left; their test-time threshold
 adaptation stays per rank.
 
@@ -60,6 +65,7 @@ import os
 import warnings
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -71,6 +77,16 @@ from .layer.tab import _TemporalAccumulatedBatchNormBase
 from .neuron import MPBNBaseNode
 
 __all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm", "is_synchronized", "SyncGroup"]
+
+def _tracing_or_capturing() -> bool:
+    """Inside ``torch.compile``'s trace or a CUDA-graph capture (no host read of a collective)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+#: the layers whose smallest statistic is over one step (N·spatial), not over all T steps
+PER_STEP = (_ThroughTimeBase, _TemporalAccumulatedBatchNormBase, MPBNBaseNode)
 
 #: the layers whose batch statistics synchronise (BNTT's per-step BNs through their BNTT)
 SYNCABLE = (
@@ -102,23 +118,33 @@ class SyncGroup:
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None) -> None:
         self.process_group = process_group
-        self.shapes_checked = False
 
-    def hook(self, module: nn.Module, **dims: int) -> Optional[StatsSync]:
+    def hook(self, module: nn.Module, *, T: int, C: int, n: int) -> Optional[StatsSync]:
         """The hook for a training call of ``module`` with batch statistics, or None to compute
         locally (no process group, or one rank). Raises RuntimeError where running alone would
         silently train on a fraction of the batch: the module was converted with a group that
         no longer exists, or the launcher (torchrun) set ``WORLD_SIZE`` > 1 but
-        ``init_process_group`` was never called. The first synchronised call compares
-        ``dims`` (T, C) across ranks."""
-        group = self._active_group(type(module).__name__)
+        ``init_process_group`` was never called.
+
+        Every synchronised call first exchanges its header (:meth:`StatsSync.check_call`: the
+        layer, ``T``, ``C`` and this rank's ``n`` values per (step, channel), 0 for an empty
+        batch): SyncShapeError on every rank when T or C differ, ValueError on every rank when
+        every batch is empty or the group holds one value per channel. Skipped while
+        ``torch.compile`` traces (a host read would break the graph; the eager calls check)
+        and during CUDA-graph capture (no host read is possible there)."""
+        name = type(module).__name__
+        group = self._active_group(name)
         if group is None:
             return None
         sync = StatsSync(group)
-        if not self.shapes_checked:
-            sync.check_shapes(type(module).__name__, **dims)
-            self.shapes_checked = True
+        if not _tracing_or_capturing():
+            sync.check_call(name, layer=name, T=T, C=C, n=n, per_step=isinstance(module, PER_STEP))
         return sync
+
+    def active(self, module: nn.Module) -> bool:
+        """Whether a training call of ``module`` with batch statistics synchronises now (its
+        one-value check is then the hook's, on the count of every rank's batch)."""
+        return self._active_group(type(module).__name__) is not None
 
     def _active_group(self, name: str):
         if not dist.is_available():

@@ -230,7 +230,7 @@ def _compile_worker(rank: int, world: int, port: int, out_dir: str, backend: str
         net = convert_sync_batchnorm(_prepare(
             nn.Sequential(layer.TemporalEffectiveBatchNorm2d(T, 4), layer.BatchNorm2d(4, step_mode="m")), backend))
         x = torch.randn(T, 2 + rank, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
-        eager = net.double()(x)  # also the one-off T/C check, outside the compiled region
+        eager = net.double()(x)  # eager calls check T, C and the counts (the compiled trace skips the header)
         torch._dynamo.reset()
         explained = torch._dynamo.explain(net)(x)
         compiled = torch.compile(net, backend="aot_eager", fullgraph=True)(x.requires_grad_())
@@ -370,13 +370,16 @@ def test_collectives_carry_O_T_C_values_per_layer(backend):
         assert logs[0] == logs[1]
         for step_log in logs[0]:
             assert step_log and all(nbytes <= bound for _, nbytes in step_log), step_log
-    # the float32 norm network after its first step (no shape checks): one gather per layer
-    # forward (BN, tdBN, TEBN, BNTT, TAB), and one reduction per layer backward: the triton
-    # ops all-reduce their gradient sums, torch's gather reduce-scatters its gradient
-    kinds = [kind for kind, _ in results[0]["norms"]["collectives"][1]]
-    assert kinds.count("all_gather") == 5
-    assert kinds.count("all_reduce" if backend == "triton" else "reduce_scatter") == 5
-    assert len(kinds) == 10
+    # the float32 norm network at every step: one header (4 int64: layer, T, C, n) and one
+    # gather per layer forward (BN, tdBN, TEBN, BNTT, TAB), and one reduction per layer
+    # backward: the triton ops all-reduce their gradient sums, torch's gather reduce-scatters
+    for step_log in results[0]["norms"]["collectives"]:
+        kinds = [kind for kind, _ in step_log]
+        assert kinds.count("header") == 5 and all(b == 4 * 8 for k, b in step_log if k == "header"), step_log
+        assert kinds.count("all_gather") == 5
+        assert kinds.count("all_reduce" if backend == "triton" else "reduce_scatter") == 5
+        assert len(kinds) == 15
+        assert kinds.index("header") < kinds.index("all_gather")  # the header travels first
 
 
 @pytest.mark.slow  # the torch run above

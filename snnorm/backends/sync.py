@@ -21,7 +21,15 @@ LeVeque, 1983)::
     n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
 
 Counts travel with the partials (float64, exact), so uneven per-rank batches combine
-exactly. Parameter gradients stay per rank (DistributedDataParallel averages them); the
+exactly, and a rank with an empty batch (count 0, mean 0, M2 0) adds nothing: its rank
+joins every collective, and the group's statistics are those of the other ranks' samples.
+
+Before any of a call's collectives, :meth:`StatsSync.check_call` all-gathers a fixed-size
+header (layer, T, C, n): 4 int64 per rank, one more small collective per synchronised
+layer call. Every rank then knows every rank's shape and count, so a change of T or C on
+one rank (at any step), an all-empty step or a single value per channel over the group
+raise the same error on every rank instead of a hang or a gloo abort on collectives of
+different sizes. Parameter gradients stay per rank (DistributedDataParallel averages them); the
 gradient that reaches x through the statistics is that of the sum of every rank's loss,
 as torch's ``SyncBatchNorm``.
 """
@@ -29,6 +37,7 @@ as torch's ``SyncBatchNorm``.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import Iterator, Optional
 
 import torch
@@ -47,8 +56,9 @@ _METERS: list[list] = []
 def count_collectives() -> Iterator[list]:
     """Records every collective the hook issues in this process as ``(kind, bytes)`` into the
     yielded list (perf/ and the O(T·C) test read it): ``all_gather`` (the bytes this rank
-    contributes), ``all_reduce``, and ``reduce_scatter`` (the backward of a differentiable
-    gather: the gradient of every rank's rows)."""
+    contributes), ``all_reduce``, ``reduce_scatter`` (the backward of a differentiable
+    gather: the gradient of every rank's rows) and ``header`` (the per-call all-gather of
+    :meth:`StatsSync.check_call`: 4 int64 per rank)."""
     log: list = []
     _METERS.append(log)
     try:
@@ -64,6 +74,11 @@ def _record(kind: str, tensor: Tensor) -> None:
 
 class SyncShapeError(ValueError):
     """The ranks of a synchronised layer disagree on T or C (raised on every rank)."""
+
+
+def _layer_id(name: str) -> int:
+    """A stable int63 for a layer's class name (the same in every process, unlike ``hash``)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 class StatsSync:
@@ -116,20 +131,51 @@ class StatsSync:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
-    def check_shapes(self, what: str, **dims: int) -> None:
-        """One small all-gather of ``dims`` (e.g. T, C): SyncShapeError, on every rank, naming
-        each rank's values when they differ (instead of a hang or a silent mix later)."""
-        local = torch.tensor(list(dims.values()), dtype=torch.int64, device=self._device())
-        _record("all_gather", local)
-        rows = self._all_gather(local).tolist()
-        if any(row != rows[0] for row in rows):
-            per_rank = "; ".join(
-                f"rank {r}: " + ", ".join(f"{k}={v}" for k, v in zip(dims, row)) for r, row in enumerate(rows)
-            )
+    def check_call(self, what: str, *, layer: str, T: int, C: int, n: int, per_step: bool) -> int:
+        """The per-call header: one all-gather of four int64 per rank — (layer, T, C, n) — sent
+        before any of the call's variable-size collectives, so every rank learns every rank's
+        shape and batch and raises the same error, instead of a hang or a gloo abort at a
+        collective of mismatched size. Returns the group's count N·spatial (Σ n).
+
+        ``layer`` names the layer class (ranks must call the same synchronised layers in the
+        same order), ``T``, ``C`` its input's steps and channels, ``n`` this rank's values per
+        (step, channel): N·spatial, 0 for an empty batch. ``per_step``: the layer's smallest
+        statistic is over one step (BNTT, TAB's first prefix, MPBN), else over all T steps.
+
+        :raises SyncShapeError: the ranks disagree on the layer, T or C (every rank).
+        :raises ValueError: every rank's batch is empty, or the group's batch has a single
+            value per channel (every rank: the counts are in the header).
+        """
+        local = torch.tensor([_layer_id(layer), T, C, n], dtype=torch.int64)
+        device = self._device()
+        if device.type != "cpu":
+            local = local.to(device, non_blocking=True)
+        _record("header", local)
+        rows = [tuple(row) for row in self._all_gather(local).tolist()]
+        if any(row[:3] != rows[0][:3] for row in rows):
+            per_rank = "; ".join(f"rank {r}: T={row[1]}, C={row[2]}" for r, row in enumerate(rows))
+            layers = "" if all(row[0] == rows[0][0] for row in rows) else (
+                " (the ranks reached different synchronised layers: every rank must call the same synchronised "
+                "layers in the same order)")
             raise SyncShapeError(
-                f"{what}: the ranks of its process group must agree on {', '.join(dims)} to synchronise batch "
-                f"statistics, got {per_rank}"
+                f"{what}: the ranks of its process group must agree on T and C at every call to synchronise "
+                f"batch statistics, got {per_rank}{layers}"
             )
+        total = sum(row[3] for row in rows)
+        counts = ", ".join(str(row[3]) for row in rows)
+        if total == 0:
+            raise ValueError(
+                f"{what}: every rank of its process group has an empty batch (values per channel and step on "
+                f"ranks 0..{len(rows) - 1}: {counts}); synchronised batch statistics need at least one rank with "
+                "samples: skip the step on every rank, or use eval mode"
+            )
+        if total * (1 if per_step else T) == 1:
+            raise ValueError(
+                f"{what}: batch statistics need more than one value per channel, got 1 over the whole process "
+                f"group (values per channel{' and step' if per_step else ''} on ranks 0..{len(rows) - 1}: "
+                f"{counts}); use a larger batch or eval mode"
+            )
+        return total
 
     def _all_gather(self, flat: Tensor) -> Tensor:
         """``[K]`` → ``[world, K]`` (the c10d call: gloo wants a flat output)."""

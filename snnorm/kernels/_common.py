@@ -566,3 +566,77 @@ def as_tncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     T, N, C = x.shape[:3]
     S = math.prod(x.shape[3:])
     return x.contiguous().view(T, N, C, S), T, N, C, S
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Debug only: every buffer a launcher allocates starts poisoned, so an element that no
+    kernel writes shows up (on a GPU, ``torch.empty`` hands back recycled memory that may
+    look plausible; under the interpreter it is often zeros).
+
+    While the context is open, ``torch.empty``, ``torch.empty_like``, ``torch.empty_strided``
+    and ``Tensor.new_empty`` are patched, process-wide, and fill what they return with NaN
+    (floating and complex dtypes), the dtype's minimum (signed integers), its maximum
+    (unsigned) or True (bool) — but only inside a launcher's call (its :func:`launcher`
+    wrapper, entered through :func:`device_guard`, which is swapped for a counting one), so
+    the op layer's and torch's own allocations are untouched. Re-entrant; the patches go when
+    the outermost context exits. A fill is one extra write of every buffer: never in
+    production code. ``snnorm.kernels.api`` exports it and opens it for the whole process
+    when ``SNNORM_POISON=1`` is set at import.
+    """
+    import threading
+
+    # ``state["fills"]`` counts the buffers poisoned so far (a test reads that the switch engaged)
+    state = poisoned_allocations.__dict__.setdefault(
+        "state", {"users": 0, "saved": None, "local": threading.local(), "fills": 0})
+
+    def fill(t: torch.Tensor) -> torch.Tensor:
+        if not getattr(state["local"], "depth", 0) or t.numel() == 0 or t.device.type == "meta":
+            return t
+        state["fills"] += 1
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            value = float("nan")
+        elif t.dtype == torch.bool:
+            value = True
+        else:
+            info = torch.iinfo(t.dtype)
+            value = info.min if info.min < 0 else info.max
+        with torch.no_grad():
+            t.fill_(value)
+        return t
+
+    def poisoning(alloc):
+        @functools.wraps(alloc)
+        def poisoned(*args, **kwargs):
+            return fill(alloc(*args, **kwargs))
+
+        return poisoned
+
+    @contextlib.contextmanager
+    def counting_guard(device):
+        local = state["local"]
+        local.depth = getattr(local, "depth", 0) + 1
+        try:
+            with state["saved"]["device_guard"](device):
+                yield
+        finally:
+            local.depth -= 1
+
+    if state["users"] == 0:
+        state["saved"] = {"empty": torch.empty, "empty_like": torch.empty_like, "empty_strided": torch.empty_strided,
+                          "new_empty": torch.Tensor.new_empty, "device_guard": globals()["device_guard"]}
+        for name in ("empty", "empty_like", "empty_strided"):
+            setattr(torch, name, poisoning(state["saved"][name]))
+        torch.Tensor.new_empty = poisoning(state["saved"]["new_empty"])
+        globals()["device_guard"] = counting_guard
+    state["users"] += 1
+    try:
+        yield
+    finally:
+        state["users"] -= 1
+        if state["users"] == 0:
+            saved = state["saved"]
+            for name in ("empty", "empty_like", "empty_strided"):
+                setattr(torch, name, saved[name])
+            torch.Tensor.new_empty = saved["new_empty"]
+            globals()["device_guard"] = saved["device_guard"]

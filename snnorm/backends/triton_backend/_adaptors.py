@@ -179,5 +179,5 @@ def single_value_error(x_seq: Tensor) -> ValueError:
 
 def check_batch_size(x_seq: Tensor) -> None:
     """F.batch_norm's training rule: more than one value per channel in a step."""
-    if x_seq.shape[1] * (x_seq[0, 0, 0].numel()) == 1:
+    if x_seq[0, :, 0].numel() == 1:  # N·spatial (N = 0 included)
         raise single_value_error(x_seq[0])

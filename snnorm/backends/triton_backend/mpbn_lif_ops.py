@@ -71,11 +71,24 @@ def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
     acc = acc_torch_dtype(out_dtype)
     rm_new = running_mean.to(acc, copy=True) if running_mean is not None else None
     rv_new = running_var.to(acc, copy=True) if running_var is not None else None
+    sync_stats, steps = combined_gather(group), []
+    if sync_stats is not None and x[0, :, 0].numel() == 0:  # an empty rank: no program updates the running
+        exchange = sync_stats  # statistics, so the group's statistics of each step are kept for it here
+        sync_stats = lambda *partials: steps.append(exchange(*partials)) or steps[-1]  # noqa: E731
     s, v_out, h, mean, rstd, _, _ = _mt.launch_batch_stats_fwd(
         x, v, weight, bias, rm_new, rv_new, th, None, None, None, out_dtype,
         lif=lif, bn=bn, stats=modes.STATS_TRAIN.value, carry_norm=carry_norm, save=save,
-        sync_stats=combined_gather(group),
+        sync_stats=sync_stats,
     )
+    for t, (n, mu, m2) in enumerate(steps if rm_new is not None else ()):
+        # the kernels' update (_device.running_update), with its factor f and 1 − f in fp32 as there
+        cumulative = bn.momentum is None  # f = 1/(batches_tracked + t + 1)
+        f = torch.full((), bn.batches_tracked + t + 1.0 if cumulative else bn.momentum, dtype=torch.float32,
+                       device=x.device)
+        f = 1.0 / f if cumulative else f
+        keep, f = (1.0 - f).to(acc), f.to(acc)
+        rm_new.mul_(keep).add_(f * mu.reshape(-1).to(acc))
+        rv_new.mul_(keep).add_(f * (m2.reshape(-1).to(acc) / (n.reshape(()).to(acc) - 1)))
     if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
         rm_new, rv_new = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
     return s, v_out, h, mean, rstd, rm_new, rv_new
