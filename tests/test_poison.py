@@ -5,7 +5,8 @@ shows up.
 Every triton op, forward and backward where it has one, at a small odd shape: LIF and IF
 (``lif``), MPBN-LIF in training, eval, folded and with test-time adaptation (batch and
 running), multi-step BN, TEBN, BNTT, TAB (multi- and single-step), in training and eval,
-and the fused norm → LIF blocks (``norm_lif``): under the switch the outputs, ∂x,
+the fused norm → LIF blocks (``norm_lif``), LayerNorm and RMSNorm (``row_norm``) and LayerNorm → LIF
+(``row_norm_lif``): under the switch the outputs, ∂x,
 parameter gradients and buffers are bit-identical to a run without it, and the switch
 really poisoned that op's buffers (it counts its fills). A launcher that leaves part of
 its output unwritten is caught.
@@ -70,12 +71,17 @@ CASES = {
                                             neuron.LIFNode(step_mode="m", v_threshold=0.4)), (T, N, C, H, W), True),
     "norm_lif bntt": (lambda: nn.Sequential(layer.BatchNormThroughTime2d(T, C, step_mode="m"),
                                             neuron.LIFNode(step_mode="m", v_threshold=0.4)), (T, N, C, H, W), True),
+    # the per-token norms (rows of D = W features) and their fused LIF
+    "row_norm layer": (lambda: layer.LayerNorm(W, step_mode="m"), (T, N, C, W), True),
+    "row_norm rms": (lambda: layer.RMSNorm(W, step_mode="m"), (T, N, C, W), True),
+    "row_norm_lif": (lambda: nn.Sequential(layer.LayerNorm(W, step_mode="m"),
+                                           neuron.LIFNode(step_mode="m", v_threshold=0.4)), (T, N, C, W), True),
     # MPBN-LIF's resident kernels (one program per channel; the test lowers the channel count they need)
     "mpbn_lif train resident": (lambda: neuron.MPBNLIFNode(out_channels=C, step_mode="m", v_threshold=0.4),
                                 (T, N, C, H, W), True),
 }
 #: in the slow run only: a second case of an op (or path) the default run already covers
-SLOW = {"if", "mpbn_lif adapt running", "batch_norm_seq eval", "bntt eval", "norm_lif tebn", "norm_lif bntt"}
+SLOW = {"if", "mpbn_lif adapt running", "row_norm rms", "batch_norm_seq eval", "bntt eval", "norm_lif tebn", "norm_lif bntt"}
 
 
 def run_case(name: str) -> dict:
