@@ -267,6 +267,8 @@ def checkpoint_buffer(x: torch.Tensor, n_ckpt: int, dtype: torch.dtype) -> torch
     (so that with x's format they share x's offsets in the kernels)."""
     T, N, C = x.shape[:3]
     S = math.prod(x.shape[3:])
+    if n_ckpt == 0:  # none (T ≤ SEG, or no backward): contiguous, as a fake kernel makes an empty tensor
+        return x.new_empty((0, N, C, S), dtype=dtype)
     return empty_tncs_like(x[:n_ckpt], dtype).view(n_ckpt, N, C, S)
 
 
