@@ -68,6 +68,13 @@ as callables): :func:`launch_stats` with ``gather`` reduces, gathers and combine
 the backward with ``all_reduce`` sums A, B over ranks (:func:`launch_backward_from_sums`).
 Each moves O(T·C) values; without the callables nothing changes.
 
+Layouts: x, ∂y (and y, ∂x) are addressed through their own strides as ``[T, N, C, S]`` views
+(``_common.as_tncs``), so channels-last convnet activations and transposed token-major views
+(Spikformer's BatchNorm1d on ``[T, B, L, D]``.transpose(-1, -2)) are read in place in both
+directions and move the contiguous bytes; y and ∂x come back in x's memory format
+(:func:`output_like`, as torch's BatchNorm). Only spatial dims that cannot merge into one
+strided S (a transposed H, W) are still copied. Every launch pins ``enable_fp_fusion=False``.
+
 Everything is fp32 (fp64 for fp64 input); partials are reduced in a fixed order (no float
 atomics), so results are deterministic. Absent tensors (γ, β, p, running statistics) reach
 the kernels as None with a ``HAS_*`` flag. This module launches kernels only; the
