@@ -173,6 +173,23 @@ def test_a_layout_whose_spatial_dims_cannot_merge_is_copied_and_still_right():
     torch.testing.assert_close(y, ref, **EXACT)
 
 
+def test_fused_kernels_with_64_bit_offsets_equal_32_bit_ones(monkeypatch):
+    """The fused norm → LIF kernels take int32 offsets unless one passes 2³¹ (INDEX_64):
+    forcing INDEX_64 on a small strided input gives the same spikes, membrane and gradients."""
+    import snnorm.kernels.norm_lif as nl
+
+    x = _strided_input("channels_last", seed=5)[:2, :2]  # strided, not dense along N: its own offsets
+    run32 = _call("tdbn_lif", x)
+    outs32, leaves32 = run32()
+    grads32 = torch.autograd.grad(outs32, leaves32, _grads_like(outs32))
+    monkeypatch.setattr(nl, "needs_int64", lambda *tensors: True)
+    run64 = _call("tdbn_lif", x)
+    outs64, leaves64 = run64()
+    grads64 = torch.autograd.grad(outs64, leaves64, _grads_like(outs64))
+    for a, b in zip([*outs64, *grads64], [*outs32, *grads32]):
+        torch.testing.assert_close(a, b, **EXACT)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", pytest.param("transposed", marks=pytest.mark.slow)])
 def test_fake_kernels_give_the_real_strides(layout):
     """torch.compile traces the ops' fake kernels: their outputs must have the strides the

@@ -447,9 +447,10 @@ def tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, st, sn, sc, ss, BLOCK_N: tl.c
 
 
 @triton.jit
-def element_block(N, S, BLOCK_M: tl.constexpr):
+def element_block(N, S, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr):
     """Program (c, block)'s channel (as a one-element block), its elements' (n, s) indices
-    (int64) and their mask; :func:`element_offsets` turns them into a tensor's offsets.
+    (int64 with INDEX_64, else int32) and their mask; :func:`element_offsets` turns them into
+    a tensor's offsets.
 
     Grid ``(C, B1, B2)`` (:func:`snnorm.kernels._common.block_grid`): the channel on axis 0
     (≤ 2³¹ − 1), the block of N·S split over axes 1 and 2 (each ≤ 65,535), block =
@@ -460,22 +461,27 @@ def element_block(N, S, BLOCK_M: tl.constexpr):
     n = m // S
     s = m - n * S
     cc = c + tl.arange(0, 1)
-    return cc, n.to(tl.int64), s.to(tl.int64), mask
+    if INDEX_64:
+        n = n.to(tl.int64)
+        s = s.to(tl.int64)
+        cc = cc.to(tl.int64)
+    return cc, n, s, mask
 
 
 @triton.jit
 def element_offsets(n, cc, s, sn, sc, ss):
-    """int64 offsets of elements (n, c, s) in a ``[N, C, S]`` tensor (or one step of a
-    ``[T, N, C, S]`` one) with element strides (sn, sc, ss); the step t adds ``t·st``
-    (:func:`step_offset`). Any layout whose spatial dims merge: contiguous, channels-last,
-    transposed token-major views, expanded (stride-0) membranes."""
-    return n * sn + cc.to(tl.int64) * sc + s * ss
+    """Offsets of elements (n, c, s) in a ``[N, C, S]`` tensor (or one step of a ``[T, N, C, S]``
+    one) with element strides (sn, sc, ss), in the type of n, s (:func:`element_block`: int64
+    with INDEX_64, where some offset passes 2³¹); the step t adds ``t·st`` (:func:`step_offset`).
+    Any layout whose spatial dims merge: contiguous, channels-last, transposed token-major
+    views, expanded (stride-0) membranes and gradients."""
+    return n * sn + cc * sc + s * ss
 
 
 @triton.jit
-def step_offset(t, st):
-    """Step t's int64 offset ``t·st`` in a tensor whose step stride is ``st``."""
-    return tl.cast(t, tl.int64) * st
+def step_offset(t, st, INDEX_64: tl.constexpr):
+    """Step t's offset ``t·st`` in a tensor whose step stride is ``st`` (int64 with INDEX_64)."""
+    return index(t, INDEX_64) * st
 
 
 @triton.jit

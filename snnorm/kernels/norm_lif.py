@@ -29,13 +29,15 @@ recomputed h (and spike) is bit-identical to the forward's.
 fp32 bytes per element-step: forward 4 (partials read x) + 8 (x, s) + 4/T (v_T);
 backward 12 (x, ∂s, ∂y) + 12 (∂y, x, ∂x) + 8/T (∂v_T, ∂v0); launches 3 and 3.
 
-Layout: x ``[T, N, C, *spatial]`` viewed ``[T, N, C, S]`` in place (``_common.as_tncs``: every
+Layout: x ``[T, N, C, *spatial]`` viewed ``[T, N, C, S]`` in place (``_common.as_tncs``): every
 tensor through its own strides, so channels-last convnet activations and transposed
-token-major views ``[T, B, L, D]`` → ``[T, B, D, L]`` move the bytes contiguous ones do; outputs
-in x's memory format; ``SAME_LAYOUT`` computes one set of offsets when the per-step tensors
-share x's strides); a program
-takes one channel c and a block of BLOCK_M of its M = N·S elements (grid (C, B1, B2): c on
-axis 0, the block split over axes 1 and 2, each within CUDA's limits at any N·S), so its partial sums are row ``t·PPS + block`` of ``[T·PPS, C]``, the order the
+token-major views (``[T, B, L, D]`` seen as ``[T, B, D, L]``) move the bytes contiguous ones
+do, with outputs and membranes in x's memory format; ``SAME_LAYOUT`` computes one set of
+offsets when the per-step tensors share x's strides; offsets are int32, int64 where one
+passes 2³¹ (``INDEX_64``). A program takes one channel c and a block of BLOCK_M of its
+M = N·S elements (grid (C, B1, B2): c on axis 0, the block split over axes 1 and 2, each
+within CUDA's limits at any N·S), so its partial sums are row ``t·PPS + block`` of
+``[T·PPS, C]``, the order the
 pipeline's coefficient kernel reads. Membranes are fp32 (fp64) in the kernels.
 """
 
@@ -51,7 +53,7 @@ import triton.language as tl
 from . import _device as dev
 from ._common import (
     NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, as_tncs, check_channel_args, contiguous_or_none, block_grid,
-    empty_tncs_like, launcher, ncs_strides, next_pow2, same_strides, tncs_strides,
+    empty_tncs_like, launcher, ncs_strides, needs_int64, next_pow2, same_strides, tncs_strides,
 )
 from .bn_pipeline import NormRule, check_params, launch_backward_from_sums, out_dtype, output_like
 
@@ -106,9 +108,10 @@ def _norm_lif_fwd_kernel(
     sx_t, sx_n, sx_c, sx_s, so_t, so_n, so_c, so_s, sk_t, sk_n, sk_c, sk_s, sv_n, sv_c, sv_s, sm_n, sm_c, sm_s,
     PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_V0: tl.constexpr, CHECKPOINT: tl.constexpr, SEG: tl.constexpr, SAME_LAYOUT: tl.constexpr,
-    DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
-    cc, n, s, mask = dev.element_block(N, S, BLOCK_M)
+    cc, n, s, mask = dev.element_block(N, S, BLOCK_M, INDEX_64)
     c_mask = cc < C
     # x's offsets; with SAME_LAYOUT the spikes and the checkpoints share them (the contiguous case)
     offs = dev.element_offsets(n, cc, s, sx_n, sx_c, sx_s)
@@ -124,17 +127,17 @@ def _norm_lif_fwd_kernel(
         mean, rstd, a, b = dev.step_coefficients(
             t, cc, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE,
         )
-        x = tl.load(x_ptr + dev.step_offset(t, sx_t) + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        x = tl.load(x_ptr + dev.step_offset(t, sx_t, INDEX_64) + offs, mask=mask, other=0.0).to(ACC_DTYPE)
         h, xc = _norm_charge(x, v, mean, a, b, tau, v_reset, DECAY_INPUT)
         spike = h - threshold >= 0
         v = dev.reset(h, spike, threshold, v_reset, SOFT_RESET)
         # via the compute dtype: the interpreter cannot cast a bool block to bf16 directly
-        tl.store(s_ptr + dev.step_offset(t, so_t) + o_offs,
+        tl.store(s_ptr + dev.step_offset(t, so_t, INDEX_64) + o_offs,
                  tl.where(spike, 1.0, 0.0).to(ACC_DTYPE).to(s_ptr.dtype.element_ty), mask=mask)
         if CHECKPOINT:
             if (t + 1) % SEG == 0:
                 if t + 1 < T:
-                    tl.store(ckpt_ptr + dev.step_offset((t + 1) // SEG - 1, sk_t) + k_offs, v, mask=mask)
+                    tl.store(ckpt_ptr + dev.step_offset((t + 1) // SEG - 1, sk_t, INDEX_64) + k_offs, v, mask=mask)
     tl.store(v_out_ptr + dev.element_offsets(n, cc, s, sm_n, sm_c, sm_s), v.to(v_out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -157,9 +160,9 @@ def _norm_lif_bwd_kernel(
     HAS_V0: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
     HAS_CKPT: tl.constexpr, SEG: tl.constexpr, SAME_LAYOUT: tl.constexpr, DECAY_INPUT: tl.constexpr,
     SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
-    SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    cc, n, s, mask = dev.element_block(N, S, BLOCK_M)
+    cc, n, s, mask = dev.element_block(N, S, BLOCK_M, INDEX_64)
     c_mask = cc < C
     # x's offsets; with SAME_LAYOUT ∂s, ∂y and the checkpoints share them (the contiguous case)
     offs = dev.element_offsets(n, cc, s, sx_n, sx_c, sx_s)
@@ -175,7 +178,8 @@ def _norm_lif_bwd_kernel(
     x_scale, v_scale = dev.charge_grads(tl.cast(tau, ACC_DTYPE), DECAY_INPUT)
     gv = tl.zeros([BLOCK_M], ACC_DTYPE)
     if HAS_GV:
-        gv = tl.load(gv_out_ptr + dev.element_offsets(n, cc, s, sgv_n, sgv_c, sgv_s), mask=mask, other=0.0).to(ACC_DTYPE)
+        gv_offs = dev.element_offsets(n, cc, s, sgv_n, sgv_c, sgv_s)
+        gv = tl.load(gv_out_ptr + gv_offs, mask=mask, other=0.0).to(ACC_DTYPE)
     row = tl.arange(0, SEG)[:, None]
     n_seg = tl.cdiv(T, SEG)
     for kk in range(0, n_seg):
@@ -185,7 +189,8 @@ def _norm_lif_bwd_kernel(
                               ACC_DTYPE)
         if HAS_CKPT:  # segments after the first start from the forward's checkpoints
             if k > 0:
-                v = tl.load(ckpt_ptr + dev.step_offset(k - 1, sk_t) + k_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                v = tl.load(ckpt_ptr + dev.step_offset(k - 1, sk_t, INDEX_64) + k_offs, mask=mask,
+                            other=0.0).to(ACC_DTYPE)
         # the segment forward, as the forward kernel ran it: h_t and x̂_t into row j of the tiles
         hs = tl.zeros([SEG, BLOCK_M], ACC_DTYPE)
         x_hats = tl.zeros([SEG, BLOCK_M], ACC_DTYPE)
@@ -196,7 +201,7 @@ def _norm_lif_bwd_kernel(
                     t, cc, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT,
                     HAS_BIAS, ACC_DTYPE,
                 )
-                x = tl.load(x_ptr + dev.step_offset(t, sx_t) + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                x = tl.load(x_ptr + dev.step_offset(t, sx_t, INDEX_64) + offs, mask=mask, other=0.0).to(ACC_DTYPE)
                 h, xc = _norm_charge(x, v, mean, a, b, tau, v_reset, DECAY_INPUT)
                 v = dev.reset(h, h - threshold >= 0, threshold, v_reset, SOFT_RESET)
                 hs = tl.where(row == j, h[None, :], hs)
@@ -210,12 +215,13 @@ def _norm_lif_bwd_kernel(
                 x_hat = tl.sum(tl.where(row == j, x_hats, 0.0), axis=0)
                 gs = tl.zeros([BLOCK_M], ACC_DTYPE)
                 if HAS_GS:
-                    gs = tl.load(gs_ptr + dev.step_offset(t, sg_t) + g_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                    gs = tl.load(gs_ptr + dev.step_offset(t, sg_t, INDEX_64) + g_offs, mask=mask,
+                                 other=0.0).to(ACC_DTYPE)
                 z = h - threshold
                 gu, gs_reset, gth = dev.reset_bwd(gv, z >= 0, h, threshold, v_reset, SOFT_RESET, DETACH_RESET)
                 gh = (gs + gs_reset) * dev.surrogate_grad(z, alpha, SURROGATE) + gu
                 gy = tl.where(mask, gh * x_scale, 0.0)
-                tl.store(gy_ptr + dev.step_offset(t, so_t) + o_offs, gy, mask=mask)
+                tl.store(gy_ptr + dev.step_offset(t, so_t, INDEX_64) + o_offs, gy, mask=mask)
                 block = dev.block_index()
                 part = (t * PPS + block) * C + cc
                 p_mask = block + cc * 0 < PPS  # the grid's overshoot past the last block writes nothing
@@ -311,6 +317,7 @@ def launch_norm_lif_forward(
         T, N, C, S, float(eps), float(threshold), float(v_init), *scalars,
         *tncs_strides(x4), *tncs_strides(s4), *tncs_strides(k4), *ncs_strides(v03), *ncs_strides(as_ncs(v_out, 0)),
         CHECKPOINT=n_ckpt > 0, SEG=seg, SAME_LAYOUT=same_strides(x4, s4, k4), BLOCK_M=block_m,
+        INDEX_64=needs_int64(x4, s4, k4, v03, v_out),
         **_norm_flags(r, weight, bias, p, v0, acc), **lif_flags,
         num_warps=NORM_LIF_WARPS(block_m), enable_fp_fusion=False,
     )
@@ -362,6 +369,7 @@ def launch_norm_lif_backward(
             *ncs_strides(v03), *ncs_strides(gv3), *ncs_strides(gv03),
             HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_GV0=need_dv0, HAS_CKPT=ckpt.numel() > 0,
             SEG=seg, SAME_LAYOUT=same_strides(x4, gs4, gy4, k4), BLOCK_M=block_m,
+            INDEX_64=needs_int64(x4, gs4, gy4, k4, v03, gv3, grad_v0),
             **flags, num_warps=NORM_LIF_WARPS(block_m), enable_fp_fusion=False,
         )
     elif need_dv0:
