@@ -173,6 +173,7 @@ def test_a_layout_whose_spatial_dims_cannot_merge_is_copied_and_still_right():
     torch.testing.assert_close(y, ref, **EXACT)
 
 
+@pytest.mark.slow  # ~5 s
 def test_fused_kernels_with_64_bit_offsets_equal_32_bit_ones(monkeypatch):
     """The fused norm → LIF kernels take int32 offsets unless one passes 2³¹ (INDEX_64):
     forcing INDEX_64 on a small strided input gives the same spikes, membrane and gradients."""
