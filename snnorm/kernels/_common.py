@@ -5,7 +5,9 @@ Kernels address ``[T, N, C, *spatial]`` tensors through a ``[T, N, C, S]`` view 
 spatial dims merged (:func:`as_ncs`) and pass every stride, so non-contiguous,
 channels-last and expanded (stride-0) inputs are read in place without a copy; only
 spatial dims that cannot merge (e.g. a transposed H, W) are copied. The statistics
-pipeline reads a contiguous view (:func:`as_tncs`).
+pipeline and the fused norm → LIF kernels read the same strided ``[T, N, C, S]`` view
+(:func:`as_tncs`, strides by :func:`tncs_strides`) and write their outputs in the input's
+memory format (:func:`empty_tncs_like`).
 
 Devices. Every launcher wears :func:`launcher`: its tensors on one device (ValueError
 otherwise) and the launches, the occupancy probe and the current stream on that device
@@ -75,6 +77,10 @@ __all__ = [
     "slice_args",
     "combine_tiles",
     "as_tncs",
+    "tncs_strides",
+    "ncs_strides",
+    "empty_tncs_like",
+    "same_strides",
     "contiguous_or_none",
     "device_vector",
     "GRID_AXIS_MAX",
@@ -562,10 +568,15 @@ def contiguous_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def as_tncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
-    """Contiguous [T, N, C, S] view of a [T, N, C, *spatial] tensor, and T, N, C, S."""
+    """``[T, N, C, S]`` view of a ``[T, N, C, *spatial]`` tensor (:func:`as_ncs`), and T, N, C, S.
+
+    Strided: contiguous, channels-last (a ``[T·N, C, H, W]`` NHWC conv output viewed
+    ``[T, N, C, H, W]``) and token-major transposed views (``[T, B, L, D]`` seen as
+    ``[T, B, D, L]``: C innermost) are read in place through their strides (:func:`tncs_strides`);
+    only spatial dims that cannot merge are copied (into a contiguous tensor)."""
     T, N, C = x.shape[:3]
-    S = math.prod(x.shape[3:])
-    return x.contiguous().view(T, N, C, S), T, N, C, S
+    x4 = as_ncs(x, 1)
+    return x4, T, N, C, x4.shape[3]
 
 
 @contextlib.contextmanager
@@ -640,3 +651,38 @@ def poisoned_allocations():
                 setattr(torch, name, saved[name])
             torch.Tensor.new_empty = saved["new_empty"]
             globals()["device_guard"] = saved["device_guard"]
+
+
+def tncs_strides(t4: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
+    """The (step, n, c, s) strides of a ``[T, N, C, S]`` view in elements; (0, 0, 0, 0) for None
+    (an absent tensor's unused stride arguments)."""
+    return tuple(t4.stride()) if t4 is not None else (0, 0, 0, 0)
+
+
+def ncs_strides(t3: Optional[torch.Tensor]) -> tuple[int, int, int]:
+    """The (n, c, s) strides of a ``[N, C, S]`` membrane view; (0, 0, 0) for None."""
+    return tuple(t3.stride()) if t3 is not None else (0, 0, 0)
+
+
+def empty_tncs_like(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An output for the ``[T, N, C, *spatial]`` input ``x`` in x's memory format, as torch's
+    BatchNorm allocates one: ``torch.empty_like(x)`` (x's own strides when x is dense and
+    non-overlapping: channels-last and transposed views stay so), or contiguous when those
+    strides' spatial dims would not merge into one S (the input was copied too, :func:`as_tncs`).
+
+    A pure function of x's shape and strides, so a fake (meta) kernel that calls it gives the
+    real output's strides."""
+    out = torch.empty_like(x, dtype=dtype if dtype is not None else x.dtype)
+    if x.dim() > 3:
+        try:
+            out.view(*x.shape[:3], math.prod(x.shape[3:]))
+        except RuntimeError:
+            out = torch.empty(x.shape, dtype=out.dtype, device=x.device)
+    return out
+
+
+def same_strides(*views: Optional[torch.Tensor]) -> bool:
+    """True when every given view has the first one's strides: the kernels then compute one
+    set of offsets for all of them (their SAME_LAYOUT constexpr), as for contiguous tensors."""
+    present = [v for v in views if v is not None]
+    return all(v.stride() == present[0].stride() for v in present[1:])

@@ -29,10 +29,14 @@ grid, in one scheme with three tile shapes, the host-side sizes in :mod:`snnorm.
   channel per program, the membrane in registers across steps); strided, so views are read in
   place, offsets int32 unless ``INDEX_64``;
 * :func:`tile_offsets` — ``[BLOCK_N, BLOCK_C, BLOCK_S]`` tiles of a block of channels over a
-  program's slice (:func:`program_slice`) of a contiguous tensor (the statistics pipeline,
+  program's slice (:func:`program_slice`) of a strided tensor (the statistics pipeline,
   whose reductions run over channels' vectors);
 * :func:`element_block` — BLOCK_M of one channel's N·S elements as a flat vector (the fused
-  norm → LIF kernels, which keep ``[SEG, BLOCK_M]`` register tiles of a segment of steps).
+  norm → LIF kernels, which keep ``[SEG, BLOCK_M]`` register tiles of a segment of steps),
+  addressed in each tensor through its strides (:func:`element_offsets`, :func:`step_offset`).
+
+Every tile and block is addressed through its tensor's strides with int64 offsets, so
+channels-last inputs and transposed token-major views are read and written in place.
 """
 
 from __future__ import annotations
@@ -424,20 +428,29 @@ def program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS):
 
 
 @triton.jit
-def tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """int64 offsets and mask of the [BLOCK_N, BLOCK_C, BLOCK_S] tile at (t, n0, :, s0)."""
+def tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, st, sn, sc, ss, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """int64 offsets and mask of the [BLOCK_N, BLOCK_C, BLOCK_S] tile at (t, n0, :, s0) of a
+    ``[T, N, C, S]`` tensor with element strides (st, sn, sc, ss): contiguous, channels-last
+    (sc = 1) and transposed token-major views (C innermost) alike, read and written in place.
+    A stride of 1 is specialised by triton, so the unit-stride axis still vectorises."""
     n = n0 + tl.arange(0, BLOCK_N)
     s = s0 + tl.arange(0, BLOCK_S)
-    row = (t * N + n).to(tl.int64)
-    offs = (row[:, None, None] * C + c[None, :, None]) * S + s[None, None, :]
+    base = t.to(tl.int64) * st
+    offs = (
+        base
+        + (n.to(tl.int64) * sn)[:, None, None]
+        + (c.to(tl.int64) * sc)[None, :, None]
+        + (s.to(tl.int64) * ss)[None, None, :]
+    )
     mask = (n < n_hi)[:, None, None] & c_mask[None, :, None] & (s < s_hi)[None, None, :]
     return offs, mask
 
 
 @triton.jit
-def element_block(N, C, S, BLOCK_M: tl.constexpr):
-    """Program (c, block)'s channel (as a one-element block), its elements' offsets at step 0
-    (int64, also their offsets in ``[N, C, S]`` membranes), their mask, and one step's stride.
+def element_block(N, S, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr):
+    """Program (c, block)'s channel (as a one-element block), its elements' (n, s) indices
+    (int64 with INDEX_64, else int32) and their mask; :func:`element_offsets` turns them into
+    a tensor's offsets.
 
     Grid ``(C, B1, B2)`` (:func:`snnorm.kernels._common.block_grid`): the channel on axis 0
     (≤ 2³¹ − 1), the block of N·S split over axes 1 and 2 (each ≤ 65,535), block =
@@ -447,10 +460,28 @@ def element_block(N, C, S, BLOCK_M: tl.constexpr):
     mask = m < N * S
     n = m // S
     s = m - n * S
-    offs = (n.to(tl.int64) * C + c) * S + s
-    step = (tl.zeros((), tl.int64) + N) * C * S  # N, C, S may be specialised constants
     cc = c + tl.arange(0, 1)
-    return cc, offs, mask, step
+    if INDEX_64:
+        n = n.to(tl.int64)
+        s = s.to(tl.int64)
+        cc = cc.to(tl.int64)
+    return cc, n, s, mask
+
+
+@triton.jit
+def element_offsets(n, cc, s, sn, sc, ss):
+    """Offsets of elements (n, c, s) in a ``[N, C, S]`` tensor (or one step of a ``[T, N, C, S]``
+    one) with element strides (sn, sc, ss), in the type of n, s (:func:`element_block`: int64
+    with INDEX_64, where some offset passes 2³¹); the step t adds ``t·st`` (:func:`step_offset`).
+    Any layout whose spatial dims merge: contiguous, channels-last, transposed token-major
+    views, expanded (stride-0) membranes and gradients."""
+    return n * sn + cc * sc + s * ss
+
+
+@triton.jit
+def step_offset(t, st, INDEX_64: tl.constexpr):
+    """Step t's offset ``t·st`` in a tensor whose step stride is ``st`` (int64 with INDEX_64)."""
+    return index(t, INDEX_64) * st
 
 
 @triton.jit

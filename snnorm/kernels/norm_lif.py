@@ -29,14 +29,21 @@ recomputed h (and spike) is bit-identical to the forward's.
 fp32 bytes per element-step: forward 4 (partials read x) + 8 (x, s) + 4/T (v_T);
 backward 12 (x, ∂s, ∂y) + 12 (∂y, x, ∂x) + 8/T (∂v_T, ∂v0); launches 3 and 3.
 
-Layout: x ``[T, N, C, *spatial]`` made contiguous and viewed ``[T, N, C, S]``; a program
-takes one channel c and a block of BLOCK_M of its M = N·S elements (grid (C, B1, B2): c on
-axis 0, the block split over axes 1 and 2, each within CUDA's limits at any N·S), so its partial sums are row ``t·PPS + block`` of ``[T·PPS, C]``, the order the
+Layout: x ``[T, N, C, *spatial]`` viewed ``[T, N, C, S]`` in place (``_common.as_tncs``): every
+tensor through its own strides, so channels-last convnet activations and transposed
+token-major views (``[T, B, L, D]`` seen as ``[T, B, D, L]``) move the bytes contiguous ones
+do, with outputs and membranes in x's memory format; ``SAME_LAYOUT`` computes one set of
+offsets when the per-step tensors share x's strides; offsets are int32, int64 where one
+passes 2³¹ (``INDEX_64``). A program takes one channel c and a block of BLOCK_M of its
+M = N·S elements (grid (C, B1, B2): c on axis 0, the block split over axes 1 and 2, each
+within CUDA's limits at any N·S), so its partial sums are row ``t·PPS + block`` of
+``[T·PPS, C]``, the order the
 pipeline's coefficient kernel reads. Membranes are fp32 (fp64) in the kernels.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -45,12 +52,13 @@ import triton.language as tl
 
 from . import _device as dev
 from ._common import (
-    NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_tncs, check_channel_args, contiguous_or_none, block_grid, launcher,
-    next_pow2,
+    NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, as_tncs, check_channel_args, contiguous_or_none, block_grid,
+    empty_tncs_like, launcher, ncs_strides, needs_int64, next_pow2, same_strides, tncs_strides,
 )
-from .bn_pipeline import NormRule, check_params, launch_backward_from_sums, out_dtype
+from .bn_pipeline import NormRule, check_params, launch_backward_from_sums, out_dtype, output_like
 
-__all__ = ["segment_length", "launch_norm_lif_forward", "launch_norm_lif_backward"]
+__all__ = ["segment_length", "membrane_like", "checkpoint_buffer", "launch_norm_lif_forward",
+           "launch_norm_lif_backward"]
 
 #: the longest segment the backward keeps in registers ([SEG, BLOCK_M] tiles of h and x̂)
 MAX_SEGMENT = 16
@@ -88,73 +96,101 @@ def _norm_charge(x, v, mean, a, b, tau, v_r, DECAY_INPUT: tl.constexpr):
 
 @triton.jit
 def _norm_lif_fwd_kernel(
-    x_ptr,  # [T, N, C, S] contiguous
-    s_ptr,  # [T, N, C, S] out: spikes
-    v0_ptr,  # [N, C, S] initial membrane (HAS_V0), else v_init everywhere
-    v_out_ptr,  # [N, C, S] out: final membrane
-    ckpt_ptr,  # [T // SEG (- 1), N, C, S] out (CHECKPOINT): membrane after steps SEG, 2·SEG, ... (fp32/fp64)
+    x_ptr,  # [T, N, C, S], element strides (sx_t, sx_n, sx_c, sx_s)
+    s_ptr,  # [T, N, C, S] out: spikes, strides (so_t, so_n, so_c, so_s) (x's with SAME_LAYOUT)
+    v0_ptr,  # [N, C, S] initial membrane (HAS_V0), strides (sv_n, sv_c, sv_s), else v_init everywhere
+    v_out_ptr,  # [N, C, S] out: final membrane, strides (sm_n, sm_c, sm_s)
+    ckpt_ptr,  # [T // SEG (- 1), N, C, S] out (CHECKPOINT), strides (sk_t, ...): membrane after steps SEG, 2·SEG, ...
     mean_ptr, var_ptr,  # statistics rows: [C] or [T, C] (PER_STEP)
     w_ptr, b_ptr,  # γ, β in the statistics' layout, or None
     p_ptr,  # [T] per-step scale, or None (SCALE == 0)
     T, N, C, S, eps, threshold, v_init, tau, v_reset,
+    sx_t, sx_n, sx_c, sx_s, so_t, so_n, so_c, so_s, sk_t, sk_n, sk_c, sk_s, sv_n, sv_c, sv_s, sm_n, sm_c, sm_s,
     PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_V0: tl.constexpr, CHECKPOINT: tl.constexpr, SEG: tl.constexpr,
-    DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_V0: tl.constexpr, CHECKPOINT: tl.constexpr, SEG: tl.constexpr, SAME_LAYOUT: tl.constexpr,
+    DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
-    cc, offs, mask, step = dev.element_block(N, C, S, BLOCK_M)
+    cc, n, s, mask = dev.element_block(N, S, BLOCK_M, INDEX_64)
     c_mask = cc < C
-    v = _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0, BLOCK_M, ACC_DTYPE)
+    # x's offsets; with SAME_LAYOUT the spikes and the checkpoints share them (the contiguous case)
+    offs = dev.element_offsets(n, cc, s, sx_n, sx_c, sx_s)
+    if SAME_LAYOUT:
+        o_offs = offs
+        k_offs = offs
+    else:
+        o_offs = dev.element_offsets(n, cc, s, so_n, so_c, so_s)
+        k_offs = dev.element_offsets(n, cc, s, sk_n, sk_c, sk_s)
+    v = _initial_membrane(v0_ptr, dev.element_offsets(n, cc, s, sv_n, sv_c, sv_s), mask, v_init, HAS_V0, BLOCK_M,
+                          ACC_DTYPE)
     for t in range(0, T):
         mean, rstd, a, b = dev.step_coefficients(
             t, cc, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE,
         )
-        x = tl.load(x_ptr + t * step + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        x = tl.load(x_ptr + dev.step_offset(t, sx_t, INDEX_64) + offs, mask=mask, other=0.0).to(ACC_DTYPE)
         h, xc = _norm_charge(x, v, mean, a, b, tau, v_reset, DECAY_INPUT)
         spike = h - threshold >= 0
         v = dev.reset(h, spike, threshold, v_reset, SOFT_RESET)
         # via the compute dtype: the interpreter cannot cast a bool block to bf16 directly
-        tl.store(s_ptr + t * step + offs, tl.where(spike, 1.0, 0.0).to(ACC_DTYPE).to(s_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + dev.step_offset(t, so_t, INDEX_64) + o_offs,
+                 tl.where(spike, 1.0, 0.0).to(ACC_DTYPE).to(s_ptr.dtype.element_ty), mask=mask)
         if CHECKPOINT:
             if (t + 1) % SEG == 0:
                 if t + 1 < T:
-                    tl.store(ckpt_ptr + ((t + 1) // SEG - 1) * step + offs, v, mask=mask)
-    tl.store(v_out_ptr + offs, v.to(v_out_ptr.dtype.element_ty), mask=mask)
+                    tl.store(ckpt_ptr + dev.step_offset((t + 1) // SEG - 1, sk_t, INDEX_64) + k_offs, v, mask=mask)
+    tl.store(v_out_ptr + dev.element_offsets(n, cc, s, sm_n, sm_c, sm_s), v.to(v_out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _norm_lif_bwd_kernel(
-    gs_ptr,  # [T, N, C, S] contiguous ∂L/∂s (HAS_GS)
-    gv_out_ptr,  # [N, C, S] contiguous ∂L/∂v_T (HAS_GV)
-    x_ptr,  # [T, N, C, S] contiguous
-    v0_ptr,  # [N, C, S] (HAS_V0)
-    ckpt_ptr,  # checkpoints as written by the forward (HAS_CKPT; None when T ≤ SEG)
-    gy_ptr,  # [T, N, C, S] out: ∂L/∂y (fp32/fp64)
-    gv0_ptr,  # [N, C, S] out: ∂L/∂v0 (NEED_GV0)
+    gs_ptr,  # [T, N, C, S] ∂L/∂s (HAS_GS), element strides (sg_t, sg_n, sg_c, sg_s)
+    gv_out_ptr,  # [N, C, S] ∂L/∂v_T (HAS_GV), strides (sgv_n, sgv_c, sgv_s)
+    x_ptr,  # [T, N, C, S], strides (sx_t, sx_n, sx_c, sx_s)
+    v0_ptr,  # [N, C, S] (HAS_V0), strides (sv_n, sv_c, sv_s)
+    ckpt_ptr,  # checkpoints as written by the forward (HAS_CKPT; None when T ≤ SEG), strides (sk_t, ...)
+    gy_ptr,  # [T, N, C, S] out: ∂L/∂y (fp32/fp64), strides (so_t, so_n, so_c, so_s)
+    gv0_ptr,  # [N, C, S] out: ∂L/∂v0 (NEED_GV0), strides (sm_n, sm_c, sm_s)
     part_a_ptr,  # [T·PPS, C] out: Σ ∂y over this block at step t (row t·PPS + block)
     part_b_ptr,  # [T·PPS, C] out: Σ ∂y·x̂
     mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr,  # as in the forward
     T, N, C, S, PPS, eps, threshold, v_init, tau, v_reset, alpha,
+    sx_t, sx_n, sx_c, sx_s, sg_t, sg_n, sg_c, sg_s, so_t, so_n, so_c, so_s, sk_t, sk_n, sk_c, sk_s,
+    sv_n, sv_c, sv_s, sgv_n, sgv_c, sgv_s, sm_n, sm_c, sm_s,
     PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_V0: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
-    HAS_CKPT: tl.constexpr, SEG: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
-    SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_CKPT: tl.constexpr, SEG: tl.constexpr, SAME_LAYOUT: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
+    SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    cc, offs, mask, step = dev.element_block(N, C, S, BLOCK_M)
+    cc, n, s, mask = dev.element_block(N, S, BLOCK_M, INDEX_64)
     c_mask = cc < C
+    # x's offsets; with SAME_LAYOUT ∂s, ∂y and the checkpoints share them (the contiguous case)
+    offs = dev.element_offsets(n, cc, s, sx_n, sx_c, sx_s)
+    if SAME_LAYOUT:
+        g_offs = offs
+        o_offs = offs
+        k_offs = offs
+    else:
+        g_offs = dev.element_offsets(n, cc, s, sg_n, sg_c, sg_s)
+        o_offs = dev.element_offsets(n, cc, s, so_n, so_c, so_s)
+        k_offs = dev.element_offsets(n, cc, s, sk_n, sk_c, sk_s)
     # 1/τ in the compute dtype (τ arrives as an fp32 scalar; fp64 keeps its digits)
     x_scale, v_scale = dev.charge_grads(tl.cast(tau, ACC_DTYPE), DECAY_INPUT)
     gv = tl.zeros([BLOCK_M], ACC_DTYPE)
     if HAS_GV:
-        gv = tl.load(gv_out_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        gv_offs = dev.element_offsets(n, cc, s, sgv_n, sgv_c, sgv_s)
+        gv = tl.load(gv_out_ptr + gv_offs, mask=mask, other=0.0).to(ACC_DTYPE)
     row = tl.arange(0, SEG)[:, None]
     n_seg = tl.cdiv(T, SEG)
     for kk in range(0, n_seg):
         k = n_seg - 1 - kk
         t0 = k * SEG
-        v = _initial_membrane(v0_ptr, offs, mask, v_init, HAS_V0, BLOCK_M, ACC_DTYPE)
+        v = _initial_membrane(v0_ptr, dev.element_offsets(n, cc, s, sv_n, sv_c, sv_s), mask, v_init, HAS_V0, BLOCK_M,
+                              ACC_DTYPE)
         if HAS_CKPT:  # segments after the first start from the forward's checkpoints
             if k > 0:
-                v = tl.load(ckpt_ptr + (k - 1) * step + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                v = tl.load(ckpt_ptr + dev.step_offset(k - 1, sk_t, INDEX_64) + k_offs, mask=mask,
+                            other=0.0).to(ACC_DTYPE)
         # the segment forward, as the forward kernel ran it: h_t and x̂_t into row j of the tiles
         hs = tl.zeros([SEG, BLOCK_M], ACC_DTYPE)
         x_hats = tl.zeros([SEG, BLOCK_M], ACC_DTYPE)
@@ -165,7 +201,7 @@ def _norm_lif_bwd_kernel(
                     t, cc, c_mask, C, mean_ptr, var_ptr, w_ptr, b_ptr, p_ptr, eps, PER_STEP, SCALE, HAS_WEIGHT,
                     HAS_BIAS, ACC_DTYPE,
                 )
-                x = tl.load(x_ptr + t * step + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                x = tl.load(x_ptr + dev.step_offset(t, sx_t, INDEX_64) + offs, mask=mask, other=0.0).to(ACC_DTYPE)
                 h, xc = _norm_charge(x, v, mean, a, b, tau, v_reset, DECAY_INPUT)
                 v = dev.reset(h, h - threshold >= 0, threshold, v_reset, SOFT_RESET)
                 hs = tl.where(row == j, h[None, :], hs)
@@ -179,12 +215,13 @@ def _norm_lif_bwd_kernel(
                 x_hat = tl.sum(tl.where(row == j, x_hats, 0.0), axis=0)
                 gs = tl.zeros([BLOCK_M], ACC_DTYPE)
                 if HAS_GS:
-                    gs = tl.load(gs_ptr + t * step + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                    gs = tl.load(gs_ptr + dev.step_offset(t, sg_t, INDEX_64) + g_offs, mask=mask,
+                                 other=0.0).to(ACC_DTYPE)
                 z = h - threshold
                 gu, gs_reset, gth = dev.reset_bwd(gv, z >= 0, h, threshold, v_reset, SOFT_RESET, DETACH_RESET)
                 gh = (gs + gs_reset) * dev.surrogate_grad(z, alpha, SURROGATE) + gu
                 gy = tl.where(mask, gh * x_scale, 0.0)
-                tl.store(gy_ptr + t * step + offs, gy, mask=mask)
+                tl.store(gy_ptr + dev.step_offset(t, so_t, INDEX_64) + o_offs, gy, mask=mask)
                 block = dev.block_index()
                 part = (t * PPS + block) * C + cc
                 p_mask = block + cc * 0 < PPS  # the grid's overshoot past the last block writes nothing
@@ -192,7 +229,7 @@ def _norm_lif_bwd_kernel(
                 tl.store(part_b_ptr + part, tl.sum(gy * x_hat, axis=0) + tl.zeros([1], ACC_DTYPE), mask=p_mask)
                 gv = gh * v_scale
     if NEED_GV0:
-        tl.store(gv0_ptr + offs, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
+        tl.store(gv0_ptr + dev.element_offsets(n, cc, s, sm_n, sm_c, sm_s), gv.to(gv0_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,9 +250,32 @@ def _norm_flags(r: NormRule, weight, bias, p, v0, acc) -> dict:
 
 
 def _check(op: str, r: NormRule, x, v0, weight, bias, p, mean, var) -> None:
-    """The pipeline's per-channel arguments and the membrane ``v0`` ``[N, C, *spatial]`` (read contiguous)."""
+    """The pipeline's per-channel arguments and the membrane ``v0`` ``[N, C, *spatial]`` (read in place)."""
     check_params(op, r, x, weight, bias, mean, var, p)
     check_channel_args(f"{op} ({r.name})", x.device, v0=(v0, tuple(x.shape[1:])))
+
+
+def membrane_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A membrane ``[N, C, *spatial]`` (v_T, ∂v0) for the input ``x`` ``[T, N, C, *spatial]``, in
+    the memory format of one step of x (``torch.empty_like(x[0])``: channels-last and
+    transposed views stay so), contiguous where its spatial dims would not merge. A pure
+    function of x's shape and strides: the op's fake kernel gives the same strides."""
+    m = torch.empty_like(x[0], dtype=dtype)
+    try:
+        m.view(*m.shape[:2], math.prod(m.shape[2:]))
+    except RuntimeError:
+        m = torch.empty(x.shape[1:], dtype=dtype, device=x.device)
+    return m
+
+
+def checkpoint_buffer(x: torch.Tensor, n_ckpt: int, dtype: torch.dtype) -> torch.Tensor:
+    """The forward's membrane checkpoints ``[n_ckpt, N, C, S]`` in the layout of ``x[:n_ckpt]``
+    (so that with x's format they share x's offsets in the kernels)."""
+    T, N, C = x.shape[:3]
+    S = math.prod(x.shape[3:])
+    if n_ckpt == 0:  # none (T ≤ SEG, or no backward): contiguous, as a fake kernel makes an empty tensor
+        return x.new_empty((0, N, C, S), dtype=dtype)
+    return empty_tncs_like(x[:n_ckpt], dtype).view(n_ckpt, N, C, S)
 
 
 @launcher
@@ -230,26 +290,35 @@ def launch_norm_lif_forward(
     ``v0`` ``[N, C, *spatial]`` or None for a membrane that starts at ``v_init``. ``lif`` is
     a :class:`snnorm.params.LIFKernelParameters`. ``checkpoint`` keeps the membrane after
     every SEG-th step for a backward (an empty tensor otherwise, or when T ≤ SEG).
+
+    Every tensor is read in place through its strides and the spikes and the final membrane
+    come back in x's memory format (:func:`output_like`, :func:`membrane_like`).
     """
     _check("norm_lif", r, x, v0, weight, bias, p, mean, var)
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
     mean, var = mean.to(acc).contiguous(), var.to(acc).contiguous()
     dtype = out_dtype(x, p)
-    spikes = torch.empty(x.shape, dtype=dtype, device=x.device)
-    v_out = torch.empty((N, C, *x.shape[3:]), dtype=dtype, device=x.device)
+    spikes = output_like(x, dtype)
+    v_out = membrane_like(x, dtype)
     seg = segment_length(T)
     n_ckpt = (triton.cdiv(T, seg) - 1) if checkpoint else 0
-    ckpt = torch.empty((n_ckpt, N, C, S), dtype=acc, device=x.device)
+    ckpt = checkpoint_buffer(x, n_ckpt, acc)
     if x.numel() == 0:
         return spikes, v_out, ckpt
+    s4 = spikes.view(x4.shape)
+    v03 = as_ncs(v0, 0) if v0 is not None else None
+    k4 = ckpt if n_ckpt else None
     block_m = _block_m(N * S, x.device)
     scalars, lif_flags = dev.lif_kernel_args(lif)
     _norm_lif_fwd_kernel[block_grid(C, triton.cdiv(N * S, block_m))](
-        x4, spikes, contiguous_or_none(v0), v_out, ckpt if n_ckpt else None, mean, var,
+        x4, s4, v03, v_out, k4, mean, var,
         contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
         T, N, C, S, float(eps), float(threshold), float(v_init), *scalars,
-        CHECKPOINT=n_ckpt > 0, SEG=seg, BLOCK_M=block_m, **_norm_flags(r, weight, bias, p, v0, acc), **lif_flags,
+        *tncs_strides(x4), *tncs_strides(s4), *tncs_strides(k4), *ncs_strides(v03), *ncs_strides(as_ncs(v_out, 0)),
+        CHECKPOINT=n_ckpt > 0, SEG=seg, SAME_LAYOUT=same_strides(x4, s4, k4), BLOCK_M=block_m,
+        INDEX_64=needs_int64(x4, s4, k4, v03, v_out),
+        **_norm_flags(r, weight, bias, p, v0, acc), **lif_flags,
         num_warps=NORM_LIF_WARPS(block_m), enable_fp_fusion=False,
     )
     return spikes, v_out, ckpt
@@ -267,38 +336,46 @@ def launch_norm_lif_backward(
     ``grad_s``/``grad_v`` may be None (no gradient reached the spikes / the final
     membrane). Three launches: the recompute-and-BPTT kernel (∂y and its per-(t, c) sums),
     then the pipeline's coefficient and ∂x kernels. ``all_reduce``: synchronised batch
-    statistics (:func:`snnorm.kernels.bn_pipeline.launch_backward_from_sums`).
+    statistics (:func:`snnorm.kernels.bn_pipeline.launch_backward_from_sums`). x, ∂s, ∂v_T,
+    v0 are read in place; ∂y (internal), ∂x and ∂v0 are written in x's memory format.
     """
     _check("norm_lif backward", r, x, v0, weight, bias, p, mean, var)
-    x = x.contiguous()  # once: launch_backward_from_sums reads the same copy
-    x4, T, N, C, S = as_tncs(x)
+    x4, T, N, C, S = as_tncs(x)  # a copy only where the spatial dims cannot merge, then shared below
     acc = acc_torch_dtype(x.dtype)
     dev_ = x.device
     block_m = _block_m(N * S, dev_)
     pps = max(1, triton.cdiv(N * S, block_m))
-    grad_y = torch.empty((T, N, C, S), dtype=acc, device=dev_)
+    grad_y = output_like(x, acc)
     # every (step, block, channel) row is written by the kernel; no element: all sums are 0
     alloc = torch.empty if x.numel() > 0 else torch.zeros
     part_a = alloc(T * pps, C, dtype=acc, device=dev_)
     part_b = alloc(T * pps, C, dtype=acc, device=dev_)
-    grad_v0 = torch.empty((N, C, *x.shape[3:]), dtype=v0.dtype if v0 is not None else x.dtype, device=dev_) \
-        if need_dv0 else None
+    grad_v0 = membrane_like(x, v0.dtype if v0 is not None else x.dtype) if need_dv0 else None
     if x.numel() > 0:
         seg = segment_length(T)
         scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
         flags = {**_norm_flags(r, weight, bias, p, v0, acc), **lif_flags}
+        gy4 = grad_y.view(x4.shape)
+        gs4 = as_tncs(grad_s)[0] if grad_s is not None else None
+        gv3 = as_ncs(grad_v, 0) if grad_v is not None else None
+        v03 = as_ncs(v0, 0) if v0 is not None else None
+        k4 = ckpt if ckpt.numel() else None
+        gv03 = as_ncs(grad_v0, 0) if grad_v0 is not None else None
         _norm_lif_bwd_kernel[block_grid(C, pps)](
-            contiguous_or_none(grad_s), contiguous_or_none(grad_v), x4, contiguous_or_none(v0),
-            ckpt if ckpt.numel() else None, grad_y, grad_v0, part_a, part_b, mean, var,
+            gs4, gv3, x4, v03, k4, gy4, grad_v0, part_a, part_b, mean, var,
             contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
             T, N, C, S, pps, float(eps), float(threshold), float(v_init), *scalars,
+            *tncs_strides(x4), *tncs_strides(gs4), *tncs_strides(gy4), *tncs_strides(k4),
+            *ncs_strides(v03), *ncs_strides(gv3), *ncs_strides(gv03),
             HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_GV0=need_dv0, HAS_CKPT=ckpt.numel() > 0,
-            SEG=seg, BLOCK_M=block_m,
+            SEG=seg, SAME_LAYOUT=same_strides(x4, gs4, gy4, k4), BLOCK_M=block_m,
+            INDEX_64=needs_int64(x4, gs4, gy4, k4, v03, gv3, grad_v0),
             **flags, num_warps=NORM_LIF_WARPS(block_m), enable_fp_fusion=False,
         )
     elif need_dv0:
         grad_v0.zero_() if grad_v is None else grad_v0.copy_(grad_v)
     dx, dw, db, dp, _, _ = launch_backward_from_sums(
-        r, part_a, part_b, grad_y.view(x.shape), x, weight, bias, mean, var, p, eps, batch_stats, need_dx, all_reduce,
+        r, part_a, part_b, grad_y, x4.view(x.shape), weight, bias, mean, var, p, eps, batch_stats, need_dx,
+        all_reduce,
     )
     return dx, grad_v0, dw, db, dp

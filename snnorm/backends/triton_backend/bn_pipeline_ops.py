@@ -78,7 +78,7 @@ def bn_apply_op(x, weight, bias, mean, var, p, eps, rule, batch_stats, group="")
 
 @bn_apply_op.register_fake
 def _(x, weight, bias, mean, var, p, eps, rule, batch_stats, group=""):
-    return torch.empty_like(x, dtype=_bnp.out_dtype(x, p), memory_format=torch.contiguous_format)
+    return _bnp.output_like(x, _bnp.out_dtype(x, p))  # x's memory format, as the real kernel writes
 
 
 @torch.library.custom_op("snnorm::bn_apply_backward", mutates_args=(), schema=BN_APPLY_BWD.schema)
@@ -97,7 +97,7 @@ def bn_apply_backward_op(grad_y, x, weight, bias, mean, var, p, eps, rule, batch
 def _(grad_y, x, weight, bias, mean, var, p, eps, rule, batch_stats, need_dx, need_sums, group=""):
     acc = acc_torch_dtype(x.dtype)
     shape = _bnp.stats_shape(_bnp.rule(rule), x.shape[0], x.shape[2])
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+    dx = _bnp.output_like(x) if need_dx else x.new_empty(0)
     tc = [x.new_empty(shape, dtype=acc) for _ in range(4)]
     return dx, tc[0], tc[1], x.new_empty(x.shape[0], dtype=acc), tc[2], tc[3]
 

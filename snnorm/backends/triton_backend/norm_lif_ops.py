@@ -52,12 +52,13 @@ def norm_lif_op(x, v0, weight, bias, p, mean, var, rule, eps, batch_stats, thres
 @norm_lif_op.register_fake
 def _(x, v0, weight, bias, p, mean, var, rule, eps, batch_stats, threshold, v_init, *args):
     _, (checkpoint, _group) = LIFKernelParameters.from_op_args(args)
-    T, N, C = x.shape[:3]
+    T = x.shape[0]
     dtype = _bnp.out_dtype(x, p)
     n_ckpt = (-(-T // _nl.segment_length(T)) - 1) if checkpoint else 0
+    # the real launcher's allocators: the same strides (x's memory format)
     return (
-        torch.empty(x.shape, dtype=dtype, device=x.device), x.new_empty(x.shape[1:], dtype=dtype),
-        x.new_empty((n_ckpt, N, C, x[0, 0, 0].numel()), dtype=acc_torch_dtype(x.dtype)),
+        _bnp.output_like(x, dtype), _nl.membrane_like(x, dtype),
+        _nl.checkpoint_buffer(x, n_ckpt, acc_torch_dtype(x.dtype)),
     )
 
 
@@ -78,8 +79,8 @@ def _(grad_s, grad_v, x, v0, ckpt, weight, bias, p, mean, var, rule, eps, batch_
     _, (need_dx, need_dv0, _group) = LIFKernelParameters.from_op_args(args)
     acc = acc_torch_dtype(x.dtype)
     shape = _bnp.stats_shape(_bnp.rule(rule), x.shape[0], x.shape[2])
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
-    dv0 = x.new_empty(x.shape[1:], dtype=v0.dtype if v0 is not None else x.dtype) if need_dv0 else x.new_empty(0)
+    dx = _bnp.output_like(x) if need_dx else x.new_empty(0)
+    dv0 = _nl.membrane_like(x, v0.dtype if v0 is not None else x.dtype) if need_dv0 else x.new_empty(0)
     return dx, dv0, x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
 

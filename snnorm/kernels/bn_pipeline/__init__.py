@@ -68,6 +68,13 @@ as callables): :func:`launch_stats` with ``gather`` reduces, gathers and combine
 the backward with ``all_reduce`` sums A, B over ranks (:func:`launch_backward_from_sums`).
 Each moves O(T·C) values; without the callables nothing changes.
 
+Layouts: x, ∂y (and y, ∂x) are addressed through their own strides as ``[T, N, C, S]`` views
+(``_common.as_tncs``), so channels-last convnet activations and transposed token-major views
+(Spikformer's BatchNorm1d on ``[T, B, L, D]``.transpose(-1, -2)) are read in place in both
+directions and move the contiguous bytes; y and ∂x come back in x's memory format
+(:func:`output_like`, as torch's BatchNorm). Only spatial dims that cannot merge into one
+strided S (a transposed H, W) are still copied. Every launch pins ``enable_fp_fusion=False``.
+
 Everything is fp32 (fp64 for fp64 input); partials are reduced in a fixed order (no float
 atomics), so results are deterministic. Absent tensors (γ, β, p, running statistics) reach
 the kernels as None with a ``HAS_*`` flag. This module launches kernels only; the
@@ -93,10 +100,13 @@ from .._common import (
     combine_tiles,
     contiguous_or_none,
     device_vector,
+    empty_tncs_like,
     fitted_geometry,
     launcher,
+    same_strides,
     slice_args,
     tile_constexprs,
+    tncs_strides,
 )
 from .._device import GROUPING_ALL, GROUPING_EACH, GROUPING_PREFIX, SCALE_LINEAR, SCALE_NONE, SCALE_SQUARE
 from ._kernels import (
@@ -111,7 +121,12 @@ from ._kernels import (
 __all__ = [
     "ALL", "EACH", "PREFIX", "NONE", "LINEAR", "SQUARE", "NormRule", "RULES", "rule",
     "launch_stats", "launch_apply", "launch_backward", "launch_backward_from_sums", "stats_shape", "param_shape",
+    "output_like",
 ]
+
+#: every launch of the pipeline pins fp-fusion off: the same rounding on every GPU and triton
+#: (fusion was on by default in triton 3.6, off from 3.10), as the fused norm → LIF kernels do
+NO_FP_FUSION = dict(enable_fp_fusion=False)
 
 #: groupings: which steps' values a statistics row pools (the host's ints of the kernels' named modes)
 ALL, EACH, PREFIX = GROUPING_ALL.value, GROUPING_EACH.value, GROUPING_PREFIX.value
@@ -195,9 +210,9 @@ def launch_partial_stats(x4: torch.Tensor, T: int, N: int, C: int, S: int, acc: 
         part_mean = torch.empty(geo.parts, C, dtype=acc, device=x4.device)
         part_m2 = torch.empty(geo.parts, C, dtype=acc, device=x4.device)
         part_count = torch.empty(geo.parts, dtype=acc, device=x4.device)
-        return (x4, part_mean, part_m2, part_count, N, C, S, *slice_args(geo))
+        return (x4, part_mean, part_m2, part_count, N, C, S, *slice_args(geo), *tncs_strides(x4))
 
-    flags = dict(ACC_DTYPE=acc_dtype(acc))
+    flags = dict(ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION)
     geo = fitted_geometry(stats_partial_kernel, T, N, C, S, x4.device, x4.dtype, partials, flags,
                           warps=STATS_WARPS)
     args = partials(geo)
@@ -229,6 +244,7 @@ def _reduce(
         rows, per_group, C,
         PREFIX_MERGE=prefix, UPDATE_RUNNING=update, PER_ROW_MOMENTUM=per_row, STORE_M2=store_m2,
         BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=REDUCE_WARPS(block_p * block_c),
+        **NO_FP_FUSION,
     )
     if update and r_mean.data_ptr() != running_mean.data_ptr():
         running_mean.copy_(r_mean)
@@ -298,6 +314,14 @@ def out_dtype(x: torch.Tensor, p: Optional[torch.Tensor]) -> torch.dtype:
     return x.dtype if p is None else torch.promote_types(x.dtype, p.dtype)
 
 
+def output_like(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An output (y, ∂x, spikes) for the ``[T, N, C, *spatial]`` input ``x``, in x's memory
+    format as torch's BatchNorm gives it (``torch.empty_like`` semantics; contiguous only where
+    x's spatial dims cannot merge). The ops' fake kernels call it too, so the real and the
+    fake outputs have the same strides."""
+    return empty_tncs_like(x, dtype)
+
+
 @launcher
 def launch_apply(
     r: NormRule, x: torch.Tensor, weight, bias, mean: torch.Tensor, var: torch.Tensor, p, eps: float
@@ -306,16 +330,18 @@ def launch_apply(
     check_params("apply", r, x, weight, bias, mean, var, p)
     x4, T, N, C, S = as_tncs(x)
     acc = acc_torch_dtype(x.dtype)
-    y = torch.empty(x.shape, dtype=out_dtype(x, p), device=x.device)
+    y = output_like(x, out_dtype(x, p))
     if x.numel() == 0:
         return y
-    head = (x4, y, mean.contiguous(), var.contiguous(), contiguous_or_none(weight), contiguous_or_none(bias),
+    y4 = y.view(x4.shape)
+    head = (x4, y4, mean.contiguous(), var.contiguous(), contiguous_or_none(weight), contiguous_or_none(bias),
             contiguous_or_none(p), N, C, S)
+    strides = (*tncs_strides(x4), *tncs_strides(y4))
     flags = dict(PER_STEP=r.per_step, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 ACC_DTYPE=acc_dtype(acc))
-    geo = fitted_geometry(_apply_kernel, T, N, C, S, x.device, x.dtype, lambda g: (*head, *slice_args(g), float(eps)),
-                          flags)
-    _apply_kernel[geo.grid](*head, *slice_args(geo), float(eps), **flags, **tile_constexprs(geo))
+                 SAME_LAYOUT=same_strides(x4, y4), ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION)
+    geo = fitted_geometry(_apply_kernel, T, N, C, S, x.device, x.dtype,
+                          lambda g: (*head, *slice_args(g), float(eps), *strides), flags)
+    _apply_kernel[geo.grid](*head, *slice_args(geo), float(eps), *strides, **flags, **tile_constexprs(geo))
     return y
 
 
@@ -334,8 +360,7 @@ def launch_backward(
     """
     check_params("backward", r, x, weight, bias, mean, var, p)
     check_channel_args(f"backward ({r.name})", x.device, grad_y=(grad_y, tuple(x.shape), True))
-    x = x.contiguous()  # once: launch_backward_from_sums reads the same copy (a view from here on)
-    x4, T, N, C, S = as_tncs(x)
+    x4, T, N, C, S = as_tncs(x)  # in place (a copy only for spatial dims that cannot merge)
     acc = acc_torch_dtype(x.dtype)
     dev = x.device
     mean, var = mean.contiguous(), var.contiguous()
@@ -343,21 +368,24 @@ def launch_backward(
     if x.numel() == 0 or not (batch_stats or need_sums):  # no sums: A = B = 0
         part_a = part_b = torch.zeros(T, C, **tc)
     else:
-        grad_y = grad_y.contiguous()  # likewise copied at most once
-        g4 = grad_y.view(T, N, C, S)
+        g4 = as_tncs(grad_y)[0]
+        grad_y = g4.view(grad_y.shape)
+        strides = (*tncs_strides(g4), *tncs_strides(x4))
 
         def reduce_args(geo):
             part_a = torch.empty(geo.parts, C, **tc)
             part_b = torch.empty(geo.parts, C, **tc)
-            return (g4, x4, mean, var, part_a, part_b, N, C, S, *slice_args(geo), float(eps))
+            return (g4, x4, mean, var, part_a, part_b, N, C, S, *slice_args(geo), float(eps), *strides)
 
-        red_flags = dict(PER_STEP=r.per_step, ACC_DTYPE=acc_dtype(acc))
+        red_flags = dict(PER_STEP=r.per_step, SAME_LAYOUT=same_strides(g4, x4), ACC_DTYPE=acc_dtype(acc),
+                         **NO_FP_FUSION)
         geo = fitted_geometry(_bwd_reduce_kernel, T, N, C, S, dev, x.dtype, reduce_args, red_flags)
         args = reduce_args(geo)
         _bwd_reduce_kernel[geo.grid](*args, **red_flags, **tile_constexprs(geo))
         part_a, part_b = args[4:6]
-    return launch_backward_from_sums(r, part_a, part_b, grad_y, x, weight, bias, mean, var, p, eps, batch_stats,
-                                     need_dx, all_reduce)
+    # the views read here (a layout that needed a copy is copied once for both launchers)
+    return launch_backward_from_sums(r, part_a, part_b, grad_y, x4.view(x.shape), weight, bias, mean, var, p, eps,
+                                     batch_stats, need_dx, all_reduce)
 
 
 def _coefficients(
@@ -387,7 +415,7 @@ def _coefficients(
         T, per_step, C, M, float(eps),
         GROUPING=r.grouping, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BATCH_STATS=batch_stats, COUNT_FROM_PTR=count is not None, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=COEF_WARPS(block_p * block_c), ACC_DTYPE=acc_dtype(acc),
+        num_warps=COEF_WARPS(block_p * block_c), ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION,
     )
     # a fixed-shape reduction over channel blocks: deterministic
     dp = part_dp.sum(0) if part_dp is not None else torch.zeros(T, **tc)
@@ -437,15 +465,20 @@ def launch_backward_from_sums(
     if not need_dx:
         dx = x.new_empty(0)  # not needed: no full-size allocation
     elif x.numel() == 0:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+        dx = output_like(x)
     else:
-        g4 = grad_y.contiguous().view(T, N, C, S)
-        dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+        g4 = as_tncs(grad_y)[0]
+        dx = output_like(x)
+        dx4 = dx.view(x4.shape)
+        x_used = x4 if batch_stats else None
         if batch_stats:
-            head = (g4, x4, dx, mean, coef_g, coef_u, coef_v, N, C, S)
+            head = (g4, x4, dx4, mean, coef_g, coef_u, coef_v, N, C, S)
         else:  # constant statistics: ∂x = k r g
-            head = (g4, None, dx, None, coef_g, None, None, N, C, S)
-        dx_flags = dict(PER_STEP=r.per_step, BATCH_STATS=batch_stats, ACC_DTYPE=acc_dtype(acc))
-        geo = fitted_geometry(_bwd_dx_kernel, T, N, C, S, dev, x.dtype, lambda g: (*head, *slice_args(g)), dx_flags)
-        _bwd_dx_kernel[geo.grid](*head, *slice_args(geo), **dx_flags, **tile_constexprs(geo))
+            head = (g4, None, dx4, None, coef_g, None, None, N, C, S)
+        strides = (*tncs_strides(g4), *tncs_strides(x_used), *tncs_strides(dx4))
+        dx_flags = dict(PER_STEP=r.per_step, BATCH_STATS=batch_stats, SAME_LAYOUT=same_strides(g4, x_used, dx4),
+                        ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION)
+        geo = fitted_geometry(_bwd_dx_kernel, T, N, C, S, dev, x.dtype, lambda g: (*head, *slice_args(g), *strides),
+                              dx_flags)
+        _bwd_dx_kernel[geo.grid](*head, *slice_args(geo), *strides, **dx_flags, **tile_constexprs(geo))
     return dx, dw, db, dp, grad_mean, grad_var

@@ -2,7 +2,13 @@
 package docstring, :mod:`snnorm.kernels.bn_pipeline`). Forward: ``stats_partial_kernel``
 (stage 1, partials), ``_stats_reduce_kernel`` (stage 2), ``_apply_kernel`` (stages 3–4);
 backward: ``_bwd_reduce_kernel``, ``_bwd_coef_kernel``, ``_bwd_dx_kernel``. Device
-functions and modes: :mod:`snnorm.kernels._device`."""
+functions and modes: :mod:`snnorm.kernels._device`.
+
+The elementwise kernels address every ``[T, N, C, S]`` tensor through its own element
+strides (``_device.tile_offsets``): channels-last and transposed token-major inputs are read,
+and their outputs written, in place. ``SAME_LAYOUT`` (every such tensor of the launch has the
+same strides: the contiguous case, and any input whose output and gradient follow its format)
+computes one set of offsets for all of them."""
 
 from __future__ import annotations
 
@@ -26,11 +32,11 @@ from .._device import (
 
 @triton.jit
 def stats_partial_kernel(
-    x_ptr,  # [T, N, C, S] contiguous
+    x_ptr,  # [T, N, C, S], element strides (sx_t, sx_n, sx_c, sx_s)
     part_mean_ptr,  # [P, C] out: mean of each program's slice
     part_m2_ptr,  # [P, C] out: Σ (x − mean)² of each program's slice
     part_count_ptr,  # [P] out: elements per channel in each program's slice
-    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS,
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, sx_t, sx_n, sx_c, sx_s,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Stage 1: per-program (count, mean, M2) of its slice, merged tile by tile (Chan)."""
@@ -42,7 +48,7 @@ def stats_partial_kernel(
     m2 = tl.zeros((BLOCK_C,), ACC_DTYPE)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, sx_t, sx_n, sx_c, sx_s, BLOCK_N, BLOCK_S)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             count_b = (tl.minimum(n_hi - n0, BLOCK_N) * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC_DTYPE)
             mean_b = tl.sum(tl.sum(x, axis=2), axis=0) / count_b
@@ -109,18 +115,20 @@ def _stats_reduce_kernel(
 
 @triton.jit
 def _apply_kernel(
-    x_ptr,  # [T, N, C, S] contiguous
-    y_ptr,  # [T, N, C, S] out
+    x_ptr,  # [T, N, C, S], element strides (sx_t, sx_n, sx_c, sx_s)
+    y_ptr,  # [T, N, C, S] out, strides (sy_t, sy_n, sy_c, sy_s) (x's with SAME_LAYOUT)
     mean_ptr,  # [C] or [T, C]: batch or running mean
     var_ptr,  # [C] or [T, C]: biased batch variance or running variance
     w_ptr,  # γ ([C] or [T, C]), or None without HAS_WEIGHT
     b_ptr,  # β, or None without HAS_BIAS
     p_ptr,  # [T], or None with SCALE_NONE
-    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps, sx_t, sx_n, sx_c, sx_s, sy_t, sy_n, sy_c, sy_s,
     PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Stage 4: y = a·(x − μ) + b over the program's slice of step t."""
+    """Stage 4: y = a·(x − μ) + b over the program's slice of step t (y in its own strides;
+    SAME_LAYOUT: x's, one set of offsets)."""
     t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -133,22 +141,24 @@ def _apply_kernel(
     b3 = b[None, :, None]
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, sx_t, sx_n, sx_c, sx_s, BLOCK_N, BLOCK_S)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             y = (x - mean3) * a3 + b3
+            if not SAME_LAYOUT:
+                offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, sy_t, sy_n, sy_c, sy_s, BLOCK_N, BLOCK_S)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bwd_reduce_kernel(
-    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
-    x_ptr,  # [T, N, C, S] contiguous
+    gy_ptr,  # [T, N, C, S] ∂L/∂y, element strides (sg_t, sg_n, sg_c, sg_s) (x's with SAME_LAYOUT)
+    x_ptr,  # [T, N, C, S], element strides (sx_t, sx_n, sx_c, sx_s)
     mean_ptr,  # [C] or [T, C]
     var_ptr,  # [C] or [T, C]
     part_a_ptr,  # [P, C] out: Σ g over the program's slice
     part_b_ptr,  # [P, C] out: Σ g·x̂ over the program's slice
-    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps,
-    PER_STEP: tl.constexpr,
+    N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS, eps, sg_t, sg_n, sg_c, sg_s, sx_t, sx_n, sx_c, sx_s,
+    PER_STEP: tl.constexpr, SAME_LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Backward stage 1: per-(t, c) partial sums Σg and Σg·x̂ (x̂ with the row's μ, r)."""
@@ -168,9 +178,11 @@ def _bwd_reduce_kernel(
     acc_gx = tl.zeros((BLOCK_C,), ACC_DTYPE)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
-            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, sx_t, sx_n, sx_c, sx_s, BLOCK_N, BLOCK_S)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            if not SAME_LAYOUT:
+                offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, sg_t, sg_n, sg_c, sg_s, BLOCK_N, BLOCK_S)
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             # no mask needed: g is 0 on masked lanes (and the select spilled on sm_90, triton 3.6)
             x_hat = (x - mean3) * rstd3
             acc_g += tl.sum(tl.sum(g, axis=2), axis=0)
@@ -291,18 +303,20 @@ def _bwd_coef_kernel(
 
 @triton.jit
 def _bwd_dx_kernel(
-    gy_ptr,  # [T, N, C, S] contiguous ∂L/∂y
-    x_ptr,  # [T, N, C, S] contiguous, or None without BATCH_STATS
-    dx_ptr,  # [T, N, C, S] out ∂L/∂x
+    gy_ptr,  # [T, N, C, S] ∂L/∂y, element strides (sg_t, sg_n, sg_c, sg_s)
+    x_ptr,  # [T, N, C, S], strides (sx_t, sx_n, sx_c, sx_s), or None without BATCH_STATS
+    dx_ptr,  # [T, N, C, S] out ∂L/∂x, strides (sd_t, sd_n, sd_c, sd_s)
     mean_ptr,  # statistics rows, or None without BATCH_STATS
     coef_g_ptr,  # [T, C] k_t r_t
     coef_u_ptr,  # statistics rows: U, or None without BATCH_STATS
     coef_v_ptr,  # statistics rows: V, or None without BATCH_STATS
     N, C, S, N_PER_PROG, S_PER_PROG, N_SPLITS,
-    PER_STEP: tl.constexpr, BATCH_STATS: tl.constexpr,
+    sg_t, sg_n, sg_c, sg_s, sx_t, sx_n, sx_c, sx_s, sd_t, sd_n, sd_c, sd_s,
+    PER_STEP: tl.constexpr, BATCH_STATS: tl.constexpr, SAME_LAYOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Backward stage 3: ∂x = k_t r_t·g + U + V·(x − μ) elementwise."""
+    """Backward stage 3: ∂x = k_t r_t·g + U + V·(x − μ) elementwise. SAME_LAYOUT: ∂y, x and
+    ∂x share ∂y's strides (one set of offsets)."""
     t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -317,10 +331,15 @@ def _bwd_dx_kernel(
         v3 = tl.load(coef_v_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :, None]
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, N, C, S, BLOCK_N, BLOCK_S)
+            offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, sg_t, sg_n, sg_c, sg_s, BLOCK_N, BLOCK_S)
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             dx = g * k_g
             if BATCH_STATS:  # the path through the statistics
+                if not SAME_LAYOUT:
+                    offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, sx_t, sx_n, sx_c, sx_s, BLOCK_N,
+                                              BLOCK_S)
                 x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
                 dx = dx + u3 + (x - mean3) * v3
+            if not SAME_LAYOUT:
+                offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, sd_t, sd_n, sd_c, sd_s, BLOCK_N, BLOCK_S)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
