@@ -68,6 +68,13 @@ BUDGETS = {
     "norm-lif-tab-train": {"fwd": (FUSED_FWD, 3, 0.1), "bwd": (FUSED_BWD, 3, 0.1)},
     "norm-lif-bntt-train": {"fwd": (FUSED_FWD, 3, 0.1), "bwd": (FUSED_BWD, 3, 0.1)},
     "norm-lif-tebn-eval": {"fwd": (FUSED_EVAL, 1, 0.1)},
+    # issue 24: LayerNorm/RMSNorm 8 / 12 B plus per-row values; fused with a LIF ≤ 8 + 8/T + 1
+    # forward and, with every step in one segment (registers), ≤ 12 + 8/T + 1 backward; one
+    # launch each way, the torch ops summing the ∂γ/∂β column partials
+    "layer-norm": {"fwd": (8.5, 1, 0.1), "bwd": (12.5, 1, 0.4)},  # 8.20 / 0, 12.28 / 0.37
+    "rms-norm": {"fwd": (8.5, 1, 0.1), "bwd": (12.5, 1, 0.4)},  # 8.12 / 0, 12.28 / 0.37
+    "layer-norm-lif": {"fwd": (8 + STATE_IO + 1, 1, 0.1), "bwd": (12 + STATE_IO + 1, 1, 0.4)},  # 9.53, 12.38 / 0.34
+    "rms-norm-lif": {"fwd": (8 + STATE_IO + 1, 1, 0.1), "bwd": (12 + STATE_IO + 1, 1, 0.4)},  # 9.45, 12.30 / 0.34
 }
 # Rows over budget, each with its reason, as strict xfails (they fail once fixed; then delete
 # the entry). None today: issue 9's pipelined path brought the large-M rows within budget.

@@ -36,6 +36,9 @@ LARGE_M = (3, 2, 2, 65, 65)
 #: C ≥ 132 channels of at most 2048 (padded) elements: the one-program-per-channel path
 RESIDENT_M = (3, 2, 132, 4, 4)
 
+#: [T, N, L, D]: rows of D = 256 features (a spiking transformer's tokens) for the row norms
+ROWS_D = (3, 2, 8, 256)
+
 #: fp32 floors, bytes per element-step (DESIGN.md §4; LIF and adapt derived the same way:
 #: read x, write s, and in training save h; backward reads ∂s and h and writes ∂x).
 FLOOR = {
@@ -63,6 +66,12 @@ FLOOR = {
     ("norm_lif train", "fwd"): 12,
     ("norm_lif train", "bwd"): 24,
     ("norm_lif eval", "fwd"): 8,
+    # LayerNorm/RMSNorm over rows (per-row statistics in the kernel): read x, write y; backward
+    # reads x, ∂y and writes ∂x. Fused with a LIF: read x, write s; backward reads x, ∂s, writes ∂x
+    ("row_norm", "fwd"): 8,
+    ("row_norm", "bwd"): 12,
+    ("row_norm_lif", "fwd"): 8,
+    ("row_norm_lif", "bwd"): 12,
 }
 
 
@@ -257,6 +266,34 @@ def _norm_lif(rule: str, training: bool):
     return build
 
 
+def _row_norm(rms: bool, lif: bool):
+    """LayerNorm (or RMSNorm) over the last dim of ``[T, N, L, D]``, alone or fused with a LIF
+    (``row_norm_lif``, the neurons' default float initial state)."""
+
+    def build(shape, dtype):
+        from snnorm.params import LIFParameters
+        from snnorm.surrogate import Sigmoid
+
+        D = shape[-1]
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(shape, generator=g) * 1.5 + 0.5).to(dtype).requires_grad_()
+        w = (1.0 + 0.2 * torch.randn(D, generator=g)).to(dtype).requires_grad_()
+        b = None if rms else (0.1 * torch.randn(D, generator=g)).to(dtype).requires_grad_()
+        leaves = [t for t in (x, w, b) if t is not None]
+        neuron = LIFParameters(Sigmoid(), tau=2.0, decay_input=True, v_reset=0.0)
+        ops = _ops()
+
+        def call():
+            if lif:
+                s, _ = ops.row_norm_lif(x, 0.0, w, b, eps=1e-5, rms=rms, threshold=1.0, neuron=neuron)
+                return s, leaves
+            return ops.row_norm(x, w, b, eps=1e-5, rms=rms), leaves
+
+        return call
+
+    return build
+
+
 # Paths by the shape that reaches them (what ran: the kernels column).
 RESIDENT = "resident: one program per channel (C ≥ 132, channel ≤ 2048)"
 PIPELINED, PIPELINED_SMALL = "pipelined, M > 8192", "pipelined, small M and C < 132"
@@ -288,6 +325,12 @@ CASES: tuple[Case, ...] = (
          _norm_lif("bntt", True), True),
     Case("norm-lif-tebn-eval", "norm_lif eval", "TEBN → LIF fused, running statistics", SMALL_M,
          _norm_lif("tebn", False), False),
+    Case("layer-norm", "row_norm", "LayerNorm, one row per tile", ROWS_D, _row_norm(rms=False, lif=False), True),
+    Case("rms-norm", "row_norm", "RMSNorm, one row per tile", ROWS_D, _row_norm(rms=True, lif=False), True),
+    Case("layer-norm-lif", "row_norm_lif", "LayerNorm → LIF fused, all T in one segment", ROWS_D,
+         _row_norm(rms=False, lif=True), True),
+    Case("rms-norm-lif", "row_norm_lif", "RMSNorm → LIF fused, all T in one segment", ROWS_D,
+         _row_norm(rms=True, lif=True), True),
 )
 
 

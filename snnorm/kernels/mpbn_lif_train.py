@@ -604,8 +604,10 @@ def launch_train_bwd(
     dev_ = h.device
     gx = torch.empty(h.shape, dtype=store_dtype(gx_dtype), device=dev_)
     gv0 = torch.empty(h.shape[1:] if need_gv0 else (0,), dtype=acc, device=dev_)
-    gw = torch.zeros(C, dtype=acc, device=dev_)  # zeros: with no element (N·S = 0) no program writes them
-    gb = torch.zeros(C, dtype=acc, device=dev_)
+    # with no element (N·S = 0: an empty rank) no program writes ∂γ, ∂β: zeros, else no fill
+    alloc = torch.empty if h.numel() > 0 else torch.zeros
+    gw = alloc(C, dtype=acc, device=dev_)
+    gb = alloc(C, dtype=acc, device=dev_)
     scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
     flags = dict(
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CARRY_NORM=carry_norm, HAS_GS=gs is not None,
