@@ -239,7 +239,7 @@ def _uninstall() -> None:
 
 # Operators that allocate or re-view memory without moving data.
 _NO_TRAFFIC = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
-               "aten::new_empty_strided", "aten::detach", "aten::lift_fresh", "aten::alias", "aten::resize_"}
+               "aten::new_empty_strided", "aten::detach", "aten::detach_", "aten::lift_fresh", "aten::alias", "aten::resize_"}
 _TORCH_NAMESPACES = {"aten", "prims", "prim"}
 
 
