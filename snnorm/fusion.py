@@ -305,14 +305,18 @@ class FusedBlock:
         return spikes
 
     def _relaid(self, spikes: Any, pending: Optional[torch.Tensor]) -> bool:
-        """Whether ``spikes`` is the relayout of ``pending``: the same storage, shape and strides."""
+        """Whether ``spikes`` is the relayout of ``pending``: a view of the same tensor with the same
+        shape and strides (``_base``, not ``data_ptr`` or the offset: torch.compile traces it)."""
         if pending is None or not isinstance(spikes, torch.Tensor):
             return False
         try:
             want = self.relayout.apply(pending)
         except (ValueError, RuntimeError):
             return False
-        return (spikes.data_ptr(), spikes.shape, spikes.stride()) == (want.data_ptr(), want.shape, want.stride())
+        def base(t: torch.Tensor) -> torch.Tensor:
+            return t if t._base is None else t._base
+
+        return base(spikes) is base(pending) and (spikes.shape, spikes.stride()) == (want.shape, want.stride())
 
     def __repr__(self) -> str:
         through = "" if self.relayout is None else f" through {self.relayout}"

@@ -578,3 +578,14 @@ def test_a_block_through_a_transpose_refuses_another_view_and_the_untransposed_s
         y = net.bn(x.mT)
         with pytest.raises(RuntimeError, match=r"did not just produce \(or its transpose\(-2, -1\)\)"):
             net.sn(wrong(y))
+
+
+def test_torch_compile_fullgraph_runs_a_block_through_a_transpose():
+    torch.manual_seed(0)
+    net = functional.fuse_norm_neurons(_Relaid(lambda y: y.mT))
+    functional.set_backend(net, "triton")
+    x = torch.randn(3, 2, 4, 3, device=DEVICE)
+    eager, v = net(x), net.sn.v
+    functional.reset_net(net)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), eager) and net.sn.v.shape == (2, 4, 3) and torch.equal(net.sn.v, v)
