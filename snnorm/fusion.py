@@ -230,7 +230,7 @@ class FusedBlock:
         """deepcopy / pickling: the pending spikes are a transient of one call (and may
         carry autograd history, which deepcopy refuses), so a copy starts without them."""
         state = self.__dict__.copy()
-        state["_pending"] = None
+        state["_pending"], state["_neuron_to_run"] = None, False
         return state
 
     @property
@@ -313,6 +313,7 @@ class FusedBlock:
             want = self.relayout.apply(pending)
         except (ValueError, RuntimeError):
             return False
+
         def base(t: torch.Tensor) -> torch.Tensor:
             return t if t._base is None else t._base
 
@@ -414,11 +415,9 @@ def _traced_pairs(graph_module: torch.fx.GraphModule, prefix: str) -> list[_Pair
             continue
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
             continue
-        norm_node, relayout, shared = node.args[0], None, False
-        if isinstance(norm_node.args[0] if norm_node.args else None, torch.fx.Node):
-            relayout = _relayout_node(norm_node)
-            if relayout is not None:
-                norm_node, shared = norm_node.args[0], len(norm_node.users) != 1
+        norm_node, relayout, shared = node.args[0], _relayout_node(node.args[0]), False
+        if relayout is not None and isinstance(norm_node.args[0], torch.fx.Node):  # look through it
+            norm_node, shared = norm_node.args[0], len(norm_node.users) != 1
         if norm_node.op != "call_module" or not fusable_norm(modules.get(norm_node.target)):
             continue
         why = _handoff_problem(calls[norm_node.target], calls[node.target], shared or len(norm_node.users) != 1,

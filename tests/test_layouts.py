@@ -299,6 +299,8 @@ def test_bn1d_on_transposed_tokens_fuses_with_a_lif_after_the_transpose_back(bac
     membrane ``[B, L, D]`` into single-step calls, and on triton moves the bytes of the
     LIF-on-the-view block (±0.5 B/elem-step), with no layout copy."""
     ref, net = _token_nets(after_transpose=True)
+    functional.set_backend(ref, "torch")
+    functional.set_backend(net, backend)
     functional.fuse_norm_neurons(net)
     x1, x2 = _token_input(5), _token_input(6)
     for report in (functional.fusion_report(net), functional.fusion_report(ref, example_input=x1.detach())):
@@ -306,8 +308,6 @@ def test_bn1d_on_transposed_tokens_fuses_with_a_lif_after_the_transpose_back(bac
     assert "through transpose(-1, -2): bn → sn" in str(functional.fusion_report(net))
     state_shape = TOKEN_SHAPE[1:]
     g = torch.randn(TOKEN_SHAPE, generator=torch.Generator().manual_seed(7))
-    functional.set_backend(ref, "torch")
-    functional.set_backend(net, backend)
     tol = EXACT if backend == "torch" else NORM_NEURON_FUSED[torch.float32]
     for x in (x1, x2):  # the second call goes on from the first's membrane
         want = _token_run(ref, x, g)[0]
