@@ -10,6 +10,11 @@ and watches every module call and every torch function:
 * an *other user* of ``producer``: anything else touched that tensor (an op outside the
   consumer, a second module, a residual add). Reading its shape or dtype does not count.
 
+A handoff may pass through one :class:`Relayout` (``transpose``, ``permute``, ``swapaxes``,
+``.mT``): the consumer then gets a view of the producer's output in another layout, which
+counts as the output itself (Spikformer's ``sn(bn(x.mT).mT)``); :attr:`Handoffs.relayouts` says
+which change it was.
+
 The fusion pass uses this as the torch.fx pass's twin: a handoff whose producer has no
 other user and whose two modules run once each is a pair that may be fused.
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -29,6 +34,71 @@ from torch.utils._pytree import tree_flatten
 _METADATA = {"size", "dim", "numel", "stride", "is_contiguous", "__get__", "data_ptr", "element_size"}
 
 
+@dataclass(frozen=True)
+class Relayout:
+    """A layout change as written, ``transpose(d0, d1)`` or ``permute(*dims)`` (dims may be
+    negative: the permutation of an ``ndim``-dim tensor is :meth:`perm`). Applied to a tensor it
+    gives a view (same storage, permuted shape and strides)."""
+
+    op: str  # "transpose" or "permute"
+    dims: tuple[int, ...]
+
+    def perm(self, ndim: int) -> tuple[int, ...]:
+        """The full permutation for an ``ndim``-dim tensor (``t.permute(perm)``).
+
+        :raises ValueError: the dims do not fit ``ndim``."""
+        if any(not -ndim <= d < ndim for d in self.dims) or (self.op == "permute" and len(self.dims) != ndim):
+            raise ValueError(f"{self} does not apply to a {ndim}-dim tensor")
+        if self.op == "permute":
+            return tuple(d % ndim for d in self.dims)
+        order = list(range(ndim))
+        a, b = (d % ndim for d in self.dims)
+        order[a], order[b] = order[b], order[a]
+        return tuple(order)
+
+    def keeps_time(self, ndim: int) -> bool:
+        """Whether dim 0 (T of a multi-step sequence) stays where it is."""
+        try:
+            return self.perm(ndim)[0] == 0
+        except ValueError:
+            return False
+
+    def moves_time(self) -> bool:
+        """Whether it moves dim 0 whatever ``ndim`` is (negative dims decide only once ``ndim`` is known)."""
+        return (0 in self.dims) if self.op == "transpose" else (self.dims[0] % len(self.dims) != 0)
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        return t.permute(self.perm(t.ndim))
+
+    def apply_to_state(self, v: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """The change (or its inverse) on one step's ``[N, ...]`` tensor of a ``[T, N, ...]``
+        sequence that it keeps T of: a neuron's membrane."""
+        perm = [d - 1 for d in self.perm(v.ndim + 1)[1:]]
+        return v.permute([perm.index(i) for i in range(len(perm))] if inverse else perm)
+
+    def __str__(self) -> str:
+        return f"{self.op}({', '.join(map(str, self.dims))})"
+
+
+_RELAYOUT_OPS = {"transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose", "permute": "permute"}
+
+
+def relayout_of(name: str, args: tuple, kwargs: dict) -> Optional[Relayout]:
+    """The :class:`Relayout` of a call ``name(tensor, *args, **kwargs)`` (a torch function, a
+    tensor method or the ``mT`` attribute), or None when it is no layout change of constant dims."""
+    if name == "mT":
+        return Relayout("transpose", (-2, -1)) if not args and not kwargs else None
+    op = _RELAYOUT_OPS.get(name)
+    if op is None:
+        return None
+    dims = tuple(kwargs.values()) if not args else args
+    if op == "permute" and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    if (args and kwargs) or not all(type(d) is int for d in dims) or (op == "transpose" and len(dims) != 2):
+        return None
+    return Relayout(op, tuple(dims))
+
+
 @dataclass
 class Handoffs:
     """What one run of the network showed (module names as in ``named_modules``)."""
@@ -36,6 +106,8 @@ class Handoffs:
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer, consumer), in call order
     other_users: set[str] = field(default_factory=set)  # producers whose output something else used
     calls: dict[str, int] = field(default_factory=dict)  # module -> number of calls
+    relayouts: dict[str, Relayout] = field(default_factory=dict)  # producer -> the change its handoff went through
+    ndims: dict[str, int] = field(default_factory=dict)  # producer -> its output's ndim, where it went through one
 
 
 class _Watch(TorchFunctionMode):
@@ -44,7 +116,8 @@ class _Watch(TorchFunctionMode):
         self.names = names
         self.watched = watched
         self.stack: list[str] = []
-        self.outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (producer, output)
+        # id(output) -> (producer, output or its relaid view, the Relayout of that view or None)
+        self.outputs: dict[int, tuple[str, torch.Tensor, Optional[Relayout]]] = {}
         self.consumer: dict[str, str] = {}  # producer -> the module it handed its output to
         self.result = Handoffs()
 
@@ -59,9 +132,23 @@ class _Watch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") not in _METADATA:
+        name = getattr(func, "__name__", "")
+        attribute = getattr(getattr(func, "__self__", None), "__name__", "") if name == "__get__" else ""
+        relaid = self._relaid(attribute or name, args, kwargs)  # .mT is a layout change, .shape metadata
+        if relaid is None and name not in _METADATA:
             self._touch((args, kwargs))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if relaid is not None and isinstance(out, torch.Tensor):
+            self.outputs[id(out)] = (relaid[0], out, relaid[1])
+        return out
+
+    def _relaid(self, name: str, args: tuple, kwargs: dict) -> Optional[tuple[str, Relayout]]:
+        """(producer, change) when this call changes the layout of a producer's own output."""
+        entry = self.outputs.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
+        if entry is None or entry[1] is not args[0] or entry[2] is not None:
+            return None
+        relayout = relayout_of(name, args[1:], kwargs)
+        return None if relayout is None else (entry[0], relayout)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         name = self.names[id(module)]
@@ -71,6 +158,9 @@ class _Watch(TorchFunctionMode):
             if entry is not None and entry[1] is args[0] and entry[0] not in self.consumer:
                 self.consumer[entry[0]] = name
                 self.result.pairs.append((entry[0], name))
+                if entry[2] is not None:
+                    self.result.relayouts[entry[0]] = entry[2]
+                    self.result.ndims[entry[0]] = entry[1].ndim
                 self.stack.append(name)
                 return
         self._touch((args, kwargs))
@@ -79,7 +169,7 @@ class _Watch(TorchFunctionMode):
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         name = self.stack.pop()
         if self.watched(module) and isinstance(output, torch.Tensor):
-            self.outputs[id(output)] = (name, output)
+            self.outputs[id(output)] = (name, output, None)
 
 
 def record_handoffs(net: nn.Module, example_input: Any, watched: Callable[[nn.Module], bool]) -> Handoffs:

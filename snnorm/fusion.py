@@ -15,6 +15,12 @@ each:
 * the neuron's ``forward`` is :meth:`FusedBlock.pass_on`, which returns the spikes its
   norm just made (and refuses any other tensor).
 
+A layout change that keeps T (dim 0) between the two, ``sn(bn(x.transpose(-1, -2)).transpose(-1,
+-2))`` as Spikformer writes it, does not stop a pair: an elementwise neuron commutes with it. The
+block records it (a :class:`snnorm._dataflow.Relayout`); the kernel runs in the norm's layout,
+the neuron gets the same change of those spikes (a view), and the neuron's membrane keeps the
+neuron's own shape (it is read and written through the inverse change, in place).
+
 So ``named_parameters()``, ``named_buffers()``, ``named_modules()`` and ``state_dict()``
 read exactly as before fusing (an optimiser's parameter groups built by name, EMA,
 clipping and pruning by name keep working), ``isinstance`` checks hold, and
@@ -49,7 +55,7 @@ import torch.nn as nn
 from . import layer
 from . import neuron as neuron_mod
 from ._bn_state import NormPlan, check_bn_input, shared_statistics_plan
-from ._dataflow import record_handoffs
+from ._dataflow import Relayout, record_handoffs, relayout_of
 from ._fx import _StepModuleLeafTracer, _trace
 from ._steps import seq_to_ann_forward
 
@@ -213,16 +219,18 @@ class FusedBlock:
     forwards, called in order). Running statistics are updated once either way.
     """
 
-    def __init__(self, norm: nn.Module, neuron: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, neuron: nn.Module, relayout: Optional[Relayout] = None) -> None:
         self.norm = norm
         self.neuron = neuron
+        self.relayout = relayout  # the layout change between the two (None: the neuron reads the norm's output)
         self._pending: Optional[torch.Tensor] = None  # the spikes run() made, until pass_on takes them
+        self._neuron_to_run = False  # run() left the neuron to pass_on (composition through a relayout)
 
     def __getstate__(self) -> dict:
         """deepcopy / pickling: the pending spikes are a transient of one call (and may
         carry autograd history, which deepcopy refuses), so a copy starts without them."""
         state = self.__dict__.copy()
-        state["_pending"] = None
+        state["_pending"], state["_neuron_to_run"] = None, False
         return state
 
     @property
@@ -242,31 +250,78 @@ class FusedBlock:
         return neuron.ops.norm_lif_kernel(neuron.lif_parameters) is not None
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The norm's ``forward`` while fused: the neuron's spikes of ``norm(x)``."""
-        norm, neuron = self.norm, self.neuron
-        if self.fused_kernel_applies():
-            spikes = self.kind.fused(norm, neuron, x)
+        """The norm's ``forward`` while fused: the neuron's spikes of ``norm(x)`` (in the norm's
+        layout). Through a relayout, outside the fused kernel, it is ``norm(x)`` and the neuron
+        runs in :meth:`pass_on`, on its own layout (exact in any step mode)."""
+        norm, neuron, relayout = self.norm, self.neuron, self.relayout
+        self._neuron_to_run = False
+        if self.fused_kernel_applies() and (relayout is None or relayout.keeps_time(x.ndim)):
+            out = self._fused(x)
+        elif relayout is None:
+            out = type(neuron).forward(neuron, type(norm).forward(norm, x))
         else:
-            spikes = type(neuron).forward(neuron, type(norm).forward(norm, x))
-        self._pending = spikes
+            out = type(norm).forward(norm, x)
+            self._neuron_to_run = True
+        self._pending = out
+        return out
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused op of the norm's kind, in the norm's layout: through a relayout, the
+        neuron's membrane is read through the inverse change (a view, no copy) and kept in the
+        neuron's own shape after (the change of the kernel's final membrane, again a view)."""
+        neuron, relayout = self.neuron, self.relayout
+        own_v = neuron.v
+        if relayout is None or not isinstance(own_v, torch.Tensor):
+            spikes = self.kind.fused(self.norm, neuron, x)
+        else:
+            neuron.v = relayout.apply_to_state(own_v, inverse=True) if own_v.ndim == x.ndim - 1 else own_v
+            try:
+                spikes = self.kind.fused(self.norm, neuron, x)
+            except BaseException:
+                neuron.v = own_v  # a refused call leaves the state as it was
+                raise
+        if relayout is not None:
+            neuron.v = relayout.apply_to_state(neuron.v)
         return spikes
 
     def pass_on(self, spikes: torch.Tensor) -> torch.Tensor:
-        """The neuron's ``forward`` while fused: the spikes its norm just made.
+        """The neuron's ``forward`` while fused: the spikes its norm just made, or through a
+        relayout the same change of them (a view of the same storage with the changed shape
+        and strides).
 
-        :raises RuntimeError: ``spikes`` is not the tensor the fused norm returned last.
+        :raises RuntimeError: ``spikes`` is not what the fused norm returned last (through the relayout).
         """
         pending, self._pending = self._pending, None
-        if spikes is not pending:
+        if not (self._relaid(spikes, pending) if self.relayout is not None else spikes is pending):
+            expected = "" if self.relayout is None else f" (or its {self.relayout})"
             raise RuntimeError(
                 f"{type(self.neuron).__name__} is fused with the {type(self.norm).__name__} before it "
-                "(fuse_norm_neurons), but was called on a tensor that norm did not just produce; call "
-                "snnorm.functional.unfuse_norm_neurons(net) to run the modules apart"
+                f"(fuse_norm_neurons), but was called on a tensor that norm did not just produce{expected}; "
+                "call snnorm.functional.unfuse_norm_neurons(net) to run the modules apart"
             )
+        if self._neuron_to_run:
+            self._neuron_to_run = False
+            return type(self.neuron).forward(self.neuron, spikes)
         return spikes
 
+    def _relaid(self, spikes: Any, pending: Optional[torch.Tensor]) -> bool:
+        """Whether ``spikes`` is the relayout of ``pending``: a view of the same tensor with the same
+        shape and strides (``_base``, not ``data_ptr`` or the offset: torch.compile traces it)."""
+        if pending is None or not isinstance(spikes, torch.Tensor):
+            return False
+        try:
+            want = self.relayout.apply(pending)
+        except (ValueError, RuntimeError):
+            return False
+
+        def base(t: torch.Tensor) -> torch.Tensor:
+            return t if t._base is None else t._base
+
+        return base(spikes) is base(pending) and (spikes.shape, spikes.stride()) == (want.shape, want.stride())
+
     def __repr__(self) -> str:
-        return f"FusedBlock({type(self.norm).__name__} → {type(self.neuron).__name__})"
+        through = "" if self.relayout is None else f" through {self.relayout}"
+        return f"FusedBlock({type(self.norm).__name__} → {type(self.neuron).__name__}{through})"
 
 
 def fused_block(module: nn.Module) -> Optional[FusedBlock]:
@@ -298,33 +353,57 @@ class FusionReport:
     ``fused``: the norm → neuron pairs that run as one block; ``apart``: each norm whose output
     feeds a neuron but that stays apart from it, with why; ``unread``: each module whose forward
     neither torch.fx could trace nor a run of an example input read, so pairs inside it may be
-    missing (its children's own forwards are still read).
+    missing (its children's own forwards are still read); ``relayouts``: for a fused pair with a
+    layout change between the two (a transpose that keeps T), that change.
     """
 
     fused: list[tuple[str, str]] = field(default_factory=list)
     apart: list[tuple[str, str, str]] = field(default_factory=list)
     unread: list[tuple[str, str]] = field(default_factory=list)
+    relayouts: dict[tuple[str, str], Relayout] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{len(self.fused)} norm → neuron pair(s) fused"]
+        lines += [f"  through {change}: {norm} → {neuron}" for (norm, neuron), change in self.relayouts.items()]
         lines += [f"  left apart: {norm} → {neuron}: {why}" for norm, neuron, why in self.apart]
         lines += [f"  not read: {name}: {why}" for name, why in self.unread]
         return "\n".join(lines)
 
 
-def _handoff_problem(norm_calls: Optional[int], neuron_calls: Optional[int], shared: bool) -> Optional[str]:
-    """Why a norm that hands its output to a neuron cannot fuse with it, however the pair was
-    found (None: it can)."""
+#: a pair found: (norm, neuron, why it stays apart or None, the layout change between them or None)
+_Pair = tuple[str, str, Optional[str], Optional[Relayout]]
+
+
+def _handoff_problem(norm_calls: Optional[int], neuron_calls: Optional[int], shared: bool,
+                     relayout: Optional[Relayout] = None, ndim: Optional[int] = None) -> Optional[str]:
+    """Why a norm that hands its output to a neuron (through ``relayout``, of a tensor of
+    ``ndim`` dims where known) cannot fuse with it, however the pair was found (None: it can)."""
     if norm_calls != 1 or neuron_calls != 1:
         return "a module of the pair is called at several places"
     if shared:
         return "the norm's output has other users"
+    if relayout is not None and (relayout.moves_time() if ndim is None else not relayout.keeps_time(ndim)):
+        return f"the {relayout} between them moves the time dim"
     return None
 
 
-def _traced_pairs(graph_module: torch.fx.GraphModule, prefix: str) -> list[tuple[str, str, Optional[str]]]:
-    """(norm, neuron, why not) for each neuron called on a norm's output in one traced graph: ``why
-    not`` is None when each is called once and the neuron is the norm's only user."""
+def _relayout_node(node: torch.fx.Node) -> Optional[Relayout]:
+    """The layout change a traced node makes of its first argument (None: it makes none)."""
+    if node.op == "call_function" and node.target is getattr:  # x.mT
+        return relayout_of(node.args[1], (), {}) if node.args[1] == "mT" else None
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function" and node.target in (torch.transpose, torch.permute, torch.swapaxes):
+        name = node.target.__name__
+    else:
+        return None
+    return relayout_of(name, tuple(node.args[1:]), dict(node.kwargs))
+
+
+def _traced_pairs(graph_module: torch.fx.GraphModule, prefix: str) -> list[_Pair]:
+    """(norm, neuron, why not, relayout) for each neuron called on a norm's output in one traced
+    graph, directly or through one layout change (:func:`_relayout_node`): ``why not`` is None
+    when each is called once and the neuron is the only user of the norm's output."""
     modules = dict(graph_module.named_modules())
     calls: dict[str, int] = {}
     for node in graph_module.graph.nodes:
@@ -336,27 +415,31 @@ def _traced_pairs(graph_module: torch.fx.GraphModule, prefix: str) -> list[tuple
             continue
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
             continue
-        norm_node = node.args[0]
+        norm_node, relayout, shared = node.args[0], _relayout_node(node.args[0]), False
+        if relayout is not None and isinstance(norm_node.args[0], torch.fx.Node):  # look through it
+            norm_node, shared = norm_node.args[0], len(norm_node.users) != 1
         if norm_node.op != "call_module" or not fusable_norm(modules.get(norm_node.target)):
             continue
-        why = _handoff_problem(calls[norm_node.target], calls[node.target], len(norm_node.users) != 1)
-        pairs.append((prefix + norm_node.target, prefix + node.target, why))
+        why = _handoff_problem(calls[norm_node.target], calls[node.target], shared or len(norm_node.users) != 1,
+                               relayout)
+        pairs.append((prefix + norm_node.target, prefix + node.target, why, relayout))
     return pairs
 
 
-def _sequential_pairs(module: nn.Sequential, prefix: str) -> list[tuple[str, str, None]]:
-    """(norm, neuron, None) for adjacent children of an nn.Sequential: it hands each output on alone."""
+def _sequential_pairs(module: nn.Sequential, prefix: str) -> list[_Pair]:
+    """(norm, neuron, None, None) for adjacent children of an nn.Sequential: it hands each output on
+    alone. (A module between them that only transposes is not looked through: fx reads it, or a run.)"""
     children = list(module.named_children())
-    return [(prefix + a_name, prefix + b_name, None) for (a_name, a), (b_name, b) in zip(children, children[1:])
+    return [(prefix + a_name, prefix + b_name, None, None) for (a_name, a), (b_name, b) in zip(children, children[1:])
             if fusable_norm(a) and isinstance(b, neuron_mod.BaseNode)]
 
 
-def _read_pairs(net: nn.Module, report: FusionReport) -> list[tuple[str, str, Optional[str]]]:
+def _read_pairs(net: nn.Module, report: FusionReport) -> list[_Pair]:
     """Pairs from torch.fx: the whole network's graph, or, where a forward cannot be traced
     (it branches on a tensor, as spikingjelly's attention does on ``x.ndim``), the graphs of its
     children, recursively; an untraceable nn.Sequential still gives its adjacent pairs."""
     leaf = _StepModuleLeafTracer()
-    pairs: list[tuple[str, str, Optional[str]]] = []
+    pairs: list[_Pair] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
         try:
@@ -376,7 +459,7 @@ def _read_pairs(net: nn.Module, report: FusionReport) -> list[tuple[str, str, Op
     return pairs
 
 
-def _run_pairs(net: nn.Module, example_input: Any) -> list[tuple[str, str, Optional[str]]]:
+def _run_pairs(net: nn.Module, example_input: Any) -> list[_Pair]:
     """Pairs from one run of ``example_input`` through a copy of ``net`` (:mod:`snnorm._dataflow`)."""
     handoffs = record_handoffs(net, example_input, watched=fusable_norm)
     modules = dict(net.named_modules())
@@ -384,8 +467,10 @@ def _run_pairs(net: nn.Module, example_input: Any) -> list[tuple[str, str, Optio
     for norm, consumer in handoffs.pairs:
         if not isinstance(modules[consumer], neuron_mod.BaseNode):
             continue
-        why = _handoff_problem(handoffs.calls.get(norm), handoffs.calls.get(consumer), norm in handoffs.other_users)
-        pairs.append((norm, consumer, why))
+        relayout = handoffs.relayouts.get(norm)
+        why = _handoff_problem(handoffs.calls.get(norm), handoffs.calls.get(consumer), norm in handoffs.other_users,
+                               relayout, handoffs.ndims.get(norm))
+        pairs.append((norm, consumer, why, relayout))
     return pairs
 
 
@@ -417,7 +502,7 @@ def fusion_report(net: nn.Module, example_input: Any = None) -> FusionReport:
     for _, module in net.named_modules(remove_duplicate=False):
         places[id(module)] = places.get(id(module), 0) + 1
     seen = set()
-    for norm_name, neuron_name, why in found:
+    for norm_name, neuron_name, why, relayout in found:
         if (norm_name, neuron_name) in seen:
             continue
         seen.add((norm_name, neuron_name))
@@ -425,6 +510,8 @@ def fusion_report(net: nn.Module, example_input: Any = None) -> FusionReport:
         block = fused_block(norm)
         if block is not None and block is fused_block(neuron):
             report.fused.append((norm_name, neuron_name))  # fused already
+            if block.relayout is not None:
+                report.relayouts[norm_name, neuron_name] = block.relayout
             continue
         if why is None and (places[id(norm)] > 1 or places[id(neuron)] > 1):
             why = "a module of the pair is registered at several places"
@@ -432,6 +519,8 @@ def fusion_report(net: nn.Module, example_input: Any = None) -> FusionReport:
             or _instance_forward_problem(neuron, norm)
         if why is None:
             report.fused.append((norm_name, neuron_name))
+            if relayout is not None:
+                report.relayouts[norm_name, neuron_name] = relayout
         else:
             report.apart.append((norm_name, neuron_name, why))
     return report
@@ -446,7 +535,9 @@ def fuse_norm_neurons(net: nn.Module, example_input: Any = None) -> nn.Module:
     trace is read through its children's), or, with ``example_input``, by one run of it
     through a copy of ``net`` (networks that branch on a tensor's shape, like spikingjelly's
     attention blocks). A ``SeqToANNContainer`` that ends in a BatchNorm counts as a multi-step
-    BN (:func:`container_batch_norm`). What stays apart is said in one warning: a norm whose
+    BN (:func:`container_batch_norm`). A neuron that reads the norm's output through one layout
+    change keeping T (``transpose``, ``permute``, ``swapaxes``, ``.mT``; not a module that only
+    transposes) pairs too (module docstring). What stays apart is said in one warning: a norm whose
     output has other users, a module called or registered at several places, a neuron option
     the fused kernel lacks (``store_v_seq``), a neuron that is not IF/LIF, a module with an
     instance-level ``forward`` of its own, and forwards that could not be read.
@@ -458,7 +549,7 @@ def fuse_norm_neurons(net: nn.Module, example_input: Any = None) -> nn.Module:
     for norm_name, neuron_name in report.fused:
         norm, neuron = net.get_submodule(norm_name), net.get_submodule(neuron_name)
         if fused_block(norm) is None:
-            _mark(FusedBlock(norm, neuron))
+            _mark(FusedBlock(norm, neuron, report.relayouts.get((norm_name, neuron_name))))
     if report.apart or report.unread:
         warnings.warn(f"fuse_norm_neurons: {report}", stacklevel=2)
     return net

@@ -511,3 +511,81 @@ def test_a_dropped_fused_network_is_freed():
     del net
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+# -- a layout change between the norm and the neuron (Spikformer's transpose back) ----------------
+
+
+class _Relaid(nn.Module):
+    """A multi-step BatchNorm1d over C of ``[T, N, L, C]`` tokens seen as ``[T, N, C, L]``, and a LIF
+    after ``change`` of its output (``use_twice``: the changed view also feeds a residual)."""
+
+    def __init__(self, change, use_twice: bool = False):
+        super().__init__()
+        self.bn = layer.BatchNorm1d(3, step_mode="m")
+        self.sn = neuron.LIFNode(step_mode="m")
+        self.change, self.use_twice = change, use_twice
+
+    def forward(self, x):
+        y = self.change(self.bn(x.transpose(-1, -2)))
+        return self.sn(y) + y if self.use_twice else self.sn(y)
+
+
+_CHANGES = {
+    "transpose": (lambda y: y.transpose(-1, -2), "transpose(-1, -2)"),
+    "mT": (lambda y: y.mT, "transpose(-2, -1)"),
+    "torch.transpose": (lambda y: torch.transpose(y, 3, 2), "transpose(3, 2)"),
+    "permute": (lambda y: y.permute(0, 1, 3, 2), "permute(0, 1, 3, 2)"),
+    "swapaxes": (lambda y: y.swapaxes(2, 3), "transpose(2, 3)"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+def test_a_pair_fuses_through_a_layout_change_that_keeps_time(change):
+    fn, written = _CHANGES[change]
+    x = torch.randn(3, 2, 4, 3, device=DEVICE)  # [T, N, L, C]
+    torch.manual_seed(0)
+    ref, net = _Relaid(fn), _Relaid(fn)
+    net.load_state_dict(ref.state_dict())
+    for report in (functional.fusion_report(net), functional.fusion_report(net, example_input=x)):
+        assert report.fused == [("bn", "sn")] and str(report.relayouts["bn", "sn"]) == written
+    functional.fuse_norm_neurons(net)
+    assert repr(fused_block(net.sn)) == f"FusedBlock(BatchNorm1d → LIFNode through {written})"
+    for t in range(2):  # the torch backend: the exact composition, the neuron's state in its own shape
+        assert torch.equal(net(x + t), ref(x + t))
+        assert net.sn.v.shape == (2, 4, 3) and torch.equal(net.sn.v, ref.sn.v)
+    clone = copy.deepcopy(net)  # mid-sequence
+    assert fused_block(clone.sn).relayout == fused_block(net.sn).relayout
+    assert torch.equal(clone(x), ref(x))
+    functional.unfuse_norm_neurons(net)
+    assert "forward" not in net.bn.__dict__ and "forward" not in net.sn.__dict__
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_a_layout_change_that_moves_time_or_has_other_users_stays_apart(example):
+    x = torch.randn(3, 2, 4, 3, device=DEVICE)
+    read = {"example_input": x} if example else {}
+    moved = functional.fusion_report(_Relaid(lambda y: y.transpose(0, 1)), **read)
+    assert moved.fused == [] and moved.apart == [("bn", "sn", "the transpose(0, 1) between them moves the time dim")]
+    shared = functional.fusion_report(_Relaid(lambda y: y.mT, use_twice=True), **read)
+    assert shared.fused == [] and shared.apart == [("bn", "sn", "the norm's output has other users")]
+
+
+def test_a_block_through_a_transpose_refuses_another_view_and_the_untransposed_spikes():
+    net = functional.fuse_norm_neurons(_Relaid(lambda y: y.mT))
+    x = torch.randn(3, 2, 4, 3, device=DEVICE)
+    for wrong in (lambda s: s, lambda s: s.mT.clone(), lambda s: s.permute(1, 0, 3, 2)):
+        y = net.bn(x.mT)
+        with pytest.raises(RuntimeError, match=r"did not just produce \(or its transpose\(-2, -1\)\)"):
+            net.sn(wrong(y))
+
+
+def test_torch_compile_fullgraph_runs_a_block_through_a_transpose():
+    torch.manual_seed(0)
+    net = functional.fuse_norm_neurons(_Relaid(lambda y: y.mT))
+    functional.set_backend(net, "triton")
+    x = torch.randn(3, 2, 4, 3, device=DEVICE)
+    eager, v = net(x), net.sn.v
+    functional.reset_net(net)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), eager) and net.sn.v.shape == (2, 4, 3) and torch.equal(net.sn.v, v)
