@@ -9,6 +9,9 @@ random inputs of the batch-statistics norms and the hypothesis strategies that d
   raised the expected error and changed none of it.
 * :func:`norm_case`: one call's random inputs for a batch-statistics norm (BN/tdBN, TEBN,
   BNTT, TAB); :func:`norm_params`: the hypothesis strategy that draws its arguments.
+* :func:`assert_flips_placed`: spikes that differ between two implementations must sit at
+  the threshold (the reference's firing variable within a few eps of 0, recorded by
+  :class:`RecordingSurrogate`); it returns the units that stay comparable past a flip.
 
 Where the tests run is tests/devices.py (imported by conftest.py before triton is), the
 tolerances are tests/tolerances.py.
@@ -26,6 +29,7 @@ import torch
 import torch.nn as nn
 from devices import DEVICE, SIZES
 from hypothesis import strategies as st
+from tolerances import FLIP_MARGIN_EPS, comparable_mask, flip_margin
 
 from snnorm import functional, layer, neuron
 
@@ -253,3 +257,61 @@ def norm_params(draw, rule: str, dtypes, max_T: int = 6, max_spatial_dims: int =
     if (params["training"] or not params["running"]) and per_channel < 2:
         N = 2
     return dict(shape=(T, N, C, *spatial), **params)
+
+
+# ------------------------------------------------------------------------ spikes that flip
+
+
+class RecordingSurrogate(nn.Module):
+    """Wraps a neuron's surrogate and records the firing variable ``z`` of each call (the
+    reference's ``h − θ``, normalised for MPBN, sign-folded for a folded threshold) before
+    calling it; :meth:`firing_variable` stacks them in the spikes' layout. Put it on the
+    reference only (``node.surrogate_function = RecordingSurrogate(node.surrogate_function)``
+    after the copy that runs the other backend was made)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.zs: list[torch.Tensor] = []
+
+    def forward(self, z):
+        self.zs.append(z.detach())
+        return self.inner(z)
+
+    def firing_variable(self, spikes: torch.Tensor) -> torch.Tensor:
+        """The recorded z of every spike, shaped as ``spikes`` ([T, ...]: one call a step)."""
+        if not self.zs:
+            raise AssertionError("the reference never called its surrogate: nothing recorded")
+        return torch.stack(self.zs).reshape(spikes.shape)
+
+
+#: per dtype, the largest |z| / (eps·scale) of a flipped spike seen in this process (informative:
+#: how close to the margin of tolerances.FLIP_MARGIN_EPS the flips come; printed by some tests)
+FLIPS_SEEN: dict[str, float] = {}
+
+
+def assert_flips_placed(what: str, got_s: torch.Tensor, want_s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype,
+                        channel_coupled: bool) -> torch.Tensor:
+    """Spikes ``got_s`` against the reference's ``want_s``: every spike that differs among the
+    comparable ones (each unit up to and including its first flip, tolerances.comparable_mask)
+    must be placed at the threshold: the reference's firing variable ``z`` there lies within
+    :func:`tolerances.flip_margin` (FLIP_MARGIN_EPS[dtype] eps of ``dtype``, times
+    max(1, max|z|)) of 0. No share of flips is allowed anywhere else. Returns the clean units
+    ([N, C, *spatial], True where no flip reached): compare every other quantity on them, with
+    :func:`tolerances.comparable_entries`, so that the comparison continues past a flip."""
+    flipped, spike_mask, clean = comparable_mask(got_s, want_s, channel_coupled=channel_coupled)
+    compared = flipped & spike_mask
+    if bool(compared.any()):
+        z = z.detach().to(torch.float64).to(compared.device)
+        margin, unit = flip_margin(dtype, z)
+        dist = z.abs()[compared]
+        key = str(dtype).replace("torch.", "")
+        FLIPS_SEEN[key] = max(FLIPS_SEEN.get(key, 0.0), dist.max().item() / unit)
+        far = int((dist > margin).sum())
+        if far:
+            raise AssertionError(
+                f"{what}: {far} of {int(compared.sum())} flipped spikes lie away from the threshold: "
+                f"|z| up to {dist.max().item():.3e} > margin {margin:.3e} "
+                f"({FLIP_MARGIN_EPS[dtype]} eps of {dtype} × max(1, max|z|))"
+            )
+    return clean

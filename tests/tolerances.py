@@ -41,6 +41,26 @@ OP_VS_FP64 = {
     F16: (4e-3, 4e-3, 1e-2, 0.02),
     BF16: (2e-2, 2e-2, 5e-2, 0.02),
 }
+#: where a spike may flip (tests/helpers.py: assert_flips_placed): the reference's firing
+#: variable z = h − θ at every flipped spike satisfies |z| ≤ FLIP_MARGIN_EPS[dtype]·eps(dtype)·
+#: max(1, max|z|), with dtype the precision of the implementation under test (the reference
+#: is the torch backend in fp64, or in the same dtype for whole modules). The margin is the
+#: rounding budget of z: a batch mean and variance over up to 2^23 values (a tile's tree sum,
+#: then Chan's merge of the tiles) and T ≤ 16 steps of charge give tens of eps in fp32 and
+#: fp64; fp16/bf16 inputs are computed in fp32 and rounded once. On random draws a flip is
+#: rare (none in the default draws): helpers.FLIPS_SEEN records the largest |z|/(eps·scale)
+#: met, printed by tests/test_triton_mpbn_lif.py with -s. No share of flips is allowed.
+FLIP_MARGIN_EPS = {F64: 64, F32: 256, F16: 8, BF16: 4}
+
+
+def flip_margin(dtype: torch.dtype, z: torch.Tensor) -> tuple[float, float]:
+    """(margin, unit): the largest |z| a flipped spike may have in ``dtype`` given the
+    reference's firing variables ``z``, and one eps·scale (unit·FLIP_MARGIN_EPS = margin)."""
+    scale = max(1.0, z.abs().max().item()) if z.numel() else 1.0
+    unit = torch.finfo(dtype).eps * scale
+    return FLIP_MARGIN_EPS[dtype] * unit, unit
+
+
 #: TEBN (no spikes): |triton − ref64| ≤ rtol·(1 + max|ref64|)
 TEBN_RTOL = {F64: 1e-10, F32: 2e-5}
 #: fp16/bf16 TEBN: |triton − ref64| ≤ 2·|torch_lowp − ref64| + atol·(1 + max|ref64|) (≈ 1 and 2 ulp)
