@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, note, settings
+from hypothesis import given, note
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
@@ -258,7 +258,6 @@ def test_lif_matches_torch_backend(cfg):
 
 
 @given(cfg=configs(modes=("train",)))
-@settings(max_examples=settings.default.max_examples * 4 // 3)  # a third more than the profile: the most corners
 def test_mpbn_lif_training_matches_torch_backend(cfg):
     note(str(cfg))
     _check(cfg)
@@ -306,6 +305,33 @@ def test_split_path_matches_torch_backend(monkeypatch, over):
     monkeypatch.setattr(train_kernels, "SPLIT_BLOCK", 4)
     monkeypatch.setattr(train_kernels, "SPLIT_MIN_BLOCK", 4)
     _check(_split_cfg(**over))
+
+
+#: the training kernels' path choice at its real constants (no monkeypatching): a padded channel
+#: of exactly RESIDENT_MAX_M elements with MIN_PROGRAMS channels is resident, one channel fewer
+#: pipelined; a channel of MAX_BLOCK_P + 1 tiles of SPLIT_MIN_BLOCK combines its partials in chunks
+_N_RES = 8
+REAL_THRESHOLDS = [
+    pytest.param((2, _N_RES, train_kernels.MIN_PROGRAMS, train_kernels.RESIDENT_MAX_M // _N_RES), True, id="resident"),
+    pytest.param((2, _N_RES, train_kernels.MIN_PROGRAMS - 1, train_kernels.RESIDENT_MAX_M // _N_RES), False,
+                 id="one-channel-short-pipelined"),
+    pytest.param((2, 1, 1, (train_kernels.MAX_BLOCK_P + 1) * train_kernels.SPLIT_MIN_BLOCK), False,
+                 id="chunked-combine"),
+]
+
+
+@pytest.mark.slow  # ~10^5-10^6 elements through the interpreter
+@pytest.mark.parametrize("shape, resident", REAL_THRESHOLDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_paths_at_their_real_thresholds(shape, resident, dtype):
+    T, N, C, S = shape
+    assert train_kernels.uses_resident_path(N, C, S) == resident
+    if not resident:
+        tiles = train_kernels.pipelined_tiling(N, C, S)
+        assert tiles.P * C >= train_kernels.MIN_PROGRAMS or tiles.block == train_kernels.SPLIT_MIN_BLOCK
+        if C == 1:  # the chunked combine: more partials than one chunk holds
+            assert tiles.P > train_kernels.MAX_BLOCK_P, tiles
+    _check(_split_cfg(shape=shape, dtype=dtype, layout="contiguous", momentum=0.1))
 
 
 def test_split_path_is_deterministic_and_equals_resident(monkeypatch):
