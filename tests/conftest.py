@@ -16,6 +16,7 @@ whole file green unseen, so the session stops with a message naming what is miss
 """
 
 import os
+import random
 
 from devices import DEFAULT_PROFILE, ON_GPU
 
@@ -26,11 +27,14 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-# cpu: the default run through the Triton interpreter (tests/devices.py keeps shapes small);
-# cpu-long: 4.5× the draws, after the default run in CI (.ci/run: -m hypothesis
-# --hypothesis-profile=cpu-long).
+# cpu: the default run through the Triton interpreter (tests/devices.py keeps shapes small),
+# the same draws every run; cpu-long: 4.5× the draws, fresh ones every run, after the default
+# run in CI (.ci/run: -m hypothesis --hypothesis-profile=cpu-long). The seed of a run that
+# is not derandomized is printed (pytest_report_header, pytest_terminal_summary):
+# --hypothesis-seed=N replays it.
 settings.register_profile("cpu", max_examples=8, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
-settings.register_profile("cpu-long", max_examples=36, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
+settings.register_profile("cpu-long", max_examples=36, deadline=None, derandomize=False, print_blob=True,
+                          suppress_health_check=_SLOW_OK)
 # gpu: the wide shape pools of tests/devices.py; bounded so the triton tests finish in minutes.
 settings.register_profile("gpu", max_examples=60, deadline=None, suppress_health_check=_SLOW_OK)
 # gpu-quick: what perf/gpu_check.py runs inside its time budget.
@@ -80,6 +84,54 @@ def ci_problems() -> list[str]:
         if reason is not None:
             problems.append(f"the triton backend is unavailable: {reason}")
     return problems
+
+
+#: the seed a run that draws fresh examples shares with its xdist workers (they inherit it)
+SEED_ENV = "SNNORM_HYPOTHESIS_SEED"
+
+
+def _profile_name(config) -> str:
+    return (config.getoption("--hypothesis-profile", default=None)
+            or os.environ.get("SNNORM_HYPOTHESIS_PROFILE", DEFAULT_PROFILE))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """A profile that draws fresh examples (``derandomize=False``: cpu-long, gpu) runs under one
+    seed, chosen here unless ``--hypothesis-seed`` gives it, and shown in the run's output;
+    ``--hypothesis-seed=N`` with the same profile replays the run's draws. (Runs before
+    hypothesis's own pytest_configure, which turns the option into the global seed.)"""
+    if config.getoption("--hypothesis-seed", default=None) is not None:
+        return
+    try:
+        derandomized = settings.get_profile(_profile_name(config)).derandomize
+    except Exception:  # an unknown profile: hypothesis reports it
+        return
+    if derandomized:
+        return
+    seed = os.environ.get(SEED_ENV) or str(random.SystemRandom().randrange(2**32))
+    os.environ[SEED_ENV] = seed  # xdist workers start later and inherit it
+    config.option.hypothesis_seed = seed
+
+
+def _seed_line(config) -> str | None:
+    seed = config.getoption("--hypothesis-seed", default=None)
+    if seed is None:
+        return None
+    profile = _profile_name(config)
+    return (f"hypothesis seed {seed} (profile {profile}): replay with "
+            f"--hypothesis-profile={profile} --hypothesis-seed={seed}")
+
+
+def pytest_report_header(config):
+    line = _seed_line(config)
+    return [line] if line else None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    line = _seed_line(config)
+    if line:
+        terminalreporter.write_line(line)
 
 
 def pytest_sessionstart(session):

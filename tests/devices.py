@@ -41,6 +41,29 @@ def slow_on_cpu(test):
     return test if ON_GPU else pytest.mark.slow(test)
 
 
+def property_examples(cases: int = 1, at_least: int = 2) -> int:
+    """Examples for each of ``cases`` parametrized cases of one property test: the loaded
+    profile's ``max_examples`` shared among them, at least ``at_least`` each. A test that
+    parametrizes its mode instead of drawing it so keeps its time in the default run, and
+    the longer profiles (cpu-long, gpu) scale it up. Call it at decoration time (the
+    profile, --hypothesis-profile included, is loaded before the test modules are)."""
+    from hypothesis import settings
+
+    return max(at_least, -(-settings.default.max_examples // cases))
+
+
+#: examples of the wide (slow-set) twin of a property test whose default run draws few
+WIDE_EXAMPLES_MIN = 20
+
+
+def wide_examples() -> int:
+    """Examples of a property test's wide twin (marked slow): at least
+    :data:`WIDE_EXAMPLES_MIN`, or the profile's count when that is larger."""
+    from hypothesis import settings
+
+    return max(WIDE_EXAMPLES_MIN, settings.default.max_examples)
+
+
 class _Sizes:
     """Shape pools for the property tests. The GPU pools reach past what the interpreter
     can run: M = N·H·W past the one-program-per-channel limit (8192), C past the SM count

@@ -9,6 +9,9 @@ random inputs of the batch-statistics norms and the hypothesis strategies that d
   raised the expected error and changed none of it.
 * :func:`norm_case`: one call's random inputs for a batch-statistics norm (BN/tdBN, TEBN,
   BNTT, TAB); :func:`norm_params`: the hypothesis strategy that draws its arguments.
+* :func:`assert_flips_placed`: spikes that differ between two implementations must sit at
+  the threshold (the reference's firing variable within a few eps of 0, recorded by
+  :class:`RecordingSurrogate`); it returns the units that stay comparable past a flip.
 
 Where the tests run is tests/devices.py (imported by conftest.py before triton is), the
 tolerances are tests/tolerances.py.
@@ -26,8 +29,9 @@ import torch
 import torch.nn as nn
 from devices import DEVICE, SIZES
 from hypothesis import strategies as st
+from tolerances import FLIP_MARGIN_EPS, comparable_mask, flip_margin
 
-from snnorm import functional, layer, neuron
+from snnorm import functional, layer, neuron, surrogate
 
 # ------------------------------------------------------------------------ the module catalogue
 
@@ -257,3 +261,177 @@ def norm_params(draw, rule: str, dtypes, max_T: int = 6, max_spatial_dims: int =
     if (params["training"] or not params["running"]) and per_channel < 2:
         N = 2
     return dict(shape=(T, N, C, *spatial), **params)
+
+
+# ------------------------------------------------------------- constructors given a bad argument
+# One table for tests/test_validation.py (every row refused with a message naming the argument),
+# tests/test_peer_compat.py (eps = 0 taken by every EPS_CONSTRUCTORS entry) and
+# tests/test_layer_checks.py (where spikingjelly asserts instead).
+
+#: every constructor that takes an eps and accepts eps = 0 (running statistics in eval, weight
+#: standardisation), as ``make(eps)``
+EPS_CONSTRUCTORS = {
+    "BatchNorm1d": lambda eps: layer.BatchNorm1d(C, eps=eps),
+    "BatchNorm2d": lambda eps: layer.BatchNorm2d(C, eps=eps),
+    "BatchNorm3d": lambda eps: layer.BatchNorm3d(C, eps=eps),
+    "tdBN2d": lambda eps: layer.ThresholdDependentBatchNorm2d(1.0, 0.5, C, eps=eps),
+    "TEBN3d": lambda eps: layer.TemporalEffectiveBatchNorm3d(T, C, eps=eps),
+    "BNTT3d": lambda eps: layer.BatchNormThroughTime3d(T, C, eps=eps),
+    "BatchNormTT1d": lambda eps: layer.BatchNormTT1d(C, T, eps=eps),
+    "TAB1d": lambda eps: layer.TemporalAccumulatedBatchNorm1d(T, C, eps=eps),
+    "WSConv2d": lambda eps: layer.WSConv2d(C, C, 3, eps=eps),
+    "WSLinear": lambda eps: layer.WSLinear(C, C, eps=eps),
+}
+#: eps values every constructor refuses
+BAD_EPS = (-1e-5, math.nan, math.inf, -math.inf)
+
+#: (constructor, exception, text its message must hold): each row one bad argument
+BAD_CONSTRUCTORS = [
+    # (constructor, exception, text of the message): the argument named as ": <argument> must"
+    *[
+        row
+        for cls in (layer.BatchNorm1d, layer.BatchNorm2d, layer.BatchNorm3d)
+        for row in [
+            (lambda cls=cls: cls(0), ValueError, ": num_features must"),
+            (lambda cls=cls: cls(2.5), TypeError, ": num_features must"),
+            (lambda cls=cls: cls(C, momentum=1.1), ValueError, ": momentum must"),
+            (lambda cls=cls: cls(C, momentum="0.1"), TypeError, ": momentum must"),
+        ]
+    ],
+    *[
+        row
+        for cls in (layer.ThresholdDependentBatchNorm1d, layer.ThresholdDependentBatchNorm2d,
+                    layer.ThresholdDependentBatchNorm3d)
+        for row in [
+            (lambda cls=cls: cls(1.0, 0.5, 0), ValueError, ": num_features must"),
+            (lambda cls=cls: cls(1.0, 0.5, C, momentum=-0.5), ValueError, ": momentum must"),
+            (lambda cls=cls: cls(1.0, math.inf, C), ValueError, ": v_th must"),
+            (lambda cls=cls: cls(math.nan, 0.5, C), ValueError, ": alpha must"),
+        ]
+    ],
+    *[
+        row
+        for cls in (layer.TemporalEffectiveBatchNorm1d, layer.TemporalEffectiveBatchNorm2d,
+                    layer.TemporalEffectiveBatchNorm3d)
+        for row in [
+            (lambda cls=cls: cls(0, C), ValueError, ": T must"),
+            (lambda cls=cls: cls(2.0, C), TypeError, ": T must"),
+            (lambda cls=cls: cls(2, 0), ValueError, ": num_features must"),
+            (lambda cls=cls: cls(2, C, momentum=2.0), ValueError, ": momentum must"),
+        ]
+    ],
+    *[
+        row
+        for cls in (layer.BatchNormThroughTime1d, layer.BatchNormThroughTime2d, layer.BatchNormThroughTime3d)
+        for row in [
+            (lambda cls=cls: cls(-1, C), ValueError, ": T must"),
+            (lambda cls=cls: cls(2, 0), ValueError, ": num_features must"),
+            (lambda cls=cls: cls(2, C, momentum=-1.0), ValueError, ": momentum must"),
+        ]
+    ],
+    *[
+        row
+        for cls in (layer.BatchNormTT1d, layer.BatchNormTT2d)
+        for row in [
+            (lambda cls=cls: cls(C, 0), ValueError, ": time_steps must"),
+            (lambda cls=cls: cls(0, 2), ValueError, ": input_features must"),
+            (lambda cls=cls: cls(C, 2, momentum=1.01), ValueError, ": momentum must"),
+        ]
+    ],
+    (lambda: layer.GroupNorm(0, C), ValueError, ": num_groups must"),
+    (lambda: layer.GroupNorm(2, 0), ValueError, ": num_channels must"),
+    (lambda: layer.NeuNorm(0, 3, 3), ValueError, ": in_channels must"),
+    (lambda: layer.NeuNorm(C, 0, 3), ValueError, ": height must"),
+    (lambda: layer.NeuNorm(C, 3, 3, k=1.5), ValueError, ": k must"),
+    (lambda: layer.WSConv2d(0, C, 3), ValueError, ": in_channels must"),
+    (lambda: layer.WSLinear(C, 0), ValueError, ": out_features must"),
+    (lambda: neuron.LIFNode(v_threshold=math.inf), ValueError, ": v_threshold must"),
+    (lambda: neuron.LIFNode(v_threshold=math.nan), ValueError, ": v_threshold must"),
+    (lambda: neuron.LIFNode(v_reset=-math.inf), ValueError, ": v_reset must"),
+    (lambda: neuron.LIFNode(tau=math.nan), ValueError, ": tau must"),
+    (lambda: neuron.IFNode(v_threshold="1"), TypeError, ": v_threshold must"),
+    (lambda: neuron.MPBNLIFNode(out_channels=0), ValueError, ": out_channels must"),
+    (lambda: neuron.MPBNLIFNode(out_features=2.0), TypeError, ": out_features must"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, v_threshold=math.nan), ValueError, ": v_threshold must"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, bn_momentum=1.5), ValueError, ": bn_momentum must"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, bn_decay_momentum=-0.1), ValueError, ": bn_decay_momentum must"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, bn_min_momentum=2.0), ValueError, ": bn_min_momentum must"),
+    (lambda: neuron.MPBNLIFNode(out_features=C, mpbn=1), TypeError, ": mpbn must"),
+    (lambda: surrogate.Sigmoid(alpha=0.0), ValueError, ": alpha must"),
+    (lambda: surrogate.ATan(alpha=math.inf), ValueError, ": alpha must"),
+    # step modes, containers, dropout and tdBN's affine (spikingjelly asserts, tests/test_layer_checks.py)
+    (lambda: layer.ThresholdDependentBatchNorm2d(1.0, 0.5, C, affine=False), ValueError, "affine=True"),
+    (lambda: layer.ThresholdDependentBatchNorm2d(1.0, 0.5, C, step_mode="s"), ValueError, "step_mode"),
+    (lambda: layer.TemporalEffectiveBatchNorm2d(0, C), ValueError, "positive int"),
+    (lambda: layer.TemporalEffectiveBatchNorm2d(T, C, step_mode="s"), ValueError, "step_mode"),
+    (lambda: layer.BatchNormThroughTime2d(0, C), ValueError, "positive int"),
+    (lambda: layer.BatchNormTT1d(C, -1), ValueError, "positive int"),
+    (lambda: layer.BatchNorm2d(C, step_mode="x"), ValueError, "step_mode"),
+    (lambda: layer.Conv2d(C, 4, 3, step_mode="multi"), ValueError, "step_mode"),
+    (lambda: layer.Dropout(1.0), ValueError, "[0, 1)"),
+    (lambda: layer.Dropout(-0.1), ValueError, "[0, 1)"),
+    (lambda: layer.SeqToANNContainer(layer.Conv2d(C, 4, 3, step_mode="m")), ValueError, "step_mode='s'"),
+    (lambda: layer.MultiStepContainer(layer.BatchNorm2d(4, step_mode="m")), ValueError, "step_mode='s'"),
+    # eps: every constructor that takes it refuses these (GroupNorm refuses 0 too: test_careless_users.py)
+    *[(lambda make=make, bad=bad: make(bad), ValueError, f": eps must be a finite number >= 0, got {bad}")
+      for make in EPS_CONSTRUCTORS.values() for bad in BAD_EPS],
+    (lambda: layer.GroupNorm(2, C, eps=-1e-5), ValueError, ": eps must be a finite number >= 0"),
+]
+
+
+# ------------------------------------------------------------------------ spikes that flip
+
+
+class RecordingSurrogate(nn.Module):
+    """Wraps a neuron's surrogate and records the firing variable ``z`` of each call (the
+    reference's ``h − θ``, normalised for MPBN, sign-folded for a folded threshold) before
+    calling it; :meth:`firing_variable` stacks them in the spikes' layout. Put it on the
+    reference only (``node.surrogate_function = RecordingSurrogate(node.surrogate_function)``
+    after the copy that runs the other backend was made)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.zs: list[torch.Tensor] = []
+
+    def forward(self, z):
+        self.zs.append(z.detach())
+        return self.inner(z)
+
+    def firing_variable(self, spikes: torch.Tensor) -> torch.Tensor:
+        """The recorded z of every spike, shaped as ``spikes`` ([T, ...]: one call a step)."""
+        if not self.zs:
+            raise AssertionError("the reference never called its surrogate: nothing recorded")
+        return torch.stack(self.zs).reshape(spikes.shape)
+
+
+#: per dtype, the largest |z| / (eps·scale) of a flipped spike seen in this process (informative:
+#: how close to the margin of tolerances.FLIP_MARGIN_EPS the flips come; printed by some tests)
+FLIPS_SEEN: dict[str, float] = {}
+
+
+def assert_flips_placed(what: str, got_s: torch.Tensor, want_s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype,
+                        channel_coupled: bool) -> torch.Tensor:
+    """Spikes ``got_s`` against the reference's ``want_s``: every spike that differs among the
+    comparable ones (each unit up to and including its first flip, tolerances.comparable_mask)
+    must be placed at the threshold: the reference's firing variable ``z`` there lies within
+    :func:`tolerances.flip_margin` (FLIP_MARGIN_EPS[dtype] eps of ``dtype``, times
+    max(1, max|z|)) of 0. No share of flips is allowed anywhere else. Returns the clean units
+    ([N, C, *spatial], True where no flip reached): compare every other quantity on them, with
+    :func:`tolerances.comparable_entries`, so that the comparison continues past a flip."""
+    flipped, spike_mask, clean = comparable_mask(got_s, want_s, channel_coupled=channel_coupled)
+    compared = flipped & spike_mask
+    if bool(compared.any()):
+        z = z.detach().to(torch.float64).to(compared.device)
+        margin, unit = flip_margin(dtype, z)
+        dist = z.abs()[compared]
+        key = str(dtype).replace("torch.", "")
+        FLIPS_SEEN[key] = max(FLIPS_SEEN.get(key, 0.0), dist.max().item() / unit)
+        far = int((dist > margin).sum())
+        if far:
+            raise AssertionError(
+                f"{what}: {far} of {int(compared.sum())} flipped spikes lie away from the threshold: "
+                f"|z| up to {dist.max().item():.3e} > margin {margin:.3e} "
+                f"({FLIP_MARGIN_EPS[dtype]} eps of {dtype} × max(1, max|z|))"
+            )
+    return clean

@@ -87,6 +87,8 @@ def test_flips_only_within_rounding_of_the_folded_threshold(backend, dtype, carr
             flips[name] += int(flipped.sum())
             counts[name] += flipped.numel()
     assert flips["near"] <= FOLD_MAX_FLIPS_NEAR * counts["near"], flips
-    assert flips["dense"] <= FOLD_MAX_FLIPS_DENSE * counts["dense"], flips
+    assert flips["dense"] <= FOLD_MAX_FLIPS_DENSE[dtype] * counts["dense"], (
+        f"{flips['dense']} of {counts['dense']} spike decisions flipped in the dense cloud; "
+        f"docs/porting.md states at most {FOLD_MAX_FLIPS_DENSE[dtype] * counts['dense']:g} in {dtype}")
     # the test does reach the rounding regime: neighbours of θ′ do flip somewhere
     assert flips["near"] > 0, "no flip at all within ulps of θ′: the inputs did not reach rounding"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
-from tolerances import RECOMPUTED_GRAD_FP32, RUNNING_MEAN_BY_HAND_FP32, WS_CONV_VS_TORCH_FP32, WS_WEIGHT_MEAN, WS_WEIGHT_VAR
+from tolerances import EXACT, RECOMPUTED_GRAD_FP32, RUNNING_MEAN_BY_HAND_FP32, WS_CONV_VS_TORCH_FP32, WS_WEIGHT_MEAN, WS_WEIGHT_VAR
 
 from snnorm import functional, layer, memopt
 
@@ -296,3 +296,49 @@ def test_torch_checkpoint_updates_running_stats_once(make, make_input, use_reent
         assert torch.equal(buffers(module)[key], value), f"{key}: updated {'twice' if 'num' in key else 'wrongly'}"
     for (name, p), p_twin in zip(module.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, p_twin.grad, **RECOMPUTED_GRAD_FP32, msg=name)
+
+
+# ------------------------------------------- memories (docs/porting.md: what snnorm does differently)
+
+
+def test_register_memory_raises_value_error_naming_the_memory_and_keeps_the_old_one():
+    """docs/porting.md: ``register_memory`` raises ValueError naming the memory (spikingjelly asserts)."""
+    from snnorm import neuron
+
+    node = neuron.LIFNode()
+    node.v = torch.full((2, 3), 0.25)
+    before = node.v
+    with pytest.raises(ValueError, match="'v'"):  # registered already
+        node.register_memory("v", 0.0)
+    assert node.v is before and node.get_reset_value("v") == 0.0
+    with pytest.raises(ValueError, match="'tau'"):  # an attribute of that name
+        node.register_memory("tau", 1.0)
+    assert node.tau == 2.0 and "tau" not in dict(node.named_memories())
+
+
+@pytest.mark.parametrize("call", ["reset", "detach"])
+def test_reset_and_detach_replace_the_state_instead_of_writing_it(call):
+    """docs/porting.md: ``reset()``/``detach()`` replace the state tensors: the old tensor is
+    neither written (its version counter and values stay) nor the new one, and a backward
+    through a membrane saved before the call still runs and gives the uninterrupted gradient."""
+    from snnorm import neuron
+
+    def two_steps(interrupt: bool):
+        node = neuron.LIFNode(step_mode="s")
+        x = torch.linspace(-1.0, 3.0, 12).view(3, 4).requires_grad_()
+        s1 = node(x)
+        old = node.v
+        old_version, old_values = old._version, old.detach().clone()
+        if interrupt:
+            getattr(node, call)()
+            assert node.v is not old, f"{call}() kept the state tensor object"
+            assert old._version == old_version and torch.equal(old, old_values), f"{call}() wrote the old state"
+            if call == "detach":
+                assert node.v.grad_fn is None and old.grad_fn is not None
+                assert torch.equal(node.v, old_values)
+            else:
+                assert node.v == node.get_reset_value("v")
+        (s1.sum() + old.sum()).backward()  # through the membrane saved before the call
+        return x.grad
+
+    torch.testing.assert_close(two_steps(True), two_steps(False), **EXACT)

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from snnorm import base, functional, layer, memopt, neuron
 
-from helpers import NORM_CASES, assert_unchanged, snapshot, with_backends
+from helpers import EPS_CONSTRUCTORS, NORM_CASES, assert_unchanged, snapshot, with_backends
 from tolerances import REORDERED_FP64, TEBN_MODULE_REL
 
 sj_layer = pytest.importorskip("spikingjelly.activation_based.layer", reason="spikingjelly 2.0.0 is the oracle")
@@ -200,21 +200,13 @@ def test_eps_zero_in_training_is_refused_before_counting(make):
     assert torch.isfinite(module(torch.randn(T, N, C, H, W))[0]).all()
 
 
-@pytest.mark.parametrize("make", [
-    lambda eps: layer.BatchNorm1d(C, eps=eps),
-    lambda eps: layer.ThresholdDependentBatchNorm2d(1.0, 0.5, C, eps=eps),
-    lambda eps: layer.TemporalEffectiveBatchNorm3d(T, C, eps=eps),
-    lambda eps: layer.BatchNormThroughTime3d(T, C, eps=eps),
-    lambda eps: layer.BatchNormTT1d(C, T, eps=eps),
-    lambda eps: layer.TemporalAccumulatedBatchNorm1d(T, C, eps=eps),
-    lambda eps: layer.WSConv2d(C, C, 3, eps=eps),
-    lambda eps: layer.WSLinear(C, C, eps=eps),
-])
-def test_constructors_take_eps_zero_and_refuse_negative_nan_inf(make):
-    assert make(0.0) is not None and make(0) is not None
-    for bad in (-1e-5, math.nan, math.inf, -math.inf):
-        with pytest.raises(ValueError, match=rf": eps must be a finite number >= 0, got {bad}"):
-            make(bad)
+@pytest.mark.parametrize("make", EPS_CONSTRUCTORS.values(), ids=EPS_CONSTRUCTORS.keys())
+def test_constructors_take_eps_zero(make):
+    """eps = 0 as torch takes it (helpers.EPS_CONSTRUCTORS; the refused values, helpers.BAD_EPS,
+    are rows of helpers.BAD_CONSTRUCTORS, run by tests/test_validation.py)."""
+    for zero in (0.0, 0):
+        eps = [m.eps for m in make(zero).modules() if hasattr(m, "eps")]
+        assert eps and all(e == 0 for e in eps), eps
 
 
 def test_ws_trains_with_eps_zero():

@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from devices import DEVICE
+from devices import DEVICE, property_examples, wide_examples
 from helpers import LOWP, norm_case, norm_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,6 +101,8 @@ def op_args(op_name, params, seed):
 
 
 def check_case(op_name, params, seed):
+    """The triton op against the fp64 torch op (and, below fp64, the torch op in the same
+    dtype); returns the triton op's (outputs and gradients, running statistics)."""
     case = op_args(op_name, params, seed)
     dtype = case[0].dtype
     ours, ours_running = run(op_name, triton_backend, case)
@@ -118,26 +120,50 @@ def check_case(op_name, params, seed):
     if not params["training"]:
         for o, r0 in zip(ours_running, case[2]):
             assert o is None or torch.equal(o, r0), "eval must not touch the running statistics"
+    return ours, ours_running
 
 
 # ----------------------------------------------------------------------- properties
 
 
-PROPERTY_SETTINGS = settings(max_examples=max(20, settings.default.max_examples))
-
-
-@pytest.mark.parametrize("op_name", OPS)
-@PROPERTY_SETTINGS
-@given(data=st.data(), seed=st.integers(0, 2**16))
-def test_matches_torch_fp32_fp64(op_name, data, seed):
+# The default run draws a few examples of each (op, precision); the wide twins in the slow
+# set draw at least 20 each, for the corners.
+def _fp32_fp64(op_name, data, seed):
     check_case(op_name, data.draw(norm_params(RULE[op_name], [torch.float32, torch.float64])), seed)
 
 
+def _bf16(op_name, data, seed):
+    check_case(op_name, data.draw(norm_params(RULE[op_name], [torch.bfloat16])), seed)
+
+
 @pytest.mark.parametrize("op_name", OPS)
-@PROPERTY_SETTINGS
+@settings(max_examples=property_examples(2))
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_matches_torch_fp32_fp64(op_name, data, seed):
+    _fp32_fp64(op_name, data, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op_name", OPS)
+@settings(max_examples=wide_examples())
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_matches_torch_fp32_fp64_wide(op_name, data, seed):
+    _fp32_fp64(op_name, data, seed)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+@settings(max_examples=property_examples(2))
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_matches_torch_bf16(op_name, data, seed):
-    check_case(op_name, data.draw(norm_params(RULE[op_name], [torch.bfloat16])), seed)
+    _bf16(op_name, data, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op_name", OPS)
+@settings(max_examples=wide_examples())
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_matches_torch_bf16_wide(op_name, data, seed):
+    _bf16(op_name, data, seed)
 
 
 @pytest.mark.parametrize("op_name", OPS)
@@ -162,9 +188,8 @@ def test_tiling_and_partials(monkeypatch, op_name):
     assert geo.parts >= 2 * T, geo
     params = dict(shape=(T, N, C, *spatial), dtype=torch.float64,
                   affine="both" if op_name == "batch_norm_seq" else "weight", mean_shift=5.0, training=True)
-    check_case(op_name, params, seed=1)
-    case = op_args(op_name, params, seed=1)
-    first, second = run(op_name, triton_backend, case), run(op_name, triton_backend, case)
+    first = check_case(op_name, params, seed=1)
+    second = run(op_name, triton_backend, op_args(op_name, params, seed=1))
     for a, b in zip(first[0] + first[1], second[0] + second[1]):
         assert a is None or torch.equal(a, b), "two runs differ: the reductions are not deterministic"
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from devices import DEVICE
+from devices import DEVICE, property_examples, wide_examples
 from helpers import LOWP, norm_case, norm_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,20 +118,35 @@ def check_case(params, seed):
 
 # ----------------------------------------------------------------------- properties
 
-# at least 20 examples each (the CPU profile's 12 leave corners out); the GPU profile's 200 stay
-PROPERTY_SETTINGS = settings(max_examples=max(20, settings.default.max_examples))
+# The default run draws a few examples of each property (the interpreter spends ~0.5 s on
+# one); the wide twin in the slow set draws at least 20, for the corners.
+FP32_FP64 = norm_params("tebn", [torch.float32, torch.float64], max_T=8, max_spatial_dims=3)
+LOWP_PARAMS = norm_params("tebn", list(LOWP), max_T=8, max_spatial_dims=3)
 
 
-@PROPERTY_SETTINGS
-@given(params=norm_params("tebn", [torch.float32, torch.float64], max_T=8, max_spatial_dims=3),
-       seed=st.integers(0, 2**16))
+@settings(max_examples=property_examples(2))
+@given(params=FP32_FP64, seed=st.integers(0, 2**16))
 def test_matches_torch_fp32_fp64(params, seed):
     check_case(params, seed)
 
 
-@PROPERTY_SETTINGS
-@given(params=norm_params("tebn", list(LOWP), max_T=8, max_spatial_dims=3), seed=st.integers(0, 2**16))
+@pytest.mark.slow
+@settings(max_examples=wide_examples())
+@given(params=FP32_FP64, seed=st.integers(0, 2**16))
+def test_matches_torch_fp32_fp64_wide(params, seed):
+    check_case(params, seed)
+
+
+@settings(max_examples=property_examples(2))
+@given(params=LOWP_PARAMS, seed=st.integers(0, 2**16))
 def test_matches_torch_lowp(params, seed):
+    check_case(params, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=wide_examples())
+@given(params=LOWP_PARAMS, seed=st.integers(0, 2**16))
+def test_matches_torch_lowp_wide(params, seed):
     check_case(params, seed)
 
 

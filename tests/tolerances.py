@@ -41,6 +41,27 @@ OP_VS_FP64 = {
     F16: (4e-3, 4e-3, 1e-2, 0.02),
     BF16: (2e-2, 2e-2, 5e-2, 0.02),
 }
+#: where a spike may flip (tests/helpers.py: assert_flips_placed): the reference's firing
+#: variable z = h − θ at every flipped spike satisfies |z| ≤ FLIP_MARGIN_EPS[dtype]·eps(dtype)·
+#: max(1, max|z|), with dtype the precision of the implementation under test (the reference
+#: is the torch backend in fp64, or in the same dtype for whole modules). The margin is the
+#: rounding budget of z: a batch mean and variance over up to 2^23 values (a tile's tree sum,
+#: then Chan's merge of the tiles) and T ≤ 16 steps of charge give tens of eps in fp32 and
+#: fp64; the kernels compute fp16/bf16 inputs in fp32, the torch backend in bf16 itself (its
+#: MPBN eval under autocast flips at 6.3 bf16 eps·scale, tests/test_autocast.py). A flip is
+#: rare on random draws (none in the default draws of the fp32 tests): helpers.FLIPS_SEEN records the largest |z|/(eps·scale)
+#: met, printed by tests/test_triton_mpbn_lif.py with -s. No share of flips is allowed.
+FLIP_MARGIN_EPS = {F64: 64, F32: 256, F16: 8, BF16: 8}
+
+
+def flip_margin(dtype: torch.dtype, z: torch.Tensor) -> tuple[float, float]:
+    """(margin, unit): the largest |z| a flipped spike may have in ``dtype`` given the
+    reference's firing variables ``z``, and one eps·scale (unit·FLIP_MARGIN_EPS = margin)."""
+    scale = max(1.0, z.abs().max().item()) if z.numel() else 1.0
+    unit = torch.finfo(dtype).eps * scale
+    return FLIP_MARGIN_EPS[dtype] * unit, unit
+
+
 #: TEBN (no spikes): |triton − ref64| ≤ rtol·(1 + max|ref64|)
 TEBN_RTOL = {F64: 1e-10, F32: 2e-5}
 #: fp16/bf16 TEBN: |triton − ref64| ≤ 2·|torch_lowp − ref64| + atol·(1 + max|ref64|) (≈ 1 and 2 ulp)
@@ -72,10 +93,13 @@ COMPILED_BUFFERS_FP32 = dict(rtol=1e-6, atol=1e-6)
 # --- autocast bfloat16 against float32 ---------------------------------------------------------
 #: bfloat16 keeps 8 mantissa bits (relative step 2^-8 ≈ 0.4%); a conv sums 36 rounded products
 AUTOCAST_BF16 = dict(atol=3e-2, rtol=3e-2)
-AUTOCAST_BF16_GRAD = dict(atol=12e-2, rtol=12e-2)  # gradients: 4× (the surrogate amplifies)
 AUTOCAST_BUFFERS = dict(atol=1e-2, rtol=1e-2)
 AUTOCAST_MAX_SPIKE_FLIPS = 0.03
 AUTOCAST_GRAD_REL = 5e-2  # ‖g_bf16 − g_fp32‖ ≤ GRAD_REL·‖g_fp32‖ + 1e-3
+
+#: neurons on a bfloat16 input under autocast, membrane and ∂x on the units no flip reached, by
+#: the 2×-torch rule against the float64 neuron: |got − ref64| ≤ 2·|torch_bf16 − ref64| + this·(1 + max|ref64|)
+AUTOCAST_NEURON_LOWP_ATOL = 8e-3
 
 #: a readout row moved by a flipped spike may leave AUTOCAST_BF16; this share of it may not
 AUTOCAST_READOUT_WITHIN_SHARE = 0.75
@@ -167,8 +191,9 @@ DEMO_FOLD_MAX_LOGIT_DIFF = 1e-5
 FOLD_FLIP_ULPS = 4
 #: share of flipped spikes among inputs within ±32 ulps of θ′ (measured: 0.8–2.5%)
 FOLD_MAX_FLIPS_NEAR = 0.05
-#: ... among inputs spread ~1e-3 relative around θ′ (measured: 1 in 4096 in float32, 0 in float64)
-FOLD_MAX_FLIPS_DENSE = 1e-3
+#: ... among inputs spread ~1e-3 relative around θ′, per dtype (measured on both backends and
+#: both carries: 1 of 4096 in float32, 0 of 4096 in float64; docs/porting.md states these)
+FOLD_MAX_FLIPS_DENSE = {F32: 1 / 4096, F64: 0.0}
 
 # --- the same computation reorganised (checkpointing, single- vs multi-step, chunking) --------
 #: recomputed forward under checkpointing (fp32): input and parameter gradients
