@@ -37,8 +37,11 @@ grid, in one scheme with three tile shapes, the host-side sizes in :mod:`snnorm.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from ._common import device_vector
 
 # --- named modes (compile-time constants; launchers pass ``NAME.value``) ---------------
 #: firing variable of the elementwise kernel
@@ -93,13 +96,9 @@ def kernel_scalars(values, acc, device) -> tuple:
     So for ``acc`` = torch.float64 each value is a one-element float64 view of one vector
     built on ``device`` by fills (:func:`snnorm.kernels._common.device_vector`: no host-to-device
     copy, capturable in a CUDA graph), which the kernel reads with :func:`scalar_arg`."""
-    import torch
-
     values = tuple(float(v) for v in values)
     if acc != torch.float64:
         return values
-    from ._common import device_vector
-
     vec = device_vector(values, torch.float64, device)
     return tuple(vec[i : i + 1] for i in range(len(values)))
 
