@@ -305,13 +305,16 @@ def reset_bwd(gv, spike, u, th, v_r, SOFT_RESET: tl.constexpr, DETACH_RESET: tl.
 @triton.jit
 def surrogate_grad(z, alpha, SURROGATE: tl.constexpr):
     """dΘ/dz of the surrogate (the formulas of snnorm.surrogate)."""
-    # divisions rounded correctly as well: the kernels that recompute spikes hold no approximate one
+    # the one place a plain (on NVIDIA approximate) division is right: no spike depends on a
+    # gradient, and div_rn here made the fused norm → LIF backward spill (4–8 B, SEG = 16,
+    # sm_80); the compile check proves every other division of a spike kernel is rounded
+    # correctly by compiling it with a division-free surrogate (perf/tools/compile_check.py)
     if SURROGATE == SURROGATE_SIGMOID:  # α·σ(αz)(1 − σ(αz))
-        sg = div_rn(1.0, 1.0 + tl.exp(-(z * alpha)), z.dtype)
+        sg = 1.0 / (1.0 + tl.exp(-(z * alpha)))
         g = (1.0 - sg) * sg * alpha
     elif SURROGATE == SURROGATE_ATAN:  # (α/2)/(1 + (π/2·αz)²)
         w = 1.5707963267948966 * alpha * z
-        g = div_rn(alpha * 0.5, 1.0 + w * w, z.dtype)
+        g = (alpha * 0.5) / (1.0 + w * w)
     elif SURROGATE == SURROGATE_PIECEWISE_QUADRATIC:  # max(0, α − α²|z|)
         g = tl.maximum(alpha - alpha * alpha * tl.abs(z), 0.0)
     else:  # PIECEWISE_EXP: (α/2)·exp(−α|z|)
