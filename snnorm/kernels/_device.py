@@ -108,8 +108,8 @@ def kernel_scalars(values, acc, device) -> tuple:
 # NVIDIA lowers an fp32 ``/`` to the approximate ``div.full.f32`` (≤ 2 ulp) and tl.sqrt to
 # ``sqrt.approx.f32``; torch (CPU, and CUDA builds without fast math) rounds both correctly.
 # A membrane within an ulp of θ would then fire on one and not the other, so every division
-# and square root of the kernels that decide or recompute a spike goes through these
-# (perf/tools/compile_check.py scans their PTX for approximate instructions). fp64 ``/`` and
+# and square root that a spike depends on goes through these (all but the surrogate
+# gradient's; perf/tools/compile_check.py scans the kernels' PTX for approximate instructions). fp64 ``/`` and
 # tl.sqrt already lower to ``div.rn.f64`` / ``sqrt.rn.f64`` (tl.div_rn / tl.sqrt_rn are fp32 only).
 
 

@@ -65,9 +65,10 @@ in the output dtype. For fp16/bf16 inputs the membrane stays fp32 inside the ker
 the saved h, whereas the torch reference keeps it in the input dtype: the Triton result is
 the more accurate one. Scalars (τ, v_reset, ε, momentum, α) reach fp32 kernels as fp32
 arguments and fp64 kernels as one-element fp64 tensors (``_device.kernel_scalars``), so fp64
-agrees with an fp64 reference to rounding (~1e-15). Every division and square root is
-correctly rounded (``_device.div_rn``, ``rstd_of``) and every launch pins
-``enable_fp_fusion=False``: the backward's recomputed spikes are the forward's, on any Triton.
+agrees with an fp64 reference to rounding (~1e-15). Every division and square root that a
+spike depends on is correctly rounded (``_device.div_rn``, ``rstd_of``; only the surrogate
+gradient's is plain) and every launch pins ``enable_fp_fusion=False``: the backward's
+recomputed spikes are the forward's, on any Triton.
 """
 
 from __future__ import annotations
