@@ -124,3 +124,87 @@ def test_oldest_supported_triton_compiles_every_configuration_without_spills(tmp
     assert {r["kernel"] for r in rows} == _launched_kernels()
     _assert_no_spills(rows)
     print("\n" + out.stdout[-3000:])
+
+
+#: lines as Triton's NVIDIA backend writes them: an fp32 ``/`` (div.full.f32, ≤ 2 ulp), tl.div_rn,
+#: tl.sqrt_rn, fp64 ``/``, tl.exp (ex2.approx: allowed), tl.rsqrt, and a comment naming an instruction
+PTX_FIXTURE = """
+.version 8.7
+.target sm_90a
+.visible .entry k(.param .u64 k_param_0)
+{
+	div.full.f32 	%r5, %r3, %r4;
+	div.rn.f32 	%r6, %r3, %r4;
+	sqrt.rn.f32 	%r7, %r6;
+	div.rn.f64 	%fd3, %fd1, %fd2;
+	ex2.approx.f32 	%r8, %r7;
+	rsqrt.approx.ftz.f32 	%r9, %r8;
+	// div.approx.f32 would be caught on a code line
+	ret;
+}
+"""
+
+
+def test_ptx_scan_catches_approximate_division_in_spike_kernels():
+    """The compile check's scan (perf/tools/compile_check.py): approximate division / square
+    root in a kernel of SPIKE_MODULES fails its row; IEEE-rounded forms and ex2.approx pass."""
+    sys.path.insert(0, str(ROOT))
+    from perf.tools import SPIKE_MODULES, approximate_ops, approximation_problem, format_ops
+
+    found = approximate_ops(PTX_FIXTURE)
+    assert found == {"div.full.f32": 1, "rsqrt.approx.ftz.f32": 1}, found
+    ops = format_ops(found)
+    assert "div.full.f32" in approximation_problem("snnorm.kernels.lif:_lif_fwd_kernel", ops)
+    assert approximation_problem("snnorm.kernels.norm_lif:_norm_lif_bwd_kernel", format_ops({"div.approx.f32": 2}))
+    # outside the spike kernels the ops are reported (the approx_ops column), not failed
+    assert approximation_problem("snnorm.kernels.bn_pipeline._kernels:_stats_partials_kernel", ops) == ""
+    correct = "\n".join(ln for ln in PTX_FIXTURE.splitlines() if "full" not in ln and "rsqrt" not in ln)
+    assert approximate_ops(correct) == {}
+    assert approximation_problem("snnorm.kernels.mpbn_lif_train:_mpbn_lif_resident_fwd_kernel", format_ops({})) == ""
+    # the scanned modules are the ones that hold the LIF / MPBN-LIF / fused norm → LIF kernels
+    assert {k.split(":")[0] for k in _launched_kernels() if "lif" in k} == set(SPIKE_MODULES)
+
+
+_COMPILE_TWO_DIVISIONS = """
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from perf.tools import approximate_ops
+from snnorm.kernels import _device as dev
+
+@triton.jit
+def plain(x_ptr, y_ptr, DTYPE: tl.constexpr):
+    i = tl.arange(0, 128)
+    tl.store(y_ptr + i, tl.load(x_ptr + i) / tl.load(x_ptr + 128 + i))
+
+@triton.jit
+def rounded(x_ptr, y_ptr, DTYPE: tl.constexpr):
+    i = tl.arange(0, 128)
+    tl.store(y_ptr + i, dev.div_rn(tl.load(x_ptr + i), tl.load(x_ptr + 128 + i), DTYPE))
+
+out = {}
+for fn in (plain, rounded):
+    for dt in ("fp32", "fp64"):
+        src = ASTSource(fn=fn, signature={"x_ptr": "*" + dt, "y_ptr": "*" + dt, "DTYPE": "constexpr"},
+                        constexprs={(2,): getattr(tl, {"fp32": "float32", "fp64": "float64"}[dt])})
+        k = triton.compile(src, target=GPUTarget("cuda", 80, 32))
+        out[f"{fn.__name__}-{dt}"] = [approximate_ops(k.asm["ptx"]), "div.rn" in k.asm["ptx"]]
+print(json.dumps(out))
+"""
+
+
+def test_fp32_division_compiles_to_an_approximation_that_div_rn_avoids(tmp_path):
+    """One small kernel compiled for sm_80 (no GPU): an fp32 ``/`` becomes ``div.full.f32``,
+    which the scan finds, and ``_device.div_rn`` a correctly rounded ``div.rn`` (fp32 and fp64)."""
+    import json
+
+    script = tmp_path / "two_divisions.py"  # @triton.jit needs its source in a file
+    script.write_text(_COMPILE_TWO_DIVISIONS)
+    out = subprocess.run([sys.executable, "-W", "ignore", str(script)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["plain-fp32"][0] and set(got["plain-fp32"][0]) <= {"div.full.f32", "div.approx.f32"}, got
+    assert got["rounded-fp32"] == [{}, True], got
+    assert got["plain-fp64"] == [{}, True] and got["rounded-fp64"] == [{}, True], got

@@ -13,6 +13,19 @@
    on the PTX: registers, spill stores/loads (bytes), shared memory. A configuration that
    fails to compile is a failure. Results are cached per (kernel source hash, configuration,
    target, triton version) in ``$SNNORM_COMPILE_CACHE`` (default ~/.cache/snnorm-compile-check).
+3. **Scan** the PTX for approximate arithmetic (:func:`approximate_ops`: ``div.approx``,
+   ``div.full``, ``rcp.approx``, ``sqrt.approx``, ``rsqrt.approx``; the ``approx_ops`` column,
+   every kernel). In a kernel that decides or recomputes spikes (:data:`SPIKE_MODULES`: LIF,
+   MPBN-LIF, fused norm → LIF, forward and backward) any of them is a failure: a membrane
+   within an ulp of θ would fire on the GPU and not in torch, or in the forward and not in
+   the backward's recompute. The rule is the whole kernel, not only the compare: a division's
+   result reaches the compare through h, the statistics, rstd or θ′. One exception: the
+   sigmoid and atan surrogate gradients divide with a plain ``/`` (no spike depends on a
+   gradient; a correctly rounded one made the fused backward spill). So a backward kernel
+   launched with such a surrogate is compiled a second time (sm_90) with the division-free
+   piecewise-quadratic one (:data:`DIVISION_FREE_SURROGATE`), and that PTX must hold none:
+   everything but the surrogate is proven rounded correctly. ``ex2.approx`` / ``lg2.approx``
+   (tl.exp in the surrogates) are allowed: no spike depends on them.
 
 Usage::
 
@@ -52,7 +65,20 @@ TARGETS = (90, 80)
 #: SMs of the GPU the launchers are told they run on (H100/H200; the GPU machines)
 SM_COUNT = 132
 CSV_COLUMNS = ("kernel", "target", "config", "num_warps", "registers", "spill_stores", "spill_loads",
-               "shared_bytes", "programs", "status", "error")
+               "shared_bytes", "programs", "approx_ops", "status", "error")
+#: launch options besides num_warps / num_stages that change the compiled code (the launchers
+#: pin fp-fusion off: compiled as launched, the PTX scanned is the PTX that runs)
+COMPILE_OPTIONS = ("enable_fp_fusion",)
+#: the kernels' SURROGATE constant of a surrogate with no division (piecewise quadratic,
+#: snnorm.kernels._device.SURROGATE_PIECEWISE_QUADRATIC), and those that divide (sigmoid, atan)
+DIVISION_FREE_SURROGATE = 2
+DIVIDING_SURROGATES = (0, 1)
+#: modules whose kernels decide or recompute spikes: no approximate division or square root
+SPIKE_MODULES = ("snnorm.kernels.lif", "snnorm.kernels.mpbn_lif_train", "snnorm.kernels.norm_lif")
+#: PTX instructions that are not correctly rounded (any type suffix: .f32, .ftz.f32, .f64, ...).
+#: ``div.full.f32`` is what an fp32 ``/`` lowers to on NVIDIA (≤ 2 ulp); ``div.rn`` / ``sqrt.rn``
+#: (tl.div_rn, tl.sqrt_rn, fp64 ``/`` and tl.sqrt) are IEEE round-to-nearest
+_APPROX_RE = re.compile(r"(?<![\w.])((?:div\.approx|div\.full|rcp\.approx|sqrt\.approx|rsqrt\.approx)(?:\.\w+)*)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -73,10 +99,12 @@ class Launch:
     num_stages: int
     programs: int
     scenarios: list = field(default_factory=list)  # the first few grid scenarios that launched it
+    options: dict = field(default_factory=dict)  # other compile options the launch passed (enable_fp_fusion)
 
     def config_key(self) -> str:
         payload = json.dumps([self.kernel, self.source_hash, self.signature, self.constexprs, self.attrs,
-                              self.num_warps, self.num_stages], sort_keys=True, default=str)
+                              self.num_warps, self.num_stages] + ([self.options] if self.options else []),
+                             sort_keys=True, default=str)
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
     def describe(self) -> str:
@@ -236,6 +264,7 @@ def _recording(launches: dict, scenario: list):
             kernel=f"{self.fn.__module__}:{self.fn.__qualname__}", source_hash=self.cache_key,
             signature=signature, constexprs={k: _plain(v) for k, v in constexprs.items()}, attrs=attrs,
             num_warps=int(kwargs.get("num_warps", 4)), num_stages=int(kwargs.get("num_stages", 3)), programs=programs,
+            options={k: kwargs[k] for k in COMPILE_OPTIONS if k in kwargs},
         )
         key = launch.config_key()
         if key in launches:
@@ -259,6 +288,10 @@ def _plain(v):
     if isinstance(v, (bool, int, float, str)) or v is None:
         return v
     return str(v)
+
+
+#: a shape past 2³¹ elements (3.3e9): meta tensors, so the capture costs nothing
+HUGE = (8, 128, 64, (224, 224))
 
 
 def scenarios(grid: str):
@@ -308,6 +341,17 @@ def scenarios(grid: str):
         # synced reduce and coefficient variants
         points += [(*shape, "float32", "mpbn-train-sync") for shape in (split, wide_c)]
         points += [(*resident, "bfloat16", m) for m in ("bn-train-sync", "mpbn-train-sync")]
+        # fp64 (ACC_DTYPE fp64, full-precision scalars): every kernel family, MPBN training on both paths
+        fp64_modes = ["lif", "lif-soft-decay", "mpbn-train", "mpbn-train-soft-raw", "mpbn-eval", "mpbn-folded",
+                      "mpbn-adapt-batch", "mpbn-adapt-running", "tebn-train", "tebn-eval", "tab-train", "tab-eval",
+                      "bn-train", "bn-eval", "bntt-train", "bntt-eval", "norm-lif-train", "norm-lif-train-soft",
+                      "norm-lif-eval", "bn-train-sync", "mpbn-train-sync"]
+        points += [(*resident, "float64", m) for m in fp64_modes]
+        points += [(*shape, "float64", "mpbn-train") for shape in (split, wide_c)]
+        points += [(32, 8, 16, (8, 8), "float64", "norm-lif-train")]
+        # past 2³¹ elements (the issue's T=8, N=128, C=64, 224×224 in fp16): the INDEX_64 variants
+        # of the LIF / MPBN-LIF kernels (needs_int64) and every other family at that size
+        points += [(*HUGE, dt, m) for dt in ("float16", "float64") for m in modes]
     else:
         raise ValueError(f"grid must be 'ci', 'wide' or 'full', got {grid!r}")
     for T, N, C, sp, dtype, mode in points:
@@ -346,7 +390,7 @@ def run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     mode = mode.removesuffix("-sync")
 
     dtype = getattr(torch, dtype_name)
-    pdt = torch.float32
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32  # an fp64 module's parameters are fp64
     shape = (T, N, C, *sp)
     grad = not mode.startswith(("mpbn-adapt",)) and mode not in ("tebn-eval", "tab-eval", "bn-eval", "bntt-eval",
                                                                   "norm-lif-eval")
@@ -490,7 +534,7 @@ def _compile_one(job):
 
     row = dict(kernel=launch["kernel"], target=f"sm_{target}", config=launch["describe"], num_warps=launch["num_warps"],
                programs=launch["programs"], registers="", spill_stores="", spill_loads="", shared_bytes="",
-               status="ok", error="")
+               approx_ops="", status="ok", error="")
     try:
         module, qualname = launch["kernel"].split(":")
         fn = __import__(module, fromlist=["_"])
@@ -510,11 +554,52 @@ def _compile_one(job):
             if parsed:
                 attrs[(fn.arg_names.index(name),)] = parsed
         src = ASTSource(fn=fn, signature=launch["signature"], constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(src, target=gpu, options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
-        row.update(ptxas_usage(kernel.asm["ptx"]))
+        kernel = triton.compile(src, target=gpu, options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"],
+                                                          **launch.get("options", {})})
+        ptx = kernel.asm["ptx"]
+        row.update(ptxas_usage(ptx))
+        row["approx_ops"] = format_ops(approximate_ops(ptx))
+        scanned = row["approx_ops"]
+        if launch["constexprs"].get("SURROGATE") in DIVIDING_SURROGATES and module in SPIKE_MODULES:
+            # the surrogate's plain division is allowed: scan the kernel without it (one target:
+            # the lowering of a division does not depend on it; sm_80 rows report and pass)
+            scanned = ""
+            if target == TARGETS[0]:
+                probe = dict(constexprs)
+                probe[(fn.arg_names.index("SURROGATE"),)] = DIVISION_FREE_SURROGATE
+                src = ASTSource(fn=fn, signature=launch["signature"], constexprs=probe, attrs=attrs)
+                options = {"num_warps": launch["num_warps"], "num_stages": launch["num_stages"], **launch.get("options", {})}
+                scanned = format_ops(approximate_ops(triton.compile(src, target=gpu, options=options).asm["ptx"]))
+        problem = approximation_problem(launch["kernel"], scanned)
+        if problem:
+            row.update(status="FAILED", error=problem)
     except Exception as err:  # a configuration that does not compile is the finding
         row.update(status="FAILED", error=f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"[:300])
     return row
+
+
+def approximate_ops(ptx: str) -> dict[str, int]:
+    """Occurrences of each approximate division / reciprocal / square-root instruction in ``ptx``
+    (comments and ``// ...`` lines ignored), e.g. ``{"div.full.f32": 2}``."""
+    found: dict[str, int] = {}
+    for line in ptx.splitlines():
+        code = line.split("//", 1)[0]
+        for op in _APPROX_RE.findall(code):
+            found[op] = found.get(op, 0) + 1
+    return found
+
+
+def format_ops(ops: dict[str, int]) -> str:
+    return " ".join(f"{op}x{n}" for op, n in sorted(ops.items()))
+
+
+def approximation_problem(kernel: str, approx_ops: str) -> str:
+    """The failure message for a spike-deciding kernel (:data:`SPIKE_MODULES`) whose PTX holds
+    approximate arithmetic (``approx_ops`` as :func:`format_ops` writes it), else ""."""
+    if approx_ops and kernel.split(":")[0] in SPIKE_MODULES:
+        return (f"approximate arithmetic in a spike-deciding kernel: {approx_ops} (use _device.div_rn / "
+                f"sqrt_rn / rstd_of: correctly rounded, so GPU, torch and the recompute fire alike)")
+    return ""
 
 
 def compile_all(launches: dict, jobs: int = 2, targets=TARGETS) -> list[dict]:
@@ -526,11 +611,11 @@ def compile_all(launches: dict, jobs: int = 2, targets=TARGETS) -> list[dict]:
     for key, launch in sorted(launches.items(), key=lambda kv: (kv[1].kernel, kv[1].describe())):
         payload = dict(kernel=launch.kernel, describe=launch.describe(), signature=launch.signature,
                        constexprs=launch.constexprs, attrs=launch.attrs, num_warps=launch.num_warps,
-                       num_stages=launch.num_stages, programs=launch.programs)
+                       num_stages=launch.num_stages, programs=launch.programs, options=launch.options)
         for target in targets:
             path = cache / f"{key}-sm{target}-triton{triton.__version__}.json"
-            if path.exists():
-                row = json.loads(path.read_text())
+            row = json.loads(path.read_text()) if path.exists() else None
+            if row is not None and "approx_ops" in row:  # (rows cached before the PTX scan: compile again)
                 row["programs"] = launch.programs
                 rows.append(row)
             else:
@@ -561,7 +646,8 @@ def summary(rows: list[dict]) -> list[dict]:
     for r in rows:
         k = out.setdefault(r["kernel"].split(":")[-1], dict(kernel=r["kernel"].split(":")[-1], configurations=0,
                                                            failures=0, max_registers=0, max_spill_stores=0,
-                                                           max_spill_loads=0, spilling=0, max_shared=0))
+                                                           max_spill_loads=0, spilling=0, max_shared=0,
+                                                           approx_ops=set()))
         k["configurations"] += 1
         if r["status"] != "ok":
             k["failures"] += 1
@@ -571,6 +657,9 @@ def summary(rows: list[dict]) -> list[dict]:
         k["max_spill_loads"] = max(k["max_spill_loads"], int(r["spill_loads"]))
         k["max_shared"] = max(k["max_shared"], int(r["shared_bytes"]))
         k["spilling"] += int(bool(int(r["spill_stores"]) or int(r["spill_loads"])))
+    for r in rows:  # failed ones too: the scan fails a spike kernel that holds them
+        k = out[r["kernel"].split(":")[-1]]
+        k["approx_ops"].update(op.rsplit("x", 1)[0] for op in (r.get("approx_ops") or "").split())
     return list(out.values())
 
 
@@ -580,11 +669,12 @@ def summary_markdown(rows: list[dict], title: str, version: str | None = None) -
 
         version = triton.__version__
     lines = [f"{title} (triton {version}; configurations = distinct launches × {{sm_90, sm_80}})", "",
-             "| kernel | configurations | failures | max registers | max spill stores / loads (B) | spilling configs | max smem (B) |",
-             "|---|---|---|---|---|---|---|"]
+             "| kernel | configurations | failures | max registers | max spill stores / loads (B) | spilling configs | max smem (B) | approximate ops |",
+             "|---|---|---|---|---|---|---|---|"]
     for k in summary(rows):
         lines.append(f"| {k['kernel']} | {k['configurations']} | {k['failures']} | {k['max_registers']} | "
-                     f"{k['max_spill_stores']} / {k['max_spill_loads']} | {k['spilling']} | {k['max_shared']} |")
+                     f"{k['max_spill_stores']} / {k['max_spill_loads']} | {k['spilling']} | {k['max_shared']} | "
+                     f"{', '.join(sorted(k['approx_ops'])) or '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,8 +41,11 @@ channels-last inputs and transposed token-major views are read and written in pl
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from ._common import device_vector
 
 # --- named modes (compile-time constants; launchers pass ``NAME.value``) ---------------
 #: firing variable of the elementwise kernel
@@ -70,17 +73,87 @@ SURROGATES = {
 }
 
 
-def lif_kernel_args(lif, backward: bool = False) -> tuple[tuple, dict]:
+def lif_kernel_args(lif, backward: bool = False, acc=None, device=None) -> tuple[tuple, dict]:
     """A :class:`snnorm.params.LIFKernelParameters` as a kernel's arguments, unpacked in one place:
     the runtime scalars ``(tau, v_reset)`` (+ ``alpha`` backward), in the order every LIF kernel
     declares them, and the constexpr flags ``DECAY_INPUT``, ``SOFT_RESET`` (+ ``DETACH_RESET``,
-    ``SURROGATE`` backward)."""
+    ``SURROGATE`` backward).
+
+    With ``acc`` (the kernel's torch compute dtype) and ``device`` the scalars come as
+    :func:`kernel_scalars` makes them (fp64 launches: one-element tensors a kernel reads with
+    :func:`scalar_arg`); without, as Python floats (fp32 kernel arguments)."""
     scalars = (float(lif.tau), float(lif.v_reset))
     flags = dict(DECAY_INPUT=bool(lif.decay_input), SOFT_RESET=bool(lif.soft_reset))
     if backward:
         scalars += (float(lif.alpha),)
         flags.update(DETACH_RESET=bool(lif.detach_reset), SURROGATE=SURROGATES[lif.surrogate])
+    if acc is not None:
+        scalars = kernel_scalars(scalars, acc, device)
     return scalars, flags
+
+
+def kernel_scalars(values, acc, device) -> tuple:
+    """Runtime scalars (τ, v_reset, ε, momentum, α, …) as kernel arguments in the compute dtype.
+
+    Triton passes a Python float as an fp32 argument: exact for fp32 kernels (torch rounds a
+    Python scalar to an fp32 tensor's dtype too), but ~1e-8 off for fp64 ones (ε = 1e-5, τ = 3).
+    So for ``acc`` = torch.float64 each value is a one-element float64 view of one vector
+    built on ``device`` by fills (:func:`snnorm.kernels._common.device_vector`: no host-to-device
+    copy, capturable in a CUDA graph), which the kernel reads with :func:`scalar_arg`."""
+    values = tuple(float(v) for v in values)
+    if acc != torch.float64:
+        return values
+    vec = device_vector(values, torch.float64, device)
+    return tuple(vec[i : i + 1] for i in range(len(values)))
+
+
+# --- IEEE-rounded arithmetic (every spike-deciding path) --------------------------------
+#
+# NVIDIA lowers an fp32 ``/`` to the approximate ``div.full.f32`` (≤ 2 ulp) and tl.sqrt to
+# ``sqrt.approx.f32``; torch (CPU, and CUDA builds without fast math) rounds both correctly.
+# A membrane within an ulp of θ would then fire on one and not the other, so every division
+# and square root that a spike depends on goes through these (all but the surrogate
+# gradient's; perf/tools/compile_check.py scans the kernels' PTX for approximate instructions). fp64 ``/`` and
+# tl.sqrt already lower to ``div.rn.f64`` / ``sqrt.rn.f64`` (tl.div_rn / tl.sqrt_rn are fp32 only).
+
+
+@triton.jit
+def scalar_arg(value, ACC_DTYPE: tl.constexpr):
+    """A runtime scalar argument in the compute dtype: a one-element tensor read here for fp64
+    kernels (full precision, :func:`kernel_scalars`), a Python float (an fp32 argument) else."""
+    if ACC_DTYPE == tl.float64:
+        r = tl.load(value)
+    else:
+        r = tl.cast(value, ACC_DTYPE)
+    return r
+
+
+@triton.jit
+def div_rn(num, den, DTYPE: tl.constexpr):
+    """num / den correctly rounded, in DTYPE (fp32 or fp64: the operands' common type; an
+    integer operand, a count, is converted to it)."""
+    if DTYPE == tl.float64:
+        q = num / den
+    else:  # tl.div_rn takes fp32 tensors only
+        q = tl.div_rn(tl.cast(num, tl.float32), tl.cast(den, tl.float32))
+    return q
+
+
+@triton.jit
+def sqrt_rn(x, ACC_DTYPE: tl.constexpr):
+    """Correctly rounded √x (fp32 tl.sqrt may lower to an approximation on a GPU)."""
+    if ACC_DTYPE == tl.float64:
+        r = tl.sqrt(x)  # fp64 sqrt is IEEE-rounded
+    else:
+        r = tl.sqrt_rn(x)
+    return r
+
+
+@triton.jit
+def rstd_of(var, eps, ACC_DTYPE: tl.constexpr):
+    """The one rstd rule of every kernel: rstd = 1/√(σ² + ε), correctly rounded (fp32 ``/``
+    and tl.sqrt are approximate on GPUs; per channel, so the exact forms cost nothing)."""
+    return div_rn(tl.full(var.shape, 1.0, ACC_DTYPE), sqrt_rn(var + eps, ACC_DTYPE), ACC_DTYPE)
 
 
 # --- addressing --------------------------------------------------------------------------
@@ -189,21 +262,23 @@ def load_fire_params(th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM:
 
 @triton.jit
 def charge(v, x, tau, v_r, DECAY_INPUT: tl.constexpr):
-    # same operation order as torch_backend.lif_charge (bit-equal in fp32)
+    """h of one step, in v's dtype: the operation order of torch_backend.lif_charge and a
+    correctly rounded division, so h is bit-equal to torch's in fp32 (on a GPU too)."""
     if DECAY_INPUT:
-        h = v + (x - (v - v_r)) / tau
+        h = v + div_rn(x - (v - v_r), tau, v.dtype)
     else:
-        h = v - (v - v_r) / tau + x
+        h = v - div_rn(v - v_r, tau, v.dtype) + x
     return h
 
 
 @triton.jit
 def charge_grads(tau, DECAY_INPUT: tl.constexpr):
-    """(∂h/∂x, ∂h/∂v) of :func:`charge`: (1/τ or 1, 1 − 1/τ)."""
-    dh_dx = 1.0
+    """(∂h/∂x, ∂h/∂v) of :func:`charge`: (1/τ or 1, 1 − 1/τ); ``tau`` a scalar in the compute dtype."""
+    inv_tau = div_rn(tl.full([], 1.0, tau.dtype), tau, tau.dtype)
+    dh_dx = tl.full([], 1.0, tau.dtype)
     if DECAY_INPUT:
-        dh_dx = 1.0 / tau
-    return dh_dx, 1.0 - 1.0 / tau
+        dh_dx = inv_tau
+    return dh_dx, 1.0 - inv_tau
 
 
 @triton.jit
@@ -234,6 +309,10 @@ def reset_bwd(gv, spike, u, th, v_r, SOFT_RESET: tl.constexpr, DETACH_RESET: tl.
 @triton.jit
 def surrogate_grad(z, alpha, SURROGATE: tl.constexpr):
     """dΘ/dz of the surrogate (the formulas of snnorm.surrogate)."""
+    # the one place a plain (on NVIDIA approximate) division is right: no spike depends on a
+    # gradient, and div_rn here made the fused norm → LIF backward spill (4–8 B, SEG = 16,
+    # sm_80); the compile check proves every other division of a spike kernel is rounded
+    # correctly by compiling it with a division-free surrogate (perf/tools/compile_check.py)
     if SURROGATE == SURROGATE_SIGMOID:  # α·σ(αz)(1 − σ(αz))
         sg = 1.0 / (1.0 + tl.exp(-(z * alpha)))
         g = (1.0 - sg) * sg * alpha
@@ -245,27 +324,6 @@ def surrogate_grad(z, alpha, SURROGATE: tl.constexpr):
     else:  # PIECEWISE_EXP: (α/2)·exp(−α|z|)
         g = alpha * 0.5 * tl.exp(-alpha * tl.abs(z))
     return g
-
-
-@triton.jit
-def sqrt_rn(x, ACC_DTYPE: tl.constexpr):
-    """Correctly rounded √x (fp32 tl.sqrt may lower to an approximation on a GPU)."""
-    if ACC_DTYPE == tl.float64:
-        r = tl.sqrt(x)  # fp64 sqrt is IEEE-rounded
-    else:
-        r = tl.sqrt_rn(x)
-    return r
-
-
-@triton.jit
-def rstd_of(var, eps, ACC_DTYPE: tl.constexpr):
-    """The one rstd rule of every kernel: rstd = 1/√(σ² + ε), correctly rounded (fp32 ``/``
-    and tl.sqrt are approximate on GPUs; per channel, so the exact forms cost nothing)."""
-    if ACC_DTYPE == tl.float64:
-        rstd = 1.0 / tl.sqrt(var + eps)  # fp64 sqrt and division are IEEE-rounded
-    else:
-        rstd = tl.div_rn(tl.full(var.shape, 1.0, ACC_DTYPE), tl.sqrt_rn(var + eps))
-    return rstd
 
 
 # --- batch statistics ----------------------------------------------------------------------
@@ -310,7 +368,7 @@ def sum_partials(part_ptr, c, C, P, BLOCK_P: tl.constexpr, ACC_DTYPE: tl.constex
 @triton.jit
 def tile_moments(h, mask, count):
     """Mean and M2 (Σ (h − mean)²) of the masked tile ``h`` of ``count`` elements (exact two-pass)."""
-    mean = tl.sum(tl.sum(h, axis=1), axis=0) / count
+    mean = div_rn(tl.sum(tl.sum(h, axis=1), axis=0), count, h.dtype)
     d = tl.where(mask, h - mean, 0.0)
     return mean, tl.sum(tl.sum(d * d, axis=1), axis=0)
 
@@ -323,7 +381,7 @@ def normalise_step(
     """From a step's statistics (mean, M2 over M elements) of h: the firing variable z, the
     carried u, rstd (training) and the adapted (μ, σ²) (folded modes)."""
     if STATS == STATS_TRAIN:
-        rstd = rstd_of(m2 / M, eps, ACC_DTYPE)
+        rstd = rstd_of(div_rn(m2, M, ACC_DTYPE), eps, ACC_DTYPE)
         h_hat = (h - mean) * rstd * gamma + beta
         z = h_hat - th
         if CARRY_NORM:
@@ -331,7 +389,7 @@ def normalise_step(
         else:
             u = h
     else:
-        var_u = m2 / (M - 1)
+        var_u = div_rn(m2, M - 1, ACC_DTYPE)
         if STATS == STATS_FOLD_BATCH:
             mu = mean
             s2 = var_u
@@ -339,26 +397,28 @@ def normalise_step(
             mu = mu * (1.0 - mt) + mean * mt
             s2 = s2 * (1.0 - mt) + var_u * mt
         std = sqrt_rn(s2 + eps, ACC_DTYPE)
-        th_fold = (th - beta) * std / gamma + mu
+        th_fold = div_rn((th - beta) * std, gamma, ACC_DTYPE) + mu  # torch_backend.folded_threshold's order
         sgn = tl.where(gamma > 0, 1.0, tl.where(gamma < 0, -1.0, 0.0))
         z = sgn * (h - th_fold)
         if CARRY_NORM:
-            u = (h - mu) / std * gamma + beta
+            u = div_rn(h - mu, std, ACC_DTYPE) * gamma + beta
         else:
             u = h
-        rstd = 1.0 / std
+        rstd = div_rn(tl.full([], 1.0, ACC_DTYPE), std, ACC_DTYPE)
     return z, u, rstd, mu, s2
 
 
 @triton.jit
 def running_update(rm, rv, mean, m2, M, t, momentum, batches_tracked, USE_MOMENTUM: tl.constexpr):
-    """torch's running-statistics update for step t (unbiased variance; cumulative without momentum)."""
+    """torch's running-statistics update for step t (unbiased variance; cumulative without
+    momentum), in rm's dtype (the counts too: exact in fp64 past 2²⁴ batches)."""
+    one = tl.full([], 1.0, rm.dtype)
     if USE_MOMENTUM:
         f = momentum
     else:
-        f = 1.0 / (batches_tracked + t + 1.0)
+        f = div_rn(one, (batches_tracked + t) + one, rm.dtype)
     rm = (1.0 - f) * rm + f * mean
-    rv = (1.0 - f) * rv + f * (m2 / (M - 1))
+    rv = (1.0 - f) * rv + f * div_rn(m2, M - one, rm.dtype)
     return rm, rv
 
 
@@ -560,7 +620,7 @@ def chan_merge(count, mean, m2, count_b, mean_b, m2_b):
     delta = mean_b - mean
     # counts are whole numbers: max(total, 1) is total unless both sets are empty (a rank
     # with no batch in a synchronised reduce), where the union stays empty instead of 0/0
-    frac = count_b / tl.maximum(total, 1.0)
+    frac = div_rn(count_b, tl.maximum(total, 1.0), mean.dtype)
     return total, mean + delta * frac, m2 + (m2_b + delta * delta * count * frac)
 
 
@@ -575,7 +635,7 @@ def chan_chunk(n_p, count_b, mean_p, m2_p, ref, mask):
     small spread around a large mean. A chunk of empty partials gives (ref, 0).
     """
     dev = tl.where(mask, mean_p - ref, 0.0)
-    shift = tl.sum(n_p * dev, axis=0) / tl.maximum(count_b, 1.0)
+    shift = div_rn(tl.sum(n_p * dev, axis=0), tl.maximum(count_b, 1.0), mean_p.dtype)
     d = tl.where(mask, dev - shift, 0.0)  # μ_p − μ_b
     m2_b = tl.sum(m2_p, axis=0) + tl.sum(n_p * d * d, axis=0)
     return ref + shift, m2_b

@@ -16,6 +16,11 @@ Backward, reverse time loop with the spike recomputed from the saved h::
     ∂L/∂z = (gs + ∂v/∂s·gv)·Θ'(z),  per-channel sums Σ gĥ, Σ gĥ·(h − μ), −∂θ, −∂θ'
     as fp32 partials per program, summed afterwards (deterministic, no atomics).
 
+Precision: the charge's division is correctly rounded (``_device.charge``: h is bit-equal to
+the torch backend's in fp32, on a GPU too), both launches pin ``enable_fp_fusion=False`` (the
+backward recomputes the forward's spikes from h with the same expression), and fp64 launches
+get τ, v_reset, α at full precision (``_device.kernel_scalars``).
+
 Layouts: ``x`` / spikes ``[T, N, C, S]`` (spatial dims merged; strided views, no copy),
 ``v`` ``[N, C, S]``, per-channel tensors ``[C]``. Grid: P tiles per channel × C, ``(P, C)``,
 or flat on axis 0 past 65,535 channels (``_common.tiles_grid``).
@@ -74,7 +79,7 @@ def _lif_fwd_kernel(
     T, N, C, S, S_TILES, P,
     stride_x_t, stride_x_n, stride_x_c, stride_x_s,
     stride_v_n, stride_v_c, stride_v_s,
-    tau, v_reset,
+    tau, v_reset,  # Python floats, or one-element fp64 tensors for fp64 (dev.scalar_arg)
     FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
     SOFT_RESET: tl.constexpr, SAVE_H: tl.constexpr, V0_SCALAR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -89,7 +94,8 @@ def _lif_fwd_kernel(
     th, mu, r, beta, thf, sgn = dev.load_fire_params(
         th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM, FIRE == dev.FIRE_FOLDED, ACC_DTYPE
     )
-    v_r = tl.cast(v_reset, ACC_DTYPE)
+    tau = dev.scalar_arg(tau, ACC_DTYPE)
+    v_r = dev.scalar_arg(v_reset, ACC_DTYPE)
 
     v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC_DTYPE)
     for t in range(T):
@@ -117,7 +123,7 @@ def _lif_bwd_kernel(
     T, N, C, S, S_TILES, P,
     stride_g_t, stride_g_n, stride_g_c, stride_g_s,
     stride_gv_n, stride_gv_c, stride_gv_s,
-    tau, v_reset, alpha,
+    tau, v_reset, alpha,  # as in the forward
     FIRE: tl.constexpr, NORM: tl.constexpr, CARRY_NORM: tl.constexpr, DECAY_INPUT: tl.constexpr,
     SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
     HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
@@ -133,8 +139,9 @@ def _lif_bwd_kernel(
     th, mu, r, beta, thf, sgn = dev.load_fire_params(
         th_ptr, mu_ptr, r_ptr, beta_ptr, thf_ptr, sgn_ptr, c, NORM, FIRE == dev.FIRE_FOLDED, ACC_DTYPE
     )
-    v_r = tl.cast(v_reset, ACC_DTYPE)
-    x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
+    v_r = dev.scalar_arg(v_reset, ACC_DTYPE)
+    alpha = dev.scalar_arg(alpha, ACC_DTYPE)
+    x_scale, v_scale = dev.charge_grads(dev.scalar_arg(tau, ACC_DTYPE), DECAY_INPUT)
 
     zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC_DTYPE)
     gv = zero
@@ -217,7 +224,7 @@ def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelPa
     v_out = torch.empty(x.shape[1:], dtype=st, device=x.device)
     h = torch.empty(x.shape if save_h else (0,), dtype=acc, device=x.device)
     tiles = channel_tiling(N, S, BLOCK)
-    scalars, lif_flags = dev.lif_kernel_args(lif)
+    scalars, lif_flags = dev.lif_kernel_args(lif, acc=acc, device=x.device)
     grid, flat = tiles_grid(tiles.P, C)
     _lif_fwd_kernel[grid](
         x4, v3, th, mu, r, beta, thf, sgn, s, h if save_h else None, v_out,
@@ -226,7 +233,7 @@ def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelPa
         *scalars,
         **_modes(fire, carry_norm), **lif_flags, SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
         BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(x4, v3, s), ACC_DTYPE=acc_dtype(out_dtype),
-        FLAT_GRID=flat, num_warps=LIF_WARPS(tiles.block),
+        FLAT_GRID=flat, num_warps=LIF_WARPS(tiles.block), enable_fp_fusion=False,
     )
     return s.to(out_dtype), v_out.to(out_dtype), h
 
@@ -244,7 +251,7 @@ def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKerne
     part = torch.empty((4, tiles.P, C), dtype=acc, device=h.device)
     g4 = as_ncs(gs, 1) if gs is not None else None
     gv3 = as_ncs(gv, 0) if gv is not None else None
-    scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
+    scalars, lif_flags = dev.lif_kernel_args(lif, backward=True, acc=acc, device=h.device)
     grid, flat = tiles_grid(tiles.P, C)
     _lif_bwd_kernel[grid](
         g4, gv3, h4, th, mu, r, beta, thf, sgn, gx, gv0 if need_gv0 else None, part,
@@ -254,6 +261,6 @@ def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKerne
         **_modes(fire, carry_norm), **lif_flags, HAS_GS=gs is not None, HAS_GV=gv is not None,
         NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3),
         ACC_DTYPE=acc_dtype(acc),
-        FLAT_GRID=flat, num_warps=LIF_WARPS(tiles.block),
+        FLAT_GRID=flat, num_warps=LIF_WARPS(tiles.block), enable_fp_fusion=False,
     )
     return gx.to(gx_dtype), gv0, part.sum(dim=1)

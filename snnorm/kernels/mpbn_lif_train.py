@@ -63,8 +63,12 @@ h (compute dtype) and μ_t, rstd_t — the spikes are recomputed bit-identically
 Precision (every kernel of ``kernels/``): computed in fp32 (fp64 for fp64 tensors), stored
 in the output dtype. For fp16/bf16 inputs the membrane stays fp32 inside the kernels and in
 the saved h, whereas the torch reference keeps it in the input dtype: the Triton result is
-the more accurate one. Scalars (τ, v_reset, ε, momentum, α) reach the kernels as fp32, so
-fp64 tensors agree with an fp64 reference to ~1e-7 only.
+the more accurate one. Scalars (τ, v_reset, ε, momentum, α) reach fp32 kernels as fp32
+arguments and fp64 kernels as one-element fp64 tensors (``_device.kernel_scalars``), so fp64
+agrees with an fp64 reference to rounding (~1e-15). Every division and square root that a
+spike depends on is correctly rounded (``_device.div_rn``, ``rstd_of``; only the surrogate
+gradient's is plain) and every launch pins ``enable_fp_fusion=False``: the backward's
+recomputed spikes are the forward's, on any Triton.
 """
 
 from __future__ import annotations
@@ -156,7 +160,10 @@ def _mpbn_lif_resident_fwd_kernel(
     rv = dev.load_channel(rv_ptr, c, TRACK, ACC_DTYPE)
     mu = dev.load_channel(mu_ptr, c, STATS != dev.STATS_TRAIN, ACC_DTYPE)
     s2 = dev.load_channel(s2_ptr, c, STATS != dev.STATS_TRAIN, ACC_DTYPE)
-    v_r = tl.cast(v_reset, ACC_DTYPE)
+    tau = dev.scalar_arg(tau, ACC_DTYPE)
+    v_r = dev.scalar_arg(v_reset, ACC_DTYPE)
+    eps = dev.scalar_arg(eps, ACC_DTYPE)
+    momentum = dev.scalar_arg(momentum, ACC_DTYPE)
 
     v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC_DTYPE)
     for t in range(T):
@@ -212,8 +219,9 @@ def _mpbn_lif_resident_bwd_kernel(
 
     th = tl.load(th_ptr + c).to(ACC_DTYPE)
     gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
-    v_r = tl.cast(v_reset, ACC_DTYPE)
-    x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
+    v_r = dev.scalar_arg(v_reset, ACC_DTYPE)
+    alpha = dev.scalar_arg(alpha, ACC_DTYPE)
+    x_scale, v_scale = dev.charge_grads(dev.scalar_arg(tau, ACC_DTYPE), DECAY_INPUT)
 
     zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC_DTYPE)
     gv = zero
@@ -239,7 +247,7 @@ def _mpbn_lif_resident_bwd_kernel(
         sum_w += b_sum
         sum_b += a_sum
         sum_th += dev.tile_sum(gth)
-        gh = gamma * rstd * (g_hat - a_sum / M - xhat * (b_sum / M)) + g_direct
+        gh = gamma * rstd * (g_hat - dev.div_rn(a_sum, M, ACC_DTYPE) - xhat * dev.div_rn(b_sum, M, ACC_DTYPE)) + g_direct
         tl.store(gx_ptr + ti * step + o_off, (gh * x_scale).to(gx_ptr.dtype.element_ty), mask=mask)
         gv = gh * v_scale
     if NEED_GV0:
@@ -285,7 +293,10 @@ def _mpbn_lif_pipelined_fwd_kernel(
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
     M = N * S
-    v_r = tl.cast(v_reset, ACC_DTYPE)
+    tau = dev.scalar_arg(tau, ACC_DTYPE)
+    v_r = dev.scalar_arg(v_reset, ACC_DTYPE)
+    eps = dev.scalar_arg(eps, ACC_DTYPE)
+    momentum = dev.scalar_arg(momentum, ACC_DTYPE)
 
     if FIRST:
         v = dev.load_membrane(v0_ptr, c, n, s, mask, stride_v_n, stride_v_c, stride_v_s, V0_SCALAR, BLOCK_N, BLOCK_S, ACC_DTYPE)
@@ -378,6 +389,8 @@ def _mpbn_lif_pipelined_bwd_kernel(
     M = N * S
     gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC_DTYPE)
+    v_r = dev.scalar_arg(v_reset, ACC_DTYPE)
+    alpha = dev.scalar_arg(alpha, ACC_DTYPE)
 
     if FIRST:
         gv = zero
@@ -401,10 +414,10 @@ def _mpbn_lif_pipelined_bwd_kernel(
             m_h = tl.load(row).to(ACC_DTYPE)
             a_h = tl.load(row + 1 + c).to(ACC_DTYPE)
             b_h = tl.load(row + 1 + C + c).to(ACC_DTYPE)
-        gh = gamma * rstd * (g_hat - a_h / m_h - xhat * (b_h / m_h))
+        gh = gamma * rstd * (g_hat - dev.div_rn(a_h, m_h, ACC_DTYPE) - xhat * dev.div_rn(b_h, m_h, ACC_DTYPE))
         if not CARRY_NORM:
             gh += tl.load(gdir_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
-        x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
+        x_scale, v_scale = dev.charge_grads(dev.scalar_arg(tau, ACC_DTYPE), DECAY_INPUT)
         tl.store(gx_ptr + tp * step + o_off, (gh * x_scale).to(gx_ptr.dtype.element_ty), mask=mask)
         gv = gh * v_scale
         if pid == 0:  # the first apply (step T − 1) writes, later ones accumulate
@@ -426,7 +439,7 @@ def _mpbn_lif_pipelined_bwd_kernel(
         mean = tl.load(mean_ptr + ti * C + c).to(ACC_DTYPE)
         rstd = tl.load(rstd_ptr + ti * C + c).to(ACC_DTYPE)
         xhat, g_hat, g_direct, gth = dev.bn_bwd_step(
-            h, gs, gv, mask, mean, rstd, gamma, beta, th, tl.cast(v_reset, ACC_DTYPE), alpha,
+            h, gs, gv, mask, mean, rstd, gamma, beta, th, v_r, alpha,
             SOFT_RESET, DETACH_RESET, CARRY_NORM, SURROGATE,
         )
         tl.store(ghat_ptr + (ti % 2) * step + o_off, g_hat, mask=mask)
@@ -515,7 +528,7 @@ def launch_batch_stats_fwd(
     v_out = torch.empty(x.shape[1:], dtype=st, device=dev_)
     mu_out = torch.empty((C,) if adapt else (0,), dtype=acc, device=dev_)
     s2_out = torch.empty((C,) if adapt else (0,), dtype=acc, device=dev_)
-    lif_scalars, lif_flags = dev.lif_kernel_args(lif)
+    lif_scalars, lif_flags = dev.lif_kernel_args(lif)  # floats: kernel_scalars below makes them fp64 for fp64
     flags = dict(
         STATS=stats, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, TRACK=running_mean is not None,
         USE_MOMENTUM=bn.momentum is not None,
@@ -523,7 +536,7 @@ def launch_batch_stats_fwd(
         ACC_DTYPE=acc_dtype(out_dtype), **lif_flags,
     )
     momentum = 0.0 if bn.momentum is None else float(bn.momentum)
-    scalars = (*lif_scalars, float(bn.eps), momentum, int(bn.batches_tracked))
+    scalars = (*dev.kernel_scalars((*lif_scalars, float(bn.eps), momentum), acc, dev_), int(bn.batches_tracked))
     if sync_stats is not None and adapt:
         raise ValueError(
             f"launch_batch_stats_fwd: synchronised statistics are for training (stats=STATS_TRAIN), got stats={stats}"
@@ -539,7 +552,8 @@ def launch_batch_stats_fwd(
             s, h if save else None, v_out, mean if save else None, rstd if save else None,
             mu_out if adapt else None, s2_out if adapt else None,
             T, N, C, S, *x4.stride(), *v3.stride(), *scalars,
-            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), **flags,
+            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), enable_fp_fusion=False,
+            **flags,
         )
         return s.to(out_dtype), v_out.to(out_dtype), h, mean, rstd, mu_out, s2_out
 
@@ -564,7 +578,8 @@ def launch_batch_stats_fwd(
             x4, v3, h, s, v_out, pmean, pm2, weight, bias, th, running_mean, running_var, mean, rstd,
             mu_hist, s2_hist, mom, glob if synced else None, t, N, C, S, tiles.S_TILES, P, *x4.stride(), *v3.stride(),
             *scalars, FIRST=t == -1, LAST=t == T - 1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=PIPELINED_WARPS(tiles.block), **flags,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=PIPELINED_WARPS(tiles.block),
+            enable_fp_fusion=False, **flags,
         )
         if synced and t + 1 < T:  # step t + 1 is charged: its statistics over every rank, before it is applied
             n, mu_, m2_ = sync_stats(*local_step_statistics(counts, pmean[t + 1], pm2[t + 1]))
@@ -608,7 +623,7 @@ def launch_train_bwd(
     alloc = torch.empty if h.numel() > 0 else torch.zeros
     gw = alloc(C, dtype=acc, device=dev_)
     gb = alloc(C, dtype=acc, device=dev_)
-    scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
+    scalars, lif_flags = dev.lif_kernel_args(lif, backward=True, acc=acc, device=dev_)
     flags = dict(
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, CARRY_NORM=carry_norm, HAS_GS=gs is not None,
         HAS_GV=gv is not None,
@@ -622,7 +637,8 @@ def launch_train_bwd(
         _mpbn_lif_resident_bwd_kernel[(C,)](
             g4, gv3, h4, mean, rstd, weight, bias, th, gx, gv0 if need_gv0 else None, gw, gb, gth,
             T, N, C, S, *strides, *scalars,
-            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), **flags,
+            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), enable_fp_fusion=False,
+            **flags,
         )
         return gx.to(gx_dtype), gv0, gw, gb, gth
 
@@ -642,7 +658,8 @@ def launch_train_bwd(
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             glob if synced else None, t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
             FIRST=t == T - 1, LAST=t == -1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=PIPELINED_WARPS(tiles.block), **flags,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=PIPELINED_WARPS(tiles.block),
+            enable_fp_fusion=False, **flags,
         )
         if synced and t >= 0:  # step t's sums over every rank, before the launch that applies it
             local = torch.cat([count, pa[t].to(SYNC_DTYPE).sum(dim=0), pb[t].to(SYNC_DTYPE).sum(dim=0)])
