@@ -74,7 +74,8 @@ COMPILE_OPTIONS = ("enable_fp_fusion",)
 DIVISION_FREE_SURROGATE = 2
 DIVIDING_SURROGATES = (0, 1)
 #: modules whose kernels decide or recompute spikes: no approximate division or square root
-SPIKE_MODULES = ("snnorm.kernels.lif", "snnorm.kernels.mpbn_lif_train", "snnorm.kernels.norm_lif")
+SPIKE_MODULES = ("snnorm.kernels.lif", "snnorm.kernels.mpbn_lif_train", "snnorm.kernels.norm_lif",
+                 "snnorm.kernels.row_norm_lif")
 #: PTX instructions that are not correctly rounded (any type suffix: .f32, .ftz.f32, .f64, ...).
 #: ``div.full.f32`` is what an fp32 ``/`` lowers to on NVIDIA (≤ 2 ulp); ``div.rn`` / ``sqrt.rn``
 #: (tl.div_rn, tl.sqrt_rn, fp64 ``/`` and tl.sqrt) are IEEE round-to-nearest
@@ -352,6 +353,7 @@ def scenarios(grid: str):
         # past 2³¹ elements (the issue's T=8, N=128, C=64, 224×224 in fp16): the INDEX_64 variants
         # of the LIF / MPBN-LIF kernels (needs_int64) and every other family at that size
         points += [(*HUGE, dt, m) for dt in ("float16", "float64") for m in modes]
+        points += row_norm_points()
     else:
         raise ValueError(f"grid must be 'ci', 'wide' or 'full', got {grid!r}")
     for T, N, C, sp, dtype, mode in points:
@@ -360,6 +362,22 @@ def scenarios(grid: str):
         if mode.startswith(batch_stats) and N * max(1, _prod(sp)) < 2:
             continue  # batch statistics need two values per channel
         yield (f"{mode} T{T} N{N} C{C} {'x'.join(map(str, sp)) or '-'} {dtype}", T, N, C, sp, dtype, mode)
+
+
+#: LayerNorm / RMSNorm alone and fused with a LIF (soft reset, ATan, for the other flags)
+ROW_MODES = ("layer-norm", "rms-norm", "layer-norm-lif", "rms-norm-lif-soft")
+
+
+def row_norm_points() -> list[tuple]:
+    """The row norms over rows of D = C features ([T, N, D]): every one-pass tile of the GPU table
+    up to the widest (D = 16384 takes the looped wide path; the fused op a second pass), fp32 and
+    the low-precision dtypes, fp64 where its tiles differ, and T = 32 (membrane checkpoints)."""
+    widths = (64, 256, 1024, 2048, 4096, 8192, 16384)
+    points = [(4, 8, d, (), dt, m) for d in widths for dt in ("float32", "bfloat16", "float16") for m in ROW_MODES]
+    points += [(4, 8, d, (), "float64", m) for d in (256, 1024, 2048, 4096) for m in ROW_MODES]
+    points += [(32, 8, d, (), dt, m) for d in (256, 2048) for dt in ("float32", "bfloat16")
+               for m in ("layer-norm-lif", "rms-norm-lif-soft")]
+    return points
 
 
 def _prod(xs):
@@ -402,7 +420,7 @@ def run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
     from snnorm.params import AdaptParameters, BNStatistics, LIFParameters, MPBNParameters
 
     lif = LIFParameters(sg.Sigmoid(), tau=2.0, decay_input=False, v_reset=0.0, detach_reset=False)
-    if mode in ("lif-soft-decay", "mpbn-train-soft-raw", "norm-lif-train-soft"):
+    if mode in ("lif-soft-decay", "mpbn-train-soft-raw", "norm-lif-train-soft", "rms-norm-lif-soft"):
         lif = LIFParameters(sg.ATan(), tau=2.0, decay_input=True, v_reset=None, detach_reset=True)
     outs = []
     if mode.startswith("lif"):
@@ -435,6 +453,13 @@ def run_scenario(ops, sg, make, T, N, C, sp, dtype_name, mode):
         v0 = make(shape[1:], dtype, requires_grad=grad) if rule == "tab" else 0.0
         outs = ops.norm_lif(rule, x, v0, nw, nb, p, nrm, nrv, momentum=[0.1] * (T if rule == "tab" else 1), eps=1e-5,
                             batch_stats=grad, threshold=1.0, neuron=lif, sync=sync)
+    elif mode.startswith(("layer-norm", "rms-norm")):  # rows of D = C features, alone or fused with a LIF
+        rms = mode.startswith("rms")
+        rw, rb = make((C,), pdt, requires_grad=True), None if rms else make((C,), pdt, requires_grad=True)
+        if "-lif" in mode:
+            outs = ops.row_norm_lif(x, 0.0, rw, rb, eps=1e-5, rms=rms, threshold=1.0, neuron=lif)
+        else:
+            outs = (ops.row_norm(x, rw, rb, eps=1e-5, rms=rms),)
     elif mode.startswith("bn-"):  # multi-step BatchNorm / tdBN
         outs = (ops.batch_norm_seq(x, w, b, rm, rv, training=mode == "bn-train", momentum=0.1, eps=1e-5, sync=sync),)
     else:

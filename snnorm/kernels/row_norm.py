@@ -97,6 +97,8 @@ def row_config(R: int, D: int, device: torch.device, dtype: Optional[torch.dtype
         return RowConfig(block_r, block_d, 4, 0, 1)
     block_r = min(n_rows, max(1, GPU_MIN_TILE // block_d)) if not wide else 1
     per_thread = GPU_PER_THREAD.get(block_d, GPU_DEFAULT_PER_THREAD)
+    if dtype == torch.float64:  # two registers a value: twice the threads (the fused backward spilled 8–32 B)
+        per_thread = max(1, per_thread // 2)
     warps = max(1, min(16, block_r * block_d // (32 * per_thread)))
     per_thread = max(1, block_r * block_d // (32 * warps))
     blocks = triton.cdiv(max(R, 1), block_r)
@@ -185,12 +187,9 @@ def load_affine_row(w_ptr, b_ptr, d, D, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.c
 
 @triton.jit
 def row_mean(total, D, ACC_DTYPE: tl.constexpr):
-    """total / D, IEEE-rounded (fp32 ``/`` may be approximate on a GPU; μ and σ² reach the spikes)."""
-    if ACC_DTYPE == tl.float64:
-        m = total / D
-    else:
-        m = tl.div_rn(total, tl.zeros_like(total) + D)
-    return m
+    """total / D, IEEE-rounded (fp32 ``/`` may be approximate on a GPU; μ and σ² reach the spikes,
+    and the compile check refuses an approximate division anywhere in a spike-deciding kernel)."""
+    return dev.div_rn(total, tl.zeros_like(total) + D, ACC_DTYPE)
 
 
 @triton.jit
@@ -216,13 +215,13 @@ def normalise(x, mean, rstd, gamma, beta, mask):
 
 
 @triton.jit
-def row_grad_x(g, x_hat, rstd, D, RMS: tl.constexpr):
+def row_grad_x(g, x_hat, rstd, D, RMS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """∂x = rstd·(g − mean_D(g) − x̂·mean_D(g·x̂)) (RMS: no mean_D(g)) of a tile, g = γ·∂y (0 on masked lanes)."""
-    c2 = tl.sum(g * x_hat, axis=1) / D
+    c2 = row_mean(tl.sum(g * x_hat, axis=1), D, ACC_DTYPE)
     if RMS:
         dx = (g - x_hat * c2[:, None]) * rstd[:, None]
     else:
-        c1 = tl.sum(g, axis=1) / D
+        c1 = row_mean(tl.sum(g, axis=1), D, ACC_DTYPE)
         dx = (g - c1[:, None] - x_hat * c2[:, None]) * rstd[:, None]
     return dx
 
@@ -276,7 +275,7 @@ def _row_norm_bwd_kernel(
         part_w += tl.sum(gy * x_hat, axis=0)
         part_b += tl.sum(gy, axis=0)
         if NEED_DX:
-            dx = row_grad_x(gy * gamma, x_hat, tl.sum(rstd, axis=1), D, RMS)
+            dx = row_grad_x(gy * gamma, x_hat, tl.sum(rstd, axis=1), D, RMS, ACC_DTYPE)
             tl.store(dx_ptr + r * D + d, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     cols = tl.arange(0, BLOCK_D)
     tl.store(part_ptr + pid * D + cols, part_w, mask=cols < D)
@@ -359,8 +358,8 @@ def _row_norm_bwd_wide_kernel(
             tl.store(pw, tl.load(pw, mask=cols < D, other=0.0) + tl.sum(gy * x_hat, axis=0), mask=cols < D)
             tl.store(pb, tl.load(pb, mask=cols < D, other=0.0) + tl.sum(gy, axis=0), mask=cols < D)
         if NEED_DX:
-            c1 = c1 / D
-            c2 = c2 / D
+            c1 = row_mean(c1, D, ACC_DTYPE)
+            c2 = row_mean(c2, D, ACC_DTYPE)
             for c0 in range(0, D, BLOCK_D):
                 mask = row_mask[:, None] & (c0 + d < D)
                 x = tl.load(x_ptr + r * sx_r + (c0 + d) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)

@@ -69,8 +69,10 @@ __all__ = ["MAX_SEGMENT", "segment_length", "launch_row_norm_lif_forward", "laun
 #: caps it at 16 values a thread per tile, :func:`segment_length`)
 MAX_SEGMENT = 16
 #: the forward holds one row tile (no segment tiles): at most 8 warps. On 16 warps (D = 2048,
-#: fp32, RMSNorm, soft reset) ptxas spilled 8 B on sm_80 at 40 registers
-FWD_MAX_WARPS = 8
+#: fp32, RMSNorm, soft reset) ptxas spilled 8 B on sm_80 at 40 registers; fp64 (two registers a
+#: value, D = 1024) spilled 4 B at 8 warps and at 16 (64 registers), and takes 4 (up to 255)
+FWD_MAX_WARPS = {torch.float64: 4}
+FWD_DEFAULT_MAX_WARPS = 8
 #: register values a thread gives each of the backward's two [SEG, BLOCK_R, BLOCK_D] tiles on a GPU
 GPU_SEGMENT_VALUES = 16
 
@@ -233,7 +235,7 @@ def _row_norm_lif_bwd_kernel(
                     part_b += tl.sum(gy, axis=0)
                     if NEED_DX:
                         rstd = _row_scalar(rstd_ptr + t * R, r, row_mask)
-                        dx = row_grad_x(gy * gamma, x_hat, rstd, D, RMS)
+                        dx = row_grad_x(gy * gamma, x_hat, rstd, D, RMS, ACC_DTYPE)
                         tl.store(dx_ptr + t * step + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
                     gv = gh * v_scale
         if NEED_GV0:
@@ -303,7 +305,7 @@ def launch_row_norm_lif_forward(
         RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_V0=v0 is not None,
         CHECKPOINT=n_ckpt > 0, SEG=segment_length(T, D, x.device.type, x.dtype), **flags,
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
-        num_warps=min(cfg.num_warps, FWD_MAX_WARPS), enable_fp_fusion=False,
+        num_warps=min(cfg.num_warps, FWD_MAX_WARPS.get(x.dtype, FWD_DEFAULT_MAX_WARPS)), enable_fp_fusion=False,
     )
     return spikes.to(dtype), v_out.to(dtype), mean, rstd, ckpt
 
