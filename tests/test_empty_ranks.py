@@ -221,6 +221,7 @@ def two_rank_run(slow: bool) -> tuple[list, list, list]:
     return _RUNS[slow]
 
 
+@pytest.mark.slow  # a two-process spawn (~25 s): the default run stays under its 5 minutes
 def test_an_empty_rank_equals_one_process_on_the_other_ranks_samples():
     cases, _, results = two_rank_run(slow=False)
     for kind, backend, empty in cases:
@@ -263,6 +264,7 @@ def check_errors(results: list) -> None:
         assert res["after"] == 2.0
 
 
+@pytest.mark.slow  # the spawn above
 def test_all_empty_step_and_later_change_of_T_raise_on_every_rank():
     _, errors, results = two_rank_run(slow=False)
     check_errors([r["errors"]["torch"] for r in results])

@@ -11,7 +11,8 @@ from perf import compare, transformer
 SHAPE = (2, 2, 8, 16)  # [T, B, L, D]
 
 
-@pytest.mark.parametrize("block", transformer.BLOCKS)
+@pytest.mark.parametrize("block", [b if b.endswith("_lif") else pytest.param(b, marks=pytest.mark.slow)
+                                   for b in transformer.BLOCKS])
 def test_both_idioms_compute_the_same_block(block):
     """Same seed, same weights: the spikingjelly idiom (torch norms on transposed copies, its
     Triton LIF) and snnorm's (fused norm → LIF on the view) give the same spikes, so the bytes

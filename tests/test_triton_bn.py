@@ -225,7 +225,7 @@ def test_bntt_different_eps_runs_on_torch_with_a_warning():
     compare(torch.float64, "y", y, torch_backend.bntt(*args, **kw))
 
 
-@pytest.mark.parametrize("rule", ["batch_norm", "bntt"])
+@pytest.mark.parametrize("rule", ["batch_norm", pytest.param("bntt", marks=pytest.mark.slow)])  # ~20 s each
 def test_opcheck(rule):
     gen = torch.Generator().manual_seed(0)
     T, C = 2, 3

@@ -252,7 +252,7 @@ def _tiny(dtype=torch.float32, shape=(2, 3, 4, 5)):
     return x, w, b, p, rm, rv
 
 
-@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("affine", [True, pytest.param(False, marks=pytest.mark.slow)])  # ~20 s each
 def test_opcheck(affine):
     x, w, b, p, rm, rv = _tiny()
     if not affine:
