@@ -42,13 +42,38 @@ def _run_check(tmp_path: Path, extra_path: str | None = None, *args: str) -> tup
     return out, rows
 
 
+#: Spills known and not yet cured, each (kernel, what its config contains, the most bytes stored, why):
+#: found when fp64 and the past-2³¹ shape joined the grid (issue 23) and IEEE-rounded divisions
+#: (div_rn) grew the MPBN backward. A spill is slow, not wrong; any other spill fails, and so does
+#: one of these above its bytes. Remove an entry once its kernel compiles clean.
+KNOWN_SPILLS = (
+    ("snnorm.kernels.mpbn_lif_train:_mpbn_lif_pipelined_bwd_kernel", "ACC_DTYPE=fp64", 16,
+     "fp64 tiles of 2048 on 16 warps (and 8×64 on 4): two registers a value"),
+    ("snnorm.kernels.mpbn_lif_train:_mpbn_lif_pipelined_bwd_kernel", "BLOCK_N=8,BLOCK_P=4,BLOCK_S=64,CARRY_NORM=True", 8,
+     "fp32 8×64 tile on 4 warps, sm_90, since the correctly rounded divisions"),
+    ("snnorm.kernels.bn_pipeline._kernels:_bwd_coef_kernel", "ACC_DTYPE=fp64", 4, "fp64 on its one warp"),
+    ("snnorm.kernels.bn_pipeline._kernels:_bwd_dx_kernel", "ACC_DTYPE=fp64", 4, "fp64 PER_STEP 16×2×64 tile on 8 warps"),
+)
+
+
+def _known(r: dict) -> bool:
+    return any(r["kernel"] == kernel and part in r["config"] and int(r["spill_stores"]) <= most
+               for kernel, part, most, _why in KNOWN_SPILLS)
+
+
 def _assert_no_spills(rows: list[dict]) -> None:
-    """Issue 9: no configuration a launcher chooses spills registers to local memory."""
+    """Issue 9: no configuration a launcher chooses spills registers to local memory (but
+    :data:`KNOWN_SPILLS`, printed)."""
     sys.path.insert(0, str(ROOT))
     from perf.tools import spilling
 
-    spills = [f"{r['kernel']} {r['target']} num_warps={r['num_warps']} {r['spill_stores']}/{r['spill_loads']} B: {r['config']}"
-              for r in spilling(rows)]
+    def line(r):
+        return f"{r['kernel']} {r['target']} num_warps={r['num_warps']} {r['spill_stores']}/{r['spill_loads']} B: {r['config']}"
+
+    known = [line(r) for r in spilling(rows) if _known(r)]
+    if known:
+        print(f"{len(known)} known spills (KNOWN_SPILLS):\n" + "\n".join(known))
+    spills = [line(r) for r in spilling(rows) if not _known(r)]
     assert not spills, "register spills:\n" + "\n".join(spills)
 
 
@@ -113,7 +138,8 @@ def test_oldest_supported_triton_compiles_every_configuration_without_spills(tmp
     extra = os.environ["SNNORM_COMPILE_CHECK_PYTHONPATH"]
     only = ("lif T4 N32 C64 8x8 float32,mpbn-train T4 N32 C64 8x8,mpbn-train T4 N32 C64 32x32 float32,"
             "mpbn-train T4 N32 C256 8x8 float32,tebn-train T4 N32 C64 8x8,tab-train T4 N32 C64 8x8,"
-            "norm-lif-train T32 N8 C16 8x8")
+            "norm-lif-train T32 N8 C16 8x8,layer-norm T4 N8 C256 - float32,layer-norm T4 N8 C16384 - float32,"
+            "rms-norm-lif-soft T32 N8 C256 - float32")
     out, rows = _run_check(tmp_path, extra, "--only", only)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     import triton
