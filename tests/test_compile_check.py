@@ -53,6 +53,10 @@ KNOWN_SPILLS = (
      "fp32 8×64 tile on 4 warps, sm_90, since the correctly rounded divisions"),
     ("snnorm.kernels.bn_pipeline._kernels:_bwd_coef_kernel", "ACC_DTYPE=fp64", 4, "fp64 on its one warp"),
     ("snnorm.kernels.bn_pipeline._kernels:_bwd_dx_kernel", "ACC_DTYPE=fp64", 4, "fp64 PER_STEP 16×2×64 tile on 8 warps"),
+    # triton 3.6 only (the older-triton subset; 3.9 compiles these clean)
+    ("snnorm.kernels.norm_lif:_norm_lif_bwd_kernel", "SAME_LAYOUT=False", 8,
+     "triton 3.6: the strided fused backward (a stride-0 ∂s) at SEG = 16, one offset set per tensor"),
+    ("snnorm.kernels.bn_pipeline._kernels:_stats_reduce_kernel", "PREFIX_MERGE=True", 4, "triton 3.6, sm_80: TAB's prefix merge"),
 )
 
 
