@@ -46,6 +46,7 @@ def rows(tmp_path_factory):
     return rows, out
 
 
+@pytest.mark.slow  # the module's side-by-side run (~13 s)
 def test_every_block_measured_for_both_libraries(rows):
     rows, _ = rows
     for block in compare.BLOCKS:
@@ -58,6 +59,7 @@ def test_every_block_measured_for_both_libraries(rows):
             assert all(float(v) > 0 for v in metrics.values()), (block, library, metrics)
 
 
+@pytest.mark.slow  # the module's side-by-side run (~13 s)
 def test_snnorm_moves_no_more_bytes_than_spikingjelly(rows):
     rows, _ = rows
     total = {}
@@ -70,6 +72,7 @@ def test_snnorm_moves_no_more_bytes_than_spikingjelly(rows):
             assert total[(block, "snnorm")] <= total[(block, "spikingjelly")], (block, total)
 
 
+@pytest.mark.slow  # the module's side-by-side run (~13 s)
 def test_report_section_renders_the_table(rows):
     _, out = rows
     lines = compare.section(out.parent)

@@ -42,6 +42,7 @@ def out_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("perf") / "cpu-smoke"
 
 
+@pytest.mark.slow  # the benchmark CLIs end to end (~5-8 s each): the slow set
 def test_mpbn_lif_smoke(out_dir):
     rows = bench_mpbn_lif.main(SMOKE + ["--out", str(out_dir)])
     _check_rows(rows, ["mpbn_lif"], bench_mpbn_lif.MODES)
@@ -52,6 +53,7 @@ def test_mpbn_lif_smoke(out_dir):
     assert (out_dir / "mpbn_lif.csv").exists()
 
 
+@pytest.mark.slow
 def test_tebn_smoke(out_dir):
     rows = bench_tebn.main(SMOKE + ["--out", str(out_dir)])
     _check_rows(rows, ["tebn", "bntt"], bench_tebn.MODES)

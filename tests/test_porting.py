@@ -261,6 +261,7 @@ def test_a_torch_bn_in_a_container_fuses_and_equals_spikingjelly_on_triton():
     run_and_compare(original, twin, x)
 
 
+@pytest.mark.slow  # ~12 s through the interpreter; its torch twin stays in the default run
 def test_a_spikformer_style_block_fuses_by_a_run_and_equals_spikingjelly_on_triton():
     torch.manual_seed(6)
     x = (torch.randn(2, 2, 4, 5, dtype=torch.float64) + 0.5).to(DEVICE)

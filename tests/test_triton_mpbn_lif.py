@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, note
+from hypothesis import given, note, settings
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
-from devices import DEVICE, SIZES
+from devices import DEVICE, SIZES, property_examples, wide_examples
 from helpers import FLIPS_SEEN, RecordingSurrogate, assert_flips_placed
 from tolerances import REORDERED_FP64, assert_op_close, comparable_entries
 
@@ -257,8 +257,17 @@ def test_lif_matches_torch_backend(cfg):
     _check(cfg)
 
 
+@settings(max_examples=property_examples(2))  # ~5 s an example through the interpreter: its wide twin below
 @given(cfg=configs(modes=("train",)))
 def test_mpbn_lif_training_matches_torch_backend(cfg):
+    note(str(cfg))
+    _check(cfg)
+
+
+@pytest.mark.slow
+@settings(max_examples=wide_examples())
+@given(cfg=configs(modes=("train",)))
+def test_mpbn_lif_training_matches_torch_backend_wide(cfg):
     note(str(cfg))
     _check(cfg)
 

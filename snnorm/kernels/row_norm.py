@@ -37,6 +37,7 @@ forward and its recompute compute bit-identical x̂ and y.
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -129,9 +130,17 @@ def split_scalar(value: float) -> tuple[float, float]:
     """(hi, lo): ``value`` as two fp32 kernel arguments (Triton passes Python floats as fp32).
     An fp64 kernel adds them back (:func:`scalar`), keeping ~48 bits of τ, ε, θ; fp32 takes hi."""
     value = float(value)
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    lo = float(torch.tensor(value - hi, dtype=torch.float32)) if math.isfinite(value) else 0.0
+    hi = _to_fp32(value)  # on the host, in Python: no tensor is made inside an op
+    lo = _to_fp32(value - hi) if math.isfinite(value) else 0.0
     return hi, lo
+
+
+def _to_fp32(value: float) -> float:
+    """``value`` rounded to the nearest fp32 (inf past its range), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def check_row_args(op: str, x: torch.Tensor, weight, bias, rms: bool, min_dim: int = 1) -> None:
