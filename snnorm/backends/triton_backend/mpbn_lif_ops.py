@@ -81,12 +81,12 @@ def mpbn_lif_train_op(x, v, weight, bias, running_mean, running_var, th, *args):
         sync_stats=sync_stats,
     )
     for t, (n, mu, m2) in enumerate(steps if rm_new is not None else ()):
-        # the kernels' update (_device.running_update), with its factor f and 1 − f in fp32 as there
+        # the kernels' update (_device.running_update), with its factor f and 1 − f in the compute
+        # dtype as there (momentum reaches fp64 kernels in fp64: _device.kernel_scalars)
         cumulative = bn.momentum is None  # f = 1/(batches_tracked + t + 1)
-        f = torch.full((), bn.batches_tracked + t + 1.0 if cumulative else bn.momentum, dtype=torch.float32,
-                       device=x.device)
+        f = torch.full((), bn.batches_tracked + t + 1.0 if cumulative else bn.momentum, dtype=acc, device=x.device)
         f = 1.0 / f if cumulative else f
-        keep, f = (1.0 - f).to(acc), f.to(acc)
+        keep = 1.0 - f
         rm_new.mul_(keep).add_(f * mu.reshape(-1).to(acc))
         rv_new.mul_(keep).add_(f * (m2.reshape(-1).to(acc) / (n.reshape(()).to(acc) - 1)))
     if rm_new is None:  # distinct empty outputs: custom-op outputs must not alias
