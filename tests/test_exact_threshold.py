@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 from devices import DEVICE, SLOW_ON_CPU
-from tolerances import TRITON_FP64_WITH_FP32_SCALARS, TRITON_VS_TORCH_GRAD_FP32
+from tolerances import TRITON_FP64, TRITON_VS_TORCH_GRAD_FP32
 
 pytest.importorskip("triton")
 
@@ -62,7 +62,7 @@ def assert_same(got, want, dtype, what: str) -> None:
     s, v, g = got
     s_ref, v_ref, g_ref = want
     assert torch.equal(s, s_ref), f"{what}: spikes differ at the threshold\n{s[0].flatten()}\n{s_ref[0].flatten()}"
-    tol = TRITON_FP64_WITH_FP32_SCALARS if dtype == torch.float64 else TRITON_VS_TORCH_GRAD_FP32
+    tol = TRITON_FP64 if dtype == torch.float64 else TRITON_VS_TORCH_GRAD_FP32
     torch.testing.assert_close(v, v_ref, **tol, msg=lambda m: f"{what}: membrane: {m}")
     assert g.keys() == g_ref.keys(), what
     for name in g_ref:

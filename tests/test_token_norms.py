@@ -2,7 +2,7 @@
 
 * the torch backend is the reference: exactly torch's own modules (outputs and every
   gradient), in float32, float64 and mixed precision, normalised over one dim or several;
-* the triton backend (``row_norm``) agrees with it: float64 to 1e-9, float32 to the
+* the triton backend (``row_norm``) agrees with it: float64 to 1e-12, float32 to the
   triton-vs-torch tolerances, at D = 1, odd D and D > 1024;
 * ``state_dict`` loads both ways between these and torch's modules;
 * bad input is refused with a message naming what was expected and what came, before
@@ -26,7 +26,7 @@ from snnorm import functional, layer
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 BACKENDS = ("torch", "triton")
-#: the triton backend against the torch one: float64 by the fused blocks' rule (1e-9), float32
+#: the triton backend against the torch one: float64 by the fused blocks' rule (1e-12), float32
 #: by the small fixed cases' tolerances (outputs; gradients are a longer chain)
 OUT_TOL = {F64: NORM_NEURON_FUSED[F64], F32: TRITON_VS_TORCH_FP32}
 GRAD_TOL = {F64: NORM_NEURON_FUSED[F64], F32: TRITON_VS_TORCH_GRAD_FP32}

@@ -19,7 +19,7 @@ import torch.nn as nn
 from snnorm import functional, neuron
 
 from tolerances import (  # noqa: I001
-    DTYPE_POLICY_BF16_MIXED_REL, DTYPE_POLICY_FP64_VS_FP32_REL, MODULE_MAX_FLIP_SHARE, TRITON_FP64_WITH_FP32_SCALARS,
+    DTYPE_POLICY_BF16_MIXED_REL, DTYPE_POLICY_FP64_VS_FP32_REL, MODULE_MAX_FLIP_SHARE, TRITON_FP64,
 )
 
 from helpers import BAD_CONSTRUCTORS, NORM_CASES, WRAPPER_CASES, C, Case, assert_unchanged, rejects, snapshot, with_backends  # noqa: F401
@@ -80,7 +80,7 @@ def test_matching_dtype_runs_on_every_backend(case, backend):
         if _is_spikes(want):
             assert torch.equal(y, want), "float64 spikes differ between the backends"
         else:
-            torch.testing.assert_close(y, want, **TRITON_FP64_WITH_FP32_SCALARS)
+            torch.testing.assert_close(y, want, **TRITON_FP64)
 
 
 @pytest.mark.parametrize("case", [c for c in PARAM_CASES if "triton" in c.backends], ids=lambda c: c.name)

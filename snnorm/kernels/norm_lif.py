@@ -111,6 +111,9 @@ def _norm_lif_fwd_kernel(
     DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
+    eps, threshold = dev.scalar_arg(eps, ACC_DTYPE), dev.scalar_arg(threshold, ACC_DTYPE)
+    v_init = dev.scalar_arg(v_init, ACC_DTYPE)
+    tau, v_reset = dev.scalar_arg(tau, ACC_DTYPE), dev.scalar_arg(v_reset, ACC_DTYPE)
     cc, n, s, mask = dev.element_block(N, S, BLOCK_M, INDEX_64)
     c_mask = cc < C
     # x's offsets; with SAME_LAYOUT the spikes and the checkpoints share them (the contiguous case)
@@ -162,6 +165,10 @@ def _norm_lif_bwd_kernel(
     SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
     SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
+    eps, threshold = dev.scalar_arg(eps, ACC_DTYPE), dev.scalar_arg(threshold, ACC_DTYPE)
+    v_init = dev.scalar_arg(v_init, ACC_DTYPE)
+    tau, v_reset = dev.scalar_arg(tau, ACC_DTYPE), dev.scalar_arg(v_reset, ACC_DTYPE)
+    alpha = dev.scalar_arg(alpha, ACC_DTYPE)
     cc, n, s, mask = dev.element_block(N, S, BLOCK_M, INDEX_64)
     c_mask = cc < C
     # x's offsets; with SAME_LAYOUT ∂s, ∂y and the checkpoints share them (the contiguous case)
@@ -174,8 +181,7 @@ def _norm_lif_bwd_kernel(
         g_offs = dev.element_offsets(n, cc, s, sg_n, sg_c, sg_s)
         o_offs = dev.element_offsets(n, cc, s, so_n, so_c, so_s)
         k_offs = dev.element_offsets(n, cc, s, sk_n, sk_c, sk_s)
-    # 1/τ in the compute dtype (τ arrives as an fp32 scalar; fp64 keeps its digits)
-    x_scale, v_scale = dev.charge_grads(tl.cast(tau, ACC_DTYPE), DECAY_INPUT)
+    x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
     gv = tl.zeros([BLOCK_M], ACC_DTYPE)
     if HAS_GV:
         gv_offs = dev.element_offsets(n, cc, s, sgv_n, sgv_c, sgv_s)
@@ -311,10 +317,11 @@ def launch_norm_lif_forward(
     k4 = ckpt if n_ckpt else None
     block_m = _block_m(N * S, x.device)
     scalars, lif_flags = dev.lif_kernel_args(lif)
+    scalars = dev.kernel_scalars((eps, threshold, v_init, *scalars), acc, x.device)  # fp64: at full precision
     _norm_lif_fwd_kernel[block_grid(C, triton.cdiv(N * S, block_m))](
         x4, s4, v03, v_out, k4, mean, var,
         contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
-        T, N, C, S, float(eps), float(threshold), float(v_init), *scalars,
+        T, N, C, S, *scalars,
         *tncs_strides(x4), *tncs_strides(s4), *tncs_strides(k4), *ncs_strides(v03), *ncs_strides(as_ncs(v_out, 0)),
         CHECKPOINT=n_ckpt > 0, SEG=seg, SAME_LAYOUT=same_strides(x4, s4, k4), BLOCK_M=block_m,
         INDEX_64=needs_int64(x4, s4, k4, v03, v_out),
@@ -354,6 +361,7 @@ def launch_norm_lif_backward(
     if x.numel() > 0:
         seg = segment_length(T)
         scalars, lif_flags = dev.lif_kernel_args(lif, backward=True)
+        scalars = dev.kernel_scalars((eps, threshold, v_init, *scalars), acc, dev_)  # fp64: at full precision
         flags = {**_norm_flags(r, weight, bias, p, v0, acc), **lif_flags}
         gy4 = grad_y.view(x4.shape)
         gs4 = as_tncs(grad_s)[0] if grad_s is not None else None
@@ -364,7 +372,7 @@ def launch_norm_lif_backward(
         _norm_lif_bwd_kernel[block_grid(C, pps)](
             gs4, gv3, x4, v03, k4, gy4, grad_v0, part_a, part_b, mean, var,
             contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
-            T, N, C, S, pps, float(eps), float(threshold), float(v_init), *scalars,
+            T, N, C, S, pps, *scalars,
             *tncs_strides(x4), *tncs_strides(gs4), *tncs_strides(gy4), *tncs_strides(k4),
             *ncs_strides(v03), *ncs_strides(gv3), *ncs_strides(gv03),
             HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_GV0=need_dv0, HAS_CKPT=ckpt.numel() > 0,

@@ -37,7 +37,6 @@ forward and its recompute compute bit-identical x̂ and y.
 from __future__ import annotations
 
 import math
-import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -48,7 +47,7 @@ from . import _device as dev
 from ._common import acc_dtype, acc_torch_dtype, check_channel_args, device_props, launcher, next_pow2, store_dtype
 
 __all__ = [
-    "MAX_D", "GPU_MAX_D", "GPU_FUSED_MAX_D", "WIDE_CHUNK", "one_pass_max_d", "RowConfig", "row_config", "rows_view", "split_scalar", "check_row_args",
+    "MAX_D", "GPU_MAX_D", "GPU_FUSED_MAX_D", "WIDE_CHUNK", "one_pass_max_d", "RowConfig", "row_config", "rows_view", "check_row_args",
     "launch_row_norm_forward", "launch_row_norm_backward",
 ]
 
@@ -126,23 +125,6 @@ def rows_view(t: torch.Tensor, lead: int) -> torch.Tensor:
         return t.reshape(shape)
 
 
-def split_scalar(value: float) -> tuple[float, float]:
-    """(hi, lo): ``value`` as two fp32 kernel arguments (Triton passes Python floats as fp32).
-    An fp64 kernel adds them back (:func:`scalar`), keeping ~48 bits of τ, ε, θ; fp32 takes hi."""
-    value = float(value)
-    hi = _to_fp32(value)  # on the host, in Python: no tensor is made inside an op
-    lo = _to_fp32(value - hi) if math.isfinite(value) else 0.0
-    return hi, lo
-
-
-def _to_fp32(value: float) -> float:
-    """``value`` rounded to the nearest fp32 (inf past its range), as a Python float."""
-    try:
-        return struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        return math.copysign(math.inf, value)
-
-
 def check_row_args(op: str, x: torch.Tensor, weight, bias, rms: bool, min_dim: int = 1) -> None:
     """x floating point with ≥ ``min_dim`` dims; γ, β ``[D]`` (D = x's last dimension), no β for RMSNorm."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -159,16 +141,6 @@ def check_row_args(op: str, x: torch.Tensor, weight, bias, rms: bool, min_dim: i
 # ----------------------------------------------------------------------------------------
 # Device functions (shared with row_norm_lif.py)
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def scalar(hi, lo, ACC_DTYPE: tl.constexpr):
-    """A host float passed as (hi, lo) fp32 halves (:func:`split_scalar`), in the compute dtype."""
-    if ACC_DTYPE == tl.float64:
-        v = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    else:
-        v = tl.cast(hi, tl.float32)
-    return v
 
 
 @triton.jit
@@ -243,12 +215,12 @@ def row_grad_x(g, x_hat, rstd, D, RMS: tl.constexpr, ACC_DTYPE: tl.constexpr):
 @triton.jit
 def _row_norm_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,  # y [R, D], μ and rstd [R] out
-    R, D, sx_r, sx_d, eps_hi, eps_lo,
+    R, D, sx_r, sx_d, eps,
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    eps = scalar(eps_hi, eps_lo, ACC_DTYPE)
+    eps = dev.scalar_arg(eps, ACC_DTYPE)
     d0 = tl.arange(0, BLOCK_D)[None, :]
     gamma, beta = load_affine_row(w_ptr, b_ptr, d0, D, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     for blk in range(pid, tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
@@ -299,12 +271,12 @@ def _row_norm_bwd_kernel(
 @triton.jit
 def _row_norm_fwd_wide_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
-    R, D, sx_r, sx_d, eps_hi, eps_lo,
+    R, D, sx_r, sx_d, eps,
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    eps = scalar(eps_hi, eps_lo, ACC_DTYPE)
+    eps = dev.scalar_arg(eps, ACC_DTYPE)
     for blk in range(pid, tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
         r, d, first_mask, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)  # first chunk's mask: unused
         acc = tl.zeros([BLOCK_R], ACC_DTYPE)
@@ -404,7 +376,7 @@ def launch_row_norm_forward(x: torch.Tensor, weight, bias, eps: float, rms: bool
         cfg = row_config(R, D, x.device, x.dtype)
         kernel = _row_norm_fwd_wide_kernel if D > one_pass_max_d(x.device.type, dtype=x.dtype) else _row_norm_fwd_kernel
         kernel[(cfg.programs,)](
-            x2, weight, bias, y, mean, rstd, R, D, *x2.stride(), *split_scalar(eps),
+            x2, weight, bias, y, mean, rstd, R, D, *x2.stride(), *dev.kernel_scalars((eps,), acc, x.device),
             RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
             num_warps=cfg.num_warps, enable_fp_fusion=False,

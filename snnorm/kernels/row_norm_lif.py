@@ -43,8 +43,8 @@ reaches 99–128 registers).
 
 SEG: T's power of two up to :data:`MAX_SEGMENT`, and on a GPU at most 16 values a thread per
 register tile (:func:`segment_length`). τ, v_reset, θ, the initial value and ε reach the
-kernels as (hi, lo) fp32 pairs (:func:`snnorm.kernels.row_norm.split_scalar`): fp64 keeps
-their digits.
+kernels as every LIF kernel takes them (:func:`snnorm.kernels._device.kernel_scalars`): fp64
+keeps their digits.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from . import row_norm as _rn
 from ._common import acc_dtype, acc_torch_dtype, launcher, next_pow2, store_dtype
 from .row_norm import (
     GPU_DEFAULT_PER_THREAD, GPU_PER_THREAD, check_row_args, load_affine_row, normalise, row_block,
-    row_config, row_grad_x, row_stats, rows_view, scalar, split_scalar,
+    row_config, row_grad_x, row_stats, rows_view,
 )
 
 __all__ = ["MAX_SEGMENT", "segment_length", "launch_row_norm_lif_forward", "launch_row_norm_lif_backward"]
@@ -121,17 +121,17 @@ def _row_norm_lif_fwd_kernel(
     mean_ptr, rstd_ptr,  # [T, R] out: the rows' μ_t, rstd_t (accumulation dtype)
     ckpt_ptr,  # [T // SEG (− 1), R, D] out (CHECKPOINT): membrane after steps SEG, 2·SEG, …
     T, R, D, sx_t, sx_r, sx_d, sv_r, sv_d,
-    eps_hi, eps_lo, th_hi, th_lo, vi_hi, vi_lo, tau_hi, tau_lo, vr_hi, vr_lo,
+    eps, threshold, v_init, tau, v_reset,
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V0: tl.constexpr,
     CHECKPOINT: tl.constexpr, SEG: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    eps = scalar(eps_hi, eps_lo, ACC_DTYPE)
-    threshold = scalar(th_hi, th_lo, ACC_DTYPE)
-    v_init = scalar(vi_hi, vi_lo, ACC_DTYPE)
-    tau = scalar(tau_hi, tau_lo, ACC_DTYPE)
-    v_reset = scalar(vr_hi, vr_lo, ACC_DTYPE)
+    eps = dev.scalar_arg(eps, ACC_DTYPE)
+    threshold = dev.scalar_arg(threshold, ACC_DTYPE)
+    v_init = dev.scalar_arg(v_init, ACC_DTYPE)
+    tau = dev.scalar_arg(tau, ACC_DTYPE)
+    v_reset = dev.scalar_arg(v_reset, ACC_DTYPE)
     gamma, beta = load_affine_row(w_ptr, b_ptr, tl.arange(0, BLOCK_D)[None, :], D, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     step_x = tl.zeros((), tl.int64) + sx_t
     step = (tl.zeros((), tl.int64) + R) * D  # one step of the contiguous outputs
@@ -168,7 +168,7 @@ def _row_norm_lif_bwd_kernel(
     gv0_ptr,  # [R, D] out: ∂L/∂v0 (NEED_GV0, accumulation dtype)
     part_ptr,  # [2, P, D] out: this program's Σ ∂y·x̂ (row pid) and Σ ∂y (row P + pid)
     T, R, D, sx_t, sx_r, sx_d, sv_r, sv_d, sg_t, sg_r, sg_d, sgv_r, sgv_d,
-    th_hi, th_lo, vi_hi, vi_lo, tau_hi, tau_lo, vr_hi, vr_lo, alpha,
+    threshold, v_init, tau, v_reset, alpha,
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V0: tl.constexpr,
     HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_DX: tl.constexpr, NEED_GV0: tl.constexpr,
     HAS_CKPT: tl.constexpr, SEG: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
@@ -177,10 +177,11 @@ def _row_norm_lif_bwd_kernel(
 ):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
-    threshold = scalar(th_hi, th_lo, ACC_DTYPE)
-    v_init = scalar(vi_hi, vi_lo, ACC_DTYPE)
-    tau = scalar(tau_hi, tau_lo, ACC_DTYPE)
-    v_reset = scalar(vr_hi, vr_lo, ACC_DTYPE)
+    threshold = dev.scalar_arg(threshold, ACC_DTYPE)
+    v_init = dev.scalar_arg(v_init, ACC_DTYPE)
+    tau = dev.scalar_arg(tau, ACC_DTYPE)
+    v_reset = dev.scalar_arg(v_reset, ACC_DTYPE)
+    alpha = dev.scalar_arg(alpha, ACC_DTYPE)
     x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
     gamma, beta = load_affine_row(w_ptr, b_ptr, tl.arange(0, BLOCK_D)[None, :], D, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     part_w = tl.zeros([BLOCK_D], ACC_DTYPE)
@@ -260,10 +261,6 @@ def _check(op: str, x: torch.Tensor, v0, weight, bias, rms: bool) -> None:
         raise ValueError(f"{op}: v0 must have shape {list(x.shape[1:])} (x_seq's without T), got {list(v0.shape)}")
 
 
-def _scalars(values) -> tuple:
-    return tuple(part for value in values for part in split_scalar(value))
-
-
 def out_dtype(x: torch.Tensor, v0: Optional[torch.Tensor]) -> torch.dtype:
     """The spikes' and the membrane's dtype: the torch reference's y (x's dtype) charged into v."""
     return x.dtype if v0 is None else torch.promote_types(x.dtype, v0.dtype)
@@ -301,7 +298,7 @@ def launch_row_norm_lif_forward(
     _row_norm_lif_fwd_kernel[(cfg.programs,)](
         x3, v2, weight, bias, spikes, v_out, mean, rstd, ckpt if n_ckpt else None,
         T, R, D, *x3.stride(), *(v2.stride() if v2 is not None else (0, 0)),
-        *_scalars((eps, threshold, v_init, *scalars)),
+        *dev.kernel_scalars((eps, threshold, v_init, *scalars), acc, x.device),
         RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_V0=v0 is not None,
         CHECKPOINT=n_ckpt > 0, SEG=segment_length(T, D, x.device.type, x.dtype), **flags,
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
@@ -347,7 +344,7 @@ def launch_row_norm_lif_backward(
         dx if need_dx else None, gv0 if need_dv0 else None, part,
         T, R, D, *x3.stride(), *(v2.stride() if v2 is not None else (0, 0)),
         *(g3.stride() if g3 is not None else (0, 0, 0)), *(gv2.stride() if gv2 is not None else (0, 0)),
-        *_scalars((threshold, v_init, *scalars[:2])), float(scalars[2]),
+        *dev.kernel_scalars((threshold, v_init, *scalars), acc, x.device),
         RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_V0=v0 is not None,
         HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_DX=bool(need_dx), NEED_GV0=bool(need_dv0),
         HAS_CKPT=ckpt.numel() > 0, SEG=seg, **flags,
