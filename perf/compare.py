@@ -256,20 +256,29 @@ def run(shape=DEFAULT_SHAPE, blocks=BLOCKS, log: Callable[[str], None] = print, 
     With ``timing`` (the default on CUDA, where nothing can be counted): ms per training step
     (:func:`time_step`), metric ``ms_step``.
     """
+    return measure_blocks(build, blocks, shape, tool="perf.compare", log=log, timing=timing, device=device, reps=reps)
+
+
+def measure_blocks(build_block: Callable, blocks, shape, tool: str, log: Callable[[str], None] = print,
+                   timing: bool | None = None, device: str | None = None, reps: int = 20) -> list[dict]:
+    """Rows (``COLUMNS``) for every block and library of ``build_block(block, library, shape)``
+    -> (net or None when the library has no such block, note) on one input of ``shape``
+    (:func:`run`; ``perf.transformer`` measures its blocks the same way)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timing = device.type == "cuda" if timing is None else timing
     if not timing and not tools.interpreting():
         raise RuntimeError(
-            "perf.compare counts bytes with the Triton interpreter's meter: run it on a CPU "
+            f"{tool} counts bytes with the Triton interpreter's meter: run it on a CPU "
             "(TRITON_INTERPRET=1 is set here when no CUDA device is visible), or time with --time"
         )
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * 1.5 + 0.5).to(device).requires_grad_()
+    width = max(len(block) for block in blocks)
     rows = []
     for block in blocks:
         for library in LIBRARIES:
             torch.manual_seed(0)
-            net, note = build(block, library, shape)
+            net, note = build_block(block, library, shape)
             row = dict(block=block, library=library, shape=tools.shape_str(shape), note=note)
             if net is None:
                 rows.append(dict(row, metric="absent", value=""))
@@ -278,11 +287,11 @@ def run(shape=DEFAULT_SHAPE, blocks=BLOCKS, log: Callable[[str], None] = print, 
             if timing:
                 ms = time_step(net, x, reps)
                 rows.append(dict(row, metric="ms_step", value=f"{ms:.4g}"))
-                log(f"{block:9s} {library:12s} {ms:8.3f} ms per training step  [{note}]")
+                log(f"{block:{width}s} {library:12s} {ms:8.3f} ms per training step  [{note}]")
                 continue
             values = measure(net, x)
             rows += [dict(row, metric=metric, value=f"{values[metric]:.4g}") for metric in METRICS]
-            log(f"{block:9s} {library:12s} fwd {values['fwd_bytes']:6.2f} B ({values['fwd_launches']:4.0f}) "
+            log(f"{block:{width}s} {library:12s} fwd {values['fwd_bytes']:6.2f} B ({values['fwd_launches']:4.0f}) "
                 f"bwd {values['bwd_bytes']:6.2f} B ({values['bwd_launches']:4.0f}) "
                 f"saved {values['saved_bytes']:5.2f} B  [{note}]")
     return rows

@@ -137,32 +137,10 @@ def build(block: str, library: str, shape) -> tuple[nn.Module, str]:
 
 def run(shape=DEFAULT_SHAPE, blocks=BLOCKS, log: Callable[[str], None] = print, timing: bool | None = None,
         device: str | None = None, reps: int = 20) -> list[dict]:
-    """Rows (:data:`perf.compare.COLUMNS`) for every block and library on one ``[T, B, L, D]`` input."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    timing = device.type == "cuda" if timing is None else timing
-    if not timing and not tools.interpreting():
-        raise RuntimeError("perf.transformer counts bytes with the Triton interpreter's meter: run it on a CPU, "
-                           "or time with --time")
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=g) * 1.5 + 0.5).to(device).requires_grad_()
-    rows = []
-    for block in blocks:
-        for library in compare.LIBRARIES:
-            torch.manual_seed(0)
-            net, note = build(block, library, shape)
-            net = net.to(device)
-            row = dict(block=block, library=library, shape=tools.shape_str(shape), note=note)
-            if timing:
-                ms = compare.time_step(net, x, reps)
-                rows.append(dict(row, metric="ms_step", value=f"{ms:.4g}"))
-                log(f"{block:10s} {library:12s} {ms:8.3f} ms per training step  [{note}]")
-                continue
-            values = compare.measure(net, x)
-            rows += [dict(row, metric=metric, value=f"{values[metric]:.4g}") for metric in compare.METRICS]
-            log(f"{block:10s} {library:12s} fwd {values['fwd_bytes']:6.2f} B ({values['fwd_launches']:4.0f}) "
-                f"bwd {values['bwd_bytes']:6.2f} B ({values['bwd_launches']:4.0f}) "
-                f"saved {values['saved_bytes']:5.2f} B  [{note}]")
-    return rows
+    """Rows (:data:`perf.compare.COLUMNS`) for every block and library on one ``[T, B, L, D]`` input,
+    measured as :func:`perf.compare.run` measures its blocks."""
+    return compare.measure_blocks(build, blocks, shape, tool="perf.transformer", log=log, timing=timing,
+                                  device=device, reps=reps)
 
 
 def section(results_dir: Path) -> list[str]:

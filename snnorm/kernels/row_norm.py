@@ -197,12 +197,20 @@ def normalise(x, mean, rstd, gamma, beta, mask):
 
 @triton.jit
 def row_grad_x(g, x_hat, rstd, D, RMS: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """∂x = rstd·(g − mean_D(g) − x̂·mean_D(g·x̂)) (RMS: no mean_D(g)) of a tile, g = γ·∂y (0 on masked lanes)."""
+    """∂x of a whole-row tile, g = γ·∂y (0 on masked lanes): :func:`grad_x_from_means`."""
     c2 = row_mean(tl.sum(g * x_hat, axis=1), D, ACC_DTYPE)
+    c1 = tl.zeros_like(c2)
+    if not RMS:
+        c1 = row_mean(tl.sum(g, axis=1), D, ACC_DTYPE)
+    return grad_x_from_means(g, x_hat, rstd, c1, c2, RMS)
+
+
+@triton.jit
+def grad_x_from_means(g, x_hat, rstd, c1, c2, RMS: tl.constexpr):
+    """∂x = rstd·(g − c1 − x̂·c2) with the rows' c1 = mean_D(g), c2 = mean_D(g·x̂) (RMS: no c1)."""
     if RMS:
         dx = (g - x_hat * c2[:, None]) * rstd[:, None]
     else:
-        c1 = row_mean(tl.sum(g, axis=1), D, ACC_DTYPE)
         dx = (g - c1[:, None] - x_hat * c2[:, None]) * rstd[:, None]
     return dx
 
@@ -347,11 +355,7 @@ def _row_norm_bwd_wide_kernel(
                 gy = tl.load(gy_ptr + r * sg_r + (c0 + d) * sg_d, mask=mask, other=0.0).to(ACC_DTYPE)
                 gamma, beta = load_affine_row(w_ptr, w_ptr, c0 + d, D, HAS_WEIGHT, False, ACC_DTYPE)
                 x_hat, y_unused = normalise(x, mean, rstd, gamma, beta, mask)
-                g = gy * gamma
-                if RMS:
-                    dx = (g - x_hat * c2[:, None]) * rstd[:, None]
-                else:
-                    dx = (g - c1[:, None] - x_hat * c2[:, None]) * rstd[:, None]
+                dx = grad_x_from_means(gy * gamma, x_hat, rstd, c1, c2, RMS)
                 tl.store(dx_ptr + r * D + c0 + d, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
