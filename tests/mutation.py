@@ -39,6 +39,8 @@ PIPELINE = ["tests/test_triton_bn.py", "tests/test_triton_tebn.py", "tests/test_
             "-k", "matches or fixed or tiling or many_partials or uniform_momentum"]
 FUSED = ["tests/test_fusion.py", "tests/test_exact_threshold.py", "-k", "matches_the_unfused or exact"]
 EXACT = ["tests/test_exact_threshold.py"]
+ROWS = ["tests/test_triton_row_norm.py", "tests/test_fusion_token_norms.py", "tests/test_exact_threshold.py",
+        "-k", "matches or fp64 or row_norm_lif_fires"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,23 @@ MUTATIONS = [
              "count_b = (tl.minimum(n_hi - n0, BLOCK_N) * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC_DTYPE)",
              "count_b = (tl.minimum(n_hi - n0, BLOCK_N) * tl.minimum(s_hi - s0 + 1, BLOCK_S)).to(ACC_DTYPE)",
              tuple(PIPELINE)),
+    # the row norms (LayerNorm / RMSNorm) alone and fused with a LIF
+    Mutation("row_norm_rms_drops_eps", "dropped term", "snnorm/kernels/row_norm.py",
+             "        rstd = dev.rstd_of(ms, eps, ACC_DTYPE)", "        rstd = dev.rstd_of(ms, 0.0 * eps, ACC_DTYPE)",
+             tuple(ROWS)),
+    Mutation("row_norm_grad_drops_mean_term", "dropped term", "snnorm/kernels/row_norm.py",
+             "dx = (g - c1[:, None] - x_hat * c2[:, None]) * rstd[:, None]", "dx = (g - x_hat * c2[:, None]) * rstd[:, None]",
+             tuple(ROWS)),
+    Mutation("row_norm_variance_over_d_minus_one", "unbiased where biased", "snnorm/kernels/row_norm.py",
+             "rstd = dev.rstd_of(row_mean(tl.sum(xc * xc, axis=1), D, ACC_DTYPE), eps, ACC_DTYPE)",
+             "rstd = dev.rstd_of(row_mean(tl.sum(xc * xc, axis=1), D - 1, ACC_DTYPE), eps, ACC_DTYPE)", tuple(ROWS)),
+    Mutation("row_norm_lif_fires_strictly_above", ">= turned into >", "snnorm/kernels/row_norm_lif.py",
+             "spike = h - threshold >= 0", "spike = h - threshold > 0", tuple(ROWS)),
+    Mutation("row_norm_lif_recompute_strictly_above", ">= turned into >", "snnorm/kernels/row_norm_lif.py",
+             "v = dev.reset(h, h - threshold >= 0, threshold", "v = dev.reset(h, h - threshold > 0, threshold",
+             tuple(ROWS)),
+    Mutation("row_norm_lif_grad_drops_input_scale", "dropped factor", "snnorm/kernels/row_norm_lif.py",
+             "gy = tl.where(mask, gh * x_scale, 0.0)", "gy = tl.where(mask, gh, 0.0)", tuple(ROWS)),
 ]
 
 

@@ -138,3 +138,32 @@ def test_fused_norm_lif_fires_exactly_at_the_threshold(dtype, norm):
     # step 0 from v = 0: h = β; later steps charge onto the reset membrane (0 after a spike)
     assert want[0][:, :, 0].all() and want[0][:, :, 1].all() and not want[0][0, :, 2].any()
     assert_same(run(fused, x), want, dtype, f"fused {norm} → LIF")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm", ["layer-norm", "rms-norm"])
+def test_fused_row_norm_lif_fires_exactly_at_the_threshold(dtype, norm):
+    """LayerNorm / RMSNorm → LIF over rows of D = C features, feature 0 on θ, 1 above, 2 below.
+    LayerNorm: γ = 0 gives y = β exactly. RMSNorm (no β): rows of ones with ε below half an
+    ulp of 1, so mean(x²) + ε rounds to 1, rstd = 1 and y = γ exactly."""
+    around = on_and_around(THETA, dtype).to(DEVICE)
+    if norm == "layer-norm":
+        row_norm = layer.LayerNorm(C, step_mode="m")
+        x = torch.linspace(-1.0, 2.0, T * N * C, dtype=dtype).view(T, N, C).to(DEVICE)
+    else:
+        row_norm = layer.RMSNorm(C, eps=1e-20, step_mode="m")  # 1 + 1e-20 is 1 in fp32 and in fp64
+        x = torch.ones(T, N, C, dtype=dtype, device=DEVICE)
+    pair = nn.Sequential(row_norm, neuron.LIFNode(tau=2.0, decay_input=False, v_reset=0.0, v_threshold=THETA,
+                                                  step_mode="m", surrogate_function=sg.Sigmoid())).to(DEVICE, dtype)
+    with torch.no_grad():
+        if norm == "layer-norm":
+            row_norm.weight.zero_()
+            row_norm.bias.copy_(around)
+        else:
+            row_norm.weight.copy_(around)
+    fused = on_triton(functional.fuse_norm_neurons(copy.deepcopy(pair)))
+    assert fused_block(fused[0]).fused_kernel_applies(), "the pair does not run the fused kernel"
+    want = run(pair, x)
+    # step 0 from v = 0: h = y = β (γ); later steps charge onto the reset membrane (0 after a spike)
+    assert want[0][:, :, 0].all() and want[0][:, :, 1].all() and not want[0][0, :, 2].any()
+    assert_same(run(fused, x), want, dtype, f"fused {norm} → LIF")
