@@ -161,7 +161,8 @@ def _norm_lif_bwd_kernel(
     sv_n, sv_c, sv_s, sgv_n, sgv_c, sgv_s, sm_n, sm_c, sm_s,
     PER_STEP: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_V0: tl.constexpr, HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_GV0: tl.constexpr,
-    HAS_CKPT: tl.constexpr, SEG: tl.constexpr, SAME_LAYOUT: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    HAS_CKPT: tl.constexpr, SEG: tl.constexpr, SAME_LAYOUT: tl.constexpr, GS_SAME_LAYOUT: tl.constexpr,
+    DECAY_INPUT: tl.constexpr,
     SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
     SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -171,16 +172,20 @@ def _norm_lif_bwd_kernel(
     alpha = dev.scalar_arg(alpha, ACC_DTYPE)
     cc, n, s, mask = dev.element_block(N, S, BLOCK_M, INDEX_64)
     c_mask = cc < C
-    # x's offsets; with SAME_LAYOUT ∂s, ∂y and the checkpoints share them (the contiguous case)
+    # x's offsets; with SAME_LAYOUT ∂y and the checkpoints share them (the launcher makes both in
+    # x's memory format), with GS_SAME_LAYOUT ∂s does: an incoming ∂s of another layout (a
+    # stride-0 expanded gradient) then costs one offset set, not three (triton 3.6 spilled 8 B)
     offs = dev.element_offsets(n, cc, s, sx_n, sx_c, sx_s)
     if SAME_LAYOUT:
-        g_offs = offs
         o_offs = offs
         k_offs = offs
     else:
-        g_offs = dev.element_offsets(n, cc, s, sg_n, sg_c, sg_s)
         o_offs = dev.element_offsets(n, cc, s, so_n, so_c, so_s)
         k_offs = dev.element_offsets(n, cc, s, sk_n, sk_c, sk_s)
+    if GS_SAME_LAYOUT:
+        g_offs = offs
+    else:
+        g_offs = dev.element_offsets(n, cc, s, sg_n, sg_c, sg_s)
     x_scale, v_scale = dev.charge_grads(tau, DECAY_INPUT)
     gv = tl.zeros([BLOCK_M], ACC_DTYPE)
     if HAS_GV:
@@ -376,7 +381,7 @@ def launch_norm_lif_backward(
             *tncs_strides(x4), *tncs_strides(gs4), *tncs_strides(gy4), *tncs_strides(k4),
             *ncs_strides(v03), *ncs_strides(gv3), *ncs_strides(gv03),
             HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_GV0=need_dv0, HAS_CKPT=ckpt.numel() > 0,
-            SEG=seg, SAME_LAYOUT=same_strides(x4, gs4, gy4, k4), BLOCK_M=block_m,
+            SEG=seg, SAME_LAYOUT=same_strides(x4, gy4, k4), GS_SAME_LAYOUT=same_strides(x4, gs4), BLOCK_M=block_m,
             INDEX_64=needs_int64(x4, gs4, gy4, k4, v03, gv3, grad_v0),
             **flags, num_warps=NORM_LIF_WARPS(block_m), enable_fp_fusion=False,
         )
