@@ -110,6 +110,16 @@ def uses_resident_path(N: int, C: int, S: int) -> bool:
     return resident_tiling(N, S).block <= RESIDENT_MAX_M and C >= MIN_PROGRAMS
 
 
+def pipelined_bwd_warps(block: int, acc: torch.dtype, last: bool) -> int:
+    """Warps of a pipelined backward launch: :data:`PIPELINED_WARPS`, twice as many in fp64 (2
+    values a thread: 32 warps on a 2048 tile) but on the LAST launch (it only applies step 0).
+    On 16 the fp64 launches that form a step with a dividing surrogate (ATan; soft reset, raw
+    carry) spilled 24 B on sm_80 and 8 B on sm_90 (ptxas held them at 64 registers around
+    the division's subroutine calls); on 32 the LAST launch spilled 4 B on sm_90. The tile,
+    and so the partial sums and the bytes, stay the same."""
+    return min(32, PIPELINED_WARPS(block) * (2 if acc == torch.float64 and not last else 1))
+
+
 def pipelined_tiling(N: int, C: int, S: int) -> Tiling:
     """The largest tile ≤ SPLIT_BLOCK that still gives MIN_PROGRAMS programs (down to SPLIT_MIN_BLOCK)."""
     block = SPLIT_BLOCK
@@ -664,7 +674,7 @@ def launch_train_bwd(
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             glob if synced else None, t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
             FIRST=t == T - 1, LAST=t == -1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=PIPELINED_WARPS(tiles.block),
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=pipelined_bwd_warps(tiles.block, acc, t == -1),
             enable_fp_fusion=False, **flags,
         )
         if synced and t >= 0:  # step t's sums over every rank, before the launch that applies it
