@@ -181,8 +181,7 @@ def test_ptx_scan_catches_approximate_division_in_spike_kernels():
     root in a kernel of SPIKE_MODULES or STATISTICS_KERNELS fails its row; IEEE-rounded forms and
     ex2.approx pass."""
     sys.path.insert(0, str(ROOT))
-    from perf.tools import SPIKE_MODULES, approximate_ops, approximation_problem, format_ops
-    from perf.tools.compile_check import STATISTICS_KERNELS
+    from perf.tools import SPIKE_MODULES, STATISTICS_KERNELS, approximate_ops, approximation_problem, format_ops
 
     found = approximate_ops(PTX_FIXTURE)
     assert found == {"div.full.f32": 1, "rsqrt.approx.ftz.f32": 1}, found
