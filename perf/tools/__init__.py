@@ -17,7 +17,8 @@ compile_check        ahead-of-time compile check (``python -m perf.compile_check
                      ``run_scenario``, ``CaptureSync`` (one op-table call on meta tensors),
                      ``posing_as_cuda`` (meta tensors that report a CUDA device);
                      ``approximate_ops``, ``approximation_problem``, ``format_ops``,
-                     ``SPIKE_MODULES`` (the PTX scan for approximate division / sqrt)
+                     ``SPIKE_MODULES``, ``STATISTICS_KERNELS`` (the PTX scan for approximate
+                     division / sqrt)
 tab_baseline         ``QuadraticTAB``, ``run_on_tncs``: the official O(T²) TAB algorithm
 record               environment, rows, CSVs, provider names (``SNNORM_TORCH`` …)
 agreement            ``TOLERANCES``, ``Tol``, ``compare``: does a provider agree before timing
@@ -40,7 +41,8 @@ _WHERE = {
     "saved_tensor_bytes": "saved_meter",
     **dict.fromkeys(("run_ranks", "free_port"), "ranks"),
     **dict.fromkeys(("spilling", "summary", "summary_markdown", "scenarios", "run_scenario", "CaptureSync",
-                     "posing_as_cuda", "approximate_ops", "approximation_problem", "format_ops", "SPIKE_MODULES"),
+                     "posing_as_cuda", "approximate_ops", "approximation_problem", "format_ops", "SPIKE_MODULES",
+                     "STATISTICS_KERNELS"),
                     "compile_check"),
     **dict.fromkeys(("QuadraticTAB", "run_on_tncs"), "tab_baseline"),
     **dict.fromkeys(("COLUMNS", "SNNORM_TORCH", "SNNORM_COMPILE", "SNNORM_TRITON", "SPIKINGJELLY", "TORCH_COPY",

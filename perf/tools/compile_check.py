@@ -16,7 +16,9 @@
 3. **Scan** the PTX for approximate arithmetic (:func:`approximate_ops`: ``div.approx``,
    ``div.full``, ``rcp.approx``, ``sqrt.approx``, ``rsqrt.approx``; the ``approx_ops`` column,
    every kernel). In a kernel that decides or recomputes spikes (:data:`SPIKE_MODULES`: LIF,
-   MPBN-LIF, fused norm → LIF, forward and backward) any of them is a failure: a membrane
+   MPBN-LIF, fused norm → LIF, forward and backward; and :data:`STATISTICS_KERNELS`, the
+   statistics pipeline's partials, reduce and apply, whose μ, σ², rstd decide the spikes of
+   a norm in front of a LIF) any of them is a failure: a membrane
    within an ulp of θ would fire on the GPU and not in torch, or in the forward and not in
    the backward's recompute. The rule is the whole kernel, not only the compare: a division's
    result reaches the compare through h, the statistics, rstd or θ′. One exception: the
@@ -76,6 +78,11 @@ DIVIDING_SURROGATES = (0, 1)
 #: modules whose kernels decide or recompute spikes: no approximate division or square root
 SPIKE_MODULES = ("snnorm.kernels.lif", "snnorm.kernels.mpbn_lif_train", "snnorm.kernels.norm_lif",
                  "snnorm.kernels.row_norm_lif")
+#: the statistics pipeline's kernels on the path to μ, σ², rstd and the normalised value
+#: (partials, reduce with the running statistics, apply): a BN/TEBN/TAB in front of a LIF
+#: decides its spikes with them, so the same rule. Its backward kernels are gradient only.
+STATISTICS_KERNELS = tuple(f"snnorm.kernels.bn_pipeline._kernels:{name}"
+                           for name in ("stats_partial_kernel", "_stats_reduce_kernel", "_apply_kernel"))
 #: PTX instructions that are not correctly rounded (any type suffix: .f32, .ftz.f32, .f64, ...).
 #: ``div.full.f32`` is what an fp32 ``/`` lowers to on NVIDIA (≤ 2 ulp); ``div.rn`` / ``sqrt.rn``
 #: (tl.div_rn, tl.sqrt_rn, fp64 ``/`` and tl.sqrt) are IEEE round-to-nearest
@@ -619,9 +626,10 @@ def format_ops(ops: dict[str, int]) -> str:
 
 
 def approximation_problem(kernel: str, approx_ops: str) -> str:
-    """The failure message for a spike-deciding kernel (:data:`SPIKE_MODULES`) whose PTX holds
-    approximate arithmetic (``approx_ops`` as :func:`format_ops` writes it), else ""."""
-    if approx_ops and kernel.split(":")[0] in SPIKE_MODULES:
+    """The failure message for a spike-deciding kernel (:data:`SPIKE_MODULES`, or one of
+    :data:`STATISTICS_KERNELS`) whose PTX holds approximate arithmetic (``approx_ops`` as
+    :func:`format_ops` writes it), else ""."""
+    if approx_ops and (kernel.split(":")[0] in SPIKE_MODULES or kernel in STATISTICS_KERNELS):
         return (f"approximate arithmetic in a spike-deciding kernel: {approx_ops} (use _device.div_rn / "
                 f"sqrt_rn / rstd_of: correctly rounded, so GPU, torch and the recompute fire alike)")
     return ""

@@ -110,6 +110,16 @@ def uses_resident_path(N: int, C: int, S: int) -> bool:
     return resident_tiling(N, S).block <= RESIDENT_MAX_M and C >= MIN_PROGRAMS
 
 
+def pipelined_bwd_warps(block: int, acc: torch.dtype, last: bool) -> int:
+    """Warps of a pipelined backward launch: :data:`PIPELINED_WARPS`, twice as many in fp64 (2
+    values a thread: 32 warps on a 2048 tile) but on the LAST launch (it only applies step 0).
+    On 16 the fp64 launches that form a step with a dividing surrogate (ATan; soft reset, raw
+    carry) spilled 24 B on sm_80 and 8 B on sm_90 (ptxas held them at 64 registers around
+    the division's subroutine calls); on 32 the LAST launch spilled 4 B on sm_90. The tile,
+    and so the partial sums and the bytes, stay the same."""
+    return min(32, PIPELINED_WARPS(block) * (2 if acc == torch.float64 and not last else 1))
+
+
 def pipelined_tiling(N: int, C: int, S: int) -> Tiling:
     """The largest tile ≤ SPLIT_BLOCK that still gives MIN_PROGRAMS programs (down to SPLIT_MIN_BLOCK)."""
     block = SPLIT_BLOCK
@@ -387,26 +397,15 @@ def _mpbn_lif_pipelined_bwd_kernel(
     o_off = (n * C + c) * S + s
     step = dev.index(C, INDEX_64) * N * S
     M = N * S
-    gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     zero = tl.zeros([BLOCK_N, BLOCK_S], dtype=ACC_DTYPE)
-    v_r = dev.scalar_arg(v_reset, ACC_DTYPE)
-    alpha = dev.scalar_arg(alpha, ACC_DTYPE)
 
-    if FIRST:
-        gv = zero
-        if HAS_GV:
-            gv = tl.load(
-                gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0
-            ).to(ACC_DTYPE)
-    else:  # apply step t + 1: its A, B are complete now
+    # A correctly rounded division calls a slow-path subroutine, and what is live across that
+    # call can spill (8 B on sm_90, fp32 and fp64): the apply's two divisions come first, before
+    # γ, β, the scalars and the tile are loaded (static ifs: names carry over between them)
+    if not FIRST:  # apply step t + 1: its A, B are complete now
         tp = dev.index(t + 1, INDEX_64)
         a_sum = dev.sum_partials(pa_ptr + tp * P * C, c, C, P, BLOCK_P, ACC_DTYPE)
         b_sum = dev.sum_partials(pb_ptr + tp * P * C, c, C, P, BLOCK_P, ACC_DTYPE)
-        mean = tl.load(mean_ptr + tp * C + c).to(ACC_DTYPE)
-        rstd = tl.load(rstd_ptr + tp * C + c).to(ACC_DTYPE)
-        h = tl.load(h_ptr + tp * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
-        g_hat = tl.load(ghat_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
-        xhat = (h - mean) * rstd
         # ∂h takes the sums and count of every rank's batch; ∂γ, ∂β below stay this rank's (DDP averages them)
         a_h, b_h, m_h = a_sum, b_sum, M
         if SYNCED:
@@ -414,7 +413,22 @@ def _mpbn_lif_pipelined_bwd_kernel(
             m_h = tl.load(row).to(ACC_DTYPE)
             a_h = tl.load(row + 1 + c).to(ACC_DTYPE)
             b_h = tl.load(row + 1 + C + c).to(ACC_DTYPE)
-        gh = gamma * rstd * (g_hat - dev.div_rn(a_h, m_h, ACC_DTYPE) - xhat * dev.div_rn(b_h, m_h, ACC_DTYPE))
+        a_m = dev.div_rn(a_h, m_h, ACC_DTYPE)
+        b_m = dev.div_rn(b_h, m_h, ACC_DTYPE)
+    gamma, beta = dev.load_affine(w_ptr, b_ptr, c, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    if FIRST:
+        gv = zero
+        if HAS_GV:
+            gv = tl.load(
+                gvout_ptr + c * stride_gv_c + n * stride_gv_n + s * stride_gv_s, mask=mask, other=0.0
+            ).to(ACC_DTYPE)
+    else:
+        mean = tl.load(mean_ptr + tp * C + c).to(ACC_DTYPE)
+        rstd = tl.load(rstd_ptr + tp * C + c).to(ACC_DTYPE)
+        h = tl.load(h_ptr + tp * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        g_hat = tl.load(ghat_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        xhat = (h - mean) * rstd
+        gh = gamma * rstd * (g_hat - a_m - xhat * b_m)
         if not CARRY_NORM:
             gh += tl.load(gdir_ptr + (tp % 2) * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
         x_scale, v_scale = dev.charge_grads(dev.scalar_arg(tau, ACC_DTYPE), DECAY_INPUT)
@@ -429,6 +443,8 @@ def _mpbn_lif_pipelined_bwd_kernel(
             tl.store(gv0_ptr + o_off, gv.to(gv0_ptr.dtype.element_ty), mask=mask)
     else:  # form step t with ∂v in registers
         ti = dev.index(t, INDEX_64)
+        v_r = dev.scalar_arg(v_reset, ACC_DTYPE)
+        alpha = dev.scalar_arg(alpha, ACC_DTYPE)
         th = tl.load(th_ptr + c).to(ACC_DTYPE)
         h = tl.load(h_ptr + ti * step + o_off, mask=mask, other=0.0).to(ACC_DTYPE)
         gs = zero
@@ -658,7 +674,7 @@ def launch_train_bwd(
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             glob if synced else None, t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
             FIRST=t == T - 1, LAST=t == -1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=PIPELINED_WARPS(tiles.block),
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=pipelined_bwd_warps(tiles.block, acc, t == -1),
             enable_fp_fusion=False, **flags,
         )
         if synced and t >= 0:  # step t's sums over every rank, before the launch that applies it

@@ -93,6 +93,8 @@ from .._common import (
     REDUCE_WARPS,
     STATS_WARPS,
     SYNC_DTYPE,
+    TILE_WARPS,
+    WarpRule,
     acc_dtype,
     acc_torch_dtype,
     as_tncs,
@@ -187,6 +189,11 @@ def check_params(op: str, r: NormRule, x: torch.Tensor, weight, bias, mean, var,
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
+
+#: the backward's ∂x tiles in fp64: twice :data:`TILE_WARPS`'s warps (4 values a thread, 16
+#: warps on a 2048 tile). On 8 warps ptxas spilled 4 B on sm_80 ([2, 16, 64], PER_STEP); the
+#: kernel is elementwise, so its values and bytes do not depend on the warps
+DX_WARPS_FP64 = WarpRule(4, 4, 16)
 
 #: partials × channels the backward coefficient kernel sums per chunk on a GPU (on
 #: ``_common.COEF_WARPS``, one warp: its work is O(T·C·partials))
@@ -479,6 +486,6 @@ def launch_backward_from_sums(
         dx_flags = dict(PER_STEP=r.per_step, BATCH_STATS=batch_stats, SAME_LAYOUT=same_strides(g4, x_used, dx4),
                         ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION)
         geo = fitted_geometry(_bwd_dx_kernel, T, N, C, S, dev, x.dtype, lambda g: (*head, *slice_args(g), *strides),
-                              dx_flags)
+                              dx_flags, warps=DX_WARPS_FP64 if acc == torch.float64 else TILE_WARPS)
         _bwd_dx_kernel[geo.grid](*head, *slice_args(geo), *strides, **dx_flags, **tile_constexprs(geo))
     return dx, dw, db, dp, grad_mean, grad_var

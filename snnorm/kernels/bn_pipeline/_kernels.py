@@ -23,6 +23,7 @@ from .._device import (
     chan_merge,
     channel_consts,
     combine_partials,
+    div_rn,
     program_slice,
     step_coefficients,
     step_scale,
@@ -51,7 +52,7 @@ def stats_partial_kernel(
             offs, mask = tile_offsets(t, n0, s0, n_hi, s_hi, c, c_mask, sx_t, sx_n, sx_c, sx_s, BLOCK_N, BLOCK_S)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             count_b = (tl.minimum(n_hi - n0, BLOCK_N) * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC_DTYPE)
-            mean_b = tl.sum(tl.sum(x, axis=2), axis=0) / count_b
+            mean_b = div_rn(tl.sum(tl.sum(x, axis=2), axis=0), count_b, ACC_DTYPE)
             d = tl.where(mask, x - mean_b[None, :, None], 0.0)
             m2_b = tl.sum(tl.sum(d * d, axis=2), axis=0)
             count, mean, m2 = chan_merge(count, mean, m2, count_b, mean_b, m2_b)
@@ -99,7 +100,7 @@ def _stats_reduce_kernel(
         if STORE_M2:
             tl.store(var_ptr + row, m2, mask=c_mask)
         else:
-            tl.store(var_ptr + row, m2 / count, mask=c_mask)
+            tl.store(var_ptr + row, div_rn(m2, count, ACC_DTYPE), mask=c_mask)
         if UPDATE_RUNNING:
             if PER_ROW_MOMENTUM:
                 m = tl.load(momentum_ptr + g).to(ACC_DTYPE)
@@ -108,7 +109,7 @@ def _stats_reduce_kernel(
             r_mean = tl.load(running_mean_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
             r_var = tl.load(running_var_ptr + row, mask=c_mask, other=0.0).to(ACC_DTYPE)
             r_mean = r_mean * (1.0 - m) + mean * m
-            r_var = r_var * (1.0 - m) + (m2 / (count - 1.0)) * m
+            r_var = r_var * (1.0 - m) + div_rn(m2, count - 1.0, ACC_DTYPE) * m
             tl.store(running_mean_ptr + row, r_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
             tl.store(running_var_ptr + row, r_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
 
@@ -244,6 +245,15 @@ def _bwd_coef_kernel(
             w_sum = tl.zeros((BLOCK_C,), ACC_DTYPE)
     for i in range(0, T):
         t = T - 1 - i
+        if GROUPING != GROUPING_ALL:
+            row = t * C + c
+        else:
+            row = c
+        # rstd first: its correctly rounded √ and division call slow-path subroutines, and the
+        # step's sums live across those calls spilled 4 B in fp64 (the same values either way)
+        mean, rstd, gamma, beta = channel_consts(
+            mean_ptr, var_ptr, w_ptr, b_ptr, row, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
+        )
         # A_t, B_t: step t's partials summed in fixed-shape chunks (deterministic)
         sum_a = tl.zeros((BLOCK_C,), ACC_DTYPE)
         sum_b = tl.zeros((BLOCK_C,), ACC_DTYPE)
@@ -253,13 +263,6 @@ def _bwd_coef_kernel(
             offs = p[:, None] * C + c[None, :]
             sum_a += tl.sum(tl.load(part_a_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
             sum_b += tl.sum(tl.load(part_b_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), axis=0)
-        if GROUPING != GROUPING_ALL:
-            row = t * C + c
-        else:
-            row = c
-        mean, rstd, gamma, beta = channel_consts(
-            mean_ptr, var_ptr, w_ptr, b_ptr, row, c_mask, eps, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE
-        )
         s, ds = step_scale(p_ptr, t, SCALE, ACC_DTYPE)
         k = s * gamma
         grad_mean = -k * rstd * sum_a  # step t's share of ∂L/∂μ of the row it read
