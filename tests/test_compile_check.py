@@ -42,43 +42,22 @@ def _run_check(tmp_path: Path, extra_path: str | None = None, *args: str) -> tup
     return out, rows
 
 
-#: Spills known and not yet cured, each (kernel, what its config contains, the most bytes stored, why).
-#: A spill is slow, not wrong; any other spill fails, and so does one of these above its bytes.
-#: Remove an entry once its kernel compiles clean. The ones found when fp64 and the past-2³¹
-#: shape joined the grid (issue 23) are cured: most were not register pressure but the
-#: slow-path subroutine call of a correctly rounded division or square root, across which
-#: ptxas saved a live value (the MPBN backward's apply divides before loading its tile, the
-#: pipeline's coefficient kernel takes rstd before the step's sums), and the fp64 ∂x tile
-#: runs on twice the warps (bn_pipeline.DX_WARPS_FP64).
-KNOWN_SPILLS = (
-    # triton 3.6 only (the older-triton subset; 3.9 compiles it clean on 2 warps): the launch
-    # is norm_lif.py's, outside the compile check's reach; 1 warp (4 a thread) compiles clean
-    # on 3.6 but sits at 254-255 registers on 3.9, BLOCK_M = 64 on 1 warp clean on both
-    # at 128 registers but moves the partial sums (twice the partials)
-    ("snnorm.kernels.norm_lif:_norm_lif_bwd_kernel", "SAME_LAYOUT=False", 8,
-     "triton 3.6: the strided fused backward (a stride-0 ∂s) at SEG = 16, one offset set per tensor, "
-     "capped at 128 registers on 2 warps"),
-)
-
-
-def _known(r: dict) -> bool:
-    return any(r["kernel"] == kernel and part in r["config"] and int(r["spill_stores"]) <= most
-               for kernel, part, most, _why in KNOWN_SPILLS)
-
-
 def _assert_no_spills(rows: list[dict]) -> None:
-    """Issue 9: no configuration a launcher chooses spills registers to local memory (but
-    :data:`KNOWN_SPILLS`, printed)."""
+    """Issues 9 and 23: no configuration a launcher chooses spills registers to local memory.
+
+    Most spills found once fp64 and the past-2³¹ shape joined the grid were not register
+    pressure but the slow-path subroutine call of a correctly rounded division or square root,
+    across which ptxas saved a live value: the MPBN backward's apply divides before loading its
+    tile, the pipeline's coefficient kernel takes rstd before the step's sums, the fp64 ∂x tile
+    runs on twice the warps (bn_pipeline.DX_WARPS_FP64), and the norm → LIF backward with a ∂s
+    of another layout than x runs on 1 warp (norm_lif.launch_norm_lif_backward)."""
     sys.path.insert(0, str(ROOT))
     from perf.tools import spilling
 
     def line(r):
         return f"{r['kernel']} {r['target']} num_warps={r['num_warps']} {r['spill_stores']}/{r['spill_loads']} B: {r['config']}"
 
-    known = [line(r) for r in spilling(rows) if _known(r)]
-    if known:
-        print(f"{len(known)} known spills (KNOWN_SPILLS):\n" + "\n".join(known))
-    spills = [line(r) for r in spilling(rows) if not _known(r)]
+    spills = [line(r) for r in spilling(rows)]
     assert not spills, "register spills:\n" + "\n".join(spills)
 
 

@@ -355,7 +355,12 @@ def launch_norm_lif_backward(
     x4, T, N, C, S = as_tncs(x)  # a copy only where the spatial dims cannot merge, then shared below
     acc = acc_torch_dtype(x.dtype)
     dev_ = x.device
+    gs4 = as_tncs(grad_s)[0] if grad_s is not None else None
+    gs_same = same_strides(x4, gs4)
     block_m = _block_m(N * S, dev_)
+    warps = NORM_LIF_WARPS(block_m)
+    if not gs_same and acc != torch.float64:  # ∂s needs its own offsets: the block on 1 warp (2 warps
+        warps = 1  # spilled 8 B with triton 3.6; half the block on 1 warp spilled with 3.9)
     pps = max(1, triton.cdiv(N * S, block_m))
     grad_y = output_like(x, acc)
     # every (step, block, channel) row is written by the kernel; no element: all sums are 0
@@ -369,7 +374,6 @@ def launch_norm_lif_backward(
         scalars = dev.kernel_scalars((eps, threshold, v_init, *scalars), acc, dev_)  # fp64: at full precision
         flags = {**_norm_flags(r, weight, bias, p, v0, acc), **lif_flags}
         gy4 = grad_y.view(x4.shape)
-        gs4 = as_tncs(grad_s)[0] if grad_s is not None else None
         gv3 = as_ncs(grad_v, 0) if grad_v is not None else None
         v03 = as_ncs(v0, 0) if v0 is not None else None
         k4 = ckpt if ckpt.numel() else None
@@ -381,9 +385,9 @@ def launch_norm_lif_backward(
             *tncs_strides(x4), *tncs_strides(gs4), *tncs_strides(gy4), *tncs_strides(k4),
             *ncs_strides(v03), *ncs_strides(gv3), *ncs_strides(gv03),
             HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_GV0=need_dv0, HAS_CKPT=ckpt.numel() > 0,
-            SEG=seg, SAME_LAYOUT=same_strides(x4, gy4, k4), GS_SAME_LAYOUT=same_strides(x4, gs4), BLOCK_M=block_m,
+            SEG=seg, SAME_LAYOUT=same_strides(x4, gy4, k4), GS_SAME_LAYOUT=gs_same, BLOCK_M=block_m,
             INDEX_64=needs_int64(x4, gs4, gy4, k4, v03, gv3, grad_v0),
-            **flags, num_warps=NORM_LIF_WARPS(block_m), enable_fp_fusion=False,
+            **flags, num_warps=warps, enable_fp_fusion=False,
         )
     elif need_dv0:
         grad_v0.zero_() if grad_v is None else grad_v0.copy_(grad_v)

@@ -110,7 +110,7 @@ from .._common import (
     tile_constexprs,
     tncs_strides,
 )
-from .._device import GROUPING_ALL, GROUPING_EACH, GROUPING_PREFIX, SCALE_LINEAR, SCALE_NONE, SCALE_SQUARE
+from .._device import GROUPING_ALL, GROUPING_EACH, GROUPING_PREFIX, SCALE_LINEAR, SCALE_NONE, SCALE_SQUARE, kernel_scalars
 from ._kernels import (
     _apply_kernel,
     _bwd_coef_kernel,
@@ -346,9 +346,10 @@ def launch_apply(
     strides = (*tncs_strides(x4), *tncs_strides(y4))
     flags = dict(PER_STEP=r.per_step, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                  SAME_LAYOUT=same_strides(x4, y4), ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION)
+    (eps_arg,) = kernel_scalars((eps,), acc, x.device)
     geo = fitted_geometry(_apply_kernel, T, N, C, S, x.device, x.dtype,
-                          lambda g: (*head, *slice_args(g), float(eps), *strides), flags)
-    _apply_kernel[geo.grid](*head, *slice_args(geo), float(eps), *strides, **flags, **tile_constexprs(geo))
+                          lambda g: (*head, *slice_args(g), eps_arg, *strides), flags)
+    _apply_kernel[geo.grid](*head, *slice_args(geo), eps_arg, *strides, **flags, **tile_constexprs(geo))
     return y
 
 
@@ -378,11 +379,12 @@ def launch_backward(
         g4 = as_tncs(grad_y)[0]
         grad_y = g4.view(grad_y.shape)
         strides = (*tncs_strides(g4), *tncs_strides(x4))
+        (eps_arg,) = kernel_scalars((eps,), acc, dev)
 
         def reduce_args(geo):
             part_a = torch.empty(geo.parts, C, **tc)
             part_b = torch.empty(geo.parts, C, **tc)
-            return (g4, x4, mean, var, part_a, part_b, N, C, S, *slice_args(geo), float(eps), *strides)
+            return (g4, x4, mean, var, part_a, part_b, N, C, S, *slice_args(geo), eps_arg, *strides)
 
         red_flags = dict(PER_STEP=r.per_step, SAME_LAYOUT=same_strides(g4, x4), ACC_DTYPE=acc_dtype(acc),
                          **NO_FP_FUSION)
@@ -419,7 +421,7 @@ def _coefficients(
     _bwd_coef_kernel[(c_blocks,)](
         part_a, part_b, mean, var, contiguous_or_none(weight), contiguous_or_none(bias), contiguous_or_none(p),
         dw, db, part_dp, grad_mean, grad_var, coef_g, coef_u, coef_v, count,
-        T, per_step, C, M, float(eps),
+        T, per_step, C, M, *kernel_scalars((eps,), acc, dev),
         GROUPING=r.grouping, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BATCH_STATS=batch_stats, COUNT_FROM_PTR=count is not None, BLOCK_P=block_p, BLOCK_C=block_c,
         num_warps=COEF_WARPS(block_p * block_c), ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION,

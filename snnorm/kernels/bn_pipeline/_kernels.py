@@ -25,6 +25,7 @@ from .._device import (
     combine_partials,
     div_rn,
     program_slice,
+    scalar_arg,
     step_coefficients,
     step_scale,
     tile_offsets,
@@ -130,6 +131,7 @@ def _apply_kernel(
 ):
     """Stage 4: y = a·(x − μ) + b over the program's slice of step t (y in its own strides;
     SAME_LAYOUT: x's, one set of offsets)."""
+    eps = scalar_arg(eps, ACC_DTYPE)  # fp64: the full-precision ε (kernels/_device.kernel_scalars)
     t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -163,6 +165,7 @@ def _bwd_reduce_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Backward stage 1: per-(t, c) partial sums Σg and Σg·x̂ (x̂ with the row's μ, r)."""
+    eps = scalar_arg(eps, ACC_DTYPE)
     t, n_lo, n_hi, s_lo, s_hi, part = program_slice(N, S, N_PER_PROG, S_PER_PROG, N_SPLITS)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -226,6 +229,7 @@ def _bwd_coef_kernel(
     COUNT_FROM_PTR (synchronised statistics) every rank's together, read from the device
     (the all-reduce's result: no host round trip).
     """
+    eps = scalar_arg(eps, ACC_DTYPE)
     if COUNT_FROM_PTR:
         m_step = tl.load(count_ptr).to(ACC_DTYPE)
     else:
