@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from devices import DEVICE
+from devices import DEVICE, SLOW_ON_CPU
 from helpers import RecordingSurrogate, assert_flips_placed
 from tolerances import AUTOCAST_BF16, AUTOCAST_BUFFERS, AUTOCAST_GRAD_FLOOR, AUTOCAST_GRAD_REL, AUTOCAST_MAX_SPIKE_FLIPS
 from tolerances import AUTOCAST_NEURON_LOWP_ATOL, AUTOCAST_READOUT_WITHIN_SHARE, EXACT, assert_close_to_reference
@@ -215,7 +215,7 @@ def _with_backend(module, backend):
     return module
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode", ["train", pytest.param("eval", marks=SLOW_ON_CPU)])
 @pytest.mark.parametrize("name", list(TRITON_CASES))
 def test_triton_backend_under_autocast(name, mode):
     """bfloat16 input under autocast on the fused kernels (interpreter on CPU): same dtype

@@ -19,6 +19,7 @@ import copy
 
 import pytest
 import torch
+from devices import SLOW_ON_CPU
 from tolerances import FOLD_FLIP_ULPS, FOLD_MAX_FLIPS_DENSE, FOLD_MAX_FLIPS_NEAR
 
 from snnorm import functional, neuron
@@ -56,7 +57,7 @@ def neighbours(theta: torch.Tensor, k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("carry", ["normalized", "raw"])
+@pytest.mark.parametrize("carry", ["normalized", pytest.param("raw", marks=SLOW_ON_CPU)])
 def test_flips_only_within_rounding_of_the_folded_threshold(backend, dtype, carry):
     flips = {"near": 0, "dense": 0}
     counts = {"near": 0, "dense": 0}

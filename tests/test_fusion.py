@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from devices import DEVICE, property_examples
+from devices import DEVICE, SLOW_ON_CPU, property_examples
 from helpers import RecordingSurrogate, assert_flips_placed
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -470,7 +470,7 @@ def test_torch_compile_fullgraph_runs_the_fused_op():
     assert torch.equal(compiled(x), eager)
 
 
-@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("batch_stats", [True, pytest.param(False, marks=SLOW_ON_CPU)])
 def test_fused_ops_pass_opcheck(batch_stats):
     from snnorm.backends import triton_backend  # noqa: F401  (registers the ops)
     from snnorm.params import LIFParameters
@@ -500,7 +500,8 @@ def test_fused_block_saves_x_and_per_channel_values_only(T):
     assert saved <= 4 * elems + checkpoints + 16 * T * C * 8, saved
 
 
-@pytest.mark.parametrize("kind", NORM_KINDS)
+# the default run: BN and TAB (a per-channel and a per-step statistics rule); the rest slow
+@pytest.mark.parametrize("kind", [k if k in ("bn", "tab") else pytest.param(k, marks=SLOW_ON_CPU) for k in NORM_KINDS])
 def test_bf16_input_fused_is_at_least_as_close_to_float64_as_the_torch_pair(kind):
     """Mixed precision (bf16 activations, float32 norm): the fused block computes in fp32, so
     against the float64 pair it must do no worse than twice the bf16 torch pair (flash-attention's

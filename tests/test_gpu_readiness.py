@@ -25,6 +25,7 @@ import types
 
 import pytest
 import torch
+from devices import SLOW_ON_CPU
 
 pytest.importorskip("triton")
 
@@ -296,7 +297,14 @@ def _cpu_make(shape, dtype, requires_grad=False, strides=None):
 _FP64_MODES = ["tab-train", "bntt-train", "norm-lif-train", "mpbn-adapt-running", "mpbn-adapt-batch", "tab-train-sync"]
 
 
-@pytest.mark.parametrize("mode,dtype", [(m, "float32") for *_, m in _every_mode()] +
+#: the default run's fp32 modes: one per kernel family (the rest in the slow set)
+_QUICK_MODES = ("lif", "mpbn-train", "mpbn-eval", "mpbn-folded", "mpbn-adapt-batch", "tebn-train", "tab-train",
+                "bn-train", "bntt-train", "norm-lif-train", "bn-train-sync", "mpbn-train-sync", "norm-lif-train-sync",
+                "layer-norm", "layer-norm-lif")
+
+
+@pytest.mark.parametrize("mode,dtype", [(m, "float32") if m in _QUICK_MODES else
+                                        pytest.param(m, "float32", marks=SLOW_ON_CPU) for *_, m in _every_mode()] +
                          [(m, "float64") for m in _FP64_MODES])
 def test_no_host_synchronisation_inside_an_op(monkeypatch, ops, mode, dtype):
     """Each op of the triton backend, forward and backward (training) or forward (eval), on

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from devices import DEVICE
+from devices import DEVICE, SLOW_ON_CPU
 from tolerances import TEBN_MODULE_REL, rel_err
 
 import snnorm
@@ -78,7 +78,7 @@ def run_both(reference, fused, x, tol, what):
 
 
 @pytest.mark.parametrize("dtype, tol", TOLERANCES, ids=["fp32", "fp64"])
-@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("dim", [1, pytest.param(2, marks=SLOW_ON_CPU), pytest.param(3, marks=SLOW_ON_CPU)])
 @pytest.mark.parametrize("kwargs", [dict(), dict(affine=False), dict(momentum=None)], ids=["default", "no-affine", "cma"])
 def test_tebn_triton_matches_torch_backend(dtype, tol, dim, kwargs):
     reference, fused = twins(dim, dtype, **kwargs)

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from snnorm import base, functional, layer, memopt, neuron
 
+from devices import SLOW_ON_CPU
 from helpers import EPS_CONSTRUCTORS, NORM_CASES, assert_unchanged, snapshot, with_backends
 from tolerances import REORDERED_FP64, TEBN_MODULE_REL
 
@@ -134,7 +135,7 @@ def test_eps_zero_eval_triton_equals_torch(case):
         assert (outputs["triton"] - ref).abs().max() <= TEBN_MODULE_REL[F64] * ref.abs().max()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=SLOW_ON_CPU)])
 def test_mpbn_fold_with_eps_zero_keeps_the_spikes(backend):
     node = neuron.MPBNLIFNode(out_channels=C, step_mode="m", backend=backend).to(F64)
     torch.manual_seed(3)

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 import torch
-from devices import DEVICE, property_examples
+from devices import DEVICE, SLOW_ON_CPU, property_examples
 from helpers import norm_case
 from tolerances import (
     BN_PIPELINE_LOWP_ATOL,
@@ -130,7 +130,7 @@ def local_tol(dtype):
 # ------------------------------------------------------------- world size 1, real group
 
 
-@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("dtype", [F64, pytest.param(F32, marks=SLOW_ON_CPU)])
 @pytest.mark.parametrize("rule", RULES)
 def test_synced_op_equals_torch_synced_and_local(sync, rule, dtype):
     case = case_of(rule, SHAPE, 0, dtype=dtype)
@@ -282,7 +282,7 @@ def run_norm_lif(backend_norm, rule: str, case: dict, sync, dtype, neuron) -> di
     return {k: t.detach().cpu() for k, t in out.items() if t is not None}
 
 
-@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("dtype", [F64, pytest.param(F32, marks=SLOW_ON_CPU)])
 @pytest.mark.parametrize("rule", ["batch_norm", "tab"])
 def test_synced_norm_lif_equals_torch_pair_and_local(sync, rule, dtype):
     neuron = LIFParameters(Sigmoid(), tau=2.0, decay_input=True, v_reset=0.0)
@@ -329,7 +329,7 @@ def _rank_all_reduce(r, g_other, x_other, launch_args):
     return all_reduce
 
 
-@pytest.mark.parametrize("n_local", [2, 0])
+@pytest.mark.parametrize("n_local", [pytest.param(2, marks=SLOW_ON_CPU), 0])  # 0: the empty rank, by default
 @pytest.mark.parametrize("rule", RULES)
 def test_two_simulated_ranks_equal_the_concatenated_batch(rule, n_local):
     """Rank 0 holds ``n_local`` samples, rank 1 three: statistics, running statistics and ∂x

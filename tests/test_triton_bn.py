@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from devices import DEVICE, property_examples, wide_examples
+from devices import DEVICE, SLOW_ON_CPU, property_examples, wide_examples
 from helpers import LOWP, norm_case, norm_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -176,7 +176,7 @@ def test_fixed_cases(op_name, training, shape):
     check_case(op_name, params, seed=3)
 
 
-@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("op_name", [OPS[0], *(pytest.param(op, marks=SLOW_ON_CPU) for op in OPS[1:])])
 def test_tiling_and_partials(monkeypatch, op_name):
     """Tiny tiles and several programs per (channel block, t): tile loops, masks, Chan's
     merge of partials within a step (BNTT) and across steps (BN); deterministic."""

@@ -20,7 +20,7 @@ from hypothesis import given, note, settings
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
-from devices import DEVICE, SIZES, property_examples, wide_examples
+from devices import DEVICE, SIZES, SLOW_ON_CPU, property_examples, wide_examples
 from helpers import FLIPS_SEEN, RecordingSurrogate, assert_flips_placed
 from tolerances import REORDERED_FP64, assert_op_close, comparable_entries
 
@@ -303,9 +303,10 @@ def _split_cfg(**over):
     "over",
     [
         dict(),
-        dict(dtype=torch.float64, carry="raw", v_reset=None, decay_input=True, momentum=0.1),
+        pytest.param(dict(dtype=torch.float64, carry="raw", v_reset=None, decay_input=True, momentum=0.1),
+                     marks=SLOW_ON_CPU),
         dict(mode="folded", adapt="running", dtype=torch.float64),
-        dict(mode="folded", adapt="batch", carry="raw"),
+        pytest.param(dict(mode="folded", adapt="batch", carry="raw"), marks=SLOW_ON_CPU),
     ],
 )
 def test_split_path_matches_torch_backend(monkeypatch, over):

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from devices import property_examples
+from devices import SLOW_ON_CPU, property_examples
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tolerances import LARGE_MEAN_FP32_VAR_REL, TAB_LOWP_ATOL, TAB_RTOL, TAB_TRITON_VS_TORCH_FP32, TAB_TRITON_VS_TORCH_GRAD_FP32
@@ -121,7 +121,7 @@ def test_matches_torch_backend(training, prefix_steps, T, N, C, spatial, dtype, 
     check(T, N, C, spatial, dtype, affine, has_running, training, mean_shift, seed, prefix_steps)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float32, marks=SLOW_ON_CPU)])
 def test_many_partials_per_step_combined_in_chunks(monkeypatch, dtype):
     """Tiny tiles, 5 programs per (channel block, step): the prefix kernel combines each
     step's 5 partials 2 at a time (the last chunk holds one) before merging them into the
