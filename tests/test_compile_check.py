@@ -46,11 +46,14 @@ def _assert_no_spills(rows: list[dict]) -> None:
     """Issues 9 and 23: no configuration a launcher chooses spills registers to local memory.
 
     Most spills found once fp64 and the past-2³¹ shape joined the grid were not register
-    pressure but the slow-path subroutine call of a correctly rounded division or square root,
-    across which ptxas saved a live value: the MPBN backward's apply divides before loading its
-    tile, the pipeline's coefficient kernel takes rstd before the step's sums, the fp64 ∂x tile
-    runs on twice the warps (bn_pipeline.DX_WARPS_FP64), and the norm → LIF backward with a ∂s
-    of another layout than x runs on 1 warp (norm_lif.launch_norm_lif_backward)."""
+    pressure: ptxas, left to pick its own register target under the launch's thread count,
+    saved live values across the slow-path subroutine call of a correctly rounded division or
+    square root. fp64 launches (and the backward reduce with a ∂y of another layout) now
+    declare their register budget (``maxnreg``, kernels._common.launch_options), which
+    replaced doubling the warps of the fp64 MPBN backward and ∂x tiles. Before that: the MPBN
+    backward's apply divides before loading its tile, the pipeline's coefficient kernel takes
+    rstd before the step's sums, and the norm → LIF backward with a ∂s of another layout than
+    x runs on 1 warp (norm_lif.launch_norm_lif_backward)."""
     sys.path.insert(0, str(ROOT))
     from perf.tools import spilling
 

@@ -47,6 +47,7 @@ class FakeGPU:
         self.current = current
         self.launches: list = []  # (kernel, grid, current device at the launch)
         self.probes: list = []  # (kernel, current device) of each occupancy probe's compile
+        self.options: list = []  # (kernel, compile options) of each launch and probe
         self.props_asked: list = []  # the devices whose properties were read
         fake = self
 
@@ -68,10 +69,12 @@ class FakeGPU:
                 return None
             grid = grid(kwargs) if callable(grid) else grid
             fake.launches.append((kernel.fn.__name__, tuple(int(g) for g in grid), fake.current))
+            fake.options.append((kernel.fn.__name__, {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}))
             return None
 
         def probe(kernel, *args, grid, **kwargs):
             fake.probes.append((kernel.fn.__name__, fake.current))
+            fake.options.append((kernel.fn.__name__, {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}))
             return types.SimpleNamespace(n_regs=64, metadata=types.SimpleNamespace(shared=0), _init_handles=lambda: None)
 
         props = types.SimpleNamespace(multi_processor_count=sm_count, major=9, minor=0, name="fake-gpu",
@@ -95,6 +98,10 @@ class FakeGPU:
     def run(self, fn):
         with self._enter():
             return fn()
+
+
+#: the compile options :func:`snnorm.kernels._common.launch_options` sets on every launch
+LAUNCH_OPTIONS = ("num_warps", "maxnreg", "enable_fp_fusion")
 
 
 @pytest.fixture
@@ -136,6 +143,30 @@ def test_every_launch_and_probe_runs_under_the_tensors_device(monkeypatch, ops):
     assert gpu.probes, "no occupancy probe ran"
     assert all(cur == 1 for _, cur in gpu.probes), gpu.probes
     assert gpu.props_asked and all(d == torch.device("cuda", 1) for d in gpu.props_asked), gpu.props_asked
+    # every launch and probe compiles as launched: fp-fusion off (forward and recompute round
+    # alike); in fp32 ptxas keeps its own register target but in the backward reduce with a ∂y
+    # of another layout than x (here the expanded ∂y of a sum)
+    wrong = [(k, o) for k, o in gpu.options
+             if o.get("enable_fp_fusion") is not False or ("maxnreg" in o and k != "_bwd_reduce_kernel")]
+    assert not wrong, f"launches without launch_options(num_warps, fp32): {wrong[:10]}"
+
+
+def test_fp64_launches_declare_their_register_budget(monkeypatch, ops):
+    """launch_options: an fp64 launch tells ptxas one program's register budget (the SM's
+    register file over its threads), which triton 3.6's ptxas spilled without."""
+    from snnorm import surrogate as sg
+
+    gpu = FakeGPU(monkeypatch, index=1, current=0)
+    for mode in ("mpbn-train", "bn-train", "lif", "norm-lif-train", "layer-norm-lif"):
+        C = 256 if mode.startswith("layer") else 16
+        gpu.run(lambda: run_scenario(ops, sg, gpu.make, 4, 8, C, () if mode.startswith("layer") else (4, 4),
+                                     "float64", mode))
+    kernels = {k for k, _ in gpu.options}
+    assert {"_mpbn_lif_pipelined_fwd_kernel", "_apply_kernel", "_lif_fwd_kernel", "_norm_lif_bwd_kernel",
+            "_row_norm_lif_bwd_kernel"} <= kernels, kernels
+    wrong = [(k, o) for k, o in gpu.options
+             if o.get("enable_fp_fusion") is not False or o.get("maxnreg") != min(255, 65536 // (32 * o["num_warps"]))]
+    assert not wrong, f"fp64 launches without their register budget: {wrong[:10]}"
 
 
 def test_tensors_on_two_devices_raise_value_error(monkeypatch, ops):

@@ -69,8 +69,9 @@ SM_COUNT = 132
 CSV_COLUMNS = ("kernel", "target", "config", "num_warps", "registers", "spill_stores", "spill_loads",
                "shared_bytes", "programs", "approx_ops", "status", "error")
 #: launch options besides num_warps / num_stages that change the compiled code (the launchers
-#: pin fp-fusion off: compiled as launched, the PTX scanned is the PTX that runs)
-COMPILE_OPTIONS = ("enable_fp_fusion",)
+#: pin fp-fusion off and the register budget, ``kernels._common.launch_options``: compiled as
+#: launched, the PTX scanned and the registers counted are those that run)
+COMPILE_OPTIONS = ("enable_fp_fusion", "maxnreg")
 #: the kernels' SURROGATE constant of a surrogate with no division (piecewise quadratic,
 #: snnorm.kernels._device.SURROGATE_PIECEWISE_QUADRATIC), and those that divide (sigmoid, atan)
 DIVISION_FREE_SURROGATE = 2

@@ -43,49 +43,13 @@ import triton.language as tl
 from ..params import op_schema_fields
 
 __all__ = [
-    "interpreter_active",
-    "device_error",
-    "check_device",
-    "common_device",
-    "device_guard",
-    "launcher",
-    "check_channel_args",
-    "next_pow2",
-    "acc_dtype",
-    "acc_torch_dtype",
-    "as_ncs",
-    "needs_int64",
-    "store_dtype",
-    "LIF_WARPS",
-    "PIPELINED_WARPS",
-    "TILE_WARPS",
-    "STATS_WARPS",
-    "REDUCE_WARPS",
-    "COEF_WARPS",
-    "NORM_LIF_WARPS",
-    "Tiling",
-    "channel_tiling",
-    "OpSignature",
-    "op_signature",
-    "WarpRule",
-    "TUNING",
-    "Geometry",
-    "geometry",
-    "fitted_geometry",
-    "resident_programs_per_sm",
-    "tile_constexprs",
-    "slice_args",
-    "combine_tiles",
-    "as_tncs",
-    "tncs_strides",
-    "ncs_strides",
-    "empty_tncs_like",
-    "same_strides",
-    "contiguous_or_none",
-    "device_vector",
-    "GRID_AXIS_MAX",
-    "block_grid",
-    "tiles_grid",
+    "interpreter_active", "device_error", "check_device", "common_device", "device_guard", "launcher",
+    "check_channel_args", "next_pow2", "acc_dtype", "acc_torch_dtype", "as_ncs", "needs_int64", "store_dtype",
+    "LIF_WARPS", "PIPELINED_WARPS", "TILE_WARPS", "STATS_WARPS", "REDUCE_WARPS", "COEF_WARPS", "NORM_LIF_WARPS",
+    "launch_options", "Tiling", "channel_tiling", "OpSignature", "op_signature", "WarpRule", "TUNING",
+    "Geometry", "geometry", "fitted_geometry", "resident_programs_per_sm", "tile_constexprs", "slice_args",
+    "combine_tiles", "as_tncs", "tncs_strides", "ncs_strides", "empty_tncs_like", "same_strides",
+    "contiguous_or_none", "device_vector", "GRID_AXIS_MAX", "block_grid", "tiles_grid",
 ]
 
 
@@ -300,6 +264,28 @@ COEF_WARPS = WarpRule(1, 1, 1)
 NORM_LIF_WARPS = WarpRule(1, 2, 2)
 
 
+#: an SM's register file (sm_80, sm_90): 64 K 32-bit registers
+REGISTERS_PER_SM = 65536
+
+
+def launch_options(num_warps: int, acc: torch.dtype, budget: bool = False) -> dict:
+    """The compile options of a launch: its warps, fp-fusion off (the forward and the
+    backward's recompute round alike on every triton; fusion was on by default in 3.6/3.9),
+    and, for fp64 (``acc``, the compute dtype) or with ``budget``, one program's register
+    budget: ``maxnreg`` = the SM's register file over the program's threads (at most 255).
+
+    Left to itself ptxas aims at an occupancy of its own choosing, and triton 3.6's (CUDA
+    12.8) spilled 4–28 B a thread in some kernels doing so: around the subroutine calls of
+    fp64 division and square root, and in a few fp32 ones. Told a budget, it did not spill
+    (even at the register count it had picked), but it then takes up to the whole budget,
+    which costs programs per SM. So the budget goes to fp64 launches (the reference precision,
+    two registers a value) and to the launches whose launcher says why (``budget``)."""
+    options = dict(num_warps=num_warps, enable_fp_fusion=False)
+    if budget or acc == torch.float64:
+        options["maxnreg"] = min(255, REGISTERS_PER_SM // (32 * num_warps))
+    return options
+
+
 class Tiling(NamedTuple):
     """How a channel's ``[N, S]`` elements split into ``[BLOCK_N, BLOCK_S]`` tiles (one per program)."""
 
@@ -492,9 +478,9 @@ def programs_per_sm(kernel, args_for, constexprs: dict, device: torch.device, dt
     return PROGRAMS_PER_SM[key]
 
 
-def tile_constexprs(geo: Geometry) -> dict:
-    """The tile constexprs and num_warps of a launch."""
-    return dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
+def tile_constexprs(geo: Geometry, acc: torch.dtype, budget: bool = False) -> dict:
+    """The tile constexprs and the launch options (:func:`launch_options`) of a launch."""
+    return dict(BLOCK_N=geo.BLOCK_N, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, **launch_options(geo.num_warps, acc, budget))
 
 
 def slice_args(geo: Geometry) -> tuple:
@@ -504,17 +490,19 @@ def slice_args(geo: Geometry) -> tuple:
 
 def fitted_geometry(
     kernel, T: int, N: int, C: int, S: int, device: torch.device, dtype: torch.dtype,
-    args_for: Callable[[Geometry], tuple], constexprs: dict, warps: WarpRule = TILE_WARPS,
+    args_for: Callable[[Geometry], tuple], constexprs: dict, warps: WarpRule = TILE_WARPS, budget: bool = False,
 ) -> Geometry:
     """The geometry for launching ``kernel``: as many programs as the GPU holds at once.
 
     ``args_for(geo)`` gives the kernel's arguments for a geometry (used to compile it once).
-    Under the interpreter, or with ``TUNING["programs"]`` set, the plain geometry.
+    Under the interpreter, or with ``TUNING["programs"]`` set, the plain geometry. ``budget``: the
+    launch declares its register budget (:func:`launch_options`).
     """
     geo = geometry(T, N, C, S, device, warps=warps)
     if device.type != "cuda" or TUNING["programs"] is not None:
         return geo
-    per_sm = programs_per_sm(kernel, lambda: args_for(geo), {**constexprs, **tile_constexprs(geo)}, device, dtype)
+    options = tile_constexprs(geo, acc_torch_dtype(dtype), budget)
+    per_sm = programs_per_sm(kernel, lambda: args_for(geo), {**constexprs, **options}, device, dtype)
     if per_sm is None:
         return geo
     return geometry(T, N, C, S, device, programs=per_sm * device_props(device).multi_processor_count,

@@ -39,8 +39,8 @@ import triton.language as tl
 from . import _device as dev
 from ..params import LIFKernelParameters
 from ._common import (
-    LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, launcher, needs_int64,
-    store_dtype, tiles_grid,
+    LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args, launch_options, launcher,
+    needs_int64, store_dtype, tiles_grid,
 )
 
 #: elements per program
@@ -233,7 +233,7 @@ def launch_lif_fwd(x, v0, th, mu, r, beta, thf, sgn, out_dtype, lif: LIFKernelPa
         *scalars,
         **_modes(fire, carry_norm), **lif_flags, SAVE_H=save_h, V0_SCALAR=v3.stride() == (0, 0, 0),
         BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(x4, v3, s), ACC_DTYPE=acc_dtype(out_dtype),
-        FLAT_GRID=flat, num_warps=LIF_WARPS(tiles.block), enable_fp_fusion=False,
+        FLAT_GRID=flat, **launch_options(LIF_WARPS(tiles.block), acc),
     )
     return s.to(out_dtype), v_out.to(out_dtype), h
 
@@ -261,6 +261,6 @@ def launch_lif_bwd(gs, gv, h, gx_dtype, th, mu, r, beta, thf, sgn, lif: LIFKerne
         **_modes(fire, carry_norm), **lif_flags, HAS_GS=gs is not None, HAS_GV=gv is not None,
         NEED_GV0=need_gv0, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, INDEX_64=needs_int64(h4, g4, gv3),
         ACC_DTYPE=acc_dtype(acc),
-        FLAT_GRID=flat, num_warps=LIF_WARPS(tiles.block), enable_fp_fusion=False,
+        FLAT_GRID=flat, **launch_options(LIF_WARPS(tiles.block), acc),
     )
     return gx.to(gx_dtype), gv0, part.sum(dim=1)

@@ -85,7 +85,7 @@ from ..params import BNKernelParameters, LIFKernelParameters
 from . import _device as dev
 from ._common import (
     LIF_WARPS, PIPELINED_WARPS, SYNC_DTYPE, Tiling, acc_dtype, acc_torch_dtype, as_ncs, channel_tiling, check_channel_args,
-    launcher, needs_int64, next_pow2, store_dtype, tiles_grid,
+    launch_options, launcher, needs_int64, next_pow2, store_dtype, tiles_grid,
 )
 
 #: a channel of at most this many (padded) elements per step may take the resident path
@@ -108,16 +108,6 @@ def resident_tiling(N: int, S: int) -> Tiling:
 def uses_resident_path(N: int, C: int, S: int) -> bool:
     """One program per channel when the channel fits in registers and C programs fill the GPU."""
     return resident_tiling(N, S).block <= RESIDENT_MAX_M and C >= MIN_PROGRAMS
-
-
-def pipelined_bwd_warps(block: int, acc: torch.dtype, last: bool) -> int:
-    """Warps of a pipelined backward launch: :data:`PIPELINED_WARPS`, twice as many in fp64 (2
-    values a thread: 32 warps on a 2048 tile) but on the LAST launch (it only applies step 0).
-    On 16 the fp64 launches that form a step with a dividing surrogate (ATan; soft reset, raw
-    carry) spilled 24 B on sm_80 and 8 B on sm_90 (ptxas held them at 64 registers around
-    the division's subroutine calls); on 32 the LAST launch spilled 4 B on sm_90. The tile,
-    and so the partial sums and the bytes, stay the same."""
-    return min(32, PIPELINED_WARPS(block) * (2 if acc == torch.float64 and not last else 1))
 
 
 def pipelined_tiling(N: int, C: int, S: int) -> Tiling:
@@ -568,7 +558,7 @@ def launch_batch_stats_fwd(
             s, h if save else None, v_out, mean if save else None, rstd if save else None,
             mu_out if adapt else None, s2_out if adapt else None,
             T, N, C, S, *x4.stride(), *v3.stride(), *scalars,
-            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), enable_fp_fusion=False,
+            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, **launch_options(LIF_WARPS(tiles.block), acc),
             **flags,
         )
         return s.to(out_dtype), v_out.to(out_dtype), h, mean, rstd, mu_out, s2_out
@@ -594,8 +584,8 @@ def launch_batch_stats_fwd(
             x4, v3, h, s, v_out, pmean, pm2, weight, bias, th, running_mean, running_var, mean, rstd,
             mu_hist, s2_hist, mom, glob if synced else None, t, N, C, S, tiles.S_TILES, P, *x4.stride(), *v3.stride(),
             *scalars, FIRST=t == -1, LAST=t == T - 1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=PIPELINED_WARPS(tiles.block),
-            enable_fp_fusion=False, **flags,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, **launch_options(PIPELINED_WARPS(tiles.block), acc),
+            **flags,
         )
         if synced and t + 1 < T:  # step t + 1 is charged: its statistics over every rank, before it is applied
             n, mu_, m2_ = sync_stats(*local_step_statistics(counts, pmean[t + 1], pm2[t + 1]))
@@ -653,7 +643,7 @@ def launch_train_bwd(
         _mpbn_lif_resident_bwd_kernel[(C,)](
             g4, gv3, h4, mean, rstd, weight, bias, th, gx, gv0 if need_gv0 else None, gw, gb, gth,
             T, N, C, S, *strides, *scalars,
-            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, num_warps=LIF_WARPS(tiles.block), enable_fp_fusion=False,
+            BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S, **launch_options(LIF_WARPS(tiles.block), acc),
             **flags,
         )
         return gx.to(gx_dtype), gv0, gw, gb, gth
@@ -674,8 +664,8 @@ def launch_train_bwd(
             g4, gv3, h4, ghat, gdir, gx, gv0 if need_gv0 else None, mean, rstd, weight, bias, th, pa, pb, pth, gw, gb,
             glob if synced else None, t, T, N, C, S, tiles.S_TILES, P, *strides, *scalars,
             FIRST=t == T - 1, LAST=t == -1, SYNCED=synced, BLOCK_N=tiles.BLOCK_N, BLOCK_S=tiles.BLOCK_S,
-            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, num_warps=pipelined_bwd_warps(tiles.block, acc, t == -1),
-            enable_fp_fusion=False, **flags,
+            BLOCK_P=min(next_pow2(P), MAX_BLOCK_P), FLAT_GRID=flat, **launch_options(PIPELINED_WARPS(tiles.block), acc),
+            **flags,
         )
         if synced and t >= 0:  # step t's sums over every rank, before the launch that applies it
             local = torch.cat([count, pa[t].to(SYNC_DTYPE).sum(dim=0), pb[t].to(SYNC_DTYPE).sum(dim=0)])

@@ -53,7 +53,7 @@ import triton.language as tl
 from . import _device as dev
 from ._common import (
     NORM_LIF_WARPS, acc_dtype, acc_torch_dtype, as_ncs, as_tncs, check_channel_args, contiguous_or_none, block_grid,
-    empty_tncs_like, launcher, ncs_strides, needs_int64, next_pow2, same_strides, tncs_strides,
+    empty_tncs_like, launch_options, launcher, ncs_strides, needs_int64, next_pow2, same_strides, tncs_strides,
 )
 from .bn_pipeline import NormRule, check_params, launch_backward_from_sums, out_dtype, output_like
 
@@ -331,7 +331,7 @@ def launch_norm_lif_forward(
         CHECKPOINT=n_ckpt > 0, SEG=seg, SAME_LAYOUT=same_strides(x4, s4, k4), BLOCK_M=block_m,
         INDEX_64=needs_int64(x4, s4, k4, v03, v_out),
         **_norm_flags(r, weight, bias, p, v0, acc), **lif_flags,
-        num_warps=NORM_LIF_WARPS(block_m), enable_fp_fusion=False,
+        **launch_options(NORM_LIF_WARPS(block_m), acc),
     )
     return spikes, v_out, ckpt
 
@@ -387,7 +387,7 @@ def launch_norm_lif_backward(
             HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_GV0=need_dv0, HAS_CKPT=ckpt.numel() > 0,
             SEG=seg, SAME_LAYOUT=same_strides(x4, gy4, k4), GS_SAME_LAYOUT=gs_same, BLOCK_M=block_m,
             INDEX_64=needs_int64(x4, gs4, gy4, k4, v03, gv3, grad_v0),
-            **flags, num_warps=warps, enable_fp_fusion=False,
+            **flags, **launch_options(warps, acc),
         )
     elif need_dv0:
         grad_v0.zero_() if grad_v is None else grad_v0.copy_(grad_v)

@@ -44,7 +44,9 @@ import triton
 import triton.language as tl
 
 from . import _device as dev
-from ._common import acc_dtype, acc_torch_dtype, check_channel_args, device_props, launcher, next_pow2, store_dtype
+from ._common import (
+    acc_dtype, acc_torch_dtype, check_channel_args, device_props, launch_options, launcher, next_pow2, store_dtype,
+)
 
 __all__ = [
     "MAX_D", "GPU_MAX_D", "GPU_FUSED_MAX_D", "WIDE_CHUNK", "one_pass_max_d", "RowConfig", "row_config", "rows_view", "check_row_args",
@@ -383,7 +385,7 @@ def launch_row_norm_forward(x: torch.Tensor, weight, bias, eps: float, rms: bool
             x2, weight, bias, y, mean, rstd, R, D, *x2.stride(), *dev.kernel_scalars((eps,), acc, x.device),
             RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
-            num_warps=cfg.num_warps, enable_fp_fusion=False,
+            **launch_options(cfg.num_warps, acc),
         )
     elif R > 0:  # D = 0: no values; torch gives an empty y too
         mean.zero_(), rstd.zero_()
@@ -415,6 +417,6 @@ def launch_row_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Opti
         g2, x2, weight, mean, rstd, dx if need_dx else None, part, R, D, *g2.stride(), *x2.stride(),
         RMS=bool(rms), HAS_WEIGHT=weight is not None, NEED_DX=bool(need_dx),
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
-        num_warps=cfg.num_warps, enable_fp_fusion=False,
+        **launch_options(cfg.num_warps, acc),
     )
     return dx.to(x.dtype), part[0].sum(dim=0), part[1].sum(dim=0)  # two tensors: an op's outputs may not alias

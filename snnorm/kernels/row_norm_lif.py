@@ -57,7 +57,7 @@ import triton.language as tl
 
 from . import _device as dev
 from . import row_norm as _rn
-from ._common import acc_dtype, acc_torch_dtype, launcher, next_pow2, store_dtype
+from ._common import acc_dtype, acc_torch_dtype, launch_options, launcher, next_pow2, store_dtype
 from .row_norm import (
     GPU_DEFAULT_PER_THREAD, GPU_PER_THREAD, check_row_args, load_affine_row, normalise, row_block,
     row_config, row_grad_x, row_stats, rows_view,
@@ -302,7 +302,7 @@ def launch_row_norm_lif_forward(
         RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_V0=v0 is not None,
         CHECKPOINT=n_ckpt > 0, SEG=segment_length(T, D, x.device.type, x.dtype), **flags,
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
-        num_warps=min(cfg.num_warps, FWD_MAX_WARPS.get(x.dtype, FWD_DEFAULT_MAX_WARPS)), enable_fp_fusion=False,
+        **launch_options(min(cfg.num_warps, FWD_MAX_WARPS.get(x.dtype, FWD_DEFAULT_MAX_WARPS)), acc),
     )
     return spikes.to(dtype), v_out.to(dtype), mean, rstd, ckpt
 
@@ -349,6 +349,6 @@ def launch_row_norm_lif_backward(
         HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_DX=bool(need_dx), NEED_GV0=bool(need_dv0),
         HAS_CKPT=ckpt.numel() > 0, SEG=seg, **flags,
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
-        num_warps=cfg.num_warps, enable_fp_fusion=False,
+        **launch_options(cfg.num_warps, acc),
     )
     return dx.to(x.dtype), gv0, part[0].sum(dim=0), part[1].sum(dim=0)  # two tensors: an op's outputs may not alias

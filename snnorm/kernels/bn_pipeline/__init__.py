@@ -73,7 +73,7 @@ Layouts: x, ∂y (and y, ∂x) are addressed through their own strides as ``[T, 
 (Spikformer's BatchNorm1d on ``[T, B, L, D]``.transpose(-1, -2)) are read in place in both
 directions and move the contiguous bytes; y and ∂x come back in x's memory format
 (:func:`output_like`, as torch's BatchNorm). Only spatial dims that cannot merge into one
-strided S (a transposed H, W) are still copied. Every launch pins ``enable_fp_fusion=False``.
+strided S (a transposed H, W) are still copied. Every launch pins ``enable_fp_fusion=False`` (:func:`launch_options`).
 
 Everything is fp32 (fp64 for fp64 input); partials are reduced in a fixed order (no float
 atomics), so results are deterministic. Absent tensors (γ, β, p, running statistics) reach
@@ -93,8 +93,6 @@ from .._common import (
     REDUCE_WARPS,
     STATS_WARPS,
     SYNC_DTYPE,
-    TILE_WARPS,
-    WarpRule,
     acc_dtype,
     acc_torch_dtype,
     as_tncs,
@@ -104,6 +102,7 @@ from .._common import (
     device_vector,
     empty_tncs_like,
     fitted_geometry,
+    launch_options,
     launcher,
     same_strides,
     slice_args,
@@ -125,10 +124,6 @@ __all__ = [
     "launch_stats", "launch_apply", "launch_backward", "launch_backward_from_sums", "stats_shape", "param_shape",
     "output_like",
 ]
-
-#: every launch of the pipeline pins fp-fusion off: the same rounding on every GPU and triton
-#: (fusion was on by default in triton 3.6, off from 3.10), as the fused norm → LIF kernels do
-NO_FP_FUSION = dict(enable_fp_fusion=False)
 
 #: groupings: which steps' values a statistics row pools (the host's ints of the kernels' named modes)
 ALL, EACH, PREFIX = GROUPING_ALL.value, GROUPING_EACH.value, GROUPING_PREFIX.value
@@ -190,11 +185,6 @@ def check_params(op: str, r: NormRule, x: torch.Tensor, weight, bias, mean, var,
 # Launchers
 # ----------------------------------------------------------------------------------------
 
-#: the backward's ∂x tiles in fp64: twice :data:`TILE_WARPS`'s warps (4 values a thread, 16
-#: warps on a 2048 tile). On 8 warps ptxas spilled 4 B on sm_80 ([2, 16, 64], PER_STEP); the
-#: kernel is elementwise, so its values and bytes do not depend on the warps
-DX_WARPS_FP64 = WarpRule(4, 4, 16)
-
 #: partials × channels the backward coefficient kernel sums per chunk on a GPU (on
 #: ``_common.COEF_WARPS``, one warp: its work is O(T·C·partials))
 COEF_CHUNK = 256
@@ -219,11 +209,11 @@ def launch_partial_stats(x4: torch.Tensor, T: int, N: int, C: int, S: int, acc: 
         part_count = torch.empty(geo.parts, dtype=acc, device=x4.device)
         return (x4, part_mean, part_m2, part_count, N, C, S, *slice_args(geo), *tncs_strides(x4))
 
-    flags = dict(ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION)
+    flags = dict(ACC_DTYPE=acc_dtype(acc))
     geo = fitted_geometry(stats_partial_kernel, T, N, C, S, x4.device, x4.dtype, partials, flags,
                           warps=STATS_WARPS)
     args = partials(geo)
-    stats_partial_kernel[geo.grid](*args, **flags, **tile_constexprs(geo))
+    stats_partial_kernel[geo.grid](*args, **flags, **tile_constexprs(geo, acc))
     return (*args[1:4], geo)
 
 
@@ -250,8 +240,8 @@ def _reduce(
         part_mean, part_m2, part_count, mean, var, r_mean, r_var, factors, momentum0,
         rows, per_group, C,
         PREFIX_MERGE=prefix, UPDATE_RUNNING=update, PER_ROW_MOMENTUM=per_row, STORE_M2=store_m2,
-        BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc), num_warps=REDUCE_WARPS(block_p * block_c),
-        **NO_FP_FUSION,
+        BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc_dtype(acc),
+        **launch_options(REDUCE_WARPS(block_p * block_c), acc),
     )
     if update and r_mean.data_ptr() != running_mean.data_ptr():
         running_mean.copy_(r_mean)
@@ -345,11 +335,11 @@ def launch_apply(
             contiguous_or_none(p), N, C, S)
     strides = (*tncs_strides(x4), *tncs_strides(y4))
     flags = dict(PER_STEP=r.per_step, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 SAME_LAYOUT=same_strides(x4, y4), ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION)
+                 SAME_LAYOUT=same_strides(x4, y4), ACC_DTYPE=acc_dtype(acc))
     (eps_arg,) = kernel_scalars((eps,), acc, x.device)
     geo = fitted_geometry(_apply_kernel, T, N, C, S, x.device, x.dtype,
                           lambda g: (*head, *slice_args(g), eps_arg, *strides), flags)
-    _apply_kernel[geo.grid](*head, *slice_args(geo), eps_arg, *strides, **flags, **tile_constexprs(geo))
+    _apply_kernel[geo.grid](*head, *slice_args(geo), eps_arg, *strides, **flags, **tile_constexprs(geo, acc))
     return y
 
 
@@ -386,11 +376,13 @@ def launch_backward(
             part_b = torch.empty(geo.parts, C, **tc)
             return (g4, x4, mean, var, part_a, part_b, N, C, S, *slice_args(geo), eps_arg, *strides)
 
-        red_flags = dict(PER_STEP=r.per_step, SAME_LAYOUT=same_strides(g4, x4), ACC_DTYPE=acc_dtype(acc),
-                         **NO_FP_FUSION)
-        geo = fitted_geometry(_bwd_reduce_kernel, T, N, C, S, dev, x.dtype, reduce_args, red_flags)
+        same = same_strides(g4, x4)
+        red_flags = dict(PER_STEP=r.per_step, SAME_LAYOUT=same, ACC_DTYPE=acc_dtype(acc))
+        # ∂y in another layout than x (two offset sets): without a register budget ptxas of
+        # triton 3.6 spilled 8–16 B on sm_90 (at 48 registers; with it, 56–62 and none)
+        geo = fitted_geometry(_bwd_reduce_kernel, T, N, C, S, dev, x.dtype, reduce_args, red_flags, budget=not same)
         args = reduce_args(geo)
-        _bwd_reduce_kernel[geo.grid](*args, **red_flags, **tile_constexprs(geo))
+        _bwd_reduce_kernel[geo.grid](*args, **red_flags, **tile_constexprs(geo, acc, budget=not same))
         part_a, part_b = args[4:6]
     # the views read here (a layout that needed a copy is copied once for both launchers)
     return launch_backward_from_sums(r, part_a, part_b, grad_y, x4.view(x.shape), weight, bias, mean, var, p, eps,
@@ -424,7 +416,7 @@ def _coefficients(
         T, per_step, C, M, *kernel_scalars((eps,), acc, dev),
         GROUPING=r.grouping, SCALE=r.scale, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BATCH_STATS=batch_stats, COUNT_FROM_PTR=count is not None, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=COEF_WARPS(block_p * block_c), ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION,
+        ACC_DTYPE=acc_dtype(acc), **launch_options(COEF_WARPS(block_p * block_c), acc),
     )
     # a fixed-shape reduction over channel blocks: deterministic
     dp = part_dp.sum(0) if part_dp is not None else torch.zeros(T, **tc)
@@ -486,8 +478,8 @@ def launch_backward_from_sums(
             head = (g4, None, dx4, None, coef_g, None, None, N, C, S)
         strides = (*tncs_strides(g4), *tncs_strides(x_used), *tncs_strides(dx4))
         dx_flags = dict(PER_STEP=r.per_step, BATCH_STATS=batch_stats, SAME_LAYOUT=same_strides(g4, x_used, dx4),
-                        ACC_DTYPE=acc_dtype(acc), **NO_FP_FUSION)
+                        ACC_DTYPE=acc_dtype(acc))
         geo = fitted_geometry(_bwd_dx_kernel, T, N, C, S, dev, x.dtype, lambda g: (*head, *slice_args(g), *strides),
-                              dx_flags, warps=DX_WARPS_FP64 if acc == torch.float64 else TILE_WARPS)
-        _bwd_dx_kernel[geo.grid](*head, *slice_args(geo), *strides, **dx_flags, **tile_constexprs(geo))
+                              dx_flags)
+        _bwd_dx_kernel[geo.grid](*head, *slice_args(geo), *strides, **dx_flags, **tile_constexprs(geo, acc))
     return dx, dw, db, dp, grad_mean, grad_var
