@@ -120,13 +120,16 @@ def test_spilling_reports_spilled_configurations():
 @pytest.mark.timeout(1600)
 def test_oldest_supported_triton_compiles_every_configuration_without_spills(tmp_path):
     # every kernel once (LIF, MPBN training on the resident and the pipelined path, TEBN, TAB, the
-    # fused norm → LIF over two segments), in fp32 and bf16 — the whole CI grid again would double
-    # this check's CI time
+    # fused norm → LIF over two segments), in fp32 and bf16, and the fp64 and past-2³¹ launches
+    # this triton's ptxas spilled before they declared a register budget (the folded MPBN-LIF with
+    # 64-bit offsets, the strided backward reduce) — the whole CI grid again would double this
+    # check's CI time
     extra = os.environ["SNNORM_COMPILE_CHECK_PYTHONPATH"]
     only = ("lif T4 N32 C64 8x8 float32,mpbn-train T4 N32 C64 8x8,mpbn-train T4 N32 C64 32x32 float32,"
             "mpbn-train T4 N32 C256 8x8 float32,tebn-train T4 N32 C64 8x8,tab-train T4 N32 C64 8x8,"
             "norm-lif-train T32 N8 C16 8x8,layer-norm T4 N8 C256 - float32,layer-norm T4 N8 C16384 - float32,"
-            "rms-norm-lif-soft T32 N8 C256 - float32")
+            "rms-norm-lif-soft T32 N8 C256 - float32,mpbn-adapt-batch T8 N128 C64 224x224 float64,"
+            "bn-train T8 N128 C64 224x224 float16")
     out, rows = _run_check(tmp_path, extra, "--only", only)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     import triton
