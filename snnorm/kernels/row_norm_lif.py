@@ -127,9 +127,7 @@ def _row_norm_lif_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    eps = dev.scalar_arg(eps, ACC_DTYPE)
     threshold = dev.scalar_arg(threshold, ACC_DTYPE)
-    v_init = dev.scalar_arg(v_init, ACC_DTYPE)
     tau = dev.scalar_arg(tau, ACC_DTYPE)
     v_reset = dev.scalar_arg(v_reset, ACC_DTYPE)
     gamma, beta = load_affine_row(w_ptr, b_ptr, tl.arange(0, BLOCK_D)[None, :], D, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
@@ -138,10 +136,11 @@ def _row_norm_lif_fwd_kernel(
     for blk in range(pid, tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
         r, d, mask, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)
         offs = r * D + d
-        v = _initial_membrane(v0_ptr, r, d, mask, sv_r, sv_d, v_init, HAS_V0, BLOCK_R, BLOCK_D, ACC_DTYPE)
+        v = _initial_membrane(v0_ptr, r, d, mask, sv_r, sv_d, dev.scalar_arg(v_init, ACC_DTYPE), HAS_V0,
+                              BLOCK_R, BLOCK_D, ACC_DTYPE)
         for t in range(0, T):
             x = tl.load(x_ptr + t * step_x + r * sx_r + d * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
-            mean, rstd = row_stats(x, mask, D, eps, RMS, ACC_DTYPE)
+            mean, rstd = row_stats(x, mask, D, dev.scalar_arg(eps, ACC_DTYPE), RMS, ACC_DTYPE)
             _, y = normalise(x, mean, rstd, gamma, beta, mask)
             h = dev.charge(v, y, tau, v_reset, DECAY_INPUT)
             spike = h - threshold >= 0
