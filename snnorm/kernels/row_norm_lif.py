@@ -190,6 +190,9 @@ def _row_norm_lif_bwd_kernel(
     step = (tl.zeros((), tl.int64) + R) * D
     seg_row = tl.arange(0, SEG)[:, None, None]
     n_seg = tl.cdiv(T, SEG)
+    # ∂s's column offsets in int32 (the launcher keeps (D − 1)·|stride| < 2³¹): as an int64 tile
+    # held across the loops they spilled 8–32 B at D = 2048 with a strided ∂s (sm_80, triton 3.6)
+    cols = tl.arange(0, BLOCK_D)[None, :]
     for blk in range(pid, tl.cdiv(R, BLOCK_R), P):
         r, d, mask, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)
         offs = r * D + d
@@ -226,7 +229,8 @@ def _row_norm_lif_bwd_kernel(
                     x_hat = tl.sum(tl.where(seg_row == j, x_hats, 0.0), axis=0)
                     gs = tl.zeros([BLOCK_R, BLOCK_D], ACC_DTYPE)
                     if HAS_GS:
-                        gs = tl.load(gs_ptr + t * step_g + r * sg_r + d * sg_d, mask=mask, other=0.0).to(ACC_DTYPE)
+                        gs_cols = (cols * sg_d).to(tl.int64)
+                        gs = tl.load(gs_ptr + t * step_g + r * sg_r + gs_cols, mask=mask, other=0.0).to(ACC_DTYPE)
                     z = h - threshold
                     gu, gs_reset, _ = dev.reset_bwd(gv, z >= 0, h, threshold, v_reset, SOFT_RESET, DETACH_RESET)
                     gh = (gs + gs_reset) * dev.surrogate_grad(z, alpha, SURROGATE) + gu
@@ -336,6 +340,8 @@ def launch_row_norm_lif_backward(
     part = torch.empty((2, cfg.programs, D), dtype=acc, device=x.device)
     v2 = rows_view(v0, 0) if v0 is not None else None
     g3 = rows_view(grad_s, 1) if grad_s is not None else None
+    if g3 is not None and (D - 1) * abs(g3.stride(-1)) >= 2**31:  # the kernel's int32 column offsets of ∂s
+        g3 = g3.contiguous()
     gv2 = rows_view(grad_v, 0) if grad_v is not None else None
     scalars, flags = dev.lif_kernel_args(lif, backward=True)
     _row_norm_lif_bwd_kernel[(cfg.programs,)](
