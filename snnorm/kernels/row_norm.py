@@ -300,7 +300,7 @@ def _row_norm_fwd_wide_kernel(
                 acc += tl.sum(x * x, axis=1)
             else:
                 acc += tl.sum(x, axis=1)
-        eps_ = dev.scalar_arg(eps, ACC_DTYPE)  # read per row: fp64's ε (read through a pointer) is not held across the loops
+        eps_ = dev.scalar_arg(eps, ACC_DTYPE)  # per row: fp64's ε (a pointer's) is not held across the loops
         if RMS:
             mean = acc * 0.0
             rstd = dev.rstd_of(row_mean(acc, D, ACC_DTYPE), eps_, ACC_DTYPE)

@@ -36,7 +36,7 @@ fp32 bytes per element-step: forward 8 (x, s) + 4/T (v_T; + 4/T reading a v0 ten
 the ``[2, P, D]`` partials). Measured (interpreter meter, T = 4, D = 256, 16 rows, float
 state): forward 9.16, backward 13.30, saved beyond the inputs 0.03 (μ, rstd).
 
-GPU (sm_80/sm_90, triton 3.9, ptxas -v): one tile holds a row up to 2048 (1024 for fp64;
+GPU (sm_80/sm_90, triton 3.9 and 3.6, ptxas -v): one tile holds a row up to 2048 (1024 for fp64;
 :func:`snnorm.kernels.row_norm.one_pass_max_d`), wider rows run the row norm then the LIF
 kernel; no configuration of fp32/fp16/bf16/fp64 at D = 1–2048 spills (the backward
 reaches 99–128 registers).
@@ -171,7 +171,7 @@ def _row_norm_lif_bwd_kernel(
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V0: tl.constexpr,
     HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_DX: tl.constexpr, NEED_GV0: tl.constexpr,
     HAS_CKPT: tl.constexpr, SEG: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
-    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
+    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, GS_STRIDED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -245,8 +245,13 @@ def _row_norm_lif_bwd_kernel(
         if NEED_GV0:
             tl.store(gv0_ptr + offs, gv, mask=mask)
     cols = tl.arange(0, BLOCK_D)
-    tl.store(part_ptr + pid * D + cols, part_w, mask=cols < D)
-    tl.store(part_ptr + (P + pid) * D + cols, part_b, mask=cols < D)
+    cols_st = cols
+    if GS_STRIDED:
+        # the partials were summed in the strided ∂s's unvectorised layout: stored in it (D // D = 1 hides
+        # the columns' contiguity), not through a shared-memory shuffle whose address ptxas spilled (3.6)
+        cols_st = cols * (D // D)
+    tl.store(part_ptr + pid * D + cols_st, part_w, mask=cols < D)
+    tl.store(part_ptr + (P + pid) * D + cols_st, part_b, mask=cols < D)
 
 
 # ----------------------------------------------------------------------------------------
@@ -352,7 +357,7 @@ def launch_row_norm_lif_backward(
         *dev.kernel_scalars((threshold, v_init, *scalars), acc, x.device),
         RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_V0=v0 is not None,
         HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_DX=bool(need_dx), NEED_GV0=bool(need_dv0),
-        HAS_CKPT=ckpt.numel() > 0, SEG=seg, **flags,
+        HAS_CKPT=ckpt.numel() > 0, SEG=seg, **flags, GS_STRIDED=g3 is not None and g3.stride(-1) != 1,
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
         num_warps=cfg.num_warps, enable_fp_fusion=False,
     )
