@@ -36,7 +36,7 @@ fp32 bytes per element-step: forward 8 (x, s) + 4/T (v_T; + 4/T reading a v0 ten
 the ``[2, P, D]`` partials). Measured (interpreter meter, T = 4, D = 256, 16 rows, float
 state): forward 9.16, backward 13.30, saved beyond the inputs 0.03 (μ, rstd).
 
-GPU (sm_80/sm_90, triton 3.9, ptxas -v): one tile holds a row up to 2048 (1024 for fp64;
+GPU (sm_80/sm_90, triton 3.9 and 3.6, ptxas -v): one tile holds a row up to 2048 (1024 for fp64;
 :func:`snnorm.kernels.row_norm.one_pass_max_d`), wider rows run the row norm then the LIF
 kernel; no configuration of fp32/fp16/bf16/fp64 at D = 1–2048 spills (the backward
 reaches 99–128 registers).
@@ -127,9 +127,7 @@ def _row_norm_lif_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    eps = dev.scalar_arg(eps, ACC_DTYPE)
     threshold = dev.scalar_arg(threshold, ACC_DTYPE)
-    v_init = dev.scalar_arg(v_init, ACC_DTYPE)
     tau = dev.scalar_arg(tau, ACC_DTYPE)
     v_reset = dev.scalar_arg(v_reset, ACC_DTYPE)
     gamma, beta = load_affine_row(w_ptr, b_ptr, tl.arange(0, BLOCK_D)[None, :], D, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
@@ -138,10 +136,11 @@ def _row_norm_lif_fwd_kernel(
     for blk in range(pid, tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
         r, d, mask, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)
         offs = r * D + d
-        v = _initial_membrane(v0_ptr, r, d, mask, sv_r, sv_d, v_init, HAS_V0, BLOCK_R, BLOCK_D, ACC_DTYPE)
+        v = _initial_membrane(v0_ptr, r, d, mask, sv_r, sv_d, dev.scalar_arg(v_init, ACC_DTYPE), HAS_V0,
+                              BLOCK_R, BLOCK_D, ACC_DTYPE)
         for t in range(0, T):
             x = tl.load(x_ptr + t * step_x + r * sx_r + d * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
-            mean, rstd = row_stats(x, mask, D, eps, RMS, ACC_DTYPE)
+            mean, rstd = row_stats(x, mask, D, dev.scalar_arg(eps, ACC_DTYPE), RMS, ACC_DTYPE)
             _, y = normalise(x, mean, rstd, gamma, beta, mask)
             h = dev.charge(v, y, tau, v_reset, DECAY_INPUT)
             spike = h - threshold >= 0
@@ -172,7 +171,7 @@ def _row_norm_lif_bwd_kernel(
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V0: tl.constexpr,
     HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_DX: tl.constexpr, NEED_GV0: tl.constexpr,
     HAS_CKPT: tl.constexpr, SEG: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
-    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
+    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, GS_STRIDED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -191,6 +190,9 @@ def _row_norm_lif_bwd_kernel(
     step = (tl.zeros((), tl.int64) + R) * D
     seg_row = tl.arange(0, SEG)[:, None, None]
     n_seg = tl.cdiv(T, SEG)
+    # ∂s's column offsets in int32 (the launcher keeps (D − 1)·|stride| < 2³¹): as an int64 tile
+    # held across the loops they spilled 8–32 B at D = 2048 with a strided ∂s (sm_80, triton 3.6)
+    cols = tl.arange(0, BLOCK_D)[None, :]
     for blk in range(pid, tl.cdiv(R, BLOCK_R), P):
         r, d, mask, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)
         offs = r * D + d
@@ -227,7 +229,8 @@ def _row_norm_lif_bwd_kernel(
                     x_hat = tl.sum(tl.where(seg_row == j, x_hats, 0.0), axis=0)
                     gs = tl.zeros([BLOCK_R, BLOCK_D], ACC_DTYPE)
                     if HAS_GS:
-                        gs = tl.load(gs_ptr + t * step_g + r * sg_r + d * sg_d, mask=mask, other=0.0).to(ACC_DTYPE)
+                        gs_cols = (cols * sg_d).to(tl.int64)
+                        gs = tl.load(gs_ptr + t * step_g + r * sg_r + gs_cols, mask=mask, other=0.0).to(ACC_DTYPE)
                     z = h - threshold
                     gu, gs_reset, _ = dev.reset_bwd(gv, z >= 0, h, threshold, v_reset, SOFT_RESET, DETACH_RESET)
                     gh = (gs + gs_reset) * dev.surrogate_grad(z, alpha, SURROGATE) + gu
@@ -242,8 +245,13 @@ def _row_norm_lif_bwd_kernel(
         if NEED_GV0:
             tl.store(gv0_ptr + offs, gv, mask=mask)
     cols = tl.arange(0, BLOCK_D)
-    tl.store(part_ptr + pid * D + cols, part_w, mask=cols < D)
-    tl.store(part_ptr + (P + pid) * D + cols, part_b, mask=cols < D)
+    cols_st = cols
+    if GS_STRIDED:
+        # the partials were summed in the strided ∂s's unvectorised layout: stored in it (D // D = 1 hides
+        # the columns' contiguity), not through a shared-memory shuffle whose address ptxas spilled (3.6)
+        cols_st = cols * (D // D)
+    tl.store(part_ptr + pid * D + cols_st, part_w, mask=cols < D)
+    tl.store(part_ptr + (P + pid) * D + cols_st, part_b, mask=cols < D)
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,6 +345,8 @@ def launch_row_norm_lif_backward(
     part = torch.empty((2, cfg.programs, D), dtype=acc, device=x.device)
     v2 = rows_view(v0, 0) if v0 is not None else None
     g3 = rows_view(grad_s, 1) if grad_s is not None else None
+    if g3 is not None and (D - 1) * abs(g3.stride(-1)) >= 2**31:  # the kernel's int32 column offsets of ∂s
+        g3 = g3.contiguous()
     gv2 = rows_view(grad_v, 0) if grad_v is not None else None
     scalars, flags = dev.lif_kernel_args(lif, backward=True)
     _row_norm_lif_bwd_kernel[(cfg.programs,)](
@@ -347,7 +357,7 @@ def launch_row_norm_lif_backward(
         *dev.kernel_scalars((threshold, v_init, *scalars), acc, x.device),
         RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_V0=v0 is not None,
         HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_DX=bool(need_dx), NEED_GV0=bool(need_dv0),
-        HAS_CKPT=ckpt.numel() > 0, SEG=seg, **flags,
+        HAS_CKPT=ckpt.numel() > 0, SEG=seg, **flags, GS_STRIDED=g3 is not None and g3.stride(-1) != 1,
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
         **launch_options(cfg.num_warps, acc),
     )
