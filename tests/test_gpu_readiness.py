@@ -48,6 +48,7 @@ class FakeGPU:
         self.launches: list = []  # (kernel, grid, current device at the launch)
         self.probes: list = []  # (kernel, current device) of each occupancy probe's compile
         self.options: list = []  # (kernel, compile options) of each launch and probe
+        self.args: list = []  # (kernel, positional arguments) of each launch
         self.props_asked: list = []  # the devices whose properties were read
         fake = self
 
@@ -70,6 +71,7 @@ class FakeGPU:
             grid = grid(kwargs) if callable(grid) else grid
             fake.launches.append((kernel.fn.__name__, tuple(int(g) for g in grid), fake.current))
             fake.options.append((kernel.fn.__name__, {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}))
+            fake.args.append((kernel.fn.__name__, args))
             return None
 
         def probe(kernel, *args, grid, **kwargs):
@@ -254,6 +256,28 @@ def test_no_launch_exceeds_the_grid_limits(monkeypatch, ops, mode, T, N, C, sp):
     gpu.run(lambda: run_scenario(ops, sg, gpu.make, T, N, C, sp, "float16", mode))
     assert gpu.launches, "no launch captured"
     assert not _grid_violations(gpu.launches), _grid_violations(gpu.launches)
+
+
+@pytest.mark.parametrize("stride,copied", [(3, False), (1 << 21, True)])
+def test_row_norm_lif_backward_copies_a_grad_s_past_int32_column_offsets(monkeypatch, stride, copied):
+    """The fused row-norm → LIF backward addresses ∂s's columns in int32 (at D = 2048 the int64
+    offsets spilled under triton 3.6): a ∂s whose (D − 1)·|column stride| reaches 2³¹ is read
+    from a contiguous copy, any other in place."""
+    from snnorm.kernels.row_norm_lif import launch_row_norm_lif_backward
+    from snnorm.params import LIFKernelParameters
+
+    gpu = FakeGPU(monkeypatch, index=0, current=0)
+    T, R, D = 4, 8, 2048
+    x = gpu.make((T, R, D), torch.float32)
+    gs = gpu.make((T, R, D), torch.float32, strides=(R * D * stride, D * stride, stride))
+    w = gpu.make((D,), torch.float32)
+    stats = [gpu.make((R,), torch.float32) for _ in range(2)]
+    ckpt = gpu.make((0, R, D), torch.float32)
+    lif = LIFKernelParameters(2.0, False, 0.0, False, False, "sigmoid", 4.0)
+    gpu.run(lambda: launch_row_norm_lif_backward(gs, None, x, None, w, None, *stats, ckpt, False, 1.0, 0.0, lif,
+                                                 True, False))
+    (launched,) = [a for k, a in gpu.args if k == "_row_norm_lif_bwd_kernel"]
+    assert launched[0].stride(-1) == (1 if copied else stride)
 
 
 def test_the_grid_check_sees_an_oversized_grid():

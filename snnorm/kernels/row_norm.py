@@ -92,9 +92,7 @@ def row_config(R: int, D: int, device: torch.device, dtype: Optional[torch.dtype
     """The tile, warps and grid for R rows of D (one tile per row block up to
     :func:`one_pass_max_d`; wider rows: chunks of WIDE_CHUNK)."""
     wide = D > one_pass_max_d(device.type, dtype=dtype)
-    # fp64 chunks of half the values (two registers a value, as per_thread below): at 4096 the wide forward spilled
-    chunk = WIDE_CHUNK // 2 if device.type == "cuda" and dtype == torch.float64 else WIDE_CHUNK
-    block_d = next_pow2(min(D, chunk) if wide else D)
+    block_d = next_pow2(min(D, WIDE_CHUNK) if wide else D)
     n_rows = next_pow2(max(R, 1))
     if device.type != "cuda":
         block_r = min(n_rows, max(1, INTERPRETER_TILE // block_d)) if not wide else 1
@@ -289,38 +287,35 @@ def _row_norm_fwd_wide_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    eps = dev.scalar_arg(eps, ACC_DTYPE)
     for blk in range(pid, tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
-        r, _, _, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)
-        # int32 columns (c0 + d < D < 2^31), int64 only times a stride: no 64-bit column tile is
-        # held across the three chunk loops (fp64 spilled 4 B on sm_80 under triton 3.6's ptxas)
-        d = tl.arange(0, BLOCK_D)[None, :]
+        r, d, first_mask, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)  # first chunk's mask: unused
         acc = tl.zeros([BLOCK_R], ACC_DTYPE)
         for c0 in range(0, D, BLOCK_D):  # Σ x (LayerNorm) or Σ x² (RMSNorm)
             mask = row_mask[:, None] & (c0 + d < D)
-            x = tl.load(x_ptr + r * sx_r + (c0 + d).to(tl.int64) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
+            x = tl.load(x_ptr + r * sx_r + (c0 + d) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
             if RMS:
                 acc += tl.sum(x * x, axis=1)
             else:
                 acc += tl.sum(x, axis=1)
-        eps_ = dev.scalar_arg(eps, ACC_DTYPE)  # per row: fp64's ε (a pointer's) is not held across the loops
         if RMS:
             mean = acc * 0.0
-            rstd = dev.rstd_of(row_mean(acc, D, ACC_DTYPE), eps_, ACC_DTYPE)
+            rstd = dev.rstd_of(row_mean(acc, D, ACC_DTYPE), eps, ACC_DTYPE)
         else:
             mean = row_mean(acc, D, ACC_DTYPE)
             m2 = tl.zeros([BLOCK_R], ACC_DTYPE)
             for c0 in range(0, D, BLOCK_D):  # Σ (x − μ)²: the exact second pass
                 mask = row_mask[:, None] & (c0 + d < D)
-                x = tl.load(x_ptr + r * sx_r + (c0 + d).to(tl.int64) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
+                x = tl.load(x_ptr + r * sx_r + (c0 + d) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
                 xc = tl.where(mask, x - mean[:, None], 0.0)
                 m2 += tl.sum(xc * xc, axis=1)
-            rstd = dev.rstd_of(row_mean(m2, D, ACC_DTYPE), eps_, ACC_DTYPE)
+            rstd = dev.rstd_of(row_mean(m2, D, ACC_DTYPE), eps, ACC_DTYPE)
         for c0 in range(0, D, BLOCK_D):
             mask = row_mask[:, None] & (c0 + d < D)
-            x = tl.load(x_ptr + r * sx_r + (c0 + d).to(tl.int64) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
+            x = tl.load(x_ptr + r * sx_r + (c0 + d) * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
             gamma, beta = load_affine_row(w_ptr, b_ptr, c0 + d, D, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
             x_hat, y = normalise(x, mean, rstd, gamma, beta, mask)
-            tl.store(y_ptr + r * D + (c0 + d), y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + r * D + c0 + d, y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + r, mean[:, None], mask=row_mask[:, None])
         tl.store(rstd_ptr + r, rstd[:, None], mask=row_mask[:, None])
 

@@ -127,7 +127,9 @@ def _row_norm_lif_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    eps = dev.scalar_arg(eps, ACC_DTYPE)
     threshold = dev.scalar_arg(threshold, ACC_DTYPE)
+    v_init = dev.scalar_arg(v_init, ACC_DTYPE)
     tau = dev.scalar_arg(tau, ACC_DTYPE)
     v_reset = dev.scalar_arg(v_reset, ACC_DTYPE)
     gamma, beta = load_affine_row(w_ptr, b_ptr, tl.arange(0, BLOCK_D)[None, :], D, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
@@ -136,11 +138,10 @@ def _row_norm_lif_fwd_kernel(
     for blk in range(pid, tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
         r, d, mask, row_mask = row_block(blk, R, D, BLOCK_R, BLOCK_D)
         offs = r * D + d
-        v = _initial_membrane(v0_ptr, r, d, mask, sv_r, sv_d, dev.scalar_arg(v_init, ACC_DTYPE), HAS_V0,
-                              BLOCK_R, BLOCK_D, ACC_DTYPE)
+        v = _initial_membrane(v0_ptr, r, d, mask, sv_r, sv_d, v_init, HAS_V0, BLOCK_R, BLOCK_D, ACC_DTYPE)
         for t in range(0, T):
             x = tl.load(x_ptr + t * step_x + r * sx_r + d * sx_d, mask=mask, other=0.0).to(ACC_DTYPE)
-            mean, rstd = row_stats(x, mask, D, dev.scalar_arg(eps, ACC_DTYPE), RMS, ACC_DTYPE)
+            mean, rstd = row_stats(x, mask, D, eps, RMS, ACC_DTYPE)
             _, y = normalise(x, mean, rstd, gamma, beta, mask)
             h = dev.charge(v, y, tau, v_reset, DECAY_INPUT)
             spike = h - threshold >= 0
@@ -171,7 +172,7 @@ def _row_norm_lif_bwd_kernel(
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V0: tl.constexpr,
     HAS_GS: tl.constexpr, HAS_GV: tl.constexpr, NEED_DX: tl.constexpr, NEED_GV0: tl.constexpr,
     HAS_CKPT: tl.constexpr, SEG: tl.constexpr, DECAY_INPUT: tl.constexpr, SOFT_RESET: tl.constexpr,
-    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, GS_STRIDED: tl.constexpr,
+    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -245,13 +246,8 @@ def _row_norm_lif_bwd_kernel(
         if NEED_GV0:
             tl.store(gv0_ptr + offs, gv, mask=mask)
     cols = tl.arange(0, BLOCK_D)
-    cols_st = cols
-    if GS_STRIDED:
-        # the partials were summed in the strided ∂s's unvectorised layout: stored in it (D // D = 1 hides
-        # the columns' contiguity), not through a shared-memory shuffle whose address ptxas spilled (3.6)
-        cols_st = cols * (D // D)
-    tl.store(part_ptr + pid * D + cols_st, part_w, mask=cols < D)
-    tl.store(part_ptr + (P + pid) * D + cols_st, part_b, mask=cols < D)
+    tl.store(part_ptr + pid * D + cols, part_w, mask=cols < D)
+    tl.store(part_ptr + (P + pid) * D + cols, part_b, mask=cols < D)
 
 
 # ----------------------------------------------------------------------------------------
@@ -357,7 +353,7 @@ def launch_row_norm_lif_backward(
         *dev.kernel_scalars((threshold, v_init, *scalars), acc, x.device),
         RMS=bool(rms), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_V0=v0 is not None,
         HAS_GS=grad_s is not None, HAS_GV=grad_v is not None, NEED_DX=bool(need_dx), NEED_GV0=bool(need_dv0),
-        HAS_CKPT=ckpt.numel() > 0, SEG=seg, **flags, GS_STRIDED=g3 is not None and g3.stride(-1) != 1,
+        HAS_CKPT=ckpt.numel() > 0, SEG=seg, **flags,
         BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, ACC_DTYPE=acc_dtype(x.dtype),
         **launch_options(cfg.num_warps, acc),
     )
