@@ -38,8 +38,9 @@ state): forward 9.16, backward 13.30, saved beyond the inputs 0.03 (μ, rstd).
 
 GPU (sm_80/sm_90, triton 3.9 and 3.6, ptxas -v): one tile holds a row up to 2048 (1024 for fp64;
 :func:`snnorm.kernels.row_norm.one_pass_max_d`), wider rows run the row norm then the LIF
-kernel; no configuration of fp32/fp16/bf16/fp64 at D = 1–2048 spills (the backward
-reaches 99–128 registers).
+kernel; no configuration of fp32/fp16/bf16/fp64 at D = 1–2048 spills on triton 3.9 (the
+backward reaches 99–128 registers), one on 3.6: the backward at D = 2048 with a strided ∂s,
+8 B on sm_80 (``perf/results/compile/``).
 
 SEG: T's power of two up to :data:`MAX_SEGMENT`, and on a GPU at most 16 values a thread per
 register tile (:func:`segment_length`). τ, v_reset, θ, the initial value and ε reach the
